@@ -1,0 +1,458 @@
+"""SAM as SSP-SAM uses it: building and loading, the image transform, the mask head, mask geometry.
+
+SSP-SAM feeds learned prompt tokens to stock ``segment_anything`` modules (spec "SAM mask decoder"),
+so this module builds those modules rather than re-implementing them. What it adds:
+
+- :func:`build_sam`: the official variants and small custom configurations, built only for the
+  parts a caller needs, loaded safely (``weights_only=True``) and validated key by key.
+- :class:`SAMImageTransform`: SamPredictor's resize followed by ``Sam.preprocess``, as one call.
+- :class:`SAMMaskHead`: prompt encoder + mask decoder with a batched forward (one prompt set per
+  image, or many prompt sets sharing one image).
+- The three frames a mask lives in: SAM's low-resolution logits (``4 * S / patch`` per side), the
+  "padded frame" (the letterboxed ``S x S`` input at half resolution, where training losses are
+  computed) and the original image.
+
+Parts not requested from :func:`build_sam` are ``None`` on the returned ``Sam``; ``Sam.preprocess``
+and ``Sam.postprocess_masks`` need ``image_encoder`` (for ``img_size``), the functions here do not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import pickle
+import zipfile
+from functools import partial
+from typing import Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TwoWayTransformer,
+)
+from segment_anything.utils.transforms import ResizeLongestSide
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError, ImageError
+
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+SAM_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
+
+# Encoder hyper-parameters of the released SAM models (segment_anything.build_sam).
+SAM_VARIANTS = {
+    "vit_b": {
+        "encoder_embed_dim": 768,
+        "encoder_depth": 12,
+        "encoder_num_heads": 12,
+        "encoder_global_attn_indexes": (2, 5, 8, 11),
+    },
+    "vit_l": {
+        "encoder_embed_dim": 1024,
+        "encoder_depth": 24,
+        "encoder_num_heads": 16,
+        "encoder_global_attn_indexes": (5, 11, 17, 23),
+    },
+    "vit_h": {
+        "encoder_embed_dim": 1280,
+        "encoder_depth": 32,
+        "encoder_num_heads": 16,
+        "encoder_global_attn_indexes": (7, 15, 23, 31),
+    },
+}
+
+# Everything else is shared by all released variants; a "custom" config may change it.
+_SHARED_DEFAULTS = {
+    "image_size": 1024,
+    "patch_size": 16,
+    "window_size": 14,
+    "prompt_embed_dim": 256,
+    "decoder_depth": 2,
+    "decoder_mlp_dim": 2048,
+    "decoder_num_heads": 8,
+    "mlp_ratio": 4,
+}
+
+# How many keys of each kind a CheckpointError lists before "...".
+_KEYS_SHOWN = 5
+
+
+def _resolve_config(variant: str, custom: Optional[Mapping]) -> dict:
+    """The full hyper-parameter dict for a variant name (and the custom mapping for "custom")."""
+    if variant == "custom":
+        if custom is None:
+            raise ConfigError("SAM variant 'custom' needs a `custom` mapping of hyper-parameters")
+        unknown = sorted(set(custom) - set(SAM_VARIANTS["vit_b"]) - set(_SHARED_DEFAULTS))
+        if unknown:
+            raise ConfigError(f"custom SAM config: unknown keys {unknown}")
+        missing = sorted(set(SAM_VARIANTS["vit_b"]) - set(custom))
+        if missing:
+            raise ConfigError(f"custom SAM config: missing keys {missing}")
+        config = {**_SHARED_DEFAULTS, **custom}
+    elif variant in SAM_VARIANTS:
+        if custom is not None:
+            raise ConfigError(f"SAM variant {variant!r} is fixed; `custom` is only for variant 'custom'")
+        config = {**_SHARED_DEFAULTS, **SAM_VARIANTS[variant]}
+    else:
+        raise ConfigError(f"unknown SAM variant {variant!r}; expected one of {[*SAM_VARIANTS, 'custom']}")
+
+    if config["image_size"] % config["patch_size"] != 0:
+        raise ConfigError(
+            f"SAM config: image_size {config['image_size']} is not a multiple of "
+            f"patch_size {config['patch_size']}"
+        )
+    outside = [i for i in config["encoder_global_attn_indexes"] if not 0 <= i < config["encoder_depth"]]
+    if outside:
+        raise ConfigError(
+            f"SAM config: encoder_global_attn_indexes {outside} outside depth {config['encoder_depth']}"
+        )
+    return config
+
+
+def _build_parts(config: Mapping, parts: Sequence[str]) -> dict:
+    """Construct the requested SAM modules (randomly initialised, on the current default device)."""
+    embedding_side = config["image_size"] // config["patch_size"]
+    builders = {
+        "image_encoder": lambda: ImageEncoderViT(
+            depth=config["encoder_depth"],
+            embed_dim=config["encoder_embed_dim"],
+            img_size=config["image_size"],
+            mlp_ratio=config["mlp_ratio"],
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            num_heads=config["encoder_num_heads"],
+            patch_size=config["patch_size"],
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=tuple(config["encoder_global_attn_indexes"]),
+            window_size=config["window_size"],
+            out_chans=config["prompt_embed_dim"],
+        ),
+        "prompt_encoder": lambda: PromptEncoder(
+            embed_dim=config["prompt_embed_dim"],
+            image_embedding_size=(embedding_side, embedding_side),
+            input_image_size=(config["image_size"], config["image_size"]),
+            mask_in_chans=16,
+        ),
+        "mask_decoder": lambda: MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(
+                depth=config["decoder_depth"],
+                embedding_dim=config["prompt_embed_dim"],
+                mlp_dim=config["decoder_mlp_dim"],
+                num_heads=config["decoder_num_heads"],
+            ),
+            transformer_dim=config["prompt_embed_dim"],
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        ),
+    }
+    return {name: builders[name]() for name in parts}
+
+
+def _read_state_dict(path: str) -> dict:
+    """Load a flat SAM state dict from ``path``; accepts Meta's .pth and a {"model": state_dict} container.
+
+    Zip-format files are memory-mapped, so loading only the mask decoder from a 2.5 GB ViT-H
+    checkpoint reads only the decoder's bytes.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: SAM checkpoint not found")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path}: not a readable tensor-only checkpoint (refused by weights_only loading)"
+        ) from error
+    except Exception as error:  # torch.load raises many types for corrupt or foreign files
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else "truncated or empty"
+        raise CheckpointError(
+            f"{path}: not a readable SAM checkpoint ({type(error).__name__}: {reason})"
+        ) from error
+    if isinstance(loaded, Mapping) and isinstance(loaded.get("model"), Mapping):
+        loaded = loaded["model"]
+    if not isinstance(loaded, Mapping):
+        raise CheckpointError(f"{path}: expected a state dict, found {type(loaded).__name__}")
+    not_tensors = [key for key, value in loaded.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(f"{path}: entries that are not tensors: {_first_keys(not_tensors)}")
+    return dict(loaded)
+
+
+def _first_keys(keys: Sequence[str]) -> str:
+    shown = ", ".join(keys[:_KEYS_SHOWN])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > _KEYS_SHOWN else "")
+
+
+def _guess_variant(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """Name the released variant whose encoder width matches the file, if any (the widths differ)."""
+    patch_weight = state_dict.get("image_encoder.patch_embed.proj.weight")
+    if patch_weight is None:
+        return None
+    for name, hyper in SAM_VARIANTS.items():
+        if hyper["encoder_embed_dim"] == patch_weight.shape[0]:
+            return name
+    return None
+
+
+def _check_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor],
+    parts: Sequence[str],
+    path: str,
+    variant: str,
+) -> None:
+    """Raise CheckpointError unless ``state_dict`` fits ``expected`` (the full model's state dict).
+
+    Every key in the file must belong to the model with the same shape, also for parts not
+    requested (a ViT-L file must not pass as a ViT-B one because only the decoder was asked for);
+    every key of a requested part must be present.
+    """
+    mis_shaped = [
+        f"{key} (expected {tuple(expected[key].shape)}, found {tuple(tensor.shape)})"
+        for key, tensor in state_dict.items()
+        if key in expected and expected[key].shape != tensor.shape
+    ]
+    unexpected = [key for key in state_dict if key not in expected]
+    missing = [key for key in expected if key.split(".")[0] in parts and key not in state_dict]
+    if not (mis_shaped or unexpected or missing):
+        return
+    problems = []
+    if mis_shaped:
+        problems.append(f"mis-shaped keys: {_first_keys(mis_shaped)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_first_keys(unexpected)}")
+    if missing:
+        problems.append(f"missing keys: {_first_keys(missing)}")
+    found_variant = _guess_variant(state_dict)
+    if found_variant is not None and found_variant != variant:
+        problems.insert(0, f"{found_variant} weights given for {variant}")
+    raise CheckpointError(f"{path}: does not fit SAM {variant}: " + "; ".join(problems))
+
+
+def build_sam(
+    variant: str,
+    checkpoint: str | os.PathLike | None = None,
+    custom: Mapping | None = None,
+    parts: Sequence[str] = SAM_PARTS,
+) -> Sam:
+    """Build SAM (in eval mode) like ``segment_anything.build_sam``, optionally loading ``checkpoint``.
+
+    Args:
+        variant: "vit_b", "vit_l", "vit_h" or "custom".
+        checkpoint: Meta's official .pth (flat state dict) or a {"model": state_dict} container.
+            Without it the modules keep their random initialisation.
+        custom: for variant "custom": encoder_embed_dim, encoder_depth, encoder_num_heads,
+            encoder_global_attn_indexes and optionally image_size, patch_size, window_size,
+            prompt_embed_dim, decoder_depth, decoder_mlp_dim, decoder_num_heads, mlp_ratio
+            (defaults: the released models' values).
+        parts: the modules to build and load; the others are ``None`` on the returned ``Sam`` and
+            are never allocated (the SSP model needs no ViT-H, the embedding cache no decoder).
+
+    Raises:
+        ConfigError: unknown variant, part or custom key.
+        CheckpointError: file missing or unreadable, or keys / shapes that do not fit.
+    """
+    unknown_parts = sorted(set(parts) - set(SAM_PARTS))
+    if unknown_parts or not parts:
+        raise ConfigError(f"SAM parts must be a non-empty subset of {list(SAM_PARTS)}, got {list(parts)}")
+    config = _resolve_config(variant, custom)
+
+    if checkpoint is None:
+        modules = _build_parts(config, parts)
+    else:
+        path = os.fspath(checkpoint)
+        state_dict = _read_state_dict(path)
+        # Shapes of the whole model without allocating it: validation covers every key in the file.
+        with torch.device("meta"):
+            expected = {
+                f"{name}.{key}": tensor
+                for name, module in _build_parts(config, SAM_PARTS).items()
+                for key, tensor in module.state_dict().items()
+            }
+            modules = _build_parts(config, parts)
+        _check_state_dict(state_dict, expected, parts, path, variant)
+        for name, module in modules.items():
+            prefix = f"{name}."
+            # clone() gives each module its own memory instead of pages of the mapped file.
+            part_state = {
+                key[len(prefix):]: tensor.to(expected[key].dtype).clone()
+                for key, tensor in state_dict.items()
+                if key.startswith(prefix)
+            }
+            module.load_state_dict(part_state, assign=True)
+
+    sam = Sam(
+        image_encoder=modules.get("image_encoder"),
+        prompt_encoder=modules.get("prompt_encoder"),
+        mask_decoder=modules.get("mask_decoder"),
+        pixel_mean=list(PIXEL_MEAN),
+        pixel_std=list(PIXEL_STD),
+    )
+    return sam.eval()
+
+
+def sam_weights_fingerprint(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a weights file, read in chunks; keys the embedding cache to the encoder weights."""
+    path = os.fspath(path)
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as file:
+            for chunk in iter(lambda: file.read(chunk_bytes), b""):
+                digest.update(chunk)
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot read SAM weights ({error.strerror or error})") from error
+    return digest.hexdigest()
+
+
+class SAMImageTransform:
+    """SAM's input pipeline: what ``SamPredictor.set_image`` then ``Sam.preprocess`` compute.
+
+    The long side is resized to ``image_size`` by ``ResizeLongestSide`` (PIL bilinear on uint8),
+    pixels are normalised with SAM's mean / std on the 0..255 scale, and the result is padded with
+    zeros on the right and bottom to ``image_size x image_size``.
+    """
+
+    def __init__(self, image_size: int = 1024) -> None:
+        self.image_size = image_size
+        self.resize = ResizeLongestSide(image_size)
+        self.pixel_mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
+        self.pixel_std = torch.tensor(PIXEL_STD).view(3, 1, 1)
+
+    def input_size_for(self, original_size: Tuple[int, int]) -> Tuple[int, int]:
+        """(h, w) of the resized image inside the padded square, for an (H, W) original."""
+        return ResizeLongestSide.get_preprocess_shape(original_size[0], original_size[1], self.image_size)
+
+    def __call__(self, image: np.ndarray) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """uint8 RGB (H, W, 3) -> (normalised padded image (3, S, S) float32, input_size (h, w))."""
+        if not isinstance(image, np.ndarray):
+            raise ImageError(f"image: expected a uint8 RGB array (H, W, 3), got {type(image).__name__}")
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ImageError(f"image: expected a uint8 RGB array (H, W, 3), got {image.dtype} {image.shape}")
+        resized = torch.from_numpy(self.resize.apply_image(image)).permute(2, 0, 1)
+        normalised = (resized - self.pixel_mean) / self.pixel_std
+        h, w = normalised.shape[-2:]
+        padded = F.pad(normalised, (0, self.image_size - w, 0, self.image_size - h))
+        return padded, (h, w)
+
+
+def upscale_to_padded_frame(low_res_logits: torch.Tensor, image_size: int) -> torch.Tensor:
+    """SAM's low-resolution logits (B, 1, s, s) -> the padded frame (B, 1, S/2, S/2).
+
+    As the release does it: bilinear (align_corners=False) to S x S, then bilinear to S/2 x S/2
+    (256 -> 1024 -> 512 for S = 1024). The release also crops [:S, :S] in between, which is a
+    no-op on an S x S map. The two steps are not the same as one direct resize; kept for parity.
+    """
+    full = F.interpolate(low_res_logits, (image_size, image_size), mode="bilinear", align_corners=False)
+    half = image_size // 2
+    return F.interpolate(full, (half, half), mode="bilinear", align_corners=False)
+
+
+def padded_frame_to_original(
+    logits: torch.Tensor,
+    input_size: Tuple[int, int],
+    original_size: Tuple[int, int],
+    image_size: int,
+) -> torch.Tensor:
+    """Padded-frame logits (B, 1, S/2, S/2) -> logits on the original image (B, 1, H, W).
+
+    The resized image occupies rows [:h] and columns [:w] of the S x S input, so rows
+    [:ceil(h/2)] and columns [:ceil(w/2)] of the half-resolution frame (the last kept row or
+    column is half padding when h or w is odd); that region is resized bilinearly to H x W.
+    """
+    half = image_size // 2
+    if logits.shape[-2:] != (half, half):
+        raise ValueError(f"logits: expected a padded frame {half}x{half}, got {tuple(logits.shape)}")
+    valid = logits[..., : math.ceil(input_size[0] / 2), : math.ceil(input_size[1] / 2)]
+    return F.interpolate(valid, tuple(original_size), mode="bilinear", align_corners=False)
+
+
+def mask_to_padded_frame(mask: np.ndarray, image_size: int) -> torch.Tensor:
+    """Ground-truth mask (H, W) -> 0/1 float (S/2, S/2) in the frame of :func:`upscale_to_padded_frame`.
+
+    The mask is resized to the image's input size (ResizeLongestSide's shape) by nearest
+    neighbour with pixel-centre sampling ("nearest-exact", no half-pixel shift, unlike "nearest"),
+    padded with zeros to S x S, and downsampled by 2 with the same rule (which keeps the odd
+    rows and columns: output pixel i samples input pixel 2i + 1).
+    """
+    if not isinstance(mask, np.ndarray) or mask.ndim != 2:
+        found = mask.shape if isinstance(mask, np.ndarray) else type(mask).__name__
+        raise ValueError(f"mask: expected a 2-D array (H, W), got {found}")
+    h, w = ResizeLongestSide.get_preprocess_shape(mask.shape[0], mask.shape[1], image_size)
+    mask_tensor = torch.from_numpy(mask.astype(bool)).float()[None, None]
+    resized = F.interpolate(mask_tensor, (h, w), mode="nearest-exact")
+    padded = F.pad(resized, (0, image_size - w, 0, image_size - h))
+    half = image_size // 2
+    return F.interpolate(padded, (half, half), mode="nearest-exact")[0, 0]
+
+
+class SAMMaskHead(nn.Module):
+    """SAM's prompt encoder (frozen) and mask decoder, driven by learned sparse prompt tokens.
+
+    The dense prompt is ``no_mask_embed`` everywhere and the positional encoding is SAM's dense PE,
+    exactly as SAM without a mask prompt; only the single-mask output (mask token 0) is computed.
+
+    ``MaskDecoder.forward`` assumes one image per call (it repeats the image embedding once per
+    prompt set), so this head runs the decoder's pieces itself, batched over images: the result
+    equals calling ``mask_decoder`` image by image.
+    """
+
+    def __init__(self, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder) -> None:
+        super().__init__()
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.prompt_encoder.requires_grad_(False)
+
+    def forward(self, image_embeddings: torch.Tensor, sparse_prompts: torch.Tensor) -> torch.Tensor:
+        """Low-resolution mask logits for each prompt set.
+
+        Args:
+            image_embeddings: (B, C, h, w) from SAM's image encoder; B = 1 is shared by every
+                prompt set (expanded, not copied).
+            sparse_prompts: (B, T, C) prompt tokens, one set per image (or K sets for B = 1).
+
+        Returns:
+            (B, 1, 4h, 4w) logits (K instead of B for a shared embedding).
+        """
+        embedding_size = tuple(self.prompt_encoder.image_embedding_size)
+        channels = self.prompt_encoder.embed_dim
+        if image_embeddings.dim() != 4 or image_embeddings.shape[1:] != (channels, *embedding_size):
+            raise ValueError(
+                f"image_embeddings: expected (B, {channels}, {embedding_size[0]}, {embedding_size[1]}), "
+                f"got {tuple(image_embeddings.shape)}"
+            )
+        if sparse_prompts.dim() != 3 or sparse_prompts.shape[2] != channels:
+            raise ValueError(
+                f"sparse_prompts: expected (B, T, {channels}), got {tuple(sparse_prompts.shape)}"
+            )
+        num_images, num_sets = image_embeddings.shape[0], sparse_prompts.shape[0]
+        if num_images not in (1, num_sets):
+            raise ValueError(
+                f"{num_images} image embeddings for {num_sets} prompt sets: "
+                "give one embedding per set, or one for all"
+            )
+
+        decoder = self.mask_decoder
+        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+        tokens = torch.cat([output_tokens.expand(num_sets, -1, -1), sparse_prompts], dim=1)
+
+        # Without a mask prompt SAM adds no_mask_embed to every position of the image embedding.
+        dense = self.prompt_encoder.no_mask_embed.weight.view(1, channels, 1, 1)
+        image_tokens = (image_embeddings + dense).expand(num_sets, -1, -1, -1)
+        image_pe = self.prompt_encoder.get_dense_pe().expand(num_sets, -1, -1, -1)
+
+        token_out, image_out = decoder.transformer(image_tokens, image_pe, tokens)
+
+        # Token 0 is the IoU token; mask token 0 (index 1) is the single-mask output.
+        image_out = image_out.transpose(1, 2).reshape(num_sets, channels, *embedding_size)
+        upscaled = decoder.output_upscaling(image_out)
+        mask_weights = decoder.output_hypernetworks_mlps[0](token_out[:, 1, :]).unsqueeze(1)
+        height, width = upscaled.shape[-2:]
+        logits = mask_weights @ upscaled.flatten(2)
+        return logits.view(num_sets, 1, height, width)

@@ -1,0 +1,385 @@
+"""SAM backbone: builder and checkpoint validation, image transform, batched mask head, mask frames.
+
+References are segment_anything's own SamPredictor / MaskDecoder / Sam.postprocess_masks, hashlib,
+and values worked out by hand in the comments.
+"""
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from segment_anything import SamPredictor, sam_model_registry
+
+from ssp_sam.backbones.sam import (
+    SAM_VARIANTS,
+    SAMImageTransform,
+    SAMMaskHead,
+    build_sam,
+    mask_to_padded_frame,
+    padded_frame_to_original,
+    sam_weights_fingerprint,
+    upscale_to_padded_frame,
+)
+from ssp_sam.errors import CheckpointError, ConfigError, ImageError
+
+# 256 px input, 16 px patches -> 16x16 embedding -> 64x64 low-resolution logits.
+TINY = {
+    "encoder_embed_dim": 64,
+    "encoder_depth": 2,
+    "encoder_num_heads": 4,
+    "encoder_global_attn_indexes": [1],
+    "image_size": 256,
+    "window_size": 6,
+    "prompt_embed_dim": 64,
+    "decoder_mlp_dim": 128,
+}
+TINY_CHANNELS, TINY_SIDE = 64, 16
+
+
+@pytest.fixture(scope="module")
+def tiny_state_dict():
+    """Random weights in Meta's flat layout; every tensor perturbed so none is a trivial 0/1 init."""
+    torch.manual_seed(0)
+    state_dict = build_sam("custom", custom=TINY).state_dict()
+    return {key: tensor + 0.05 * torch.randn_like(tensor) for key, tensor in state_dict.items()}
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_state_dict, tmp_path_factory):
+    path = tmp_path_factory.mktemp("sam") / "tiny_sam.pth"
+    torch.save(tiny_state_dict, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_sam(tiny_checkpoint):
+    return build_sam("custom", tiny_checkpoint, custom=TINY)
+
+
+@pytest.fixture(scope="module")
+def head(tiny_sam):
+    return SAMMaskHead(tiny_sam.prompt_encoder, tiny_sam.mask_decoder)
+
+
+def assert_state_dict_equal(module, expected, prefix):
+    state_dict = module.state_dict()
+    expected_part = {key[len(prefix) :]: value for key, value in expected.items() if key.startswith(prefix)}
+    assert state_dict.keys() == expected_part.keys()
+    for key, tensor in state_dict.items():
+        assert torch.equal(tensor, expected_part[key]), prefix + key
+
+
+# ---------------------------------------------------------------- building and loading
+
+
+def test_variants_are_the_official_encoders():
+    assert SAM_VARIANTS["vit_b"]["encoder_embed_dim"] == 768
+    assert SAM_VARIANTS["vit_l"]["encoder_global_attn_indexes"] == (5, 11, 17, 23)
+    assert SAM_VARIANTS["vit_h"]["encoder_depth"] == 32
+    assert SAM_VARIANTS["vit_h"]["encoder_num_heads"] == 16
+
+
+def test_tiny_checkpoint_arrives_whole(tiny_sam, tiny_state_dict):
+    for part in ("image_encoder", "prompt_encoder", "mask_decoder"):
+        assert_state_dict_equal(getattr(tiny_sam, part), tiny_state_dict, part + ".")
+    assert not tiny_sam.training
+
+
+def test_model_container_and_parts(tiny_state_dict, tmp_path):
+    path = tmp_path / "container.pth"
+    torch.save({"model": tiny_state_dict, "epoch": 3}, path)
+    sam = build_sam("custom", path, custom=TINY, parts=("prompt_encoder", "mask_decoder"))
+    assert sam.image_encoder is None
+    assert_state_dict_equal(sam.mask_decoder, tiny_state_dict, "mask_decoder.")
+    assert_state_dict_equal(sam.prompt_encoder, tiny_state_dict, "prompt_encoder.")
+
+
+def test_file_with_only_some_parts(tiny_state_dict, tmp_path):
+    path = tmp_path / "decoder_only.pth"
+    torch.save({k: v for k, v in tiny_state_dict.items() if k.startswith("mask_decoder.")}, path)
+    sam = build_sam("custom", path, custom=TINY, parts=("mask_decoder",))
+    assert sam.image_encoder is None and sam.prompt_encoder is None
+    assert_state_dict_equal(sam.mask_decoder, tiny_state_dict, "mask_decoder.")
+    with pytest.raises(CheckpointError, match=r"decoder_only\.pth.*missing keys: image_encoder\."):
+        build_sam("custom", path, custom=TINY, parts=("image_encoder",))
+
+
+def test_official_vit_b_layout(tmp_path):
+    torch.manual_seed(1)
+    reference = sam_model_registry["vit_b"]()
+    expected = reference.state_dict()
+    path = tmp_path / "sam_vit_b.pth"
+    torch.save(expected, path)
+    del reference
+    sam = build_sam("vit_b", path)
+    for part in ("image_encoder", "prompt_encoder", "mask_decoder"):
+        assert_state_dict_equal(getattr(sam, part), expected, part + ".")
+    assert sam.image_encoder.img_size == 1024
+    assert sam.prompt_encoder.image_embedding_size == (64, 64)
+
+
+def test_vit_l_weights_for_vit_b_are_named(tmp_path):
+    # Shapes of the real ViT-L without allocating it; a few blocks are enough to check the logic.
+    with torch.device("meta"):
+        vit_l = sam_model_registry["vit_l"]().state_dict()
+    kept = ("image_encoder.patch_embed.", "image_encoder.blocks.0.", "image_encoder.blocks.20.")
+    path = tmp_path / "sam_vit_l.pth"
+    torch.save({k: torch.zeros(v.shape) for k, v in vit_l.items() if k.startswith(kept)}, path)
+    with pytest.raises(CheckpointError) as error:
+        build_sam("vit_b", path, parts=("image_encoder",))
+    message = str(error.value)
+    assert "sam_vit_l.pth" in message
+    assert "vit_l weights given for vit_b" in message
+    assert "patch_embed.proj.weight (expected (768, 3, 16, 16), found (1024, 3, 16, 16))" in message
+    assert "unexpected keys: image_encoder.blocks.20." in message
+    # Also when only the decoder is requested: the file's encoder keys still have to fit.
+    with pytest.raises(CheckpointError, match="vit_l weights given for vit_b"):
+        build_sam("vit_b", path, parts=("mask_decoder",))
+
+
+def test_mismatched_custom_config(tiny_checkpoint):
+    wider = {**TINY, "decoder_mlp_dim": 256}
+    with pytest.raises(CheckpointError) as error:
+        build_sam("custom", tiny_checkpoint, custom=wider)
+    assert "tiny_sam.pth" in str(error.value)
+    assert "layers.0.mlp.lin1.weight (expected (256, 64), found (128, 64))" in str(error.value)
+
+
+def test_missing_and_unexpected_keys(tiny_state_dict, tmp_path):
+    broken = dict(tiny_state_dict)
+    del broken["mask_decoder.iou_token.weight"]
+    broken["mask_decoder.extra.weight"] = torch.zeros(1)
+    path = tmp_path / "broken.pth"
+    torch.save(broken, path)
+    with pytest.raises(CheckpointError) as error:
+        build_sam("custom", path, custom=TINY)
+    assert "broken.pth" in str(error.value)
+    assert "unexpected keys: mask_decoder.extra.weight" in str(error.value)
+    assert "missing keys: mask_decoder.iou_token.weight" in str(error.value)
+
+
+@pytest.mark.parametrize("content", [None, b"", b"\x00garbage" * 64], ids=["missing", "empty", "garbage"])
+def test_unreadable_files(tmp_path, content):
+    path = tmp_path / "weights.pth"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="weights.pth"):
+        build_sam("custom", path, custom=TINY)
+
+
+def test_not_a_state_dict(tmp_path):
+    path = tmp_path / "list.pth"
+    torch.save([torch.zeros(1)], path)
+    with pytest.raises(CheckpointError, match=r"list\.pth.*expected a state dict"):
+        build_sam("custom", path, custom=TINY)
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="vit_x"):
+        build_sam("vit_x")
+    with pytest.raises(ConfigError, match="encoder_depth"):
+        build_sam("custom", custom={k: v for k, v in TINY.items() if k != "encoder_depth"})
+    with pytest.raises(ConfigError, match="depht"):
+        build_sam("custom", custom={**TINY, "depht": 3})
+    with pytest.raises(ConfigError, match="decoder"):
+        build_sam("custom", custom=TINY, parts=("decoder",))
+    with pytest.raises(ConfigError, match="only for variant 'custom'"):
+        build_sam("vit_b", custom=TINY)
+
+
+def test_fingerprint(tmp_path):
+    data = np.random.default_rng(0).bytes(5000)
+    path = tmp_path / "weights.bin"
+    path.write_bytes(data)
+    assert sam_weights_fingerprint(path, chunk_bytes=64) == hashlib.sha256(data).hexdigest()
+    with pytest.raises(CheckpointError, match="absent.bin"):
+        sam_weights_fingerprint(tmp_path / "absent.bin")
+
+
+# ---------------------------------------------------------------- against SamPredictor
+
+
+@pytest.fixture(scope="module")
+def image():
+    return np.random.default_rng(1).integers(0, 256, (90, 130, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_sam, image):
+    predictor = SamPredictor(tiny_sam)
+    predictor.set_image(image)
+    return predictor
+
+
+def test_transform_and_encoder_match_predictor(tiny_sam, predictor, image):
+    transform = SAMImageTransform(256)
+    pixels, input_size = transform(image)
+    assert pixels.shape == (3, 256, 256) and pixels.dtype == torch.float32
+    # 130 -> 256 on the long side: 90 * 256 / 130 = 177.2 -> 177.
+    assert input_size == (177, 256) == transform.input_size_for((90, 130)) == predictor.input_size
+    assert torch.all(pixels[:, 177:] == 0)
+    with torch.no_grad():
+        features = tiny_sam.image_encoder(pixels[None])
+    torch.testing.assert_close(features, predictor.features, rtol=0, atol=1e-6)
+
+
+def test_mask_head_matches_predictor(tiny_sam, head, predictor, image):
+    points, labels = np.array([[30.0, 40.0], [100.0, 20.0], [64.0, 70.0]]), np.array([1, 0, 1])
+    expected, _, _ = predictor.predict(
+        point_coords=points, point_labels=labels, multimask_output=False, return_logits=True
+    )
+    coords = torch.as_tensor(predictor.transform.apply_coords(points, image.shape[:2]), dtype=torch.float)
+    with torch.no_grad():
+        point_prompts = (coords[None], torch.as_tensor(labels)[None])
+        sparse, _ = tiny_sam.prompt_encoder(points=point_prompts, boxes=None, masks=None)
+        low_res = head(predictor.features, sparse)
+    assert low_res.shape == (1, 1, 64, 64)
+    masks = tiny_sam.postprocess_masks(low_res, predictor.input_size, image.shape[:2])
+    np.testing.assert_allclose(masks[0].numpy(), expected, rtol=0, atol=1e-5)
+
+
+def decoder_call(sam, embedding, sparse):
+    """segment_anything's own decoder call for one image (SamPredictor.predict_torch)."""
+    dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+    dense = dense.expand(sparse.shape[0], -1, TINY_SIDE, TINY_SIDE)
+    masks, _ = sam.mask_decoder(
+        image_embeddings=embedding,
+        image_pe=sam.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=False,
+    )
+    return masks
+
+
+def test_batched_head_equals_per_image_decoder(tiny_sam, head):
+    generator = torch.Generator().manual_seed(2)
+    embeddings = torch.randn(3, TINY_CHANNELS, TINY_SIDE, TINY_SIDE, generator=generator)
+    prompts = torch.randn(3, 5, TINY_CHANNELS, generator=generator)
+    with torch.no_grad():
+        batched = head(embeddings, prompts)
+        per_image = torch.cat(
+            [decoder_call(tiny_sam, embeddings[i : i + 1], prompts[i : i + 1]) for i in range(3)]
+        )
+    assert batched.shape == (3, 1, 64, 64)
+    torch.testing.assert_close(batched, per_image, rtol=0, atol=1e-5)
+
+
+def test_shared_embedding_equals_separate_calls(tiny_sam, head):
+    generator = torch.Generator().manual_seed(3)
+    embedding = torch.randn(1, TINY_CHANNELS, TINY_SIDE, TINY_SIDE, generator=generator)
+    prompts = torch.randn(4, 7, TINY_CHANNELS, generator=generator)
+    with torch.no_grad():
+        shared = head(embedding, prompts)
+        separate = torch.cat([head(embedding, prompts[k : k + 1]) for k in range(4)])
+        # SAM's native one-image / K-prompt-sets call.
+        native = decoder_call(tiny_sam, embedding, prompts)
+    torch.testing.assert_close(shared, separate, rtol=0, atol=1e-5)
+    torch.testing.assert_close(shared, native, rtol=0, atol=1e-5)
+
+
+def test_head_trains_decoder_only(tiny_checkpoint):
+    sam = build_sam("custom", tiny_checkpoint, custom=TINY, parts=("prompt_encoder", "mask_decoder"))
+    head = SAMMaskHead(sam.prompt_encoder, sam.mask_decoder)
+    prompts = torch.randn(2, 3, TINY_CHANNELS, requires_grad=True)
+    head(torch.randn(2, TINY_CHANNELS, TINY_SIDE, TINY_SIDE), prompts).sum().backward()
+    assert all(not p.requires_grad for p in head.prompt_encoder.parameters())
+    assert head.mask_decoder.output_hypernetworks_mlps[0].layers[0].weight.grad is not None
+    assert prompts.grad is not None and prompts.grad.abs().sum() > 0
+
+
+def test_head_rejects_bad_shapes(head):
+    with pytest.raises(ValueError, match="2 image embeddings for 3 prompt sets"):
+        head(torch.zeros(2, TINY_CHANNELS, TINY_SIDE, TINY_SIDE), torch.zeros(3, 4, TINY_CHANNELS))
+    with pytest.raises(ValueError, match="image_embeddings"):
+        head(torch.zeros(1, TINY_CHANNELS, 8, 8), torch.zeros(1, 4, TINY_CHANNELS))
+
+
+def test_transform_rejects_non_uint8():
+    with pytest.raises(ImageError, match="uint8"):
+        SAMImageTransform(256)(np.zeros((10, 10, 3), dtype=np.float32))
+    with pytest.raises(ImageError, match="uint8"):
+        SAMImageTransform(256)(np.zeros((10, 10), dtype=np.uint8))
+
+
+# ---------------------------------------------------------------- mask frames
+
+
+def test_constant_logits_stay_constant():
+    low_res = torch.full((2, 1, 256, 256), -3.5)
+    frame = upscale_to_padded_frame(low_res, 1024)
+    assert frame.shape == (2, 1, 512, 512)
+    original = padded_frame_to_original(frame, (1024, 614), (100, 60), 1024)
+    assert original.shape == (2, 1, 100, 60)
+    torch.testing.assert_close(original, torch.full_like(original, -3.5))
+
+
+def test_upscale_left_right_step():
+    # Left half +1, right half -1 on a 4x4 map; S = 16 -> frame 8x8. Bilinear keeps the sign of each
+    # side and is antisymmetric about the middle; columns 0 and 7 see only one side: exactly +-1.
+    low_res = torch.tensor([1.0, 1.0, -1.0, -1.0]).expand(1, 1, 4, 4)
+    frame = upscale_to_padded_frame(low_res, 16)[0, 0]
+    assert frame.shape == (8, 8)
+    assert torch.all(frame[:, :4] > 0) and torch.all(frame[:, 4:] < 0)
+    torch.testing.assert_close(frame.flip(1), -frame)
+    assert torch.all(frame[:, 0] == 1) and torch.all(frame[:, 7] == -1)
+
+
+def test_checker_lands_exactly_when_scales_match():
+    # 100x60 image with S = 200: input size (200, 120), frame 100x100 whose valid part is 100x60,
+    # i.e. the original size, so the resize is the identity and the padding (1e6) must be cut off.
+    frame = torch.full((1, 1, 100, 100), 1e6)
+    quadrants = torch.tensor([[1.0, -2.0], [-3.0, 4.0]]).repeat_interleave(50, 0).repeat_interleave(30, 1)
+    frame[0, 0, :, :60] = quadrants
+    assert SAMImageTransform(200).input_size_for((100, 60)) == (200, 120)
+    original = padded_frame_to_original(frame, (200, 120), (100, 60), 200)
+    torch.testing.assert_close(original[0, 0], quadrants, rtol=0, atol=0)
+
+
+def test_checker_lands_where_expected_at_1024():
+    # 100x60 image, S = 1024: input (1024, 614), valid frame rows [:512], cols [:307]. A 2x2 checker
+    # of +-1 split at frame row 256 / col 153.5 must land split at row 50 / col 30 of the original.
+    frame = torch.full((1, 1, 512, 512), 1e3)
+    rows = torch.arange(512)[:, None] < 256
+    cols = torch.arange(307)[None, :] < 153.5
+    frame[0, 0, :, :307] = torch.where(rows == cols, 1.0, -1.0)
+    original = padded_frame_to_original(frame, (1024, 614), (100, 60), 1024)[0, 0]
+    assert original.abs().max() <= 1.0  # no padding leaked in
+    assert torch.all(original[:48, :28] > 0) and torch.all(original[52:, 32:] > 0)
+    assert torch.all(original[:48, 32:] < 0) and torch.all(original[52:, :28] < 0)
+
+
+def test_odd_sizes():
+    transform = SAMImageTransform(64)
+    # 37x101 -> scale 64/101: 37 * 0.6337 = 23.4 -> 23 rows; padded_frame_to_original keeps frame rows
+    # [:12]; the ground truth samples input row 2i + 1, so frame row 11 (input row 23) is padding.
+    input_size = transform.input_size_for((37, 101))
+    assert input_size == (23, 64)
+    frame = upscale_to_padded_frame(torch.randn(2, 1, 16, 16), 64)
+    assert frame.shape == (2, 1, 32, 32)
+    assert padded_frame_to_original(frame, input_size, (37, 101), 64).shape == (2, 1, 37, 101)
+    ground_truth = mask_to_padded_frame(np.ones((37, 101), dtype=bool), 64)
+    assert torch.all(ground_truth[:11] == 1) and torch.all(ground_truth[11:] == 0)
+
+
+def test_mask_to_padded_frame_by_hand():
+    # 3x5 mask, S = 10: resized x2 to 6x10, padded to 10x10, halved to 5x5: the mask itself in the
+    # top rows, zeros below.
+    mask = np.random.default_rng(4).random((3, 5)) > 0.5
+    frame = mask_to_padded_frame(mask, 10)
+    assert frame.dtype == torch.float32
+    expected = np.zeros((5, 5), dtype=np.float32)
+    expected[:3] = mask
+    np.testing.assert_array_equal(frame.numpy(), expected)
+
+
+def test_mask_round_trip_iou():
+    mask = np.zeros((97, 143), dtype=bool)
+    mask[10:80, 20:130] = True
+    frame = mask_to_padded_frame(mask, 1024)
+    input_size = SAMImageTransform(1024).input_size_for(mask.shape)
+    logits = padded_frame_to_original((2 * frame - 1)[None, None], input_size, mask.shape, 1024)
+    recovered = (logits[0, 0] > 0).numpy()
+    iou = (recovered & mask).sum() / (recovered | mask).sum()
+    assert iou > 0.97
