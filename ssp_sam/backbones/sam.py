@@ -409,6 +409,16 @@ class SAMMaskHead(nn.Module):
         self.mask_decoder = mask_decoder
         self.prompt_encoder.requires_grad_(False)
 
+    @property
+    def embed_dim(self) -> int:
+        """Width C of the prompt tokens and image embedding (256 for the official SAMs)."""
+        return self.prompt_encoder.embed_dim
+
+    @property
+    def image_size(self) -> int:
+        """Side S of SAM's padded square input (1024 for the official SAMs)."""
+        return self.prompt_encoder.input_image_size[0]
+
     def forward(self, image_embeddings: torch.Tensor, sparse_prompts: torch.Tensor) -> torch.Tensor:
         """Low-resolution mask logits for each prompt set.
 

@@ -1,0 +1,307 @@
+"""Checkpoints: the released SSP-SAM files (torch pickles) and our own (safetensors + config JSON).
+
+Released checkpoints hold the state dict under "model" with the release's module names
+(``../shared/specs/ssp_sam_224_checkpoint_keys.json``); :data:`RELEASE_KEY_MAP` maps them onto
+ours explicitly. The release's quirks are switched on for models loaded from such files.
+
+Our checkpoints are directories::
+
+    <dir>/model.safetensors   # weights (frozen encoders included only when no weight file names them)
+    <dir>/config.json         # the resolved ModelConfig (and, from the trainer, the run config)
+
+Every mismatch (missing, unexpected or mis-shaped keys) raises :class:`CheckpointError` that
+names the file and the keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .config import RELEASE_PRESETS, ModelConfig, model_config_from
+from .errors import CheckpointError
+from .fileio import atomic_directory
+from .model import SSPSAM, build_model
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+# (release name or prefix, our name or prefix). A prefix ends with "."; an entry without the dot
+# is an exact key. Order matters only for readability: no release prefix is a prefix of another.
+RELEASE_KEY_MAP: tuple[tuple[str, str], ...] = (
+    ("encoder.", None),  # CLIP: dropped, as the official test script does; CLIP comes from its own file
+    ("sam.image_encoder.", "sam_image_encoder."),
+    ("sam.prompt_encoder.", "mask_head.prompt_encoder."),
+    ("sam.mask_decoder.", "mask_head.mask_decoder."),
+    ("clip_proj.", "word_proj."),
+    ("clip_img_proj.", "visual_adapter.query_mlp."),
+    ("norm_img.", "visual_adapter.norm."),
+    ("img2text_attn.", "visual_adapter.text_attention."),
+    ("imgtext_proj.", "visual_adapter.attended_text_proj."),
+    ("img_proj.", "visual_adapter.query_proj."),
+    ("tf_scale", "visual_adapter.gauss_scale"),
+    ("tf_sigma", "visual_adapter.gauss_sigma"),
+    ("text_proj.", "linguistic_adapter.gru."),
+    ("phrase_attn.fc.", "linguistic_adapter.word_score."),
+    ("mlp.", "fusion.proj."),
+    ("reg_token.", "prompt_generator.reg_token."),
+    ("prompt_token.", "prompt_generator.prompt_tokens."),
+    ("vl_pos_embed.", "prompt_generator.pos_embed."),
+    ("vl_transformer.encoder.layers.", "prompt_generator.layers."),
+    ("norm.", "prompt_generator.norm."),
+    ("bbox_embed.", "prompt_generator.box_head."),
+    # Present in the release but never used by its forward pass: loaded and ignored.
+    ("img2img_attn.", None),
+    ("norm_text_cond_img.", None),
+)
+
+# Parameters our model has that the release file does not need to provide: SAM's image encoder
+# (the official test script loads it from SAM's own file) and CLIP.
+_OPTIONAL_OURS = ("sam_image_encoder.", "clip.")
+
+
+def map_release_key(key: str) -> str | None:
+    """Our parameter name for a release key; None for keys that are dropped.
+
+    Raises:
+        KeyError: the key belongs to no known module of the release.
+    """
+    for release, ours in RELEASE_KEY_MAP:
+        if release.endswith("."):
+            if key.startswith(release):
+                return None if ours is None else ours + key[len(release) :]
+        elif key == release:
+            return ours
+    raise KeyError(key)
+
+
+def _format_keys(keys: Iterable[str], limit: int = 8) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def check_state_dict(expected: Mapping[str, Tensor], given: Mapping[str, Tensor], source: str, optional: tuple[str, ...] = ()) -> None:
+    """Raise CheckpointError if ``given`` lacks, adds or mis-shapes keys of ``expected``.
+
+    Args:
+        expected: the model's state dict (names -> tensors).
+        given: the (mapped) checkpoint state dict.
+        source: the file, for the message.
+        optional: prefixes of expected keys that may be missing.
+    """
+    missing = [k for k in expected if k not in given and not k.startswith(optional)]
+    unexpected = [k for k in given if k not in expected]
+    mis_shaped = [
+        f"{k} (checkpoint {tuple(given[k].shape)}, model {tuple(expected[k].shape)})"
+        for k in given
+        if k in expected and tuple(given[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_format_keys(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_format_keys(unexpected)}")
+    if mis_shaped:
+        problems.append(f"mis-shaped keys: {_format_keys(mis_shaped)}")
+    if problems:
+        raise CheckpointError(f"{source}: checkpoint does not fit this model; " + "; ".join(problems))
+
+
+def _require_file(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    if path.is_file() and path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: checkpoint file is empty (0 bytes)")
+
+
+# ----------------------------------------------------------------------------- released checkpoints
+
+
+def read_release_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Load the "model" state dict of a released SSP-SAM checkpoint (torch pickle, weights only)."""
+    path = Path(path)
+    _require_file(path)
+    try:
+        container = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({str(exc).splitlines()[0]})") from None
+    if not isinstance(container, Mapping) or not isinstance(container.get("model"), Mapping):
+        found = sorted(container)[:5] if isinstance(container, Mapping) else type(container).__name__
+        raise CheckpointError(f"{path}: not an SSP-SAM release checkpoint (expected a dict with a 'model' state dict, found {found})")
+    return dict(container["model"])
+
+
+def release_preset(state: Mapping[str, Tensor], source: str) -> str:
+    """Tell SSP-SAM-224 from SSP-SAM-336 by the release's own tensor shapes."""
+    try:
+        width = state["clip_proj.weight"].shape[0]
+        positions = state["vl_pos_embed.weight"].shape[0]
+    except KeyError as exc:
+        raise CheckpointError(f"{source}: not an SSP-SAM release checkpoint (no {exc.args[0]!r})") from None
+    presets = {(512, 1 + 128 + 196): "ssp_sam_224", (768, 1 + 128 + 576): "ssp_sam_336"}
+    if (width, positions) not in presets:
+        raise CheckpointError(
+            f"{source}: unknown SSP-SAM release layout (clip_proj width {width}, {positions} positional rows)"
+        )
+    return presets[(width, positions)]
+
+
+def map_release_state_dict(state: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
+    """Rename release keys to ours, dropping CLIP and the unused modules."""
+    mapped, unknown = {}, []
+    for key, value in state.items():
+        try:
+            ours = map_release_key(key)
+        except KeyError:
+            unknown.append(key)
+            continue
+        if ours is not None:
+            mapped[ours] = value
+    if unknown:
+        raise CheckpointError(f"{source}: keys that belong to no SSP-SAM release module: {_format_keys(unknown)}")
+    return mapped
+
+
+def load_release_weights(model: SSPSAM, state: Mapping[str, Tensor], source: str) -> None:
+    """Load a released SSP-SAM state dict (see :func:`read_release_state_dict`) into ``model``.
+
+    SAM's image encoder is taken from the file when the model has one and the file carries it.
+
+    Raises:
+        CheckpointError: naming the file and the missing / unexpected / mis-shaped keys.
+    """
+    mapped = map_release_state_dict(state, source)
+    if model.sam_image_encoder is None:
+        mapped = {k: v for k, v in mapped.items() if not k.startswith("sam_image_encoder.")}
+    check_state_dict(model.state_dict(), mapped, source, optional=_OPTIONAL_OURS)
+    model.load_state_dict(mapped, strict=False)
+
+
+# ----------------------------------------------------------------------------- our checkpoints
+
+
+def _embedded_prefixes(config: ModelConfig) -> tuple[str, ...]:
+    """Frozen-encoder prefixes whose weights a checkpoint of ours must carry.
+
+    Encoders that come from a weight file named in the config are not stored (they are large and
+    the user has them); encoders without a file (our small pretrained ones) are.
+    """
+    prefixes = []
+    if config.clip_checkpoint is None:
+        prefixes.append("clip.")
+    if config.sam_checkpoint is None:
+        prefixes.append("sam_image_encoder.")
+    return tuple(prefixes)
+
+
+def _stored_state(model: SSPSAM) -> dict[str, Tensor]:
+    embedded = _embedded_prefixes(model.config)
+    return {
+        k: v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if not k.startswith(_OPTIONAL_OURS) or k.startswith(embedded)
+    }
+
+
+def save_checkpoint(model: SSPSAM, directory: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write ``model`` as <directory>/model.safetensors + config.json, atomically.
+
+    Args:
+        extra: more JSON-serialisable entries for config.json (the trainer's run config, metrics).
+    """
+    directory = Path(directory)
+    config = {"model": model.config.to_dict(), **(extra or {})}
+    with atomic_directory(directory) as tmp:
+        save_file(_stored_state(model), str(tmp / WEIGHTS_FILE), metadata={"format": "ssp_sam"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def is_own_checkpoint(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return path.is_dir() or path.suffix == ".safetensors"
+
+
+def read_checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The config.json of a checkpoint of ours (directory or its model.safetensors)."""
+    path = Path(path)
+    _require_file(path)
+    directory = path if path.is_dir() else path.parent
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path}: config file of the checkpoint not found")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{config_path}: no 'model' section")
+    return config
+
+
+def load_own_weights(model: SSPSAM, path: str | os.PathLike) -> None:
+    """Load a checkpoint of ours into ``model``, checking every key and shape."""
+    path = Path(path)
+    weights = path / WEIGHTS_FILE if path.is_dir() else path
+    _require_file(weights)
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from None
+    expected = {k: v for k, v in model.state_dict().items()}
+    embedded = _embedded_prefixes(model.config)
+    optional = tuple(p for p in _OPTIONAL_OURS if p not in embedded)
+    check_state_dict(expected, state, str(weights), optional=optional)
+    model.load_state_dict(state, strict=False)
+
+
+def load_model(
+    checkpoint: str | os.PathLike,
+    model_config: ModelConfig | Mapping | None = None,
+    with_sam_image_encoder: bool = True,
+    device: str | torch.device = "cpu",
+) -> SSPSAM:
+    """Build and load a model from a checkpoint of ours or a released one.
+
+    Args:
+        checkpoint: our checkpoint directory (or its model.safetensors), or a released .pth.
+        model_config: for our checkpoints, optional overrides of the stored config (e.g. new
+            encoder weight paths); for released ones, the model config (CLIP/SAM weight paths).
+            If None for a released file, the preset (224 or 336) is chosen from its shapes.
+    """
+    path = Path(checkpoint)
+    if is_own_checkpoint(path):
+        stored = read_checkpoint_config(path)["model"]
+        config = model_config_from(stored, **(_as_overrides(model_config)))
+        model = build_model(config, with_sam_image_encoder=with_sam_image_encoder)
+        load_own_weights(model, path)
+    else:
+        state = read_release_state_dict(path)
+        preset = release_preset(state, str(path))
+        if model_config is None:
+            model_config = RELEASE_PRESETS[preset]
+        config = model_config if isinstance(model_config, ModelConfig) else model_config_from(model_config)
+        if config.name in RELEASE_PRESETS and config.name != preset:
+            raise CheckpointError(f"{path}: this is an {preset} release checkpoint but the model config is {config.name}")
+        model = build_model(replace(config, release_quirks=True), with_sam_image_encoder=with_sam_image_encoder)
+        load_release_weights(model, state, str(path))
+    return model.to(device).eval()
+
+
+def _as_overrides(model_config: ModelConfig | Mapping | None) -> dict[str, Any]:
+    if model_config is None:
+        return {}
+    if isinstance(model_config, ModelConfig):
+        return model_config.to_dict()
+    return dict(model_config)

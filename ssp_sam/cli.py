@@ -1,0 +1,37 @@
+"""Shared plumbing of the command-line scripts: one-line errors and non-zero exits."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, TypeVar
+
+from .errors import SSPSAMError
+
+T = TypeVar("T")
+
+EXIT_USAGE = 2
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> None:
+    """Print ``error: message`` on stderr and exit with ``code``."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def reports_errors(main: Callable[..., T]) -> Callable[..., T]:
+    """Turn our errors (bad files, arguments, keys) into a one-line message and exit code 2.
+
+    Apply it inside ``@hydra.main`` so Hydra never prints a traceback for a user's mistake.
+    """
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except SSPSAMError as exc:
+            fail(str(exc))
+        except KeyboardInterrupt:
+            fail("interrupted", code=130)
+
+    return wrapper

@@ -1,0 +1,112 @@
+"""Typed model configuration, validated so that a wrong key or value names itself.
+
+The Hydra group ``configs/model/`` holds YAML files with exactly these fields. They are merged
+into :class:`ModelConfig` through OmegaConf's structured configs, which rejects unknown keys and
+wrong types; :func:`model_config_from` turns those failures into :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import ConfigError
+
+
+@dataclass
+class AdapterConfig:
+    """Switches and sizes of the two adapters (each switch removes its modules)."""
+
+    visual: bool = True  # VAD; off: the CLIP patch tokens go to the fusion unchanged
+    verification: bool = True  # VAD's Gaussian verification (removed with VAD); off: no text attention, no score
+    linguistic: bool = True  # LAD; off: the CLIP sentence embedding is the phrase
+    num_heads: int = 8
+    mlp_layers: int = 3
+
+
+@dataclass
+class PromptGeneratorConfig:
+    mode: str = "encoder"  # "encoder" (released) or "decoder" (ablation)
+    num_prompt_tokens: int = 128
+    depth: int = 6
+    num_heads: int = 8
+    ffn_dim: int = 2048
+    dropout: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to build an SSP-SAM model.
+
+    ``clip_arch`` is "ViT-B-16", "ViT-L-14-336" or "custom" (then ``clip_custom`` gives the sizes);
+    ``sam_variant`` is "vit_b", "vit_l", "vit_h" or "custom" (then ``sam_custom``). The weight files
+    are given by path; ``None`` means random weights (tests, benchmarks) unless a checkpoint of
+    ours carries the encoders.
+    """
+
+    name: str = "ssp_sam_224"
+    clip_arch: str = "ViT-B-16"
+    clip_checkpoint: Optional[str] = None
+    clip_custom: Optional[dict] = None
+    surgery_blocks: int = 6
+    sam_variant: str = "vit_h"
+    sam_checkpoint: Optional[str] = None
+    sam_custom: Optional[dict] = None
+    adapters: AdapterConfig = field(default_factory=AdapterConfig)
+    prompt_generator: PromptGeneratorConfig = field(default_factory=PromptGeneratorConfig)
+    append_period: bool = True  # the text fed to CLIP is "{expression}."
+    release_quirks: bool = False  # switched on by the loader of released checkpoints
+    no_target_pixels: int = 50  # a mask with fewer pixels in the padded SAM frame means "no target"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# The two released models, for loading their checkpoints without Hydra (configs/model/*.yaml
+# holds the same settings for the command line).
+RELEASE_PRESETS: dict[str, dict[str, Any]] = {
+    "ssp_sam_224": {"name": "ssp_sam_224", "clip_arch": "ViT-B-16", "sam_variant": "vit_h"},
+    "ssp_sam_336": {"name": "ssp_sam_336", "clip_arch": "ViT-L-14-336", "sam_variant": "vit_h"},
+}
+
+
+def model_config_from(source: Mapping | DictConfig | ModelConfig | None = None, **overrides: Any) -> ModelConfig:
+    """Validate ``source`` (a mapping, DictConfig or ModelConfig) plus ``overrides`` into a ModelConfig.
+
+    Raises:
+        ConfigError: naming the unknown key or the key with a wrong type.
+    """
+    schema = OmegaConf.structured(ModelConfig)
+    try:
+        merged = OmegaConf.merge(schema, source if source is not None else {}, overrides)
+        config: ModelConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+        raise ConfigError(f"model config: invalid key {key!r}: {exc.msg if hasattr(exc, 'msg') else exc}") from None
+    _check(config)
+    return config
+
+
+def _check(config: ModelConfig) -> None:
+    if config.clip_arch not in ("ViT-B-16", "ViT-L-14-336", "custom"):
+        raise ConfigError(f"model.clip_arch: unknown CLIP architecture {config.clip_arch!r} (ViT-B-16, ViT-L-14-336, custom)")
+    if config.sam_variant not in ("vit_b", "vit_l", "vit_h", "custom"):
+        raise ConfigError(f"model.sam_variant: unknown SAM variant {config.sam_variant!r} (vit_b, vit_l, vit_h, custom)")
+    if config.clip_arch == "custom" and not config.clip_custom:
+        raise ConfigError("model.clip_custom: required when model.clip_arch=custom")
+    if config.sam_variant == "custom" and not config.sam_custom:
+        raise ConfigError("model.sam_custom: required when model.sam_variant=custom")
+    if config.prompt_generator.mode not in ("encoder", "decoder"):
+        raise ConfigError(f"model.prompt_generator.mode: must be encoder or decoder, got {config.prompt_generator.mode!r}")
+    for key, value in (
+        ("model.prompt_generator.num_prompt_tokens", config.prompt_generator.num_prompt_tokens),
+        ("model.prompt_generator.depth", config.prompt_generator.depth),
+        ("model.adapters.mlp_layers", config.adapters.mlp_layers),
+    ):
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if config.surgery_blocks < 0:
+        raise ConfigError(f"model.surgery_blocks: must be >= 0, got {config.surgery_blocks}")

@@ -1,0 +1,227 @@
+"""SSP-SAM: frozen CLIP and SAM encoders, the two adapters, the prompt generator and SAM's decoder.
+
+Data flow for a batch of B (image, expression) pairs (shapes for SSP-SAM-224):
+
+    CLIP image (B,3,224,224) --CLIP-Surgery--> tokens (B,1+196,512) --+
+    text ids (B,77) --CLIP text--> words (B,77,512), sentence (B,512) --+--> VAD --> (B,196,512)
+                                 words --word_proj--> (B,77,512) --LAD--> phrase (B,512)
+    fusion (B,196,256) --prompt generator--> prompts (B,128,256), box (B,4)
+    SAM image (B,3,1024,1024) --frozen ViT--> embedding (B,256,64,64) --+
+    prompts + embedding --SAM mask decoder--> logits (B,1,256,256) --> padded frame (B,1,512,512)
+
+The encoders are frozen: their outputs can be computed once per image (and SAM's cached on
+disk) and shared by all expressions of the image; :meth:`SSPSAM.decode` takes them as inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .adapters import LinguisticAttentionAdapter, VisualAttentionAdapter
+from .backbones.clip import CLIPSurgeryBackbone, build_clip_model
+from .backbones.sam import SAMMaskHead, build_sam, upscale_to_padded_frame
+from .config import ModelConfig
+from .prompt_generator import MultimodalFusion, PromptGenerator
+
+
+@dataclass
+class TextFeatures:
+    """CLIP text outputs for B expressions.
+
+    words: (B, L, W) ln_final outputs at every position (W = text width, unprojected).
+    sentence: (B, D) sentence embedding (EOT token @ text_projection).
+    padding: (B, L) True where the token id is 0.
+    """
+
+    words: Tensor
+    sentence: Tensor
+    padding: Tensor
+
+    def expand(self, batch: int) -> "TextFeatures":
+        return TextFeatures(*(t.expand(batch, *t.shape[1:]) for t in (self.words, self.sentence, self.padding)))
+
+
+@dataclass
+class SSPOutput:
+    """What the model predicts for B (image, expression) pairs.
+
+    low_res_logits: (B, 1, s, s) SAM decoder logits (s = 4 x embedding side, 256 for real SAM).
+    mask_logits: (B, 1, S/2, S/2) logits in the padded SAM frame (512 for real SAM), where the
+        losses are computed; threshold > 0.
+    boxes: (B, 4) REC box, (cx, cy, w, h) normalised to the CLIP letterbox square.
+    similarity: (B, N) VAD's patch-sentence similarity map, or None without VAD.
+    word_weights: (B, L) LAD's word weights, or None without LAD.
+    """
+
+    low_res_logits: Tensor
+    mask_logits: Tensor
+    boxes: Tensor
+    similarity: Optional[Tensor]
+    word_weights: Optional[Tensor]
+
+
+class SSPSAM(nn.Module):
+    """The SSP-SAM model. Build it with :func:`build_model`.
+
+    Attributes:
+        clip: frozen CLIP-Surgery image and text encoder.
+        sam_image_encoder: frozen SAM ViT, or None when embeddings come from a cache.
+        word_proj: Linear(text width -> D), shared by VAD's text attention and LAD.
+        visual_adapter / linguistic_adapter: the adapters, None when switched off.
+        fusion: tanh-product fusion to the prompt width.
+        prompt_generator: transformer producing SAM prompts and the REC box.
+        mask_head: SAM's (frozen) prompt encoder and (trainable) mask decoder.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        clip: CLIPSurgeryBackbone,
+        mask_head: SAMMaskHead,
+        sam_image_encoder: Optional[nn.Module] = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.clip = clip
+        self.sam_image_encoder = sam_image_encoder
+        if sam_image_encoder is not None:
+            sam_image_encoder.requires_grad_(False)
+        self.mask_head = mask_head
+
+        dim = clip.embed_dim
+        prompt_dim = mask_head.embed_dim
+        adapters = config.adapters
+        self.word_proj = nn.Linear(clip.text_width, dim)
+        self.visual_adapter = (
+            VisualAttentionAdapter(
+                dim,
+                num_heads=adapters.num_heads,
+                mlp_layers=adapters.mlp_layers,
+                verification=adapters.verification,
+                token_axis_norm=config.release_quirks,
+            )
+            if adapters.visual
+            else None
+        )
+        self.linguistic_adapter = LinguisticAttentionAdapter(dim) if adapters.linguistic else None
+        self.fusion = MultimodalFusion(dim, prompt_dim)
+        generator = config.prompt_generator
+        self.prompt_generator = PromptGenerator(
+            dim=prompt_dim,
+            num_prompt_tokens=generator.num_prompt_tokens,
+            num_visual_tokens=clip.num_patches,
+            depth=generator.depth,
+            num_heads=generator.num_heads,
+            ffn_dim=generator.ffn_dim,
+            dropout=generator.dropout,
+            mode=generator.mode,
+        )
+
+    @property
+    def sam_image_size(self) -> int:
+        """Side of SAM's square input (1024 for the official models)."""
+        return self.mask_head.image_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.word_proj.weight.device
+
+    def train(self, mode: bool = True) -> "SSPSAM":
+        """Frozen encoders stay in eval mode whatever the rest of the model does."""
+        super().train(mode)
+        self.clip.eval()
+        if self.sam_image_encoder is not None:
+            self.sam_image_encoder.eval()
+        self.mask_head.prompt_encoder.eval()
+        return self
+
+    @torch.no_grad()
+    def encode_clip_image(self, clip_pixels: Tensor) -> Tensor:
+        """(B, 3, S_clip, S_clip) letterboxed, normalised -> (B, 1+N, D) CLIP-Surgery tokens."""
+        return self.clip.encode_image(clip_pixels)
+
+    @torch.no_grad()
+    def encode_sam_image(self, sam_pixels: Tensor) -> Tensor:
+        """(B, 3, S, S) SAM-preprocessed -> (B, C, S/16, S/16) image embedding."""
+        if self.sam_image_encoder is None:
+            raise RuntimeError("this model was built without a SAM image encoder (embeddings come from a cache)")
+        return self.sam_image_encoder(sam_pixels)
+
+    @torch.no_grad()
+    def encode_text(self, tokens: Tensor) -> TextFeatures:
+        """(B, L) token ids -> TextFeatures."""
+        words, sentence = self.clip.encode_text(tokens)
+        return TextFeatures(words=words, sentence=sentence, padding=tokens == 0)
+
+    def decode(self, image_tokens: Tensor, sam_embeddings: Tensor, text: TextFeatures) -> SSPOutput:
+        """Everything after the frozen encoders, batched over expressions.
+
+        Args:
+            image_tokens: (B, 1+N, D) CLIP-Surgery tokens; B may be 1 for K expressions of one image.
+            sam_embeddings: (B, C, h, w) SAM image embeddings; B may be 1 likewise.
+            text: TextFeatures of K expressions (K = B, or K > 1 with B = 1).
+        Returns:
+            SSPOutput for the K pairs.
+        """
+        batch = text.words.shape[0]
+        image_tokens = image_tokens.expand(batch, -1, -1) if image_tokens.shape[0] == 1 else image_tokens
+        words = self.word_proj(text.words)
+
+        if self.visual_adapter is not None:
+            visual, similarity = self.visual_adapter(image_tokens, text.sentence, words, text.padding)
+        else:
+            visual, similarity = image_tokens[:, 1:], None
+        if self.linguistic_adapter is not None:
+            phrase, word_weights = self.linguistic_adapter(words, text.padding)
+        else:
+            phrase, word_weights = text.sentence, None
+
+        prompts, boxes = self.prompt_generator(self.fusion(visual, phrase))
+        low_res_logits = self.mask_head(sam_embeddings, prompts)
+        mask_logits = upscale_to_padded_frame(low_res_logits, self.sam_image_size)
+        return SSPOutput(low_res_logits, mask_logits, boxes, similarity, word_weights)
+
+    def forward(self, clip_pixels: Tensor, tokens: Tensor, sam_embeddings: Tensor) -> SSPOutput:
+        """Training/evaluation forward from letterboxed CLIP pixels, token ids and SAM embeddings."""
+        return self.decode(self.encode_clip_image(clip_pixels), sam_embeddings, self.encode_text(tokens))
+
+
+def build_model(config: ModelConfig, with_sam_image_encoder: bool = True) -> SSPSAM:
+    """Build SSP-SAM from a config, loading the CLIP and SAM weight files it names.
+
+    Args:
+        config: a validated :class:`ModelConfig`.
+        with_sam_image_encoder: False for training/evaluation from cached SAM embeddings, so that
+            no SAM ViT is allocated at all.
+    """
+    clip_model = build_clip_model(config.clip_arch, config.clip_checkpoint, config.clip_custom)
+    clip = CLIPSurgeryBackbone(clip_model, surgery_blocks=config.surgery_blocks)
+    parts = ("image_encoder", "prompt_encoder", "mask_decoder") if with_sam_image_encoder else ("prompt_encoder", "mask_decoder")
+    sam = build_sam(config.sam_variant, config.sam_checkpoint, config.sam_custom, parts=parts)
+    return SSPSAM(config, clip, SAMMaskHead(sam.prompt_encoder, sam.mask_decoder), sam.image_encoder)
+
+
+def parameter_counts(model: SSPSAM) -> dict[str, int]:
+    """Trainable and total parameter counts, plus the count in the release's layout.
+
+    ``trainable_params`` counts what this model trains: adapters, fusion, prompt generator and
+    SAM's mask decoder. The released checkpoints additionally carry SAM's prompt encoder (of which
+    SSP-SAM only uses the no-mask embedding; we keep it frozen) and two modules their forward pass
+    never uses (``img2img_attn``, an attention with 29x(C/2) relative-position tables, and
+    ``norm_text_cond_img``, a LayerNorm); ``trainable_params_release_layout`` adds those, which is
+    what a parameter count of the released model gives.
+    """
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    width = model.mask_head.embed_dim
+    unused_release = (4 * width * width + 4 * width + 2 * 29 * (width // 2)) + 2 * width
+    prompt_encoder = sum(p.numel() for p in model.mask_head.prompt_encoder.parameters())
+    return {
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_params_release_layout": trainable + prompt_encoder + unused_release,
+    }

@@ -1,0 +1,148 @@
+"""Single-image inference: load a model once, then segment any number of expressions per image.
+
+The frozen CLIP and SAM image encoders run once per image; the text encoder and everything after
+the encoders run batched over the expressions (in chunks of ``max_batch``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .backbones.clip import CLIPTokenizer, Letterbox, letterbox_image
+from .backbones.sam import SAMImageTransform, padded_frame_to_original
+from .config import ModelConfig
+from .errors import ExpressionError
+from .image_io import ImageLike, load_image
+from .model import SSPSAM
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "shapeworld_default"
+
+
+@dataclass
+class EncodedImage:
+    """The encoder outputs of one image, reusable for any number of expressions.
+
+    clip_tokens: (1, 1+N, D) CLIP-Surgery tokens. sam_embedding: (1, C, h, w).
+    """
+
+    clip_tokens: Tensor
+    sam_embedding: Tensor
+    letterbox: Letterbox
+    input_size: tuple[int, int]  # the image's size inside SAM's padded square
+    original_size: tuple[int, int]  # (H, W)
+
+
+@dataclass
+class Prediction:
+    """The result for one expression.
+
+    mask: (H, W) bool at the original resolution (logits > 0).
+    logits: (H, W) float32 mask logits at the original resolution.
+    box: (4,) REC box, xyxy in image pixels.
+    score: mean foreground probability inside the mask (0 for an empty mask).
+    no_target: True when the mask has fewer than ``no_target_pixels`` pixels in the padded SAM
+        frame (SSP-SAM has no no-target head; "no target" is read off an almost empty mask).
+    padded_area: mask pixels in the padded SAM frame (the quantity the no-target rule uses).
+    """
+
+    expression: str
+    mask: np.ndarray
+    logits: np.ndarray
+    box: np.ndarray
+    score: float
+    no_target: bool
+    padded_area: int
+
+
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    """"auto"/None -> CUDA when available, else CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Predictor:
+    """Segment referring expressions in single images.
+
+    Example::
+
+        predictor = Predictor.from_checkpoint()          # the shipped ShapeWorld model
+        results = predictor.predict("scene.png", ["the red circle", "the blue star"])
+    """
+
+    def __init__(self, model: SSPSAM, device: Union[str, torch.device, None] = None, max_batch: int = 32) -> None:
+        if model.sam_image_encoder is None:
+            raise ValueError("the Predictor needs a model built with its SAM image encoder")
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.max_batch = max_batch
+        self.tokenizer = CLIPTokenizer(context_length=model.clip.context_length, append_period=model.config.append_period)
+        self.sam_transform = SAMImageTransform(model.sam_image_size)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: Union[str, os.PathLike, None] = None,
+        model_config: Union[ModelConfig, Mapping, None] = None,
+        device: Union[str, torch.device, None] = None,
+    ) -> "Predictor":
+        """Load our checkpoint or a released one (``None``: the shipped ShapeWorld model)."""
+        from .checkpoint import load_model
+
+        return cls(load_model(checkpoint or DEFAULT_CHECKPOINT, model_config), device=device)
+
+    @torch.no_grad()
+    def encode_image(self, image: ImageLike) -> EncodedImage:
+        """Run both frozen image encoders once on ``image`` (path, PIL image or array)."""
+        rgb = load_image(image)
+        clip_pixels, letterbox = letterbox_image(rgb, self.model.clip.image_size)
+        sam_pixels, input_size = self.sam_transform(rgb)
+        clip_tokens = self.model.encode_clip_image(clip_pixels.unsqueeze(0).to(self.device))
+        sam_embedding = self.model.encode_sam_image(sam_pixels.unsqueeze(0).to(self.device))
+        return EncodedImage(clip_tokens, sam_embedding, letterbox, tuple(input_size), rgb.shape[:2])
+
+    @torch.no_grad()
+    def predict(self, image: Union[ImageLike, EncodedImage], expressions: Union[str, Sequence[str]]) -> list[Prediction]:
+        """Segment every expression in ``image``; returns one Prediction per expression, in order."""
+        if isinstance(expressions, str):
+            expressions = [expressions]
+        if len(expressions) == 0:
+            raise ExpressionError("expressions: give at least one expression")
+        encoded = image if isinstance(image, EncodedImage) else self.encode_image(image)
+        tokens = self.tokenizer(expressions)
+        results: list[Prediction] = []
+        for start in range(0, len(expressions), self.max_batch):
+            chunk = tokens[start : start + self.max_batch].to(self.device)
+            text = self.model.encode_text(chunk)
+            output = self.model.decode(encoded.clip_tokens, encoded.sam_embedding, text)
+            logits = padded_frame_to_original(
+                output.mask_logits, encoded.input_size, encoded.original_size, self.model.sam_image_size
+            )[:, 0]
+            boxes = encoded.letterbox.box_to_image(output.boxes.float().cpu())
+            padded_areas = (output.mask_logits > 0).flatten(1).sum(-1).cpu()
+            for offset in range(chunk.shape[0]):
+                results.append(
+                    self._prediction(expressions[start + offset], logits[offset], boxes[offset], int(padded_areas[offset]))
+                )
+        return results
+
+    def _prediction(self, expression: str, logits: Tensor, box: Tensor, padded_area: int) -> Prediction:
+        logits = logits.float().cpu()
+        mask = logits > 0
+        score = float(logits.sigmoid()[mask].mean()) if mask.any() else 0.0
+        return Prediction(
+            expression=expression,
+            mask=mask.numpy(),
+            logits=logits.numpy(),
+            box=box.numpy(),
+            score=score,
+            no_target=padded_area < self.model.config.no_target_pixels,
+            padded_area=padded_area,
+        )

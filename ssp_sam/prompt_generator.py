@@ -1,0 +1,133 @@
+"""Fusion and the SSP prompt generator: from multimodal tokens to SAM prompts and a REC box.
+
+The generator runs a DETR-style transformer over ``[reg_token; prompt_tokens; multimodal]``.
+Token 0 (the regression token) feeds the auxiliary REC box head; the next T tokens become the
+sparse prompt embeddings of SAM's mask decoder. Shapes: B = batch, N = CLIP patches,
+T = prompt tokens (128), C = prompt width (SAM's 256).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from segment_anything.modeling.mask_decoder import MLP
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+
+class MultimodalFusion(nn.Module):
+    """m = Linear(tanh(visual) * tanh(phrase)): one multimodal token per CLIP patch.
+
+    Args of forward:
+        visual: (B, N, D) adapted visual features.
+        phrase: (B, D) phrase (or sentence) embedding, broadcast over the patches.
+    Returns:
+        (B, N, C) multimodal tokens.
+    """
+
+    def __init__(self, dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, out_dim)
+
+    def forward(self, visual: Tensor, phrase: Tensor) -> Tensor:
+        return self.proj(torch.tanh(visual) * torch.tanh(phrase).unsqueeze(1))
+
+
+class PostNormEncoderLayer(nn.Module):
+    """DETR's encoder layer: self-attention with positions added to queries and keys, post-norm."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, pos: Tensor) -> Tensor:
+        """x: (B, S, C) tokens; pos: (1 or B, S, C) positional embedding. Returns (B, S, C)."""
+        q = k = x + pos
+        x = self.norm1(x + self.dropout(self.self_attn(q, k, x, need_weights=False)[0]))
+        return self.norm2(x + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x))))))
+
+
+class PostNormDecoderLayer(nn.Module):
+    """DETR's decoder layer: query self-attention, cross-attention to the memory, FFN; post-norm."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, queries: Tensor, query_pos: Tensor, memory: Tensor, memory_pos: Tensor) -> Tensor:
+        """queries: (B, Q, C); memory: (B, M, C); positions broadcastable to them. Returns (B, Q, C)."""
+        q = k = queries + query_pos
+        x = self.norm1(queries + self.dropout(self.self_attn(q, k, queries, need_weights=False)[0]))
+        attended = self.cross_attn(x + query_pos, memory + memory_pos, memory, need_weights=False)[0]
+        x = self.norm2(x + self.dropout(attended))
+        return self.norm3(x + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x))))))
+
+
+class PromptGenerator(nn.Module):
+    """Turns multimodal tokens into T sparse prompts for SAM and a REC box.
+
+    ``mode="encoder"`` (the released design) runs 6 encoder layers over the concatenated
+    sequence; ``mode="decoder"`` (an ablation) keeps the multimodal tokens as a fixed memory that
+    the regression and prompt tokens cross-attend to.
+    """
+
+    def __init__(
+        self,
+        dim: int = 256,
+        num_prompt_tokens: int = 128,
+        num_visual_tokens: int = 196,
+        depth: int = 6,
+        num_heads: int = 8,
+        ffn_dim: int = 2048,
+        dropout: float = 0.0,
+        mode: Literal["encoder", "decoder"] = "encoder",
+    ) -> None:
+        super().__init__()
+        if mode not in ("encoder", "decoder"):
+            raise ValueError(f"prompt generator mode must be 'encoder' or 'decoder', got {mode!r}")
+        self.mode = mode
+        self.num_prompt_tokens = num_prompt_tokens
+        self.reg_token = nn.Embedding(1, dim)
+        self.prompt_tokens = nn.Embedding(num_prompt_tokens, dim)
+        self.pos_embed = nn.Embedding(1 + num_prompt_tokens + num_visual_tokens, dim)
+        layer = PostNormEncoderLayer if mode == "encoder" else PostNormDecoderLayer
+        self.layers = nn.ModuleList(layer(dim, num_heads, ffn_dim, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.box_head = MLP(dim, dim, 4, 3)
+
+    def forward(self, multimodal: Tensor) -> tuple[Tensor, Tensor]:
+        """
+        Args:
+            multimodal: (B, N, C) fused tokens, one per CLIP patch.
+        Returns:
+            prompts: (B, T, C) sparse prompt embeddings for SAM's mask decoder.
+            boxes: (B, 4) REC box (cx, cy, w, h), normalised to the CLIP letterbox square.
+        """
+        batch = multimodal.shape[0]
+        learned = torch.cat([self.reg_token.weight, self.prompt_tokens.weight]).expand(batch, -1, -1)
+        pos = self.pos_embed.weight.unsqueeze(0)
+        if self.mode == "encoder":
+            x = torch.cat([learned, multimodal], dim=1)
+            for layer in self.layers:
+                x = layer(x, pos)
+        else:
+            num_queries = learned.shape[1]
+            x = learned
+            for layer in self.layers:
+                x = layer(x, pos[:, :num_queries], multimodal, pos[:, num_queries:])
+        x = self.norm(x)
+        boxes = self.box_head(x[:, 0]).sigmoid()
+        return x[:, 1 : 1 + self.num_prompt_tokens], boxes
