@@ -1,0 +1,522 @@
+"""Tests of the CLIP backbone: Surgery forward, text features, checkpoint formats, tokenizer, letterbox.
+
+Expected values come from open_clip's own forward, from a per-head reference of the surgery path
+written from the raw weight matrices here, or from hand arithmetic.
+"""
+
+import copy
+import math
+import re
+import warnings
+
+import numpy as np
+import open_clip
+import pytest
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssp_sam.backbones.clip import (
+    CLIP_MEAN,
+    CLIP_STD,
+    CLIPSurgeryBackbone,
+    CLIPTokenizer,
+    ExpressionTruncatedWarning,
+    Letterbox,
+    build_clip_model,
+    letterbox_image,
+    letterbox_mask,
+)
+from ssp_sam.errors import CheckpointError, ConfigError, ExpressionError, ImageError
+
+TINY = {
+    "embed_dim": 32,
+    "image_size": 32,
+    "patch_size": 8,
+    "vision_width": 64,
+    "vision_layers": 3,
+    "vision_head_width": 16,
+    "text_width": 64,
+    "text_layers": 2,
+    "text_heads": 4,
+}
+OTHER_TINY = {**TINY, "vision_width": 96, "vision_layers": 4, "patch_size": 4}
+START_OF_TEXT, END_OF_TEXT = 49406, 49407
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return build_clip_model("custom", custom=TINY)
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Independent reference of the surgery path
+# ---------------------------------------------------------------------------------------------------
+
+
+def layer_norm(x, norm):
+    return F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps)
+
+
+def layer_scale(x, scale_module):
+    return x * scale_module.gamma if hasattr(scale_module, "gamma") else x
+
+
+def reference_value_value_attention(block, x):
+    """softmax(v v^T / sqrt(d)) v for every head separately, then out_proj, from the raw matrices."""
+    width = x.shape[-1]
+    heads = block.attn.num_heads
+    head_dim = width // heads
+    value_weight = block.attn.in_proj_weight[2 * width :]
+    value_bias = block.attn.in_proj_bias[2 * width :]
+    per_head = []
+    for head in range(heads):
+        rows = slice(head * head_dim, (head + 1) * head_dim)
+        v = x @ value_weight[rows].T + value_bias[rows]
+        logits = torch.einsum("btd,bsd->bts", v, v) / math.sqrt(head_dim)
+        per_head.append(torch.einsum("bts,bsd->btd", logits.softmax(dim=-1), v))
+    merged = torch.cat(per_head, dim=-1)
+    return merged @ block.attn.out_proj.weight.T + block.attn.out_proj.bias
+
+
+def plain_vision_states(model, pixels):
+    """Inputs of every vision block, then of ln_post, during open_clip's own encode_image."""
+    states = []
+    modules = [*model.visual.transformer.resblocks, model.visual.ln_post]
+    handles = [module.register_forward_pre_hook(lambda _, args: states.append(args[0])) for module in modules]
+    try:
+        with torch.no_grad():
+            model.encode_image(pixels)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return states
+
+
+def reference_surgery_tokens(model, pixels, surgery_blocks):
+    """The original stream is open_clip's plain stream; the surgery stream adds v-v attention of ln_1 of it."""
+    states = plain_vision_states(model, pixels)
+    blocks = model.visual.transformer.resblocks
+    first_dual = len(blocks) - surgery_blocks
+    with torch.no_grad():
+        surgery = states[first_dual]
+        for index in range(first_dual, len(blocks)):
+            block = blocks[index]
+            attention = reference_value_value_attention(block, layer_norm(states[index], block.ln_1))
+            surgery = surgery + layer_scale(attention, block.ls_1)
+        tokens = torch.cat([states[-1][:, :1], surgery[:, 1:]], dim=1)
+        return layer_norm(tokens, model.visual.ln_post) @ model.visual.proj
+
+
+# ---------------------------------------------------------------------------------------------------
+# Image encoder
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_properties(tiny_model):
+    backbone = CLIPSurgeryBackbone(tiny_model, surgery_blocks=2)
+    assert (backbone.image_size, backbone.grid_size, backbone.num_patches) == (32, 4, 16)
+    assert (backbone.embed_dim, backbone.text_width, backbone.context_length) == (32, 64, 77)
+
+
+@pytest.mark.parametrize("surgery_blocks", [0, 1, 3])
+def test_cls_token_is_open_clip_image_embedding(tiny_model, pixels, surgery_blocks):
+    tokens = CLIPSurgeryBackbone(tiny_model, surgery_blocks).encode_image(pixels)
+    assert tokens.shape == (2, 17, 32)
+    with torch.no_grad():
+        expected = tiny_model.encode_image(pixels)
+    torch.testing.assert_close(tokens[:, 0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_blocks_before_the_dual_ones_are_unchanged(tiny_model, pixels):
+    last_plain_block = tiny_model.visual.transformer.resblocks[1]
+    outputs = []
+    handle = last_plain_block.register_forward_hook(lambda _, __, output: outputs.append(output))
+    try:
+        with torch.no_grad():
+            tiny_model.encode_image(pixels)
+        CLIPSurgeryBackbone(tiny_model, surgery_blocks=1).encode_image(pixels)
+    finally:
+        handle.remove()
+    assert len(outputs) == 2
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=1e-6)
+
+
+def test_no_surgery_blocks_gives_open_clip_tokens(tiny_model, pixels):
+    final_stream = plain_vision_states(tiny_model, pixels)[-1]
+    expected = layer_norm(final_stream, tiny_model.visual.ln_post) @ tiny_model.visual.proj
+    tokens = CLIPSurgeryBackbone(tiny_model, surgery_blocks=0).encode_image(pixels)
+    torch.testing.assert_close(tokens, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("surgery_blocks", [1, 2, 3])
+def test_surgery_stream_matches_reference(tiny_model, pixels, surgery_blocks):
+    tokens = CLIPSurgeryBackbone(tiny_model, surgery_blocks).encode_image(pixels)
+    expected = reference_surgery_tokens(tiny_model, pixels, surgery_blocks)
+    torch.testing.assert_close(tokens, expected, rtol=1e-5, atol=1e-5)
+    plain = layer_norm(plain_vision_states(tiny_model, pixels)[-1], tiny_model.visual.ln_post) @ tiny_model.visual.proj
+    assert not torch.allclose(tokens[:, 1:], plain[:, 1:], atol=1e-3), "surgery must change the patch tokens"
+
+
+def test_surgery_with_layer_scale_matches_reference(pixels):
+    torch.manual_seed(2)
+    vision_cfg = open_clip.model.CLIPVisionCfg(
+        layers=3, width=64, head_width=16, patch_size=8, image_size=32, ls_init_value=0.5
+    )
+    text_cfg = open_clip.model.CLIPTextCfg(width=64, heads=4, layers=1)
+    model = open_clip.model.CLIP(32, vision_cfg, text_cfg, quick_gelu=True).eval()
+    with torch.no_grad():
+        for block in model.visual.transformer.resblocks:
+            block.ls_1.gamma.uniform_(0.2, 2.0)
+            block.ls_2.gamma.uniform_(0.2, 2.0)
+    tokens = CLIPSurgeryBackbone(model, surgery_blocks=2).encode_image(pixels)
+    torch.testing.assert_close(tokens, reference_surgery_tokens(model, pixels, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_constant_values_give_exact_value_value_attention(tiny_model, pixels):
+    """With zero value weights every token's v is the value bias, so v-v attention returns exactly that bias."""
+    model = copy.deepcopy(tiny_model)
+    last = model.visual.transformer.resblocks[-1]
+    width = 64
+    with torch.no_grad():
+        last.attn.in_proj_weight[2 * width :] = 0.0
+        last.attn.in_proj_bias[2 * width :] = torch.linspace(-1.0, 1.0, width)
+        value_bias = last.attn.in_proj_bias[2 * width :]
+        block_input = plain_vision_states(model, pixels)[-2]
+        surgery = block_input + value_bias @ last.attn.out_proj.weight.T + last.attn.out_proj.bias
+        expected = layer_norm(surgery, model.visual.ln_post) @ model.visual.proj
+    tokens = CLIPSurgeryBackbone(model, surgery_blocks=1).encode_image(pixels)
+    torch.testing.assert_close(tokens[:, 1:], expected[:, 1:], rtol=1e-5, atol=1e-5)
+
+
+def test_surgery_path_has_no_mlp_and_later_blocks_read_the_original_stream(tiny_model, pixels):
+    baseline = CLIPSurgeryBackbone(tiny_model, surgery_blocks=2).encode_image(pixels)
+    not_constant = torch.linspace(-1.0, 1.0, 64)  # LayerNorm would cancel a constant shift
+
+    # The MLP of the last dual block only feeds the original stream: patch tokens keep, CLS moves.
+    last_mlp_changed = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        last_mlp_changed.visual.transformer.resblocks[2].mlp.c_proj.bias += not_constant
+    tokens = CLIPSurgeryBackbone(last_mlp_changed, surgery_blocks=2).encode_image(pixels)
+    torch.testing.assert_close(tokens[:, 1:], baseline[:, 1:], rtol=0, atol=1e-6)
+    assert not torch.allclose(tokens[:, 0], baseline[:, 0], atol=1e-3)
+
+    # The MLP of the first dual block also only touches the original stream; the patch tokens can only
+    # see it if the later dual block computes its v-v attention from ln_1(original stream).
+    first_mlp_changed = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        first_mlp_changed.visual.transformer.resblocks[1].mlp.c_proj.bias += not_constant
+    tokens = CLIPSurgeryBackbone(first_mlp_changed, surgery_blocks=2).encode_image(pixels)
+    assert not torch.allclose(tokens[:, 1:], baseline[:, 1:], atol=1e-3)
+    torch.testing.assert_close(tokens, reference_surgery_tokens(first_mlp_changed, pixels, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_backbone_stays_frozen_in_eval_mode(tiny_model):
+    backbone = CLIPSurgeryBackbone(tiny_model, surgery_blocks=1)
+    backbone.train()
+    assert not any(module.training for module in backbone.modules())
+    assert not any(parameter.requires_grad for parameter in backbone.parameters())
+
+
+def test_bad_surgery_blocks_and_pixels(tiny_model):
+    with pytest.raises(ConfigError, match="surgery_blocks=4"):
+        CLIPSurgeryBackbone(tiny_model, surgery_blocks=4)
+    with pytest.raises(ImageError, match=r"\(B, 3, 32, 32\)"):
+        CLIPSurgeryBackbone(tiny_model, surgery_blocks=1).encode_image(torch.zeros(1, 3, 16, 16))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Text encoder
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_encode_text_matches_open_clip(tiny_model):
+    tokens = CLIPTokenizer()(["the man on the left", "red car"])
+    final_norm_outputs = []
+    handle = tiny_model.ln_final.register_forward_hook(lambda _, __, output: final_norm_outputs.append(output))
+    try:
+        with torch.no_grad():
+            expected_sentence = tiny_model.encode_text(tokens)
+    finally:
+        handle.remove()
+
+    backbone = CLIPSurgeryBackbone(tiny_model, surgery_blocks=1)
+    words, sentence = backbone.encode_text(tokens)
+    assert words.shape == (2, 77, 64) and sentence.shape == (2, 32)
+    torch.testing.assert_close(sentence, expected_sentence, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(words, final_norm_outputs[0], rtol=1e-5, atol=1e-6)
+    end_positions = [7, 4]  # start + 5 or 2 BPE tokens + "." -> end of text
+    assert tokens[0, 7] == END_OF_TEXT and tokens[1, 4] == END_OF_TEXT
+    projected = torch.stack([words[i, end_positions[i]] for i in range(2)]) @ tiny_model.text_projection
+    torch.testing.assert_close(projected, sentence, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------------
+
+
+def random_weights(custom, seed):
+    """A state dict of a freshly built model with another seed, so that loading is observable."""
+    torch.manual_seed(seed)
+    return {key: value.clone() for key, value in build_clip_model("custom", custom=custom).state_dict().items()}
+
+
+def assert_all_weights_arrived(model, source):
+    loaded = model.state_dict()
+    assert set(loaded) == set(source)
+    for key, value in source.items():
+        assert torch.equal(loaded[key], value.to(loaded[key].dtype)), key
+
+
+def save_torchscript_archive(tensors, path):
+    """An OpenAI-style .pt: a scripted module tree whose state dict has exactly the given keys."""
+    root = nn.Module()
+    for key, value in tensors.items():
+        *parents, leaf = key.split(".")
+        module = root
+        for name in parents:
+            if not hasattr(module, name):
+                module.add_module(name, nn.Module())
+            module = getattr(module, name)
+        module.register_buffer(leaf, value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(root).save(str(path))
+
+
+def test_loads_openai_torchscript_archive(tmp_path):
+    source = {key: value.half() for key, value in random_weights(TINY, seed=5).items()}
+    archive = {
+        **source,
+        "input_resolution": torch.tensor(32),
+        "context_length": torch.tensor(77),
+        "vocab_size": torch.tensor(49408),
+    }
+    path = tmp_path / "ViT-tiny.pt"
+    save_torchscript_archive(archive, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        assert set(torch.jit.load(str(path)).state_dict()) == set(archive)
+    model = build_clip_model("custom", path, custom=TINY)
+    assert_all_weights_arrived(model, source)
+    assert model.visual.conv1.weight.dtype == torch.float32
+    assert not model.training and not any(parameter.requires_grad for parameter in model.parameters())
+
+
+def test_loads_plain_state_dict(tmp_path):
+    source = random_weights(TINY, seed=6)
+    path = tmp_path / "plain.pt"
+    torch.save(source, path)
+    assert_all_weights_arrived(build_clip_model("custom", str(path), custom=TINY), source)
+
+
+def test_loads_open_clip_training_checkpoint(tmp_path):
+    source = random_weights(TINY, seed=7)
+    path = tmp_path / "epoch_3.pt"
+    torch.save({"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in source.items()}}, path)
+    assert_all_weights_arrived(build_clip_model("custom", path, custom=TINY), source)
+
+
+def test_loads_safetensors(tmp_path):
+    source = random_weights(TINY, seed=8)
+    path = tmp_path / "open_clip_model.safetensors"
+    safetensors.torch.save_file(source, path)
+    assert_all_weights_arrived(build_clip_model("custom", path, custom=TINY), source)
+
+
+def test_wrong_architecture_names_file_and_keys(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save(random_weights(OTHER_TINY, seed=9), path)
+    with pytest.raises(CheckpointError) as error:
+        build_clip_model("custom", path, custom=TINY)
+    message = str(error.value)
+    assert str(path) in message
+    assert "visual.positional_embedding: file (65, 96) vs model (17, 64)" in message
+    assert "unexpected keys (visual.transformer.resblocks.3." in message
+    assert "width 96, 4 blocks, patch 4, image size 32" in message
+
+
+def test_tiny_file_for_vit_b_16_says_what_it_holds(tmp_path):
+    path = tmp_path / "tiny.pt"
+    torch.save(random_weights(TINY, seed=10), path)
+    with pytest.raises(CheckpointError) as error:
+        build_clip_model("ViT-B-16", path)
+    message = str(error.value)
+    assert str(path) in message and "'ViT-B-16'" in message
+    assert "visual.positional_embedding: file (17, 64) vs model (197, 768)" in message
+    assert "width 64, 3 blocks, patch 8, image size 32" in message
+
+
+def test_vit_b_16_sizes():
+    backbone = CLIPSurgeryBackbone(build_clip_model("ViT-B-16"))
+    assert (backbone.image_size, backbone.grid_size, backbone.num_patches) == (224, 14, 196)
+    assert (backbone.embed_dim, backbone.text_width, backbone.surgery_blocks) == (512, 512, 6)
+    assert isinstance(backbone.clip.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+
+
+def test_missing_key_is_named(tmp_path):
+    source = random_weights(TINY, seed=11)
+    del source["visual.proj"]
+    path = tmp_path / "partial.pt"
+    torch.save(source, path)
+    with pytest.raises(CheckpointError, match=r"1 missing keys \(visual\.proj \(64, 32\)\)"):
+        build_clip_model("custom", path, custom=TINY)
+
+
+def test_missing_and_garbage_files(tmp_path):
+    missing = tmp_path / "nowhere.pt"
+    with pytest.raises(CheckpointError, match="nowhere.pt"):
+        build_clip_model("custom", missing, custom=TINY)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(CheckpointError, match="garbage.pt"):
+        build_clip_model("custom", garbage, custom=TINY)
+    not_a_state_dict = tmp_path / "list.pt"
+    torch.save([torch.zeros(1)], not_a_state_dict)
+    with pytest.raises(CheckpointError, match="list.pt"):
+        build_clip_model("custom", not_a_state_dict, custom=TINY)
+
+
+def test_bad_configs():
+    with pytest.raises(ConfigError, match="ViT-H-99"):
+        build_clip_model("ViT-H-99")
+    with pytest.raises(ConfigError, match="text_heads"):
+        build_clip_model("custom", custom={key: value for key, value in TINY.items() if key != "text_heads"})
+    with pytest.raises(ConfigError, match="vision_head_width"):
+        build_clip_model("custom", custom={**TINY, "vision_head_width": 24})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return CLIPTokenizer()
+
+
+def test_period_is_appended(tokenizer):
+    tokens = tokenizer(["the red car", "x"])
+    assert tokens.shape == (2, 77) and tokens.dtype == torch.long
+    reference = open_clip.tokenizer.SimpleTokenizer()
+    assert torch.equal(tokens, reference(["the red car.", "x."]))
+    assert tokens[1, :4].tolist() == [START_OF_TEXT, reference.encode("x")[0], reference.encode(".")[0], END_OF_TEXT]
+    assert not tokens[1, 4:].any()
+    # The release appends unconditionally, so a trailing period is doubled.
+    assert torch.equal(tokenizer(["x."]), reference(["x.."]))
+    assert torch.equal(CLIPTokenizer(append_period=False)(["x"]), reference(["x"]))
+
+
+@pytest.mark.parametrize("bad", ["", "   \t", None, 3])
+def test_bad_expressions_are_named(tokenizer, bad):
+    with pytest.raises(ExpressionError, match=f"expression 1 .*{re.escape(repr(bad))}"):
+        tokenizer(["fine", bad])
+
+
+def test_long_expression_is_truncated_with_end_token(tokenizer):
+    long_expression = " ".join(["dog"] * 100)
+    with pytest.warns(ExpressionTruncatedWarning, match="dog dog"):
+        tokens = tokenizer(["cat", long_expression])
+    dog = open_clip.tokenizer.SimpleTokenizer().encode("dog")[0]
+    assert tokens[1].tolist() == [START_OF_TEXT] + [dog] * 75 + [END_OF_TEXT]
+    assert tokens[0, 3] == END_OF_TEXT
+
+
+def test_expression_that_just_fits_is_not_truncated(tokenizer):
+    fitting = " ".join(["dog"] * 74)  # start + 74 + "." + end = 77
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ExpressionTruncatedWarning)
+        tokens = tokenizer([fitting])
+    assert tokens[0, -1] == END_OF_TEXT and tokens[0, -2] == open_clip.tokenizer.SimpleTokenizer().encode(".")[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Letterbox
+# ---------------------------------------------------------------------------------------------------
+
+
+def normalised(colour):
+    return (torch.tensor(colour, dtype=torch.float32) / 255 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+
+
+def test_tall_image_is_centred_with_zero_padding():
+    colour = (200, 100, 30)
+    image = np.empty((100, 50, 3), dtype=np.uint8)
+    image[:] = colour
+    pixels, box = letterbox_image(image, 32)
+    # scale 32 / 100: 100 x 50 -> 32 x 16, placed 8 pixels from the left.
+    assert box == Letterbox(scale=0.32, offset_x=8, offset_y=0, width=16, height=32, size=32)
+    assert pixels.shape == (3, 32, 32) and pixels.dtype == torch.float32
+    assert torch.equal(pixels[:, :, :8], torch.zeros(3, 32, 8))
+    assert torch.equal(pixels[:, :, 24:], torch.zeros(3, 32, 8))
+    content = pixels[:, :, 8:24]
+    torch.testing.assert_close(content, normalised(colour).view(3, 1, 1).expand_as(content), rtol=0, atol=1e-4)
+
+
+def test_image_of_the_right_size_is_only_normalised():
+    image = np.random.default_rng(0).integers(0, 256, size=(30, 32, 3), dtype=np.uint8)
+    pixels, box = letterbox_image(image, 32)
+    assert (box.width, box.height, box.offset_x, box.offset_y) == (32, 30, 0, 1)
+    expected = normalised(image.reshape(-1, 3).tolist()).reshape(30, 32, 3).permute(2, 0, 1)
+    torch.testing.assert_close(pixels[:, 1:31], expected, rtol=0, atol=1e-5)
+    assert not pixels[:, 0].any() and not pixels[:, 31].any()
+
+
+def test_wide_image_rounds_its_height():
+    _, box = letterbox_image(np.zeros((30, 100, 3), dtype=np.uint8), 32)
+    # 30 * 0.32 = 9.6 -> 10 rows, floor((32 - 10) / 2) = 11.
+    assert (box.width, box.height, box.offset_x, box.offset_y) == (32, 10, 0, 11)
+
+
+def test_random_and_explicit_placement():
+    image = np.full((100, 50, 3), 128, dtype=np.uint8)
+    first = letterbox_image(image, 32, "random", torch.Generator().manual_seed(3))[1]
+    again = letterbox_image(image, 32, "random", torch.Generator().manual_seed(3))[1]
+    assert first == again and 0 <= first.offset_x <= 16 and first.offset_y == 0
+    offsets = {letterbox_image(image, 32, "random")[1].offset_x for _ in range(50)}
+    assert len(offsets) > 1
+    pixels, box = letterbox_image(image, 32, (16, 0))
+    assert (box.offset_x, box.offset_y) == (16, 0)
+    assert not pixels[:, :, :16].any() and pixels[:, :, 16:].all()
+    with pytest.raises(ConfigError, match=r"\(17, 0\)"):
+        letterbox_image(image, 32, (17, 0))
+    with pytest.raises(ConfigError, match="'middle'"):
+        letterbox_image(image, 32, "middle")
+
+
+def test_box_conversions():
+    box = Letterbox(scale=0.32, offset_x=8, offset_y=0, width=16, height=32, size=32)
+    # Square box (cx 16, cy 16, w 8, h 16) px = x 12..20, y 8..24 -> original ((x - 8) / 0.32, y / 0.32).
+    square_box = torch.tensor([0.5, 0.5, 0.25, 0.5])
+    torch.testing.assert_close(box.box_to_image(square_box), torch.tensor([12.5, 25.0, 37.5, 75.0]))
+    torch.testing.assert_close(box.box_from_image(torch.tensor([12.5, 25.0, 37.5, 75.0])), square_box)
+    boxes = torch.rand(5, 3, 4)
+    torch.testing.assert_close(box.box_from_image(box.box_to_image(boxes)), boxes)
+
+
+def test_letterbox_mask():
+    mask = np.zeros((100, 50), dtype=bool)
+    mask[:, :25] = True
+    _, box = letterbox_image(np.zeros((100, 50, 3), dtype=np.uint8), 32)
+    square = letterbox_mask(mask, box)
+    expected = torch.zeros(32, 32)
+    expected[:, 8:16] = 1.0  # the left half of the 16 content columns that start at column 8
+    assert square.dtype == torch.float32 and torch.equal(square, expected)
+    with pytest.raises(ImageError, match=r"\(60, 50\)"):
+        letterbox_mask(np.zeros((60, 50), dtype=bool), box)
+
+
+def test_bad_images():
+    with pytest.raises(ImageError, match="float32"):
+        letterbox_image(np.zeros((10, 10, 3), dtype=np.float32), 32)
+    with pytest.raises(ImageError, match=r"\(10, 10\)"):
+        letterbox_image(np.zeros((10, 10), dtype=np.uint8), 32)
