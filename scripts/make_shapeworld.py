@@ -1,6 +1,6 @@
 """Generate a ShapeWorld-Ref dataset (RES in the RefCOCO layout, GRES in the gRefCOCO layout).
 
-    python scripts/make_shapeworld.py task=res out=data/shapeworld n_images=1000 seed=0 workers=4
+    python scripts/make_shapeworld.py task=res out=data n_images=1000 seed=0 workers=4
 
 Bad arguments print one line naming the argument and exit with code 2.
 """

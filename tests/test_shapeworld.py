@@ -339,18 +339,18 @@ def test_refcoco_layout_loads_and_matches_the_scenes(written):
 def test_grefcoco_layout_loads_and_matches_the_scenes(written):
     refs = json.loads((written / "shapeworld_gres" / "grefs(unc).json").read_text())
     instances = json.loads((written / "shapeworld_gres" / "instances.json").read_text())
-    scenes = {}
+    scene_of_image = {}
     positions = {}
     for image in instances["images"]:
         split, index = image["file_name"][len("shapeworld_") : -len(".png")].split("_")
-        scenes[image["id"]] = scene = generate_scene(3, split, int(index))
+        scene_of_image[image["id"]] = scene = generate_scene(3, split, int(index))
         for annotation in instances["annotations"]:
             if annotation["image_id"] == image["id"]:
                 mask = mask_utils.decode(annotation["segmentation"]).astype(bool)
                 positions[annotation["id"]] = next(i for i, o in enumerate(scene.objects) if np.array_equal(o.mask, mask))
     kinds = Counter()
     for ref in refs:
-        scene = scenes[ref["image_id"]]
+        scene = scene_of_image[ref["image_id"]]
         assert isinstance(ref["ann_id"], list) and isinstance(ref["category_id"], list)
         if ref["no_target"]:
             assert ref["ann_id"] == [-1] and ref["category_id"] == [-1]
