@@ -79,6 +79,7 @@ def _sample_from_line(text: str, line_number: int, *, folder: Path, name: str, s
     boxes_xyxy = tuple(xywh_to_xyxy(box, f"{label} box") for box in boxes)
     target, size_hint = _target(record, folder, label)
     no_target = target is None and not boxes_xyxy
+    extras = {key: value for key, value in record.items() if key not in LINE_KEYS}
     return ReferringSample(
         sample_id=str(record.get("id", line_number)),
         image_id=image,
@@ -90,7 +91,7 @@ def _sample_from_line(text: str, line_number: int, *, folder: Path, name: str, s
         no_target=no_target,
         target=CocoSegmentationMask(()) if no_target else target,
         size_hint=size_hint,
-        meta={**{k: v for k, v in record.items() if k not in LINE_KEYS}, "dataset": name, "line": line_number},
+        meta={**extras, "dataset": name, "line": line_number},
     )
 
 

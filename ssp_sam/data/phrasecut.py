@@ -96,6 +96,7 @@ def _sample_from_task(task: Any, index: int, *, name: str, image_root: Path, siz
         problems.add(str(exc))
         return None
     image_id = task.get("image_id")
+    extras = {key: value for key, value in task.items() if key not in TASK_KEYS}
     return ReferringSample(
         sample_id=str(task.get("task_id", index)),
         image_id=image_id,
@@ -107,7 +108,7 @@ def _sample_from_task(task: Any, index: int, *, name: str, image_root: Path, siz
         no_target=False,
         target=PhraseCutPolygons(tuple(polygons), f"{source} {label}"),
         size_hint=sizes.get(image_id),
-        meta={**{k: v for k, v in task.items() if k not in TASK_KEYS}, "dataset": name, "task_id": task.get("task_id")},
+        meta={**extras, "dataset": name, "task_id": task.get("task_id")},
     )
 
 

@@ -94,7 +94,8 @@ class ReferringSample:
         image_path: image file (image root joined with the annotation's file name).
         expressions: all sentences of the referent, stripped, never empty.
         sentence_ids: ids of those sentences, same length as ``expressions``.
-        ann_ids: annotation (instance) ids of the referent; empty for no-target.
+        ann_ids: annotation (instance) ids of the referent; empty for no-target and for sources
+            without instance ids (JSONL).
         boxes_xyxy: one (x1, y1, x2, y2) box in original-image pixels per target instance.
         no_target: the expression refers to nothing in the image (gRefCOCO, JSONL).
         target: draws the GT mask; None when the source only gives boxes (REC data).

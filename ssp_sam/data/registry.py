@@ -12,7 +12,8 @@ A dataset config is a mapping with these keys:
 - ``task``: "res", "gres" or "phrasecut" (how the dataset is evaluated).
 - jsonl only, optional ``path``: one JSONL file to read instead of ``<root>/<folder>/<split>.jsonl``.
 - merged only: ``sources`` (a list of dataset configs; missing ``root`` / ``task`` are taken from
-  the merged config, missing ``split`` is "train") and ``exclude_eval_images`` (default true).
+  the merged config, missing ``split`` is "train") and ``exclude_eval_images`` (default true). Its
+  only split is "train".
 
 The merged set is the union of the sources' training splits (the REC pretraining set). Sample
 ids become ``"<source name>/<sample id>"``. With ``exclude_eval_images``, a training sample whose
@@ -38,6 +39,7 @@ from .records import TASKS, ReferringDataset, select_splits
 from .refer import read_refer
 
 Splits = Sequence[str] | None
+MERGED_SPLIT = "train"  # the merged set exists for pretraining only
 
 
 def _get(cfg: Mapping, key: str, default: Any = None, *, required: bool = True) -> Any:
@@ -88,8 +90,7 @@ def _read_jsonl(cfg: Mapping, name: str, task: str, splits: Splits) -> dict[str,
 
 
 def _read_merged(cfg: Mapping, name: str, task: str, splits: Splits) -> dict[str, ReferringDataset]:
-    split = _get(cfg, "split", default="train", required=False)
-    select_splits(splits, [split], f"dataset {name}")
+    select_splits(splits, [MERGED_SPLIT], f"dataset {name}")
     sources = _get(cfg, "sources")
     if isinstance(sources, (str, Mapping)) or not isinstance(sources, Sequence) or not sources:
         raise ConfigError(f"dataset config {name!r}: 'sources' must be a non-empty list of dataset configs")
@@ -122,7 +123,7 @@ def _read_merged(cfg: Mapping, name: str, task: str, splits: Splits) -> dict[str
         for sample in dataset
         if sample.image_path not in eval_images
     ]
-    return {split: ReferringDataset(name, split, task, samples)}
+    return {MERGED_SPLIT: ReferringDataset(name, MERGED_SPLIT, task, samples)}
 
 
 READERS: dict[str, Callable[[Mapping, str, str, Splits], dict[str, ReferringDataset]]] = {
