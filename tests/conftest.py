@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny SSP-SAM models built from the same code as the real configurations."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ssp_sam.config import ModelConfig, model_config_from
+from ssp_sam.model import SSPSAM, build_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """configs/model/tiny.yaml with dotted-key overrides, e.g. ``**{"adapters.visual": False}``."""
+    base = OmegaConf.load(REPO / "configs" / "model" / "tiny.yaml")
+    for key, value in overrides.items():
+        OmegaConf.update(base, key, value, merge=True)
+    return model_config_from(base)
+
+
+def tiny_model(seed: int = 0, **overrides) -> SSPSAM:
+    torch.manual_seed(seed)
+    return build_model(tiny_config(**overrides)).eval()
+
+
+@pytest.fixture
+def model() -> SSPSAM:
+    return tiny_model()
+
+
+def run_script(script: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``scripts/<script>`` with this interpreter; returns the completed process (text output)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / script), *args],
+        cwd=cwd or REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )

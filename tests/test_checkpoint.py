@@ -1,0 +1,244 @@
+"""Released SSP-SAM checkpoints (torch pickle, release key names) and our safetensors checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssp_sam.checkpoint import RELEASE_KEY_MAP, load_model, map_release_key, release_preset, save_checkpoint
+from ssp_sam.config import model_config_from
+from ssp_sam.errors import CheckpointError
+from ssp_sam.model import build_model
+
+from conftest import tiny_model
+
+KEYS_FILE = Path(__file__).parent / "data" / "ssp_sam_224_checkpoint_keys.json"
+RELEASE_SHAPES: dict[str, list[int]] = json.loads(KEYS_FILE.read_text())
+
+# Release tensors that SSP-SAM's forward pass never reads: SAM prompt-encoder parts for points,
+# boxes and masks, the decoder outputs of the three multimask tokens and the IoU head, and the two
+# modules the spec lists as unused.
+UNUSED_BY_FORWARD = (
+    "sam.prompt_encoder.point_embeddings.",
+    "sam.prompt_encoder.not_a_point_embed.",
+    "sam.prompt_encoder.mask_downscaling.",
+    "sam.mask_decoder.output_hypernetworks_mlps.1.",
+    "sam.mask_decoder.output_hypernetworks_mlps.2.",
+    "sam.mask_decoder.output_hypernetworks_mlps.3.",
+    "sam.mask_decoder.iou_prediction_head.",
+    "img2img_attn.",
+    "norm_text_cond_img.",
+)
+
+# SSP-SAM-224's CLIP interface (512-wide embeddings and words, 14x14 patches) on a one-layer CLIP,
+# so the test builds in a second; the release's own tensors are what is checked.
+RELEASE_LIKE = {
+    "name": "release_test",
+    "clip_arch": "custom",
+    "clip_custom": {
+        "embed_dim": 512, "image_size": 224, "patch_size": 16, "vision_width": 64, "vision_layers": 1,
+        "vision_head_width": 32, "text_width": 512, "text_layers": 1, "text_heads": 8,
+    },
+    "surgery_blocks": 1,
+    "sam_variant": "vit_h",
+}
+
+
+def write_release_checkpoint(path: Path, seed: int = 0, mutate=None) -> dict[str, torch.Tensor]:
+    """Random tensors with exactly the release's keys and shapes, in its container format."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {key: torch.randn(*shape, generator=generator) * 0.05 for key, shape in RELEASE_SHAPES.items()}
+    state["tf_scale"] = torch.tensor([1.3])
+    state["tf_sigma"] = torch.tensor([0.7])
+    if mutate is not None:
+        mutate(state)
+    torch.save({"model": state, "epoch": 80}, path)
+    return state
+
+
+@pytest.fixture
+def release(tmp_path_factory):
+    path = tmp_path_factory.mktemp("release") / "ssp_sam_224.pth"
+    state = write_release_checkpoint(path)
+    model = load_model(path, RELEASE_LIKE, with_sam_image_encoder=False)
+    return path, state, model
+
+
+def test_every_release_tensor_reaches_its_place(release):
+    _, state, model = release
+    ours = model.state_dict()
+    loaded = 0
+    for key, tensor in state.items():
+        target = map_release_key(key)
+        if target is None:
+            assert key.startswith(("img2img_attn.", "norm_text_cond_img.")), key
+            continue
+        assert torch.equal(ours[target], tensor), key
+        loaded += 1
+    assert loaded == 260 - 8  # all but img2img_attn (6 tensors) and norm_text_cond_img (2)
+
+
+def test_release_quirk_is_switched_on(release):
+    _, _, model = release
+    assert model.config.release_quirks is True
+    assert model.visual_adapter.token_axis_norm is True
+
+
+def test_every_loaded_release_tensor_is_used_by_the_forward_pass(release):
+    """Each used tensor gets a gradient from the output (buffers: perturbing one changes it); the
+    tensors SSP-SAM never reads get none."""
+    _, state, model = release
+    torch.manual_seed(1)
+    image_tokens = torch.randn(1, 197, 512)
+    embeddings = torch.randn(1, 256, 64, 64)
+    tokens = torch.zeros(2, 77, dtype=torch.long)
+    tokens[:, :5] = torch.tensor([49406, 320, 1929, 2368, 49407])
+    text = model.encode_text(tokens)
+    text.sentence.normal_()
+
+    def output():
+        out = model.decode(image_tokens, embeddings, text)
+        return torch.cat([out.low_res_logits.flatten(), out.boxes.flatten()])
+
+    params = dict(model.named_parameters())
+    for tensor in params.values():
+        tensor.requires_grad_(True)
+        tensor.grad = None
+    reference = output()
+    (reference * torch.randn_like(reference)).sum().backward()
+    buffers = dict(model.named_buffers())
+    for key in state:
+        target = map_release_key(key)
+        if target is None:
+            continue
+        if target in params:
+            grad = params[target].grad
+            used = grad is not None and bool(grad.abs().sum() > 0)
+        else:
+            with torch.no_grad():
+                saved = buffers[target].clone()
+                buffers[target].add_(1.0)
+                used = not torch.equal(output(), reference.detach())
+                buffers[target].copy_(saved)
+        if key.startswith(UNUSED_BY_FORWARD):
+            assert not used, f"{key} should not affect SSP-SAM's output"
+        else:
+            assert used, f"{key} ({target}) is loaded but not used"
+
+
+def test_release_sam_image_encoder_is_loaded_when_present(tmp_path):
+    """Keys under sam.image_encoder.* go to our SAM image encoder (a small one stands in for ViT-H)."""
+    config = dict(RELEASE_LIKE, sam_variant="custom", sam_custom={
+        "encoder_embed_dim": 16, "encoder_depth": 1, "encoder_num_heads": 1, "encoder_global_attn_indexes": [0],
+        "image_size": 1024, "patch_size": 16, "window_size": 4, "prompt_embed_dim": 256,
+    })
+    encoder_state = build_model(model_config_from(config)).sam_image_encoder.state_dict()
+    path = tmp_path / "with_encoder.pth"
+    encoder = {f"sam.image_encoder.{k}": torch.randn_like(v) for k, v in encoder_state.items()}
+    write_release_checkpoint(path, mutate=lambda s: s.update(encoder))
+    model = load_model(path, config)
+    for key, value in encoder.items():
+        assert torch.equal(model.state_dict()[key.replace("sam.image_encoder.", "sam_image_encoder.")], value)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda s: s.pop("bbox_embed.layers.2.weight"), "missing keys: prompt_generator.box_head.layers.2.weight"),
+        (lambda s: s.update({"vl_transformer.decoder.layers.0.weight": torch.zeros(1)}), "vl_transformer.decoder.layers.0.weight"),
+        (lambda s: s.update({"prompt_token.weight": torch.zeros(64, 256)}), r"prompt_generator.prompt_tokens.weight \(checkpoint \(64, 256\), model \(128, 256\)\)"),
+    ],
+)
+def test_release_checkpoint_mismatches_are_named(tmp_path, mutate, message):
+    path = tmp_path / "broken.pth"
+    write_release_checkpoint(path, mutate=mutate)
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_model(path, RELEASE_LIKE, with_sam_image_encoder=False)
+    assert str(path) in str(info.value)
+
+
+def test_wrong_files_as_release_checkpoint(tmp_path):
+    sam_like = tmp_path / "sam_vit_b.pth"
+    torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(1)}, sam_like)
+    with pytest.raises(CheckpointError, match="not an SSP-SAM release checkpoint"):
+        load_model(sam_like, RELEASE_LIKE)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"\x00\x01not a checkpoint")
+    with pytest.raises(CheckpointError, match="garbage.pth: not a readable torch checkpoint"):
+        load_model(garbage, RELEASE_LIKE)
+    empty = tmp_path / "empty.pth"
+    empty.touch()
+    with pytest.raises(CheckpointError, match="empty"):
+        load_model(empty, RELEASE_LIKE)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "missing.pth", RELEASE_LIKE)
+
+
+def test_release_preset_from_shapes():
+    base = {"clip_proj.weight": torch.zeros(512, 512), "vl_pos_embed.weight": torch.zeros(325, 256)}
+    assert release_preset(base, "x") == "ssp_sam_224"
+    large = {"clip_proj.weight": torch.zeros(768, 768), "vl_pos_embed.weight": torch.zeros(705, 256)}
+    assert release_preset(large, "x") == "ssp_sam_336"
+
+
+def test_release_224_file_refuses_the_336_config(tmp_path):
+    path = tmp_path / "ssp_sam_224.pth"
+    write_release_checkpoint(path)
+    with pytest.raises(CheckpointError, match="ssp_sam_224 release checkpoint but the model config is ssp_sam_336"):
+        load_model(path, {"name": "ssp_sam_336", "clip_arch": "ViT-L-14-336"})
+
+
+def test_key_map_covers_the_whole_release():
+    for key in RELEASE_SHAPES:
+        map_release_key(key)  # raises KeyError for a key of no known module
+    with pytest.raises(KeyError):
+        map_release_key("decoder.weight")
+    assert all(ours is None or ours.endswith(".") == release.endswith(".") for release, ours in RELEASE_KEY_MAP)
+
+
+def test_release_trainable_parameter_count_matches_the_key_list():
+    """The key list sums to the release's parameter count (one 256-value buffer aside)."""
+    total = sum(math.prod(shape) for shape in RELEASE_SHAPES.values())
+    assert total == 18_387_511
+
+
+# ----------------------------------------------------------------------------- our own checkpoints
+
+
+def test_own_checkpoint_roundtrip(tmp_path):
+    model = tiny_model(seed=3)
+    with torch.no_grad():
+        model.word_proj.weight.add_(1.0)
+    directory = save_checkpoint(model, tmp_path / "run" / "best", extra={"metrics": {"mIoU": 0.5}})
+    assert sorted(p.name for p in directory.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((directory / "config.json").read_text())
+    assert config["model"]["name"] == "tiny" and config["metrics"] == {"mIoU": 0.5}
+    loaded = load_model(directory)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    also = load_model(directory / "model.safetensors")
+    assert torch.equal(also.word_proj.weight, model.word_proj.weight)
+    assert not list(tmp_path.joinpath("run").glob(".*")), "temporary files left behind"
+
+
+def test_own_checkpoint_of_another_model_is_refused(tmp_path):
+    directory = save_checkpoint(tiny_model(), tmp_path / "ckpt")
+    config = json.loads((directory / "config.json").read_text())
+    config["model"]["adapters"]["linguistic"] = False
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="unexpected keys: linguistic_adapter"):
+        load_model(directory)
+
+
+def test_corrupt_own_checkpoint(tmp_path):
+    directory = save_checkpoint(tiny_model(), tmp_path / "ckpt")
+    (directory / "model.safetensors").write_bytes(b"truncated")
+    with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
+        load_model(directory)
+    (directory / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
+        load_model(directory)

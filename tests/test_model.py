@@ -1,0 +1,212 @@
+"""The SSP-SAM model: adapters, ablation switches, prompt generator, shapes and losses."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ssp_sam.adapters import LinguisticAttentionAdapter, VisualAttentionAdapter
+from ssp_sam.errors import ConfigError
+from ssp_sam.losses import LossWeights, dice_loss, focal_loss, ssp_sam_loss
+from ssp_sam.model import TextFeatures
+from ssp_sam.prompt_generator import PostNormDecoderLayer, PromptGenerator
+
+from conftest import tiny_config, tiny_model
+
+
+def _param_names(model: nn.Module) -> set[str]:
+    return {name for name, _ in model.named_parameters()}
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _random_inputs(model, batch: int = 2, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    size = model.clip.image_size
+    clip_pixels = torch.randn(batch, 3, size, size, generator=generator)
+    tokens = torch.zeros(batch, 77, dtype=torch.long)
+    tokens[:, 0] = 49406
+    tokens[:, 1:4] = torch.randint(300, 4000, (batch, 3), generator=generator)
+    tokens[:, 4] = 49407
+    side = model.sam_image_size // 16
+    embeddings = torch.randn(batch, model.mask_head.embed_dim, side, side, generator=generator)
+    return clip_pixels, tokens, embeddings
+
+
+def test_forward_shapes(model):
+    clip_pixels, tokens, embeddings = _random_inputs(model, batch=3)
+    out = model(clip_pixels, tokens, embeddings)
+    # tiny: SAM 64x64 input -> 4x4 embedding -> 16x16 low-res logits -> 32x32 padded frame
+    assert out.low_res_logits.shape == (3, 1, 16, 16)
+    assert out.mask_logits.shape == (3, 1, 32, 32)
+    assert out.boxes.shape == (3, 4)
+    assert ((out.boxes > 0) & (out.boxes < 1)).all()
+    assert out.similarity.shape == (3, 16)
+    assert out.word_weights.shape == (3, 77)
+
+
+def test_visual_adapter_switch_removes_vad():
+    full, without = tiny_model(), tiny_model(**{"adapters.visual": False})
+    assert without.visual_adapter is None
+    assert not any(name.startswith("visual_adapter.") for name in _param_names(without))
+    assert _count(full) - _count(without) == _count(full.visual_adapter)
+    out = without(*_random_inputs(without))
+    assert out.similarity is None and out.mask_logits.shape == (2, 1, 32, 32)
+
+
+def test_verification_switch_removes_exactly_its_modules():
+    full, without = tiny_model(), tiny_model(**{"adapters.verification": False})
+    assert not hasattr(without.visual_adapter, "text_attention")
+    dim = 32
+    # text attention 4D^2+4D, two Linear(D, D) 2(D^2+D), Gaussian scale and sigma 2
+    assert _count(full) - _count(without) == 4 * dim * dim + 4 * dim + 2 * (dim * dim + dim) + 2
+    without(*_random_inputs(without))
+
+
+def test_linguistic_switch_uses_sentence_embedding():
+    model = tiny_model(**{"adapters.linguistic": False})
+    assert model.linguistic_adapter is None
+    assert not any(name.startswith("linguistic_adapter.") for name in _param_names(model))
+    clip_pixels, tokens, embeddings = _random_inputs(model)
+    image_tokens = model.encode_clip_image(clip_pixels)
+    text = model.encode_text(tokens)
+    out = model.decode(image_tokens, embeddings, text)
+    assert out.word_weights is None
+    # Without LAD the fusion sees the sentence embedding: replacing it changes the output.
+    other = TextFeatures(text.words, text.sentence + 1.0, text.padding)
+    assert not torch.allclose(model.decode(image_tokens, embeddings, other).boxes, out.boxes)
+
+
+def test_prompt_token_count_and_decoder_mode():
+    model = tiny_model(**{"prompt_generator.num_prompt_tokens": 7, "prompt_generator.mode": "decoder"})
+    generator = model.prompt_generator
+    assert generator.prompt_tokens.weight.shape == (7, 32)
+    assert generator.pos_embed.weight.shape == (1 + 7 + 16, 32)
+    assert all(isinstance(layer, PostNormDecoderLayer) for layer in generator.layers)
+    prompts, boxes = generator(torch.randn(2, 16, 32))
+    assert prompts.shape == (2, 7, 32) and boxes.shape == (2, 4)
+
+
+def test_prompt_generator_encoder_matches_hand_written_detr_layer():
+    """One encoder layer computed by hand from its weights (q = k = x + pos, post-norm)."""
+    torch.manual_seed(0)
+    generator = PromptGenerator(dim=8, num_prompt_tokens=2, num_visual_tokens=3, depth=1, num_heads=2, ffn_dim=16).eval()
+    multimodal = torch.randn(1, 3, 8)
+    prompts, boxes = generator(multimodal)
+
+    layer = generator.layers[0]
+    x = torch.cat([generator.reg_token.weight, generator.prompt_tokens.weight, multimodal[0]])  # (6, 8)
+    pos = generator.pos_embed.weight
+    w, b = layer.self_attn.in_proj_weight, layer.self_attn.in_proj_bias
+    q = (x + pos) @ w[:8].T + b[:8]
+    k = (x + pos) @ w[8:16].T + b[8:16]
+    v = x @ w[16:].T + b[16:]
+    heads = []
+    for h in range(2):
+        sl = slice(4 * h, 4 * h + 4)
+        attn = torch.softmax(q[:, sl] @ k[:, sl].T / math.sqrt(4), dim=-1)
+        heads.append(attn @ v[:, sl])
+    attended = torch.cat(heads, dim=-1) @ layer.self_attn.out_proj.weight.T + layer.self_attn.out_proj.bias
+    x = layer.norm1(x + attended)
+    x = layer.norm2(x + layer.linear2(torch.relu(layer.linear1(x))))
+    x = generator.norm(x)
+    assert torch.allclose(prompts[0], x[1:3], atol=1e-5)
+    assert torch.allclose(boxes[0], generator.box_head(x[0]).sigmoid(), atol=1e-6)
+
+
+def test_vad_similarity_channel_and_token_axis():
+    """Hand-checkable similarity: 1 CLS + 3 patches of width 2, sentence along +x."""
+    tokens = torch.tensor([[[5.0, 5.0], [3.0, 4.0], [0.0, 2.0], [1.0, 0.0]]])
+    sentence = torch.tensor([[2.0, 0.0]])
+    clean = VisualAttentionAdapter(2, num_heads=1, verification=False)
+    _, sim = clean.similarity_map(tokens, sentence)
+    # channel-normalised patches . (1, 0) = 3/5, 0, 1 -> min-max -> 0.6, 0, 1
+    assert torch.allclose(sim, torch.tensor([[0.6, 0.0, 1.0]]), atol=1e-6)
+    quirk = VisualAttentionAdapter(2, num_heads=1, verification=False, token_axis_norm=True)
+    _, sim_quirk = quirk.similarity_map(tokens, sentence)
+    # token-axis norms of the x column (incl. CLS): sqrt(25+9+0+1) = sqrt(35); x values 3, 0, 1
+    # -> 3/sqrt35, 0, 1/sqrt35 -> min-max -> 1, 0, 1/3
+    assert torch.allclose(sim_quirk, torch.tensor([[1.0, 0.0, 1.0 / 3.0]]), atol=1e-6)
+
+
+def test_vad_gaussian_score_is_applied():
+    torch.manual_seed(0)
+    adapter = VisualAttentionAdapter(4, num_heads=1, mlp_layers=1)
+    tokens, sentence, words = torch.randn(1, 3, 4), torch.randn(1, 4), torch.randn(1, 5, 4)
+    padding = torch.tensor([[False, False, True, True, True]])
+    fused, _ = adapter(tokens, sentence, words, padding)
+    patches, sim = adapter.similarity_map(tokens, sentence)
+    queries = adapter.query_mlp(patches * sim.unsqueeze(-1))
+    attended, _ = adapter.text_attention(queries, words[:, :2], words[:, :2])  # padding removed by hand
+    c = torch.nn.functional.cosine_similarity(adapter.query_proj(queries), adapter.attended_text_proj(attended), dim=-1)
+    score = torch.exp(-((1 - c) ** 2) / (2 * 0.5**2))  # scale 1, sigma 0.5 at init
+    assert torch.allclose(fused, adapter.norm(queries) * score.unsqueeze(-1), atol=1e-5)
+
+
+def test_lad_ignores_padding_and_normalises():
+    torch.manual_seed(0)
+    adapter = LinguisticAttentionAdapter(4)
+    words = torch.randn(2, 6, 4)
+    padding = torch.tensor([[False] * 3 + [True] * 3, [False] * 5 + [True]])
+    phrase, weights = adapter(words, padding)
+    assert torch.all(weights[padding] == 0)
+    assert torch.allclose(weights.sum(-1), torch.ones(2))
+    assert torch.allclose(phrase, (weights.unsqueeze(-1) * words).sum(1), atol=1e-6)
+
+
+def test_unknown_config_key_is_named():
+    with pytest.raises(ConfigError, match="adaptors"):
+        tiny_config(**{"adaptors": {"visual": False}})
+    with pytest.raises(ConfigError, match="sam_variant"):
+        tiny_config(sam_variant="vit_x")
+    with pytest.raises(ConfigError, match="num_prompt_tokens"):
+        tiny_config(**{"prompt_generator.num_prompt_tokens": 0})
+
+
+def test_losses_hand_computed():
+    # Logits 0 -> p = 0.5 everywhere. Mask of 4 pixels, 1 foreground.
+    logits = torch.zeros(1, 1, 2, 2)
+    target = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
+    # dice: 1 - (2 * 0.5 + 1) / (2.0 + 1 + 1) = 1 - 2/4 = 0.5
+    assert dice_loss(logits, target).item() == pytest.approx(0.5)
+    # focal per pixel: ce = ln 2, (1 - p_t)^2 = 0.25; alpha 0.25 for the positive, 0.75 for negatives
+    expected_focal = (0.25 * 0.25 * math.log(2) + 3 * 0.75 * 0.25 * math.log(2)) / 4
+    assert focal_loss(logits, target).item() == pytest.approx(expected_focal, rel=1e-6)
+    # boxes: prediction (0.5, 0.5, 0.2, 0.2) vs target (0.6, 0.5, 0.2, 0.2): L1 = 0.1
+    # xyxy (0.4,0.4,0.6,0.6) vs (0.5,0.4,0.7,0.6): I = 0.02, U = 0.06, C = 0.3 x 0.2 = 0.06 -> GIoU = 1/3
+    pred = torch.tensor([[0.5, 0.5, 0.2, 0.2]])
+    gt = torch.tensor([[0.6, 0.5, 0.2, 0.2]])
+    terms = ssp_sam_loss(logits, target, pred, gt)
+    assert terms["l1"].item() == pytest.approx(5 * 0.1, rel=1e-5)
+    assert terms["giou"].item() == pytest.approx(2 * (1 - 1 / 3), rel=1e-5)
+    assert terms["dice"].item() == pytest.approx(4 * 0.5)
+    assert terms["focal"].item() == pytest.approx(4 * expected_focal, rel=1e-6)
+    assert terms["loss"].item() == pytest.approx(sum(terms[k].item() for k in ("l1", "giou", "dice", "focal")))
+    box_only = ssp_sam_loss(logits, target, pred, gt, with_masks=False)
+    assert box_only["dice"].item() == 0 and box_only["loss"].item() == pytest.approx(0.5 + 2 * (2 / 3), rel=1e-5)
+
+
+def test_losses_are_means_over_the_batch():
+    logits = torch.randn(3, 1, 4, 4)
+    targets = (torch.rand(3, 1, 4, 4) > 0.5).float()
+    boxes, gt = torch.rand(3, 4) * 0.5 + 0.25, torch.rand(3, 4) * 0.5 + 0.25
+    batch = ssp_sam_loss(logits, targets, boxes, gt)["loss"]
+    singles = [ssp_sam_loss(logits[i : i + 1], targets[i : i + 1], boxes[i : i + 1], gt[i : i + 1])["loss"] for i in range(3)]
+    assert batch.item() == pytest.approx(sum(s.item() for s in singles) / 3, rel=1e-5)
+    assert LossWeights() == LossWeights(dice=4, focal=4, l1=5, giou=2, focal_alpha=0.25, focal_gamma=2)
+
+
+def test_frozen_encoders_get_no_gradient(model):
+    model.train()
+    assert not model.clip.training and not model.sam_image_encoder.training
+    out = model(*_random_inputs(model))
+    (out.mask_logits.mean() + out.boxes.mean()).backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith(("clip.", "sam_image_encoder.", "mask_head.prompt_encoder.")) for n in trainable)
+    assert any(n.startswith("mask_head.mask_decoder.") for n in trainable)
+    assert model.word_proj.weight.grad is not None and model.word_proj.weight.grad.abs().sum() > 0
