@@ -35,6 +35,7 @@ from .model import SSPSAM, build_model
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+TRAINER_STATE_FILE = "trainer_state.pt"
 
 # (release name or prefix, our name or prefix). A prefix ends with "."; an entry without the dot
 # is an exact key. Order matters only for readability: no release prefix is a prefix of another.
@@ -205,27 +206,50 @@ def _embedded_prefixes(config: ModelConfig) -> tuple[str, ...]:
     return tuple(prefixes)
 
 
-def _stored_state(model: SSPSAM) -> dict[str, Tensor]:
-    embedded = _embedded_prefixes(model.config)
-    return {
-        k: v.detach().cpu().contiguous()
-        for k, v in model.state_dict().items()
-        if not k.startswith(_OPTIONAL_OURS) or k.startswith(embedded)
-    }
-
-
-def save_checkpoint(model: SSPSAM, directory: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    model: SSPSAM,
+    directory: str | os.PathLike,
+    extra: Mapping[str, Any] | None = None,
+    embed_encoders: bool = False,
+    trainer_state: Mapping[str, Any] | None = None,
+) -> Path:
     """Write ``model`` as <directory>/model.safetensors + config.json, atomically.
 
     Args:
         extra: more JSON-serialisable entries for config.json (the trainer's run config, metrics).
+        embed_encoders: store the frozen encoders too and drop their weight-file paths from the
+            stored config, so the checkpoint is self-contained (our small ShapeWorld model).
+        trainer_state: optimizer/scheduler/epoch state for resuming, saved as trainer_state.pt
+            (tensors and plain containers only, so it loads with ``weights_only=True``).
     """
     directory = Path(directory)
-    config = {"model": model.config.to_dict(), **(extra or {})}
+    config = model.config
+    if embed_encoders:
+        if model.sam_image_encoder is None:
+            raise ValueError("embed_encoders needs a model built with its SAM image encoder")
+        config = replace(config, clip_checkpoint=None, sam_checkpoint=None)
+    embedded = _embedded_prefixes(config)
+    state = {
+        k: v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if not k.startswith(_OPTIONAL_OURS) or k.startswith(embedded)
+    }
     with atomic_directory(directory) as tmp:
-        save_file(_stored_state(model), str(tmp / WEIGHTS_FILE), metadata={"format": "ssp_sam"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "ssp_sam"})
+        (tmp / CONFIG_FILE).write_text(json.dumps({"model": config.to_dict(), **(extra or {})}, indent=2) + "\n")
+        if trainer_state is not None:
+            torch.save(dict(trainer_state), tmp / TRAINER_STATE_FILE)
     return directory
+
+
+def read_trainer_state(directory: str | os.PathLike) -> dict[str, Any]:
+    """The resumable trainer state saved beside a checkpoint's weights."""
+    path = Path(directory) / TRAINER_STATE_FILE
+    _require_file(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise CheckpointError(f"{path}: unreadable trainer state ({str(exc).splitlines()[0]})") from None
 
 
 def is_own_checkpoint(path: str | os.PathLike) -> bool:

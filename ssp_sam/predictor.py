@@ -78,8 +78,6 @@ class Predictor:
     """
 
     def __init__(self, model: SSPSAM, device: Union[str, torch.device, None] = None, max_batch: int = 32) -> None:
-        if model.sam_image_encoder is None:
-            raise ValueError("the Predictor needs a model built with its SAM image encoder")
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.max_batch = max_batch
@@ -99,13 +97,21 @@ class Predictor:
         return cls(load_model(checkpoint or DEFAULT_CHECKPOINT, model_config), device=device)
 
     @torch.no_grad()
-    def encode_image(self, image: ImageLike) -> EncodedImage:
-        """Run both frozen image encoders once on ``image`` (path, PIL image or array)."""
+    def encode_image(self, image: ImageLike, sam_embedding: Tensor | None = None) -> EncodedImage:
+        """Run the frozen image encoders once on ``image`` (path, PIL image or array).
+
+        Args:
+            sam_embedding: (C, h, w) or (1, C, h, w) SAM embedding of this image from a cache; SAM's
+                image encoder runs only when it is not given.
+        """
         rgb = load_image(image)
         clip_pixels, letterbox = letterbox_image(rgb, self.model.clip.image_size)
-        sam_pixels, input_size = self.sam_transform(rgb)
+        input_size = self.sam_transform.input_size_for(rgb.shape[:2])
         clip_tokens = self.model.encode_clip_image(clip_pixels.unsqueeze(0).to(self.device))
-        sam_embedding = self.model.encode_sam_image(sam_pixels.unsqueeze(0).to(self.device))
+        if sam_embedding is None:
+            sam_pixels, _ = self.sam_transform(rgb)
+            sam_embedding = self.model.encode_sam_image(sam_pixels.unsqueeze(0).to(self.device))
+        sam_embedding = sam_embedding.reshape(1, *sam_embedding.shape[-3:]).to(self.device, torch.float32)
         return EncodedImage(clip_tokens, sam_embedding, letterbox, tuple(input_size), rgb.shape[:2])
 
     @torch.no_grad()

@@ -153,6 +153,11 @@ def read_splits(cfg: Mapping) -> dict[str, ReferringDataset]:
     return _read(cfg, None)
 
 
+def load_splits(cfg: Mapping, splits: Sequence[str]) -> dict[str, ReferringDataset]:
+    """Several named splits of one dataset, reading its files once (``cfg["split"]`` is not used)."""
+    return _read(cfg, list(dict.fromkeys(splits)))
+
+
 def load_dataset(cfg: Mapping) -> ReferringDataset:
     """The split ``cfg["split"]`` of the dataset described by ``cfg`` (see the module docstring).
 

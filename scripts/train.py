@@ -1,0 +1,26 @@
+"""Train SSP-SAM.
+
+    python scripts/train.py experiment=refcoco_224 model.clip_checkpoint=... model.sam_checkpoint=...
+    torchrun --nproc_per_node=8 scripts/train.py experiment=refcoco_224 ...
+    python scripts/train.py experiment=refcoco_224 resume=true      # continue an interrupted run
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from ssp_sam.cli import reports_errors
+from ssp_sam.engine.trainer import train
+
+
+@hydra.main(config_path="../configs", config_name="train", version_base="1.3")
+@reports_errors
+def main(cfg: DictConfig) -> None:
+    result = train(cfg)
+    best = f"{result.best_metric:.4f}" if result.best_metric is not None else "n/a"
+    print(f"done: {result.epochs_run} epochs, best validation metric {best}, checkpoints in {result.run_dir}/")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Training items: one referent per index, one random expression per visit, SAM embedding from the cache.
+
+Each item is deterministic given (seed, epoch, index): the expression choice and the random
+letterbox placement (the recipe's only augmentation) come from a generator seeded by those three
+numbers, so a resumed run and a multi-process run see exactly the same items as a single run.
+Workers only read files: the SAM image embedding comes from :class:`EmbeddingCache`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ..backbones.clip import CLIPTokenizer, letterbox_image
+from ..backbones.sam import mask_to_padded_frame
+from ..image_io import load_image
+from .embedding_cache import EmbeddingCache, image_key
+from ..errors import DatasetError
+from .records import ReferringDataset
+
+
+class ReferringTrainingSet(Dataset):
+    """Items for SSP-SAM training.
+
+    Each item is a dict:
+        clip_pixels: (3, S_clip, S_clip) letterboxed CLIP input (random placement when ``augment``).
+        tokens: (77,) token ids of one expression of the referent.
+        sam_embedding: (C, h, w) cached SAM embedding of the image.
+        mask: (S/2, S/2) float 0/1 GT in the padded SAM frame (all zero for no-target).
+        box: (4,) GT (cx, cy, w, h) normalised to the CLIP square; (0, 0, 0, 0) for no-target.
+        index: () the referent's index (for debugging and tests).
+    """
+
+    def __init__(
+        self,
+        dataset: ReferringDataset,
+        cache: EmbeddingCache,
+        clip_image_size: int,
+        sam_image_size: int,
+        tokenizer: CLIPTokenizer,
+        seed: int,
+        augment: bool = True,
+        need_masks: bool = True,
+    ) -> None:
+        self.dataset = dataset
+        self.cache = cache
+        self.clip_image_size = clip_image_size
+        self.sam_image_size = sam_image_size
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.augment = augment
+        self.need_masks = need_masks
+        self.epoch = 0
+        if need_masks:
+            box_only = [s.sample_id for s in dataset if not s.no_target and not s.has_mask]
+            if box_only:
+                raise DatasetError(
+                    f"{dataset.name}/{dataset.split}: {len(box_only)} samples have boxes but no masks "
+                    f"(e.g. {box_only[:3]}); mask training needs masks (use them in the REC stage only)"
+                )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.dataset[index]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        expression = sample.expressions[int(rng.integers(len(sample.expressions)))]
+        image = load_image(sample.image_path)
+        if self.augment:
+            generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            clip_pixels, letterbox = letterbox_image(image, self.clip_image_size, "random", generator)
+        else:
+            clip_pixels, letterbox = letterbox_image(image, self.clip_image_size)
+        if sample.no_target:
+            mask = np.zeros(image.shape[:2], dtype=bool)
+            box = torch.zeros(4)
+        else:
+            mask = sample.mask() if self.need_masks else np.zeros(image.shape[:2], dtype=bool)
+            box = letterbox.box_from_image(torch.tensor(sample.union_box_xyxy(), dtype=torch.float32))
+        return {
+            "clip_pixels": clip_pixels,
+            "tokens": self.tokenizer([expression])[0],
+            "sam_embedding": self.cache.get(image_key(sample.image_path)),
+            "mask": mask_to_padded_frame(mask, self.sam_image_size),
+            "box": box,
+            "index": torch.tensor(index),
+        }
+
+
+class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Deterministic batches, identical in content whatever the number of processes.
+
+    Every epoch draws one permutation of the dataset from (seed, epoch); global batch b is
+    permutation[b*B:(b+1)*B] and rank r takes its r-th contiguous share of B / world_size items.
+    The incomplete last global batch is dropped, so every step averages over exactly B items.
+    """
+
+    def __init__(self, size: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        if global_batch % world_size:
+            raise ValueError(f"batch size {global_batch} is not divisible by the {world_size} processes")
+        self.size = size
+        self.global_batch = global_batch
+        self.local_batch = global_batch // world_size
+        self.seed = seed
+        self.rank = rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size // self.global_batch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        for step in range(len(self)):
+            start = step * self.global_batch + self.rank * self.local_batch
+            yield order[start : start + self.local_batch]
+
+
+def collate(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Stack the items' tensors along a new batch dimension."""
+    return {key: torch.stack([item[key] for item in items]) for key in items[0]}

@@ -1,0 +1,337 @@
+"""The SSP-SAM training loop: one process, one GPU or ``torchrun`` DDP, resumable, logged.
+
+Recipe (``../shared/specs/ssp-sam.md``): frozen CLIP and SAM image encoders (SAM embeddings read
+from the on-disk cache), AdamW with two parameter groups (new modules, SAM mask decoder), cosine
+schedule with linear warm-up, gradient clipping, the mask decoder frozen for the first epochs,
+one random expression per referent per visit, random letterbox placement. Stage "rec" trains
+with the box loss only (REC pretraining); stage "res" with mask and box losses.
+
+Run directory layout::
+
+    <run_dir>/last/   model.safetensors, config.json, trainer_state.pt  (every epoch)
+    <run_dir>/best/   the best epoch by the validation metric
+    <run_dir>/tb/     TensorBoard logs (losses, learning rates, metrics, overlays)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from ..backbones.clip import CLIPTokenizer
+from ..backbones.sam import SAMImageTransform, build_sam, sam_weights_fingerprint
+from ..checkpoint import load_own_weights, read_trainer_state, save_checkpoint
+from ..config import model_config_from
+from ..data.embedding_cache import EmbeddingCache, build_cache, image_key, module_fingerprint
+from ..data.records import ReferringDataset
+from ..data.registry import load_splits
+from ..data.training import EpochBatchSampler, ReferringTrainingSet, collate
+from ..errors import ConfigError, SSPSAMError
+from ..image_io import load_image
+from ..losses import ssp_sam_loss
+from ..model import SSPSAM, build_model
+from ..predictor import Predictor, resolve_device
+from ..visualize import overlay
+from .distributed import DistInfo, barrier, init_distributed, mean_across_ranks, shutdown_distributed
+from .evaluator import evaluate
+from .optim import cosine_schedule, parameter_groups
+
+# The validation metric that picks the best checkpoint, per task.
+SELECTION_METRIC = {"res": "mIoU", "gres": "gIoU", "phrasecut": "mIoU"}
+
+
+class TrainingDivergedError(SSPSAMError):
+    """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    epochs_run: int
+    best_metric: Optional[float]
+    last_metrics: dict[str, float]
+    losses: list[float]  # the mean training loss of every step of this invocation
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def _autocast_dtype(setting: Any, device: torch.device) -> Optional[torch.dtype]:
+    """Mixed precision: "auto" uses bf16 on CUDA where supported, else fp16 on CUDA, none on CPU."""
+    if setting in (False, "false", "off", None) or device.type != "cuda":
+        if setting is True and device.type != "cuda":
+            raise ConfigError("train.amp=true needs a CUDA device; use train.amp=auto on CPU")
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+class Trainer:
+    """Owns the model, data, optimizer and logs of one training run."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.dist: DistInfo = init_distributed(self.device)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        self.run_dir = Path(cfg.run_dir)
+        self.train_cfg = cfg.train
+        _seed_everything(int(cfg.seed))
+
+        self.model_config = model_config_from(OmegaConf.to_container(cfg.model, resolve=True))
+        self.model = build_model(self.model_config, with_sam_image_encoder=bool(self.train_cfg.save_encoders))
+        if cfg.init_checkpoint:
+            load_own_weights(self.model, cfg.init_checkpoint)
+        self.model.to(self.device)
+
+        self.datasets = self._read_datasets()
+        self.cache = self._prepare_cache()
+        self.tokenizer = CLIPTokenizer(self.model.clip.context_length, self.model_config.append_period)
+        self.train_set = ReferringTrainingSet(
+            self.datasets["train"],
+            self.cache,
+            self.model.clip.image_size,
+            self.model.sam_image_size,
+            self.tokenizer,
+            seed=int(cfg.seed),
+            augment=bool(self.train_cfg.augment),
+            need_masks=self.train_cfg.stage == "res",
+        )
+        global_batch = int(self.train_cfg.batch_size)
+        if global_batch > len(self.train_set):
+            raise ConfigError(f"train.batch_size={global_batch} is larger than the training set ({len(self.train_set)} referents)")
+        if global_batch % self.dist.world_size:
+            raise ConfigError(f"train.batch_size={global_batch} is not divisible by the {self.dist.world_size} processes")
+        self.sampler = EpochBatchSampler(len(self.train_set), global_batch, int(cfg.seed), self.dist.rank, self.dist.world_size)
+        workers = int(self.train_cfg.workers)
+        self.loader = DataLoader(
+            self.train_set,
+            batch_sampler=self.sampler,
+            collate_fn=collate,
+            num_workers=workers,
+            persistent_workers=False,
+            pin_memory=self.device.type == "cuda",
+        )
+        self.steps_per_epoch = len(self.sampler)
+        if self.train_cfg.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, int(self.train_cfg.max_steps_per_epoch))
+
+        self.optimizer = torch.optim.AdamW(
+            parameter_groups(self.model, float(self.train_cfg.lr), float(self.train_cfg.decoder_lr), float(self.train_cfg.weight_decay))
+        )
+        total_steps = int(self.train_cfg.epochs) * self.steps_per_epoch
+        warmup_steps = int(self.train_cfg.warmup_epochs) * self.steps_per_epoch
+        self.scheduler = cosine_schedule(self.optimizer, total_steps, warmup_steps, float(self.train_cfg.min_lr))
+        self.autocast_dtype = _autocast_dtype(self.train_cfg.amp, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
+        self.start_epoch = 0
+        self.best_metric: Optional[float] = None
+        self.writer = None
+        self._ddp: Optional[DistributedDataParallel] = None
+        self._ddp_trainable: Optional[tuple[bool, ...]] = None
+        self._resume_or_check_run_dir()
+
+    # ------------------------------------------------------------------------------------ setup
+
+    def _read_datasets(self) -> dict[str, ReferringDataset]:
+        train_split, val_split = self.train_cfg.split, self.cfg.val.split
+        dataset_cfg = OmegaConf.to_container(self.cfg.dataset, resolve=True)
+        splits = load_splits(dataset_cfg, [train_split] + ([val_split] if val_split else []))
+        return {"train": splits[train_split], **({"val": splits[val_split]} if val_split else {})}
+
+    def _prepare_cache(self) -> EmbeddingCache:
+        """Make sure every train/val image has a cached SAM embedding (computed by rank 0 only)."""
+        config = self.model_config
+        if self.model.sam_image_encoder is not None:
+            encoder = self.model.sam_image_encoder
+        else:
+            encoder = build_sam(config.sam_variant, config.sam_checkpoint, config.sam_custom, parts=("image_encoder",)).image_encoder
+        fingerprint = sam_weights_fingerprint(config.sam_checkpoint) if config.sam_checkpoint else module_fingerprint(encoder)
+        images = {image_key(p): p for d in self.datasets.values() for p in d.image_paths()}
+        root = Path(self.cfg.cache_dir)
+        if self.dist.is_main:
+            build_cache(
+                root, images, encoder.to(self.device), SAMImageTransform(self.model.sam_image_size), fingerprint,
+                batch_size=int(self.cfg.cache_batch_size), device=self.device, progress=True,
+            )
+        barrier(self.dist)
+        if encoder is not self.model.sam_image_encoder:
+            del encoder
+        return EmbeddingCache(root, fingerprint)
+
+    def _resume_or_check_run_dir(self) -> None:
+        last = self.run_dir / "last"
+        if last.exists() and not self.cfg.resume:
+            raise ConfigError(f"run_dir={self.run_dir} already holds a run; pass resume=true to continue it or choose another run_dir")
+        if not self.cfg.resume:
+            return
+        if not last.exists():
+            raise ConfigError(f"resume=true but {last} does not exist (nothing to resume)")
+        load_own_weights(self.model, last)
+        state = read_trainer_state(last)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.start_epoch = int(state["epoch"]) + 1
+        self.best_metric = state.get("best_metric")
+
+    # ------------------------------------------------------------------------------------ helpers
+
+    def _forward_model(self) -> torch.nn.Module:
+        """The model to call for training: wrapped in DDP (re-wrapped when the trainable set changes)."""
+        if not self.dist.enabled:
+            return self.model
+        trainable = tuple(p.requires_grad for p in self.model.parameters())
+        if self._ddp is None or trainable != self._ddp_trainable:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self._ddp = DistributedDataParallel(self.model, device_ids=device_ids, find_unused_parameters=True)
+            self._ddp_trainable = trainable
+        return self._ddp
+
+    def _set_decoder_trainable(self, epoch: int) -> None:
+        trainable = epoch >= int(self.train_cfg.decoder_freeze_epochs)
+        self.model.mask_head.mask_decoder.requires_grad_(trainable)
+
+    def _log_scalars(self, values: Mapping[str, float], step: int) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+
+    def _save(self, name: str, epoch: int, metrics: Mapping[str, float]) -> None:
+        if not self.dist.is_main:
+            return
+        trainer_state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "epoch": epoch,
+            "best_metric": self.best_metric,
+        }
+        extra = {"run": OmegaConf.to_container(self.cfg, resolve=True), "epoch": epoch, "metrics": dict(metrics)}
+        save_checkpoint(
+            self.model, self.run_dir / name, extra=extra,
+            embed_encoders=bool(self.train_cfg.save_encoders),
+            trainer_state=trainer_state if name == "last" else None,
+        )
+
+    # ------------------------------------------------------------------------------------ loop
+
+    def train_one_epoch(self, epoch: int) -> list[float]:
+        self.model.train()
+        self._set_decoder_trainable(epoch)
+        self.train_set.set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
+        model = self._forward_model()
+        with_masks = self.train_cfg.stage == "res"
+        losses = []
+        progress = tqdm(
+            total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.train_cfg.epochs}", unit="step",
+            disable=not self.dist.is_main, dynamic_ncols=True,
+        )
+        for step, batch in enumerate(self.loader):
+            if step >= self.steps_per_epoch:
+                break
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
+                output = model(batch["clip_pixels"], batch["tokens"], batch["sam_embedding"])
+            terms = ssp_sam_loss(output.mask_logits.float(), batch["mask"], output.boxes.float(), batch["box"], with_masks=with_masks)
+            loss = terms["loss"]
+            global_step = epoch * self.steps_per_epoch + step
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(
+                    f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                    f"the last good checkpoint is kept in {self.run_dir / 'last'}"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            if self.train_cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], float(self.train_cfg.grad_clip))
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+
+            logged = mean_across_ranks({f"train/{k}": float(v) for k, v in terms.items()}, self.dist, self.device)
+            losses.append(logged["train/loss"])
+            if global_step % int(self.train_cfg.log_every) == 0:
+                lrs = {f"lr/{group['name']}": group["lr"] for group in self.optimizer.param_groups}
+                self._log_scalars({**logged, **lrs}, global_step)
+            progress.set_postfix(loss=f"{logged['train/loss']:.4f}")
+            progress.update(1)
+        progress.close()
+        return losses
+
+    @torch.no_grad()
+    def validate(self, epoch: int) -> dict[str, float]:
+        if "val" not in self.datasets:
+            return {}
+        self.model.eval()
+        dataset = self.datasets["val"]
+        result = evaluate(self.model, dataset, cache=self.cache, device=self.device, max_batch=int(self.cfg.val.max_batch), progress=self.dist.is_main)
+        step = (epoch + 1) * self.steps_per_epoch
+        self._log_scalars({f"val/{k}": v for k, v in result.metrics.items() if isinstance(v, float)}, step)
+        if self.writer is not None and int(self.cfg.val.overlays) > 0:
+            self._log_overlays(dataset, step)
+        return result.metrics
+
+    def _log_overlays(self, dataset: ReferringDataset, step: int) -> None:
+        predictor = Predictor(self.model, device=self.device)
+        for index, sample in enumerate(list(dataset)[: int(self.cfg.val.overlays)]):
+            encoded = predictor.encode_image(sample.image_path, sam_embedding=self.cache.get(image_key(sample.image_path)))
+            prediction = predictor.predict(encoded, [sample.expressions[0]])[0]
+            picture = overlay(load_image(sample.image_path), prediction.mask, prediction.box, sample.expressions[0])
+            self.writer.add_image(f"val/overlay_{index}", np.asarray(picture), step, dataformats="HWC")
+
+    def fit(self) -> TrainResult:
+        if self.dist.is_main:
+            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        selection = SELECTION_METRIC[self.datasets["train"].task]
+        all_losses: list[float] = []
+        metrics: dict[str, float] = {}
+        epochs = int(self.train_cfg.epochs)
+        try:
+            for epoch in range(self.start_epoch, epochs):
+                started = time.time()
+                all_losses += self.train_one_epoch(epoch)
+                if (epoch + 1) % int(self.cfg.val.every) == 0 or epoch + 1 == epochs:
+                    metrics = self.validate(epoch)
+                improved = selection in metrics and (self.best_metric is None or metrics[selection] > self.best_metric)
+                if improved:
+                    self.best_metric = metrics[selection]
+                self._save("last", epoch, metrics)
+                if improved or "val" not in self.datasets:
+                    self._save("best", epoch, metrics)
+                barrier(self.dist)
+                if self.dist.is_main:
+                    shown = f", val {selection} {metrics[selection]:.4f}" if selection in metrics else ""
+                    mean_loss = float(np.mean(all_losses[-self.steps_per_epoch :])) if all_losses else math.nan
+                    tqdm.write(f"epoch {epoch + 1}/{epochs}: loss {mean_loss:.4f}{shown} ({time.time() - started:.0f}s)")
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+        return TrainResult(self.run_dir, epochs - self.start_epoch, self.best_metric, metrics, all_losses)
+
+
+def train(cfg: DictConfig) -> TrainResult:
+    """Train as ``cfg`` says (see configs/train.yaml); tears the process group down at the end."""
+    try:
+        return Trainer(cfg).fit()
+    finally:
+        shutdown_distributed()
+
