@@ -26,10 +26,13 @@ def _to_uint8(array: np.ndarray, name: str) -> np.ndarray:
         return array
     if array.dtype == np.bool_:
         return array.astype(np.uint8) * 255
-    if array.dtype in (np.uint16, np.int32, np.int64, np.int16, np.uint32):
+    if array.dtype == np.uint16:
+        # 16-bit data spans 0..65535 whatever the picture's brightness; x / 257 maps it onto 0..255.
+        return np.round(array.astype(np.float64) / 257.0).astype(np.uint8)
+    if array.dtype in (np.int32, np.int64, np.int16, np.uint32):
         if array.min(initial=0) < 0:
             raise ImageError(f"{name}: integer image with negative values cannot be converted")
-        # 16-bit images use the full 0..65535 range; x / 257 maps it exactly onto 0..255.
+        # Depth unknown: values above 255 can only be 16-bit data.
         if array.max(initial=0) > 255:
             return np.clip(np.round(array.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
         return array.astype(np.uint8)
@@ -54,11 +57,14 @@ def _to_rgb(array: np.ndarray, name: str) -> np.ndarray:
     if array.shape[2] == 4:
         alpha = array[:, :, 3:4].astype(np.float32) / 255.0
         return np.round(array[:, :, :3].astype(np.float32) * alpha).astype(np.uint8)
-    return np.ascontiguousarray(array)
+    # Writable too: np.asarray of a PIL image is read-only, which torch.from_numpy warns about.
+    return np.require(array, requirements=("C_CONTIGUOUS", "WRITEABLE"))
 
 
 def _pil_to_array(image: Image.Image) -> np.ndarray:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if image.mode in ("I;16", "I;16B", "I;16L"):
+        return np.asarray(image).astype(np.uint16)
+    if image.mode == "I":
         return np.asarray(image).astype(np.int64)
     if image.mode == "F":
         return np.asarray(image, dtype=np.float32)
