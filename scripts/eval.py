@@ -1,0 +1,95 @@
+"""Evaluate a checkpoint on one split of a dataset, print the metrics and write the results JSON.
+
+    python scripts/eval.py dataset=refcoco dataset.split=testA checkpoint=runs/refcoco/best metrics_out=results/refcoco_testA.json
+    python scripts/eval.py model=ssp_sam_224 model.clip_checkpoint=... model.sam_checkpoint=... checkpoint=...pth dataset=grefcoco
+    torchrun --nproc_per_node=8 scripts/eval.py ...
+
+With ``cache_dir`` set, the SAM embeddings of the split's images are computed first (only those
+the cache lacks) and evaluation reads them from the cache; otherwise SAM's encoder runs per image.
+Errors in the user's input (unknown split, missing files, bad checkpoint) end in one ``error:``
+line and exit status 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ssp_sam.backbones.sam import SAMImageTransform
+from ssp_sam.checkpoint import load_model
+from ssp_sam.cli import reports_errors
+from ssp_sam.data.embedding_cache import EmbeddingCache, build_cache, image_key, sam_encoder_fingerprint
+from ssp_sam.data.records import ReferringDataset
+from ssp_sam.data.registry import load_dataset
+from ssp_sam.engine.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
+from ssp_sam.engine.evaluator import evaluate
+from ssp_sam.engine.reporting import command_line, console_tables, write_results
+from ssp_sam.errors import ConfigError
+from ssp_sam.model import SSPSAM
+from ssp_sam.predictor import DEFAULT_CHECKPOINT, resolve_device
+
+
+def _device_for(requested: str, dist_info: DistInfo) -> torch.device:
+    """The requested device; under torchrun on CUDA without an index, this process's GPU."""
+    device = resolve_device(requested)
+    if dist_info.enabled and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", dist_info.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def _prepare_cache(cfg: DictConfig, model: SSPSAM, dataset: ReferringDataset, device: torch.device, dist_info: DistInfo) -> EmbeddingCache:
+    """Fill the cache with the SAM embeddings of the dataset's images (rank 0 computes) and open it."""
+    fingerprint = sam_encoder_fingerprint(model.sam_image_encoder, model.config.sam_checkpoint)
+    root = Path(cfg.cache_dir)
+    if dist_info.is_main:
+        images = {image_key(path): path for path in dataset.image_paths()}
+        build_cache(
+            root, images, model.sam_image_encoder, SAMImageTransform(model.sam_image_size), fingerprint,
+            batch_size=int(cfg.cache_batch_size), device=device, dtype=str(cfg.cache_dtype), progress=bool(cfg.progress),
+        )
+    barrier(dist_info)
+    return EmbeddingCache(root, fingerprint)
+
+
+@hydra.main(config_path="../configs", config_name="eval", version_base="1.3")
+@reports_errors
+def main(cfg: DictConfig) -> None:
+    model_config = OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") is not None else None
+    if cfg.checkpoint is None and model_config is not None:
+        raise ConfigError("checkpoint: give the checkpoint that goes with model=... (our directory or a released .pth)")
+    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint is not None else DEFAULT_CHECKPOINT
+    try:
+        dataset_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"dataset config cannot be resolved ({exc})") from None
+    dataset = load_dataset(dataset_cfg)  # before the model: a wrong split or path fails fast
+
+    dist_info = init_distributed(resolve_device(cfg.device))
+    try:
+        device = _device_for(cfg.device, dist_info)
+        model = load_model(checkpoint, model_config, device=device)
+        cache = _prepare_cache(cfg, model, dataset, device, dist_info) if cfg.cache_dir is not None else None
+        result = evaluate(
+            model, dataset, cache=cache, device=device, max_batch=int(cfg.max_batch),
+            progress=bool(cfg.progress) and dist_info.is_main, group_key=cfg.group_key,
+        )
+    finally:
+        shutdown_distributed()
+    if not dist_info.is_main:
+        return
+
+    print(f"{dataset.name} {dataset.split} ({dataset.task}): {result.n_images} images, {result.n_samples} sentences")
+    print(console_tables(result))
+    if cfg.metrics_out is not None:
+        write_results(cfg.metrics_out, result, dataset_cfg, model.config.name, checkpoint, command_line(), label=cfg.label)
+        print(f"wrote {cfg.metrics_out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Lay results files written by scripts/eval.py out as the paper's table (Markdown and LaTeX).
+
+    python scripts/make_table.py results/ other_run/refcoco_val.json [--metric oIoU] [--out-md table.md] [--out-tex table.tex]
+
+Each argument is a results JSON file or a directory whose *.json files are all results (read in
+name order). One row per run (its label), columns in the paper's order, then other datasets. The
+Markdown table is printed; ``--out-md`` / ``--out-tex`` also write it and the LaTeX one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ssp_sam.cli import fail
+from ssp_sam.engine.reporting import check_results, make_tables
+from ssp_sam.fileio import atomic_path
+
+
+def _result_files(arguments: list[str]) -> list[Path]:
+    files = []
+    for argument in arguments:
+        path = Path(argument)
+        if path.is_dir():
+            found = sorted(path.glob("*.json"))
+            if not found:
+                fail(f"{path}: no *.json results files in this directory")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            fail(f"{path}: no such file or directory")
+    return files
+
+
+def _read_result(path: Path) -> dict:
+    """One results file, checked; any problem ends the program with a message naming the file."""
+    try:
+        record = json.loads(path.read_text())
+        check_results(record)
+    except OSError as error:
+        fail(f"{path}: cannot read ({error.strerror or error})")
+    except UnicodeDecodeError:
+        fail(f"{path}: not a text (JSON) file")
+    except json.JSONDecodeError as error:
+        fail(f"{path}: not valid JSON ({error})")
+    except ValueError as error:
+        fail(f"{path}: not a results file written by scripts/eval.py ({error})")
+    return record
+
+
+def _write(path: str, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", metavar="RUNS", help="results JSON files, or directories of them")
+    parser.add_argument("--metric", default="mIoU", help="metric of the RES and PhraseCut columns (default mIoU; e.g. oIoU)")
+    parser.add_argument("--out-md", help="also write the Markdown table to this file")
+    parser.add_argument("--out-tex", help="also write the LaTeX table to this file")
+    args = parser.parse_args()
+
+    results = [_read_result(path) for path in _result_files(args.runs)]
+    try:
+        markdown, latex = make_tables(results, metric=args.metric)
+    except ValueError as error:
+        fail(str(error))
+    print(markdown, end="")
+    if args.out_md:
+        _write(args.out_md, markdown)
+    if args.out_tex:
+        _write(args.out_tex, latex)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""Evaluate a model on one split of a referring dataset, the way published tables are computed.
+
+Every sentence of every referent is one sample (formats.md). Sentences are grouped by image so
+that the frozen image encoders run once per image (:meth:`Predictor.encode_image`, with SAM's
+embedding taken from an :class:`~ssp_sam.data.embedding_cache.EmbeddingCache` when one is given)
+and the decoder runs batched over all sentences of that image.
+
+What is scored depends on the dataset's task (metrics.md):
+
+- ``res`` (RefCOCO family, ReferIt, ShapeWorld): :class:`RESMetrics` with REC box accuracy against
+  the referent's union box.
+- ``gres`` (gRefCOCO, ShapeWorld GRES): :class:`GRESMetrics` with the model's own no-target
+  decision, and SSP-SAM's variant :class:`SSPSAMGRESMetrics` on the padded-frame area, reported
+  together (their keys differ).
+- ``phrasecut``: RES metrics without REC accuracy.
+
+Under ``torch.distributed`` each rank evaluates every world-th image; the per-sample records are
+gathered and put back in dataset order on every rank, so every rank returns the result of a
+single-process run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ..data.embedding_cache import EmbeddingCache, image_key
+from ..data.records import ReferringDataset, ReferringSample
+from ..errors import CacheError, DatasetError
+from ..metrics import GRESMetrics, RESMetrics, SSPSAMGRESMetrics
+from ..model import SSPSAM
+from ..predictor import Prediction, Predictor
+
+_MetricState = Union[RESMetrics, GRESMetrics, SSPSAMGRESMetrics]
+
+
+@dataclass
+class EvaluationResult:
+    """Scores of one evaluation.
+
+    metrics: metric name -> value, names as in ``ssp_sam.metrics`` (rates in [0, 1], counts as ints).
+    by_group: group (the sentences' ``group_key`` meta value, e.g. ShapeWorld's "kind") -> metrics.
+    n_images: distinct images evaluated. n_samples: sentences evaluated.
+    per_sample: one dict per sentence in dataset order (sample_id, sentence, expression, image,
+        group, I, U, IoU and the task's other per-sample values).
+    """
+
+    task: str
+    metrics: dict[str, float | int]
+    by_group: dict[str, dict[str, float | int]]
+    n_images: int
+    n_samples: int
+    per_sample: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Sentence:
+    """One evaluation sample: sentence ``index`` of ``sample``; ``position`` is its rank in dataset order."""
+
+    position: int
+    sample: ReferringSample
+    index: int
+
+    @property
+    def expression(self) -> str:
+        return self.sample.expressions[self.index]
+
+
+def _sentences_by_image(dataset: ReferringDataset) -> dict[Path, list[_Sentence]]:
+    """Image file -> its sentences, images in order of first appearance."""
+    by_image: dict[Path, list[_Sentence]] = {}
+    for position, (sample, index) in enumerate(dataset.per_sentence()):
+        by_image.setdefault(sample.image_path, []).append(_Sentence(position, sample, index))
+    return by_image
+
+
+def _group_of(sentence: _Sentence, group_key: str | None) -> str | None:
+    if group_key is None:
+        return None
+    value = sentence.sample.sentence_meta(sentence.index).get(group_key)
+    return None if value is None or value == "" else str(value)
+
+
+class _TaskScorer:
+    """The metric accumulations of one task, fed one (prediction, GT) pair at a time."""
+
+    def __init__(self, task: str, no_target_pixels: int) -> None:
+        self.task = task
+        if task == "gres":
+            self.states: list[_MetricState] = [GRESMetrics(), SSPSAMGRESMetrics(empty_threshold=no_target_pixels)]
+        else:
+            self.states = [RESMetrics()]
+
+    def update(self, prediction: Prediction, gt_mask: np.ndarray, sentence: _Sentence, group: str | None) -> None:
+        position = sentence.position
+        if self.task == "gres":
+            gres, sspsam = self.states
+            gres.update(prediction.mask, gt_mask, bool(prediction.no_target), group=group, sample_id=position)
+            sspsam.update(prediction.mask, gt_mask, prediction.padded_area, group=group, sample_id=position)
+        elif self.task == "res":
+            self.states[0].update(
+                prediction.mask, gt_mask, prediction.box, sentence.sample.union_box_xyxy(), group=group, sample_id=position
+            )
+        else:
+            self.states[0].update(prediction.mask, gt_mask, group=group, sample_id=position)
+
+    def state_dicts(self) -> list[dict[str, Any]]:
+        return [state.state_dict() for state in self.states]
+
+    def load_gathered(self, per_rank: Iterable[list[dict[str, Any]]]) -> None:
+        """Replace the accumulations by the union of every rank's ``state_dicts()``, in dataset order.
+
+        The sample ids are dataset positions: sorting by them puts the records (and hence every
+        float sum) in the same order whatever the number of ranks and the image order.
+        """
+        per_rank = list(per_rank)
+        merged = []
+        for slot, state in enumerate(self.states):
+            combined = type(state).from_state_dict(per_rank[0][slot])
+            for states in per_rank[1:]:
+                combined.merge(type(state).from_state_dict(states[slot]))
+            records = combined.state_dict()
+            order = np.argsort(records["records"]["sample_id"], kind="stable")
+            records["records"] = {name: [column[i] for i in order] for name, column in records["records"].items()}
+            merged.append(type(state).from_state_dict(records))
+        self.states = merged
+
+    def __len__(self) -> int:
+        return len(self.states[0])
+
+    def compute(self) -> dict[str, float | int]:
+        return {key: value for state in self.states for key, value in state.compute().items()}
+
+    def compute_by_group(self) -> dict[str, dict[str, float | int]]:
+        by_group: dict[str, dict[str, float | int]] = {}
+        for state in self.states:
+            for group, values in state.compute_by_group().items():
+                by_group.setdefault(group, {}).update(values)
+        return by_group
+
+    def per_sample(self) -> list[dict[str, Any]]:
+        """Per-sample records of every accumulation side by side (SSP-SAM's variant under its own names)."""
+        columns = [state.per_sample() for state in self.states]
+        rows = [dict(row) for row in columns[0]]
+        if self.task == "gres":
+            for row, sspsam in zip(rows, columns[1]):
+                row["pred_area_padded"] = sspsam["pred_area_padded"]
+                row["pred_no_target (SSP-SAM)"] = sspsam["pred_no_target"]
+                row["score (SSP-SAM)"] = sspsam["score"]
+        return rows
+
+
+def _distributed_slot() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _cached_embedding(cache: EmbeddingCache, path: Path) -> torch.Tensor:
+    key = image_key(path)
+    if key not in cache:
+        raise CacheError(f"{path}: no SAM embedding in the cache (key {key}); rebuild the cache for this dataset")
+    return cache.get(key)
+
+
+def _ground_truth(sample: ReferringSample, prediction: Prediction, masks: dict[str, np.ndarray]) -> np.ndarray:
+    """The sample's GT mask (decoded once per referent), checked against the prediction's size."""
+    if sample.sample_id not in masks:
+        masks[sample.sample_id] = sample.mask()
+    gt_mask = masks[sample.sample_id]
+    if gt_mask.shape != prediction.mask.shape:
+        raise DatasetError(
+            f"sample {sample.sample_id} ({sample.image_path}): annotated size {gt_mask.shape} "
+            f"differs from the image's size {prediction.mask.shape}"
+        )
+    return gt_mask
+
+
+def _describe(sentence: _Sentence, record: dict[str, Any]) -> dict[str, Any]:
+    """A per-sample record with the sentence it scores."""
+    sample = sentence.sample
+    return {
+        "sample_id": sample.sample_id,
+        "sentence": sentence.index,
+        "sentence_id": sample.sentence_ids[sentence.index],
+        "expression": sentence.expression,
+        "image": str(sample.image_path),
+        **{key: value for key, value in record.items() if key != "sample_id"},
+    }
+
+
+def evaluate(
+    model: SSPSAM | Predictor,
+    dataset: ReferringDataset,
+    cache: EmbeddingCache | None = None,
+    device: str | torch.device | None = None,
+    max_batch: int = 32,
+    progress: bool = True,
+    group_key: str | None = "kind",
+) -> EvaluationResult:
+    """Score ``model`` on every sentence of ``dataset``.
+
+    Args:
+        model: an SSP-SAM model, or a ready :class:`Predictor` (then ``device`` and ``max_batch``
+            are its own).
+        dataset: one split; its ``task`` picks the metrics.
+        cache: SAM embeddings covering the dataset's images, or None to
+            run SAM's image encoder on the fly.
+        max_batch: sentences decoded together.
+        progress: show a tqdm bar over this rank's images (on every rank).
+        group_key: per-sentence meta key whose value breaks the metrics down (``by_group``);
+            None for no breakdown.
+
+    Raises:
+        DatasetError: unreadable annotations, or an annotated size that differs from the image.
+        ImageError: a missing or unreadable image (named).
+        CacheError: an image missing from ``cache``.
+    """
+    if len(dataset) == 0:
+        raise DatasetError(f"dataset {dataset.name} split {dataset.split}: no samples to evaluate")
+    predictor = model if isinstance(model, Predictor) else Predictor(model, device=device, max_batch=max_batch)
+    by_image = _sentences_by_image(dataset)
+    rank, world_size = _distributed_slot()
+    my_images = list(by_image)[rank::world_size]
+    scorer = _TaskScorer(dataset.task, predictor.model.config.no_target_pixels)
+
+    bar = tqdm(my_images, desc=f"eval {dataset.name}/{dataset.split}", unit="img", disable=not progress, dynamic_ncols=True)
+    for path in bar:
+        sentences = by_image[path]
+        embedding = _cached_embedding(cache, path) if cache is not None else None
+        encoded = predictor.encode_image(path, sam_embedding=embedding)
+        predictions = predictor.predict(encoded, [sentence.expression for sentence in sentences])
+        masks: dict[str, np.ndarray] = {}
+        for sentence, prediction in zip(sentences, predictions):
+            gt_mask = _ground_truth(sentence.sample, prediction, masks)
+            scorer.update(prediction, gt_mask, sentence, _group_of(sentence, group_key))
+        bar.set_postfix(sentences=len(scorer), refresh=False)
+    bar.close()
+
+    gathered: list[Any] = [scorer.state_dicts()]
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, scorer.state_dicts())
+    scorer.load_gathered(gathered)
+
+    sentence_at = {sentence.position: sentence for group in by_image.values() for sentence in group}
+    per_sample = [_describe(sentence_at[record["sample_id"]], record) for record in scorer.per_sample()]
+    return EvaluationResult(
+        task=dataset.task,
+        metrics=scorer.compute(),
+        by_group=scorer.compute_by_group(),
+        n_images=len(by_image),
+        n_samples=len(scorer),
+        per_sample=per_sample,
+    )

@@ -1,0 +1,292 @@
+"""Evaluation results as files, and results files as the paper's table.
+
+:func:`write_results` writes one JSON file per evaluation with everything metrics.md "Reporting"
+asks for (every applicable metric, dataset, split, model, checkpoint hash, image count, the exact
+command), so that tables can be regenerated from files alone. :func:`make_tables` lays any number
+of such files out as the SSP-SAM paper does: one row per run; columns RefCOCO val/testA/testB,
+RefCOCO+ val/testA/testB, RefCOCOg val(U)/test(U), ReferIt test, gRefCOCO val/testA/testB (gIoU,
+cIoU, N-acc each) and PhraseCut test, then any other dataset (e.g. ShapeWorld) with its splits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..checkpoint import WEIGHTS_FILE
+from ..errors import CheckpointError
+from ..fileio import write_json
+from ..metrics import GRES_KEYS, RES_KEYS, SSPSAM_GRES_KEYS, format_table
+from .evaluator import EvaluationResult
+
+GRES_TABLE_METRICS = ("gIoU", "cIoU", "N-acc")
+MISSING = "-"
+
+# The paper's column groups: (title, dataset names that fill it, (split, split title) pairs).
+# A run must not have results of two names of one group for the same split.
+PAPER_LAYOUT: tuple[tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]], ...] = (
+    ("RefCOCO", ("refcoco",), (("val", "val"), ("testA", "testA"), ("testB", "testB"))),
+    ("RefCOCO+", ("refcoco+",), (("val", "val"), ("testA", "testA"), ("testB", "testB"))),
+    ("RefCOCOg", ("refcocog_umd",), (("val", "val(U)"), ("test", "test(U)"))),
+    ("ReferIt", ("refclef_unc", "refclef_berkeley"), (("test", "test"),)),
+    ("gRefCOCO", ("grefcoco",), (("val", "val"), ("testA", "testA"), ("testB", "testB"))),
+    ("PhraseCut", ("phrasecut",), (("test", "test"),)),
+)
+# Split order of the datasets appended after the paper's; unknown splits follow alphabetically.
+SPLIT_ORDER = ("train", "val", "testA", "testB", "testC", "test")
+REQUIRED_KEYS = {"metrics": Mapping, "dataset": str, "split": str}
+
+
+def command_line() -> str:
+    """The exact command of this process, interpreter included, quoted for a POSIX shell."""
+    return " ".join(shlex.quote(arg) for arg in (sys.executable, *sys.argv))
+
+
+def checkpoint_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a checkpoint's weights: ``model.safetensors`` of one of our directories, else the file itself.
+
+    Read in chunks, so a multi-gigabyte release file is never held in memory.
+    """
+    path = Path(path)
+    weights = path / WEIGHTS_FILE if path.is_dir() else path
+    digest = hashlib.sha256()
+    try:
+        with open(weights, "rb") as file:
+            for chunk in iter(lambda: file.read(chunk_bytes), b""):
+                digest.update(chunk)
+    except OSError as error:
+        raise CheckpointError(f"{weights}: cannot read the checkpoint to hash it ({error.strerror or error})") from None
+    return digest.hexdigest()
+
+
+def results_record(
+    result: EvaluationResult,
+    dataset_cfg: Mapping[str, Any],
+    model_name: str,
+    checkpoint_path: str | os.PathLike,
+    command: str,
+    label: str | None = None,
+) -> dict[str, Any]:
+    """The JSON-ready record of one evaluation (see :func:`write_results`)."""
+    return {
+        "metrics": dict(result.metrics),
+        "by_group": {group: dict(values) for group, values in result.by_group.items()},
+        "dataset": str(dataset_cfg["name"]),
+        "split": str(dataset_cfg["split"]),
+        "task": result.task,
+        "model": model_name,
+        "label": label or model_name,
+        "checkpoint": str(checkpoint_path),
+        "checkpoint_sha256": checkpoint_sha256(checkpoint_path),
+        "n_images": result.n_images,
+        "n_samples": result.n_samples,
+        "command": command,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "ssp_sam_version": __version__,
+    }
+
+
+def write_results(
+    path: str | os.PathLike,
+    result: EvaluationResult,
+    dataset_cfg: Mapping[str, Any],
+    model_name: str,
+    checkpoint_path: str | os.PathLike,
+    command: str,
+    label: str | None = None,
+) -> dict[str, Any]:
+    """Write the results JSON of one evaluation atomically; returns what was written.
+
+    Keys: metrics, by_group, dataset, split, task, model, label (the run's row in tables; the
+    model name by default), checkpoint, checkpoint_sha256, n_images, n_samples, command,
+    created (UTC, ISO 8601), ssp_sam_version.
+    """
+    record = results_record(result, dataset_cfg, model_name, checkpoint_path, command, label)
+    write_json(path, record)
+    return record
+
+
+def check_results(record: Any) -> None:
+    """Raise ValueError unless ``record`` looks like a results file written by :func:`write_results`."""
+    if not isinstance(record, Mapping):
+        raise ValueError(f"expected a JSON object of results, got {type(record).__name__}")
+    for key, kind in REQUIRED_KEYS.items():
+        if not isinstance(record.get(key), kind):
+            raise ValueError(f"key {key!r} missing or not a {'JSON object' if kind is Mapping else 'string'}")
+    if not (record.get("label") or record.get("model")):
+        raise ValueError("neither 'label' nor 'model' names the run")
+
+
+# ----------------------------------------------------------------------------- console
+
+
+def console_key_sets(task: str) -> list[tuple[str, ...]]:
+    """The metrics of a task in the order the console shows them, one tuple per table row."""
+    if task == "gres":
+        return [("n_samples", "n_target", "n_no_target", *GRES_KEYS), SSPSAM_GRES_KEYS]
+    keys = RES_KEYS if task == "res" else tuple(key for key in RES_KEYS if key != "REC-acc")
+    return [("n_samples", *keys)]
+
+
+def console_tables(result: EvaluationResult) -> str:
+    """The metrics as text tables (GRES: the gRefCOCO protocol over SSP-SAM's variant), then the
+    same per group (e.g. ShapeWorld's expression kinds)."""
+
+    def tables(metrics: Mapping[str, Any]) -> str:
+        return "\n".join(format_table(metrics, keys) for keys in console_key_sets(result.task))
+
+    blocks = [tables(result.metrics)]
+    blocks += [f"group {group}:\n{tables(values)}" for group, values in result.by_group.items()]
+    return "\n\n".join(blocks)
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+@dataclass(frozen=True)
+class _Column:
+    group: str  # dataset title ("RefCOCO")
+    split: str  # split as named in the results ("val")
+    split_title: str  # split as printed ("val(U)")
+    metric: str  # key in the results' metrics
+    metric_title: str  # printed under GRES columns; "" where the table's metric is implied
+
+
+def _row_label(record: Mapping[str, Any]) -> str:
+    return str(record.get("label") or record.get("model"))
+
+
+def _group_columns(group: str, splits: Sequence[tuple[str, str]], gres: bool, metric: str) -> list[_Column]:
+    metrics = [(name, name) for name in GRES_TABLE_METRICS] if gres else [(metric, "")]
+    return [_Column(group, split, split_title, key, title) for split, split_title in splits for key, title in metrics]
+
+
+def _split_rank(split: str) -> tuple[int, str]:
+    return (SPLIT_ORDER.index(split), "") if split in SPLIT_ORDER else (len(SPLIT_ORDER), split)
+
+
+def _layout(results: Sequence[Mapping[str, Any]], metric: str) -> tuple[list[_Column], dict[str, str]]:
+    """Every column, and dataset name -> the title of its column group."""
+    columns: list[_Column] = []
+    group_of: dict[str, str] = {}
+    for title, names, splits in PAPER_LAYOUT:
+        columns += _group_columns(title, splits, title == "gRefCOCO", metric)
+        group_of.update({name: title for name in names})
+    others: dict[str, tuple[bool, set[str]]] = {}
+    for record in results:
+        if record["dataset"] not in group_of:
+            others.setdefault(record["dataset"], (record.get("task") == "gres", set()))[1].add(record["split"])
+    for name, (gres, splits) in others.items():
+        columns += _group_columns(name, [(split, split) for split in sorted(splits, key=_split_rank)], gres, metric)
+        group_of[name] = name
+    return columns, group_of
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return MISSING
+    return f"{100.0 * value:.2f}"
+
+
+def _table_cells(results: Sequence[Mapping[str, Any]], metric: str) -> tuple[list[_Column], dict[str, list[str]]]:
+    """Columns and, per run label (in order of first appearance), one formatted cell per column."""
+    for record in results:
+        check_results(record)
+    columns, group_of = _layout(results, metric)
+    metrics_at: dict[str, dict[tuple[str, str], Mapping[str, Any]]] = {}
+    for record in results:
+        label, cell = _row_label(record), (group_of[record["dataset"]], record["split"])
+        row = metrics_at.setdefault(label, {})
+        if cell in row:
+            raise ValueError(f"run {label!r} has two results for {cell[0]} {cell[1]}")
+        row[cell] = record["metrics"]
+    rows = {
+        label: [_format_value(cells.get((column.group, column.split), {}).get(column.metric)) for column in columns]
+        for label, cells in metrics_at.items()
+    }
+    return columns, rows
+
+
+def _markdown(columns: Sequence[_Column], rows: Mapping[str, Sequence[str]]) -> str:
+    def escape(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    titles = [" ".join(part for part in (c.group, c.split_title, c.metric_title) if part) for c in columns]
+    lines = [
+        "| " + " | ".join(escape(title) for title in ["Model", *titles]) + " |",
+        "| :--- |" + " ---: |" * len(columns),
+    ]
+    lines += ["| " + " | ".join([escape(label), *cells]) + " |" for label, cells in rows.items()]
+    return "\n".join(lines) + "\n"
+
+
+_LATEX_SPECIALS = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
+
+
+def latex_escape(text: str) -> str:
+    """``text`` with LaTeX's special characters escaped, for use in a tabular cell."""
+    return "".join(_LATEX_SPECIALS.get(char, char) for char in text)
+
+
+def _latex_spanning_row(keys: Sequence[Any], titles: Sequence[str], first_cell: str, min_rule: int) -> tuple[str, str]:
+    """A header row whose equal consecutive ``keys`` share one multicolumn cell, and the cmidrules
+    under the cells that span at least ``min_rule`` columns."""
+    cells, rules = [first_cell], []
+    start = 0
+    while start < len(keys):
+        end = start
+        while end + 1 < len(keys) and keys[end + 1] == keys[start]:
+            end += 1
+        title, width = latex_escape(titles[start]), end - start + 1
+        cells.append(f"\\multicolumn{{{width}}}{{c}}{{{title}}}" if width > 1 else title)
+        if width >= min_rule:
+            rules.append(f"\\cmidrule(lr){{{start + 2}-{end + 2}}}")
+        start = end + 1
+    return " & ".join(cells) + r" \\", " ".join(rules)
+
+
+def _latex(columns: Sequence[_Column], rows: Mapping[str, Sequence[str]]) -> str:
+    """A booktabs tabular: dataset titles over split titles (over GRES metric names when there are any)."""
+    with_metrics = any(column.metric_title for column in columns)
+    groups, group_rules = _latex_spanning_row([c.group for c in columns], [c.group for c in columns], "Model", min_rule=1)
+    splits, split_rules = _latex_spanning_row([(c.group, c.split) for c in columns], [c.split_title for c in columns], "", min_rule=2)
+    lines = [f"\\begin{{tabular}}{{l{'c' * len(columns)}}}", r"\toprule", groups, group_rules, splits]
+    if with_metrics:
+        lines += [split_rules, " & ".join(["", *(latex_escape(c.metric_title) for c in columns)]) + r" \\"]
+    lines.append(r"\midrule")
+    lines += [" & ".join([latex_escape(label), *cells]) + r" \\" for label, cells in rows.items()]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def make_tables(results: Sequence[Mapping[str, Any]], metric: str = "mIoU") -> tuple[str, str]:
+    """The paper's results table of ``results`` (records as written by :func:`write_results`), as (Markdown, LaTeX).
+
+    One row per run (its "label", else its "model"), in order of first appearance. RES and
+    PhraseCut columns show ``metric``; GRES columns gIoU, cIoU and N-acc. Values are x100 with
+    two decimals; a missing result or metric is "-".
+
+    Raises:
+        ValueError: a record lacks a required key, or one run has two results for one cell.
+    """
+    columns, rows = _table_cells(results, metric)
+    return _markdown(columns, rows), _latex(columns, rows)

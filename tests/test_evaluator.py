@@ -1,0 +1,350 @@
+"""The evaluator and scripts/eval.py on tiny official-layout fixtures (tests/fixtures_official.py).
+
+Most tests use a stub predictor whose answer to each expression is a mask drawn here (the GT
+itself, the GT shifted by one column, a rectangle, nothing), so that every expected metric is
+worked out by hand from pixel counts in the comments. The real tiny model checks that one
+encoder pass serves all sentences of an image and that batched decoding equals one-by-one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import runpy
+import shlex
+import socket
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fixtures_official as fx
+import ssp_sam
+from conftest import REPO, run_script, tiny_model
+from ssp_sam.backbones.sam import SAMImageTransform
+from ssp_sam.checkpoint import WEIGHTS_FILE, save_checkpoint
+from ssp_sam.data.embedding_cache import build_cache, image_key, module_fingerprint
+from ssp_sam.data.registry import load_dataset
+from ssp_sam.engine.evaluator import evaluate
+from ssp_sam.errors import CacheError
+from ssp_sam.metrics import PRECISION_KEYS
+from ssp_sam.predictor import Prediction, Predictor
+
+# pycocotools' decode trips numpy 2's __array__(copy=...) deprecation; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+FULL = fx.rect_mask(0, 0, fx.WIDTH, fx.HEIGHT)
+EMPTY = np.zeros((fx.HEIGHT, fx.WIDTH), dtype=bool)
+CROWD = fx.ANN_MASKS[2001]  # rect (1, 8)-(5, 11): 4 x 3 = 12 px, box (1, 8, 5, 11)
+CROWD_SHIFTED = fx.rect_mask(2, 8, 6, 11)  # one column right: I = 3 x 3 = 9, U = 12 + 12 - 9 = 15
+L_SHAPE = fx.ANN_MASKS[2002]  # 2 x 7 + 6 x 2 = 26 px, box (3, 2, 11, 9)
+L_BAR = fx.rect_mask(3, 2, 5, 9)  # the L's vertical bar: 14 px, I = 14, U = 26
+
+
+def _refer_cfg(root: Path, split: str, split_by: str = "unc") -> dict:
+    return {"name": "refcoco", "format": "refer", "root": str(root), "folder": "refcoco", "split_by": split_by,
+            "image_root": str(root / fx.COCO_IMAGE_DIR), "split": split, "task": "res"}
+
+
+def _grefcoco_cfg(root: Path, split: str) -> dict:
+    return {"name": "grefcoco", "format": "grefcoco", "root": str(root), "folder": "grefcoco", "split_by": "unc",
+            "image_root": str(root / fx.COCO_IMAGE_DIR), "split": split, "task": "gres"}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    fx.write_refer(root, "refcoco", "unc")
+    fx.write_refer(root, "refcoco", "berkeley")
+    fx.write_grefcoco(root)
+    fx.write_phrasecut(root)
+    return root
+
+
+@dataclass
+class Answer:
+    mask: np.ndarray
+    box: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    no_target: bool = False
+    padded_area: int = 100
+
+
+class StubPredictor(Predictor):
+    """Answers each expression with a fixed :class:`Answer`; records encoder passes and decoder batches."""
+
+    def __init__(self, answers: dict[str, Answer]) -> None:
+        super().__init__(tiny_model(), device="cpu")  # tiny config: no_target_pixels = 2
+        self.answers = answers
+        self.encoded: list[Path] = []
+        self.batches: list[list[str]] = []
+
+    def encode_image(self, image, sam_embedding=None):
+        self.encoded.append(Path(image))
+        return image
+
+    def predict(self, image, expressions):
+        self.batches.append(list(expressions))
+        return [self._prediction_for(text, self.answers[text]) for text in expressions]
+
+    @staticmethod
+    def _prediction_for(text: str, answer: Answer) -> Prediction:
+        logits = np.where(answer.mask, 1.0, -1.0).astype(np.float32)
+        return Prediction(text, answer.mask, logits, np.asarray(answer.box, dtype=np.float32), 1.0, answer.no_target, answer.padded_area)
+
+
+RES_VAL_ANSWERS = {  # unc val: image 102, refs 2 (crowd, 3 sentences) and 3 (L shape, 2 sentences)
+    "crowd at the bottom": Answer(CROWD, (1, 8, 5, 11)),  # IoU 1, box IoU 1
+    "bottom people": Answer(CROWD_SHIFTED, (2, 8, 6, 11)),  # IoU 9/15 = 0.6, box IoU 0.6
+    "people": Answer(EMPTY, (0, 0, 1, 1)),  # IoU 0, box IoU 0
+    "the l shape": Answer(L_BAR, (3, 2, 5, 9)),  # IoU 14/26, box IoU 14/56
+    "bent thing": Answer(FULL, (3, 2, 11, 9)),  # IoU 26/192, box IoU 1
+}
+
+
+def test_res_metrics_equal_hand_computed(data_root):
+    stub = StubPredictor(RES_VAL_ANSWERS)
+    result = evaluate(stub, load_dataset(_refer_cfg(data_root, "val")), progress=False)
+    ious = [1.0, 0.6, 0.0, 14 / 26, 26 / 192]
+    expected = {
+        "n_samples": 5,
+        "mIoU": sum(ious) / 5,
+        "oIoU": (12 + 9 + 0 + 14 + 26) / (12 + 15 + 12 + 26 + 192),
+        "Pr@0.5": 3 / 5,  # 1, 0.6, 0.538
+        "Pr@0.6": 1 / 5,  # strictly greater: 0.6 does not count
+        "Pr@0.7": 1 / 5, "Pr@0.8": 1 / 5, "Pr@0.9": 1 / 5,
+        "REC-acc": 3 / 5,  # box IoUs 1, 0.6, 0, 0.25, 1
+    }
+    assert result.metrics.keys() == expected.keys()
+    assert result.metrics == pytest.approx(expected)
+    assert (result.task, result.n_images, result.n_samples, result.by_group) == ("res", 1, 5, {})
+    rows = [(r["sample_id"], r["sentence"], r["expression"], r["I"], r["U"]) for r in result.per_sample]
+    assert rows == [("2", 0, "crowd at the bottom", 12, 12), ("2", 1, "bottom people", 9, 15), ("2", 2, "people", 0, 12),
+                    ("3", 0, "the l shape", 14, 26), ("3", 1, "bent thing", 26, 192)]
+    assert [r["IoU"] for r in result.per_sample] == pytest.approx(ious)
+    # One image: one encoder pass and one decoder batch holding all five sentences in order.
+    assert stub.encoded == [data_root / fx.COCO_IMAGE_DIR / fx.coco_file_name(102)]
+    assert stub.batches == [list(RES_VAL_ANSWERS)]
+
+
+def test_res_groups_come_from_sentence_meta(data_root):
+    # unc train: ref 0 (two sentences of kind "A", GT rect (2, 3)-(8, 7) = 24 px) and ref 1 (no kind).
+    stub = StubPredictor({
+        "the box on the left": Answer(fx.ANN_MASKS[1001], (2, 3, 8, 7)),
+        "left box": Answer(fx.rect_mask(2, 3, 8, 5), (2, 3, 8, 5)),  # top half: IoU 12/24
+        "Both RED boxes": Answer(EMPTY, (0, 0, 1, 1)),  # its "sent" is empty: the raw text is used
+    })
+    dataset = load_dataset(_refer_cfg(data_root, "train"))
+    result = evaluate(stub, dataset, progress=False)
+    assert list(result.by_group) == ["A"]
+    assert result.by_group["A"]["n_samples"] == 2
+    assert result.by_group["A"]["mIoU"] == pytest.approx((1 + 0.5) / 2)
+    assert result.metrics["mIoU"] == pytest.approx((1 + 0.5 + 0) / 3)
+    assert [r["group"] for r in result.per_sample] == ["A", "A", None]
+    assert evaluate(stub, dataset, progress=False, group_key=None).by_group == {}
+
+
+GRES_VAL_ANSWERS = {  # val: image 102, ref 1 (the crowd, kind A) and no-target ref 2 (kind N, two sentences)
+    "the crowd": Answer(CROWD_SHIFTED, no_target=False, padded_area=100),  # IoU 0.6
+    "the purple star": Answer(EMPTY, no_target=True, padded_area=1),  # right in both protocols
+    # The model says "no target" but its 4 px mask covers 5 padded pixels >= the tiny model's
+    # threshold of 2: right for gRefCOCO's protocol, wrong for SSP-SAM's (which adds 4 px to the union).
+    "the giraffe": Answer(fx.rect_mask(0, 0, 2, 2), no_target=True, padded_area=5),
+}
+
+
+def test_gres_both_protocols_equal_hand_computed(data_root):
+    stub = StubPredictor(GRES_VAL_ANSWERS)
+    result = evaluate(stub, load_dataset(_grefcoco_cfg(data_root, "val")), progress=False)
+    expected = {
+        "n_samples": 3, "n_target": 1, "n_no_target": 2,
+        "gIoU": (0.6 + 1 + 1) / 3, "cIoU": 9 / 15, "N-acc": 1.0, "T-acc": 1.0,
+        "Pr@0.5": 1.0, "Pr@0.6": 0.0, "Pr@0.7": 0.0, "Pr@0.8": 0.0, "Pr@0.9": 0.0,
+        "gIoU (SSP-SAM)": (0.6 + 1 + 0) / 3, "cIoU (SSP-SAM)": 9 / (15 + 4), "N-acc (SSP-SAM)": 0.5, "T-acc (SSP-SAM)": 1.0,
+    }
+    assert result.metrics.keys() == expected.keys()
+    assert result.metrics == pytest.approx(expected)
+    assert sorted(result.by_group) == ["A", "N"]
+    assert result.by_group["A"]["gIoU"] == pytest.approx(0.6)
+    assert result.by_group["N"]["N-acc"] == 1.0 and result.by_group["N"]["N-acc (SSP-SAM)"] == 0.5
+    giraffe = result.per_sample[2]
+    assert (giraffe["expression"], giraffe["target"], giraffe["pred_no_target"], giraffe["pred_no_target (SSP-SAM)"]) == (
+        "the giraffe", False, True, False)
+    assert len(stub.encoded) == 1
+
+
+def test_phrasecut_scores_without_rec_accuracy(data_root):
+    masks = fx.PHRASECUT_MASKS  # 7__1: 7 x 5 = 35 px, 7__2: 12 + 6 + 6 = 24 px, 8__1: 5 x 4 = 20 px
+    stub = StubPredictor({
+        "red car": Answer(masks["7__1"]),
+        "windows": Answer(np.zeros_like(masks["7__2"])),
+        "sky": Answer(masks["8__1"]),
+    })
+    cfg = {"name": "phrasecut", "format": "phrasecut", "root": str(data_root), "folder": "phrasecut",
+           "image_root": str(data_root / "phrasecut" / "images"), "split": "test", "task": "phrasecut"}
+    result = evaluate(stub, load_dataset(cfg), progress=False)
+    assert result.metrics == pytest.approx({"n_samples": 3, "mIoU": 2 / 3, "oIoU": 55 / 79, **dict.fromkeys(PRECISION_KEYS, 2 / 3)})
+    assert result.n_images == 2
+    assert stub.batches == [["red car", "windows"], ["sky"]]
+
+
+class CountingPredictor(Predictor):
+    """The real predictor, counting encoder passes and keeping every prediction."""
+
+    def __init__(self, model, **kwargs) -> None:
+        super().__init__(model, device="cpu", **kwargs)
+        self.encoder_passes = 0
+        self.predictions: list[Prediction] = []
+
+    def encode_image(self, image, sam_embedding=None):
+        self.encoder_passes += 1
+        return super().encode_image(image, sam_embedding)
+
+    def predict(self, image, expressions):
+        predictions = super().predict(image, expressions)
+        self.predictions += predictions
+        return predictions
+
+
+def test_one_encoder_pass_per_image_and_batched_equals_single(data_root):
+    dataset = load_dataset(_refer_cfg(data_root, "val"))  # one image, five sentences
+    model = tiny_model()
+    batched = CountingPredictor(model, max_batch=3)  # two decoder chunks
+    result = evaluate(batched, dataset, progress=False)
+    assert batched.encoder_passes == 1
+    single = Predictor(model, device="cpu")
+    for (sample, index), shared, row in zip(dataset.per_sentence(), batched.predictions, result.per_sample):
+        alone = single.predict(sample.image_path, [sample.expressions[index]])[0]
+        np.testing.assert_allclose(shared.logits, alone.logits, atol=1e-5)
+        np.testing.assert_allclose(shared.box, alone.box, atol=1e-4)
+        gt = sample.mask()
+        assert (row["I"], row["U"]) == (int((alone.mask & gt).sum()), int((alone.mask | gt).sum()))
+
+
+def test_cached_embeddings_give_the_same_result(data_root, tmp_path, monkeypatch):
+    model = tiny_model()
+    dataset = load_dataset(_refer_cfg(data_root, "test", split_by="berkeley"))  # three images
+    expected = evaluate(model, dataset, device="cpu", progress=False)
+    images = {image_key(path): path for path in dataset.image_paths()}
+    cache = build_cache(tmp_path, images, model.sam_image_encoder, SAMImageTransform(model.sam_image_size),
+                        module_fingerprint(model.sam_image_encoder), progress=False)
+    sam_calls = []
+    monkeypatch.setattr(model, "encode_sam_image", lambda pixels: sam_calls.append(pixels))
+    result = evaluate(model, dataset, cache=cache, device="cpu", progress=False)
+    assert sam_calls == []
+    assert result.metrics == pytest.approx(expected.metrics, abs=1e-9)
+    assert [(r["I"], r["U"]) for r in result.per_sample] == [(r["I"], r["U"]) for r in expected.per_sample]
+
+    partial = build_cache(tmp_path / "partial", dict(list(images.items())[:1]), model.sam_image_encoder,
+                          SAMImageTransform(model.sam_image_size), module_fingerprint(model.sam_image_encoder), progress=False)
+    with pytest.raises(CacheError, match=fx.coco_file_name(103)):
+        evaluate(model, dataset, cache=partial, device="cpu", progress=False)
+
+
+# ---- torch.distributed: two gloo processes must reproduce the single-process result ----------------
+
+BERKELEY_TEST_ANSWERS = {  # berkeley test: images 102 (ref 3), 103 (ref 4), 104 (ref 5)
+    "the l shape": Answer(L_BAR, (3, 2, 5, 9)),
+    "bent thing": Answer(L_SHAPE, (3, 2, 11, 9)),
+    "triangle": Answer(EMPTY, (0, 0, 1, 1)),
+    "big square": Answer(FULL, (0, 0, 16, 12)),
+    "square in the middle": Answer(fx.ANN_MASKS[4001], (4, 2, 12, 10)),
+}
+
+
+def _distributed_worker(rank: int, world_size: int, port: int, root: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        stub = StubPredictor(BERKELEY_TEST_ANSWERS)
+        result = evaluate(stub, load_dataset(_refer_cfg(Path(root), "test", split_by="berkeley")), progress=False)
+        Path(out, f"{rank}.json").write_text(json.dumps(
+            {"metrics": result.metrics, "per_sample": result.per_sample, "encoded": [p.name for p in stub.encoded]}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_equals_single_process(data_root, tmp_path):
+    single = evaluate(StubPredictor(BERKELEY_TEST_ANSWERS), load_dataset(_refer_cfg(data_root, "test", split_by="berkeley")),
+                      progress=False)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_distributed_worker, args=(2, port, str(data_root), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
+    # Images in order 102, 103, 104: rank 0 encodes the first and third, rank 1 the second.
+    assert [r["encoded"] for r in ranks] == [[fx.coco_file_name(102), fx.coco_file_name(104)], [fx.coco_file_name(103)]]
+    for rank in ranks:
+        assert rank["metrics"] == single.metrics
+        assert rank["per_sample"] == json.loads(json.dumps(single.per_sample))
+
+
+# ---- scripts/eval.py ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return save_checkpoint(tiny_model(), tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+def test_eval_script_writes_results_json(data_root, tiny_checkpoint, tmp_path):
+    out = tmp_path / "results" / "refcoco_val.json"
+    args = [f"dataset.root={data_root}", "dataset.split=val", f"checkpoint={tiny_checkpoint}", f"metrics_out={out}",
+            f"cache_dir={tmp_path / 'cache'}", "label=tiny run", "device=cpu", "progress=false"]
+    completed = run_script("eval.py", *args, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr
+    assert "mIoU" in completed.stdout and "REC-acc" in completed.stdout
+    record = json.loads(out.read_text())
+
+    assert list(record) == ["metrics", "by_group", "dataset", "split", "task", "model", "label", "checkpoint",
+                            "checkpoint_sha256", "n_images", "n_samples", "command", "created", "ssp_sam_version"]
+    assert list(record["metrics"]) == ["n_samples", "mIoU", "oIoU", "Pr@0.5", "Pr@0.6", "Pr@0.7", "Pr@0.8", "Pr@0.9", "REC-acc"]
+    assert (record["dataset"], record["split"], record["task"], record["model"], record["label"]) == (
+        "refcoco", "val", "res", "tiny", "tiny run")
+    assert (record["n_images"], record["n_samples"], record["by_group"]) == (1, 5, {})
+    assert record["checkpoint"] == str(tiny_checkpoint)
+    assert record["checkpoint_sha256"] == hashlib.sha256((tiny_checkpoint / WEIGHTS_FILE).read_bytes()).hexdigest()
+    assert shlex.split(record["command"]) == [sys.executable, str(REPO / "scripts" / "eval.py"), *args]
+    assert datetime.fromisoformat(record["created"]).tzinfo is not None
+    assert record["ssp_sam_version"] == ssp_sam.__version__
+    assert list((tmp_path / "cache").iterdir()), "the SAM embedding cache was not built"
+
+    # The same numbers as evaluating in this process without a cache.
+    in_process = evaluate(tiny_model(), load_dataset(_refer_cfg(data_root, "val")), device="cpu", progress=False)
+    assert record["metrics"] == pytest.approx(in_process.metrics, abs=1e-9)
+
+
+def _run_eval_in_process(monkeypatch, capsys, *overrides: str) -> tuple[int, str]:
+    """scripts/eval.py run as __main__ in this process (no interpreter start-up): (exit status, stderr)."""
+    script = REPO / "scripts" / "eval.py"
+    monkeypatch.setattr(sys, "argv", [str(script), *overrides])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(script), run_name="__main__")
+    return exited.value.code, capsys.readouterr().err
+
+
+def test_eval_script_unknown_split_lists_the_available_ones(data_root, tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    status, stderr = _run_eval_in_process(
+        monkeypatch, capsys, f"dataset.root={data_root}", "dataset.split=testC", f"checkpoint={tiny_checkpoint}")
+    assert status == 2
+    message = stderr.strip()
+    assert message.startswith("error:") and "\n" not in message
+    assert "testC" in message and all(split in message for split in ("train", "val", "testA", "testB"))
+
+
+def test_eval_script_missing_image_is_named(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    fx.write_refer(tmp_path, "refcoco", "unc")
+    missing = tmp_path / fx.COCO_IMAGE_DIR / fx.coco_file_name(102)
+    missing.unlink()
+    monkeypatch.chdir(tmp_path)
+    status, stderr = _run_eval_in_process(
+        monkeypatch, capsys, f"dataset.root={tmp_path}", "dataset.split=val", f"checkpoint={tiny_checkpoint}", "device=cpu",
+        "progress=false")
+    assert status == 2
+    message = stderr.strip()
+    assert message.startswith("error:") and "\n" not in message and str(missing) in message

@@ -1,0 +1,138 @@
+"""The paper's results table from results files: column order, missing cells, escaping, bad files.
+
+Expected headers and cells are written out by hand from the paper's layout (RefCOCO val/testA/
+testB, RefCOCO+ val/testA/testB, RefCOCOg val(U)/test(U), ReferIt test, gRefCOCO val/testA/testB
+with gIoU/cIoU/N-acc, PhraseCut test, then other datasets).
+"""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+
+import pytest
+
+from conftest import REPO, run_script
+from ssp_sam.engine.reporting import latex_escape, make_tables
+
+PAPER_HEADER = (
+    ["Model", "RefCOCO val", "RefCOCO testA", "RefCOCO testB", "RefCOCO+ val", "RefCOCO+ testA", "RefCOCO+ testB",
+     "RefCOCOg val(U)", "RefCOCOg test(U)", "ReferIt test"]
+    + [f"gRefCOCO {split} {metric}" for split in ("val", "testA", "testB") for metric in ("gIoU", "cIoU", "N-acc")]
+    + ["PhraseCut test"]
+)
+
+
+def _result(dataset: str, split: str, metrics: dict, label: str = "ours", task: str = "res") -> dict:
+    return {"metrics": metrics, "dataset": dataset, "split": split, "task": task, "model": "ssp_sam_224", "label": label}
+
+
+def _markdown_rows(markdown: str) -> list[list[str]]:
+    """Cells of every Markdown row but the alignment row."""
+    lines = markdown.strip().splitlines()
+    return [[cell.strip() for cell in line.strip("|").split(" | ")] for i, line in enumerate(lines) if i != 1]
+
+
+# Given in an order unlike the table's, to check the layout does not follow the input.
+RESULTS = [
+    _result("shapeworld", "test", {"mIoU": 0.9}),
+    _result("phrasecut", "test", {"mIoU": 0.4321, "oIoU": 0.5}, task="phrasecut"),
+    _result("grefcoco", "testB", {"gIoU": 0.6, "cIoU": 0.55, "N-acc": 0.123456}, task="gres"),
+    _result("refcoco+", "testA", {"mIoU": 0.7}),
+    _result("refcoco", "val", {"mIoU": 0.7777, "oIoU": 0.75}),
+    _result("refcocog_umd", "test", {"mIoU": 0.66}),
+    _result("refclef_unc", "test", {"mIoU": 0.5}),
+    _result("shapeworld", "val", {"mIoU": 0.8}),
+    _result("refcoco", "testB", {"mIoU": 0.1}, label="baseline"),
+]
+
+
+def test_columns_follow_the_paper_then_other_datasets():
+    markdown, _ = make_tables(RESULTS)
+    header, ours, baseline = _markdown_rows(markdown)
+    assert header == PAPER_HEADER + ["shapeworld val", "shapeworld test"]
+    expected_ours = (["ours", "77.77", "-", "-", "-", "70.00", "-", "-", "66.00", "50.00"]
+                     + ["-"] * 6 + ["60.00", "55.00", "12.35"] + ["43.21", "80.00", "90.00"])
+    assert ours == expected_ours
+    assert baseline == ["baseline", "-", "-", "10.00"] + ["-"] * (len(header) - 4)
+
+
+def test_metric_choice_applies_to_res_columns_only():
+    markdown, _ = make_tables(RESULTS, metric="oIoU")
+    header, ours, _ = _markdown_rows(markdown)
+    cells = dict(zip(header, ours))
+    assert (cells["RefCOCO val"], cells["PhraseCut test"], cells["RefCOCO+ testA"]) == ("75.00", "50.00", "-")
+    assert cells["gRefCOCO testB N-acc"] == "12.35"
+
+
+def test_latex_layout_and_escaping():
+    results = [_result("refcoco", "val", {"mIoU": 0.5}, label="run_1 & 50% #2"), _result("grefcoco", "val", {"gIoU": 0.25}, task="gres")]
+    _, latex = make_tables(results)
+    lines = latex.splitlines()
+    assert lines[0] == r"\begin{tabular}{l" + "c" * (len(PAPER_HEADER) - 1) + "}"
+    assert lines[2].startswith(r"Model & \multicolumn{3}{c}{RefCOCO} & \multicolumn{3}{c}{RefCOCO+} & \multicolumn{2}{c}{RefCOCOg} & ReferIt")
+    assert r"\multicolumn{9}{c}{gRefCOCO} & PhraseCut \\" in lines[2]
+    assert r"& val(U) & test(U) & test & \multicolumn{3}{c}{val} &" in lines[4]
+    assert r" & gIoU & cIoU & N-acc & gIoU" in lines[6]
+    row = next(line for line in lines if line.startswith("run"))
+    assert row.startswith(r"run\_1 \& 50\% \#2 & 50.00 & - & -")
+    ssp = next(line for line in lines if line.startswith("ours"))
+    assert ssp.split(" & ")[10] == "25.00"  # gRefCOCO val gIoU: the 10th value column
+    assert lines[-2:] == [r"\bottomrule", r"\end{tabular}"]
+    assert latex_escape(r"a\b~c^d{e}$f_g") == r"a\textbackslash{}b\textasciitilde{}c\textasciicircum{}d\{e\}\$f\_g"
+
+
+def test_markdown_escapes_pipes_and_rejects_duplicate_cells():
+    markdown, _ = make_tables([_result("refcoco", "val", {"mIoU": 0.5}, label="a|b")])
+    assert markdown.splitlines()[2].startswith(r"| a\|b | 50.00 |")
+    with pytest.raises(ValueError, match="two results for ReferIt test"):
+        make_tables([_result("refclef_unc", "test", {"mIoU": 0.5}), _result("refclef_berkeley", "test", {"mIoU": 0.4})])
+    with pytest.raises(ValueError, match="'metrics'"):
+        make_tables([{"dataset": "refcoco", "split": "val", "model": "m"}])
+
+
+def test_script_reads_files_and_directories_and_writes_tables(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for index, record in enumerate(RESULTS[:4]):
+        (runs / f"{index}.json").write_text(json.dumps(record))
+    single = tmp_path / "refcoco_val.json"
+    single.write_text(json.dumps(RESULTS[4]))
+    out_md, out_tex = tmp_path / "t" / "table.md", tmp_path / "t" / "table.tex"
+    completed = run_script("make_table.py", str(runs), str(single), "--out-md", str(out_md), "--out-tex", str(out_tex))
+    assert completed.returncode == 0, completed.stderr
+    markdown, latex = make_tables(RESULTS[:5])
+    assert completed.stdout.startswith(markdown)
+    assert out_md.read_text() == markdown and out_tex.read_text() == latex
+
+
+def _run_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """scripts/make_table.py run as __main__ in this process: (exit status, stdout, stderr)."""
+    script = REPO / "scripts" / "make_table.py"
+    monkeypatch.setattr(sys, "argv", [str(script), *args])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(script), run_name="__main__")
+    captured = capsys.readouterr()
+    return exited.value.code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [("{not json", "not valid JSON"), (json.dumps({"dataset": "refcoco", "split": "val", "model": "m"}), "'metrics'")],
+)
+def test_script_names_a_bad_file(tmp_path, monkeypatch, capsys, content, expected):
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps(RESULTS[0]))
+    bad.write_text(content)
+    status, out, err = _run_in_process(monkeypatch, capsys, str(good), str(bad))
+    assert status == 2
+    message = err.strip()
+    assert message.startswith(f"error: {bad}:") and expected in message and "\n" not in message
+    assert out == ""
+
+
+def test_script_names_a_missing_path(tmp_path, monkeypatch, capsys):
+    status, _, err = _run_in_process(monkeypatch, capsys, str(tmp_path / "nowhere.json"))
+    assert status == 2
+    assert err.strip() == f"error: {tmp_path / 'nowhere.json'}: no such file or directory"
