@@ -157,13 +157,12 @@ class EmbeddingCache:
             raise CacheError(f"{self.folder}: cannot create the cache folder ({error.strerror or error})") from error
         if not (self.folder / HEADER_FILE).exists():
             write_json(self.folder / HEADER_FILE, self._header(None, None, image_size))
+        self.image_size = image_size
         self.reload()
-        if image_size is not None and self.image_size not in (None, image_size):
+        if image_size is not None and self.image_size != image_size:
             raise CacheError(
                 f"{self.folder}: cache of SAM embeddings for {self.image_size}px inputs, but image_size is {image_size}"
             )
-        if self.image_size is None:
-            self.image_size = image_size
         self._fds: dict[str, int] = {}
         self.last_build: BuildSummary | None = None
 
@@ -186,6 +185,9 @@ class EmbeddingCache:
             raise CacheError(f"{path}: unreadable cache header ({error}); delete {self.folder} to rebuild the cache") from error
         if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise CacheError(f"{path}: not an SSP-SAM embedding cache header (format {FORMAT})")
+        shape, dtype = header.get("shape"), header.get("dtype")
+        if dtype not in (None, *DTYPE_NAMES.values()) or not (shape is None or (isinstance(shape, list) and len(shape) == 3)):
+            raise CacheError(f"{path}: malformed cache header (shape {shape!r}, dtype {dtype!r}); delete {self.folder} to rebuild")
         if header.get("fingerprint") != self.fingerprint:
             raise CacheError(
                 f"{self.folder}: made by another SAM encoder (fingerprint {header.get('fingerprint')}, "
@@ -199,7 +201,8 @@ class EmbeddingCache:
         self.shape = tuple(header["shape"]) if header["shape"] is not None else None
         names = {name: dtype for dtype, name in DTYPE_NAMES.items()}
         self.dtype = names[header["dtype"]] if header["dtype"] is not None else None
-        self.image_size = header["image_size"]
+        if header["image_size"] is not None:
+            self.image_size = header["image_size"]
         self._index = self._read_index()
 
     def _read_index(self) -> dict[str, IndexEntry]:
@@ -228,6 +231,7 @@ class EmbeddingCache:
         return len(self._index)
 
     def keys(self) -> list[str]:
+        """Every key with an entry (valid or not: see :meth:`verify`)."""
         return list(self._index)
 
     def missing(self, keys: Iterable[str]) -> list[str]:
@@ -515,8 +519,9 @@ def build_cache(
     """
     if verify not in VERIFY_MODES:
         raise ConfigError(f"verify: expected one of {', '.join(VERIFY_MODES)}, got {verify!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    for name, value in (("batch_size", batch_size), ("threads", threads)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
     encoder_size = getattr(image_encoder, "img_size", transform.image_size)
     if encoder_size != transform.image_size:
         raise ConfigError(f"transform: image_size {transform.image_size} differs from the encoder's input size {encoder_size}")
@@ -532,7 +537,6 @@ def build_cache(
         summary = BuildSummary(cached=len(present) - len(damaged))
         if todo:
             image_encoder = image_encoder.to(device).eval()
-            compute_dtype = next(image_encoder.parameters()).dtype
             autocast = device.type == "cuda" and storage != torch.float32
             bar = tqdm(total=len(todo), desc="SAM embeddings", unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
             with bar, torch.inference_mode():
@@ -540,7 +544,7 @@ def build_cache(
                     summary.failed += [str(item) for item in loaded if isinstance(item, ImageError)]
                     good = [(key, item) for key, item in zip(batch_keys, loaded) if not isinstance(item, ImageError)]
                     if good:
-                        pixels = torch.stack([item for _, item in good]).to(device, compute_dtype)
+                        pixels = torch.stack([item for _, item in good]).to(device)
                         with torch.autocast(device.type, dtype=storage, enabled=autocast):
                             embeddings = image_encoder(pixels)
                         writer.append([key for key, _ in good], embeddings.to(storage))
