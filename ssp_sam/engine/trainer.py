@@ -15,6 +15,7 @@ Run directory layout::
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -30,14 +31,15 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from ..backbones.clip import CLIPTokenizer
-from ..backbones.sam import SAMImageTransform, build_sam, sam_weights_fingerprint
+from ..backbones.sam import SAMImageTransform, build_sam
 from ..checkpoint import load_own_weights, read_trainer_state, save_checkpoint
 from ..config import model_config_from
-from ..data.embedding_cache import EmbeddingCache, build_cache, image_key, module_fingerprint
+from ..data.embedding_cache import EmbeddingCache, build_cache, image_key, sam_encoder_fingerprint
 from ..data.records import ReferringDataset
 from ..data.registry import load_splits
 from ..data.training import EpochBatchSampler, ReferringTrainingSet, collate
 from ..errors import ConfigError, SSPSAMError
+from ..fileio import atomic_path
 from ..image_io import load_image
 from ..losses import ssp_sam_loss
 from ..model import SSPSAM, build_model
@@ -144,6 +146,8 @@ class Trainer:
         self._ddp: Optional[DistributedDataParallel] = None
         self._ddp_trainable: Optional[tuple[bool, ...]] = None
         self._resume_or_check_run_dir()
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -160,7 +164,7 @@ class Trainer:
             encoder = self.model.sam_image_encoder
         else:
             encoder = build_sam(config.sam_variant, config.sam_checkpoint, config.sam_custom, parts=("image_encoder",)).image_encoder
-        fingerprint = sam_weights_fingerprint(config.sam_checkpoint) if config.sam_checkpoint else module_fingerprint(encoder)
+        fingerprint = sam_encoder_fingerprint(encoder, config.sam_checkpoint)
         images = {image_key(p): p for d in self.datasets.values() for p in d.image_paths()}
         root = Path(self.cfg.cache_dir)
         if self.dist.is_main:
@@ -189,6 +193,22 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.start_epoch = int(state["epoch"]) + 1
         self.best_metric = state.get("best_metric")
+        self._truncate_log(self.start_epoch)
+
+    def _truncate_log(self, epoch: int) -> None:
+        """Drop the log lines of an interrupted epoch, which the resumed run trains again."""
+        log = self.run_dir / "train_log.jsonl"
+        if not self.dist.is_main or not log.exists():
+            return
+        kept = []
+        for line in log.read_text().splitlines():
+            try:
+                if json.loads(line)["epoch"] < epoch:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line cut short by the interruption
+        with atomic_path(log) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept))
 
     # ------------------------------------------------------------------------------------ helpers
 
@@ -211,6 +231,12 @@ class Trainer:
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)
+
+    def _append_log(self, record: Mapping[str, Any]) -> None:
+        """One JSON line per step in <run_dir>/train_log.jsonl (plain-text loss curves)."""
+        if self.dist.is_main:
+            with open(self.run_dir / "train_log.jsonl", "a") as log:
+                log.write(json.dumps(record) + "\n")
 
     def _save(self, name: str, epoch: int, metrics: Mapping[str, float]) -> None:
         if not self.dist.is_main:
@@ -267,8 +293,9 @@ class Trainer:
             self.scaler.update()
             self.scheduler.step()
 
-            logged = mean_across_ranks({f"train/{k}": float(v) for k, v in terms.items()}, self.dist, self.device)
+            logged = mean_across_ranks({f"train/{k}": v.item() for k, v in terms.items()}, self.dist, self.device)
             losses.append(logged["train/loss"])
+            self._append_log({"epoch": epoch, "step": global_step, **logged})
             if global_step % int(self.train_cfg.log_every) == 0:
                 lrs = {f"lr/{group['name']}": group["lr"] for group in self.optimizer.param_groups}
                 self._log_scalars({**logged, **lrs}, global_step)
