@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -32,6 +31,7 @@ from ssp_sam.checkpoint import WEIGHTS_FILE, save_checkpoint
 from ssp_sam.data.embedding_cache import build_cache, image_key, module_fingerprint
 from ssp_sam.data.registry import load_dataset
 from ssp_sam.engine.evaluator import evaluate
+from ssp_sam.engine.reporting import write_results
 from ssp_sam.errors import CacheError
 from ssp_sam.metrics import PRECISION_KEYS
 from ssp_sam.predictor import Prediction, Predictor
@@ -176,6 +176,20 @@ def test_gres_both_protocols_equal_hand_computed(data_root):
     assert (giraffe["expression"], giraffe["target"], giraffe["pred_no_target"], giraffe["pred_no_target (SSP-SAM)"]) == (
         "the giraffe", False, True, False)
     assert len(stub.encoded) == 1
+
+
+def test_gres_results_file_keeps_both_protocols_and_hashes_a_release_file(data_root, tmp_path):
+    result = evaluate(StubPredictor(GRES_VAL_ANSWERS), load_dataset(_grefcoco_cfg(data_root, "val")), progress=False)
+    release = tmp_path / "ssp_sam_224.pth"
+    release.write_bytes(b"not really weights" * 1000)
+    out = tmp_path / "grefcoco_val.json"
+    write_results(out, result, {"name": "grefcoco", "split": "val"}, "ssp_sam_224", release, "python scripts/eval.py dataset=grefcoco")
+    record = json.loads(out.read_text())
+    assert record["checkpoint_sha256"] == hashlib.sha256(b"not really weights" * 1000).hexdigest()
+    assert list(record["metrics"]) == ["n_samples", "n_target", "n_no_target", "gIoU", "cIoU", "N-acc", "T-acc", *PRECISION_KEYS,
+                                       "gIoU (SSP-SAM)", "cIoU (SSP-SAM)", "N-acc (SSP-SAM)", "T-acc (SSP-SAM)"]
+    assert record["by_group"]["N"]["gIoU (SSP-SAM)"] == pytest.approx(0.5)
+    assert (record["task"], record["label"], record["n_samples"]) == ("gres", "ssp_sam_224", 3)
 
 
 def test_phrasecut_scores_without_rec_accuracy(data_root):

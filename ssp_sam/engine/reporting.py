@@ -67,33 +67,6 @@ def checkpoint_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> st
     return digest.hexdigest()
 
 
-def results_record(
-    result: EvaluationResult,
-    dataset_cfg: Mapping[str, Any],
-    model_name: str,
-    checkpoint_path: str | os.PathLike,
-    command: str,
-    label: str | None = None,
-) -> dict[str, Any]:
-    """The JSON-ready record of one evaluation (see :func:`write_results`)."""
-    return {
-        "metrics": dict(result.metrics),
-        "by_group": {group: dict(values) for group, values in result.by_group.items()},
-        "dataset": str(dataset_cfg["name"]),
-        "split": str(dataset_cfg["split"]),
-        "task": result.task,
-        "model": model_name,
-        "label": label or model_name,
-        "checkpoint": str(checkpoint_path),
-        "checkpoint_sha256": checkpoint_sha256(checkpoint_path),
-        "n_images": result.n_images,
-        "n_samples": result.n_samples,
-        "command": command,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "ssp_sam_version": __version__,
-    }
-
-
 def write_results(
     path: str | os.PathLike,
     result: EvaluationResult,
@@ -105,11 +78,26 @@ def write_results(
 ) -> dict[str, Any]:
     """Write the results JSON of one evaluation atomically; returns what was written.
 
-    Keys: metrics, by_group, dataset, split, task, model, label (the run's row in tables; the
-    model name by default), checkpoint, checkpoint_sha256, n_images, n_samples, command,
-    created (UTC, ISO 8601), ssp_sam_version.
+    Keys: metrics, by_group, dataset and split (from ``dataset_cfg``), task, model, label (the
+    run's row in tables; the model name by default), checkpoint, checkpoint_sha256, n_images,
+    n_samples, command, created (UTC, ISO 8601), ssp_sam_version.
     """
-    record = results_record(result, dataset_cfg, model_name, checkpoint_path, command, label)
+    record = {
+        "metrics": dict(result.metrics),
+        "by_group": {group: dict(values) for group, values in result.by_group.items()},
+        "dataset": str(dataset_cfg["name"]),
+        "split": str(dataset_cfg["split"]),
+        "task": result.task,
+        "model": model_name,
+        "label": str(label) if label is not None else model_name,
+        "checkpoint": str(checkpoint_path),
+        "checkpoint_sha256": checkpoint_sha256(checkpoint_path),
+        "n_images": result.n_images,
+        "n_samples": result.n_samples,
+        "command": command,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "ssp_sam_version": __version__,
+    }
     write_json(path, record)
     return record
 
