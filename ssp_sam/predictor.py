@@ -18,7 +18,7 @@ from torch import Tensor
 from .backbones.clip import CLIPTokenizer, Letterbox, letterbox_image
 from .backbones.sam import SAMImageTransform, padded_frame_to_original
 from .config import ModelConfig
-from .errors import ExpressionError
+from .errors import ConfigError, ExpressionError
 from .image_io import ImageLike, load_image
 from .model import SSPSAM
 
@@ -62,10 +62,20 @@ class Prediction:
 
 
 def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
-    """"auto"/None -> CUDA when available, else CPU."""
+    """"auto"/None -> CUDA when available, else CPU.
+
+    Raises:
+        ConfigError: not a device name, or a CUDA device this machine does not have.
+    """
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device: {device!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"device: {device!r} is not available here ({torch.cuda.device_count()} CUDA devices)")
+    return resolved
 
 
 class Predictor:
