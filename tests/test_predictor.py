@@ -241,9 +241,9 @@ def test_single_string_is_one_expression(predictor, image):
         ([None], "expression 0"),
     ],
 )
-def test_bad_expressions(predictor, image, expressions, message):
+def test_bad_expressions(predictor, encoded, expressions, message):
     with pytest.raises(ExpressionError, match=message):
-        predictor.predict(image, expressions)
+        predictor.predict(encoded, expressions)
 
 
 def test_too_long_expression_warns_and_predicts(predictor, image):

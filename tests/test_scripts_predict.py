@@ -1,0 +1,166 @@
+"""scripts/predict.py and scripts/info.py as a user runs them (subprocesses): outputs, counts, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from ssp_sam.checkpoint import save_checkpoint
+from ssp_sam.visualize import MASK_COLOUR
+
+from conftest import REPO, run_script
+from test_predictor import half_foreground_predictor
+
+HEIGHT, WIDTH = 37, 61
+EXPRESSIONS = ["the red circle", "a blue star on the left", "it"]
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    """An image, a tiny checkpoint whose masks for it are about half the picture, and the in-process predictor."""
+    folder = tmp_path_factory.mktemp("scene")
+    image = np.random.default_rng(3).integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
+    Image.fromarray(image).save(folder / "scene.png")
+    predictor = half_foreground_predictor(image)
+    save_checkpoint(predictor.model, folder / "checkpoint")
+    return {"folder": folder, "image": image, "predictor": predictor}
+
+
+def _predict_args(scene, out_dir: Path, *overrides: str) -> list[str]:
+    expressions = "[" + ", ".join(EXPRESSIONS) + "]"
+    defaults = {
+        "image": str(scene["folder"] / "scene.png"),
+        "expressions": expressions,
+        "checkpoint": str(scene["folder"] / "checkpoint"),
+        "out_dir": str(out_dir),
+        "device": "cpu",
+    }
+    for override in overrides:
+        key, _, value = override.partition("=")
+        defaults[key] = value
+    return [f"{key}={value}" for key, value in defaults.items()]
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools under numpy 2
+def test_predict_writes_masks_overlays_and_summary(scene, tmp_path):
+    out_dir = tmp_path / "preds"
+    result = run_script("predict.py", *_predict_args(scene, out_dir))
+    assert result.returncode == 0, result.stderr
+    expected_files = {f"{i:02d}_{kind}.png" for i in range(len(EXPRESSIONS)) for kind in ("mask", "overlay")}
+    assert {p.name for p in out_dir.iterdir()} == expected_files | {"summary.json"}
+
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["image"] == str(scene["folder"] / "scene.png")
+    in_process = scene["predictor"].predict(scene["image"], EXPRESSIONS)
+    assert [p["expression"] for p in summary["predictions"]] == EXPRESSIONS
+    for index, (entry, expected) in enumerate(zip(summary["predictions"], in_process)):
+        assert entry["mask"] == f"{index:02d}_mask.png" and entry["overlay"] == f"{index:02d}_overlay.png"
+        png = np.asarray(Image.open(out_dir / entry["mask"]))
+        assert png.shape == (HEIGHT, WIDTH) and set(np.unique(png)) <= {0, 255}
+        mask = png == 255
+        decoded = mask_utils.decode({"size": entry["rle"]["size"], "counts": entry["rle"]["counts"].encode("ascii")})
+        np.testing.assert_array_equal(decoded.astype(bool), mask)
+        np.testing.assert_array_equal(mask, expected.mask)
+        assert 0 < entry["area"] == mask.sum() < HEIGHT * WIDTH
+        np.testing.assert_allclose(entry["box_xyxy"], expected.box, atol=0.01)
+        assert entry["score"] == pytest.approx(expected.score, abs=1e-4)
+        assert entry["no_target"] is expected.no_target is False
+
+        overlay = np.asarray(Image.open(out_dir / entry["overlay"]).convert("RGB")).astype(int)
+        assert overlay.shape[1] == WIDTH and overlay.shape[0] >= HEIGHT
+        blend = (0.5 * scene["image"] + 0.5 * np.asarray(MASK_COLOUR)).astype(int)
+        tinted = np.abs(overlay[:HEIGHT, :WIDTH] - blend).max(-1) <= 1
+        assert tinted[mask].mean() > 0.8  # the box outline covers the rest
+    assert f"{len(EXPRESSIONS)} masks" in result.stdout
+
+
+def _release_trainable_counts() -> tuple[int, int]:
+    """Parameter counts of the released SSP-SAM-224 from its key list (tests/data), not from our code.
+
+    trainable: every released tensor outside the two encoders except SAM's prompt encoder and the
+    two modules the release never uses; release layout: every tensor except SAM's positional
+    Gaussian matrix, a buffer (256 values) that a parameter count does not see.
+    """
+    keys = json.loads((REPO / "tests" / "data" / "ssp_sam_224_checkpoint_keys.json").read_text())
+    unused = ("sam.prompt_encoder.", "img2img_attn.", "norm_text_cond_img.")
+    trainable = sum(math.prod(shape) for key, shape in keys.items() if not key.startswith(unused))
+    buffers = [key for key in keys if key.endswith("pe_layer.positional_encoding_gaussian_matrix")]
+    assert len(buffers) == 1 and math.prod(keys[buffers[0]]) == 256
+    release_layout = sum(math.prod(shape) for key, shape in keys.items() if key not in buffers)
+    return trainable, release_layout
+
+
+def test_info_counts_match_the_release_key_list():
+    trainable, release_layout = _release_trainable_counts()
+    assert (trainable, release_layout) == (18_109_931, 18_387_255)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        runs = dict(zip(("224", "336"), pool.map(lambda name: run_script("info.py", f"model=ssp_sam_{name}"), ("224", "336"))))
+    for run in runs.values():
+        assert run.returncode == 0, run.stderr
+    small, large = (json.loads(runs[name].stdout.strip().splitlines()[-1]) for name in ("224", "336"))
+    assert small["model"] == "ssp_sam_224"
+    assert small["trainable_params"] == trainable
+    assert small["trainable_params_release_layout"] == release_layout
+    assert large["model"] == "ssp_sam_336"
+    assert large["trainable_params"] > small["trainable_params"] and large["total_params"] > small["total_params"]
+
+
+def _bad_inputs(folder: Path) -> dict[str, tuple[tuple[str, ...], str]]:
+    """Case -> (overrides of the good command, text the one-line error must contain)."""
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.png").write_text("not pixels\n")
+    sam_style = folder / "sam_vit_b.pth"
+    torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(4, 3, 16, 16)}, sam_style)
+    return {
+        "missing image": ((f"image={folder / 'nowhere.png'}",), f"{folder / 'nowhere.png'}: image file not found"),
+        "zero-byte image": ((f"image={folder / 'empty.png'}",), f"{folder / 'empty.png'}: image file is empty"),
+        "not an image": ((f"image={folder / 'notes.png'}",), f"{folder / 'notes.png'}: not a readable image"),
+        "blank expression": (('expressions=[" "]',), "expression 0"),
+        "SAM weights as checkpoint": ((f"checkpoint={sam_style}",), f"{sam_style}: not an SSP-SAM release checkpoint"),
+        "missing checkpoint dir": ((f"checkpoint={folder / 'no_such_run'}",), f"{folder / 'no_such_run'}: checkpoint not found"),
+    }
+
+
+@pytest.fixture(scope="module")
+def bad_runs(scene, tmp_path_factory):
+    """Every bad-input case run once (two at a time: each run is mostly Python start-up)."""
+    folder = tmp_path_factory.mktemp("bad")
+    cases = _bad_inputs(folder)
+    cases["unknown key"] = (("foo=1",), "foo")
+
+    def run(item):
+        name, (overrides, _) = item
+        out_dir = folder / ("out_" + name.replace(" ", "_"))
+        return name, out_dir, run_script("predict.py", *_predict_args(scene, out_dir, *overrides))
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return {name: (cases[name][1], out_dir, result) for name, out_dir, result in pool.map(run, cases.items())}
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing image", "zero-byte image", "not an image", "blank expression", "SAM weights as checkpoint", "missing checkpoint dir"],
+)
+def test_predict_bad_input_is_one_line_error(bad_runs, case):
+    expected, out_dir, result = bad_runs[case]
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert expected in lines[0]
+    assert not out_dir.exists()
+
+
+def test_predict_unknown_config_key_is_hydras_error(bad_runs):
+    _, out_dir, result = bad_runs["unknown key"]
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr and "'foo'" in result.stderr
+    assert not out_dir.exists()
