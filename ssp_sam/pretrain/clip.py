@@ -1,0 +1,417 @@
+"""Region-level contrastive pretraining of a small CLIP on ShapeWorld scenes.
+
+SSP-SAM reads CLIP frozen, and only through two outputs: the CLIP-Surgery patch tokens
+(``CLIPSurgeryBackbone.encode_image(...)[:, 1:]``), which its visual adapter compares with the
+sentence embedding patch by patch, and the text tower (sentence embedding and word features). So
+the contrastive pairs here are regions and captions rather than images and captions:
+
+- Image side: the CLIP-Surgery patch tokens, each L2-normalised, averaged over an object with
+  the fraction of each patch the object covers as weights, then normalised again. Every scene
+  also gives a background region (the patch fractions covered by no object), a negative for
+  every caption of the scene, so that background patches learn to stay away from all captions.
+- Text side: the sentence embedding of CLIPSurgeryBackbone's text forward, on the text SSP-SAM
+  feeds ("{caption}." with the model's ``append_period``).
+- Captions: the scene's ShapeWorld-Ref GRES expressions (``generate_refs(scene, "gres")``: kinds
+  A / L / R / M / N; so left / right / top / bottom, "left of", "above", plurals and absent
+  objects all occur) and, for one object per scene, its full description "the {size} {color}
+  {shape}".
+- Loss: symmetric multi-positive InfoNCE with a mask of valid pairs (:func:`masked_info_nce`) and
+  CLIP's learnable temperature (``logit_scale``, clamped at 100). An expression is only scored
+  against the regions of its own scene (it is defined relative to that scene) and its positives
+  are its targets (several for M, none for N: an N caption only serves as a negative). A
+  description is scored against every region of the batch, and every object with the same size,
+  colour and shape is a positive, so equal objects of other scenes are never pushed apart.
+
+The weights are saved as a plain open_clip state dict, which ``build_clip_model("custom",
+checkpoint=..., custom=...)`` loads. Training scenes: ``generate_scene(seed, "train", i)`` for
+i < ``pool_size``, made once at the start; held-out: the "val" split of the same seed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from open_clip.model import CLIP
+from torch import Tensor
+from tqdm import tqdm
+
+from ..backbones.clip import CLIPSurgeryBackbone, CLIPTokenizer, build_clip_model, letterbox_image, letterbox_mask
+from ..data.shapeworld import COLORS, SHAPES, SIZE_RADII, Scene, generate_refs, generate_scene
+from ..engine.optim import cosine_schedule
+from ..errors import ConfigError
+from ..fileio import atomic_path
+
+TRAIN_SPLIT = "train"
+HELDOUT_SPLIT = "val"
+MAX_LOGIT_SCALE = 100.0
+# Every "{size} {color} {shape}" description, indexed by attribute_code().
+DESCRIPTIONS = tuple(f"the {size} {color} {shape}" for size in SIZE_RADII for color in COLORS for shape in SHAPES)
+
+# CLIPSurgeryBackbone runs under @torch.no_grad because SSP-SAM keeps CLIP frozen. Pretraining needs
+# gradients through exactly the same forward passes, so it calls the undecorated functions.
+_surgery_image_forward = inspect.unwrap(CLIPSurgeryBackbone.encode_image)
+_text_forward = inspect.unwrap(CLIPSurgeryBackbone.encode_text)
+
+
+@dataclass(frozen=True)
+class CLIPPretrainSettings:
+    """Hyper-parameters of :func:`pretrain_clip` (configs/pretrain_clip.yaml gives the defaults used)."""
+
+    steps: int = 1200
+    batch_size: int = 32  # scenes per step
+    expressions_per_scene: int = 3  # GRES expressions drawn per scene and step (fewer if the scene has fewer)
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_steps: int = 60
+    grad_clip: float = 1.0
+    seed: int = 1000
+    pool_size: int = 3000  # training scenes generated once and reused
+    eval_scenes: int = 300  # held-out scenes for the final accuracies
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "pool_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("expressions_per_scene", "warmup_steps", "eval_scenes", "seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class CLIPPretrainResult:
+    losses: list[float]  # training loss of every step
+    heldout: dict[str, float]  # evaluate_grounding() on the held-out scenes
+    seconds: float  # wall time of the whole run (scene generation, training, evaluation, saving)
+
+
+def attribute_code(size: str, color: str, shape: str) -> int:
+    """Index of "the {size} {color} {shape}" in :data:`DESCRIPTIONS`."""
+    return (tuple(SIZE_RADII).index(size) * len(COLORS) + tuple(COLORS).index(color)) * len(SHAPES) + SHAPES.index(shape)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scenes as regions and captions
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GroundingScene:
+    """One scene, ready for region-caption contrast (K objects, N patches, E expressions, L tokens).
+
+    pixels: (3, S, S) letterboxed CLIP input (stored in float16 to halve the pool's memory);
+    coverage: (K + 1, N) fraction of each patch covered by object k, the last row by background;
+    codes: (K,) attribute_code of each object; expressions: (E, L) token ids;
+    expression_targets: E tuples of object indices (empty for a no-target expression);
+    expression_kinds: E kind letters (A, L, R, M, N).
+    """
+
+    pixels: Tensor
+    coverage: Tensor
+    codes: Tensor
+    expressions: Tensor
+    expression_targets: tuple[tuple[int, ...], ...]
+    expression_kinds: tuple[str, ...]
+
+    @property
+    def num_objects(self) -> int:
+        return len(self.codes)
+
+
+def patch_coverage(scene: Scene, image_size: int, patch_size: int) -> tuple[Tensor, Tensor]:
+    """Letterboxed CLIP pixels (3, S, S) and the (K + 1, N) patch coverage of objects and background."""
+    pixels, box = letterbox_image(scene.image, image_size, "center")
+    background = ~np.logical_or.reduce([obj.mask for obj in scene.objects])
+    masks = torch.stack([letterbox_mask(mask, box) for mask in [*(obj.mask for obj in scene.objects), background]])
+    coverage = F.avg_pool2d(masks[:, None], patch_size).flatten(1)
+    return pixels, coverage
+
+
+def grounding_scene(scene: Scene, task: str, tokenizer: CLIPTokenizer, image_size: int, patch_size: int) -> GroundingScene:
+    """The regions of ``scene`` and every sentence of its ``task`` refs ("res" or "gres")."""
+    pixels, coverage = patch_coverage(scene, image_size, patch_size)
+    sentences = [sentence for ref in generate_refs(scene, task) for sentence in ref.sentences]
+    return GroundingScene(
+        pixels=pixels.half(),
+        coverage=coverage,
+        codes=torch.tensor([attribute_code(obj.size, obj.color, obj.shape) for obj in scene.objects]),
+        expressions=tokenizer([sentence.text for sentence in sentences]),
+        expression_targets=tuple(sentence.targets for sentence in sentences),
+        expression_kinds=tuple(sentence.kind for sentence in sentences),
+    )
+
+
+def grounding_scenes(
+    seed: int, split: str, count: int, task: str, tokenizer: CLIPTokenizer, image_size: int, patch_size: int,
+    progress: bool = False,
+) -> list[GroundingScene]:
+    indices = range(count)
+    if progress:
+        indices = tqdm(indices, desc=f"scenes ({split}, seed {seed})", leave=False)
+    return [grounding_scene(generate_scene(seed, split, i), task, tokenizer, image_size, patch_size) for i in indices]
+
+
+@dataclass
+class ContrastiveBatch:
+    """B scenes with R regions and C captions.
+
+    pixels: (B, 3, S, S); coverage: (R, N); region_image: (R,) scene of each region;
+    tokens: (C, L); positives, valid: (C, R) bool, positives a subset of valid.
+    """
+
+    pixels: Tensor
+    coverage: Tensor
+    region_image: Tensor
+    tokens: Tensor
+    positives: Tensor
+    valid: Tensor
+
+    def to(self, device: torch.device | str) -> "ContrastiveBatch":
+        return ContrastiveBatch(*(getattr(self, name).to(device) for name in self.__dataclass_fields__))
+
+
+def contrastive_batch(
+    scenes: Sequence[GroundingScene], rng: np.random.Generator, expressions_per_scene: int, description_tokens: Tensor
+) -> ContrastiveBatch:
+    """Draw the captions of one step: per scene one object's description and some of its expressions.
+
+    Region order: each scene's K objects then its background, scene after scene. See the module
+    docstring for which pairs are valid and positive.
+    """
+    region_codes, region_image, first_region = [], [], []
+    for index, scene in enumerate(scenes):
+        first_region.append(len(region_codes))
+        region_codes += [*scene.codes.tolist(), -1]  # -1: background, no description matches it
+        region_image += [index] * (scene.num_objects + 1)
+    region_codes = torch.tensor(region_codes)
+    region_image = torch.tensor(region_image)
+
+    tokens, positives, valid = [], [], []
+    for index, scene in enumerate(scenes):
+        code = int(scene.codes[rng.integers(scene.num_objects)])
+        tokens.append(description_tokens[code])
+        positives.append(region_codes == code)
+        valid.append(torch.ones(len(region_codes), dtype=torch.bool))
+        picked = rng.permutation(len(scene.expression_targets))[:expressions_per_scene]
+        for expression in picked:
+            own_scene = region_image == index
+            targets = torch.zeros(len(region_codes), dtype=torch.bool)
+            targets[[first_region[index] + target for target in scene.expression_targets[expression]]] = True
+            tokens.append(scene.expressions[expression])
+            positives.append(targets)
+            valid.append(own_scene)
+    return ContrastiveBatch(
+        pixels=torch.stack([scene.pixels.float() for scene in scenes]),
+        coverage=torch.cat([scene.coverage for scene in scenes]),
+        region_image=region_image,
+        tokens=torch.stack(tokens),
+        positives=torch.stack(positives),
+        valid=torch.stack(valid),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Embeddings and loss
+# ---------------------------------------------------------------------------------------------------
+
+
+def pool_regions(patch_tokens: Tensor, coverage: Tensor, region_image: Tensor) -> Tensor:
+    """Unit region embeddings (R, D) from patch tokens (B, N, D), coverage (R, N) and region_image (R,).
+
+    Each patch token is normalised first (SSP-SAM compares patches one by one), then averaged with
+    the coverage fractions as weights; a region covering no patch at all gives a zero vector.
+    """
+    weights = coverage / coverage.sum(dim=1, keepdim=True).clamp(min=1e-6)
+    patches = F.normalize(patch_tokens, dim=-1)[region_image]  # (R, N, D)
+    return F.normalize((weights.unsqueeze(-1) * patches).sum(dim=1), dim=-1)
+
+
+def sentence_embeddings(backbone: CLIPSurgeryBackbone, tokens: Tensor) -> Tensor:
+    """Unit sentence embeddings (C, D) from token ids (C, L), with gradients."""
+    return F.normalize(_text_forward(backbone, tokens)[1], dim=-1)
+
+
+def patch_embeddings(backbone: CLIPSurgeryBackbone, pixels: Tensor) -> Tensor:
+    """CLIP-Surgery patch tokens (B, N, D) from letterboxed pixels (B, 3, S, S), with gradients."""
+    return _surgery_image_forward(backbone, pixels)[:, 1:]
+
+
+def masked_info_nce(logits: Tensor, positives: Tensor, valid: Tensor) -> Tensor:
+    """Symmetric multi-positive InfoNCE over the valid entries of a (C, R) caption-region logit matrix.
+
+    For each caption with at least one positive: -log of the softmax probability (over its valid
+    regions) of all its positives together; the same for each region over its valid captions. The
+    loss is the mean of the two directions, each averaged over its rows that have a positive.
+    """
+    if (positives & ~valid).any():
+        raise ValueError("every positive pair must be valid")
+
+    def one_direction(scores: Tensor, positive: Tensor, allowed: Tensor) -> Tensor:
+        rows = positive.any(dim=1)
+        scores, positive, allowed = scores[rows], positive[rows], allowed[rows]
+        log_all = torch.logsumexp(scores.masked_fill(~allowed, float("-inf")), dim=1)
+        log_positive = torch.logsumexp(scores.masked_fill(~positive, float("-inf")), dim=1)
+        return (log_all - log_positive).mean()
+
+    return 0.5 * (one_direction(logits, positives, valid) + one_direction(logits.T, positives.T, valid.T))
+
+
+def contrastive_loss(backbone: CLIPSurgeryBackbone, batch: ContrastiveBatch) -> Tensor:
+    """The training loss of one batch (scalar)."""
+    regions = pool_regions(patch_embeddings(backbone, batch.pixels), batch.coverage, batch.region_image)
+    captions = sentence_embeddings(backbone, batch.tokens)
+    scale = backbone.clip.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+    return masked_info_nce(scale * captions @ regions.T, batch.positives, batch.valid)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Held-out evaluation
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_grounding(
+    backbone: CLIPSurgeryBackbone, scenes: Sequence[GroundingScene], description_tokens: Tensor
+) -> dict[str, float]:
+    """Accuracies of the frozen features on scenes with single-target expressions (RES refs).
+
+    - ``expression_{A,L,R,all}``: an expression picks, among its scene's objects, the region with
+      the most similar embedding; correct if it is the target (chance about 1 / objects).
+    - ``pointing``: the patch whose token is most similar to the expression lies (partly) on the
+      target; this is the similarity map that SSP-SAM's visual adapter reads.
+    - ``description``: each object, among all 96 "the {size} {color} {shape}" captions, picks the
+      most similar one; correct if it is its own. ``color`` / ``shape`` / ``size``: the picked
+      caption names the object's colour / shape / size.
+    """
+    device = backbone.clip.logit_scale.device
+    descriptions = sentence_embeddings(backbone, description_tokens.to(device))
+    correct: dict[str, list[bool]] = {key: [] for key in ("A", "L", "R", "pointing", "description", "color", "shape", "size")}
+    for scene in scenes:
+        patches = patch_embeddings(backbone, scene.pixels.float()[None].to(device))
+        coverage = scene.coverage.to(device)
+        objects = pool_regions(patches, coverage, torch.zeros(len(coverage), dtype=torch.long, device=device))[:-1]
+        sentences = sentence_embeddings(backbone, scene.expressions.to(device))
+        chosen = (sentences @ objects.T).argmax(dim=1).tolist()
+        best_patch = (sentences @ F.normalize(patches[0], dim=-1).T).argmax(dim=1)
+        for index, (targets, kind) in enumerate(zip(scene.expression_targets, scene.expression_kinds)):
+            correct[kind].append(chosen[index] == targets[0])
+            correct["pointing"].append(bool(coverage[targets[0], best_patch[index]] > 0))
+        picked = (objects @ descriptions.T).argmax(dim=1).tolist()
+        for code, guess in zip(scene.codes.tolist(), picked):
+            true_size, true_color, true_shape = np.unravel_index(code, (len(SIZE_RADII), len(COLORS), len(SHAPES)))
+            guess_size, guess_color, guess_shape = np.unravel_index(guess, (len(SIZE_RADII), len(COLORS), len(SHAPES)))
+            correct["description"].append(code == guess)
+            correct["color"].append(true_color == guess_color)
+            correct["shape"].append(true_shape == guess_shape)
+            correct["size"].append(true_size == guess_size)
+    correct["all"] = correct["A"] + correct["L"] + correct["R"]
+
+    def mean(values: list[bool]) -> float:
+        return float(np.mean(values)) if values else float("nan")
+
+    results = {f"expression_{kind}": mean(correct[kind]) for kind in ("A", "L", "R", "all")}
+    results.update({key: mean(correct[key]) for key in ("pointing", "description", "color", "shape", "size")})
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training and saving
+# ---------------------------------------------------------------------------------------------------
+
+
+def save_clip_checkpoint(model: CLIP, path: str | os.PathLike) -> None:
+    """A plain open_clip state dict (``torch.save``), written atomically."""
+    state_dict = {key: tensor.detach().cpu().clone() for key, tensor in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        torch.save(state_dict, tmp)
+
+
+def pretrain_clip(
+    clip_custom: Mapping,
+    surgery_blocks: int,
+    settings: CLIPPretrainSettings,
+    out: str | os.PathLike | None = None,
+    append_period: bool = True,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    log_dir: str | os.PathLike | None = None,
+) -> tuple[CLIP, CLIPPretrainResult]:
+    """Train a custom CLIP from scratch with region-caption contrast on ShapeWorld.
+
+    Args:
+        clip_custom: the ``custom`` mapping of :func:`build_clip_model` (configs/model/*.yaml ``clip_custom``).
+        surgery_blocks: the number of CLIP-Surgery blocks SSP-SAM will use (the model's ``surgery_blocks``).
+        settings: hyper-parameters; ``settings.seed`` fixes initialisation, data and caption draws.
+        out: where to write the open_clip state dict; None writes nothing.
+        append_period: the model's text convention ("{caption}.").
+        device: torch device for the model.
+        progress: show tqdm bars.
+        log_dir: TensorBoard directory for the loss, temperature and learning rate, or None.
+
+    Returns:
+        The trained open_clip model (eval mode, frozen, as ``build_clip_model`` returns it) and a
+        :class:`CLIPPretrainResult`.
+    """
+    started = time.perf_counter()
+    torch.manual_seed(settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    model = build_clip_model("custom", custom=clip_custom).to(device)
+    backbone = CLIPSurgeryBackbone(model, surgery_blocks=surgery_blocks)
+    model.requires_grad_(True)  # the backbone froze it for SSP-SAM; here it is what we train
+    tokenizer = CLIPTokenizer(model.context_length, append_period=append_period)
+    description_tokens = tokenizer(DESCRIPTIONS)
+    image_size, patch_size = backbone.image_size, model.visual.patch_size[0]
+    pool = grounding_scenes(
+        settings.seed, TRAIN_SPLIT, settings.pool_size, "gres", tokenizer, image_size, patch_size, progress=progress
+    )
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    schedule = cosine_schedule(optimizer, settings.steps, settings.warmup_steps, settings.min_lr)
+    writer = _summary_writer(log_dir)
+    losses = []
+    bar = tqdm(range(settings.steps), desc="CLIP pretraining", disable=not progress)
+    for step in bar:
+        scenes = [pool[index] for index in rng.choice(len(pool), size=settings.batch_size, replace=False)]
+        batch = contrastive_batch(scenes, rng, settings.expressions_per_scene, description_tokens).to(device)
+        loss = contrastive_loss(backbone, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if writer is not None:
+            writer.add_scalar("clip/loss", losses[-1], step)
+            writer.add_scalar("clip/logit_scale", model.logit_scale.exp().item(), step)
+            writer.add_scalar("clip/lr", schedule.get_last_lr()[0], step)
+    model.eval()
+    model.requires_grad_(False)
+
+    heldout_pool = grounding_scenes(
+        settings.seed, HELDOUT_SPLIT, settings.eval_scenes, "res", tokenizer, image_size, patch_size, progress=progress
+    )
+    heldout = evaluate_grounding(backbone, heldout_pool, description_tokens)
+    if writer is not None:
+        for name, value in heldout.items():
+            writer.add_scalar(f"clip/heldout_{name}", value, settings.steps)
+        writer.close()
+    if out is not None:
+        save_clip_checkpoint(model, out)
+    return model, CLIPPretrainResult(losses, heldout, time.perf_counter() - started)
+
+
+def _summary_writer(log_dir: str | os.PathLike | None):
+    if log_dir is None:
+        return None
+    from torch.utils.tensorboard import SummaryWriter  # optional dependency, imported only when asked for
+
+    return SummaryWriter(os.fspath(log_dir))
