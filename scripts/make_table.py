@@ -60,13 +60,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", metavar="RUNS", help="results JSON files, or directories of them")
     parser.add_argument("--metric", default="mIoU", help="metric of the RES and PhraseCut columns (default mIoU; e.g. oIoU)")
+    parser.add_argument("--compact", action="store_true", help="leave out the paper's datasets without results")
     parser.add_argument("--out-md", help="also write the Markdown table to this file")
     parser.add_argument("--out-tex", help="also write the LaTeX table to this file")
     args = parser.parse_args()
 
     results = [_read_result(path) for path in _result_files(args.runs)]
     try:
-        markdown, latex = make_tables(results, metric=args.metric)
+        markdown, latex = make_tables(results, metric=args.metric, compact=args.compact)
     except ValueError as error:
         fail(str(error))
     print(markdown, end="")

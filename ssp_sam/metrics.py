@@ -452,3 +452,20 @@ def format_table(metrics: Mapping[str, float], keys: Sequence[str] | None = None
     rule = "  ".join("-" * width for width in widths)
     values = "  ".join(cell.rjust(width) for cell, width in zip(cells, widths))
     return "\n".join((header, rule, values))
+
+
+def format_rows(rows: Mapping[str, Mapping[str, float]], keys: Sequence[str], label_title: str = "") -> str:
+    """A fixed-width text table with one row per entry of ``rows`` (label -> metrics).
+
+    Cells as in :func:`format_table`; the first column holds the labels under ``label_title``.
+    """
+    labels = [label_title, *rows]
+    body = [[_format_cell(key, metrics.get(key)) for key in keys] for metrics in rows.values()]
+    widths = [max(len(label) for label in labels)] + [
+        max(len(key), *(len(cells[i]) for cells in body)) for i, key in enumerate(keys)
+    ]
+    lines = ["  ".join([label_title.ljust(widths[0]), *(key.rjust(w) for key, w in zip(keys, widths[1:]))])]
+    lines.append("  ".join("-" * width for width in widths))
+    for label, cells in zip(rows, body):
+        lines.append("  ".join([str(label).ljust(widths[0]), *(cell.rjust(w) for cell, w in zip(cells, widths[1:]))]))
+    return "\n".join(lines)

@@ -24,7 +24,7 @@ from .. import __version__
 from ..checkpoint import WEIGHTS_FILE
 from ..errors import CheckpointError
 from ..fileio import write_json
-from ..metrics import GRES_KEYS, RES_KEYS, SSPSAM_GRES_KEYS, format_table
+from ..metrics import GRES_KEYS, RES_KEYS, SSPSAM_GRES_KEYS, format_rows
 from .evaluator import EvaluationResult
 
 GRES_TABLE_METRICS = ("gIoU", "cIoU", "N-acc")
@@ -125,15 +125,10 @@ def console_key_sets(task: str) -> list[tuple[str, ...]]:
 
 
 def console_tables(result: EvaluationResult) -> str:
-    """The metrics as text tables (GRES: the gRefCOCO protocol over SSP-SAM's variant), then the
-    same per group (e.g. ShapeWorld's expression kinds)."""
-
-    def tables(metrics: Mapping[str, Any]) -> str:
-        return "\n".join(format_table(metrics, keys) for keys in console_key_sets(result.task))
-
-    blocks = [tables(result.metrics)]
-    blocks += [f"group {group}:\n{tables(values)}" for group, values in result.by_group.items()]
-    return "\n\n".join(blocks)
+    """The metrics as text tables (GRES: the gRefCOCO protocol, then SSP-SAM's variant), one row
+    for all samples and one per group (e.g. ShapeWorld's expression kinds)."""
+    rows = {"all": result.metrics, **result.by_group}
+    return "\n\n".join(format_rows(rows, keys, label_title="group") for keys in console_key_sets(result.task))
 
 
 # ----------------------------------------------------------------------------- tables
@@ -266,15 +261,21 @@ def _latex(columns: Sequence[_Column], rows: Mapping[str, Sequence[str]]) -> str
     return "\n".join(lines) + "\n"
 
 
-def make_tables(results: Sequence[Mapping[str, Any]], metric: str = "mIoU") -> tuple[str, str]:
+def make_tables(results: Sequence[Mapping[str, Any]], metric: str = "mIoU", compact: bool = False) -> tuple[str, str]:
     """The paper's results table of ``results`` (records as written by :func:`write_results`), as (Markdown, LaTeX).
 
     One row per run (its "label", else its "model"), in order of first appearance. RES and
     PhraseCut columns show ``metric``; GRES columns gIoU, cIoU and N-acc. Values are x100 with
-    two decimals; a missing result or metric is "-".
+    two decimals; a missing result or metric is "-". ``compact`` drops the paper's column groups
+    for which no run has a result.
 
     Raises:
         ValueError: a record lacks a required key, or one run has two results for one cell.
     """
     columns, rows = _table_cells(results, metric)
+    if compact:
+        filled_groups = {c.group for i, c in enumerate(columns) if any(cells[i] != MISSING for cells in rows.values())}
+        keep = [i for i, c in enumerate(columns) if c.group in filled_groups]
+        columns = [columns[i] for i in keep]
+        rows = {label: [cells[i] for i in keep] for label, cells in rows.items()}
     return _markdown(columns, rows), _latex(columns, rows)
