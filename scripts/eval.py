@@ -19,17 +19,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ssp_sam.backbones.sam import SAMImageTransform
 from ssp_sam.checkpoint import load_model
 from ssp_sam.cli import reports_errors
-from ssp_sam.data.embedding_cache import EmbeddingCache, build_cache, image_key, sam_encoder_fingerprint
-from ssp_sam.data.records import ReferringDataset
 from ssp_sam.data.registry import load_dataset
-from ssp_sam.engine.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
+from ssp_sam.engine.caching import ensure_cache
+from ssp_sam.engine.distributed import DistInfo, init_distributed, shutdown_distributed
 from ssp_sam.engine.evaluator import evaluate
 from ssp_sam.engine.reporting import command_line, console_tables, write_results
 from ssp_sam.errors import ConfigError
-from ssp_sam.model import SSPSAM
 from ssp_sam.predictor import DEFAULT_CHECKPOINT, resolve_device
 
 
@@ -41,20 +38,6 @@ def _device_for(requested: str, dist_info: DistInfo) -> torch.device:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
-
-
-def _prepare_cache(cfg: DictConfig, model: SSPSAM, dataset: ReferringDataset, device: torch.device, dist_info: DistInfo) -> EmbeddingCache:
-    """Fill the cache with the SAM embeddings of the dataset's images (rank 0 computes) and open it."""
-    fingerprint = sam_encoder_fingerprint(model.sam_image_encoder, model.config.sam_checkpoint)
-    root = Path(cfg.cache_dir)
-    if dist_info.is_main:
-        images = {image_key(path): path for path in dataset.image_paths()}
-        build_cache(
-            root, images, model.sam_image_encoder, SAMImageTransform(model.sam_image_size), fingerprint,
-            batch_size=int(cfg.cache_batch_size), device=device, dtype=str(cfg.cache_dtype), progress=bool(cfg.progress),
-        )
-    barrier(dist_info)
-    return EmbeddingCache(root, fingerprint)
 
 
 @hydra.main(config_path="../configs", config_name="eval", version_base="1.3")
@@ -74,7 +57,12 @@ def main(cfg: DictConfig) -> None:
     try:
         device = _device_for(cfg.device, dist_info)
         model = load_model(checkpoint, model_config, device=device)
-        cache = _prepare_cache(cfg, model, dataset, device, dist_info) if cfg.cache_dir is not None else None
+        cache = None
+        if cfg.cache_dir is not None:
+            cache = ensure_cache(
+                cfg.cache_dir, dataset.image_paths(), model.sam_image_encoder, model.config.sam_checkpoint,
+                model.sam_image_size, device, dist_info, int(cfg.cache_batch_size), str(cfg.cache_dtype), bool(cfg.progress),
+            )
         result = evaluate(
             model, dataset, cache=cache, device=device, max_batch=int(cfg.max_batch),
             progress=bool(cfg.progress) and dist_info.is_main, group_key=cfg.group_key,

@@ -31,10 +31,10 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from ..backbones.clip import CLIPTokenizer
-from ..backbones.sam import SAMImageTransform, build_sam
+from ..backbones.sam import build_sam
 from ..checkpoint import load_own_weights, read_trainer_state, save_checkpoint
 from ..config import model_config_from
-from ..data.embedding_cache import EmbeddingCache, build_cache, image_key, sam_encoder_fingerprint
+from ..data.embedding_cache import EmbeddingCache, image_key
 from ..data.records import ReferringDataset
 from ..data.registry import load_splits
 from ..data.training import EpochBatchSampler, ReferringTrainingSet, collate
@@ -42,9 +42,10 @@ from ..errors import ConfigError, SSPSAMError
 from ..fileio import atomic_path
 from ..image_io import load_image
 from ..losses import ssp_sam_loss
-from ..model import SSPSAM, build_model
+from ..model import build_model
 from ..predictor import Predictor, resolve_device
 from ..visualize import overlay
+from .caching import ensure_cache
 from .distributed import DistInfo, barrier, init_distributed, mean_across_ranks, shutdown_distributed
 from .evaluator import evaluate
 from .optim import cosine_schedule, parameter_groups
@@ -160,22 +161,13 @@ class Trainer:
     def _prepare_cache(self) -> EmbeddingCache:
         """Make sure every train/val image has a cached SAM embedding (computed by rank 0 only)."""
         config = self.model_config
-        if self.model.sam_image_encoder is not None:
-            encoder = self.model.sam_image_encoder
-        else:
+        encoder = self.model.sam_image_encoder
+        if encoder is None:  # built only for the cache, freed afterwards
             encoder = build_sam(config.sam_variant, config.sam_checkpoint, config.sam_custom, parts=("image_encoder",)).image_encoder
-        fingerprint = sam_encoder_fingerprint(encoder, config.sam_checkpoint)
-        images = {image_key(p): p for d in self.datasets.values() for p in d.image_paths()}
-        root = Path(self.cfg.cache_dir)
-        if self.dist.is_main:
-            build_cache(
-                root, images, encoder.to(self.device), SAMImageTransform(self.model.sam_image_size), fingerprint,
-                batch_size=int(self.cfg.cache_batch_size), device=self.device, progress=True,
-            )
-        barrier(self.dist)
-        if encoder is not self.model.sam_image_encoder:
-            del encoder
-        return EmbeddingCache(root, fingerprint)
+        return ensure_cache(
+            self.cfg.cache_dir, [p for d in self.datasets.values() for p in d.image_paths()], encoder, config.sam_checkpoint,
+            self.model.sam_image_size, self.device, self.dist, batch_size=int(self.cfg.cache_batch_size),
+        )
 
     def _resume_or_check_run_dir(self) -> None:
         last = self.run_dir / "last"
