@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from ssp_sam.data.registry import load_dataset
-from ssp_sam.data.shapeworld import generate_dataset
+from ssp_sam.data.shapeworld import dataset_config, generate_dataset
 from ssp_sam.engine.evaluator import evaluate
 from ssp_sam.engine.reporting import command_line, console_tables, make_tables, write_results
 from ssp_sam.errors import SSPSAMError
@@ -27,15 +27,6 @@ from ssp_sam.predictor import DEFAULT_CHECKPOINT, Predictor
 
 # Seeds of the shipped model's training data are listed in docs/shapeworld_model.md; this one is not among them.
 DEMO_SEED = 20261122
-
-
-def dataset_config(root: Path, task: str) -> dict:
-    """The configs/dataset/shapeworld{,_gres}.yaml settings for a split generated under ``root``."""
-    folder = "shapeworld" if task == "res" else "shapeworld_gres"
-    return {
-        "name": folder, "format": "refer" if task == "res" else "grefcoco", "root": str(root), "folder": folder,
-        "image_root": str(root / "images"), "split": "test", "split_by": "unc", "task": task,
-    }
 
 
 def pick_example(dataset) -> tuple[Path, list[str]]:

@@ -5,7 +5,7 @@
 writes a whole dataset in the RefCOCO (task="res") or gRefCOCO (task="gres") layout.
 """
 
-from .dataset import GENERATOR_VERSION, SPEC_VERSION, generate_dataset
+from .dataset import GENERATOR_VERSION, SPEC_VERSION, dataset_config, generate_dataset
 from .expressions import KIND_PROPORTIONS, TASKS, Expression, Ref, generate_refs
 from .scene import CLASS_NAMES, COLORS, SHAPES, SIZE_RADII, SPLITS, Scene, SceneObject, generate_scene
 
@@ -23,6 +23,7 @@ __all__ = [
     "Ref",
     "Scene",
     "SceneObject",
+    "dataset_config",
     "generate_dataset",
     "generate_refs",
     "generate_scene",

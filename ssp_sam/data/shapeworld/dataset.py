@@ -246,3 +246,18 @@ def generate_dataset(
     }
     _write_json(manifest_path, manifest, indent=2)
     return out
+
+
+def dataset_config(root: str | os.PathLike, task: str, split: str = "test") -> dict:
+    """The dataset config (as configs/dataset/shapeworld{,_gres}.yaml) of a set generated into ``root``."""
+    folder = DATASET_DIRS[task]
+    return {
+        "name": folder,
+        "format": "refer" if task == "res" else "grefcoco",
+        "root": str(root),
+        "folder": folder,
+        "image_root": str(Path(root) / "images"),
+        "split": split,
+        "split_by": "unc",
+        "task": task,
+    }
