@@ -12,7 +12,7 @@ bash "$repo/scripts/setup_env.sh"
 cd "$repo"
 python="${SSP_SAM_VENV:-$repo/.venv}/bin/python"
 
-"$python" scripts/make_shapeworld.py task=gres out=data/shapeworld_train n_images='{train: 3000, val: 100}' seed=7
+"$python" scripts/make_shapeworld.py task=gres out=data/shapeworld_train n_images='{train: 3000, val: 100, test: 200}' seed=7
 "$python" scripts/pretrain_sam.py
 "$python" scripts/pretrain_clip.py
 "$python" scripts/train.py experiment=shapeworld_default "$@"

@@ -49,6 +49,7 @@ from .caching import ensure_cache
 from .distributed import DistInfo, barrier, init_distributed, mean_across_ranks, shutdown_distributed
 from .evaluator import evaluate
 from .optim import cosine_schedule, parameter_groups
+from .reporting import command_line, console_tables, write_results
 
 # The validation metric that picks the best checkpoint, per task.
 SELECTION_METRIC = {"res": "mIoU", "gres": "gIoU", "phrasecut": "mIoU"}
@@ -101,6 +102,7 @@ class Trainer:
             load_own_weights(self.model, cfg.init_checkpoint)
         self.model.to(self.device)
 
+        self.dataset_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
         self.datasets = self._read_datasets()
         self.cache = self._prepare_cache()
         self.tokenizer = CLIPTokenizer(self.model.clip.context_length, self.model_config.append_period)
@@ -153,10 +155,11 @@ class Trainer:
     # ------------------------------------------------------------------------------------ setup
 
     def _read_datasets(self) -> dict[str, ReferringDataset]:
-        train_split, val_split = self.train_cfg.split, self.cfg.val.split
-        dataset_cfg = OmegaConf.to_container(self.cfg.dataset, resolve=True)
-        splits = load_splits(dataset_cfg, [train_split] + ([val_split] if val_split else []))
-        return {"train": splits[train_split], **({"val": splits[val_split]} if val_split else {})}
+        """The train split, and the val and test splits when the config names them."""
+        wanted = {"train": self.train_cfg.split, "val": self.cfg.val.split, "test": self.cfg.test.split}
+        wanted = {role: split for role, split in wanted.items() if split}
+        splits = load_splits(self.dataset_cfg, list(wanted.values()))
+        return {role: splits[split] for role, split in wanted.items()}
 
     def _prepare_cache(self) -> EmbeddingCache:
         """Make sure every train/val image has a cached SAM embedding (computed by rank 0 only)."""
@@ -347,10 +350,32 @@ class Trainer:
         return TrainResult(self.run_dir, epochs - self.start_epoch, self.best_metric, metrics, all_losses)
 
 
+    def test(self) -> Optional[Path]:
+        """Evaluate the best checkpoint on ``test.split`` and write the results JSON into the run directory.
+
+        Returns the JSON's path (None without a test split, and on ranks other than 0).
+        """
+        if "test" not in self.datasets:
+            return None
+        load_own_weights(self.model, self.run_dir / "best")
+        self.model.eval()
+        dataset = self.datasets["test"]
+        result = evaluate(self.model, dataset, cache=self.cache, device=self.device, max_batch=int(self.cfg.val.max_batch), progress=self.dist.is_main)
+        if not self.dist.is_main:
+            return None
+        path = self.run_dir / f"results_{dataset.name}_{dataset.split}.json"
+        write_results(path, result, {**self.dataset_cfg, "split": dataset.split}, self.model_config.name, self.run_dir / "best", command_line(), label=str(self.cfg.name))
+        tqdm.write(f"{dataset.name} {dataset.split}:\n{console_tables(result)}\nwrote {path}")
+        return path
+
+
 def train(cfg: DictConfig) -> TrainResult:
-    """Train as ``cfg`` says (see configs/train.yaml); tears the process group down at the end."""
+    """Train as ``cfg`` says (see configs/train.yaml), then evaluate on the test split if one is named."""
     try:
-        return Trainer(cfg).fit()
+        trainer = Trainer(cfg)
+        result = trainer.fit()
+        trainer.test()
+        return result
     finally:
         shutdown_distributed()
 
