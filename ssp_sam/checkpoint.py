@@ -21,7 +21,7 @@ import pickle
 import zipfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -32,6 +32,7 @@ from .config import RELEASE_PRESETS, ModelConfig, model_config_from
 from .errors import CheckpointError
 from .fileio import atomic_directory
 from .model import SSPSAM, build_model
+from .state_dicts import mismatch_report
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -86,12 +87,6 @@ def map_release_key(key: str) -> str | None:
     raise KeyError(key)
 
 
-def _format_keys(keys: Iterable[str], limit: int = 8) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
-
-
 def check_state_dict(expected: Mapping[str, Tensor], given: Mapping[str, Tensor], source: str, optional: tuple[str, ...] = ()) -> None:
     """Raise CheckpointError if ``given`` lacks, adds or mis-shapes keys of ``expected``.
 
@@ -101,22 +96,9 @@ def check_state_dict(expected: Mapping[str, Tensor], given: Mapping[str, Tensor]
         source: the file, for the message.
         optional: prefixes of expected keys that may be missing.
     """
-    missing = [k for k in expected if k not in given and not k.startswith(optional)]
-    unexpected = [k for k in given if k not in expected]
-    mis_shaped = [
-        f"{k} (checkpoint {tuple(given[k].shape)}, model {tuple(expected[k].shape)})"
-        for k in given
-        if k in expected and tuple(given[k].shape) != tuple(expected[k].shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_format_keys(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_format_keys(unexpected)}")
-    if mis_shaped:
-        problems.append(f"mis-shaped keys: {_format_keys(mis_shaped)}")
-    if problems:
-        raise CheckpointError(f"{source}: checkpoint does not fit this model; " + "; ".join(problems))
+    report = mismatch_report(given, expected, required=lambda key: not key.startswith(optional))
+    if report:
+        raise CheckpointError(f"{source}: checkpoint does not fit this model; {report}")
 
 
 def _require_file(path: Path) -> None:
@@ -170,7 +152,8 @@ def map_release_state_dict(state: Mapping[str, Tensor], source: str) -> dict[str
         if ours is not None:
             mapped[ours] = value
     if unknown:
-        raise CheckpointError(f"{source}: keys that belong to no SSP-SAM release module: {_format_keys(unknown)}")
+        shown = ", ".join(sorted(unknown)[:8]) + (f", ... ({len(unknown)} in all)" if len(unknown) > 8 else "")
+        raise CheckpointError(f"{source}: keys that belong to no SSP-SAM release module: {shown}")
     return mapped
 
 

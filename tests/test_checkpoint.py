@@ -150,7 +150,7 @@ def test_release_sam_image_encoder_is_loaded_when_present(tmp_path):
     [
         (lambda s: s.pop("bbox_embed.layers.2.weight"), "missing keys: prompt_generator.box_head.layers.2.weight"),
         (lambda s: s.update({"vl_transformer.decoder.layers.0.weight": torch.zeros(1)}), "vl_transformer.decoder.layers.0.weight"),
-        (lambda s: s.update({"prompt_token.weight": torch.zeros(64, 256)}), r"prompt_generator.prompt_tokens.weight \(checkpoint \(64, 256\), model \(128, 256\)\)"),
+        (lambda s: s.update({"prompt_token.weight": torch.zeros(64, 256)}), r"prompt_generator.prompt_tokens.weight \(file \(64, 256\), model \(128, 256\)\)"),
     ],
 )
 def test_release_checkpoint_mismatches_are_named(tmp_path, mutate, message):

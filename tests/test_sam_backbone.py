@@ -131,7 +131,7 @@ def test_vit_l_weights_for_vit_b_are_named(tmp_path):
     message = str(error.value)
     assert "sam_vit_l.pth" in message
     assert "vit_l weights given for vit_b" in message
-    assert "patch_embed.proj.weight (expected (768, 3, 16, 16), found (1024, 3, 16, 16))" in message
+    assert "patch_embed.proj.weight (file (1024, 3, 16, 16), model (768, 3, 16, 16))" in message
     assert "unexpected keys: image_encoder.blocks.20." in message
     # Also when only the decoder is requested: the file's encoder keys still have to fit.
     with pytest.raises(CheckpointError, match="vit_l weights given for vit_b"):
@@ -143,7 +143,7 @@ def test_mismatched_custom_config(tiny_checkpoint):
     with pytest.raises(CheckpointError) as error:
         build_sam("custom", tiny_checkpoint, custom=wider)
     assert "tiny_sam.pth" in str(error.value)
-    assert "layers.0.mlp.lin1.weight (expected (256, 64), found (128, 64))" in str(error.value)
+    assert "layers.0.mlp.lin1.weight (file (128, 64), model (256, 64))" in str(error.value)
 
 
 def test_missing_and_unexpected_keys(tiny_state_dict, tmp_path):

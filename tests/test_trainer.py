@@ -198,3 +198,16 @@ def test_unknown_config_key_exits_non_zero(tmp_path):
     done = run_script("train.py", "train.not_a_key=1", cwd=tmp_path)
     assert done.returncode != 0
     assert "not_a_key" in done.stderr
+
+
+def test_best_checkpoint_is_evaluated_on_the_test_split(shapeworld_root, tmp_path):
+    cfg = compose_train(
+        train_overrides(shapeworld_root, tmp_path / "run", tmp_path / "cache", "train.epochs=1", "test.split=val", "name=variant_x")
+    )
+    trainer = Trainer(cfg)
+    trainer.fit()
+    path = trainer.test()
+    record = json.loads(path.read_text())
+    assert path.name == "results_shapeworld_val.json"
+    assert record["label"] == "variant_x" and record["split"] == "val" and record["dataset"] == "shapeworld"
+    assert 0.0 <= record["metrics"]["mIoU"] <= 1.0 and record["n_images"] == 2

@@ -29,7 +29,8 @@ from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 
-from ssp_sam.errors import CheckpointError, ConfigError, ExpressionError, ImageError
+from ..errors import CheckpointError, ConfigError, ExpressionError, ImageError
+from ..state_dicts import mismatch_report
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -170,31 +171,11 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
 
 def _check_state_dict(state_dict: Mapping[str, Tensor], model: nn.Module, path: Path, arch: str) -> None:
     """Raise CheckpointError listing the first missing, unexpected and mis-shaped keys, if any."""
-    expected = model.state_dict()
-    missing = [key for key in expected if key not in state_dict]
-    unexpected = [key for key in state_dict if key not in expected]
-    misshaped = [key for key in expected if key in state_dict and state_dict[key].shape != expected[key].shape]
-    misshaped.sort(key=lambda key: not key.startswith("visual."))  # the image tower tells the arch apart best
-    if not (missing or unexpected or misshaped):
+    report = mismatch_report(state_dict, model.state_dict(), first=("visual.",), limit=_SHOWN_KEYS)
+    if report is None:
         return
-
-    def shape(tensor: Tensor) -> tuple[int, ...]:
-        return tuple(tensor.shape)
-
-    problems = []
-    if misshaped:
-        shown = "; ".join(
-            f"{key}: file {shape(state_dict[key])} vs model {shape(expected[key])}" for key in misshaped[:_SHOWN_KEYS]
-        )
-        problems.append(f"{len(misshaped)} mis-shaped keys ({shown})")
-    if missing:
-        shown = ", ".join(f"{key} {shape(expected[key])}" for key in missing[:_SHOWN_KEYS])
-        problems.append(f"{len(missing)} missing keys ({shown})")
-    if unexpected:
-        shown = ", ".join(f"{key} {shape(state_dict[key])}" for key in unexpected[:_SHOWN_KEYS])
-        problems.append(f"{len(unexpected)} unexpected keys ({shown})")
     raise CheckpointError(
-        f"CLIP checkpoint {path} does not fit arch {arch!r}: {'; '.join(problems)}."
+        f"CLIP checkpoint {path} does not fit arch {arch!r}: {report}."
         f"{_describe_vision_tower(state_dict)}"
     )
 

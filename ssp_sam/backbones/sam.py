@@ -18,7 +18,6 @@ and ``Sam.postprocess_masks`` need ``image_encoder`` (for ``img_size``), the fun
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import pickle
@@ -40,6 +39,8 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, ImageError
+from ..fileio import file_sha256
+from ..state_dicts import mismatch_report
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -214,22 +215,12 @@ def _check_state_dict(
     requested (a ViT-L file must not pass as a ViT-B one because only the decoder was asked for);
     every key of a requested part must be present.
     """
-    mis_shaped = [
-        f"{key} (expected {tuple(expected[key].shape)}, found {tuple(tensor.shape)})"
-        for key, tensor in state_dict.items()
-        if key in expected and expected[key].shape != tensor.shape
-    ]
-    unexpected = [key for key in state_dict if key not in expected]
-    missing = [key for key in expected if key.split(".")[0] in parts and key not in state_dict]
-    if not (mis_shaped or unexpected or missing):
+    report = mismatch_report(
+        state_dict, expected, required=lambda key: key.split(".")[0] in parts, first=("image_encoder.patch_embed.",)
+    )
+    if report is None:
         return
-    problems = []
-    if mis_shaped:
-        problems.append(f"mis-shaped keys: {_first_keys(mis_shaped)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_first_keys(unexpected)}")
-    if missing:
-        problems.append(f"missing keys: {_first_keys(missing)}")
+    problems = [report]
     found_variant = _guess_variant(state_dict)
     if found_variant is not None and found_variant != variant:
         problems.insert(0, f"{found_variant} weights given for {variant}")
@@ -300,15 +291,10 @@ def build_sam(
 
 def sam_weights_fingerprint(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
     """Hex sha256 of a weights file, read in chunks; keys the embedding cache to the encoder weights."""
-    path = os.fspath(path)
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as file:
-            for chunk in iter(lambda: file.read(chunk_bytes), b""):
-                digest.update(chunk)
+        return file_sha256(path, chunk_bytes)
     except OSError as error:
-        raise CheckpointError(f"{path}: cannot read SAM weights ({error.strerror or error})") from error
-    return digest.hexdigest()
+        raise CheckpointError(f"{os.fspath(path)}: cannot read SAM weights ({error.strerror or error})") from error
 
 
 class SAMImageTransform:

@@ -10,7 +10,6 @@ cIoU, N-acc each) and PhraseCut test, then any other dataset (e.g. ShapeWorld) w
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shlex
 import sys
@@ -23,7 +22,7 @@ from typing import Any
 from .. import __version__
 from ..checkpoint import WEIGHTS_FILE
 from ..errors import CheckpointError
-from ..fileio import write_json
+from ..fileio import file_sha256, write_json
 from ..metrics import GRES_KEYS, RES_KEYS, SSPSAM_GRES_KEYS, format_rows
 from .evaluator import EvaluationResult
 
@@ -50,21 +49,14 @@ def command_line() -> str:
     return " ".join(shlex.quote(arg) for arg in (sys.executable, *sys.argv))
 
 
-def checkpoint_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a checkpoint's weights: ``model.safetensors`` of one of our directories, else the file itself.
-
-    Read in chunks, so a multi-gigabyte release file is never held in memory.
-    """
+def checkpoint_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a checkpoint's weights: ``model.safetensors`` of one of our directories, else the file itself."""
     path = Path(path)
     weights = path / WEIGHTS_FILE if path.is_dir() else path
-    digest = hashlib.sha256()
     try:
-        with open(weights, "rb") as file:
-            for chunk in iter(lambda: file.read(chunk_bytes), b""):
-                digest.update(chunk)
+        return file_sha256(weights)
     except OSError as error:
         raise CheckpointError(f"{weights}: cannot read the checkpoint to hash it ({error.strerror or error})") from None
-    return digest.hexdigest()
 
 
 def write_results(
