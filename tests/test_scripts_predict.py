@@ -55,10 +55,13 @@ def test_predict_writes_masks_overlays_and_summary(scene, tmp_path):
     result = run_script("predict.py", *_predict_args(scene, out_dir))
     assert result.returncode == 0, result.stderr
     expected_files = {f"{i:02d}_{kind}.png" for i in range(len(EXPRESSIONS)) for kind in ("mask", "overlay")}
-    assert {p.name for p in out_dir.iterdir()} == expected_files | {"summary.json"}
+    assert {p.name for p in out_dir.iterdir()} == expected_files | {"summary.json", "predictions.jsonl"}
 
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["image"] == str(scene["folder"] / "scene.png")
+    lines = [json.loads(line) for line in (out_dir / "predictions.jsonl").read_text().splitlines()]
+    assert [line["expression"] for line in lines] == EXPRESSIONS
+    assert [line["rle"] for line in lines] == [entry["rle"] for entry in summary["predictions"]]
     in_process = scene["predictor"].predict(scene["image"], EXPRESSIONS)
     assert [p["expression"] for p in summary["predictions"]] == EXPRESSIONS
     for index, (entry, expected) in enumerate(zip(summary["predictions"], in_process)):
