@@ -16,7 +16,7 @@ from ssp_sam.model import SSPSAM, build_model
 
 REPO = Path(__file__).resolve().parents[1]
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # pytest-xdist runs two workers on two cores
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -39,7 +39,7 @@ def model() -> SSPSAM:
 
 def run_script(script: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run ``scripts/<script>`` with this interpreter; returns the completed process (text output)."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, str(REPO / "scripts" / script), *args],
         cwd=cwd or REPO,
