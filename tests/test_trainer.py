@@ -125,7 +125,7 @@ def test_resume_after_kill_mid_epoch(shapeworld_root, tmp_path):
     overrides = train_overrides(shapeworld_root, tmp_path / "killed", cache, "train.max_steps_per_epoch=null")
     process = subprocess.Popen(
         [sys.executable, str(REPO / "scripts" / "train.py"), *overrides],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     log = tmp_path / "killed" / "train_log.jsonl"
     deadline = time.time() + 300
