@@ -25,6 +25,8 @@ Conventions where the definitions are silent:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -134,7 +136,7 @@ def _check_sample_id(sample_id: str | int | None) -> None:
         raise ValueError(f"sample_id must be a string, an int or None, got {sample_id!r}")
 
 
-class _PerSampleMetrics:
+class _PerSampleMetrics(ABC):
     """Per-sample records stored column-wise in plain lists, with grouping, merging and state.
 
     Every sample records its ``sample_id``, ``group`` and mask counts ``I`` and ``U``; subclasses
@@ -180,8 +182,9 @@ class _PerSampleMetrics:
         unions = np.asarray(rows["U"], dtype=np.int64)
         return intersections, unions, _per_sample_iou(intersections, unions)
 
+    @abstractmethod
     def _summarize(self, rows: dict[str, list]) -> dict[str, float | int]:
-        raise NotImplementedError
+        """The metrics of the given rows (the columns of the per-sample records)."""
 
     def _derived(self, rows: dict[str, list]) -> dict[str, list]:
         """Per-sample values computed from the records, added to ``per_sample()``."""
@@ -306,9 +309,9 @@ class _GRESProtocol(_PerSampleMetrics):
     I is 0). Pr@X is over target samples only.
     """
 
+    @abstractmethod
     def _pred_no_target(self, rows: dict[str, list]) -> np.ndarray:
         """The no-target decision of every row, shape (N,) bool."""
-        raise NotImplementedError
 
     def _append_sample(
         self, pred_mask: Mask, gt_mask: Mask, group: str | None, sample_id: str | int | None, **values: Any
