@@ -89,7 +89,7 @@ def main() -> int:
     out_dir = args.out / "predictions"
     write_predictions(image, predictions, out_dir, str(image_path), str(args.checkpoint))
     for index, prediction in enumerate(predictions):
-        status = "no target" if prediction.no_target else f"{int(prediction.mask.sum())} px, box {prediction.box.round(1).tolist()}"
+        status = "no target" if prediction.no_target else f"{int(prediction.mask.sum())} px, box {[round(v, 1) for v in prediction.box.tolist()]}"
         print(f"  [{index:02d}] {prediction.expression!r}: {status}")
     print(f"\nmasks, overlays, summary.json and predictions.jsonl in {out_dir}/")
     return 0
