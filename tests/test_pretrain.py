@@ -291,23 +291,20 @@ def test_contrastive_batch_pairs():
     # Regions: scene 0 objects 0, 1, background; scene 1 object 0, background.
     assert batch.region_image.tolist() == [0, 0, 0, 1, 1]
     assert batch.coverage.shape == (5, 4) and batch.pixels.shape == (2, 3, 8, 8)
-    assert len(batch.tokens) == 4
-    # Captions: [description of scene 0, "the star", description of scene 1, "the green square"].
-    assert torch.equal(batch.tokens[1], first.expressions[0])
-    assert torch.equal(batch.tokens[3], second.expressions[0])
-    assert batch.valid[0].all() and batch.valid[2].all()
-    assert batch.valid[1].tolist() == [True, True, True, False, False]
-    assert batch.valid[3].tolist() == [False, False, False, True, True]
-    assert batch.positives[1].tolist() == [False, True, False, False, False]
-    assert not batch.positives[3].any()
-    # Scene 1's description is the red circle's, which scene 0 also holds: both are positives.
-    assert torch.equal(batch.tokens[2], description_tokens[red_circle])
-    assert batch.positives[2].tolist() == [True, False, False, True, False]
-    if torch.equal(batch.tokens[0], description_tokens[red_circle]):
-        assert batch.positives[0].tolist() == [True, False, False, True, False]
-    else:
-        assert torch.equal(batch.tokens[0], description_tokens[blue_star])
-        assert batch.positives[0].tolist() == [False, True, False, False, False]
+    # Captions: the 96 descriptions, then "the star" (scene 0), then "the green square" (scene 1).
+    assert len(batch.tokens) == 98
+    assert torch.equal(batch.tokens[:96], description_tokens)
+    assert batch.valid[:96].all()
+    # Both red circles (scene 0 object 0, scene 1 object 0) are positives of their description.
+    assert batch.positives[red_circle].tolist() == [True, False, False, True, False]
+    assert batch.positives[blue_star].tolist() == [False, True, False, False, False]
+    assert batch.positives[:96].sum() == 3
+    assert torch.equal(batch.tokens[96], first.expressions[0])
+    assert batch.valid[96].tolist() == [True, True, True, False, False]
+    assert batch.positives[96].tolist() == [False, True, False, False, False]
+    assert torch.equal(batch.tokens[97], second.expressions[0])
+    assert batch.valid[97].tolist() == [False, False, False, True, True]
+    assert not batch.positives[97].any()
 
 
 def test_attribute_codes_index_the_descriptions():

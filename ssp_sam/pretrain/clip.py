@@ -11,16 +11,16 @@ the contrastive pairs here are regions and captions rather than images and capti
   every caption of the scene, so that background patches learn to stay away from all captions.
 - Text side: the sentence embedding of CLIPSurgeryBackbone's text forward, on the text SSP-SAM
   feeds ("{caption}." with the model's ``append_period``).
-- Captions: the scene's ShapeWorld-Ref GRES expressions (``generate_refs(scene, "gres")``: kinds
-  A / L / R / M / N; so left / right / top / bottom, "left of", "above", plurals and absent
-  objects all occur) and, for one object per scene, its full description "the {size} {color}
-  {shape}".
+- Captions: per scene, some of its ShapeWorld-Ref GRES expressions (``generate_refs(scene,
+  "gres")``: kinds A / L / R / M / N; so left / right / top / bottom, "left of", "above", plurals
+  and absent objects all occur), and at every step all 96 descriptions "the {size} {color}
+  {shape}", so that every object is told apart from every other size / colour / shape.
 - Loss: symmetric multi-positive InfoNCE with a mask of valid pairs (:func:`masked_info_nce`) and
   CLIP's learnable temperature (``logit_scale``, clamped at 100). An expression is only scored
   against the regions of its own scene (it is defined relative to that scene) and its positives
   are its targets (several for M, none for N: an N caption only serves as a negative). A
-  description is scored against every region of the batch, and every object with the same size,
-  colour and shape is a positive, so equal objects of other scenes are never pushed apart.
+  description is scored against every region of the batch, and every object with its size,
+  colour and shape is a positive, so equal objects of different scenes are never pushed apart.
 
 The weights are saved as a plain open_clip state dict, which ``build_clip_model("custom",
 checkpoint=..., custom=...)`` loads. Training scenes: ``generate_scene(seed, "train", i)`` for
@@ -65,13 +65,13 @@ _text_forward = inspect.unwrap(CLIPSurgeryBackbone.encode_text)
 class CLIPPretrainSettings:
     """Hyper-parameters of :func:`pretrain_clip` (configs/pretrain_clip.yaml gives the defaults used)."""
 
-    steps: int = 1200
+    steps: int = 900
     batch_size: int = 32  # scenes per step
     expressions_per_scene: int = 3  # GRES expressions drawn per scene and step (fewer if the scene has fewer)
-    lr: float = 1e-3
+    lr: float = 2e-3
     min_lr: float = 1e-5
     weight_decay: float = 0.05
-    warmup_steps: int = 60
+    warmup_steps: int = 45
     grad_clip: float = 1.0
     seed: int = 1000
     pool_size: int = 3000  # training scenes generated once and reused
@@ -181,9 +181,10 @@ class ContrastiveBatch:
 def contrastive_batch(
     scenes: Sequence[GroundingScene], rng: np.random.Generator, expressions_per_scene: int, description_tokens: Tensor
 ) -> ContrastiveBatch:
-    """Draw the captions of one step: per scene one object's description and some of its expressions.
+    """The captions of one step: all 96 descriptions, and per scene some of its expressions.
 
-    Region order: each scene's K objects then its background, scene after scene. See the module
+    Captions: the descriptions in :data:`DESCRIPTIONS` order, then the expressions scene after
+    scene. Regions: each scene's K objects then its background, scene after scene. See the module
     docstring for which pairs are valid and positive.
     """
     region_codes, region_image, first_region = [], [], []
@@ -194,20 +195,16 @@ def contrastive_batch(
     region_codes = torch.tensor(region_codes)
     region_image = torch.tensor(region_image)
 
-    tokens, positives, valid = [], [], []
+    tokens = [*description_tokens]
+    positives = [*(region_codes[None, :] == torch.arange(len(description_tokens))[:, None])]
+    valid = [torch.ones(len(region_codes), dtype=torch.bool)] * len(description_tokens)
     for index, scene in enumerate(scenes):
-        code = int(scene.codes[rng.integers(scene.num_objects)])
-        tokens.append(description_tokens[code])
-        positives.append(region_codes == code)
-        valid.append(torch.ones(len(region_codes), dtype=torch.bool))
-        picked = rng.permutation(len(scene.expression_targets))[:expressions_per_scene]
-        for expression in picked:
-            own_scene = region_image == index
+        for expression in rng.permutation(len(scene.expression_targets))[:expressions_per_scene]:
             targets = torch.zeros(len(region_codes), dtype=torch.bool)
             targets[[first_region[index] + target for target in scene.expression_targets[expression]]] = True
             tokens.append(scene.expressions[expression])
             positives.append(targets)
-            valid.append(own_scene)
+            valid.append(region_image == index)
     return ContrastiveBatch(
         pixels=torch.stack([scene.pixels.float() for scene in scenes]),
         coverage=torch.cat([scene.coverage for scene in scenes]),

@@ -8,13 +8,13 @@ matters is an image embedding that separates instances and a decoder that reads 
 
 Recipe (SAM paper, section 3 and appendix A, cut down to one round of prompting):
 - Scenes: ``generate_scene(seed, "train", i)`` for i < ``pool_size``, generated once at the start
-  (generation costs about as much as a training step, so scenes are reused, each time under one of
-  the 8 flips / quarter turns and with new prompts). Held-out scenes: the "val" split of the same
-  seed, a different random stream.
+  and reused, each time under one of the 8 flips / quarter turns and with new prompts (fresh scenes
+  every step would cost a tenth of the step). Held-out scenes: the "val" split of the same seed, a
+  different random stream.
 - Prompts, per (image, instance): with probability ``box_probability`` the instance's bounding
-  box with each coordinate jittered by N(0, (0.1 * side)^2), at most 20 px; otherwise 1 to
-  ``max_positive_points`` clicks drawn uniformly inside the mask and, half of the time, 1 to
-  ``max_negative_points`` clicks outside it.
+  box, each coordinate jittered by Gaussian noise of std 10% of the box side (capped at 20 px);
+  otherwise 1 to ``max_positive_points`` clicks drawn uniformly inside the mask and, half of the
+  time, 1 to ``max_negative_points`` clicks outside it.
 - Output: a single mask (SAM's mask token 0, ``multimask_output=False``): ShapeWorld objects are
   flat shapes without parts, so a click is never ambiguous, and token 0 is the output SSP-SAM uses.
 - Loss: focal (x 20) + dice (x 1) on the logits in the padded frame (``upscale_to_padded_frame``
@@ -65,13 +65,13 @@ PointSegmenter = Callable[[np.ndarray, np.ndarray], np.ndarray]
 class SAMPretrainSettings:
     """Hyper-parameters of :func:`pretrain_sam` (configs/pretrain_sam.yaml gives the defaults used)."""
 
-    steps: int = 1500
-    batch_size: int = 16  # images per step
-    prompts_per_image: int = 4  # instances prompted per image (drawn with replacement)
-    lr: float = 1e-3
+    steps: int = 900
+    batch_size: int = 8  # images per step
+    prompts_per_image: int = 8  # instances prompted per image (drawn with replacement)
+    lr: float = 3e-3
     min_lr: float = 1e-5
     weight_decay: float = 0.05
-    warmup_steps: int = 75
+    warmup_steps: int = 40
     grad_clip: float = 1.0
     seed: int = 1000
     pool_size: int = 2000  # training scenes generated once and reused
