@@ -25,6 +25,7 @@ from ssp_sam.data.registry import load_dataset
 from ssp_sam.engine.caching import ensure_cache
 from ssp_sam.engine.distributed import DistInfo, init_distributed, shutdown_distributed
 from ssp_sam.engine.evaluator import evaluate
+from ssp_sam.engine.host_memory import keep_freed_host_memory
 from ssp_sam.engine.reporting import command_line, console_tables, write_results
 from ssp_sam.errors import ConfigError
 from ssp_sam.predictor import DEFAULT_CHECKPOINT, resolve_device
@@ -56,6 +57,8 @@ def main(cfg: DictConfig) -> None:
     dist_info = init_distributed(resolve_device(cfg.device))
     try:
         device = _device_for(cfg.device, dist_info)
+        if device.type == "cpu":
+            keep_freed_host_memory()  # large CPU activations reuse freed memory instead of page-faulting
         model = load_model(checkpoint, model_config, device=device)
         cache = None
         if cfg.cache_dir is not None:

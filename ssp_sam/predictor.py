@@ -131,8 +131,8 @@ class Predictor:
             expressions = [expressions]
         if len(expressions) == 0:
             raise ExpressionError("expressions: give at least one expression")
+        tokens = self.tokenizer(expressions)  # bad expressions fail before the costly image encoding
         encoded = image if isinstance(image, EncodedImage) else self.encode_image(image)
-        tokens = self.tokenizer(expressions)
         results: list[Prediction] = []
         for start in range(0, len(expressions), self.max_batch):
             chunk = tokens[start : start + self.max_batch].to(self.device)

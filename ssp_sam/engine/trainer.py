@@ -48,6 +48,7 @@ from ..visualize import overlay
 from .caching import ensure_cache
 from .distributed import DistInfo, barrier, init_distributed, mean_across_ranks, shutdown_distributed
 from .evaluator import evaluate
+from .host_memory import keep_freed_host_memory
 from .optim import cosine_schedule, parameter_groups
 from .reporting import command_line, console_tables, write_results
 
@@ -92,6 +93,8 @@ class Trainer:
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
+        else:
+            keep_freed_host_memory()  # large CPU activations reuse freed memory instead of page-faulting
         self.run_dir = Path(cfg.run_dir)
         self.train_cfg = cfg.train
         _seed_everything(int(cfg.seed))

@@ -1,0 +1,42 @@
+"""Keep freed host memory inside the process, so large CPU tensors do not page-fault at every step.
+
+glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and
+returns it to the kernel on free. A CPU training step of SSP-SAM-224 at batch 8 allocates dozens of
+such tensors (SAM decoder activations of (8, 32, 256, 256) are 64 MiB) and the kernel zero-fills
+every page of each one again: about a million page faults and a third of the step's time here
+(benchmarks/README.md, bench_train_step). With mmap switched off and the heap never trimmed, freed
+blocks are reused by the next step, as the caching allocator does on a GPU.
+
+The cost is that the process keeps its peak heap until it exits, which is what a training or
+evaluation run needs anyway. Only the entry points of long CPU runs call this; the library never
+changes the allocator of a program that imports it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+# mallopt parameters (glibc's malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+# Free memory at the top of the heap is returned to the kernel only above this (mallopt takes an int).
+_TRIM_THRESHOLD_BYTES = 2**31 - 1
+
+
+def keep_freed_host_memory() -> bool:
+    """Tell glibc's malloc to serve large blocks from the heap and never trim it.
+
+    Returns True when the setting took effect, False where it cannot (not Linux, or a C library
+    without ``mallopt`` such as musl): everything still works there, only slower on CPU.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES) == 1
