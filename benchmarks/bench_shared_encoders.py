@@ -21,26 +21,19 @@ shared_encoders_quick.json) with the timings and the machine they were measured 
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from _common import REPO, RESULTS, seconds, write_result
 from ssp_sam.config import model_config_from
-from ssp_sam.fileio import write_json
 from ssp_sam.model import build_model
 from ssp_sam.predictor import Predictor, resolve_device
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
 EXPRESSION_COUNTS = (1, 4, 16)
 GOAL_COUNT, GOAL_RATIO = 16, 8.0
 IMAGE_SIZE = (480, 640)  # (H, W), a typical COCO picture
@@ -95,17 +88,6 @@ def build_predictor(sam_variant: str, device: torch.device) -> Predictor:
     return Predictor(build_model(model_config_from(overrides)), device=device)
 
 
-def seconds(run: Callable[[], object], device: torch.device) -> float:
-    """Wall time of ``run()``, waiting for the GPU to finish when there is one."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    run()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
 def measure(predictor: Predictor, image: np.ndarray, repeats: int) -> list[dict]:
     """Per-expression seconds of both paths for every K (medians over ``repeats`` runs)."""
 
@@ -143,24 +125,6 @@ def measure(predictor: Predictor, image: np.ndarray, repeats: int) -> list[dict]
     return rows
 
 
-def machine_info(device: torch.device) -> dict:
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-        # At the end of the run: other processes make CPU timings noisy; recorded to judge them by.
-        "load_average_1min": round(os.getloadavg()[0], 2),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    return info
-
-
 def print_table(rows: list[dict]) -> None:
     print(f"{'K':>3}  {'shared s/expr':>14}  {'separate s/expr':>16}  {'ratio':>6}")
     for row in rows:
@@ -183,26 +147,22 @@ def main(argv: list[str] | None = None) -> None:
     goal_met = goal_ratio >= GOAL_RATIO
     print(f"goal: at K={GOAL_COUNT} at least {GOAL_RATIO:g}x less time per expression -> {goal_ratio:.1f}x, {'met' if goal_met else 'NOT met'}")
 
-    write_json(
+    write_result(
         args.out,
-        {
-            "benchmark": "shared_encoders",
-            "goal": f"at K={GOAL_COUNT}, separate / shared time per expression >= {GOAL_RATIO:g}",
-            "goal_met": goal_met,
-            "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "setup": {
-                "model": "ssp_sam_224 (random weights)",
-                "sam_variant": args.sam_variant,
-                "sam_image_size": predictor.model.sam_image_size,
-                "image_size_hw": list(IMAGE_SIZE),
-                "repeats": args.repeats,
-                "statistic": "median over repeats, divided by K",
-            },
-            "machine": machine_info(device),
-            "results": rows,
+        benchmark="shared_encoders",
+        goal=f"at K={GOAL_COUNT}, separate / shared time per expression >= {GOAL_RATIO:g}",
+        goal_met=goal_met,
+        setup={
+            "model": "ssp_sam_224 (random weights)",
+            "sam_variant": args.sam_variant,
+            "sam_image_size": predictor.model.sam_image_size,
+            "image_size_hw": list(IMAGE_SIZE),
+            "repeats": args.repeats,
+            "statistic": "median over repeats, divided by K",
         },
+        device=device,
+        results=rows,
     )
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -246,6 +246,15 @@ def test_bad_expressions(predictor, encoded, expressions, message):
         predictor.predict(encoded, expressions)
 
 
+def test_bad_expressions_fail_before_the_image_is_read(predictor, tmp_path, monkeypatch):
+    def encode_image(*args, **kwargs):
+        raise AssertionError("the image was encoded before the expressions were checked")
+
+    monkeypatch.setattr(predictor, "encode_image", encode_image)
+    with pytest.raises(ExpressionError, match="expression 1"):
+        predictor.predict(tmp_path / "missing.png", ["the red circle", ""])
+
+
 def test_too_long_expression_warns_and_predicts(predictor, image):
     long_expression = " ".join(["the small red circle left of the big blue square"] * 10)
     with pytest.warns(ExpressionTruncatedWarning, match="expression 1"):
