@@ -1,0 +1,92 @@
+"""What every benchmark shares: where results go, the machine they were measured on, wall-clock timing.
+
+The benchmark scripts import this module by name (``from _common import ...``): run as
+``python benchmarks/<script>.py``, their own folder is first on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ssp_sam.engine.host_memory import keep_freed_host_memory
+from ssp_sam.fileio import write_json
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def machine_info(device: torch.device) -> dict:
+    """Python, torch, CPU / GPU and the current load: what a reader needs to judge the numbers."""
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        # At the end of the run: other processes make CPU timings noisy; recorded to judge them by.
+        "load_average_1min": round(os.getloadavg()[0], 2),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def add_allocator_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="keep glibc's default malloc settings (the trainer and eval.py keep freed host memory on CPU)",
+    )
+
+
+def set_up_host_memory(device: torch.device, default_allocator: bool) -> bool:
+    """On CPU, keep freed host memory as scripts/train.py and scripts/eval.py do; True if it took effect."""
+    return device.type == "cpu" and not default_allocator and keep_freed_host_memory()
+
+
+def seconds(run: Callable[[], object], device: torch.device) -> float:
+    """Wall time of ``run()``, waiting for the GPU to finish when there is one."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def write_result(
+    path: Path,
+    *,
+    benchmark: str,
+    goal: str,
+    goal_met: bool,
+    setup: dict[str, Any],
+    device: torch.device,
+    results: Any,
+) -> None:
+    """Write one benchmark's results file (atomically) in the layout all benchmarks share."""
+    write_json(
+        path,
+        {
+            "benchmark": benchmark,
+            "goal": goal,
+            "goal_met": goal_met,
+            "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "setup": setup,
+            "machine": machine_info(device),
+            "results": results,
+        },
+    )
+    print(f"wrote {path}")

@@ -1,0 +1,319 @@
+"""Benchmark: peak memory of a short training run with 0, 2 and 4 data-loader workers.
+
+The release built SAM ViT-H inside every data-loader worker, so each worker added gigabytes.
+Here workers only read files (images, masks, the SAM embedding cache), so a worker should cost no
+more than what it holds: its share of the prefetched batches plus a fixed per-process overhead.
+
+Setup: a ShapeWorld-Ref (RES) training set is generated into a temporary folder, and the
+``shapeworld`` model config (configs/model/shapeworld.yaml, random weights: its checkpoint paths
+are overridden to null) trains for a few dozen steps from an embedding cache, once per worker
+count, each run in its own process (``scripts/train.py`` with Hydra overrides, on the CPU). While
+a run lives, the PSS of its process and all its descendants (``/proc/<pid>/smaps_rollup``) is
+summed every 50 ms; PSS divides shared pages among the processes that map them, so the sum is
+the memory the run really uses, pages a forked worker shares with its parent counted once.
+
+Before the runs, a probe process builds the same trainer (which fills the cache) and measures:
+
+    idle-worker overhead   how much the summed PSS grows when one worker has started and waits,
+                           before loading anything (a worker's own PSS also holds half of every
+                           page it shares with its parent, which the parent's PSS loses);
+    batch bytes            the tensors of one collated batch.
+
+Goal: memory does not grow with the worker count beyond the workers' batches. A worker holds at
+most ``prefetch_factor`` finished batches waiting for the trainer, plus, while it collates the
+next one, that batch twice (the items and their collated copy). For each worker count N, the
+growth of the peak per added worker, over the smallest worker count N0 > 0, must stay within
+``idle-worker overhead + (prefetch_factor + 2) x batch bytes``; the step from 0 workers to N0
+(batches start crossing processes) is reported, not judged. (The release's workers each built
+a SAM ViT-H image encoder: 2.4 GiB of weights per worker.)
+
+    python benchmarks/bench_loader_memory.py
+    python benchmarks/bench_loader_memory.py --steps 60 --batch-size 32
+    python benchmarks/bench_loader_memory.py --quick      # 0, 1 and 2 workers, a few steps: a smoke run
+
+Prints a table and writes benchmarks/results/loader_memory.json (``--quick``: loader_memory_quick.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from torch.utils.data import DataLoader
+
+from _common import REPO, RESULTS, write_result
+from ssp_sam.data.shapeworld import generate_dataset
+from ssp_sam.data.training import collate
+from ssp_sam.engine.trainer import Trainer
+
+WORKER_COUNTS = (0, 2, 4)
+SAMPLE_INTERVAL_S = 0.05
+MIB = 2**20
+BATCHES_IN_THE_MAKING = 2  # a collating worker holds the batch's items and their collated copy
+PROBE_MARKER = "PROBE "  # prefix of the probe's result line on its stdout
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, nargs="+", default=list(WORKER_COUNTS), help="worker counts to run (0 is always run)")
+    parser.add_argument("--steps", type=int, default=30, help="training steps per run")
+    parser.add_argument("--batch-size", type=int, default=32, help="training batch size")
+    parser.add_argument("--images", type=int, default=300, help="ShapeWorld training images (enough referents for the steps)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 0, 1 and 2 workers, 4 steps of batch 8 on 40 images")
+    parser.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/results/loader_memory[_quick].json)")
+    parser.add_argument("--probe", type=Path, default=None, help=argparse.SUPPRESS)  # internal: the probe process's work folder
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.workers, args.steps, args.batch_size, args.images = [0, 1, 2], 4, 8, 40
+    if min(args.workers) < 0 or args.steps < 1 or args.batch_size < 1 or args.images < 1:
+        parser.error("--workers must be >= 0; --steps, --batch-size and --images >= 1")
+    args.workers = sorted(set(args.workers) | {0})
+    if args.out is None:
+        args.out = RESULTS / ("loader_memory_quick.json" if args.quick else "loader_memory.json")
+    return args
+
+
+# ------------------------------------------------------------------------------------ memory
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            children += [int(child) for child in (task / "children").read_text().split()]
+    except (FileNotFoundError, ProcessLookupError):
+        pass  # the process ended while being read
+    return children
+
+
+def _pss_bytes(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return None
+
+
+def process_tree_pss(pid: int) -> dict[int, int]:
+    """PSS in bytes of ``pid`` and every live descendant, by process id."""
+    usage, pending = {}, [pid]
+    while pending:
+        current = pending.pop()
+        pss = _pss_bytes(current)
+        if pss is not None:
+            usage[current] = pss
+            pending += _children(current)
+    return usage
+
+
+def run_and_sample(command: list[str], log_path: Path) -> dict:
+    """Run ``command``, summing its process tree's PSS every SAMPLE_INTERVAL_S; the peak and its breakdown."""
+    peak_total, at_peak, most_processes, samples = 0, {}, 0, 0
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        while process.poll() is None:
+            usage = process_tree_pss(process.pid)
+            total = sum(usage.values())
+            if total > peak_total:
+                peak_total, at_peak = total, usage
+            most_processes = max(most_processes, len(usage))
+            samples += 1
+            time.sleep(SAMPLE_INTERVAL_S)
+    if process.returncode != 0:
+        tail = "\n".join(log_path.read_text().splitlines()[-15:])
+        raise RuntimeError(f"{' '.join(command)} failed with exit code {process.returncode}:\n{tail}")
+    return {
+        "peak_total_pss_bytes": peak_total,
+        "main_pss_at_peak_bytes": at_peak.get(process.pid, 0),
+        "children_pss_at_peak_bytes": sorted((pss for pid, pss in at_peak.items() if pid != process.pid), reverse=True),
+        "most_processes": most_processes,
+        "samples": samples,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+# ------------------------------------------------------------------------------------ runs
+
+
+def train_overrides(work: Path, run_name: str, workers: int, steps: int, batch_size: int) -> list[str]:
+    """Hydra overrides of configs/train.yaml for one short run on the generated set."""
+    return [
+        "model=shapeworld",
+        "model.clip_checkpoint=null",
+        "model.sam_checkpoint=null",
+        "dataset=shapeworld",
+        f"dataset.root={work / 'data'}",
+        f"cache_dir={work / 'cache'}",
+        f"run_dir={work / run_name}",
+        "device=cpu",
+        "seed=0",
+        "train.epochs=1",
+        f"train.max_steps_per_epoch={steps}",
+        f"train.batch_size={batch_size}",
+        f"train.workers={workers}",
+        "train.warmup_epochs=0",
+        "train.decoder_freeze_epochs=0",
+        "val.split=null",
+        "val.overlays=0",
+    ]
+
+
+def _hold_worker(started, release, worker_id: int) -> None:
+    """worker_init_fn of the probe: report that the worker is up, then wait before loading anything."""
+    started.set()
+    release.wait(timeout=120)
+
+
+def probe(work: Path, batch_size: int, steps: int) -> dict:
+    """In its own process: build the trainer (fills the cache), measure an idle worker and one batch."""
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=train_overrides(work, "probe", 1, steps, batch_size))
+    trainer = Trainer(cfg)
+    context = multiprocessing.get_context(trainer.loader.multiprocessing_context or multiprocessing.get_start_method())
+    started, release = context.Event(), context.Event()
+    loader = DataLoader(
+        trainer.train_set, batch_sampler=trainer.sampler, collate_fn=collate, num_workers=1,
+        worker_init_fn=functools.partial(_hold_worker, started, release), multiprocessing_context=context,
+    )
+    before = sum(process_tree_pss(os.getpid()).values())
+    iterator = iter(loader)
+    if not started.wait(timeout=120):
+        raise RuntimeError("the probe's data-loader worker did not start")
+    time.sleep(1.0)  # let the worker settle in its wait
+    during = process_tree_pss(os.getpid())
+    release.set()
+    del iterator
+
+    batch = collate([trainer.train_set[index] for index in next(iter(trainer.sampler))])
+    return {
+        "idle_worker_increase_bytes": sum(during.values()) - before,
+        "idle_worker_own_pss_bytes": max(pss for pid, pss in during.items() if pid != os.getpid()),
+        "batch_bytes": sum(tensor.numel() * tensor.element_size() for tensor in batch.values()),
+        "batch_shapes": {name: list(tensor.shape) for name, tensor in batch.items()},
+        "prefetch_factor": trainer.loader.prefetch_factor or 2,
+        "start_method": context.get_start_method(),
+        "train_referents": len(trainer.train_set),
+        "steps_per_epoch": len(trainer.sampler),
+    }
+
+
+def run_probe(work: Path, batch_size: int, steps: int) -> dict:
+    command = [sys.executable, __file__, "--probe", str(work), "--batch-size", str(batch_size), "--steps", str(steps)]
+    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    lines = [line for line in completed.stdout.splitlines() if line.startswith(PROBE_MARKER)]
+    if completed.returncode != 0 or not lines:
+        raise RuntimeError(f"the probe failed (exit code {completed.returncode}):\n{completed.stderr[-2000:]}")
+    return json.loads(lines[-1][len(PROBE_MARKER) :])
+
+
+def summarize(runs: dict[int, dict], bound_per_worker: int) -> list[dict]:
+    """Per worker count: the peak's growth over 0 workers, and per added worker over the smallest N > 0.
+
+    Going from 0 workers to any is a step of its own (batches cross processes through shared
+    memory); the goal is about what each further worker adds, so the smallest non-zero count is
+    the reference for the others and is not judged itself.
+    """
+    baseline = runs[0]["peak_total_pss_bytes"]
+    first = min((workers for workers in runs if workers), default=None)
+    rows = []
+    for workers, run in runs.items():
+        judged = first is not None and workers > first
+        per_worker = (run["peak_total_pss_bytes"] - runs[first]["peak_total_pss_bytes"]) / (workers - first) if judged else None
+        rows.append(
+            {
+                "workers": workers,
+                **run,
+                "growth_over_0_workers_bytes": run["peak_total_pss_bytes"] - baseline,
+                "growth_per_added_worker_bytes": per_worker,
+                "bound_per_worker_bytes": bound_per_worker if judged else None,
+                "within_bound": per_worker <= bound_per_worker if judged else None,
+            }
+        )
+    return rows
+
+
+def print_table(rows: list[dict], probe_result: dict, bound: int) -> None:
+    print(
+        f"bound per worker = idle-worker overhead {probe_result['idle_worker_increase_bytes'] / MIB:.1f} MiB + "
+        f"({probe_result['prefetch_factor']} + 2) x batch {probe_result['batch_bytes'] / MIB:.1f} MiB = {bound / MIB:.1f} MiB"
+    )
+    print(f"{'workers':>7}  {'peak MiB':>9}  {'main MiB':>9}  {'workers MiB':>12}  {'growth MiB':>11}  {'per added worker MiB':>20}  {'within bound':>12}")
+    for row in rows:
+        children = sum(row["children_pss_at_peak_bytes"]) / MIB
+        per_worker = f"{row['growth_per_added_worker_bytes'] / MIB:.1f}" if row["within_bound"] is not None else "-"
+        within = {None: "-", True: "yes", False: "NO"}[row["within_bound"]]
+        print(
+            f"{row['workers']:>7d}  {row['peak_total_pss_bytes'] / MIB:>9.1f}  {row['main_pss_at_peak_bytes'] / MIB:>9.1f}  "
+            f"{children:>12.1f}  {row['growth_over_0_workers_bytes'] / MIB:>11.1f}  {per_worker:>20}  {within:>12}"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.probe is not None:
+        print(PROBE_MARKER + json.dumps(probe(args.probe, args.batch_size, args.steps)), flush=True)
+        return
+
+    print(f"shapeworld model (random weights), {args.steps} steps of batch {args.batch_size}, workers {args.workers}, cpu")
+    with tempfile.TemporaryDirectory(prefix="bench_loader_memory_") as folder:
+        work = Path(folder)
+        generate_dataset(work / "data", "res", {"train": args.images}, seed=0, progress=False)
+        probe_result = run_probe(work, args.batch_size, args.steps)
+        if probe_result["steps_per_epoch"] < args.steps:
+            raise SystemExit(
+                f"{probe_result['train_referents']} referents give only {probe_result['steps_per_epoch']} steps of "
+                f"batch {args.batch_size}; raise --images"
+            )
+        runs = {}
+        for workers in args.workers:
+            command = [sys.executable, "scripts/train.py", *train_overrides(work, f"run_{workers}", workers, args.steps, args.batch_size)]
+            runs[workers] = run_and_sample(command, work / f"run_{workers}.log")
+            print(f"  {workers} workers done", file=sys.stderr, flush=True)
+        cache_folders = [path.name for path in (work / "cache").iterdir() if path.is_dir()]
+    if len(cache_folders) != 1:
+        raise RuntimeError(f"the runs did not share one embedding cache ({cache_folders}): a run computed embeddings itself")
+
+    batches_held = probe_result["prefetch_factor"] + BATCHES_IN_THE_MAKING
+    bound = probe_result["idle_worker_increase_bytes"] + batches_held * probe_result["batch_bytes"]
+    rows = summarize(runs, bound)
+    print_table(rows, probe_result, bound)
+    judged = [row["within_bound"] for row in rows if row["within_bound"] is not None]
+    goal_met = bool(judged) and all(judged)
+    print(
+        "goal: each added worker adds no more than its batches plus an idle worker's overhead -> "
+        f"{'met' if goal_met else 'NOT met'}{' (not judged for --quick)' if args.quick else ''}"
+    )
+    write_result(
+        args.out,
+        benchmark="loader_memory",
+        goal="(peak PSS with N workers - peak PSS with N0 workers) / (N - N0) <= idle-worker overhead + (prefetch_factor + 2) x batch bytes, N0 the smallest count > 0",
+        goal_met=goal_met and not args.quick,
+        setup={
+            "model": "shapeworld (configs/model/shapeworld.yaml, random weights)",
+            "dataset": f"ShapeWorld-Ref res, {args.images} training images, seed 0",
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "worker_counts": args.workers,
+            "sample_interval_s": SAMPLE_INTERVAL_S,
+            "memory": "sum of PSS (smaps_rollup) over the training process and all its descendants",
+        },
+        device=torch.device("cpu"),
+        results={"probe": probe_result, "bound_per_worker_bytes": bound, "runs": rows},
+    )
+
+
+if __name__ == "__main__":
+    main()
