@@ -50,9 +50,11 @@ def add_allocator_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def set_up_host_memory(device: torch.device, default_allocator: bool) -> bool:
-    """On CPU, keep freed host memory as scripts/train.py and scripts/eval.py do; True if it took effect."""
-    return device.type == "cpu" and not default_allocator and keep_freed_host_memory()
+def set_up_host_memory(device: torch.device, default_allocator: bool) -> str:
+    """On CPU, keep freed host memory as scripts/train.py and scripts/eval.py do; says which setting is in effect."""
+    if device.type == "cpu" and not default_allocator and keep_freed_host_memory():
+        return "freed memory kept (keep_freed_host_memory)"
+    return "glibc default" if device.type == "cpu" else "not changed (GPU run)"
 
 
 def seconds(run: Callable[[], object], device: torch.device) -> float:

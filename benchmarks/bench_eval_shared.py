@@ -166,7 +166,7 @@ def compare_records(shared: list[dict], per_sample: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = resolve_device(args.device)
-    kept_host_memory = set_up_host_memory(device, args.default_allocator)
+    host_memory = set_up_host_memory(device, args.default_allocator)
     predictor = build_predictor(args.quick, device)
     model_name = "tiny" if args.quick else "SSP-SAM-224, SAM ViT-B"
     print(
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         goal=f"images/s with shared encoder passes / images/s per sample >= {GOAL_RATIO:g} ({SENTENCES_PER_IMAGE} expressions per image)",
         goal_met=goal_met,
         setup={
-            "host_memory": "freed memory kept (keep_freed_host_memory)" if kept_host_memory else "glibc default",
+            "host_memory": host_memory,
             "model": "tiny (configs/model/tiny.yaml)" if args.quick else "ssp_sam_224, SAM vit_b (random weights)",
             "sam_image_size": predictor.model.sam_image_size,
             "embedding_cache": False,

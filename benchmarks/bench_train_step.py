@@ -298,7 +298,7 @@ def print_table(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = resolve_device(args.device)
-    kept_host_memory = set_up_host_memory(device, args.default_allocator)
+    host_memory = set_up_host_memory(device, args.default_allocator)
     batched, per_image = build_models(args.quick, device)
     batch = random_batch(batched, args.batch_size, device)
     model_name = "tiny" if args.quick else "SSP-SAM-224 (SAM ViT-B decoder)"
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         goal=f"at batch {GOAL_BATCH}, per-image / batched training-step time >= {GOAL_RATIO:g} (meant for a GPU)",
         goal_met=goal_met,
         setup={
-            "host_memory": "freed memory kept (keep_freed_host_memory)" if kept_host_memory else "glibc default",
+            "host_memory": host_memory,
             "model": "tiny (configs/model/tiny.yaml)" if args.quick else "ssp_sam_224, SAM vit_b decoder (random weights)",
             "batch_size": args.batch_size,
             "sam_embeddings": list(batch.sam_embeddings.shape[1:]),
