@@ -41,6 +41,7 @@ from _common import REPO, RESULTS, add_allocator_flag, seconds, set_up_host_memo
 from ssp_sam.config import model_config_from
 from ssp_sam.data.jsonl import read_jsonl_file
 from ssp_sam.data.records import ReferringDataset
+from ssp_sam.data.shapeworld import COLORS  # ShapeWorld's palette: eight well-separated colours
 from ssp_sam.engine.evaluator import evaluate
 from ssp_sam.metrics import RESMetrics
 from ssp_sam.model import build_model
@@ -49,16 +50,6 @@ from ssp_sam.predictor import Predictor, resolve_device
 GOAL_RATIO = 5.0
 SENTENCES_PER_IMAGE = 8
 IMAGE_SIZE = (480, 640)  # (H, W), a typical COCO picture
-COLORS = {
-    "red": (220, 40, 40),
-    "green": (40, 180, 60),
-    "blue": (40, 70, 220),
-    "yellow": (230, 210, 40),
-    "purple": (140, 50, 170),
-    "orange": (240, 140, 30),
-    "white": (245, 245, 245),
-    "black": (15, 15, 15),
-}
 SHAPES = ("square", "circle", "triangle")
 # The two paths decode the same sentences, batched or one by one: every sentence's mask IoU and
 # box IoU agree to these (batched float sums may flip a pixel whose logit is ~0: a mask IoU moves
