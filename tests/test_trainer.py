@@ -211,3 +211,30 @@ def test_best_checkpoint_is_evaluated_on_the_test_split(shapeworld_root, tmp_pat
     assert path.name == "results_shapeworld_val.json"
     assert record["label"] == "variant_x" and record["split"] == "val" and record["dataset"] == "shapeworld"
     assert 0.0 <= record["metrics"]["mIoU"] <= 1.0 and record["n_images"] == 2
+
+
+ABLATIONS = {
+    "full": {},
+    "no_vad": {"visual": False},
+    "no_verification": {"verification": False},
+    "no_lad": {"linguistic": False},
+    "pg_decoder": {"mode": "decoder"},
+    "prompt_tokens_8": {"num_prompt_tokens": 8},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(ABLATIONS))
+def test_ablation_sweep_variants_compose(variant):
+    """Each variant of the documented sweep changes only its switch and gets its own run directory."""
+    cfg = compose_train(["experiment=ablation_shapeworld", f"ablation={variant}"])
+    switches = {
+        "visual": cfg.model.adapters.visual,
+        "verification": cfg.model.adapters.verification,
+        "linguistic": cfg.model.adapters.linguistic,
+        "mode": cfg.model.prompt_generator.mode,
+        "num_prompt_tokens": cfg.model.prompt_generator.num_prompt_tokens,
+    }
+    full = {"visual": True, "verification": True, "linguistic": True, "mode": "encoder", "num_prompt_tokens": 16}
+    assert switches == {**full, **ABLATIONS[variant]}
+    assert cfg.run_dir == f"runs/ablation_shapeworld_gres/{variant}"
+    assert cfg.test.split == "test" and cfg.model.name == "shapeworld"
