@@ -5,13 +5,15 @@
     torchrun --nproc_per_node=8 scripts/eval.py ...
 
 With ``cache_dir`` set, the SAM embeddings of the split's images are computed first (only those
-the cache lacks) and evaluation reads them from the cache; otherwise SAM's encoder runs per image.
+the cache lacks; SAM's image encoder is not even loaded when the cache is complete) and evaluation
+reads them from the cache; otherwise SAM's encoder runs per image.
 Errors in the user's input (unknown split, missing files, bad checkpoint) end in one ``error:``
 line and exit status 2.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -28,6 +30,7 @@ from ssp_sam.engine.evaluator import evaluate
 from ssp_sam.engine.host_memory import keep_freed_host_memory
 from ssp_sam.engine.reporting import command_line, console_tables, write_results
 from ssp_sam.errors import ConfigError
+from ssp_sam.model import build_sam_image_encoder
 from ssp_sam.predictor import DEFAULT_CHECKPOINT, resolve_device
 
 
@@ -39,6 +42,10 @@ def _device_for(requested: str, dist_info: DistInfo) -> torch.device:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
+
+
+def _embedded_sam_image_encoder(checkpoint: Path, model_config: dict | None) -> torch.nn.Module:
+    return load_model(checkpoint, model_config).sam_image_encoder
 
 
 @hydra.main(config_path="../configs", config_name="eval", version_base="1.3")
@@ -59,11 +66,16 @@ def main(cfg: DictConfig) -> None:
         device = _device_for(cfg.device, dist_info)
         if device.type == "cpu":
             keep_freed_host_memory()  # large CPU activations reuse freed memory instead of page-faulting
-        model = load_model(checkpoint, model_config, device=device)
+        # With a cache, SAM's image encoder is built only if the cache lacks some image of the split.
+        model = load_model(checkpoint, model_config, with_sam_image_encoder=cfg.cache_dir is None, device=device)
         cache = None
         if cfg.cache_dir is not None:
+            if model.config.sam_checkpoint is not None:
+                encoder = partial(build_sam_image_encoder, model.config)
+            else:  # the encoder's weights are embedded in our checkpoint
+                encoder = partial(_embedded_sam_image_encoder, checkpoint, model_config)
             cache = ensure_cache(
-                cfg.cache_dir, dataset.image_paths(), model.sam_image_encoder, model.config.sam_checkpoint,
+                cfg.cache_dir, dataset.image_paths(), encoder, model.config.sam_checkpoint,
                 model.sam_image_size, device, dist_info, int(cfg.cache_batch_size), str(cfg.cache_dtype), bool(cfg.progress),
             )
         result = evaluate(

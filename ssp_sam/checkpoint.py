@@ -266,6 +266,8 @@ def load_own_weights(model: SSPSAM, path: str | os.PathLike) -> None:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from None
+    if model.sam_image_encoder is None:  # built to read cached embeddings: an embedded encoder is not needed
+        state = {k: v for k, v in state.items() if not k.startswith("sam_image_encoder.")}
     expected = {k: v for k, v in model.state_dict().items()}
     embedded = _embedded_prefixes(model.config)
     optional = tuple(p for p in _OPTIONAL_OURS if p not in embedded)

@@ -205,6 +205,11 @@ def build_model(config: ModelConfig, with_sam_image_encoder: bool = True) -> SSP
     return SSPSAM(config, clip, SAMMaskHead(sam.prompt_encoder, sam.mask_decoder), sam.image_encoder)
 
 
+def build_sam_image_encoder(config: ModelConfig) -> nn.Module:
+    """SAM's image encoder alone, loaded from the weight file ``config`` names (for the embedding cache)."""
+    return build_sam(config.sam_variant, config.sam_checkpoint, config.sam_custom, parts=("image_encoder",)).image_encoder
+
+
 def parameter_counts(model: SSPSAM) -> dict[str, int]:
     """Trainable and total parameter counts, plus the count in the release's layout.
 

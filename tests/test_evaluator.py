@@ -20,11 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fixtures_official as fx
 import ssp_sam
+import ssp_sam.model
 from conftest import REPO, run_script, tiny_model
 from ssp_sam.backbones.sam import SAMImageTransform
 from ssp_sam.checkpoint import WEIGHTS_FILE, save_checkpoint
@@ -336,9 +338,38 @@ def _run_eval_in_process(monkeypatch, capsys, *overrides: str) -> tuple[int, str
     """scripts/eval.py run as __main__ in this process (no interpreter start-up): (exit status, stderr)."""
     script = REPO / "scripts" / "eval.py"
     monkeypatch.setattr(sys, "argv", [str(script), *overrides])
-    with pytest.raises(SystemExit) as exited:
+    try:
         runpy.run_path(str(script), run_name="__main__")
-    return exited.value.code, capsys.readouterr().err
+    except SystemExit as exited:
+        return exited.code, capsys.readouterr().err
+    return 0, capsys.readouterr().err
+
+
+def test_eval_from_a_complete_cache_never_builds_sam_image_encoder(data_root, tmp_path, monkeypatch, capsys):
+    # SAM's weights in a file of Meta's layout, as for the real models (ViT-H: 2.5 GB to load).
+    random_model = tiny_model(seed=3)
+    sam_file = tmp_path / "sam_tiny.pth"
+    torch.save({**{f"image_encoder.{k}": v for k, v in random_model.sam_image_encoder.state_dict().items()},
+                **{k.removeprefix("mask_head."): v for k, v in random_model.mask_head.state_dict(prefix="mask_head.").items()}},
+               sam_file)
+    checkpoint = save_checkpoint(tiny_model(sam_checkpoint=str(sam_file)), tmp_path / "ckpt")
+    built_parts = []
+    build_sam = ssp_sam.model.build_sam
+    monkeypatch.setattr(ssp_sam.model, "build_sam", lambda *args, **kwargs: built_parts.append(kwargs["parts"]) or build_sam(*args, **kwargs))
+    monkeypatch.chdir(tmp_path)
+    runs = []
+    for run in ("fills the cache", "reads the complete cache"):
+        built_parts.clear()
+        out = tmp_path / f"{run}.json"
+        status, stderr = _run_eval_in_process(
+            monkeypatch, capsys, f"dataset.root={data_root}", "dataset.split=val", f"checkpoint={checkpoint}",
+            f"cache_dir={tmp_path / 'cache'}", f"metrics_out={out}", "device=cpu", "progress=false")
+        assert status == 0, stderr
+        runs.append((list(built_parts), json.loads(out.read_text())["metrics"]))
+    (first_parts, first_metrics), (second_parts, second_metrics) = runs
+    assert first_parts == [("prompt_encoder", "mask_decoder"), ("image_encoder",)]
+    assert second_parts == [("prompt_encoder", "mask_decoder")]
+    assert second_metrics == first_metrics
 
 
 def test_eval_script_unknown_split_lists_the_available_ones(data_root, tiny_checkpoint, tmp_path, monkeypatch, capsys):

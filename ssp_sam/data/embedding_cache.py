@@ -38,7 +38,7 @@ import struct
 import sys
 import zlib
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -476,10 +476,17 @@ def _prefetched_batches(
             yield done_keys, [future.result() for future in futures]
 
 
+def _check_input_size(image_encoder: nn.Module, transform: SAMImageTransform) -> nn.Module:
+    encoder_size = getattr(image_encoder, "img_size", transform.image_size)
+    if encoder_size != transform.image_size:
+        raise ConfigError(f"transform: image_size {transform.image_size} differs from the encoder's input size {encoder_size}")
+    return image_encoder
+
+
 def build_cache(
     root: str | Path,
     images: Mapping[str, Path],
-    image_encoder: nn.Module,
+    image_encoder: nn.Module | Callable[[], nn.Module],
     transform: SAMImageTransform,
     fingerprint: str,
     batch_size: int = 4,
@@ -494,7 +501,9 @@ def build_cache(
     Args:
         root: folder of the caches; this encoder's is ``root/fingerprint[:16]``.
         images: key (usually :func:`image_key` of the path) -> image file.
-        image_encoder: SAM's image encoder; moved to ``device`` and put in eval mode.
+        image_encoder: SAM's image encoder, or a function that builds it, called only when some
+            image lacks an embedding (so a complete cache never loads SAM's weights); moved to
+            ``device`` and put in eval mode.
         transform: SAM's input pipeline; its image_size must be the encoder's.
         fingerprint: the encoder's fingerprint (see :class:`EmbeddingCache`).
         batch_size: images per encoder call and per flush to disk.
@@ -522,9 +531,8 @@ def build_cache(
     for name, value in (("batch_size", batch_size), ("threads", threads)):
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
-    encoder_size = getattr(image_encoder, "img_size", transform.image_size)
-    if encoder_size != transform.image_size:
-        raise ConfigError(f"transform: image_size {transform.image_size} differs from the encoder's input size {encoder_size}")
+    if isinstance(image_encoder, nn.Module):
+        _check_input_size(image_encoder, transform)
     device = torch.device(device)
     cache = EmbeddingCache(root, fingerprint, image_size=transform.image_size)
 
@@ -536,6 +544,8 @@ def build_cache(
         todo = [key for key in keys if key not in cache or key in damaged]
         summary = BuildSummary(cached=len(present) - len(damaged))
         if todo:
+            if not isinstance(image_encoder, nn.Module):
+                image_encoder = _check_input_size(image_encoder(), transform)
             image_encoder = image_encoder.to(device).eval()
             autocast = device.type == "cuda" and storage != torch.float32
             bar = tqdm(total=len(todo), desc="SAM embeddings", unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
@@ -562,7 +572,9 @@ def build_cache(
     return cache
 
 
-def sam_encoder_fingerprint(image_encoder: nn.Module, sam_checkpoint: str | os.PathLike | None = None) -> str:
+def sam_encoder_fingerprint(
+    image_encoder: nn.Module | Callable[[], nn.Module], sam_checkpoint: str | os.PathLike | None = None
+) -> str:
     """The cache fingerprint of a SAM encoder: of its weight file if it was loaded from one, else of its weights.
 
     Training and ``scripts/cache_embeddings.py`` both key the cache with this function, so they

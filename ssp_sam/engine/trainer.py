@@ -19,6 +19,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -31,7 +32,6 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from ..backbones.clip import CLIPTokenizer
-from ..backbones.sam import build_sam
 from ..checkpoint import load_own_weights, read_trainer_state, save_checkpoint
 from ..config import model_config_from
 from ..data.embedding_cache import EmbeddingCache, image_key
@@ -42,7 +42,7 @@ from ..errors import ConfigError, SSPSAMError
 from ..fileio import atomic_path
 from ..image_io import load_image
 from ..losses import ssp_sam_loss
-from ..model import build_model
+from ..model import build_model, build_sam_image_encoder
 from ..predictor import Predictor, resolve_device
 from ..visualize import overlay
 from .caching import ensure_cache
@@ -168,8 +168,8 @@ class Trainer:
         """Make sure every train/val image has a cached SAM embedding (computed by rank 0 only)."""
         config = self.model_config
         encoder = self.model.sam_image_encoder
-        if encoder is None:  # built only for the cache, freed afterwards
-            encoder = build_sam(config.sam_variant, config.sam_checkpoint, config.sam_custom, parts=("image_encoder",)).image_encoder
+        if encoder is None:  # built only if the cache lacks an image, freed afterwards
+            encoder = partial(build_sam_image_encoder, config)
         return ensure_cache(
             self.cfg.cache_dir, [p for d in self.datasets.values() for p in d.image_paths()], encoder, config.sam_checkpoint,
             self.model.sam_image_size, self.device, self.dist, batch_size=int(self.cfg.cache_batch_size),
