@@ -6,7 +6,8 @@
 
 With ``cache_dir`` set, the SAM embeddings of the split's images are computed first (only those
 the cache lacks; SAM's image encoder is not even loaded when the cache is complete) and evaluation
-reads them from the cache; otherwise SAM's encoder runs per image.
+reads them from the cache; otherwise SAM's encoder runs per image. ``samples_out=PATH`` also
+writes every sentence's scores (JSON Lines) for failure analysis.
 Errors in the user's input (unknown split, missing files, bad checkpoint) end in one ``error:``
 line and exit status 2.
 """
@@ -28,7 +29,7 @@ from ssp_sam.engine.caching import ensure_cache
 from ssp_sam.engine.distributed import DistInfo, init_distributed, shutdown_distributed
 from ssp_sam.engine.evaluator import evaluate
 from ssp_sam.engine.host_memory import keep_freed_host_memory
-from ssp_sam.engine.reporting import command_line, console_tables, write_results
+from ssp_sam.engine.reporting import command_line, console_tables, write_results, write_samples
 from ssp_sam.errors import ConfigError
 from ssp_sam.model import build_sam_image_encoder
 from ssp_sam.predictor import DEFAULT_CHECKPOINT, resolve_device
@@ -92,6 +93,9 @@ def main(cfg: DictConfig) -> None:
     if cfg.metrics_out is not None:
         write_results(cfg.metrics_out, result, dataset_cfg, model.config.name, checkpoint, command_line(), label=cfg.label)
         print(f"wrote {cfg.metrics_out}")
+    if cfg.samples_out is not None:
+        write_samples(cfg.samples_out, result)
+        print(f"wrote {cfg.samples_out} ({result.n_samples} sentences)")
 
 
 if __name__ == "__main__":

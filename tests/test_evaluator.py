@@ -309,8 +309,9 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 def test_eval_script_writes_results_json(data_root, tiny_checkpoint, tmp_path):
     out = tmp_path / "results" / "refcoco_val.json"
+    samples = tmp_path / "results" / "refcoco_val_samples.jsonl"
     args = [f"dataset.root={data_root}", "dataset.split=val", f"checkpoint={tiny_checkpoint}", f"metrics_out={out}",
-            f"cache_dir={tmp_path / 'cache'}", "label=tiny run", "device=cpu", "progress=false"]
+            f"samples_out={samples}", f"cache_dir={tmp_path / 'cache'}", "label=tiny run", "device=cpu", "progress=false"]
     completed = run_script("eval.py", *args, cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr
     assert "mIoU" in completed.stdout and "REC-acc" in completed.stdout
@@ -328,6 +329,12 @@ def test_eval_script_writes_results_json(data_root, tiny_checkpoint, tmp_path):
     assert datetime.fromisoformat(record["created"]).tzinfo is not None
     assert record["ssp_sam_version"] == ssp_sam.__version__
     assert list((tmp_path / "cache").iterdir()), "the SAM embedding cache was not built"
+
+    # One line per sentence, in dataset order, whose scores make up the metrics.
+    lines = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert [line["expression"] for line in lines] == list(RES_VAL_ANSWERS)
+    assert np.mean([line["IoU"] for line in lines]) == pytest.approx(record["metrics"]["mIoU"], abs=1e-12)
+    assert sum(line["I"] for line in lines) / sum(line["U"] for line in lines) == pytest.approx(record["metrics"]["oIoU"], abs=1e-12)
 
     # The same numbers as evaluating in this process without a cache.
     in_process = evaluate(tiny_model(), load_dataset(_refer_cfg(data_root, "val")), device="cpu", progress=False)

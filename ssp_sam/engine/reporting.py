@@ -10,6 +10,7 @@ cIoU, N-acc each) and PhraseCut test, then any other dataset (e.g. ShapeWorld) w
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
@@ -22,7 +23,7 @@ from typing import Any
 from .. import __version__
 from ..checkpoint import WEIGHTS_FILE
 from ..errors import CheckpointError
-from ..fileio import file_sha256, write_json
+from ..fileio import atomic_path, file_sha256, write_json
 from ..metrics import GRES_KEYS, RES_KEYS, SSPSAM_GRES_KEYS, format_rows
 from .evaluator import EvaluationResult
 
@@ -92,6 +93,24 @@ def write_results(
     }
     write_json(path, record)
     return record
+
+
+def write_samples(path: str | os.PathLike, result: EvaluationResult) -> None:
+    """Write the per-sentence scores of one evaluation as JSON Lines, atomically.
+
+    One object per sentence in dataset order (``EvaluationResult.per_sample``: sample and sentence
+    ids, expression, image, group, I, U, IoU, ...), for failure analysis: which expressions fail,
+    and how.
+    """
+    with atomic_path(path) as tmp, open(tmp, "w") as file:
+        for record in result.per_sample:
+            file.write(json.dumps(record, default=_json_scalar) + "\n")
+
+
+def _json_scalar(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy and torch scalars
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def check_results(record: Any) -> None:
