@@ -35,6 +35,10 @@ class PromptGeneratorConfig:
     num_heads: int = 8
     ffn_dim: int = 2048
     dropout: float = 0.0
+    # Initial values of the position embeddings of the N patch tokens: "random" (nn.Embedding's
+    # N(0, 1), as the release) or "sincos" (2-D sine-cosine codes of the patch grid, ordered in x and
+    # y from the first step). Training choice only: every checkpoint overwrites them.
+    position_init: str = "random"
 
 
 @dataclass
@@ -101,6 +105,10 @@ def _check(config: ModelConfig) -> None:
         raise ConfigError("model.sam_custom: required when model.sam_variant=custom")
     if config.prompt_generator.mode not in ("encoder", "decoder"):
         raise ConfigError(f"model.prompt_generator.mode: must be encoder or decoder, got {config.prompt_generator.mode!r}")
+    if config.prompt_generator.position_init not in ("random", "sincos"):
+        raise ConfigError(
+            f"model.prompt_generator.position_init: must be random or sincos, got {config.prompt_generator.position_init!r}"
+        )
     for key, value in (
         ("model.prompt_generator.num_prompt_tokens", config.prompt_generator.num_prompt_tokens),
         ("model.prompt_generator.depth", config.prompt_generator.depth),

@@ -119,6 +119,7 @@ class SSPSAM(nn.Module):
             ffn_dim=generator.ffn_dim,
             dropout=generator.dropout,
             mode=generator.mode,
+            position_init=generator.position_init,
         )
 
     @property

@@ -8,6 +8,7 @@ T = prompt tokens (128), C = prompt width (SAM's 256).
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -76,6 +77,24 @@ class PostNormDecoderLayer(nn.Module):
         return self.norm3(x + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x))))))
 
 
+def grid_sincos_embedding(num_tokens: int, dim: int) -> Tensor:
+    """2-D sine-cosine codes (num_tokens, dim) of a square patch grid in row-major order.
+
+    The first dim/2 channels code the row, the last dim/2 the column, each as sin and cos of the
+    index times dim/4 frequencies 10000^(-k / (dim/4)), k = 0 .. dim/4 - 1 (as in MAE): nearby
+    patches get similar codes and position is ordered along both axes.
+    """
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens or dim % 4:
+        raise ValueError(f"sincos position codes need a square grid and dim divisible by 4, got {num_tokens} tokens, dim {dim}")
+    frequencies = 10000.0 ** (-torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    index = torch.arange(side, dtype=torch.float64)[:, None] * frequencies  # (side, dim/4)
+    axis = torch.cat([index.sin(), index.cos()], dim=1)  # (side, dim/2)
+    rows = axis[:, None, :].expand(side, side, dim // 2)
+    columns = axis[None, :, :].expand(side, side, dim // 2)
+    return torch.cat([rows, columns], dim=-1).reshape(num_tokens, dim).float()
+
+
 class PromptGenerator(nn.Module):
     """Turns multimodal tokens into T sparse prompts for SAM and a REC box.
 
@@ -94,6 +113,7 @@ class PromptGenerator(nn.Module):
         ffn_dim: int = 2048,
         dropout: float = 0.0,
         mode: Literal["encoder", "decoder"] = "encoder",
+        position_init: Literal["random", "sincos"] = "random",
     ) -> None:
         super().__init__()
         if mode not in ("encoder", "decoder"):
@@ -103,6 +123,11 @@ class PromptGenerator(nn.Module):
         self.reg_token = nn.Embedding(1, dim)
         self.prompt_tokens = nn.Embedding(num_prompt_tokens, dim)
         self.pos_embed = nn.Embedding(1 + num_prompt_tokens + num_visual_tokens, dim)
+        if position_init == "sincos":
+            with torch.no_grad():
+                self.pos_embed.weight[1 + num_prompt_tokens :] = grid_sincos_embedding(num_visual_tokens, dim)
+        elif position_init != "random":
+            raise ValueError(f"position_init must be 'random' or 'sincos', got {position_init!r}")
         layer = PostNormEncoderLayer if mode == "encoder" else PostNormDecoderLayer
         self.layers = nn.ModuleList(layer(dim, num_heads, ffn_dim, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)

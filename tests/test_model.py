@@ -119,6 +119,26 @@ def test_prompt_generator_encoder_matches_hand_written_detr_layer():
     assert torch.allclose(boxes[0], generator.box_head(x[0]).sigmoid(), atol=1e-6)
 
 
+def test_sincos_position_init_codes_rows_and_columns():
+    """Patch rows of pos_embed hold 2-D sine-cosine codes (hand-computed); the other rows stay N(0, 1)."""
+    torch.manual_seed(0)
+    random_init = PromptGenerator(dim=8, num_prompt_tokens=2, num_visual_tokens=4, depth=1, num_heads=2, ffn_dim=16)
+    torch.manual_seed(0)
+    sincos = PromptGenerator(dim=8, num_prompt_tokens=2, num_visual_tokens=4, depth=1, num_heads=2, ffn_dim=16,
+                             position_init="sincos")
+    # dim 8: 2 frequencies, 1 and 10000^(-1/2) = 0.01; patch p of the 2x2 grid is (row p // 2, column p % 2).
+    def axis(i: int) -> list[float]:
+        return [math.sin(i), math.sin(0.01 * i), math.cos(i), math.cos(0.01 * i)]
+
+    expected = torch.tensor([axis(p // 2) + axis(p % 2) for p in range(4)])
+    assert torch.allclose(sincos.pos_embed.weight[3:], expected, atol=1e-6)
+    assert torch.equal(sincos.pos_embed.weight[:3], random_init.pos_embed.weight[:3])
+    with pytest.raises(ConfigError, match="position_init"):
+        tiny_config(**{"prompt_generator.position_init": "learned"})
+    with pytest.raises(ValueError, match="square grid"):
+        PromptGenerator(dim=8, num_prompt_tokens=2, num_visual_tokens=6, position_init="sincos")
+
+
 def test_vad_similarity_channel_and_token_axis():
     """Hand-checkable similarity: 1 CLS + 3 patches of width 2, sentence along +x."""
     tokens = torch.tensor([[[5.0, 5.0], [3.0, 4.0], [0.0, 2.0], [1.0, 0.0]]])

@@ -1,5 +1,9 @@
 """Training items: one referent per index, one random expression per visit, SAM embedding from the cache.
 
+The expression is drawn uniformly, as in the release, unless ``expression_weights`` weights the
+sentences by a per-sentence annotation (e.g. ShapeWorld's kind: {"L": 3.0} makes a location
+sentence of a referent three times as likely as each of its other sentences).
+
 Each item is deterministic given (seed, epoch, index): the expression choice and the random
 letterbox placement (the recipe's only augmentation) come from a generator seeded by those three
 numbers, so a resumed run and a multi-process run see exactly the same items as a single run.
@@ -8,7 +12,7 @@ Workers only read files: the SAM image embedding comes from :class:`EmbeddingCac
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -19,8 +23,8 @@ from ..backbones.clip import CLIPTokenizer, letterbox_image
 from ..backbones.sam import mask_to_padded_frame
 from ..image_io import load_image
 from .embedding_cache import EmbeddingCache, image_key
-from ..errors import DatasetError
-from .records import ReferringDataset
+from ..errors import ConfigError, DatasetError
+from .records import ReferringDataset, ReferringSample
 
 
 class ReferringTrainingSet(Dataset):
@@ -45,6 +49,8 @@ class ReferringTrainingSet(Dataset):
         seed: int,
         augment: bool = True,
         need_masks: bool = True,
+        expression_weights: Mapping[str, float] | None = None,
+        expression_weight_key: str = "kind",
     ) -> None:
         self.dataset = dataset
         self.cache = cache
@@ -55,6 +61,11 @@ class ReferringTrainingSet(Dataset):
         self.augment = augment
         self.need_masks = need_masks
         self.epoch = 0
+        self.expression_weights = dict(expression_weights or {})
+        self.expression_weight_key = expression_weight_key
+        for value, weight in self.expression_weights.items():
+            if not weight > 0:
+                raise ConfigError(f"train.expression_weights.{value}: must be > 0, got {weight}")
         if need_masks:
             box_only = [s.sample_id for s in dataset if not s.no_target and not s.has_mask]
             if box_only:
@@ -72,7 +83,7 @@ class ReferringTrainingSet(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.dataset[index]
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        expression = sample.expressions[int(rng.integers(len(sample.expressions)))]
+        expression = sample.expressions[self._draw_sentence(sample, rng)]
         image = load_image(sample.image_path)
         if self.augment:
             generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
@@ -93,6 +104,17 @@ class ReferringTrainingSet(Dataset):
             "box": box,
             "index": torch.tensor(index),
         }
+
+
+    def _draw_sentence(self, sample: ReferringSample, rng: np.random.Generator) -> int:
+        """Index of the sentence used for this visit: uniform, or by ``expression_weights``."""
+        if not self.expression_weights:
+            return int(rng.integers(len(sample.expressions)))
+        weights = np.array([
+            self.expression_weights.get(str(sample.sentence_meta(i).get(self.expression_weight_key)), 1.0)
+            for i in range(len(sample.expressions))
+        ])
+        return int(rng.choice(len(weights), p=weights / weights.sum()))
 
 
 class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
