@@ -82,6 +82,13 @@ def test_training_lowers_the_loss(tmp_path):
     assert (tmp_path / "run" / "tb").is_dir()
 
 
+def test_expression_weights_reach_the_training_items(shapeworld_root, tmp_path):
+    cfg = compose_train(train_overrides(shapeworld_root, tmp_path / "run", tmp_path / "cache", "train.expression_weights={L: 3.0}"))
+    assert Trainer(cfg).train_set.expression_weights == {"L": 3.0}
+    cfg = compose_train(train_overrides(shapeworld_root, tmp_path / "run2", tmp_path / "cache"))
+    assert Trainer(cfg).train_set.expression_weights == {}
+
+
 def test_decoder_frozen_then_trained(shapeworld_root, tmp_path):
     cfg = compose_train(train_overrides(shapeworld_root, tmp_path / "run", tmp_path / "cache", "train.epochs=2"))
     trainer = Trainer(cfg)

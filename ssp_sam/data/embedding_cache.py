@@ -578,7 +578,8 @@ def sam_encoder_fingerprint(
     """The cache fingerprint of a SAM encoder: of its weight file if it was loaded from one, else of its weights.
 
     Training and ``scripts/cache_embeddings.py`` both key the cache with this function, so they
-    find the same folder.
+    find the same folder. With ``sam_checkpoint`` given, the encoder is not looked at (it may be a
+    function that would build it); without, it must be the module.
     """
     if sam_checkpoint is not None:
         return sam_weights_fingerprint(sam_checkpoint)

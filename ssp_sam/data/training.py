@@ -105,7 +105,6 @@ class ReferringTrainingSet(Dataset):
             "index": torch.tensor(index),
         }
 
-
     def _draw_sentence(self, sample: ReferringSample, rng: np.random.Generator) -> int:
         """Index of the sentence used for this visit: uniform, or by ``expression_weights``."""
         if not self.expression_weights:
