@@ -1,4 +1,5 @@
-"""keep_freed_host_memory: large tensors of a repeated step reuse freed memory instead of page-faulting."""
+"""keep_freed_host_memory: large tensors of a repeated step reuse freed memory instead of page-faulting;
+release_freed_host_memory: forked workers then do not keep a copy of the free heap."""
 
 from __future__ import annotations
 
@@ -46,3 +47,45 @@ def test_repeated_steps_stop_page_faulting():
     # Kept: once the heap holds the step's blocks (a few steps), later steps reuse them; over the
     # last four steps at most a step's worth of faults (glibc's default: four steps' worth).
     assert sum(kept["faults"][-4:]) < STEP_PAGES
+
+
+# With freed memory kept, a 128 MiB free heap, then two forked children (like data-loader workers)
+# while the parent rewrites that heap; prints the children's summed PSS in MiB.
+FORK_PROBE = textwrap.dedent(
+    """
+    import json, os, sys, torch
+    from ssp_sam.engine.host_memory import keep_freed_host_memory, release_freed_host_memory
+    keep_freed_host_memory()
+    torch.set_num_threads(1)
+    blocks = [torch.ones(1 << 20) for _ in range(32)]  # 32 x 4 MiB, then freed: the free heap
+    del blocks
+    if sys.argv[1] == "release":
+        assert release_freed_host_memory()
+    go, children = os.pipe(), []
+    for _ in range(2):
+        pid = os.fork()
+        if pid == 0:
+            os.read(go[0], 1)  # wait until the parent has measured
+            os._exit(0)
+        children.append(pid)
+    blocks = [torch.full((1 << 20,), 2.0) for _ in range(32)]  # the parent's next step reuses the heap
+    def pss_mib(pid):
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            return next(int(line.split()[1]) for line in rollup if line.startswith("Pss:")) / 1024
+    print(json.dumps(sum(pss_mib(pid) for pid in children)))
+    os.write(go[1], b"xx")
+    for pid in children:
+        os.waitpid(pid, 0)
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning")
+def test_released_heap_is_not_copied_into_forked_workers():
+    def children_pss(mode: str) -> float:
+        completed = subprocess.run([sys.executable, "-c", FORK_PROBE, mode], capture_output=True, text=True, check=True)
+        return json.loads(completed.stdout)
+
+    kept, released = children_pss("keep"), children_pss("release")
+    # Kept, the children hold the old copy of every heap page the parent rewrote: about 128 MiB more.
+    assert kept - released > 0.75 * 128, (kept, released)

@@ -10,6 +10,12 @@ blocks are reused by the next step, as the caching allocator does on a GPU.
 The cost is that the process keeps its peak heap until it exits, which is what a training or
 evaluation run needs anyway. Only the entry points of long CPU runs call this; the library never
 changes the allocator of a program that imports it.
+
+One interaction needs care: data-loader workers are forked from the trainer. Every free heap page
+the trainer rewrites after a fork (the next step's activations) is copied, and the workers keep the
+old copy, shared among them: a fixed cost of the whole free heap (about 200 MiB for the ShapeWorld
+model, benchmarks/README.md "bench_loader_memory") whatever the worker count. So the trainer calls
+:func:`release_freed_host_memory` just before the workers of an epoch start.
 """
 
 from __future__ import annotations
@@ -40,3 +46,21 @@ def keep_freed_host_memory() -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES) == 1
+
+
+def release_freed_host_memory() -> bool:
+    """Give the free pages of the heap back to the kernel now (glibc ``malloc_trim(0)``).
+
+    Called before forking data-loader workers: pages that are not there cannot be duplicated by
+    copy-on-write. The next step faults them in once. Returns False where glibc is not available.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim.argtypes = [ctypes.c_size_t]
+    malloc_trim.restype = ctypes.c_int
+    malloc_trim(0)
+    return True

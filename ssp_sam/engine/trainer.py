@@ -48,7 +48,7 @@ from ..visualize import overlay
 from .caching import ensure_cache
 from .distributed import DistInfo, barrier, init_distributed, mean_across_ranks, shutdown_distributed
 from .evaluator import evaluate
-from .host_memory import keep_freed_host_memory
+from .host_memory import keep_freed_host_memory, release_freed_host_memory
 from .optim import cosine_schedule, parameter_groups
 from .reporting import command_line, console_tables, write_results
 
@@ -270,6 +270,8 @@ class Trainer:
             total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.train_cfg.epochs}", unit="step",
             disable=not self.dist.is_main, dynamic_ncols=True,
         )
+        if self.device.type == "cpu" and self.loader.num_workers > 0:
+            release_freed_host_memory()  # else the forked workers keep a copy of the free heap (host_memory.py)
         for step, batch in enumerate(self.loader):
             if step >= self.steps_per_epoch:
                 break
