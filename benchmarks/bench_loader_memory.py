@@ -6,8 +6,9 @@ more than what it holds: its share of the prefetched batches plus a fixed per-pr
 
 Setup: a ShapeWorld-Ref (RES) training set is generated into a temporary folder, and the
 ``shapeworld`` model config (configs/model/shapeworld.yaml, random weights: its checkpoint paths
-are overridden to null) trains for a few dozen steps from an embedding cache, once per worker
-count, each run in its own process (``scripts/train.py`` with Hydra overrides, on the CPU). While
+are overridden to null) trains two epochs of 15 steps from an embedding cache (the workers of
+the second epoch are forked from a trainer that has already run steps), once per worker count,
+each run in its own process (``scripts/train.py`` with Hydra overrides, on the CPU). While
 a run lives, the PSS of its process and all its descendants (``/proc/<pid>/smaps_rollup``) is
 summed every 50 ms; PSS divides shared pages among the processes that map them, so the sum is
 the memory the run really uses, pages a forked worker shares with its parent counted once.
@@ -28,7 +29,7 @@ growth of the peak per added worker, over the smallest worker count N0 > 0, must
 a SAM ViT-H image encoder: 2.4 GiB of weights per worker.)
 
     python benchmarks/bench_loader_memory.py
-    python benchmarks/bench_loader_memory.py --steps 60 --batch-size 32
+    python benchmarks/bench_loader_memory.py --steps 30 --epochs 3 --batch-size 32
     python benchmarks/bench_loader_memory.py --quick      # 0, 1 and 2 workers, a few steps: a smoke run
 
 Prints a table and writes benchmarks/results/loader_memory.json (``--quick``: loader_memory_quick.json).
@@ -66,7 +67,8 @@ PROBE_MARKER = "PROBE "  # prefix of the probe's result line on its stdout
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, nargs="+", default=list(WORKER_COUNTS), help="worker counts to run (0 is always run)")
-    parser.add_argument("--steps", type=int, default=30, help="training steps per run")
+    parser.add_argument("--steps", type=int, default=15, help="training steps per epoch")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per run (workers are forked again every epoch)")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch size")
     parser.add_argument("--images", type=int, default=300, help="ShapeWorld training images (enough referents for the steps)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 0, 1 and 2 workers, 4 steps of batch 8 on 40 images")
@@ -74,9 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--probe", type=Path, default=None, help=argparse.SUPPRESS)  # internal: the probe process's work folder
     args = parser.parse_args(argv)
     if args.quick:
-        args.workers, args.steps, args.batch_size, args.images = [0, 1, 2], 4, 8, 40
-    if min(args.workers) < 0 or args.steps < 1 or args.batch_size < 1 or args.images < 1:
-        parser.error("--workers must be >= 0; --steps, --batch-size and --images >= 1")
+        args.workers, args.steps, args.epochs, args.batch_size, args.images = [0, 1, 2], 4, 1, 8, 40
+    if min(args.workers) < 0 or min(args.steps, args.epochs, args.batch_size, args.images) < 1:
+        parser.error("--workers must be >= 0; --steps, --epochs, --batch-size and --images >= 1")
     args.workers = sorted(set(args.workers) | {0})
     if args.out is None:
         args.out = RESULTS / ("loader_memory_quick.json" if args.quick else "loader_memory.json")
@@ -148,7 +150,7 @@ def run_and_sample(command: list[str], log_path: Path) -> dict:
 # ------------------------------------------------------------------------------------ runs
 
 
-def train_overrides(work: Path, run_name: str, workers: int, steps: int, batch_size: int) -> list[str]:
+def train_overrides(work: Path, run_name: str, workers: int, steps: int, batch_size: int, epochs: int = 1) -> list[str]:
     """Hydra overrides of configs/train.yaml for one short run on the generated set."""
     return [
         "model=shapeworld",
@@ -160,7 +162,7 @@ def train_overrides(work: Path, run_name: str, workers: int, steps: int, batch_s
         f"run_dir={work / run_name}",
         "device=cpu",
         "seed=0",
-        "train.epochs=1",
+        f"train.epochs={epochs}",
         f"train.max_steps_per_epoch={steps}",
         f"train.batch_size={batch_size}",
         f"train.workers={workers}",
@@ -267,7 +269,10 @@ def main(argv: list[str] | None = None) -> None:
         print(PROBE_MARKER + json.dumps(probe(args.probe, args.batch_size, args.steps)), flush=True)
         return
 
-    print(f"shapeworld model (random weights), {args.steps} steps of batch {args.batch_size}, workers {args.workers}, cpu")
+    print(
+        f"shapeworld model (random weights), {args.epochs} epochs of {args.steps} steps of batch {args.batch_size}, "
+        f"workers {args.workers}, cpu"
+    )
     with tempfile.TemporaryDirectory(prefix="bench_loader_memory_") as folder:
         work = Path(folder)
         generate_dataset(work / "data", "res", {"train": args.images}, seed=0, progress=False)
@@ -279,7 +284,8 @@ def main(argv: list[str] | None = None) -> None:
             )
         runs = {}
         for workers in args.workers:
-            command = [sys.executable, "scripts/train.py", *train_overrides(work, f"run_{workers}", workers, args.steps, args.batch_size)]
+            overrides = train_overrides(work, f"run_{workers}", workers, args.steps, args.batch_size, args.epochs)
+            command = [sys.executable, "scripts/train.py", *overrides]
             runs[workers] = run_and_sample(command, work / f"run_{workers}.log")
             print(f"  {workers} workers done", file=sys.stderr, flush=True)
         cache_folders = [path.name for path in (work / "cache").iterdir() if path.is_dir()]
@@ -304,7 +310,8 @@ def main(argv: list[str] | None = None) -> None:
         setup={
             "model": "shapeworld (configs/model/shapeworld.yaml, random weights)",
             "dataset": f"ShapeWorld-Ref res, {args.images} training images, seed 0",
-            "steps": args.steps,
+            "steps_per_epoch": args.steps,
+            "epochs": args.epochs,
             "batch_size": args.batch_size,
             "worker_counts": args.workers,
             "sample_interval_s": SAMPLE_INTERVAL_S,

@@ -1,14 +1,18 @@
 """keep_freed_host_memory: large tensors of a repeated step reuse freed memory instead of page-faulting;
-release_freed_host_memory: forked workers then do not keep a copy of the free heap."""
+shared_with_forked_workers: forked workers then do not keep a copy of the free heap, and the garbage
+collector leaves the objects they share alone."""
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
 import textwrap
 
 import pytest
+
+from ssp_sam.engine.host_memory import shared_with_forked_workers
 
 # A step-like loop on 64 MiB tensors (above glibc's largest mmap threshold, 32 MiB), in a fresh
 # process, optionally after keep_freed_host_memory(); prints the minor page faults of each step.
@@ -89,3 +93,15 @@ def test_released_heap_is_not_copied_into_forked_workers():
     kept, released = children_pss("keep"), children_pss("release")
     # Kept, the children hold the old copy of every heap page the parent rewrote: about 128 MiB more.
     assert kept - released > 0.75 * 128, (kept, released)
+
+
+def test_objects_are_frozen_only_while_workers_live():
+    gc.unfreeze()
+    with shared_with_forked_workers():
+        assert gc.get_freeze_count() > 0  # the collector leaves the objects alive at the fork alone
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError), shared_with_forked_workers():
+        raise RuntimeError("a diverged step")
+    assert gc.get_freeze_count() == 0
+    with shared_with_forked_workers(enabled=False):
+        assert gc.get_freeze_count() == 0

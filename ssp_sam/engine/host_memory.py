@@ -11,17 +11,21 @@ The cost is that the process keeps its peak heap until it exits, which is what a
 evaluation run needs anyway. Only the entry points of long CPU runs call this; the library never
 changes the allocator of a program that imports it.
 
-One interaction needs care: data-loader workers are forked from the trainer. Every free heap page
-the trainer rewrites after a fork (the next step's activations) is copied, and the workers keep the
-old copy, shared among them: a fixed cost of the whole free heap (about 200 MiB for the ShapeWorld
-model, benchmarks/README.md "bench_loader_memory") whatever the worker count. So the trainer calls
-:func:`release_freed_host_memory` just before the workers of an epoch start.
+One interaction needs care: data-loader workers are forked from the trainer, and every page the
+trainer rewrites after a fork is copied, the workers keeping the old copy, shared among them: a
+fixed cost whatever the worker count. The kept free heap is the largest such region once a step
+has run (the next step's activations rewrite it), and the Python objects alive at the fork come
+next (reference counts and the cyclic garbage collector write into them). So the trainer runs each
+epoch's loader inside :func:`shared_with_forked_workers`.
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 # mallopt parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -64,3 +68,22 @@ def release_freed_host_memory() -> bool:
     malloc_trim.restype = ctypes.c_int
     malloc_trim(0)
     return True
+
+
+@contextmanager
+def shared_with_forked_workers(enabled: bool = True) -> Iterator[None]:
+    """Around the life of forked data-loader workers: fewer parent pages copied on write.
+
+    On entry the free heap goes back to the kernel (:func:`release_freed_host_memory`) and the
+    objects alive now move to the garbage collector's permanent generation (``gc.freeze``), so
+    collections during the epoch do not write into them; on exit they are collected normally again.
+    """
+    if not enabled:
+        yield
+        return
+    release_freed_host_memory()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()

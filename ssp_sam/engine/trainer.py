@@ -48,7 +48,7 @@ from ..visualize import overlay
 from .caching import ensure_cache
 from .distributed import DistInfo, barrier, init_distributed, mean_across_ranks, shutdown_distributed
 from .evaluator import evaluate
-from .host_memory import keep_freed_host_memory, release_freed_host_memory
+from .host_memory import keep_freed_host_memory, shared_with_forked_workers
 from .optim import cosine_schedule, parameter_groups
 from .reporting import command_line, console_tables, write_results
 
@@ -270,39 +270,38 @@ class Trainer:
             total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.train_cfg.epochs}", unit="step",
             disable=not self.dist.is_main, dynamic_ncols=True,
         )
-        if self.device.type == "cpu" and self.loader.num_workers > 0:
-            release_freed_host_memory()  # else the forked workers keep a copy of the free heap (host_memory.py)
-        for step, batch in enumerate(self.loader):
-            if step >= self.steps_per_epoch:
-                break
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
-                output = model(batch["clip_pixels"], batch["tokens"], batch["sam_embedding"])
-            terms = ssp_sam_loss(output.mask_logits.float(), batch["mask"], output.boxes.float(), batch["box"], with_masks=with_masks)
-            loss = terms["loss"]
-            global_step = epoch * self.steps_per_epoch + step
-            if not torch.isfinite(loss):
-                raise TrainingDivergedError(
-                    f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                    f"the last good checkpoint is kept in {self.run_dir / 'last'}"
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-            if self.train_cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], float(self.train_cfg.grad_clip))
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
+        with shared_with_forked_workers(enabled=self.loader.num_workers > 0):  # host_memory.py
+            for step, batch in enumerate(self.loader):
+                if step >= self.steps_per_epoch:
+                    break
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
+                    output = model(batch["clip_pixels"], batch["tokens"], batch["sam_embedding"])
+                terms = ssp_sam_loss(output.mask_logits.float(), batch["mask"], output.boxes.float(), batch["box"], with_masks=with_masks)
+                loss = terms["loss"]
+                global_step = epoch * self.steps_per_epoch + step
+                if not torch.isfinite(loss):
+                    raise TrainingDivergedError(
+                        f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                        f"the last good checkpoint is kept in {self.run_dir / 'last'}"
+                    )
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+                if self.train_cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], float(self.train_cfg.grad_clip))
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.scheduler.step()
 
-            logged = mean_across_ranks({f"train/{k}": v.item() for k, v in terms.items()}, self.dist, self.device)
-            losses.append(logged["train/loss"])
-            self._append_log({"epoch": epoch, "step": global_step, **logged})
-            if global_step % int(self.train_cfg.log_every) == 0:
-                lrs = {f"lr/{group['name']}": group["lr"] for group in self.optimizer.param_groups}
-                self._log_scalars({**logged, **lrs}, global_step)
-            progress.set_postfix(loss=f"{logged['train/loss']:.4f}")
-            progress.update(1)
+                logged = mean_across_ranks({f"train/{k}": v.item() for k, v in terms.items()}, self.dist, self.device)
+                losses.append(logged["train/loss"])
+                self._append_log({"epoch": epoch, "step": global_step, **logged})
+                if global_step % int(self.train_cfg.log_every) == 0:
+                    lrs = {f"lr/{group['name']}": group["lr"] for group in self.optimizer.param_groups}
+                    self._log_scalars({**logged, **lrs}, global_step)
+                progress.set_postfix(loss=f"{logged['train/loss']:.4f}")
+                progress.update(1)
         progress.close()
         return losses
 
