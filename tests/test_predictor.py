@@ -74,12 +74,20 @@ def encoded(predictor, image):
     return predictor.encode_image(image)
 
 
+LOGIT_ATOL = 1e-5  # batched and one-at-a-time decoding sum in different orders
+
+
 def _assert_same(got, expected):
     assert got.expression == expected.expression
-    np.testing.assert_allclose(got.logits, expected.logits, atol=1e-5, rtol=0)
-    np.testing.assert_array_equal(got.mask, expected.mask)
+    np.testing.assert_allclose(got.logits, expected.logits, atol=LOGIT_ATOL, rtol=0)
+    # Thresholded at 0: only pixels whose logit is within the tolerance of 0 may differ.
+    undecided = np.abs(expected.logits) <= LOGIT_ATOL
+    np.testing.assert_array_equal(got.mask[~undecided], expected.mask[~undecided])
     np.testing.assert_allclose(got.box, expected.box, atol=1e-4, rtol=0)
-    assert got.no_target == expected.no_target and got.padded_area == expected.padded_area
+    assert got.no_target == expected.no_target
+    # The padded-frame area counts pixels of the 128x128 frame: a logit that sits on 0 there (this
+    # happened for one pixel on one CPU) may fall either side.
+    assert abs(got.padded_area - expected.padded_area) <= 1
     assert got.score == pytest.approx(expected.score, abs=1e-5)
 
 
