@@ -45,10 +45,6 @@ def _device_for(requested: str, dist_info: DistInfo) -> torch.device:
     return device
 
 
-def _embedded_sam_image_encoder(checkpoint: Path, model_config: dict | None) -> torch.nn.Module:
-    return load_model(checkpoint, model_config).sam_image_encoder
-
-
 @hydra.main(config_path="../configs", config_name="eval", version_base="1.3")
 @reports_errors
 def main(cfg: DictConfig) -> None:
@@ -67,14 +63,12 @@ def main(cfg: DictConfig) -> None:
         device = _device_for(cfg.device, dist_info)
         if device.type == "cpu":
             keep_freed_host_memory()  # large CPU activations reuse freed memory instead of page-faulting
-        # With a cache, SAM's image encoder is built only if the cache lacks some image of the split.
-        model = load_model(checkpoint, model_config, with_sam_image_encoder=cfg.cache_dir is None, device=device)
+        # With a cache, SAM's image encoder is loaded with the model only when its weights are in the
+        # checkpoint (small models); from a weight file, only if the cache lacks some image of the split.
+        model = load_model(checkpoint, model_config, with_sam_image_encoder=True if cfg.cache_dir is None else None, device=device)
         cache = None
         if cfg.cache_dir is not None:
-            if model.config.sam_checkpoint is not None:
-                encoder = partial(build_sam_image_encoder, model.config)
-            else:  # the encoder's weights are embedded in our checkpoint
-                encoder = partial(_embedded_sam_image_encoder, checkpoint, model_config)
+            encoder = model.sam_image_encoder if model.sam_image_encoder is not None else partial(build_sam_image_encoder, model.config)
             cache = ensure_cache(
                 cfg.cache_dir, dataset.image_paths(), encoder, model.config.sam_checkpoint,
                 model.sam_image_size, device, dist_info, int(cfg.cache_batch_size), str(cfg.cache_dtype), bool(cfg.progress),

@@ -278,7 +278,7 @@ def load_own_weights(model: SSPSAM, path: str | os.PathLike) -> None:
 def load_model(
     checkpoint: str | os.PathLike,
     model_config: ModelConfig | Mapping | None = None,
-    with_sam_image_encoder: bool = True,
+    with_sam_image_encoder: bool | None = True,
     device: str | torch.device = "cpu",
 ) -> SSPSAM:
     """Build and load a model from a checkpoint of ours or a released one.
@@ -288,12 +288,15 @@ def load_model(
         model_config: for our checkpoints, optional overrides of the stored config (e.g. new
             encoder weight paths); for released ones, the model config (CLIP/SAM weight paths).
             If None for a released file, the preset (224 or 336) is chosen from its shapes.
+        with_sam_image_encoder: build SAM's image encoder (True) or not (False, for cached
+            embeddings); None: only when no SAM weight file is named, i.e. when its weights can
+            only come from ``checkpoint`` itself.
     """
     path = Path(checkpoint)
     if is_own_checkpoint(path):
         stored = read_checkpoint_config(path)["model"]
         config = model_config_from(stored, **(_as_overrides(model_config)))
-        model = build_model(config, with_sam_image_encoder=with_sam_image_encoder)
+        model = build_model(config, with_sam_image_encoder=_wants_sam_image_encoder(with_sam_image_encoder, config))
         load_own_weights(model, path)
     else:
         state = read_release_state_dict(path)
@@ -303,9 +306,15 @@ def load_model(
         config = model_config if isinstance(model_config, ModelConfig) else model_config_from(model_config)
         if config.name in RELEASE_PRESETS and config.name != preset:
             raise CheckpointError(f"{path}: this is an {preset} release checkpoint but the model config is {config.name}")
-        model = build_model(replace(config, release_quirks=True), with_sam_image_encoder=with_sam_image_encoder)
+        model = build_model(
+            replace(config, release_quirks=True), with_sam_image_encoder=_wants_sam_image_encoder(with_sam_image_encoder, config)
+        )
         load_release_weights(model, state, str(path))
     return model.to(device).eval()
+
+
+def _wants_sam_image_encoder(requested: bool | None, config: ModelConfig) -> bool:
+    return config.sam_checkpoint is None if requested is None else requested
 
 
 def _as_overrides(model_config: ModelConfig | Mapping | None) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 # mallopt parameters (glibc's malloc.h).
@@ -34,21 +34,28 @@ _M_MMAP_MAX = -4
 _TRIM_THRESHOLD_BYTES = 2**31 - 1
 
 
+def _glibc_function(name: str, argtypes: list) -> Callable[..., int] | None:
+    """The C library's ``name`` (returning int), or None off Linux or in a C library without it (musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = argtypes
+    function.restype = ctypes.c_int
+    return function
+
+
 def keep_freed_host_memory() -> bool:
     """Tell glibc's malloc to serve large blocks from the heap and never trim it.
 
     Returns True when the setting took effect, False where it cannot (not Linux, or a C library
     without ``mallopt`` such as musl): everything still works there, only slower on CPU.
     """
-    if not sys.platform.startswith("linux"):
+    mallopt = _glibc_function("mallopt", [ctypes.c_int, ctypes.c_int])
+    if mallopt is None:
         return False
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
     return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES) == 1
 
 
@@ -58,14 +65,9 @@ def release_freed_host_memory() -> bool:
     Called before forking data-loader workers: pages that are not there cannot be duplicated by
     copy-on-write. The next step faults them in once. Returns False where glibc is not available.
     """
-    if not sys.platform.startswith("linux"):
+    malloc_trim = _glibc_function("malloc_trim", [ctypes.c_size_t])
+    if malloc_trim is None:
         return False
-    try:
-        malloc_trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return False
-    malloc_trim.argtypes = [ctypes.c_size_t]
-    malloc_trim.restype = ctypes.c_int
     malloc_trim(0)
     return True
 

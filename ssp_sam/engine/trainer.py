@@ -118,7 +118,7 @@ class Trainer:
             seed=int(cfg.seed),
             augment=bool(self.train_cfg.augment),
             need_masks=self.train_cfg.stage == "res",
-            expression_weights=dict(self.train_cfg.expression_weights or {}),
+            expression_weights=self.train_cfg.expression_weights,
             expression_weight_key=str(self.train_cfg.expression_weight_key),
         )
         global_batch = int(self.train_cfg.batch_size)
