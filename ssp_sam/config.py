@@ -36,9 +36,14 @@ class PromptGeneratorConfig:
     ffn_dim: int = 2048
     dropout: float = 0.0
     # Initial values of the position embeddings of the N patch tokens: "random" (nn.Embedding's
-    # N(0, 1), as the release) or "sincos" (2-D sine-cosine codes of the patch grid, ordered in x and
-    # y from the first step). Training choice only: every checkpoint overwrites them.
+    # N(0, 1), as the release), "sincos" (2-D sine-cosine codes of the patch grid, ordered in x and
+    # y from the first step) or "sam_click" (SAM's prompt token for a positive click on each patch's
+    # centre). Training choice only: every checkpoint overwrites them.
     position_init: str = "random"
+    # Add the patch position embeddings to the multimodal tokens (the attention values) too, not
+    # only to queries and keys as the release does, so the prompt tokens can tell SAM *where*.
+    # Changes the function: it must match the checkpoint (False for the released models).
+    positions_in_values: bool = False
 
 
 @dataclass
@@ -105,9 +110,10 @@ def _check(config: ModelConfig) -> None:
         raise ConfigError("model.sam_custom: required when model.sam_variant=custom")
     if config.prompt_generator.mode not in ("encoder", "decoder"):
         raise ConfigError(f"model.prompt_generator.mode: must be encoder or decoder, got {config.prompt_generator.mode!r}")
-    if config.prompt_generator.position_init not in ("random", "sincos"):
+    if config.prompt_generator.position_init not in ("random", "sincos", "sam_click"):
         raise ConfigError(
-            f"model.prompt_generator.position_init: must be random or sincos, got {config.prompt_generator.position_init!r}"
+            "model.prompt_generator.position_init: must be random, sincos or sam_click, "
+            f"got {config.prompt_generator.position_init!r}"
         )
     for key, value in (
         ("model.prompt_generator.num_prompt_tokens", config.prompt_generator.num_prompt_tokens),

@@ -64,6 +64,18 @@ class SSPOutput:
     word_weights: Optional[Tensor]
 
 
+def patch_centres(grid_size: int, image_size: int) -> Tensor:
+    """(grid_size**2, 2) pixel positions (x, y) in SAM's input frame of the CLIP patch centres.
+
+    Row-major like the CLIP patch tokens. The CLIP square is laid on SAM's square, which is exact
+    for square images; for others it is only a starting point (the positions are trained).
+    SAM's prompt encoder adds 0.5 to a click, so the centres are given half a pixel early.
+    """
+    centres = (torch.arange(grid_size, dtype=torch.float32) + 0.5) * (image_size / grid_size) - 0.5
+    y, x = torch.meshgrid(centres, centres, indexing="ij")
+    return torch.stack([x.flatten(), y.flatten()], dim=1)
+
+
 class SSPSAM(nn.Module):
     """The SSP-SAM model. Build it with :func:`build_model`.
 
@@ -119,8 +131,13 @@ class SSPSAM(nn.Module):
             ffn_dim=generator.ffn_dim,
             dropout=generator.dropout,
             mode=generator.mode,
-            position_init=generator.position_init,
+            position_init="random" if generator.position_init == "sam_click" else generator.position_init,
+            positions_in_values=generator.positions_in_values,
         )
+        if generator.position_init == "sam_click":
+            self.prompt_generator.init_patch_positions(
+                mask_head.click_embeddings(patch_centres(clip.grid_size, self.sam_image_size))
+            )
 
     @property
     def sam_image_size(self) -> int:

@@ -101,6 +101,12 @@ class PromptGenerator(nn.Module):
     ``mode="encoder"`` (the released design) runs 6 encoder layers over the concatenated
     sequence; ``mode="decoder"`` (an ablation) keeps the multimodal tokens as a fixed memory that
     the regression and prompt tokens cross-attend to.
+
+    Positions: the release adds ``pos_embed`` to queries and keys only (DETR), so attention can
+    pick a patch by where it is, but what a prompt token takes from it (the values) says nothing
+    about where it was. ``positions_in_values=True`` also adds the patch rows of ``pos_embed`` to
+    the multimodal tokens themselves, so a prompt token that attends to a patch carries its
+    position to SAM (``SSPSAM`` can start those rows as SAM clicks on the patch centres).
     """
 
     def __init__(
@@ -114,24 +120,33 @@ class PromptGenerator(nn.Module):
         dropout: float = 0.0,
         mode: Literal["encoder", "decoder"] = "encoder",
         position_init: Literal["random", "sincos"] = "random",
+        positions_in_values: bool = False,
     ) -> None:
         super().__init__()
         if mode not in ("encoder", "decoder"):
             raise ValueError(f"prompt generator mode must be 'encoder' or 'decoder', got {mode!r}")
         self.mode = mode
         self.num_prompt_tokens = num_prompt_tokens
+        self.positions_in_values = positions_in_values
         self.reg_token = nn.Embedding(1, dim)
         self.prompt_tokens = nn.Embedding(num_prompt_tokens, dim)
         self.pos_embed = nn.Embedding(1 + num_prompt_tokens + num_visual_tokens, dim)
         if position_init == "sincos":
-            with torch.no_grad():
-                self.pos_embed.weight[1 + num_prompt_tokens :] = grid_sincos_embedding(num_visual_tokens, dim)
+            self.init_patch_positions(grid_sincos_embedding(num_visual_tokens, dim))
         elif position_init != "random":
             raise ValueError(f"position_init must be 'random' or 'sincos', got {position_init!r}")
         layer = PostNormEncoderLayer if mode == "encoder" else PostNormDecoderLayer
         self.layers = nn.ModuleList(layer(dim, num_heads, ffn_dim, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.box_head = MLP(dim, dim, 4, 3)
+
+    @torch.no_grad()
+    def init_patch_positions(self, codes: Tensor) -> None:
+        """Start the position embeddings of the N patch tokens from ``codes`` (N, C)."""
+        rows = self.pos_embed.weight[1 + self.num_prompt_tokens :]
+        if codes.shape != rows.shape:
+            raise ValueError(f"patch position codes: expected {tuple(rows.shape)}, got {tuple(codes.shape)}")
+        rows.copy_(codes)
 
     def forward(self, multimodal: Tensor) -> tuple[Tensor, Tensor]:
         """
@@ -144,6 +159,8 @@ class PromptGenerator(nn.Module):
         batch = multimodal.shape[0]
         learned = torch.cat([self.reg_token.weight, self.prompt_tokens.weight]).expand(batch, -1, -1)
         pos = self.pos_embed.weight.unsqueeze(0)
+        if self.positions_in_values:
+            multimodal = multimodal + pos[:, 1 + self.num_prompt_tokens :]
         if self.mode == "encoder":
             x = torch.cat([learned, multimodal], dim=1)
             for layer in self.layers:

@@ -139,6 +139,41 @@ def test_sincos_position_init_codes_rows_and_columns():
         PromptGenerator(dim=8, num_prompt_tokens=2, num_visual_tokens=6, position_init="sincos")
 
 
+def test_positions_in_values_adds_patch_positions_to_the_tokens():
+    """The switch is exactly "multimodal + patch position rows" fed to the release's generator."""
+    torch.manual_seed(0)
+    released = PromptGenerator(dim=8, num_prompt_tokens=2, num_visual_tokens=4, depth=2, num_heads=2, ffn_dim=16)
+    with_values = PromptGenerator(dim=8, num_prompt_tokens=2, num_visual_tokens=4, depth=2, num_heads=2, ffn_dim=16,
+                                  positions_in_values=True)
+    with_values.load_state_dict(released.state_dict())
+    multimodal = torch.randn(3, 4, 8)
+    patch_positions = released.pos_embed.weight[3:]  # after the reg token and the 2 prompt tokens
+    expected_prompts, expected_boxes = released(multimodal + patch_positions)
+    prompts, boxes = with_values(multimodal)
+    assert torch.allclose(prompts, expected_prompts, atol=1e-6)
+    assert torch.allclose(boxes, expected_boxes, atol=1e-6)
+    assert not torch.allclose(released(multimodal)[0], prompts, atol=1e-3)
+
+
+def test_sam_click_position_init_is_a_click_on_each_patch_centre():
+    """Patch rows start as SAM's one-click prompt token at the patch centre, computed here from
+    SAM's formula: random-Fourier PE of the pixel centre (x + 0.5) / S, plus the positive-point embedding."""
+    model = tiny_model(**{"prompt_generator.position_init": "sam_click"})
+    grid, size = model.clip.grid_size, model.sam_image_size
+    prompt_encoder = model.mask_head.prompt_encoder
+    gaussian = prompt_encoder.pe_layer.positional_encoding_gaussian_matrix  # (2, C/2)
+    rows = []
+    for p in range(grid * grid):
+        row, column = divmod(p, grid)
+        centre = torch.tensor([(column + 0.5) / grid, (row + 0.5) / grid])  # patch centre, normalised
+        projected = 2 * math.pi * ((2 * centre - 1) @ gaussian)
+        rows.append(torch.cat([projected.sin(), projected.cos()]) + prompt_encoder.point_embeddings[1].weight[0])
+    start = 1 + model.prompt_generator.num_prompt_tokens
+    assert size % grid == 0  # so the centres are whole pixel centres: (column + 0.5) * S / grid
+    assert torch.allclose(model.prompt_generator.pos_embed.weight[start:], torch.stack(rows), atol=1e-5)
+    assert tiny_config(**{"prompt_generator.position_init": "sam_click"}).prompt_generator.position_init == "sam_click"
+
+
 def test_vad_similarity_channel_and_token_axis():
     """Hand-checkable similarity: 1 CLS + 3 patches of width 2, sentence along +x."""
     tokens = torch.tensor([[[5.0, 5.0], [3.0, 4.0], [0.0, 2.0], [1.0, 0.0]]])

@@ -405,6 +405,20 @@ class SAMMaskHead(nn.Module):
         """Side S of SAM's padded square input (1024 for the official SAMs)."""
         return self.prompt_encoder.input_image_size[0]
 
+    @torch.no_grad()
+    def click_embeddings(self, points: torch.Tensor) -> torch.Tensor:
+        """SAM's prompt tokens for single positive clicks.
+
+        Args:
+            points: (N, 2) click positions (x, y) in pixels of SAM's input frame.
+        Returns:
+            (N, C) tokens: the positional encoding of each point plus the positive-point embedding,
+            exactly what the prompt encoder gives a one-click prompt.
+        """
+        labels = torch.ones(points.shape[0], 1, device=points.device)
+        sparse, _ = self.prompt_encoder(points=(points[:, None, :], labels), boxes=None, masks=None)
+        return sparse[:, 0]  # token 1 of each set is the "not a point" padding
+
     def forward(self, image_embeddings: torch.Tensor, sparse_prompts: torch.Tensor) -> torch.Tensor:
         """Low-resolution mask logits for each prompt set.
 

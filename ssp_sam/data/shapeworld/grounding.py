@@ -1,0 +1,51 @@
+"""Which objects a predicted mask picks out: the error analysis behind the README's ShapeWorld limits.
+
+IoU alone cannot tell a mask of the wrong object from a mask of the right object together with its
+look-alikes. Since a ShapeWorld scene knows every object's exact mask, each prediction is reduced
+to the set of objects it *covers* (more than half of the object's pixels inside the mask) and
+compared with the expression's targets.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+# In the order the analysis table prints them.
+OUTCOMES = ("exact", "with others", "partial", "wrong", "nothing")
+OUTCOME_MEANINGS = {
+    "exact": "covers the targets and nothing else (for a no-target expression: covers no object)",
+    "with others": "covers every target and at least one other object",
+    "partial": "covers some of the targets, not all",
+    "wrong": "covers only objects that are not targets",
+    "nothing": "covers no object although there are targets",
+}
+
+
+def covered_objects(mask: np.ndarray, object_masks: Sequence[np.ndarray], min_coverage: float = 0.5) -> tuple[int, ...]:
+    """Indices of the objects of which more than ``min_coverage`` of the pixels lie inside ``mask``.
+
+    Args:
+        mask: (H, W) bool prediction.
+        object_masks: (H, W) bool masks of the scene's objects (non-empty).
+    """
+    return tuple(
+        index
+        for index, object_mask in enumerate(object_masks)
+        if np.logical_and(mask, object_mask).sum() > min_coverage * object_mask.sum()
+    )
+
+
+def grounding_outcome(covered: Sequence[int], targets: Sequence[int]) -> str:
+    """One of :data:`OUTCOMES` for a prediction that covers ``covered`` when ``targets`` were meant."""
+    covered, targets = set(covered), set(targets)
+    if covered == targets:
+        return "exact"
+    if not targets:
+        return "wrong"  # objects segmented for a no-target expression
+    if targets <= covered:
+        return "with others"
+    if covered & targets:
+        return "partial"
+    return "wrong" if covered else "nothing"
