@@ -20,12 +20,14 @@ import math
 import time
 from dataclasses import dataclass
 from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
@@ -271,29 +273,9 @@ class Trainer:
             disable=not self.dist.is_main, dynamic_ncols=True,
         )
         with shared_with_forked_workers(enabled=self.loader.num_workers > 0):  # host_memory.py
-            for step, batch in enumerate(self.loader):
-                if step >= self.steps_per_epoch:
-                    break
-                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-                with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
-                    output = model(batch["clip_pixels"], batch["tokens"], batch["sam_embedding"])
-                terms = ssp_sam_loss(output.mask_logits.float(), batch["mask"], output.boxes.float(), batch["box"], with_masks=with_masks)
-                loss = terms["loss"]
+            for step, batch in enumerate(islice(self.loader, self.steps_per_epoch)):
                 global_step = epoch * self.steps_per_epoch + step
-                if not torch.isfinite(loss):
-                    raise TrainingDivergedError(
-                        f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                        f"the last good checkpoint is kept in {self.run_dir / 'last'}"
-                    )
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                self.scaler.unscale_(self.optimizer)
-                if self.train_cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], float(self.train_cfg.grad_clip))
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.scheduler.step()
-
+                terms = self._train_step(model, batch, with_masks, epoch, step)
                 logged = mean_across_ranks({f"train/{k}": v.item() for k, v in terms.items()}, self.dist, self.device)
                 losses.append(logged["train/loss"])
                 self._append_log({"epoch": epoch, "step": global_step, **logged})
@@ -304,6 +286,28 @@ class Trainer:
                 progress.update(1)
         progress.close()
         return losses
+
+    def _train_step(self, model: torch.nn.Module, batch: dict, with_masks: bool, epoch: int, step: int) -> dict[str, Tensor]:
+        """Forward, loss, backward and optimizer/scheduler step on one batch; returns the loss terms."""
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
+            output = model(batch["clip_pixels"], batch["tokens"], batch["sam_embedding"])
+        terms = ssp_sam_loss(output.mask_logits.float(), batch["mask"], output.boxes.float(), batch["box"], with_masks=with_masks)
+        loss = terms["loss"]
+        if not torch.isfinite(loss):
+            raise TrainingDivergedError(
+                f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                f"the last good checkpoint is kept in {self.run_dir / 'last'}"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        if self.train_cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], float(self.train_cfg.grad_clip))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return terms
 
     @torch.no_grad()
     def validate(self, epoch: int) -> dict[str, float]:
