@@ -1,0 +1,113 @@
+"""Numeric precision of training and evaluation: ``auto | fp32 | bf16 | fp16``, chosen at run time.
+
+bf16 autocast is a large win where the hardware computes it natively (CUDA GPUs, CPUs with AMX or
+AVX512-BF16: about 6x fp32 on matmuls) and a large loss where it is emulated (AVX2-only CPUs:
+measured 5.7x *slower* than fp32 on CLIP ViT-B/16). ``auto`` therefore picks bf16 on CUDA and on
+CPUs with native bf16, fp32 elsewhere, and says what it chose; a forced bf16 on a CPU without it
+warns that it will be slow. fp16 is a CUDA choice (with a gradient scaler in training); on a CPU it
+is refused, since PyTorch's CPU fp16 kernels are emulated.
+
+The frozen encoders, the adapters and the decoder all run under one ``torch.autocast`` region, so
+weights stay fp32 (the optimizer's master copy) and only the matmuls run in the low precision.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# /proc/cpuinfo flags of native bf16 arithmetic: x86 AMX tiles or AVX512-BF16; Arm's BF16 extension.
+_NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")
+
+
+def _cpuinfo_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    flags: set[str] = set()
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return flags
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bf16 in hardware (AMX, AVX512-BF16 or Arm BF16)."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    if any(getattr(torch.cpu, name, lambda: False)() for name in probes):
+        return True
+    return bool(_cpuinfo_flags() & set(_NATIVE_BF16_FLAGS))
+
+
+def cpu_capability() -> str:
+    """A short description of the CPU's vector units, printed beside benchmark rows."""
+    kind = torch.backends.cpu.get_cpu_capability()
+    return f"{kind}, native bf16" if cpu_has_native_bf16() else f"{kind}, no native bf16"
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The resolved precision of a run.
+
+    name: "fp32", "bf16" or "fp16". reason: why it was chosen, for the log.
+    """
+
+    name: str
+    reason: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES[self.name]
+
+    @property
+    def needs_grad_scaler(self) -> bool:
+        return self.name == "fp16"
+
+    def autocast(self, device: torch.device) -> AbstractContextManager:
+        """The autocast region for ``device`` (no region at all for fp32)."""
+        if self.name == "fp32":
+            return nullcontext()
+        return torch.autocast(device.type, dtype=self.dtype)
+
+
+def resolve_precision(requested: str, device: torch.device, key: str = "precision") -> Precision:
+    """Turn ``auto | fp32 | bf16 | fp16`` into the precision used on ``device``.
+
+    Args:
+        requested: the configured value.
+        device: where the model runs.
+        key: the config key, for messages (e.g. "train.precision").
+    Raises:
+        ConfigError: unknown value, or fp16 on a CPU.
+    """
+    requested = str(requested).lower()
+    if requested not in PRECISIONS:
+        raise ConfigError(f"{key}: must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    cuda = device.type == "cuda"
+    if requested == "auto":
+        if cuda:
+            if torch.cuda.is_bf16_supported():
+                return Precision("bf16", "auto: CUDA device with bf16")
+            return Precision("fp16", "auto: CUDA device without bf16")
+        if cpu_has_native_bf16():
+            return Precision("bf16", "auto: CPU with native bf16 (AMX or AVX512-BF16)")
+        return Precision("fp32", "auto: CPU without native bf16 (bf16 would be emulated and slower)")
+    if requested == "fp16" and not cuda:
+        raise ConfigError(f"{key}=fp16 needs a CUDA device (CPU fp16 is emulated); use bf16 or fp32")
+    if requested == "bf16" and not cuda and not cpu_has_native_bf16():
+        warnings.warn(
+            f"{key}=bf16 on a CPU without native bf16 (no AMX or AVX512-BF16): bf16 is emulated there and "
+            "several times slower than fp32",
+            stacklevel=2,
+        )
+    return Precision(requested, f"{key}={requested} as configured")

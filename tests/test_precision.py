@@ -1,0 +1,65 @@
+"""Run-time precision choice: auto picks what is fast on the hardware, forced choices are checked."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from ssp_sam.engine import precision as precision_module
+from ssp_sam.engine.precision import resolve_precision
+from ssp_sam.errors import ConfigError
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def native_bf16(monkeypatch):
+    def set_native(value: bool) -> None:
+        monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: value)
+
+    return set_native
+
+
+def test_auto_on_cpu_follows_native_bf16(native_bf16):
+    native_bf16(True)
+    assert resolve_precision("auto", CPU).name == "bf16"
+    native_bf16(False)
+    chosen = resolve_precision("auto", CPU)
+    assert chosen.name == "fp32" and "without native bf16" in chosen.reason
+
+
+def test_forced_bf16_on_emulating_cpu_warns(native_bf16):
+    native_bf16(False)
+    with pytest.warns(UserWarning, match="slower than fp32"):
+        assert resolve_precision("bf16", CPU, key="train.precision").name == "bf16"
+    native_bf16(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_precision("bf16", CPU).name == "bf16"
+
+
+def test_fp16_on_cpu_and_unknown_values_are_refused():
+    with pytest.raises(ConfigError, match="eval.precision=fp16 needs a CUDA device"):
+        resolve_precision("fp16", CPU, key="eval.precision")
+    with pytest.raises(ConfigError, match="train.precision: must be one of auto, fp32, bf16, fp16, got 'half'"):
+        resolve_precision("half", CPU, key="train.precision")
+
+
+def test_fp32_runs_without_autocast():
+    chosen = resolve_precision("fp32", CPU)
+    with chosen.autocast(CPU):
+        assert not torch.is_autocast_enabled("cpu")
+    with resolve_precision("bf16", CPU).autocast(CPU):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def test_cpuinfo_flags_detect_native_bf16(monkeypatch, tmp_path):
+    """Without torch's probes, the kernel's flags decide (x86 AMX / AVX512-BF16, Arm BF16)."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(precision_module, "_cpuinfo_flags", lambda: {"avx2", "fma"})
+    assert not precision_module.cpu_has_native_bf16()
+    monkeypatch.setattr(precision_module, "_cpuinfo_flags", lambda: {"avx2", "amx_bf16"})
+    assert precision_module.cpu_has_native_bf16()
