@@ -33,8 +33,10 @@ class ReferringTrainingSet(Dataset):
     Each item is a dict:
         clip_pixels: (3, S_clip, S_clip) letterboxed CLIP input (random placement when ``augment``).
         tokens: (77,) token ids of one expression of the referent.
-        sam_embedding: (C, h, w) cached SAM embedding of the image.
-        mask: (S/2, S/2) float 0/1 GT in the padded SAM frame (all zero for no-target).
+        sam_embedding: (C, h, w) cached SAM embedding of the image; absent without a cache
+            (the REC pretraining stage, which does not run SAM).
+        mask: (S/2, S/2) float 0/1 GT in the padded SAM frame (all zero for no-target); absent
+            when ``need_masks`` is False (the REC stage trains on boxes only).
         box: (4,) GT (cx, cy, w, h) normalised to the CLIP square; (0, 0, 0, 0) for no-target.
         index: () the referent's index (for debugging and tests).
     """
@@ -42,7 +44,7 @@ class ReferringTrainingSet(Dataset):
     def __init__(
         self,
         dataset: ReferringDataset,
-        cache: EmbeddingCache,
+        cache: EmbeddingCache | None,
         clip_image_size: int,
         sam_image_size: int,
         tokenizer: CLIPTokenizer,
@@ -91,19 +93,16 @@ class ReferringTrainingSet(Dataset):
         else:
             clip_pixels, letterbox = letterbox_image(image, self.clip_image_size)
         if sample.no_target:
-            mask = np.zeros(image.shape[:2], dtype=bool)
             box = torch.zeros(4)
         else:
-            mask = sample.mask() if self.need_masks else np.zeros(image.shape[:2], dtype=bool)
             box = letterbox.box_from_image(torch.tensor(sample.union_box_xyxy(), dtype=torch.float32))
-        return {
-            "clip_pixels": clip_pixels,
-            "tokens": self.tokenizer([expression])[0],
-            "sam_embedding": self.cache.get(image_key(sample.image_path)),
-            "mask": mask_to_padded_frame(mask, self.sam_image_size),
-            "box": box,
-            "index": torch.tensor(index),
-        }
+        item = {"clip_pixels": clip_pixels, "tokens": self.tokenizer([expression])[0], "box": box, "index": torch.tensor(index)}
+        if self.cache is not None:
+            item["sam_embedding"] = self.cache.get(image_key(sample.image_path))
+        if self.need_masks:
+            mask = np.zeros(image.shape[:2], dtype=bool) if sample.no_target else sample.mask()
+            item["mask"] = mask_to_padded_frame(mask, self.sam_image_size)
+        return item
 
     def _draw_sentence(self, sample: ReferringSample, rng: np.random.Generator) -> int:
         """Index of the sentence used for this visit: uniform, or by ``expression_weights``."""
