@@ -126,18 +126,23 @@ def read_release_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
 
 
 def release_preset(state: Mapping[str, Tensor], source: str) -> str:
-    """Tell SSP-SAM-224 from SSP-SAM-336 by the release's own tensor shapes."""
+    """Tell SSP-SAM-224 from SSP-SAM-336 by the release's own tensor shapes.
+
+    Both project the CLIP words to 512 (``clip_proj`` is Linear(text width, 512)); the CLIP text
+    width (512 on ViT-B/16, 768 on ViT-L/14@336) and the prompt generator's positions
+    (1 + 128 prompts + 196 or 576 patches) tell them apart.
+    """
     try:
-        width = state["clip_proj.weight"].shape[0]
-        positions = state["vl_pos_embed.weight"].shape[0]
+        clip_proj, positions = tuple(state["clip_proj.weight"].shape), tuple(state["vl_pos_embed.weight"].shape)
     except KeyError as exc:
         raise CheckpointError(f"{source}: not an SSP-SAM release checkpoint (no {exc.args[0]!r})") from None
-    presets = {(512, 1 + 128 + 196): "ssp_sam_224", (768, 1 + 128 + 576): "ssp_sam_336"}
-    if (width, positions) not in presets:
+    presets = {((512, 512), (1 + 128 + 196, 256)): "ssp_sam_224", ((512, 768), (1 + 128 + 576, 256)): "ssp_sam_336"}
+    if (clip_proj, positions) not in presets:
         raise CheckpointError(
-            f"{source}: unknown SSP-SAM release layout (clip_proj width {width}, {positions} positional rows)"
+            f"{source}: unknown SSP-SAM release layout (clip_proj.weight {clip_proj}, vl_pos_embed.weight {positions}; "
+            "SSP-SAM-224 has (512, 512) and (325, 256), SSP-SAM-336 (512, 768) and (705, 256))"
         )
-    return presets[(width, positions)]
+    return presets[(clip_proj, positions)]
 
 
 def map_release_state_dict(state: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:

@@ -18,13 +18,28 @@ from .errors import ConfigError
 
 @dataclass
 class AdapterConfig:
-    """Switches and sizes of the two adapters (each switch removes its modules)."""
+    """Switches and sizes of the two adapters (each switch removes its modules).
 
-    visual: bool = True  # VAD; off: the CLIP patch tokens go to the fusion unchanged
-    verification: bool = True  # VAD's Gaussian verification (removed with VAD); off: no text attention, no score
-    linguistic: bool = True  # LAD; off: the CLIP sentence embedding is the phrase
+    The switches off are the paper's ablations as the release's ablation models compute them:
+    ``visual=False`` (w/o VAD) still projects the normalised CLIP patch tokens to ``dim`` (the
+    release's ``clip_img_proj``) but without similarity weighting, verification or LayerNorm;
+    ``gaussian=False`` (w/o Gaussian) keeps the verification but scores a patch by the raw cosine;
+    ``linguistic=False`` (w/o LAD) uses the L2-normalised CLIP sentence embedding as the phrase.
+    """
+
+    visual: bool = True  # VAD; off: the paper's "w/o VAD" (see above)
+    # VAD's verification (text attention, projections, score); off (not a paper ablation): the
+    # LayerNorm'd image queries go to the fusion unscored.
+    verification: bool = True
+    gaussian: bool = True  # the verification score is the Gaussian of the cosine; off: the paper's "w/o Gaussian"
+    linguistic: bool = True  # LAD; off: the paper's "w/o LAD" (see above)
+    # Width of both adapters, the word projection and the fusion input: 512 for both released
+    # models (on ViT-L/14@336 the 768-wide CLIP outputs are projected to it). None: CLIP's
+    # embedding width (checkpoints of ours written before this field).
+    dim: Optional[int] = None
     num_heads: int = 8
     mlp_layers: int = 3
+    text_attention_dropout: float = 0.1  # on VAD's image-to-text attention weights, as the release (training only)
 
 
 @dataclass
@@ -77,8 +92,8 @@ class ModelConfig:
 # The two released models, for loading their checkpoints without Hydra (configs/model/*.yaml
 # holds the same settings for the command line).
 RELEASE_PRESETS: dict[str, dict[str, Any]] = {
-    "ssp_sam_224": {"name": "ssp_sam_224", "clip_arch": "ViT-B-16", "sam_variant": "vit_h"},
-    "ssp_sam_336": {"name": "ssp_sam_336", "clip_arch": "ViT-L-14-336", "sam_variant": "vit_h"},
+    "ssp_sam_224": {"name": "ssp_sam_224", "clip_arch": "ViT-B-16", "sam_variant": "vit_h", "adapters": {"dim": 512}},
+    "ssp_sam_336": {"name": "ssp_sam_336", "clip_arch": "ViT-L-14-336", "sam_variant": "vit_h", "adapters": {"dim": 512}},
 }
 
 
@@ -119,8 +134,11 @@ def _check(config: ModelConfig) -> None:
         ("model.prompt_generator.num_prompt_tokens", config.prompt_generator.num_prompt_tokens),
         ("model.prompt_generator.depth", config.prompt_generator.depth),
         ("model.adapters.mlp_layers", config.adapters.mlp_layers),
+        ("model.adapters.dim", 1 if config.adapters.dim is None else config.adapters.dim),
     ):
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if not 0.0 <= config.adapters.text_attention_dropout < 1.0:
+        raise ConfigError(f"model.adapters.text_attention_dropout: must lie in [0, 1), got {config.adapters.text_attention_dropout}")
     if config.surgery_blocks < 0:
         raise ConfigError(f"model.surgery_blocks: must be >= 0, got {config.surgery_blocks}")

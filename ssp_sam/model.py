@@ -1,6 +1,7 @@
 """SSP-SAM: frozen CLIP and SAM encoders, the two adapters, the prompt generator and SAM's decoder.
 
-Data flow for a batch of B (image, expression) pairs (shapes for SSP-SAM-224):
+Data flow for a batch of B (image, expression) pairs (shapes for SSP-SAM-224; SSP-SAM-336 has
+576 patches and 768-wide CLIP outputs, projected to the same 512-wide adapters):
 
     CLIP image (B,3,224,224) --CLIP-Surgery--> tokens (B,1+196,512) --+
     text ids (B,77) --CLIP text--> words (B,77,512), sentence (B,512) --+--> VAD --> (B,196,512)
@@ -20,11 +21,13 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
-from .adapters import LinguisticAttentionAdapter, VisualAttentionAdapter
+from .adapters import LinguisticAttentionAdapter, PatchProjection, VisualAttentionAdapter
 from .backbones.clip import CLIPSurgeryBackbone, build_clip_model
 from .backbones.sam import SAMMaskHead, build_sam, upscale_to_padded_frame
 from .config import ModelConfig
+from .errors import ConfigError
 from .prompt_generator import MultimodalFusion, PromptGenerator
 
 
@@ -49,7 +52,8 @@ class TextFeatures:
 class SSPOutput:
     """What the model predicts for B (image, expression) pairs.
 
-    low_res_logits: (B, 1, s, s) SAM decoder logits (s = 4 x embedding side, 256 for real SAM).
+    low_res_logits: (B, 1, s, s) SAM decoder logits (s = 4 x embedding side, 256 for real SAM);
+        None when the model ran without SAM embeddings (the REC pretraining stage), like mask_logits.
     mask_logits: (B, 1, S/2, S/2) logits in the padded SAM frame (512 for real SAM), where the
         losses are computed; threshold > 0.
     boxes: (B, 4) REC box, (cx, cy, w, h) normalised to the CLIP letterbox square.
@@ -57,8 +61,8 @@ class SSPOutput:
     word_weights: (B, L) LAD's word weights, or None without LAD.
     """
 
-    low_res_logits: Tensor
-    mask_logits: Tensor
+    low_res_logits: Optional[Tensor]
+    mask_logits: Optional[Tensor]
     boxes: Tensor
     similarity: Optional[Tensor]
     word_weights: Optional[Tensor]
@@ -82,8 +86,11 @@ class SSPSAM(nn.Module):
     Attributes:
         clip: frozen CLIP-Surgery image and text encoder.
         sam_image_encoder: frozen SAM ViT, or None when embeddings come from a cache.
-        word_proj: Linear(text width -> D), shared by VAD's text attention and LAD.
+        word_proj: Linear(text width -> D), shared by VAD's text attention and LAD
+            (D = ``config.adapters.dim``, 512 for the released models).
         visual_adapter / linguistic_adapter: the adapters, None when switched off.
+        patch_projection: without VAD only, the CLIP patches' projection to D (the paper's
+            "w/o VAD"); None with VAD.
         fusion: tanh-product fusion to the prompt width.
         prompt_generator: transformer producing SAM prompts and the REC box.
         mask_head: SAM's (frozen) prompt encoder and (trainable) mask decoder.
@@ -104,20 +111,33 @@ class SSPSAM(nn.Module):
             sam_image_encoder.requires_grad_(False)
         self.mask_head = mask_head
 
-        dim = clip.embed_dim
-        prompt_dim = mask_head.embed_dim
         adapters = config.adapters
+        dim = clip.embed_dim if adapters.dim is None else adapters.dim
+        prompt_dim = mask_head.embed_dim
+        if not adapters.linguistic and dim != clip.embed_dim:
+            raise ConfigError(
+                f"model.adapters.linguistic=false uses the CLIP sentence embedding ({clip.embed_dim} wide) as the "
+                f"phrase, so model.adapters.dim must equal it, got {dim}"
+            )
         self.word_proj = nn.Linear(clip.text_width, dim)
         self.visual_adapter = (
             VisualAttentionAdapter(
+                clip.embed_dim,
                 dim,
                 num_heads=adapters.num_heads,
                 mlp_layers=adapters.mlp_layers,
                 verification=adapters.verification,
+                gaussian=adapters.gaussian,
+                text_attention_dropout=adapters.text_attention_dropout,
                 token_axis_norm=config.release_quirks,
             )
             if adapters.visual
             else None
+        )
+        self.patch_projection = (
+            None
+            if adapters.visual
+            else PatchProjection(clip.embed_dim, dim, mlp_layers=adapters.mlp_layers, token_axis_norm=config.release_quirks)
         )
         self.linguistic_adapter = LinguisticAttentionAdapter(dim) if adapters.linguistic else None
         self.fusion = MultimodalFusion(dim, prompt_dim)
@@ -175,12 +195,13 @@ class SSPSAM(nn.Module):
         words, sentence = self.clip.encode_text(tokens)
         return TextFeatures(words=words, sentence=sentence, padding=tokens == 0)
 
-    def decode(self, image_tokens: Tensor, sam_embeddings: Tensor, text: TextFeatures) -> SSPOutput:
+    def decode(self, image_tokens: Tensor, sam_embeddings: Optional[Tensor], text: TextFeatures) -> SSPOutput:
         """Everything after the frozen encoders, batched over expressions.
 
         Args:
             image_tokens: (B, 1+N, D) CLIP-Surgery tokens; B may be 1 for K expressions of one image.
-            sam_embeddings: (B, C, h, w) SAM image embeddings; B may be 1 likewise.
+            sam_embeddings: (B, C, h, w) SAM image embeddings; B may be 1 likewise. None: only the
+                box is computed and SAM's decoder is not run (the REC pretraining stage).
             text: TextFeatures of K expressions (K = B, or K > 1 with B = 1).
         Returns:
             SSPOutput for the K pairs.
@@ -192,18 +213,20 @@ class SSPSAM(nn.Module):
         if self.visual_adapter is not None:
             visual, similarity = self.visual_adapter(image_tokens, text.sentence, words, text.padding)
         else:
-            visual, similarity = image_tokens[:, 1:], None
+            visual, similarity = self.patch_projection(image_tokens), None
         if self.linguistic_adapter is not None:
             phrase, word_weights = self.linguistic_adapter(words, text.padding)
         else:
-            phrase, word_weights = text.sentence, None
+            phrase, word_weights = F.normalize(text.sentence, dim=-1), None
 
         prompts, boxes = self.prompt_generator(self.fusion(visual, phrase))
+        if sam_embeddings is None:
+            return SSPOutput(None, None, boxes, similarity, word_weights)
         low_res_logits = self.mask_head(sam_embeddings, prompts)
         mask_logits = upscale_to_padded_frame(low_res_logits, self.sam_image_size)
         return SSPOutput(low_res_logits, mask_logits, boxes, similarity, word_weights)
 
-    def forward(self, clip_pixels: Tensor, tokens: Tensor, sam_embeddings: Tensor) -> SSPOutput:
+    def forward(self, clip_pixels: Tensor, tokens: Tensor, sam_embeddings: Optional[Tensor]) -> SSPOutput:
         """Training/evaluation forward from letterboxed CLIP pixels, token ids and SAM embeddings."""
         return self.decode(self.encode_clip_image(clip_pixels), sam_embeddings, self.encode_text(tokens))
 
@@ -229,22 +252,21 @@ def build_sam_image_encoder(config: ModelConfig) -> nn.Module:
 
 
 def parameter_counts(model: SSPSAM) -> dict[str, int]:
-    """Trainable and total parameter counts, plus the count in the release's layout.
+    """Parameter counts: the release's own grouping (the paper's figure), ours, and the total.
 
     ``trainable_params`` counts what this model trains: adapters, fusion, prompt generator and
-    SAM's mask decoder. The released checkpoints additionally carry SAM's prompt encoder (of which
-    SSP-SAM only uses the no-mask embedding; we keep it frozen) and two modules their forward pass
-    never uses (``img2img_attn``, an attention with 29x(C/2) relative-position tables, and
-    ``norm_text_cond_img``, a LayerNorm); ``trainable_params_release_layout`` adds those, which is
-    what a parameter count of the released model gives.
+    SAM's mask decoder. ``params_release_grouping`` counts the parameters of the released model
+    outside its two frozen encoders and SAM's frozen prompt encoder: ours plus two modules that
+    the release declares but its forward pass never uses, ``img2img_attn`` (an attention whose
+    in/out projections are parameters, 4C^2 + 4C, while its relative-position tables are buffers)
+    and ``norm_text_cond_img`` (a LayerNorm, 2C). For SSP-SAM-224 that is the paper's 18.37 M.
     """
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     width = model.mask_head.embed_dim
-    unused_release = (4 * width * width + 4 * width + 2 * 29 * (width // 2)) + 2 * width
-    prompt_encoder = sum(p.numel() for p in model.mask_head.prompt_encoder.parameters())
+    unused_release = (4 * width * width + 4 * width) + 2 * width
     return {
+        "params_release_grouping": trainable + unused_release,
         "trainable_params": trainable,
         "total_params": total,
-        "trainable_params_release_layout": trainable + prompt_encoder + unused_release,
     }

@@ -107,6 +107,12 @@ class PromptGenerator(nn.Module):
     about where it was. ``positions_in_values=True`` also adds the patch rows of ``pos_embed`` to
     the multimodal tokens themselves, so a prompt token that attends to a patch carries its
     position to SAM (``SSPSAM`` can start those rows as SAM clicks on the patch centres).
+
+    Initialisation as the release: in encoder mode every weight matrix of the transformer layers
+    (attention in/out projections, both FFN Linears) is drawn xavier-uniform, as DETR's
+    ``VisionLanguageEncoder._reset_parameters`` does for its parameters with more than one
+    dimension; biases and LayerNorms keep PyTorch's defaults. The release's decoder ablation
+    (``nn.TransformerDecoder``) keeps PyTorch's defaults, and so does ``mode="decoder"``.
     """
 
     def __init__(
@@ -137,6 +143,10 @@ class PromptGenerator(nn.Module):
             raise ValueError(f"position_init must be 'random' or 'sincos', got {position_init!r}")
         layer = PostNormEncoderLayer if mode == "encoder" else PostNormDecoderLayer
         self.layers = nn.ModuleList(layer(dim, num_heads, ffn_dim, dropout) for _ in range(depth))
+        if mode == "encoder":
+            for parameter in self.layers.parameters():
+                if parameter.dim() > 1:
+                    nn.init.xavier_uniform_(parameter)
         self.norm = nn.LayerNorm(dim)
         self.box_head = MLP(dim, dim, 4, 3)
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from ssp_sam.adapters import LinguisticAttentionAdapter, VisualAttentionAdapter
 from ssp_sam.errors import ConfigError
-from ssp_sam.losses import LossWeights, dice_loss, focal_loss, ssp_sam_loss
+from ssp_sam.losses import LossWeights, dice_loss, focal_loss, rec_loss, ssp_sam_loss
 from ssp_sam.model import TextFeatures
 from ssp_sam.prompt_generator import PostNormDecoderLayer, PromptGenerator
 
@@ -50,13 +50,37 @@ def test_forward_shapes(model):
     assert out.word_weights.shape == (3, 77)
 
 
-def test_visual_adapter_switch_removes_vad():
+def _decode_parts(model, seed: int = 0):
+    """Encoder outputs of random inputs: (image_tokens, sam_embeddings, text)."""
+    clip_pixels, tokens, embeddings = _random_inputs(model, seed=seed)
+    return model.encode_clip_image(clip_pixels), embeddings, model.encode_text(tokens)
+
+
+def _fused_output(model, visual, phrase, embeddings):
+    """What decode computes after the adapters, from the visual features and the phrase by hand."""
+    prompts, boxes = model.prompt_generator(model.fusion(visual, phrase))
+    return model.mask_head(embeddings, prompts), boxes
+
+
+def test_without_vad_the_normalised_patches_are_projected():
+    """The paper's w/o VAD (release: ssp_sam_224_only_LAD_Q_token.py): the patch MLP on the
+    L2-normalised CLIP patches, no similarity weighting, no verification, no LayerNorm."""
     full, without = tiny_model(), tiny_model(**{"adapters.visual": False})
-    assert without.visual_adapter is None
+    assert without.visual_adapter is None and full.patch_projection is None
     assert not any(name.startswith("visual_adapter.") for name in _param_names(without))
-    assert _count(full) - _count(without) == _count(full.visual_adapter)
-    out = without(*_random_inputs(without))
+    mlp_params = 3 * (32 * 32 + 32)
+    assert _count(full) - _count(without) == _count(full.visual_adapter) - mlp_params
+    image_tokens, embeddings, text = _decode_parts(without)
+    out = without.decode(image_tokens, embeddings, text)
     assert out.similarity is None and out.mask_logits.shape == (2, 1, 32, 32)
+    patches = image_tokens[:, 1:] / image_tokens[:, 1:].norm(dim=-1, keepdim=True)
+    x = patches
+    for i, layer in enumerate(without.patch_projection.mlp.layers):
+        x = x @ layer.weight.T + layer.bias
+        x = torch.relu(x) if i < 2 else x
+    phrase, _ = without.linguistic_adapter(without.word_proj(text.words), text.padding)
+    logits, boxes = _fused_output(without, x, phrase, embeddings)
+    assert torch.allclose(out.low_res_logits, logits, atol=1e-5) and torch.allclose(out.boxes, boxes, atol=1e-6)
 
 
 def test_verification_switch_removes_exactly_its_modules():
@@ -68,18 +92,75 @@ def test_verification_switch_removes_exactly_its_modules():
     without(*_random_inputs(without))
 
 
-def test_linguistic_switch_uses_sentence_embedding():
+def test_without_gaussian_the_raw_cosine_scores_the_patches():
+    """The paper's w/o Gaussian (release: ssp_sam_224_wo_gaussian.py): the verification stays, the
+    score is the cosine itself, multiplied into LayerNorm(image queries); no scale or sigma."""
+    torch.manual_seed(0)
+    adapter = VisualAttentionAdapter(4, 4, num_heads=1, mlp_layers=1, gaussian=False).eval()
+    assert not hasattr(adapter, "gauss_scale") and hasattr(adapter, "text_attention")
+    tokens, sentence, words = torch.randn(1, 3, 4), torch.randn(1, 4), torch.randn(1, 5, 4)
+    padding = torch.tensor([[False, False, True, True, True]])
+    fused, _ = adapter(tokens, sentence, words, padding)
+    patches, sim = adapter.similarity_map(tokens, sentence)
+    queries = adapter.query_mlp(patches * sim.unsqueeze(-1))
+    attended, _ = adapter.text_attention(queries, words[:, :2], words[:, :2])
+    e_i, e_t = adapter.query_proj(queries), adapter.attended_text_proj(attended)
+    cosine = (e_i * e_t).sum(-1) / (e_i.norm(dim=-1) * e_t.norm(dim=-1))
+    assert torch.allclose(fused, adapter.norm(queries) * cosine.unsqueeze(-1), atol=1e-5)
+    model = tiny_model(**{"adapters.gaussian": False})
+    assert _count(tiny_model()) - _count(model) == 2
+
+
+def test_without_lad_the_normalised_sentence_is_the_phrase():
+    """The paper's w/o LAD (release: ssp_sam_224_only_VAD_Q_token.py): the L2-normalised sentence."""
     model = tiny_model(**{"adapters.linguistic": False})
     assert model.linguistic_adapter is None
     assert not any(name.startswith("linguistic_adapter.") for name in _param_names(model))
-    clip_pixels, tokens, embeddings = _random_inputs(model)
-    image_tokens = model.encode_clip_image(clip_pixels)
-    text = model.encode_text(tokens)
+    image_tokens, embeddings, text = _decode_parts(model)
     out = model.decode(image_tokens, embeddings, text)
     assert out.word_weights is None
-    # Without LAD the fusion sees the sentence embedding: replacing it changes the output.
-    other = TextFeatures(text.words, text.sentence + 1.0, text.padding)
-    assert not torch.allclose(model.decode(image_tokens, embeddings, other).boxes, out.boxes)
+    words = model.word_proj(text.words)
+    visual, _ = model.visual_adapter(image_tokens, text.sentence, words, text.padding)
+    phrase = text.sentence / text.sentence.norm(dim=-1, keepdim=True)
+    logits, boxes = _fused_output(model, visual, phrase, embeddings)
+    assert torch.allclose(out.low_res_logits, logits, atol=1e-5) and torch.allclose(out.boxes, boxes, atol=1e-6)
+    # The sentence's length does not matter (VAD normalises it too), its direction does.
+    longer = model.decode(image_tokens, embeddings, TextFeatures(text.words, 3.0 * text.sentence, text.padding))
+    assert torch.allclose(longer.boxes, out.boxes, atol=1e-6)
+    turned = model.decode(image_tokens, embeddings, TextFeatures(text.words, text.sentence + 1.0, text.padding))
+    assert not torch.allclose(turned.boxes, out.boxes)
+
+
+def test_adapter_width_is_its_own_setting():
+    """SSP-SAM-336's layout: 768-wide CLIP outputs, 512-wide adapters (release models/ssp_sam_336.py);
+    the similarity is taken at CLIP's width, the word projection and patch MLP map 768 -> 512."""
+    clip = {"embed_dim": 48, "text_width": 40, "vision_width": 64}
+    model = tiny_model(**{f"clip_custom.{k}": v for k, v in clip.items()}, **{"adapters.dim": 24})
+    assert model.word_proj.weight.shape == (24, 40)
+    assert [tuple(layer.weight.shape) for layer in model.visual_adapter.query_mlp.layers] == [(24, 48), (24, 24), (24, 24)]
+    assert model.visual_adapter.text_attention.embed_dim == 24 and model.linguistic_adapter.gru.input_size == 24
+    assert model.fusion.proj.weight.shape == (32, 24)
+    out = model(*_random_inputs(model))
+    assert out.similarity.shape == (2, 16) and out.mask_logits.shape == (2, 1, 32, 32)
+    with pytest.raises(ConfigError, match="adapters.dim must equal it"):
+        tiny_model(**{f"clip_custom.{k}": v for k, v in clip.items()}, **{"adapters.dim": 24, "adapters.linguistic": False})
+    assert tiny_config().adapters.dim == 32 and tiny_config(**{"adapters.dim": None}).adapters.dim is None
+
+
+def test_vad_text_attention_dropout_is_the_release_one_in_training_only():
+    from ssp_sam.config import RELEASE_PRESETS, model_config_from
+
+    assert model_config_from(RELEASE_PRESETS["ssp_sam_336"]).adapters.text_attention_dropout == 0.1
+    model = tiny_model(**{"adapters.text_attention_dropout": 0.1})
+    assert model.visual_adapter.text_attention.dropout == 0.1
+    image_tokens, embeddings, text = _decode_parts(model)
+    evaluated = [model.decode(image_tokens, embeddings, text).boxes for _ in range(2)]
+    assert torch.equal(*evaluated)
+    model.train()
+    trained = [model.decode(image_tokens, embeddings, text).boxes for _ in range(2)]
+    assert not torch.allclose(*trained)
+    with pytest.raises(ConfigError, match="text_attention_dropout"):
+        tiny_config(**{"adapters.text_attention_dropout": 1.0})
 
 
 def test_prompt_token_count_and_decoder_mode():
@@ -117,6 +198,23 @@ def test_prompt_generator_encoder_matches_hand_written_detr_layer():
     x = generator.norm(x)
     assert torch.allclose(prompts[0], x[1:3], atol=1e-5)
     assert torch.allclose(boxes[0], generator.box_head(x[0]).sigmoid(), atol=1e-6)
+
+
+def test_prompt_generator_weights_start_xavier_uniform_as_the_release():
+    """Encoder mode: every weight matrix of the layers ~ U(-a, a), a = sqrt(6 / (fan_in + fan_out))
+    (the release's VisionLanguageEncoder._reset_parameters); biases keep PyTorch's defaults.
+    Decoder mode keeps PyTorch's defaults, as the release's nn.TransformerDecoder ablation."""
+    torch.manual_seed(0)
+    encoder = PromptGenerator(dim=256, num_prompt_tokens=2, num_visual_tokens=4, depth=1, ffn_dim=2048)
+    layer = encoder.layers[0]
+    for weight in (layer.self_attn.in_proj_weight, layer.self_attn.out_proj.weight, layer.linear1.weight, layer.linear2.weight):
+        fan_out, fan_in = weight.shape
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        assert 0.97 * bound < float(weight.detach().abs().max()) <= bound
+    # PyTorch's default for linear2 would be U(+-1/sqrt(2048)) = +-0.022, well inside xavier's +-0.051
+    assert float(layer.linear1.bias.detach().abs().max()) > 0.9 / math.sqrt(256)
+    decoder = PromptGenerator(dim=256, num_prompt_tokens=2, num_visual_tokens=4, depth=1, ffn_dim=2048, mode="decoder")
+    assert float(decoder.layers[0].linear2.weight.detach().abs().max()) <= 1 / math.sqrt(2048)
 
 
 def test_sincos_position_init_codes_rows_and_columns():
@@ -178,11 +276,11 @@ def test_vad_similarity_channel_and_token_axis():
     """Hand-checkable similarity: 1 CLS + 3 patches of width 2, sentence along +x."""
     tokens = torch.tensor([[[5.0, 5.0], [3.0, 4.0], [0.0, 2.0], [1.0, 0.0]]])
     sentence = torch.tensor([[2.0, 0.0]])
-    clean = VisualAttentionAdapter(2, num_heads=1, verification=False)
+    clean = VisualAttentionAdapter(2, 2, num_heads=1, verification=False)
     _, sim = clean.similarity_map(tokens, sentence)
     # channel-normalised patches . (1, 0) = 3/5, 0, 1 -> min-max -> 0.6, 0, 1
     assert torch.allclose(sim, torch.tensor([[0.6, 0.0, 1.0]]), atol=1e-6)
-    quirk = VisualAttentionAdapter(2, num_heads=1, verification=False, token_axis_norm=True)
+    quirk = VisualAttentionAdapter(2, 2, num_heads=1, verification=False, token_axis_norm=True)
     _, sim_quirk = quirk.similarity_map(tokens, sentence)
     # token-axis norms of the x column (incl. CLS): sqrt(25+9+0+1) = sqrt(35); x values 3, 0, 1
     # -> 3/sqrt35, 0, 1/sqrt35 -> min-max -> 1, 0, 1/3
@@ -191,7 +289,7 @@ def test_vad_similarity_channel_and_token_axis():
 
 def test_vad_gaussian_score_is_applied():
     torch.manual_seed(0)
-    adapter = VisualAttentionAdapter(4, num_heads=1, mlp_layers=1)
+    adapter = VisualAttentionAdapter(4, 4, num_heads=1, mlp_layers=1)
     tokens, sentence, words = torch.randn(1, 3, 4), torch.randn(1, 4), torch.randn(1, 5, 4)
     padding = torch.tensor([[False, False, True, True, True]])
     fused, _ = adapter(tokens, sentence, words, padding)
@@ -242,8 +340,8 @@ def test_losses_hand_computed():
     assert terms["dice"].item() == pytest.approx(4 * 0.5)
     assert terms["focal"].item() == pytest.approx(4 * expected_focal, rel=1e-6)
     assert terms["loss"].item() == pytest.approx(sum(terms[k].item() for k in ("l1", "giou", "dice", "focal")))
-    box_only = ssp_sam_loss(logits, target, pred, gt, with_masks=False)
-    assert box_only["dice"].item() == 0 and box_only["loss"].item() == pytest.approx(0.5 + 2 * (2 / 3), rel=1e-5)
+    box_only = rec_loss(pred, gt)
+    assert set(box_only) == {"loss", "l1", "giou"} and box_only["loss"].item() == pytest.approx(0.5 + 2 * (2 / 3), rel=1e-5)
 
 
 def test_losses_are_means_over_the_batch():
