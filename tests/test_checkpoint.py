@@ -189,7 +189,7 @@ def test_wrong_files_as_release_checkpoint(tmp_path):
 def test_release_preset_from_shapes():
     base = {"clip_proj.weight": torch.zeros(512, 512), "vl_pos_embed.weight": torch.zeros(325, 256)}
     assert release_preset(base, "x") == "ssp_sam_224"
-    large = {"clip_proj.weight": torch.zeros(768, 768), "vl_pos_embed.weight": torch.zeros(705, 256)}
+    large = {"clip_proj.weight": torch.zeros(512, 768), "vl_pos_embed.weight": torch.zeros(705, 256)}
     assert release_preset(large, "x") == "ssp_sam_336"
 
 

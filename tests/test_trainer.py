@@ -222,8 +222,8 @@ def test_best_checkpoint_is_evaluated_on_the_test_split(shapeworld_root, tmp_pat
 
 ABLATIONS = {
     "full": {},
-    "no_vad": {"visual": False},
-    "no_verification": {"verification": False},
+    "no_vad": {"visual": False, "surgery_blocks": 0},
+    "no_gaussian": {"gaussian": False},
     "no_lad": {"linguistic": False},
     "pg_decoder": {"mode": "decoder"},
     "prompt_tokens_8": {"num_prompt_tokens": 8},
@@ -237,11 +237,13 @@ def test_ablation_sweep_variants_compose(variant):
     switches = {
         "visual": cfg.model.adapters.visual,
         "verification": cfg.model.adapters.verification,
+        "gaussian": cfg.model.adapters.gaussian,
+        "surgery_blocks": cfg.model.surgery_blocks,
         "linguistic": cfg.model.adapters.linguistic,
         "mode": cfg.model.prompt_generator.mode,
         "num_prompt_tokens": cfg.model.prompt_generator.num_prompt_tokens,
     }
-    full = {"visual": True, "verification": True, "linguistic": True, "mode": "encoder", "num_prompt_tokens": 16}
+    full = {"visual": True, "verification": True, "gaussian": True, "surgery_blocks": 2, "linguistic": True, "mode": "encoder", "num_prompt_tokens": 16}
     assert switches == {**full, **ABLATIONS[variant]}
     assert cfg.run_dir == f"runs/ablation_shapeworld_gres/{variant}"
     assert cfg.test.split == "test" and cfg.model.name == "shapeworld"
