@@ -1,6 +1,9 @@
-"""Print a model's parameter counts as one JSON line.
+"""Print a model's parameter count in the release's grouping (one line), then all counts as JSON.
 
     python scripts/info.py model=ssp_sam_224
+
+The headline is the count the paper reports (18.37 M for SSP-SAM-224): see
+``ssp_sam.model.parameter_counts`` for the grouping.
 
 The model is built on PyTorch's "meta" device: nothing is allocated and no weight file is read,
 so even SSP-SAM with SAM ViT-H is counted in a second.
@@ -26,7 +29,15 @@ def main(cfg: DictConfig) -> None:
     config = model_config_from(OmegaConf.to_container(cfg.model, resolve=True))
     with torch.device("meta"):
         model = build_model(replace(config, clip_checkpoint=None, sam_checkpoint=None))
-    print(json.dumps({"model": config.name, **parameter_counts(model)}))
+    counts = parameter_counts(model)
+    print(
+        f"{config.name}: {counts['params_release_grouping']:,} parameters ({counts['params_release_grouping'] / 1e6:.2f} M) "
+        "in the release's grouping: what this code trains (adapters, fusion, prompt generator, SAM's mask decoder: "
+        f"{counts['trainable_params']:,}) plus the release's two unused modules (img2img_attn's projections, "
+        "norm_text_cond_img); CLIP, SAM's image and prompt encoders are frozen and not counted, relative-position "
+        "tables are buffers."
+    )
+    print(json.dumps({"model": config.name, **counts}))
 
 
 if __name__ == "__main__":

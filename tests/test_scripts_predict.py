@@ -85,35 +85,34 @@ def test_predict_writes_masks_overlays_and_summary(scene, tmp_path):
     assert f"{len(EXPRESSIONS)} masks" in result.stdout
 
 
-def _release_trainable_counts() -> tuple[int, int]:
-    """Parameter counts of the released SSP-SAM-224 from its key list (tests/data), not from our code.
+def _release_counts(name: str) -> tuple[int, int]:
+    """Parameter counts of a released SSP-SAM from its key list (tests/data), not from our code.
 
     trainable: every released tensor outside the two encoders except SAM's prompt encoder and the
-    two modules the release never uses; release layout: every tensor except SAM's positional
-    Gaussian matrix, a buffer (256 values) that a parameter count does not see.
+    two modules the release never uses; release grouping (the paper's count): every tensor except
+    SAM's prompt encoder (frozen) and img2img_attn's relative-position tables (buffers).
     """
-    keys = json.loads((REPO / "tests" / "data" / "ssp_sam_224_checkpoint_keys.json").read_text())
+    keys = json.loads((REPO / "tests" / "data" / f"{name}_checkpoint_keys.json").read_text())
     unused = ("sam.prompt_encoder.", "img2img_attn.", "norm_text_cond_img.")
     trainable = sum(math.prod(shape) for key, shape in keys.items() if not key.startswith(unused))
-    buffers = [key for key in keys if key.endswith("pe_layer.positional_encoding_gaussian_matrix")]
-    assert len(buffers) == 1 and math.prod(keys[buffers[0]]) == 256
-    release_layout = sum(math.prod(shape) for key, shape in keys.items() if key not in buffers)
-    return trainable, release_layout
+    frozen_or_buffers = ("sam.prompt_encoder.", "img2img_attn.pos_x", "img2img_attn.pos_y")
+    grouping = sum(math.prod(shape) for key, shape in keys.items() if not key.startswith(frozen_or_buffers))
+    return trainable, grouping
 
 
-def test_info_counts_match_the_release_key_list():
-    trainable, release_layout = _release_trainable_counts()
-    assert (trainable, release_layout) == (18_109_931, 18_387_255)
+def test_info_counts_match_the_release_key_lists():
+    assert _release_counts("ssp_sam_224") == (18_109_931, 18_373_611)  # the paper's 18.37 M
     with ThreadPoolExecutor(max_workers=2) as pool:
         runs = dict(zip(("224", "336"), pool.map(lambda name: run_script("info.py", f"model=ssp_sam_{name}"), ("224", "336"))))
-    for run in runs.values():
+    for name, run in runs.items():
         assert run.returncode == 0, run.stderr
-    small, large = (json.loads(runs[name].stdout.strip().splitlines()[-1]) for name in ("224", "336"))
-    assert small["model"] == "ssp_sam_224"
-    assert small["trainable_params"] == trainable
-    assert small["trainable_params_release_layout"] == release_layout
-    assert large["model"] == "ssp_sam_336"
-    assert large["trainable_params"] > small["trainable_params"] and large["total_params"] > small["total_params"]
+        headline, line = run.stdout.strip().splitlines()[-2:]
+        counts = json.loads(line)
+        trainable, grouping = _release_counts(f"ssp_sam_{name}")
+        assert counts["model"] == f"ssp_sam_{name}"
+        assert (counts["trainable_params"], counts["params_release_grouping"]) == (trainable, grouping)
+        assert headline.startswith(f"ssp_sam_{name}: {grouping:,} parameters ({grouping / 1e6:.2f} M) in the release's grouping")
+    assert json.loads(runs["336"].stdout.splitlines()[-1])["total_params"] > json.loads(runs["224"].stdout.splitlines()[-1])["total_params"]
 
 
 def _bad_inputs(folder: Path) -> dict[str, tuple[tuple[str, ...], str]]:
