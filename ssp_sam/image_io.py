@@ -4,6 +4,11 @@ Grayscale is replicated to three channels, RGBA is composited onto black (the al
 dropped after premultiplying, which is what a viewer shows on a dark page), and 16-bit data is
 scaled to 8 bits by its full range (x / 257), so the same picture saved at either depth gives
 the same array.
+
+User photos can be rotated by an EXIF orientation tag (phones store the sensor's pixels and a tag
+saying how to turn them); ``exif_orientation=True`` turns them as a viewer shows them. Dataset
+images are read as stored, since their annotations are in the stored pixels' frame. Images larger
+than PIL's decompression-bomb limit (about 179 million pixels) are refused with an ImageError.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
 
@@ -77,15 +82,18 @@ def _pil_to_array(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def load_image(source: ImageLike, name: str | None = None) -> np.ndarray:
+def load_image(source: ImageLike, name: str | None = None, exif_orientation: bool = False) -> np.ndarray:
     """Return ``source`` as an RGB uint8 array of shape (H, W, 3).
 
     Args:
         source: a file path, a PIL image or a numpy array (uint8, uint16, bool or float in [0, 1]).
         name: how to call the image in error messages (defaults to the path or the type).
+        exif_orientation: turn a file or PIL image as its EXIF orientation tag says (user photos);
+            False keeps the stored pixels (dataset images, whose annotations use them).
 
     Raises:
-        ImageError: the file is missing, empty, not an image, corrupt, or the array has a bad shape.
+        ImageError: the file is missing, empty, not an image, corrupt, too large to decode safely,
+            or the array has a bad shape.
     """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -97,14 +105,16 @@ def load_image(source: ImageLike, name: str | None = None) -> np.ndarray:
         try:
             with Image.open(path) as image:
                 image.load()
-                array = _pil_to_array(image)
+                array = _pil_to_array(ImageOps.exif_transpose(image) if exif_orientation else image)
+        except Image.DecompressionBombError as exc:
+            raise ImageError(f"{label}: too large to decode safely ({exc})") from None
         except UnidentifiedImageError as exc:
             raise ImageError(f"{label}: not a readable image file") from exc
         except (OSError, ValueError, SyntaxError) as exc:
             raise ImageError(f"{label}: corrupt or truncated image ({exc})") from exc
     elif isinstance(source, Image.Image):
         label = name or "PIL image"
-        array = _pil_to_array(source)
+        array = _pil_to_array(ImageOps.exif_transpose(source) if exif_orientation else source)
     elif isinstance(source, np.ndarray):
         label = name or "array image"
         array = source

@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 
 from .backbones.clip import CLIPTokenizer, Letterbox, letterbox_image
-from .backbones.sam import SAMImageTransform, padded_frame_to_original
+from .backbones.sam import SAMImageTransform, padded_frame_to_original, valid_region
 from .config import ModelConfig
-from .errors import ConfigError, ExpressionError
+from .errors import ConfigError, ExpressionError, ImageError
 from .image_io import ImageLike, load_image
 from .model import SSPSAM
 
@@ -47,9 +47,11 @@ class Prediction:
     logits: (H, W) float32 mask logits at the original resolution.
     box: (4,) REC box, xyxy in image pixels.
     score: mean foreground probability inside the mask (0 for an empty mask).
-    no_target: True when the mask has fewer than ``no_target_pixels`` pixels in the padded SAM
-        frame (SSP-SAM has no no-target head; "no target" is read off an almost empty mask).
-    padded_area: mask pixels in the padded SAM frame (the quantity the no-target rule uses).
+    no_target: True when the mask has fewer than ``no_target_pixels`` pixels in the image's part of
+        the padded SAM frame (SSP-SAM has no no-target head; "no target" is read off an almost
+        empty mask; pixels set in the padding only are not a target).
+    padded_area: mask pixels in the whole padded SAM frame, padding included (the quantity the
+        release's evaluation counts for its own no-target rule).
     """
 
     expression: str
@@ -107,16 +109,32 @@ class Predictor:
         return cls(load_model(checkpoint or DEFAULT_CHECKPOINT, model_config), device=device)
 
     @torch.no_grad()
-    def encode_image(self, image: ImageLike, sam_embedding: Tensor | None = None) -> EncodedImage:
+    def encode_image(
+        self, image: ImageLike, sam_embedding: Tensor | None = None, exif_orientation: bool = False
+    ) -> EncodedImage:
         """Run the frozen image encoders once on ``image`` (path, PIL image or array).
 
         Args:
             sam_embedding: (C, h, w) or (1, C, h, w) SAM embedding of this image from a cache; SAM's
                 image encoder runs only when it is not given.
+            exif_orientation: turn a photo as its EXIF tag says (what :meth:`predict` does with a
+                path or PIL image); False reads the stored pixels, as dataset annotations need.
+
+        Raises:
+            ImageError: unreadable, or so elongated that SAM's resize would leave its short side
+                0 pixels wide (more than 2 x SAM's input size times longer than wide).
         """
-        rgb = load_image(image)
-        clip_pixels, letterbox = letterbox_image(rgb, self.model.clip.image_size)
+        label = str(image) if isinstance(image, (str, os.PathLike)) else None
+        rgb = load_image(image, name=label, exif_orientation=exif_orientation)
         input_size = self.sam_transform.input_size_for(rgb.shape[:2])
+        if min(input_size) < 1:
+            height, width = rgb.shape[:2]
+            raise ImageError(
+                f"{label or 'image'}: a {width}x{height} image is too elongated for SAM's {self.model.sam_image_size}-pixel "
+                f"input (its short side would shrink to 0 pixels; the long side may be at most "
+                f"{2 * self.model.sam_image_size} times the short one)"
+            )
+        clip_pixels, letterbox = letterbox_image(rgb, self.model.clip.image_size)
         clip_tokens = self.model.encode_clip_image(clip_pixels.unsqueeze(0).to(self.device))
         if sam_embedding is None:
             sam_pixels, _ = self.sam_transform(rgb)
@@ -126,13 +144,17 @@ class Predictor:
 
     @torch.no_grad()
     def predict(self, image: Union[ImageLike, EncodedImage], expressions: Union[str, Sequence[str]]) -> list[Prediction]:
-        """Segment every expression in ``image``; returns one Prediction per expression, in order."""
+        """Segment every expression in ``image``; returns one Prediction per expression, in order.
+
+        A path or PIL image is a user's photo: it is turned as its EXIF orientation tag says, so the
+        masks match the picture as viewers show it.
+        """
         if isinstance(expressions, str):
             expressions = [expressions]
         if len(expressions) == 0:
             raise ExpressionError("expressions: give at least one expression")
         tokens = self.tokenizer(expressions)  # bad expressions fail before the costly image encoding
-        encoded = image if isinstance(image, EncodedImage) else self.encode_image(image)
+        encoded = image if isinstance(image, EncodedImage) else self.encode_image(image, exif_orientation=True)
         results: list[Prediction] = []
         for start in range(0, len(expressions), self.max_batch):
             chunk = tokens[start : start + self.max_batch].to(self.device)
@@ -142,14 +164,16 @@ class Predictor:
                 output.mask_logits, encoded.input_size, encoded.original_size, self.model.sam_image_size
             )[:, 0]
             boxes = encoded.letterbox.box_to_image(output.boxes.float().cpu())
-            padded_areas = (output.mask_logits > 0).flatten(1).sum(-1).cpu()
+            foreground = output.mask_logits > 0
+            padded_areas = foreground.flatten(1).sum(-1).cpu()
+            image_areas = valid_region(foreground, encoded.input_size).flatten(1).sum(-1).cpu()
             for offset in range(chunk.shape[0]):
-                results.append(
-                    self._prediction(expressions[start + offset], logits[offset], boxes[offset], int(padded_areas[offset]))
-                )
+                results.append(self._prediction(
+                    expressions[start + offset], logits[offset], boxes[offset], int(padded_areas[offset]), int(image_areas[offset])
+                ))
         return results
 
-    def _prediction(self, expression: str, logits: Tensor, box: Tensor, padded_area: int) -> Prediction:
+    def _prediction(self, expression: str, logits: Tensor, box: Tensor, padded_area: int, image_area: int) -> Prediction:
         logits = logits.float().cpu()
         mask = logits > 0
         score = float(logits.sigmoid()[mask].mean()) if mask.any() else 0.0
@@ -159,6 +183,6 @@ class Predictor:
             logits=logits.numpy(),
             box=box.numpy(),
             score=score,
-            no_target=padded_area < self.model.config.no_target_pixels,
+            no_target=image_area < self.model.config.no_target_pixels,
             padded_area=padded_area,
         )

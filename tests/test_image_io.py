@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -155,3 +157,30 @@ def test_bad_array_values_and_types():
         load_image(np.zeros((2, 2), dtype=np.complex64))
     with pytest.raises(ImageError, match="list"):
         load_image([[0, 1], [2, 3]])
+
+
+def _png_header_only(path, width: int, height: int) -> None:
+    """A PNG that announces width x height RGB pixels (its data is cut short): enough for Image.open."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_refused_naming_the_file(tmp_path):
+    _png_header_only(tmp_path / "huge.png", 14000, 14000)  # 196 M pixels, over PIL's 179 M limit
+    with pytest.raises(ImageError, match=r"huge.png: too large to decode safely \(.*196000000 pixels"):
+        load_image(tmp_path / "huge.png")
+
+
+def test_exif_orientation_only_when_asked(tmp_path):
+    stored = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise
+    Image.fromarray(stored).save(tmp_path / "photo.png", exif=exif)
+    np.testing.assert_array_equal(load_image(tmp_path / "photo.png"), stored)  # datasets: as stored
+    shown = np.rot90(stored, k=-1)
+    np.testing.assert_array_equal(load_image(tmp_path / "photo.png", exif_orientation=True), shown)
+    np.testing.assert_array_equal(load_image(Image.open(tmp_path / "photo.png"), exif_orientation=True), shown)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ssp_sam.backbones.clip import ExpressionTruncatedWarning, Letterbox
-from ssp_sam.errors import ConfigError, ExpressionError
+from ssp_sam.errors import ConfigError, ExpressionError, ImageError
 from ssp_sam.model import SSPSAM
 from ssp_sam.predictor import Predictor, resolve_device
 
@@ -189,16 +189,22 @@ def test_outputs_at_original_resolution_and_box_in_image_pixels(predictor, encod
         assert prediction.score == pytest.approx(float(inside.sigmoid().mean()), abs=1e-6)
 
 
-def test_no_target_follows_padded_area(image):
+# SAM's input for the 37x61 image at the tiny model's 64 pixels: 61 -> 64, 37 * 64 / 61 = 38.8 -> 39 rows;
+# the image's part of the 32x32 half-resolution frame is rows [:ceil(39 / 2)] = [:20], all 32 columns.
+IMAGE_ROWS, IMAGE_COLS = 20, 32
+
+
+def test_no_target_counts_the_mask_pixels_inside_the_image(image):
     predictor = half_foreground_predictor(image)
     model = predictor.model
     encoded = predictor.encode_image(image)
-    area = int((_decode(predictor, encoded, EXPRESSIONS[:1]).mask_logits > 0).sum())
-    assert 0 < area < 32 * 32
-    for threshold, no_target in ((area, False), (area + 1, True)):
+    foreground = _decode(predictor, encoded, EXPRESSIONS[:1]).mask_logits[0, 0] > 0
+    inside, whole = int(foreground[:IMAGE_ROWS, :IMAGE_COLS].sum()), int(foreground.sum())
+    assert 0 < inside < whole < 32 * 32  # some foreground in the padding too: the two counts differ
+    for threshold, no_target in ((inside, False), (inside + 1, True)):
         model.config = replace(model.config, no_target_pixels=threshold)
         (prediction,) = predictor.predict(encoded, EXPRESSIONS[:1])
-        assert prediction.padded_area == area and prediction.no_target is no_target
+        assert prediction.padded_area == whole and prediction.no_target is no_target
 
     model.config = replace(model.config, no_target_pixels=2)
     set_mask_logit_shift(model, -100.0)
@@ -209,6 +215,51 @@ def test_no_target_follows_padded_area(image):
     for prediction in predictor.predict(encoded, EXPRESSIONS):
         assert not prediction.no_target and prediction.padded_area == 32 * 32
         assert prediction.mask.all() and prediction.score == pytest.approx(1.0)
+
+
+def test_a_mask_in_the_padding_only_is_no_target(image, monkeypatch):
+    predictor = half_foreground_predictor(image)
+    real_decode = predictor.model.decode
+
+    def padding_only(*args):
+        output = real_decode(*args)
+        logits = torch.full_like(output.mask_logits, -5.0)
+        logits[..., IMAGE_ROWS:, :] = 5.0  # the 12 rows below the image
+        return replace(output, mask_logits=logits)
+
+    monkeypatch.setattr(predictor.model, "decode", padding_only)
+    for prediction in predictor.predict(image, EXPRESSIONS[:2]):
+        assert prediction.padded_area == 12 * 32 > predictor.model.config.no_target_pixels
+        assert prediction.no_target and not prediction.mask.any()
+
+
+def test_photos_are_turned_as_their_exif_orientation_says(predictor, image, tmp_path):
+    """Orientation 6 (phone held upright): the stored pixels are shown turned 90 degrees clockwise."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(image).save(tmp_path / "photo.png", exif=exif)
+    shown = np.ascontiguousarray(np.rot90(image, k=-1))  # (61, 37): what a viewer displays
+    for source in (tmp_path / "photo.png", Image.open(tmp_path / "photo.png")):
+        (from_photo,) = predictor.predict(source, EXPRESSIONS[:1])
+        (from_shown,) = predictor.predict(shown, EXPRESSIONS[:1])
+        assert from_photo.mask.shape == (WIDTH, HEIGHT)
+        np.testing.assert_allclose(from_photo.logits, from_shown.logits, atol=LOGIT_ATOL)
+    stored = predictor.encode_image(tmp_path / "photo.png")  # datasets: the stored pixels, as annotated
+    assert stored.original_size == (HEIGHT, WIDTH)
+
+
+@pytest.mark.parametrize("height, width", [(1, 8000), (8000, 1), (1, 129)])
+def test_too_elongated_image_is_refused_naming_the_file(predictor, tmp_path, height, width):
+    """The tiny model's SAM input is 64 pixels: a side below 1/128 of the other would resize to 0 rows."""
+    path = tmp_path / "strip.png"
+    Image.new("RGB", (width, height)).save(path)
+    with pytest.raises(ImageError, match=rf"strip.png: a {width}x{height} image is too elongated .* at most 128 times"):
+        predictor.predict(path, EXPRESSIONS[:1])
+
+
+def test_elongated_image_within_the_limit_is_segmented(predictor, tmp_path):
+    (prediction,) = predictor.predict(np.zeros((1, 128, 3), dtype=np.uint8), EXPRESSIONS[:1])
+    assert prediction.mask.shape == (1, 128)
 
 
 def test_input_kinds(predictor, image, tmp_path):
