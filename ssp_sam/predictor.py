@@ -52,6 +52,8 @@ class Prediction:
         empty mask; pixels set in the padding only are not a target).
     padded_area: mask pixels in the whole padded SAM frame, padding included (the quantity the
         release's evaluation counts for its own no-target rule).
+    padded_logits: (S/2, S/2) float32 mask logits in the whole padded SAM frame (512 x 512 for
+        SAM's 1024 input), which the release's evaluation thresholds and scores.
     """
 
     expression: str
@@ -61,6 +63,7 @@ class Prediction:
     score: float
     no_target: bool
     padded_area: int
+    padded_logits: np.ndarray
 
 
 def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
@@ -164,16 +167,20 @@ class Predictor:
                 output.mask_logits, encoded.input_size, encoded.original_size, self.model.sam_image_size
             )[:, 0]
             boxes = encoded.letterbox.box_to_image(output.boxes.float().cpu())
+            padded_logits = output.mask_logits[:, 0].float().cpu()
             foreground = output.mask_logits > 0
             padded_areas = foreground.flatten(1).sum(-1).cpu()
             image_areas = valid_region(foreground, encoded.input_size).flatten(1).sum(-1).cpu()
             for offset in range(chunk.shape[0]):
                 results.append(self._prediction(
-                    expressions[start + offset], logits[offset], boxes[offset], int(padded_areas[offset]), int(image_areas[offset])
+                    expressions[start + offset], logits[offset], boxes[offset], int(padded_areas[offset]), int(image_areas[offset]),
+                    padded_logits[offset],
                 ))
         return results
 
-    def _prediction(self, expression: str, logits: Tensor, box: Tensor, padded_area: int, image_area: int) -> Prediction:
+    def _prediction(
+        self, expression: str, logits: Tensor, box: Tensor, padded_area: int, image_area: int, padded_logits: Tensor
+    ) -> Prediction:
         logits = logits.float().cpu()
         mask = logits > 0
         score = float(logits.sigmoid()[mask].mean()) if mask.any() else 0.0
@@ -185,4 +192,5 @@ class Predictor:
             score=score,
             no_target=image_area < self.model.config.no_target_pixels,
             padded_area=padded_area,
+            padded_logits=padded_logits.numpy(),
         )
