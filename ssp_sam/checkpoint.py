@@ -15,17 +15,15 @@ names the file and the keys.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import pickle
-import zipfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from .config import RELEASE_PRESETS, ModelConfig, model_config_from
@@ -33,6 +31,7 @@ from .errors import CheckpointError
 from .fileio import atomic_directory
 from .model import SSPSAM, build_model
 from .state_dicts import mismatch_report
+from .weight_files import describe_weights, read_weights, require_finite
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -111,18 +110,57 @@ def _require_file(path: Path) -> None:
 # ----------------------------------------------------------------------------- released checkpoints
 
 
-def read_release_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Load the "model" state dict of a released SSP-SAM checkpoint (torch pickle, weights only)."""
+@dataclass(frozen=True)
+class ReleaseFile:
+    """A released SSP-SAM checkpoint as the release's train.py saves it.
+
+    The file is ``torch.save({"model", "optimizer", "lr_scheduler", "epoch", "args"})`` (the best-mIoU
+    files lack the optimizer and scheduler), ``args`` being the run's ``argparse.Namespace``.
+    """
+
+    state: dict[str, Tensor]  # "model": the state dict, release key names
+    args: argparse.Namespace | None
+    epoch: int | None
+
+    @property
+    def clip_file(self) -> str | None:
+        """The CLIP weight file the run was trained with (``args.clip_pretrained``), if recorded."""
+        value = getattr(self.args, "clip_pretrained", None)
+        return value if isinstance(value, str) else None
+
+    @property
+    def trained_with(self) -> str:
+        """For messages, e.g. ' (trained with CLIP CS-ViT-B-16.pt, epoch 79)'; empty if the file records neither."""
+        facts = ([f"trained with CLIP {Path(self.clip_file).name}"] if self.clip_file else []) + (
+            [f"epoch {self.epoch}"] if self.epoch is not None else []
+        )
+        return f" ({', '.join(facts)})" if facts else ""
+
+
+def read_release_file(path: str | os.PathLike) -> ReleaseFile:
+    """Read a released SSP-SAM checkpoint: weights only, with exactly ``argparse.Namespace`` allowed.
+
+    Raises:
+        CheckpointError: the file is missing or unreadable, holds anything else than tensors, plain
+            containers and the run's Namespace, or has no "model" state dict of tensors.
+    """
     path = Path(path)
-    _require_file(path)
-    try:
-        container = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({str(exc).splitlines()[0]})") from None
-    if not isinstance(container, Mapping) or not isinstance(container.get("model"), Mapping):
-        found = sorted(container)[:5] if isinstance(container, Mapping) else type(container).__name__
-        raise CheckpointError(f"{path}: not an SSP-SAM release checkpoint (expected a dict with a 'model' state dict, found {found})")
-    return dict(container["model"])
+    container = read_weights(path, "checkpoint", allowed_classes=(argparse.Namespace,), mmap=True)
+    if not isinstance(container, dict) or not isinstance(container.get("model"), dict):
+        what = describe_weights(container)
+        found = f"it holds {what}" if what else f"found {sorted(container)[:5] if isinstance(container, dict) else type(container).__name__}"
+        raise CheckpointError(f"{path}: not an SSP-SAM release checkpoint (expected a dict with a 'model' state dict; {found})")
+    state = container["model"]
+    not_tensors = sorted(str(key) for key, value in state.items() if not isinstance(value, Tensor))
+    if not_tensors:
+        raise CheckpointError(f"{path}: 'model' entries that are not tensors: {', '.join(not_tensors[:5])}")
+    args = container.get("args")
+    epoch = container.get("epoch")
+    return ReleaseFile(
+        state=dict(state),
+        args=args if isinstance(args, argparse.Namespace) else None,
+        epoch=epoch if isinstance(epoch, int) else None,
+    )
 
 
 def release_preset(state: Mapping[str, Tensor], source: str) -> str:
@@ -168,11 +206,13 @@ def load_release_weights(model: SSPSAM, state: Mapping[str, Tensor], source: str
     SAM's image encoder is taken from the file when the model has one and the file carries it.
 
     Raises:
-        CheckpointError: naming the file and the missing / unexpected / mis-shaped keys.
+        CheckpointError: naming the file and the missing / unexpected / mis-shaped keys, or the
+            first loaded tensor holding NaN or Inf.
     """
     mapped = map_release_state_dict(state, source)
     if model.sam_image_encoder is None:
         mapped = {k: v for k, v in mapped.items() if not k.startswith("sam_image_encoder.")}
+    require_finite({key: value for key, value in state.items() if map_release_key(key) in mapped}, source)
     check_state_dict(model.state_dict(), mapped, source, optional=_OPTIONAL_OURS)
     model.load_state_dict(mapped, strict=False)
 
@@ -231,13 +271,8 @@ def save_checkpoint(
 
 
 def read_trainer_state(directory: str | os.PathLike) -> dict[str, Any]:
-    """The resumable trainer state saved beside a checkpoint's weights."""
-    path = Path(directory) / TRAINER_STATE_FILE
-    _require_file(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: unreadable trainer state ({str(exc).splitlines()[0]})") from None
+    """The resumable trainer state saved beside a checkpoint's weights (tensors and plain containers only)."""
+    return read_weights(Path(directory) / TRAINER_STATE_FILE, "trainer state")
 
 
 def is_own_checkpoint(path: str | os.PathLike) -> bool:
@@ -266,11 +301,8 @@ def load_own_weights(model: SSPSAM, path: str | os.PathLike) -> None:
     """Load a checkpoint of ours into ``model``, checking every key and shape."""
     path = Path(path)
     weights = path / WEIGHTS_FILE if path.is_dir() else path
-    _require_file(weights)
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from None
+    state = read_weights(weights, "checkpoint")
+    require_finite(state, weights)
     if model.sam_image_encoder is None:  # built to read cached embeddings: an embedded encoder is not needed
         state = {k: v for k, v in state.items() if not k.startswith("sam_image_encoder.")}
     expected = {k: v for k, v in model.state_dict().items()}
@@ -304,13 +336,16 @@ def load_model(
         model = build_model(config, with_sam_image_encoder=_wants_sam_image_encoder(with_sam_image_encoder, config))
         load_own_weights(model, path)
     else:
-        state = read_release_state_dict(path)
+        release = read_release_file(path)
+        state = release.state
         preset = release_preset(state, str(path))
         if model_config is None:
             model_config = RELEASE_PRESETS[preset]
         config = model_config if isinstance(model_config, ModelConfig) else model_config_from(model_config)
         if config.name in RELEASE_PRESETS and config.name != preset:
-            raise CheckpointError(f"{path}: this is an {preset} release checkpoint but the model config is {config.name}")
+            raise CheckpointError(
+                f"{path}: this is an {preset} release checkpoint{release.trained_with} but the model config is {config.name}"
+            )
         model = build_model(
             replace(config, release_quirks=True), with_sam_image_encoder=_wants_sam_image_encoder(with_sam_image_encoder, config)
         )

@@ -196,7 +196,7 @@ def test_release_preset_from_shapes():
 def test_release_224_file_refuses_the_336_config(tmp_path):
     path = tmp_path / "ssp_sam_224.pth"
     write_release_checkpoint(path)
-    with pytest.raises(CheckpointError, match="ssp_sam_224 release checkpoint but the model config is ssp_sam_336"):
+    with pytest.raises(CheckpointError, match=r"ssp_sam_224 release checkpoint \(epoch 80\) but the model config is ssp_sam_336"):
         load_model(path, {"name": "ssp_sam_336", "clip_arch": "ViT-L-14-336"})
 
 
