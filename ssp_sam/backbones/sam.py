@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
-import zipfile
 from functools import partial
 from typing import Mapping, Optional, Sequence, Tuple
 
@@ -41,6 +39,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError, ImageError
 from ..fileio import file_sha256
 from ..state_dicts import mismatch_report
+from ..weight_files import describe_weights, read_weights, require_finite
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -160,22 +159,11 @@ def _build_parts(config: Mapping, parts: Sequence[str]) -> dict:
 def _read_state_dict(path: str) -> dict:
     """Load a flat SAM state dict from ``path``; accepts Meta's .pth and a {"model": state_dict} container.
 
-    Zip-format files are memory-mapped, so loading only the mask decoder from a 2.5 GB ViT-H
-    checkpoint reads only the decoder's bytes.
+    Read without running code from the file (:func:`ssp_sam.weight_files.read_weights`). Zip-format
+    files are memory-mapped, so loading only the mask decoder from a 2.5 GB ViT-H checkpoint reads
+    only the decoder's bytes.
     """
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: SAM checkpoint not found")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as error:
-        raise CheckpointError(
-            f"{path}: not a readable tensor-only checkpoint (refused by weights_only loading)"
-        ) from error
-    except Exception as error:  # torch.load raises many types for corrupt or foreign files
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else "truncated or empty"
-        raise CheckpointError(
-            f"{path}: not a readable SAM checkpoint ({type(error).__name__}: {reason})"
-        ) from error
+    loaded = read_weights(path, "SAM checkpoint", mmap=True)
     if isinstance(loaded, Mapping) and isinstance(loaded.get("model"), Mapping):
         loaded = loaded["model"]
     if not isinstance(loaded, Mapping):
@@ -191,15 +179,24 @@ def _first_keys(keys: Sequence[str]) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > _KEYS_SHOWN else "")
 
 
-def _guess_variant(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
-    """Name the released variant whose encoder width matches the file, if any (the widths differ)."""
+def describe_sam_weights(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """Which SAM a state dict holds, from its image encoder's width and depth, e.g.
+    "SAM vit_b (image encoder width 768, 12 blocks)"; None without a SAM image encoder.
+
+    The released variants differ in width, so a file with fewer blocks than its width's variant
+    (a truncated file) is named as an incomplete one.
+    """
     patch_weight = state_dict.get("image_encoder.patch_embed.proj.weight")
-    if patch_weight is None:
+    if patch_weight is None or patch_weight.dim() != 4:
         return None
+    width = patch_weight.shape[0]
+    depth = len({key.split(".")[2] for key in state_dict if key.startswith("image_encoder.blocks.")})
     for name, hyper in SAM_VARIANTS.items():
-        if hyper["encoder_embed_dim"] == patch_weight.shape[0]:
-            return name
-    return None
+        if hyper["encoder_embed_dim"] == width:
+            if hyper["encoder_depth"] == depth:
+                return f"SAM {name} (image encoder width {width}, {depth} blocks)"
+            return f"an incomplete SAM {name} (image encoder width {width}, {depth} of {hyper['encoder_depth']} blocks)"
+    return f"a SAM of no released variant (image encoder width {width}, {depth} blocks)"
 
 
 def _check_state_dict(
@@ -213,18 +210,19 @@ def _check_state_dict(
 
     Every key in the file must belong to the model with the same shape, also for parts not
     requested (a ViT-L file must not pass as a ViT-B one because only the decoder was asked for);
-    every key of a requested part must be present.
+    every key of a requested part must be present. The message says what the file holds: which
+    SAM (from its image encoder's shapes), or which other model.
     """
     report = mismatch_report(
         state_dict, expected, required=lambda key: key.split(".")[0] in parts, first=("image_encoder.patch_embed.",)
     )
     if report is None:
         return
-    problems = [report]
-    found_variant = _guess_variant(state_dict)
-    if found_variant is not None and found_variant != variant:
-        problems.insert(0, f"{found_variant} weights given for {variant}")
-    raise CheckpointError(f"{path}: does not fit SAM {variant}: " + "; ".join(problems))
+    is_sam = any(key.startswith(tuple(f"{part}." for part in SAM_PARTS)) for key in state_dict)
+    held = describe_sam_weights(state_dict) if is_sam else describe_weights(state_dict)
+    if held is not None and not held.startswith(f"SAM {variant} "):
+        raise CheckpointError(f"{path}: this is {held}, not SAM {variant}; {report}")
+    raise CheckpointError(f"{path}: does not fit SAM {variant}: {report}")
 
 
 def build_sam(
@@ -277,6 +275,7 @@ def build_sam(
                 for key, tensor in state_dict.items()
                 if key.startswith(prefix)
             }
+            require_finite({prefix + key: tensor for key, tensor in part_state.items()}, path)
             module.load_state_dict(part_state, assign=True)
 
     sam = Sam(
