@@ -9,6 +9,7 @@ COCO-style fixture (RefCOCO family, gRefCOCO, ShapeWorld), images 12 x 16 (H x W
 
     image 101 (train)  ann 1001 rectangle polygon        ann 1002 two rectangles (multi-polygon)
     image 102 (val)    ann 2001 crowd, uncompressed RLE   ann 2002 compressed RLE (an L shape)
+                       ann 2003 crowd, uncompressed RLE   ann 2004 rectangle polygon (the pixels of 2001)
     image 103 (testA)  ann 3001 triangle polygon          ann 3002 small rectangle
     image 104 (testB)  ann 4001 rectangle polygon
 """
@@ -83,6 +84,8 @@ ANNOTATIONS = {
     3001: (103, 2, [1, 1, 8, 8], [TRIANGLE], 0),
     3002: (103, 1, [0, 0, 3, 3], [rect_polygon(0, 0, 3, 3)], 0),
     4001: (104, 3, [4, 2, 8, 8], [rect_polygon(4, 2, 12, 10)], 0),
+    2003: (102, 1, [12, 0, 4, 3], uncompressed_rle(rect_mask(12, 0, 16, 3)), 1),
+    2004: (102, 1, [1, 8, 4, 3], [rect_polygon(1, 8, 5, 11)], 0),
 }
 
 # Expected masks by hand (the triangle's is taken from pycocotools in the tests).
@@ -93,10 +96,20 @@ ANN_MASKS = {
     2002: L_SHAPE,
     3002: rect_mask(0, 0, 3, 3),
     4001: rect_mask(4, 2, 12, 10),
+    2003: rect_mask(12, 0, 16, 3),
+    2004: rect_mask(1, 8, 5, 11),
 }
 
 
-def coco_instances() -> dict:
+def ann_mask(ann_id: int) -> np.ndarray:
+    """Expected mask of an annotation; the triangle's is pycocotools' rasterisation."""
+    if ann_id in ANN_MASKS:
+        return ANN_MASKS[ann_id]
+    return mask_utils.decode(mask_utils.frPyObjects([TRIANGLE], HEIGHT, WIDTH))[:, :, 0].astype(bool)
+
+
+def coco_instances(rle_lists: bool = False) -> dict:
+    """instances.json; ``rle_lists`` stores every mask as refclef's does: a list of one compressed RLE."""
     images = [
         {"id": image_id, "file_name": coco_file_name(image_id), "height": HEIGHT, "width": WIDTH, "license": 1}
         for image_id in (101, 102, 103, 104)
@@ -106,6 +119,9 @@ def coco_instances() -> dict:
          "iscrowd": iscrowd, "area": float(bbox[2] * bbox[3])}
         for ann_id, (image_id, category_id, bbox, segmentation, iscrowd) in ANNOTATIONS.items()
     ]
+    if rle_lists:
+        for annotation in annotations:
+            annotation["segmentation"] = [compressed_rle(ann_mask(annotation["id"]))]
     categories = [{"id": 1, "name": "person", "supercategory": "person"}, {"id": 2, "name": "dog", "supercategory": "animal"},
                   {"id": 3, "name": "car", "supercategory": "vehicle"}]
     return {"info": {}, "licenses": [], "images": images, "annotations": annotations, "categories": categories}
@@ -166,23 +182,29 @@ def write_images(root: Path, image_dir: str) -> None:
         write_image(root / image_dir / coco_file_name(image_id), HEIGHT, WIDTH)
 
 
-def write_refer(root: Path, folder: str = "refcoco", split_by: str = "unc", image_dir: str = COCO_IMAGE_DIR) -> Path:
-    """<root>/<folder>/refs(<split_by>).p (pickle protocol 2, as Python 2 wrote them) + instances.json + images."""
+def write_refer(
+    root: Path, folder: str = "refcoco", split_by: str = "unc", image_dir: str = COCO_IMAGE_DIR, rle_lists: bool = False
+) -> Path:
+    """<root>/<folder>/refs(<split_by>).p (pickle protocol 2, as Python 2 wrote them) + instances.json + images.
+
+    ``rle_lists``: masks stored as refclef's instances.json stores them (see ``coco_instances``).
+    """
     out = root / folder
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"refs({split_by}).p", "wb") as file:
         pickle.dump(refer_refs(split_by), file, protocol=2)
-    (out / "instances.json").write_text(json.dumps(coco_instances()))
+    (out / "instances.json").write_text(json.dumps(coco_instances(rle_lists)))
     write_images(root, image_dir)
     return out
 
 
 # ---- gRefCOCO / ShapeWorld GRES -------------------------------------------------------------------
 
-# ref id -> (ann ids, category ids, split, sentence texts, kind)
+# ref id -> (ann ids, category ids, split, sentence texts, kind). Ref 1's crowd annotation 2003 is
+# not part of its target: its GT mask is ann 2004's rectangle (the pixels of 2001) alone.
 GREF_REFS = {
     0: ([1001, 1002], [1, 2], "train", ["all boxes", "the boxes"], "M"),
-    1: ([2001], [1], "val", ["the crowd"], "A"),
+    1: ([2004, 2003], [1, 1], "val", ["the crowd"], "A"),
     2: ([-1], [-1], "val", ["the purple star", "the giraffe"], "N"),
     3: ([3001, 3002], [2, 1], "testA", ["triangle and small square"], "M"),
     4: ([4001], [3], "testB", ["square"], "A"),
@@ -299,3 +321,37 @@ def write_jsonl(folder: Path) -> JsonlFixture:
         folder,
         {"1": png, "rle-c": rle_c, "3": rle_u, "4": rect_mask(1, 1, 5, 5, height, width), "5": np.zeros(JSONL_SIZE, dtype=bool)},
     )
+
+
+# ---- SimREC's merge.json (the release's REC pretraining data) --------------------------------------
+
+WORDS_40 = " ".join(["word"] * 40)  # 40 words: kept by the release's filter
+WORDS_41 = " ".join(["word"] * 41)  # 41 words: no sample of its own, still drawable from its referent
+SPACED_40 = "big  " + " ".join(["word"] * 39)  # 40 words but 41 pieces of split(" "): the release drops it
+
+# data_source -> image folder under the root (the file names below live there)
+REC_JSON_IMAGE_DIRS = {"coco": COCO_IMAGE_DIR, "flickr": "images/flickr", "vg": "images/VG", "referit": "images/referit"}
+REC_JSON = {
+    "train": [
+        {"iid": "101.jpg", "data_source": "coco", "bbox": [2, 3, 6, 4], "refs": ["left box", WORDS_41, "the box on the left"],
+         "mask_id": 5},
+        {"iid": "f1.jpg", "data_source": "flickr", "bbox": [0, 1, 5, 4], "refs": ["a dog"]},
+        {"iid": "v1.jpg", "data_source": "vg", "bbox": [1, 1, 2, 2], "refs": [WORDS_41, SPACED_40]},
+        {"iid": "r1.jpg", "data_source": "referit", "bbox": [4, 2, 8, 8], "refs": [WORDS_40, "sky"]},
+    ],
+    "val": [{"iid": 102, "data_source": "coco", "bbox": [3, 2, 8, 7], "refs": ["the l shape"]}],
+}
+# Per sentence, at most 40 words: entry 0 sentences 0 and 2, entry 1, entry 3 both; entry 2 none.
+REC_JSON_SENTENCE_SAMPLES = ["0#0", "0#2", "1#0", "3#0", "3#1"]
+
+
+def write_rec_json(root: Path) -> Path:
+    """<root>/anns/merge.json + an image per entry in its data_source's folder."""
+    out = root / "anns"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "merge.json").write_text(json.dumps(REC_JSON))
+    write_images(root, COCO_IMAGE_DIR)
+    for name in ("f1.jpg", "v1.jpg", "r1.jpg"):
+        source = {"f": "flickr", "v": "vg", "r": "referit"}[name[0]]
+        write_image(root / REC_JSON_IMAGE_DIRS[source] / name, HEIGHT, WIDTH)
+    return out / "merge.json"

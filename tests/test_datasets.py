@@ -22,7 +22,9 @@ from hydra import compose, initialize_config_dir
 import fixtures_official as fx
 from ssp_sam.data.grefcoco import read_grefcoco
 from ssp_sam.data.jsonl import read_jsonl, read_jsonl_file
+from ssp_sam.data.masks import CocoSegmentationMask
 from ssp_sam.data.phrasecut import read_phrasecut
+from ssp_sam.data.rec_json import read_rec_json
 from ssp_sam.data.refer import read_refer
 from ssp_sam.data.registry import load_dataset, read_splits
 from ssp_sam.errors import ConfigError, DatasetError
@@ -37,12 +39,15 @@ def _refer(root: Path, folder: str = "refcoco", split_by: str = "unc", **kwargs)
     return read_refer(root / folder, split_by=split_by, image_root=root / fx.COCO_IMAGE_DIR, name=folder, **kwargs)
 
 
+def _compose(config_name: str, args: list[str]):
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+        return compose(config_name=config_name, overrides=args)
+
+
 def _dataset_cfg(config_name: str, root: Path, **overrides) -> dict:
     """configs/dataset/<config_name>.yaml composed by Hydra with dataset.root=<root>, resolved."""
     args = [f"dataset={config_name}", f"dataset.root={root}"] + [f"dataset.{k}={v}" for k, v in overrides.items()]
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
-        cfg = compose(config_name="check_data", overrides=args)
-    return cfg.dataset
+    return _compose("check_data", args).dataset
 
 
 @pytest.fixture()
@@ -69,7 +74,8 @@ def test_refer_masks_match_hand_drawn(coco_root):
     samples = {s.sample_id: s for d in _refer(coco_root).values() for s in d}
     assert np.array_equal(samples["0"].mask(), fx.ANN_MASKS[1001])  # rectangle polygon
     assert np.array_equal(samples["1"].mask(), fx.ANN_MASKS[1002])  # two polygons -> union
-    assert np.array_equal(samples["2"].mask(), fx.ANN_MASKS[2001])  # crowd, uncompressed RLE
+    assert np.array_equal(samples["2"].mask(), fx.ANN_MASKS[2001])  # crowd, uncompressed RLE: the target regardless
+    assert samples["2"].ann_ids == (2001,) and "crowd_ann_ids" not in samples["2"].meta
     assert np.array_equal(samples["3"].mask(), fx.ANN_MASKS[2002])  # compressed RLE
     assert np.array_equal(samples["5"].mask(), fx.ANN_MASKS[4001])
     triangle = mask_utils.decode(mask_utils.frPyObjects([fx.TRIANGLE], fx.HEIGHT, fx.WIDTH))[:, :, 0].astype(bool)
@@ -103,13 +109,34 @@ def test_refcocog_split_by_chooses_the_refs_file(tmp_path):
     assert {s: len(d) for s, d in google.items()} == {"train": 3, "val": 3}
 
 
-def test_refclef_image_paths_follow_instances_file_names(tmp_path):
-    fx.write_refer(tmp_path, "refclef", "berkeley", image_dir="images/saiapr_tc-12")
-    cfg = _dataset_cfg("refclef_berkeley", tmp_path, split="test")
-    dataset = load_dataset(cfg)
-    assert len(dataset) == 3
-    assert dataset[0].image_path == tmp_path / "images" / "saiapr_tc-12" / "COCO_train2014_000000000102.jpg"
-    assert dataset[0].image_path.is_file()
+def test_refclef_berkeley_test_split_and_rle_list_masks(tmp_path):
+    fx.write_refer(tmp_path, "refclef", "berkeley", image_dir="images/saiapr_tc-12", rle_lists=True)
+    instances = json.loads((tmp_path / "refclef" / "instances.json").read_text())
+    assert all(isinstance(a["segmentation"], list) and isinstance(a["segmentation"][0], dict) for a in instances["annotations"])
+    datasets = {split: load_dataset(_dataset_cfg("refclef_berkeley", tmp_path, split=split)) for split in ("train", "val", "test")}
+    assert {split: [s.sample_id for s in d] for split, d in datasets.items()} == {"train": ["0"], "val": ["1", "2"], "test": ["3", "4", "5"]}
+    test = datasets["test"]
+    assert test[0].image_path == tmp_path / "images" / "saiapr_tc-12" / "COCO_train2014_000000000102.jpg"
+    assert test[0].image_path.is_file()
+    for dataset in datasets.values():
+        for sample in dataset:  # every mask a list of one compressed RLE, decoded to the hand-drawn pixels
+            assert np.array_equal(sample.mask(), fx.ann_mask(sample.ann_ids[0])), sample.sample_id
+
+
+def test_segmentation_lists_of_rles_are_unions_and_never_mixed():
+    top, corner = fx.rect_mask(0, 0, 16, 2), fx.rect_mask(12, 8, 16, 12)
+    parts = [fx.compressed_rle(top), fx.uncompressed_rle(corner)]
+    mask = CocoSegmentationMask((("ann 1", parts),)).decode(fx.HEIGHT, fx.WIDTH)
+    assert np.array_equal(mask, top | corner) and mask.sum() == 32 + 16
+    mixed = [fx.compressed_rle(top), fx.rect_polygon(0, 0, 4, 4)]
+    with pytest.raises(DatasetError, match="ann 2: a segmentation list must hold only polygons or only RLE dicts"):
+        CocoSegmentationMask((("ann 2", mixed),)).decode(fx.HEIGHT, fx.WIDTH)
+
+
+def test_referit_experiments_use_the_berkeley_splits():
+    for experiment in ("referit_224", "referit_336"):
+        cfg = _compose("train", [f"experiment={experiment}"])
+        assert (cfg.dataset.name, cfg.dataset.split_by) == ("refclef_berkeley", "berkeley"), experiment
 
 
 def test_unknown_split_lists_available_splits(coco_root):
@@ -174,6 +201,13 @@ def test_grefcoco_multi_and_no_target(tmp_path):
     assert multi.union_box_xyxy() == (2.0, 1.0, 14.0, 10.0)
     assert multi.meta["category_ids"] == (1, 2) and multi.sentence_meta(1) == {"kind": "M"}
 
+    crowd = datasets["val"][0]  # anns [2004, 2003]; 2003 is a crowd annotation: not in the target
+    assert crowd.ann_ids == (2004,) and crowd.meta["crowd_ann_ids"] == (2003,) and not crowd.no_target
+    assert np.array_equal(crowd.mask(), fx.ANN_MASKS[2004]) and not (crowd.mask() & fx.ANN_MASKS[2003]).any()
+    assert crowd.boxes_xyxy == ((1.0, 8.0, 5.0, 11.0), (12.0, 0.0, 16.0, 3.0))  # the release's box covers the crowd too
+    assert crowd.union_box_xyxy() == (1.0, 0.0, 16.0, 11.0)
+    assert multi.meta["crowd_ann_ids"] == ()
+
     empty = datasets["val"][1]
     assert empty.no_target and empty.ann_ids == () and empty.boxes_xyxy == () and empty.meta["category_ids"] == ()
     assert empty.has_mask and not empty.mask().any() and empty.mask().shape == (fx.HEIGHT, fx.WIDTH)
@@ -181,6 +215,21 @@ def test_grefcoco_multi_and_no_target(tmp_path):
 
     triangle = mask_utils.decode(mask_utils.frPyObjects([fx.TRIANGLE], fx.HEIGHT, fx.WIDTH))[:, :, 0].astype(bool)
     assert np.array_equal(datasets["testA"][0].mask(), triangle | fx.ANN_MASKS[3002])
+
+
+def test_grefcoco_boxes_without_crowd_and_all_crowd_refs(tmp_path):
+    folder = fx.write_grefcoco(tmp_path)
+    cfg = {"name": "grefcoco", "format": "grefcoco", "root": str(tmp_path), "folder": "grefcoco", "split_by": "unc",
+           "image_root": str(tmp_path / fx.COCO_IMAGE_DIR), "split": "val", "task": "gres", "crowd_in_boxes": False}
+    crowd = load_dataset(cfg)[0]
+    assert crowd.boxes_xyxy == ((1.0, 8.0, 5.0, 11.0),) and crowd.union_box_xyxy() == (1.0, 8.0, 5.0, 11.0)
+    assert np.array_equal(crowd.mask(), fx.ANN_MASKS[2004])
+
+    refs = fx.grefcoco_refs()
+    refs[1]["ann_id"] = [2001, 2003]  # both crowd: not a no-target ref (no_target is false), and no target either
+    (folder / "grefs(unc).json").write_text(json.dumps(refs))
+    with pytest.raises(DatasetError, match=r"grefs\(unc\)\.json: 1 problem: ref 1: every annotation \(2001, 2003\) is a crowd"):
+        load_dataset(cfg)
 
 
 def test_grefcoco_inconsistent_no_target_flag(tmp_path):
@@ -298,23 +347,106 @@ def test_merged_set_is_the_union_of_training_splits(tmp_path):
         load_dataset({**cfg, "split": "val"})
 
 
-def test_merged_rec_config_resolves_sources(tmp_path):
-    cfg = _dataset_cfg("merged_rec", tmp_path)
+def test_merged_rec_refer_config_resolves_sources(tmp_path):
+    cfg = _dataset_cfg("merged_rec_refer", tmp_path)
     assert [source.name for source in cfg.sources] == ["refcoco", "refcoco+", "refcocog_umd", "refclef_unc"]
     assert cfg.sources[3].image_root == f"{tmp_path}/images/saiapr_tc-12"
     with pytest.raises(DatasetError, match=r"refcoco/refs\(unc\)\.p: file not found"):
         load_dataset(cfg)
+    for folder in ("refcoco", "refcoco+", "refcocog", "refclef"):
+        fx.write_refer(tmp_path, folder, {"refcocog": "umd"}.get(folder, "unc"))
+    # One sample per sentence; the unc/umd train refs 0 (2 sentences) and 1 (1) sit on image 101,
+    # which no eval split uses, so all four sources keep them.
+    ids = [s.sample_id for s in load_dataset(cfg)]
+    assert ids == [f"{source}/{ref}" for source in ("refcoco", "refcoco+", "refcocog_umd", "refclef_unc") for ref in ("0#0", "0#1", "1#0")]
+
+
+# ---- SimREC's merge.json (the release's REC pretraining data) -------------------------------------
+
+
+def _rec_json(root: Path, **kwargs):
+    roots = {source: root / folder for source, folder in fx.REC_JSON_IMAGE_DIRS.items()}
+    return read_rec_json(root / "anns" / "merge.json", image_roots=roots, name="merge", **kwargs)
+
+
+def test_rec_json_entries_boxes_and_image_paths(tmp_path):
+    fx.write_rec_json(tmp_path)
+    datasets = _rec_json(tmp_path)
+    assert {split: len(d) for split, d in datasets.items()} == {"train": 4, "val": 1}
+    coco, flickr, vg, referit = datasets["train"]
+    assert coco.image_path == tmp_path / fx.COCO_IMAGE_DIR / "COCO_train2014_000000000101.jpg"  # iid "101.jpg"
+    assert datasets["val"][0].image_path == tmp_path / fx.COCO_IMAGE_DIR / "COCO_train2014_000000000102.jpg"  # iid 102
+    assert [s.image_path for s in (flickr, vg, referit)] == [
+        tmp_path / "images/flickr/f1.jpg", tmp_path / "images/VG/v1.jpg", tmp_path / "images/referit/r1.jpg"]
+    assert all(s.image_path.is_file() for d in datasets.values() for s in d)
+    # xywh -> xyxy: [2, 3, 6, 4] -> (2, 3, 8, 7); [0, 1, 5, 4] -> (0, 1, 5, 5)
+    assert coco.boxes_xyxy == ((2.0, 3.0, 8.0, 7.0),) and flickr.union_box_xyxy() == (0.0, 1.0, 5.0, 5.0)
+    assert coco.expressions == ("left box", fx.WORDS_41, "the box on the left") and coco.sentence_ids == (0, 1, 2)
+    assert not coco.has_mask and not coco.no_target and coco.ann_ids == ()
+    assert coco.meta["mask_id"] == 5 and coco.meta["data_source"] == "coco" and coco.image_id == "101.jpg"
+
+
+def test_rec_json_bad_entries_and_box_format(tmp_path):
+    fx.write_rec_json(tmp_path)
+    assert _rec_json(tmp_path, box_format="xyxy", splits=["val"])["val"][0].boxes_xyxy == ((3.0, 2.0, 8.0, 7.0),)
+    data = json.loads(json.dumps(fx.REC_JSON))
+    data["train"][0]["bbox"] = [6, 1, 5, 4]  # fine as x, y, w, h; read as x1, y1, x2, y2 it has x2 < x1
+    (tmp_path / "anns" / "merge.json").write_text(json.dumps(data))
+    assert _rec_json(tmp_path, splits=["train"])["train"][0].boxes_xyxy == ((6.0, 1.0, 11.0, 5.0),)
+    with pytest.raises(DatasetError, match=r"train entry 0: box \[6, 1, 5, 4\] is not x1, y1, x2, y2 .*is the file xywh"):
+        _rec_json(tmp_path, box_format="xyxy", splits=["train"])
+    with pytest.raises(ConfigError, match="box_format must be one of xywh, xyxy"):
+        _rec_json(tmp_path, box_format="cxcywh")
+    data["train"][1]["data_source"] = "gqa"
+    data["train"][3]["refs"] = []
+    (tmp_path / "anns" / "merge.json").write_text(json.dumps(data))
+    with pytest.raises(DatasetError) as error:
+        _rec_json(tmp_path)
+    message = str(error.value)
+    assert "merge.json: 2 problems" in message and "train entry 1: data_source 'gqa' has no image folder" in message
+    assert "image_roots has: coco, flickr, referit, vg" in message and "train entry 3: refs must be" in message
+
+
+def test_merged_rec_config_is_one_sample_per_sentence_of_at_most_40_words(tmp_path):
+    fx.write_rec_json(tmp_path)
+    cfg = _dataset_cfg("merged_rec", tmp_path)
+    assert cfg.image_roots.vg == f"{tmp_path}/images/VG"
+    dataset = load_dataset(cfg)
+    assert (dataset.name, dataset.split) == ("merged_rec", "train")
+    assert [s.sample_id for s in dataset] == fx.REC_JSON_SENTENCE_SAMPLES
+    # As the release: each sample draws from all its referent's sentences, the 41-word one included.
+    first, third = dataset[0], dataset[1]
+    assert first.expressions == third.expressions == ("left box", fx.WORDS_41, "the box on the left")
+    assert dataset[3].expressions == (fx.WORDS_40, "sky") and dataset[3].boxes_xyxy == ((4.0, 2.0, 12.0, 10.0),)
+
+    assert [s.sample_id for s in load_dataset(_dataset_cfg("merged_rec", tmp_path, split="val"))] == ["0"]  # per referent
+
+    own = load_dataset(_dataset_cfg("merged_rec", tmp_path, **{"sentence_samples.pool": "own"}))
+    assert [s.sample_id for s in own] == fx.REC_JSON_SENTENCE_SAMPLES
+    assert [s.expressions for s in own] == [("left box",), ("the box on the left",), ("a dog",), (fx.WORDS_40,), ("sky",)]
+    assert [s.sentence_ids for s in own] == [(0,), (2,), (0,), (0,), (1,)]
+
+    unlimited = load_dataset(_dataset_cfg("merged_rec", tmp_path, **{"sentence_samples.max_words": "null"}))
+    assert len(unlimited) == 3 + 1 + 2 + 2
+    per_referent = load_dataset(_dataset_cfg("merged_rec", tmp_path, sentence_samples="null"))
+    assert [s.sample_id for s in per_referent] == ["0", "1", "2", "3"]
+    with pytest.raises(ConfigError, match="pool must be one of referent, own"):
+        load_dataset(_dataset_cfg("merged_rec", tmp_path, **{"sentence_samples.pool": "token"}))
+    with pytest.raises(ConfigError, match="max_words must be a positive integer"):
+        load_dataset(_dataset_cfg("merged_rec", tmp_path, **{"sentence_samples.max_words": 0}))
+    with pytest.raises(ConfigError, match="'sentence_samples' must be null or a mapping with 'split'"):
+        load_dataset(_dataset_cfg("merged_rec", tmp_path, sentence_samples="train"))
 
 
 @pytest.mark.parametrize(
     "name", ["refcoco", "refcoco+", "refcocog_umd", "refcocog_google", "refclef_unc", "refclef_berkeley", "grefcoco", "phrasecut",
-             "merged_rec", "jsonl", "shapeworld", "shapeworld_gres"],
+             "merged_rec", "merged_rec_refer", "jsonl", "shapeworld", "shapeworld_gres"],
 )
 def test_every_dataset_config_composes(tmp_path, name):
     cfg = _dataset_cfg(name, tmp_path)
     keys = {"name", "format", "root", "folder", "image_root", "split", "split_by", "task"}
     assert keys <= set(cfg.keys()) and cfg.root == str(tmp_path)
-    assert cfg.split == ("test" if name == "phrasecut" else "train" if name == "merged_rec" else "val")
+    assert cfg.split == ("test" if name == "phrasecut" else "train" if name.startswith("merged_rec") else "val")
     if cfg.image_root is not None:
         assert cfg.image_root.startswith(str(tmp_path))
 

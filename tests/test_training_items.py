@@ -1,11 +1,13 @@
-"""Training items: which expression of a referent a visit uses (uniform, or weighted by kind)."""
+"""Training items: which expression of a referent a visit uses (uniform, or weighted by kind) and the GT box."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+import fixtures_official as fx
 from ssp_sam.backbones.clip import CLIPTokenizer
+from ssp_sam.data.grefcoco import read_grefcoco
 from ssp_sam.data.registry import load_dataset
 from ssp_sam.data.shapeworld import generate_dataset
 from ssp_sam.data.shapeworld.dataset import dataset_config
@@ -53,3 +55,41 @@ def test_expression_weights_set_how_often_each_kind_is_drawn(dataset, weights, e
 def test_expression_weights_must_be_positive(dataset):
     with pytest.raises(ConfigError, match=r"expression_weights\.L"):
         _items(dataset, {"L": 0.0})
+
+
+# ---- GT boxes (release-layout fixtures; the boxes worked out by hand) ------------------------------
+
+CLIP_SIZE = 32  # fixture images are 12 x 16 (H x W): scale 2 -> 24 x 32 content, 8 free rows
+
+
+def _box_items(dataset, augment: bool) -> ReferringTrainingSet:
+    return ReferringTrainingSet(dataset, None, CLIP_SIZE, 64, CLIPTokenizer(77), seed=3, augment=augment, need_masks=False)
+
+
+def test_no_target_box_is_the_letterbox_corner(tmp_path):
+    fx.write_grefcoco(tmp_path)
+    val = read_grefcoco(tmp_path / "grefcoco", image_root=tmp_path / fx.COCO_IMAGE_DIR, name="grefcoco", splits=["val"])["val"]
+    index = next(i for i, sample in enumerate(val) if sample.no_target)
+    items = _box_items(val, augment=True)
+    offsets = set()
+    for epoch in range(12):
+        items.set_epoch(epoch)
+        item = items[index]
+        # The letterbox's top offset, read off the pixels: the padding rows are exactly zero.
+        top = int((item["clip_pixels"].abs().sum(dim=(0, 2)) == 0).int().cumprod(0).sum())
+        offsets.add(top)
+        assert item["box"].tolist() == [0.0, top / CLIP_SIZE, 0.0, 0.0]  # (left / S, top / S, 0, 0), left = 0
+        assert "mask" not in item and "sam_embedding" not in item
+    assert len(offsets) > 1  # the random placement moved the target box
+
+
+def test_rec_items_one_per_sentence_with_boxes(tmp_path):
+    fx.write_rec_json(tmp_path)
+    cfg = {"name": "merged_rec", "format": "rec_json", "root": str(tmp_path), "folder": "anns", "split": "train", "task": "res",
+           "image_roots": {source: str(tmp_path / folder) for source, folder in fx.REC_JSON_IMAGE_DIRS.items()},
+           "sentence_samples": {"split": "train", "max_words": 40}}
+    items = _box_items(load_dataset(cfg), augment=False)
+    assert len(items) == len(fx.REC_JSON_SENTENCE_SAMPLES) == 5
+    # flickr entry (sample "1#0"): xywh [0, 1, 5, 4] -> xyxy (0, 1, 5, 5); x2 -> (0, 2, 10, 10), centred: +4 rows
+    # -> (0, 6, 10, 14) in the 32 square -> cx, cy, w, h = (5, 10, 10, 8) / 32.
+    assert items[2]["box"].tolist() == [5 / 32, 10 / 32, 10 / 32, 8 / 32]

@@ -8,7 +8,14 @@ Layout (formats.md)::
     <image_root>/<images[image_id].file_name>
 
 A ref's target is the list of its annotation ids without the -1 placeholder; an empty list is a
-no-target sample (empty mask, no boxes). The GT mask is the union of the annotations' masks.
+no-target sample (empty mask, no boxes). Crowd annotations (``iscrowd`` true) are not part of the
+target: G_REFER's ``getMaskByRef``, ReLA's loader and mapper and the release's preprocessing all
+skip them, so the GT mask is the union of the ref's non-crowd annotations' masks. A ref whose
+annotations are all crowd is reported as malformed: it is not a no-target ref (its ``no_target`` is
+false), and G_REFER (the sum of an empty mask list) and ReLA (``assert empty``) both fail on it, so
+gRefCOCO has none. With ``crowd_in_boxes`` (the default, the release's box target, taken from
+``getRefBox`` over every annotation of the ref) the crowd annotations' boxes are kept in
+``boxes_xyxy``; without it the boxes are those of the target instances only.
 """
 
 from __future__ import annotations
@@ -45,13 +52,21 @@ def _multi_target(ref: dict, problems: ProblemLog, label: str):
 
 
 def read_grefcoco(
-    folder: Path, *, split_by: str = "unc", image_root: Path, name: str, task: str = "gres", splits: Sequence[str] | None = None
+    folder: Path,
+    *,
+    split_by: str = "unc",
+    image_root: Path,
+    name: str,
+    task: str = "gres",
+    splits: Sequence[str] | None = None,
+    crowd_in_boxes: bool = True,
 ) -> dict[str, ReferringDataset]:
     """Read ``grefs(<split_by>).json`` + ``instances.json`` of ``folder`` -> {split: dataset}.
 
     Args:
         image_root: folder the images' file_name is relative to.
         splits: splits to build; None builds every split in the file.
+        crowd_in_boxes: keep crowd annotations' boxes in ``boxes_xyxy`` (see the module docstring).
     """
     folder, image_root = Path(folder), Path(image_root)
     refs_path = refs_file(folder, "grefs", split_by, ".json")
@@ -66,4 +81,6 @@ def read_grefcoco(
         ref_keys=GREF_KEYS,
         read_targets=_multi_target,
         splits=splits,
+        skip_crowd=True,
+        crowd_in_boxes=crowd_in_boxes,
     )

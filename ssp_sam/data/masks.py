@@ -4,7 +4,7 @@ Loading RefCOCO's train split must not rasterise 40 000 masks up front, so a sam
 "target" object that knows how to draw its referent on an (H, W) canvas. Two kinds live here:
 
 - :class:`CocoSegmentationMask`: the union of COCO-style segmentations (polygons, uncompressed RLE
-  as used by crowd annotations, compressed RLE), rasterised by pycocotools exactly as the COCO and
+  as used by crowd annotations, compressed RLE, a list of RLEs as in refclef), rasterised by pycocotools exactly as the COCO and
   REFER APIs do (``frPyObjects`` + ``merge`` + ``decode``).
 - :class:`PngMask`: a binary mask image on disk (any non-zero pixel is foreground).
 
@@ -76,10 +76,16 @@ def segmentation_to_rles(segmentation: Any, height: int, width: int, label: str)
 
     Args:
         segmentation: polygons (list of flat [x1, y1, ...] lists), an uncompressed RLE
-            ({"size": [H, W], "counts": [int, ...]}) or a compressed RLE (counts a str or bytes).
+            ({"size": [H, W], "counts": [int, ...]}), a compressed RLE (counts a str or bytes), or
+            a list of RLE dicts (ReferIt/refclef's instances.json stores every mask that way; REFER
+            decodes the list and sums it, i.e. takes the union).
         label: names the annotation in error messages (file and id).
     """
     if isinstance(segmentation, (list, tuple)):
+        if segmentation and all(isinstance(part, dict) for part in segmentation):
+            return [rle for part in segmentation for rle in segmentation_to_rles(part, height, width, label)]
+        if any(isinstance(part, dict) for part in segmentation):
+            raise DatasetError(f"{label}: a segmentation list must hold only polygons or only RLE dicts, not both")
         return _polygons_to_rles(list(segmentation), height, width, label)
     if isinstance(segmentation, dict) and "counts" in segmentation:
         _check_rle_size(segmentation, height, width, label)

@@ -132,6 +132,8 @@ def _sample_from_ref(
     ref_keys: frozenset[str],
     read_targets: TargetReader,
     problems: ProblemLog,
+    skip_crowd: bool,
+    crowd_in_boxes: bool,
 ) -> ReferringSample | None:
     ref_id = ref.get("ref_id")
     label = f"ref {ref_id}"
@@ -148,7 +150,7 @@ def _sample_from_ref(
     if sentences is None or targets is None:
         return None
     ann_ids, category_ids = targets
-    boxes, parts = [], []
+    target_ids, crowd_ids, boxes, parts = [], [], [], []
     for ann_id in ann_ids:
         ann_label = f"{instances.path.name} annotation {ann_id}"
         ann = instances.annotations.get(ann_id)
@@ -162,24 +164,37 @@ def _sample_from_ref(
             problems.add(f"{label}: {ann_label} has no segmentation")
             return None
         try:
-            boxes.append(xywh_to_xyxy(ann.get("bbox"), ann_label))
+            box = xywh_to_xyxy(ann.get("bbox"), ann_label)
         except DatasetError as exc:
             problems.add(str(exc))
             return None
+        if skip_crowd and ann.get("iscrowd"):
+            crowd_ids.append(ann_id)
+            if crowd_in_boxes:
+                boxes.append(box)
+            continue
+        target_ids.append(ann_id)
+        boxes.append(box)
         parts.append((ann_label, ann["segmentation"]))
+    if ann_ids and not target_ids:
+        problems.add(f"{label}: every annotation ({', '.join(map(str, ann_ids))}) is a crowd annotation, so it has no target "
+                     "(G_REFER and ReLA cannot read such a ref either)")
+        return None
     height, width = image.get("height"), image.get("width")
     size_hint = (height, width) if isinstance(height, int) and isinstance(width, int) else None
     expressions, sentence_ids, sentence_meta = sentences
     extras = {key: value for key, value in ref.items() if key not in ref_keys}
+    if skip_crowd:
+        extras["crowd_ann_ids"] = tuple(crowd_ids)
     return ReferringSample(
         sample_id=str(ref_id),
         image_id=image_id,
         image_path=image_root / image["file_name"],
         expressions=expressions,
         sentence_ids=sentence_ids,
-        ann_ids=ann_ids,
+        ann_ids=tuple(target_ids),
         boxes_xyxy=tuple(boxes),
-        no_target=not ann_ids,
+        no_target=not target_ids,
         target=CocoSegmentationMask(tuple(parts)),
         size_hint=size_hint,
         meta={**extras, "dataset": name, "ref_id": ref_id, "category_ids": category_ids, "sentence_meta": sentence_meta},
@@ -197,6 +212,8 @@ def build_splits(
     ref_keys: frozenset[str],
     read_targets: TargetReader,
     splits: Sequence[str] | None,
+    skip_crowd: bool = False,
+    crowd_in_boxes: bool = False,
 ) -> dict[str, ReferringDataset]:
     """Group refs by their "split" and turn each into a sample; malformed refs are reported together.
 
@@ -205,6 +222,12 @@ def build_splits(
         ref_keys: keys with a known meaning; every other ref key is passed to ``meta``.
         read_targets: extracts (annotation ids, category ids) from a ref.
         splits: splits to build (None: all found).
+        skip_crowd: leave annotations with a true "iscrowd" out of the target (ann_ids, mask),
+            as G_REFER / ReLA do for gRefCOCO; their ids go to ``meta["crowd_ann_ids"]``. A ref
+            whose annotations are all crowd is malformed (no reference reads it). Without it, a
+            ref's annotation is its target whatever its "iscrowd" (REFER, RefCOCO family).
+        crowd_in_boxes: with skip_crowd, the skipped annotations' boxes still go to
+            ``boxes_xyxy`` (the release's gRefCOCO box target covers every annotation of the ref).
 
     Raises:
         DatasetError: unknown split, or malformed refs (all listed in one message).
@@ -222,7 +245,8 @@ def build_splits(
     for split in select_splits(splits, list(refs_by_split), str(source)):
         samples = [
             _sample_from_ref(
-                ref, instances, name=name, image_root=image_root, ref_keys=ref_keys, read_targets=read_targets, problems=problems
+                ref, instances, name=name, image_root=image_root, ref_keys=ref_keys, read_targets=read_targets,
+                problems=problems, skip_crowd=skip_crowd, crowd_in_boxes=crowd_in_boxes,
             )
             for ref in refs_by_split[split]
         ]

@@ -4,13 +4,24 @@ A dataset config is a mapping with these keys:
 
 - ``name``: the dataset's name, used in messages, metrics and merged sample ids ("refcoco", ...).
 - ``format``: which reader: "refer" (RefCOCO/+/g, refclef, ShapeWorld RES), "grefcoco" (gRefCOCO,
-  ShapeWorld GRES), "phrasecut", "jsonl" or "merged".
+  ShapeWorld GRES), "phrasecut", "jsonl", "rec_json" (SimREC's merge.json, the release's REC
+  pretraining data) or "merged".
 - ``root`` and ``folder``: the annotation files live in ``<root>/<folder>/``.
 - ``image_root``: folder the images' file names are relative to (not used by jsonl).
 - ``split``: the split to load, as named in the files ("val", "testA", ...).
 - ``split_by``: which refs file, ``refs(<split_by>).p`` / ``grefs(<split_by>).json`` (refer, grefcoco).
 - ``task``: "res", "gres" or "phrasecut" (how the dataset is evaluated).
+- grefcoco only, optional ``crowd_in_boxes`` (default true, the release): crowd annotations are
+  never part of the target mask, but their boxes count in the GT box (see ``grefcoco.py``).
 - jsonl only, optional ``path``: one JSONL file to read instead of ``<root>/<folder>/<split>.jsonl``.
+- rec_json only: ``file`` (default "merge.json", in ``<root>/<folder>/``), ``image_roots``
+  ({data_source: image folder}) and ``box_format`` ("xywh", SimREC's, or "xyxy"); see ``rec_json.py``.
+- optional, any format: ``sentence_samples`` (default null: one sample per referent), a mapping
+  {split, max_words, pool}: that split (the training split) gets one sample per sentence of at
+  most ``max_words`` words (null: no limit), drawing from its referent's sentences (pool
+  "referent") or only its own ("own"), as the release's REC pretraining set; see
+  ``sentence_samples.py``. Other splits keep one sample per referent, so evaluation still scores
+  every sentence once.
 - merged only: ``sources`` (a list of dataset configs; missing ``root`` / ``task`` are taken from
   the merged config, missing ``split`` is "train") and ``exclude_eval_images`` (default true). Its
   only split is "train".
@@ -35,8 +46,10 @@ from ..errors import ConfigError
 from .grefcoco import read_grefcoco
 from .jsonl import read_jsonl, read_jsonl_file
 from .phrasecut import read_phrasecut
+from .rec_json import read_rec_json
 from .records import TASKS, ReferringDataset, select_splits
 from .refer import read_refer
+from .sentence_samples import one_sample_per_sentence
 
 Splits = Sequence[str] | None
 MERGED_SPLIT = "train"  # the merged set exists for pretraining only
@@ -72,7 +85,13 @@ def _read_refer(cfg: Mapping, name: str, task: str, splits: Splits) -> dict[str,
 
 def _read_grefcoco(cfg: Mapping, name: str, task: str, splits: Splits) -> dict[str, ReferringDataset]:
     return read_grefcoco(
-        _folder(cfg), split_by=_get(cfg, "split_by"), image_root=Path(_get(cfg, "image_root")), name=name, task=task, splits=splits
+        _folder(cfg),
+        split_by=_get(cfg, "split_by"),
+        image_root=Path(_get(cfg, "image_root")),
+        name=name,
+        task=task,
+        splits=splits,
+        crowd_in_boxes=bool(_get(cfg, "crowd_in_boxes", default=True, required=False)),
     )
 
 
@@ -87,6 +106,20 @@ def _read_jsonl(cfg: Mapping, name: str, task: str, splits: Splits) -> dict[str,
     split = _get(cfg, "split", default=Path(path).stem, required=False)
     select_splits(splits, [split], str(path))
     return {split: read_jsonl_file(Path(path), name=name, split=split, task=task)}
+
+
+def _read_rec_json(cfg: Mapping, name: str, task: str, splits: Splits) -> dict[str, ReferringDataset]:
+    image_roots = _get(cfg, "image_roots")
+    if not isinstance(image_roots, Mapping) or not image_roots:
+        raise ConfigError(f"{_describe(cfg)}: 'image_roots' must map each data_source to its image folder")
+    return read_rec_json(
+        _folder(cfg) / str(_get(cfg, "file", default="merge.json", required=False)),
+        image_roots={str(source): Path(str(folder)) for source, folder in image_roots.items()},
+        name=name,
+        box_format=str(_get(cfg, "box_format", default="xywh", required=False)),
+        task=task,
+        splits=splits,
+    )
 
 
 def _read_merged(cfg: Mapping, name: str, task: str, splits: Splits) -> dict[str, ReferringDataset]:
@@ -131,8 +164,10 @@ READERS: dict[str, Callable[[Mapping, str, str, Splits], dict[str, ReferringData
     "grefcoco": _read_grefcoco,
     "phrasecut": _read_phrasecut,
     "jsonl": _read_jsonl,
+    "rec_json": _read_rec_json,
     "merged": _read_merged,
 }
+SENTENCE_SAMPLE_KEYS = frozenset({"split", "max_words", "pool"})
 
 
 def _read(cfg: Mapping, splits: Splits) -> dict[str, ReferringDataset]:
@@ -145,7 +180,18 @@ def _read(cfg: Mapping, splits: Splits) -> dict[str, ReferringDataset]:
     task = _get(cfg, "task")
     if task not in TASKS:
         raise ConfigError(f"{_describe(cfg)}: unknown task {task!r} (key 'task'); expected one of {', '.join(TASKS)}")
-    return reader(cfg, str(_get(cfg, "name")), task, splits)
+    datasets = reader(cfg, str(_get(cfg, "name")), task, splits)
+    per_sentence = _get(cfg, "sentence_samples", required=False)
+    if per_sentence is None:
+        return datasets
+    if not isinstance(per_sentence, Mapping) or not set(per_sentence) <= SENTENCE_SAMPLE_KEYS or "split" not in per_sentence:
+        raise ConfigError(f"{_describe(cfg)}: 'sentence_samples' must be null or a mapping with 'split' and optional 'max_words', 'pool'")
+    split = per_sentence["split"]
+    if split in datasets:
+        datasets[split] = one_sample_per_sentence(
+            datasets[split], max_words=per_sentence.get("max_words"), pool=per_sentence.get("pool", "referent")
+        )
+    return datasets
 
 
 def read_splits(cfg: Mapping) -> dict[str, ReferringDataset]:

@@ -1,4 +1,4 @@
-"""Training items: one referent per index, one random expression per visit, SAM embedding from the cache.
+"""Training items: one sample per index, one random expression per visit, SAM embedding from the cache.
 
 The expression is drawn uniformly, as in the release, unless ``expression_weights`` weights the
 sentences by a per-sentence annotation (e.g. ShapeWorld's kind: {"L": 3.0} makes a location
@@ -8,6 +8,11 @@ Each item is deterministic given (seed, epoch, index): the expression choice and
 letterbox placement (the recipe's only augmentation) come from a generator seeded by those three
 numbers, so a resumed run and a multi-process run see exactly the same items as a single run.
 Workers only read files: the SAM image embedding comes from :class:`EmbeddingCache`.
+
+The GT box is the target's union box mapped into the letterbox, for no-target samples too: their
+union box (0, 0, 0, 0) lands on the letterbox's top-left corner, (offset_x / S, offset_y / S, 0, 0)
+with S the CLIP input size. That is the release's no-target box target: its gRefCOCO files give
+such refs the box [0, 0, 0, 0] and its transforms add the letterbox shift before the cxcywh / S.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from torch.utils.data import Dataset
 from ..backbones.clip import CLIPTokenizer, letterbox_image
 from ..backbones.sam import mask_to_padded_frame
 from ..image_io import load_image
-from .embedding_cache import EmbeddingCache, image_key
+from .embedding_cache import EmbeddingCache
 from ..errors import ConfigError, DatasetError
 from .records import ReferringDataset, ReferringSample
 
@@ -37,8 +42,9 @@ class ReferringTrainingSet(Dataset):
             (the REC pretraining stage, which does not run SAM).
         mask: (S/2, S/2) float 0/1 GT in the padded SAM frame (all zero for no-target); absent
             when ``need_masks`` is False (the REC stage trains on boxes only).
-        box: (4,) GT (cx, cy, w, h) normalised to the CLIP square; (0, 0, 0, 0) for no-target.
-        index: () the referent's index (for debugging and tests).
+        box: (4,) GT (cx, cy, w, h) normalised to the CLIP square; for no-target the letterbox's
+            top-left corner (offset_x / S_clip, offset_y / S_clip, 0, 0), as the release.
+        index: () the sample's index (for debugging and tests).
     """
 
     def __init__(
@@ -92,13 +98,10 @@ class ReferringTrainingSet(Dataset):
             clip_pixels, letterbox = letterbox_image(image, self.clip_image_size, "random", generator)
         else:
             clip_pixels, letterbox = letterbox_image(image, self.clip_image_size)
-        if sample.no_target:
-            box = torch.zeros(4)
-        else:
-            box = letterbox.box_from_image(torch.tensor(sample.union_box_xyxy(), dtype=torch.float32))
+        box = letterbox.box_from_image(torch.tensor(sample.union_box_xyxy(), dtype=torch.float32))
         item = {"clip_pixels": clip_pixels, "tokens": self.tokenizer([expression])[0], "box": box, "index": torch.tensor(index)}
         if self.cache is not None:
-            item["sam_embedding"] = self.cache.get(image_key(sample.image_path))
+            item["sam_embedding"] = self.cache.get(sample.image_path)
         if self.need_masks:
             mask = np.zeros(image.shape[:2], dtype=bool) if sample.no_target else sample.mask()
             item["mask"] = mask_to_padded_frame(mask, self.sam_image_size)
