@@ -3,6 +3,7 @@
 A :class:`ReferringSample` is one referent (a RefCOCO ref, a gRefCOCO ref, a PhraseCut task, a
 JSONL line) with all the sentences that describe it. Evaluation treats every sentence as its own
 sample (:meth:`ReferringDataset.per_sentence`); training picks one sentence at random per visit.
+(A REC pretraining split can hold one sample per sentence instead: ``sentence_samples.py``.)
 Masks are not decoded at load time: a sample holds a small target object (see ``masks.py``) and
 decodes it in :meth:`ReferringSample.mask`.
 
@@ -94,9 +95,11 @@ class ReferringSample:
         image_path: image file (image root joined with the annotation's file name).
         expressions: all sentences of the referent, stripped, never empty.
         sentence_ids: ids of those sentences, same length as ``expressions``.
-        ann_ids: annotation (instance) ids of the referent; empty for no-target and for sources
-            without instance ids (JSONL).
-        boxes_xyxy: one (x1, y1, x2, y2) box in original-image pixels per target instance.
+        ann_ids: annotation (instance) ids of the referent's target; empty for no-target and for
+            sources without instance ids (JSONL, merge.json). gRefCOCO's crowd annotations are
+            not in the target; their ids are in ``meta["crowd_ann_ids"]``.
+        boxes_xyxy: one (x1, y1, x2, y2) box in original-image pixels per target instance
+            (gRefCOCO: plus the ref's crowd annotations' boxes unless crowd_in_boxes is off).
         no_target: the expression refers to nothing in the image (gRefCOCO, JSONL).
         target: draws the GT mask; None when the source only gives boxes (REC data).
         size_hint: (H, W) as stated by the annotation file, or None to read it from the image
