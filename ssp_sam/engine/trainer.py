@@ -53,6 +53,8 @@ from .evaluator import evaluate
 from .host_memory import keep_freed_host_memory, shared_with_forked_workers
 from .optim import cosine_schedule, parameter_groups
 from .reporting import command_line, console_tables, write_results
+from .run_dir import recover_run_dir
+from .train_config_check import check_train_config
 
 # The validation metric that picks the best checkpoint, per task.
 SELECTION_METRIC = {"res": "mIoU", "gres": "gIoU", "phrasecut": "mIoU"}
@@ -89,6 +91,7 @@ class Trainer:
     """Owns the model, data, optimizer and logs of one training run."""
 
     def __init__(self, cfg: DictConfig) -> None:
+        check_train_config(cfg)  # a bad train.* value or run_dir: one line now, not a traceback after caching
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.dist: DistInfo = init_distributed(self.device)
@@ -180,10 +183,14 @@ class Trainer:
         )
 
     def _resume_or_check_run_dir(self) -> None:
+        if self.dist.is_main:
+            recover_run_dir(self.run_dir)  # finish or roll back a save cut short by a crash (run_dir.py)
+        barrier(self.dist)
         last = self.run_dir / "last"
         if last.exists() and not self.cfg.resume:
             raise ConfigError(f"run_dir={self.run_dir} already holds a run; pass resume=true to continue it or choose another run_dir")
         if not self.cfg.resume:
+            self._truncate_log(0)  # the log of an attempt that saved no checkpoint: start it afresh
             return
         if not last.exists():
             raise ConfigError(f"resume=true but {last} does not exist (nothing to resume)")

@@ -1,0 +1,73 @@
+"""A training run killed while saving, or in its first epoch: the next start recovers and logs each step once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from ssp_sam.data.shapeworld import generate_dataset
+from ssp_sam.engine.trainer import Trainer
+
+from test_trainer import compose_train, read_log, train_overrides
+
+
+@pytest.fixture(scope="module")
+def shapeworld_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shapeworld")
+    generate_dataset(root, "res", {"train": 8}, seed=11, progress=False)
+    return root
+
+
+def run_killed_between_the_renames(save, checkpoint: Path) -> None:
+    """Run ``save()`` in a forked child that dies (no cleanup, like kill -9) after ``checkpoint`` was
+    moved aside and before the new version is renamed onto it."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            real_replace = os.replace
+
+            def replace(source, target):
+                if Path(target) == checkpoint and Path(source).suffix == ".new":
+                    os._exit(9)
+                real_replace(source, target)
+
+            os.replace = replace
+            save()
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 9, "the save was not interrupted"
+
+
+def test_resume_after_a_kill_between_the_renames_of_last(shapeworld_root, tmp_path):
+    cache = tmp_path / "cache"
+    reference = Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "ref", cache))).fit()
+    run = tmp_path / "run"
+    overrides = train_overrides(shapeworld_root, run, cache)
+    first = Trainer(compose_train(overrides))
+    first.train_one_epoch(0)
+    first._save("last", 0, {})
+    first.train_one_epoch(1)
+    run_killed_between_the_renames(lambda: first._save("last", 1, {}), run / "last")
+    assert not (run / "last").exists()  # what the kill left: the old and the new version under side names
+
+    resumed = Trainer(compose_train([*overrides, "resume=true"]))
+    assert resumed.start_epoch == 2  # the complete epoch-1 save was put in place, not rolled back
+    assert sorted(p.name for p in run.iterdir()) == ["last", "train_log.jsonl"]
+    resumed.fit()
+    log = read_log(run)
+    assert [r["step"] for r in log] == list(range(9))  # each step once
+    assert [r["train/loss"] for r in log] == reference.losses
+    a, b = load_file(str(tmp_path / "ref" / "last" / "model.safetensors")), load_file(str(run / "last" / "model.safetensors"))
+    assert all(a[k].equal(b[k]) for k in a)
+
+
+def test_rerun_after_a_crash_in_the_first_epoch_starts_a_fresh_log(shapeworld_root, tmp_path):
+    overrides = train_overrides(shapeworld_root, tmp_path / "run", tmp_path / "cache", "train.epochs=1")
+    Trainer(compose_train(overrides)).train_one_epoch(0)  # then the process dies: a log, no checkpoint
+    assert len(read_log(tmp_path / "run")) == 3
+    Trainer(compose_train(overrides)).fit()
+    assert [r["step"] for r in read_log(tmp_path / "run")] == [0, 1, 2]
