@@ -14,14 +14,12 @@ from __future__ import annotations
 import math
 import os
 import warnings
-import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import open_clip
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
@@ -30,12 +28,16 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError, ExpressionError, ImageError
+from ..safe_pickle import is_torchscript_archive
 from ..state_dicts import mismatch_report
+from ..weight_files import describe_weights, read_weights, require_finite
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 OPEN_CLIP_ARCHS = ("ViT-B-16", "ViT-L-14-336")
+# Released CLIP ViTs a weight file is recognised as (open_clip's names), by their vision shapes.
+_KNOWN_VITS = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-H-14", "ViT-g-14", "ViT-bigG-14")
 CUSTOM_ARCH = "custom"
 
 _CUSTOM_REQUIRED = (
@@ -91,8 +93,9 @@ def build_clip_model(
         raise ConfigError(f"unknown CLIP arch {arch!r}; expected one of {(*OPEN_CLIP_ARCHS, CUSTOM_ARCH)}")
 
     if checkpoint is not None:
-        state_dict = _read_state_dict(Path(checkpoint))
-        _check_state_dict(state_dict, model, Path(checkpoint), arch)
+        state_dict, file_format = _read_state_dict(Path(checkpoint))
+        _check_state_dict(state_dict, model, Path(checkpoint), arch, file_format)
+        require_finite(state_dict, checkpoint)
         model.load_state_dict(state_dict)
 
     model.eval()
@@ -132,67 +135,63 @@ def _custom_config(custom: Mapping | None) -> dict:
     return {"embed_dim": values["embed_dim"], "vision_cfg": vision_cfg, "text_cfg": text_cfg}
 
 
-def _is_torchscript_archive(path: Path) -> bool:
-    """TorchScript archives are zip files with a constants.pkl record; torch.save zips have none."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.rsplit("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
+def _read_state_dict(path: Path) -> tuple[dict[str, Tensor], str]:
+    """Read any of the supported checkpoint formats into a flat {key: tensor} dict on the CPU.
 
+    Nothing in the file is run (:func:`ssp_sam.weight_files.read_weights`); OpenAI's TorchScript
+    archives are read by the restricted reader of :mod:`ssp_sam.safe_pickle`.
 
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    """Read any of the supported checkpoint formats into a flat {key: tensor} dict on the CPU."""
-    if not path.is_file():
-        raise CheckpointError(f"CLIP checkpoint {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            loaded = safetensors.torch.load_file(path, device="cpu")
-        elif _is_torchscript_archive(path):
-            # OpenAI's official release format; torch marks jit as deprecated, which is not news to a user.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                loaded = torch.jit.load(path, map_location="cpu").state_dict()
-        else:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for unreadable files; all mean the same here
-        raise CheckpointError(f"cannot read CLIP checkpoint {path}: {error}") from error
-
-    if isinstance(loaded, Mapping) and "state_dict" in loaded:
+    Returns:
+        The state dict and the file's format, for messages ("an OpenAI TorchScript archive", ...).
+    """
+    loaded = read_weights(path, "CLIP checkpoint")
+    if path.suffix == ".safetensors":
+        file_format = "a safetensors file"
+    elif is_torchscript_archive(path):
+        file_format = "a TorchScript archive (OpenAI's format)"
+    elif isinstance(loaded, Mapping) and "state_dict" in loaded:
+        file_format = "an open_clip training checkpoint"
         loaded = loaded["state_dict"]
+    else:
+        file_format = "a state dict"
     if not isinstance(loaded, Mapping) or not all(
         isinstance(key, str) and isinstance(value, Tensor) for key, value in loaded.items()
     ):
-        raise CheckpointError(f"CLIP checkpoint {path} does not hold a state dict of tensors")
+        raise CheckpointError(f"{path}: CLIP checkpoint does not hold a state dict of tensors")
     state_dict = {key.removeprefix("module."): value for key, value in loaded.items()}
     for key in _OPENAI_METADATA_KEYS:
         state_dict.pop(key, None)
-    return state_dict
+    return state_dict, file_format
 
 
-def _check_state_dict(state_dict: Mapping[str, Tensor], model: nn.Module, path: Path, arch: str) -> None:
-    """Raise CheckpointError listing the first missing, unexpected and mis-shaped keys, if any."""
+def _check_state_dict(state_dict: Mapping[str, Tensor], model: nn.Module, path: Path, arch: str, file_format: str) -> None:
+    """Raise CheckpointError saying what the file holds and listing the first mismatched keys, if any."""
     report = mismatch_report(state_dict, model.state_dict(), first=("visual.",), limit=_SHOWN_KEYS)
     if report is None:
         return
-    raise CheckpointError(
-        f"CLIP checkpoint {path} does not fit arch {arch!r}: {report}."
-        f"{_describe_vision_tower(state_dict)}"
-    )
+    held = describe_clip_weights(state_dict) or describe_weights(state_dict) or "an unknown model"
+    raise CheckpointError(f"{path}: {file_format} of {held}, not of CLIP {arch!r}: {report}")
 
 
-def _describe_vision_tower(state_dict: Mapping[str, Tensor]) -> str:
-    """Say which ViT a state dict holds, so a ViT-L file given for ViT-B-16 is recognised at once."""
+def describe_clip_weights(state_dict: Mapping[str, Tensor]) -> str | None:
+    """Which CLIP ViT a state dict holds, from its vision tower's shapes; None if it holds no CLIP ViT.
+
+    e.g. "CLIP ViT-L-14-336 (visual width 1024, 24 blocks, patch 14, image size 336)", so a ViT-L
+    file given for ViT-B-16 is recognised at once.
+    """
     conv = state_dict.get("visual.conv1.weight")
     positions = state_dict.get("visual.positional_embedding")
     if conv is None or positions is None or conv.dim() != 4 or positions.dim() != 2:
-        return ""
-    patch = conv.shape[-1]
-    grid = math.isqrt(positions.shape[0] - 1)
-    blocks = {key.split(".")[3] for key in state_dict if key.startswith("visual.transformer.resblocks.")}
-    return (
-        f" The file holds a ViT of width {conv.shape[0]}, {len(blocks)} blocks, patch {patch}, "
-        f"image size {patch * grid}."
-    )
+        return None
+    width, patch = conv.shape[0], conv.shape[-1]
+    image_size = patch * math.isqrt(positions.shape[0] - 1)
+    blocks = len({key.split(".")[3] for key in state_dict if key.startswith("visual.transformer.resblocks.")})
+    sizes = f"visual width {width}, {blocks} blocks, patch {patch}, image size {image_size}"
+    for name in _KNOWN_VITS:
+        vision = open_clip.get_model_config(name)["vision_cfg"]
+        if (vision["width"], vision["layers"], vision["patch_size"], vision["image_size"]) == (width, blocks, patch, image_size):
+            return f"CLIP {name} ({sizes})"
+    return f"a CLIP ViT of no released size ({sizes})"
 
 
 # ---------------------------------------------------------------------------------------------------
