@@ -1,8 +1,11 @@
 """SSP-SAM's training losses: dice + focal on masks, L1 + GIoU on boxes.
 
 Weights from the released recipe: dice 4, focal 4 (gamma 2, alpha 0.25), L1 5, GIoU 2. Every term
-is normalised DETR-style: summed over samples and divided by the number of samples, with the
-focal loss averaged over the pixels of each mask first.
+is normalised as the release normalises it: summed over the samples of the (per-process) batch
+and divided by their number, the focal loss averaged over the pixels of each mask first (the
+release averages over all pixels of the batch, the same number since every mask has S/2 x S/2
+pixels). Stage 2 trains on all four terms (:func:`ssp_sam_loss`), the REC pretraining stage on
+the two box terms only (:func:`rec_loss`).
 """
 
 from __future__ import annotations
@@ -58,36 +61,50 @@ def box_losses(pred_cxcywh: Tensor, target_cxcywh: Tensor) -> tuple[Tensor, Tens
     return l1, giou
 
 
+def _box_terms(pred_boxes: Tensor, target_boxes: Tensor, weights: LossWeights) -> dict[str, Tensor]:
+    """Weighted L1 and GIoU terms, each divided by the batch size B."""
+    count = max(pred_boxes.shape[0], 1)
+    l1, giou = box_losses(pred_boxes.float(), target_boxes.float())
+    return {"l1": weights.l1 * l1 / count, "giou": weights.giou * giou / count}
+
+
+def rec_loss(pred_boxes: Tensor, target_boxes: Tensor, weights: LossWeights = LossWeights()) -> dict[str, Tensor]:
+    """The REC pretraining stage's loss: box terms only.
+
+    Args:
+        pred_boxes, target_boxes: (B, 4) normalised cxcywh boxes in the CLIP letterbox square.
+    Returns:
+        {"loss": l1 + giou, "l1": .., "giou": ..}, each already weighted and divided by B.
+    """
+    terms = _box_terms(pred_boxes, target_boxes, weights)
+    terms["loss"] = terms["l1"] + terms["giou"]
+    return terms
+
+
 def ssp_sam_loss(
     mask_logits: Tensor,
     mask_targets: Tensor,
     pred_boxes: Tensor,
     target_boxes: Tensor,
     weights: LossWeights = LossWeights(),
-    with_masks: bool = True,
 ) -> dict[str, Tensor]:
-    """The total loss and its weighted terms.
+    """Stage 2's loss: mask terms plus box terms.
 
     Args:
         mask_logits: (B, 1, S/2, S/2) logits in the padded SAM frame.
         mask_targets: (B, 1, S/2, S/2) or (B, S/2, S/2) GT masks in the same frame.
         pred_boxes, target_boxes: (B, 4) normalised cxcywh boxes in the CLIP letterbox square.
-        with_masks: False in the REC pretraining stage (box loss only).
     Returns:
         {"loss": total, "dice": .., "focal": .., "l1": .., "giou": ..}, each already weighted and
-        divided by B; mask terms are zero when ``with_masks`` is False.
+        divided by B.
     """
     count = max(pred_boxes.shape[0], 1)
-    l1, giou = box_losses(pred_boxes, target_boxes)
-    terms = {"l1": weights.l1 * l1 / count, "giou": weights.giou * giou / count}
-    if with_masks:
-        logits = mask_logits.flatten(1).float()
-        targets = mask_targets.flatten(1).float()
-        terms["dice"] = weights.dice * dice_loss(logits, targets) / count
-        terms["focal"] = weights.focal * focal_loss(logits, targets, weights.focal_alpha, weights.focal_gamma) / count
-    else:
-        zero = pred_boxes.new_zeros(())
-        terms["dice"] = zero
-        terms["focal"] = zero
+    logits = mask_logits.flatten(1).float()
+    targets = mask_targets.flatten(1).float()
+    terms = {
+        "dice": weights.dice * dice_loss(logits, targets) / count,
+        "focal": weights.focal * focal_loss(logits, targets, weights.focal_alpha, weights.focal_gamma) / count,
+        **_box_terms(pred_boxes, target_boxes, weights),
+    }
     terms["loss"] = sum(terms.values())
     return terms

@@ -10,15 +10,20 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
+from ssp_sam.data.registry import load_dataset
 from ssp_sam.data.shapeworld import generate_dataset
 from ssp_sam.engine import trainer as trainer_module
+from ssp_sam.engine.rec_validation import rec_accuracy
 from ssp_sam.engine.trainer import Trainer, TrainingDivergedError
 from ssp_sam.errors import ConfigError
+from ssp_sam.model import SSPOutput
 
 from conftest import REPO, run_script
 
@@ -123,6 +128,14 @@ def test_resume_equals_uninterrupted_run(shapeworld_root, tmp_path):
     assert [r["train/loss"] for r in read_log(tmp_path / "part")] == [
         r["train/loss"] for r in read_log(tmp_path / "full")
     ]
+    # The release's per-epoch schedule, resumed too: 3 epochs, 1 warm-up, base 2e-3 / 1e-3, min 1e-6.
+    # Epoch 0 at 1e-6; epoch e >= 1 at 1e-6 + (base - 1e-6)(1 + cos(pi e / 3)) / 2, i.e. factors 0.75, 0.25.
+    expected = {0: (1e-6, 1e-6), 1: (1.50025e-3, 7.5025e-4), 2: (5.0075e-4, 2.5075e-4)}
+    for run in ("full", "part"):
+        for record in read_log(tmp_path / run):
+            new_modules, decoder = expected[record["epoch"]]
+            assert record["lr/new_modules"] == pytest.approx(new_modules, rel=1e-9), (run, record)
+            assert record["lr/mask_decoder"] == pytest.approx(decoder, rel=1e-9), (run, record)
 
 
 def test_resume_after_kill_mid_epoch(shapeworld_root, tmp_path):
@@ -247,3 +260,137 @@ def test_ablation_sweep_variants_compose(variant):
     assert switches == {**full, **ABLATIONS[variant]}
     assert cfg.run_dir == f"runs/ablation_shapeworld_gres/{variant}"
     assert cfg.test.split == "test" and cfg.model.name == "shapeworld"
+
+
+# ------------------------------------------------------------------------------------------ REC stage
+
+
+def write_rec_fixture(root: Path) -> Path:
+    """Box-only (REC) JSONL data: a 20x40 image; train and val lines with boxes and no masks.
+
+    The val boxes are chosen for test_rec_accuracy_by_hand (xywh): A [10, 5, 20, 10],
+    B [20, 5, 10, 10], C [0, 0, 10, 5], D [0, 0, 40, 20] (the whole image).
+    """
+    folder = root / "jsonl"
+    folder.mkdir(parents=True)
+    pixels = np.random.default_rng(0).integers(0, 256, size=(20, 40, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(folder / "scene.png")
+    boxes = {"A": [10, 5, 20, 10], "B": [20, 5, 10, 10], "C": [0, 0, 10, 5], "D": [0, 0, 40, 20]}
+    lines = [json.dumps({"id": name, "image": "scene.png", "expression": f"thing {name.lower()}", "boxes": [box]}) for name, box in boxes.items()]
+    (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (folder / "val.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def rec_overrides(root: Path, run_dir: Path, cache_dir: Path, *extra: str) -> list[str]:
+    return [
+        "model=tiny", "dataset=jsonl", f"dataset.root={root}", f"run_dir={run_dir}", f"cache_dir={cache_dir}",
+        "train.stage=rec", "train.epochs=2", "train.batch_size=2", "train.workers=0", "train.warmup_epochs=0",
+        "train.lr=2e-3", "val.split=val", "val.overlays=0", *extra,
+    ]
+
+
+def test_rec_stage_runs_without_sam(tmp_path, monkeypatch):
+    """No SAM weights read, no cache, no mask head forward; the loss is the box loss; validated by REC-acc."""
+
+    def no_sam(*args, **kwargs):
+        raise AssertionError("the REC stage reached SAM's image encoder or the embedding cache")
+
+    monkeypatch.setattr(trainer_module, "ensure_cache", no_sam)
+    monkeypatch.setattr(trainer_module, "build_sam_image_encoder", no_sam)
+    root = write_rec_fixture(tmp_path / "data")
+    run = tmp_path / "run"
+    # A SAM weight file that does not exist: the REC stage must not need it.
+    cfg = compose_train(rec_overrides(root, run, tmp_path / "cache", f"model.sam_checkpoint={tmp_path / 'absent_sam.pth'}"))
+    trainer = Trainer(cfg)
+    mask_head_calls = []
+    trainer.model.mask_head.register_forward_hook(lambda *args: mask_head_calls.append(1))
+    result = trainer.fit()
+
+    assert mask_head_calls == []
+    assert trainer.model.sam_image_encoder is None and trainer.cache is None
+    assert not (tmp_path / "cache").exists()
+    records = read_log(run)
+    assert len(records) == 4  # 2 epochs x 2 steps
+    for record in records:
+        assert {k for k in record if k.startswith("train/")} == {"train/loss", "train/l1", "train/giou"}
+        assert record["train/loss"] == pytest.approx(record["train/l1"] + record["train/giou"], rel=1e-6)
+    assert set(result.last_metrics) == {"REC-acc", "box_mIoU", "n_samples"} and result.last_metrics["n_samples"] == 4
+    assert 0.0 <= result.last_metrics["REC-acc"] <= 1.0
+    assert result.best_metric == max(0.0, result.best_metric)
+    assert json.loads((run / "best" / "config.json").read_text())["model"]["sam_checkpoint"] is None
+    # Without warm-up (the release's pretraining) epoch 0 trains at the base rate, epoch 1 at min_lr + (base - min_lr)(1 + cos(pi/2))/2.
+    assert [r["lr/new_modules"] for r in records] == pytest.approx([2e-3, 2e-3, 1.0005e-3, 1.0005e-3], rel=1e-9)
+
+
+def test_rec_accuracy_by_hand(tmp_path, monkeypatch):
+    """Boxes mapped out of the centred letterbox and clipped to the image, hits at IoU >= 0.5.
+
+    The 20x40 image in the tiny model's 32x32 square: scale 0.8, content 32x16 at offset (0, 8).
+    Prediction P1 = (0.5, 0.5, 0.5, 0.25) -> square (8, 12, 24, 20) -> image (10, 5, 30, 15):
+    IoU 1 with A, 100/200 = 0.5 with B (a hit), 0 with C. Prediction P2 = (0.5, 0.5, 1, 1) ->
+    square (0, 0, 32, 32) -> image (0, -10, 40, 30), clipped to (0, 0, 40, 20): IoU 1 with D
+    (unclipped it would be 800/1200). REC-acc = 3/4, box mIoU = (1 + 0.5 + 0 + 1)/4.
+    """
+    from conftest import tiny_model
+
+    model = tiny_model()
+    dataset = load_dataset({"name": "rec", "format": "jsonl", "root": str(write_rec_fixture(tmp_path)), "folder": "jsonl", "split": "val", "task": "res"})
+    assert [s.sample_id for s in dataset] == ["A", "B", "C", "D"]
+    p1, p2 = [0.5, 0.5, 0.5, 0.25], [0.5, 0.5, 1.0, 1.0]
+
+    def fixed_boxes(image_tokens, sam_embeddings, text):
+        assert sam_embeddings is None  # SAM does not run
+        return SSPOutput(None, None, torch.tensor([p1, p1, p1, p2]), None, None)
+
+    monkeypatch.setattr(model, "decode", fixed_boxes)
+    metrics = rec_accuracy(model, dataset, torch.device("cpu"))
+    assert metrics == {"REC-acc": pytest.approx(0.75), "box_mIoU": pytest.approx(0.625), "n_samples": 4}
+
+
+def test_stage_two_keeps_sams_mask_decoder_from_a_rec_checkpoint(shapeworld_root, tmp_path):
+    """init_checkpoint from the REC stage: everything but the (untrained) mask head comes from it."""
+    from safetensors.torch import save_file
+
+    rec = Trainer(compose_train(rec_overrides(write_rec_fixture(tmp_path / "data"), tmp_path / "rec", tmp_path / "c0", "train.epochs=1")))
+    rec.fit()
+    weights = tmp_path / "rec" / "last" / "model.safetensors"
+    state = load_file(str(weights))
+    state = {k: v + 1 if k.startswith("mask_head.") else v for k, v in state.items()}  # mark the REC file's mask head
+    save_file(state, str(weights), metadata={"format": "ssp_sam"})
+
+    cache = tmp_path / "cache"
+    fresh = Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "fresh", cache))).model.state_dict()
+    started = Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "s2", cache, f"init_checkpoint={tmp_path / 'rec' / 'last'}")))
+    loaded = started.model.state_dict()
+    mask_head = [k for k in loaded if k.startswith("mask_head.")]
+    trained = [k for k in loaded if k.startswith(("prompt_generator.", "visual_adapter.", "word_proj."))]
+    assert mask_head and trained
+    assert all(torch.equal(loaded[k], fresh[k]) for k in mask_head)
+    assert all(torch.equal(loaded[k], state[k]) for k in trained)
+
+
+def test_rec_stage_refuses_a_test_split(tmp_path):
+    with pytest.raises(ConfigError, match="test.split"):
+        Trainer(compose_train(rec_overrides(write_rec_fixture(tmp_path / "data"), tmp_path / "run", tmp_path / "c", "test.split=val")))
+
+
+# The release's configs/SSP_SAM_CLIP_{B,L}_*.py: epochs per dataset (B = 224, L = 336).
+RELEASE_EPOCHS = {
+    "refcoco": (80, 80), "refcoco+": (100, 100), "refcocog": (100, 100), "refcocog_google": (100, 100),
+    "referit": (100, 100), "grefcoco": (80, 100), "rec_pretrain": (20, 20),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RELEASE_EPOCHS))
+def test_paper_experiments_follow_the_release_recipe(name):
+    for size, epochs in zip(("224", "336"), RELEASE_EPOCHS[name]):
+        cfg = compose_train([f"experiment={name}_{size}"])
+        train = cfg.train
+        assert (cfg.model.name, train.epochs, train.schedule) == (f"ssp_sam_{size}", epochs, "per_epoch")
+        assert (train.lr, train.decoder_lr, train.min_lr, train.weight_decay, train.grad_clip) == (1e-4, 1e-5, 1e-6, 1e-4, 0.1)
+        assert (train.batch_size, cfg.seed) == (64, 3407)
+        if name == "rec_pretrain":
+            assert (train.stage, train.warmup_epochs, cfg.val.split, cfg.dataset.name) == ("rec", 0, "val", "merged_rec")
+        else:
+            assert (train.stage, train.warmup_epochs, train.decoder_freeze_epochs) == ("res", 5, 20)

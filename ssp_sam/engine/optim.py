@@ -1,13 +1,26 @@
-"""AdamW parameter groups and the cosine-with-warm-up schedule of the SSP-SAM recipe."""
+"""AdamW parameter groups and the learning-rate schedules of the SSP-SAM recipe.
+
+Two schedules, both cosine to ``min_lr`` after a linear warm-up:
+
+- ``per_epoch`` (the release): the learning rate changes once per epoch, as the release's
+  ``timm`` ``CosineLRScheduler(t_initial=epochs, lr_min=1e-6, warmup_t=5, warmup_lr_init=1e-6)``
+  stepped with ``step(epoch + 1)`` after every epoch computes it (:func:`release_epoch_lr`).
+- ``per_iteration``: a smooth cosine updated after every optimizer step, with the warm-up
+  ending exactly at the base learning rate (:func:`per_iteration_lr`).
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import LRScheduler
 
+from ..errors import ConfigError
 from ..model import SSPSAM
+
+SCHEDULES = ("per_epoch", "per_iteration")
 
 
 def parameter_groups(model: SSPSAM, lr: float, decoder_lr: float, weight_decay: float) -> list[dict]:
@@ -26,20 +39,69 @@ def parameter_groups(model: SSPSAM, lr: float, decoder_lr: float, weight_decay: 
     ]
 
 
-def cosine_factor(step: int, total_steps: int, warmup_steps: int) -> float:
-    """1 -> 0 along a half cosine after a linear warm-up from 1/warmup_steps to 1."""
+def release_epoch_lr(epoch: int, base_lr: float, epochs: int, warmup_epochs: int, min_lr: float) -> float:
+    """The learning rate of epoch ``epoch`` (0-based) in the released recipe.
+
+    With W warm-up epochs and E epochs (timm's CosineLRScheduler, warmup_prefix=False):
+
+        epoch e < W:      min_lr + e * (base_lr - min_lr) / W          (epoch 0 trains at min_lr)
+        W <= e < E:       min_lr + (base_lr - min_lr) * (1 + cos(pi * e / E)) / 2
+        e >= E:           min_lr                                        (after the last epoch)
+
+    The cosine counts from epoch 0, not from the end of the warm-up, so the rate never quite
+    reaches ``base_lr`` (epoch W - 1 ends the warm-up below it and epoch W starts the cosine at
+    its value for e = W); the last epoch trains at the cosine's value for e = E - 1, above
+    ``min_lr``. The warm-up starts from ``min_lr`` (the release: warmup_lr_init = lr_min = 1e-6)
+    for every parameter group. Without warm-up (W = 0) epoch 0 trains at ``base_lr``.
+    """
+    if epoch < warmup_epochs:
+        return min_lr + epoch * (base_lr - min_lr) / warmup_epochs
+    if epoch >= epochs:
+        return min_lr
+    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * epoch / epochs))
+
+
+def per_iteration_lr(step: int, base_lr: float, total_steps: int, warmup_steps: int, min_lr: float) -> float:
+    """Learning rate after ``step`` optimizer steps: linear warm-up from base_lr / warmup_steps to
+    base_lr, then a half cosine from base_lr down to min(min_lr, base_lr) at ``total_steps``."""
+    floor = min(min_lr, base_lr)
     if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    span = max(total_steps - warmup_steps, 1)
-    progress = min(max(step - warmup_steps, 0) / span, 1.0)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+        factor = (step + 1) / warmup_steps
+    else:
+        progress = min(max(step - warmup_steps, 0) / max(total_steps - warmup_steps, 1), 1.0)
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return floor + (base_lr - floor) * factor
 
 
-def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_lr: float) -> LambdaLR:
-    """Per-group lr = min_lr + (base_lr - min_lr) * cosine_factor(step), stepped once per iteration."""
+class FunctionLR(LRScheduler):
+    """Every group's lr = ``lr_at(count, group's base lr)``, ``count`` = the number of ``step()`` calls.
 
-    def lambda_for(base_lr: float):
-        floor = min(min_lr, base_lr)
-        return lambda step: (floor + (base_lr - floor) * cosine_factor(step, total_steps, warmup_steps)) / base_lr
+    The state (``state_dict``) holds only numbers, so a resumed run continues the schedule and the
+    trainer state loads with ``torch.load(weights_only=True)``.
+    """
 
-    return LambdaLR(optimizer, [lambda_for(group["lr"]) for group in optimizer.param_groups])
+    def __init__(self, optimizer: torch.optim.Optimizer, lr_at: Callable[[int, float], float]) -> None:
+        self.lr_at = lr_at
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        return [self.lr_at(self.last_epoch, base_lr) for base_lr in self.base_lrs]
+
+    def state_dict(self) -> dict:
+        return {key: value for key, value in self.__dict__.items() if key not in ("optimizer", "lr_at")}
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_lr: float) -> FunctionLR:
+    """The per-iteration schedule over ``total_steps`` optimizer steps; call ``step()`` after each."""
+    return FunctionLR(optimizer, lambda step, base: per_iteration_lr(step, base, total_steps, warmup_steps, min_lr))
+
+
+def build_schedule(
+    optimizer: torch.optim.Optimizer, schedule: str, epochs: int, steps_per_epoch: int, warmup_epochs: int, min_lr: float
+) -> FunctionLR:
+    """The schedule named by ``train.schedule``; step it once per epoch (per_epoch) or per optimizer step."""
+    if schedule == "per_epoch":
+        return FunctionLR(optimizer, lambda epoch, base: release_epoch_lr(epoch, base, epochs, warmup_epochs, min_lr))
+    if schedule == "per_iteration":
+        return cosine_schedule(optimizer, epochs * steps_per_epoch, warmup_epochs * steps_per_epoch, min_lr)
+    raise ConfigError(f"train.schedule: unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")

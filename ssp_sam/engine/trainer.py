@@ -1,10 +1,19 @@
 """The SSP-SAM training loop: one process, one GPU or ``torchrun`` DDP, resumable, logged.
 
-Recipe (``../shared/specs/ssp-sam.md``): frozen CLIP and SAM image encoders (SAM embeddings read
-from the on-disk cache), AdamW with two parameter groups (new modules, SAM mask decoder), cosine
-schedule with linear warm-up, gradient clipping, the mask decoder frozen for the first epochs,
-one random expression per referent per visit, random letterbox placement. Stage "rec" trains
-with the box loss only (REC pretraining); stage "res" with mask and box losses.
+Recipe (``../shared/specs/ssp-sam.md``, as the release runs it): frozen CLIP and SAM image
+encoders (SAM embeddings read from the on-disk cache), AdamW with two parameter groups (new
+modules, SAM mask decoder), the release's per-epoch cosine schedule with linear warm-up
+(``optim.py``), gradient clipping, the mask decoder frozen for the first epochs, one random
+expression per sample per visit, random letterbox placement.
+
+Two stages (``train.stage``):
+
+- ``res`` (stage 2): mask and box losses; the best epoch by validation mIoU (gIoU for GRES).
+- ``rec`` (stage 1, REC pretraining): box losses only and no SAM at all: no SAM weights are read,
+  no embedding cache is filled and SAM's mask decoder never runs (the model's mask head is built
+  from no weights only so that the checkpoint has the usual layout). The best epoch by REC
+  accuracy on the validation split. Stage 2 started from such a checkpoint (``init_checkpoint``)
+  keeps SAM's own mask decoder weights, as the release's stage 2 does.
 
 Run directory layout::
 
@@ -18,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -34,7 +43,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from ..backbones.clip import CLIPTokenizer
-from ..checkpoint import load_own_weights, read_trainer_state, save_checkpoint
+from ..checkpoint import load_own_weights, read_checkpoint_config, read_trainer_state, save_checkpoint
 from ..config import model_config_from
 from ..data.embedding_cache import EmbeddingCache, image_key
 from ..data.records import ReferringDataset
@@ -43,7 +52,7 @@ from ..data.training import EpochBatchSampler, ReferringTrainingSet, collate
 from ..errors import ConfigError, SSPSAMError
 from ..fileio import atomic_path
 from ..image_io import load_image
-from ..losses import ssp_sam_loss
+from ..losses import rec_loss, ssp_sam_loss
 from ..model import build_model, build_sam_image_encoder
 from ..predictor import Predictor, resolve_device
 from ..visualize import overlay
@@ -51,13 +60,15 @@ from .caching import ensure_cache
 from .distributed import DistInfo, barrier, init_distributed, mean_across_ranks, shutdown_distributed
 from .evaluator import evaluate
 from .host_memory import keep_freed_host_memory, shared_with_forked_workers
-from .optim import cosine_schedule, parameter_groups
+from .optim import SCHEDULES, build_schedule, parameter_groups
+from .rec_validation import REC_METRIC, rec_accuracy
 from .reporting import command_line, console_tables, write_results
 from .run_dir import recover_run_dir
 from .train_config_check import check_train_config
 
-# The validation metric that picks the best checkpoint, per task.
+# The validation metric that picks the best checkpoint of stage "res", per task (stage "rec": REC_METRIC).
 SELECTION_METRIC = {"res": "mIoU", "gres": "gIoU", "phrasecut": "mIoU"}
+STAGES = ("rec", "res")
 
 
 class TrainingDivergedError(SSPSAMError):
@@ -104,15 +115,19 @@ class Trainer:
         self.train_cfg = cfg.train
         _seed_everything(int(cfg.seed))
 
+        self.stage = str(self.train_cfg.stage)
+        self._check_recipe_settings()
         self.model_config = model_config_from(OmegaConf.to_container(cfg.model, resolve=True))
+        if self.stage == "rec":  # no SAM weights: the mask head (never run) keeps its random initialisation
+            self.model_config = replace(self.model_config, sam_checkpoint=None)
         self.model = build_model(self.model_config, with_sam_image_encoder=bool(self.train_cfg.save_encoders))
         if cfg.init_checkpoint:
-            load_own_weights(self.model, cfg.init_checkpoint)
+            self._load_init_checkpoint(cfg.init_checkpoint)
         self.model.to(self.device)
 
         self.dataset_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
         self.datasets = self._read_datasets()
-        self.cache = self._prepare_cache()
+        self.cache = self._prepare_cache() if self.stage == "res" else None
         self.tokenizer = CLIPTokenizer(self.model.clip.context_length, self.model_config.append_period)
         self.train_set = ReferringTrainingSet(
             self.datasets["train"],
@@ -122,7 +137,7 @@ class Trainer:
             self.tokenizer,
             seed=int(cfg.seed),
             augment=bool(self.train_cfg.augment),
-            need_masks=self.train_cfg.stage == "res",
+            need_masks=self.stage == "res",
             expression_weights=self.train_cfg.expression_weights,
             expression_weight_key=str(self.train_cfg.expression_weight_key),
         )
@@ -148,9 +163,11 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             parameter_groups(self.model, float(self.train_cfg.lr), float(self.train_cfg.decoder_lr), float(self.train_cfg.weight_decay))
         )
-        total_steps = int(self.train_cfg.epochs) * self.steps_per_epoch
-        warmup_steps = int(self.train_cfg.warmup_epochs) * self.steps_per_epoch
-        self.scheduler = cosine_schedule(self.optimizer, total_steps, warmup_steps, float(self.train_cfg.min_lr))
+        self.schedule = str(self.train_cfg.schedule)
+        self.scheduler = build_schedule(
+            self.optimizer, self.schedule, int(self.train_cfg.epochs), self.steps_per_epoch,
+            int(self.train_cfg.warmup_epochs), float(self.train_cfg.min_lr),
+        )
         self.autocast_dtype = _autocast_dtype(self.train_cfg.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
         self.start_epoch = 0
@@ -163,6 +180,31 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------------------------ setup
+
+    def _check_recipe_settings(self) -> None:
+        """Stage and schedule names, and what the REC stage cannot do, before any data is read."""
+        if self.stage not in STAGES:
+            raise ConfigError(f"train.stage: unknown stage {self.stage!r}; expected one of {', '.join(STAGES)}")
+        if self.train_cfg.schedule not in SCHEDULES:
+            raise ConfigError(f"train.schedule: unknown schedule {self.train_cfg.schedule!r}; expected one of {', '.join(SCHEDULES)}")
+        if self.stage == "rec" and self.train_cfg.save_encoders:
+            raise ConfigError("train.save_encoders=true: the REC stage (train.stage=rec) builds no SAM image encoder to save")
+        if self.stage == "rec" and self.cfg.test.split:
+            raise ConfigError("test.split: the REC stage (train.stage=rec) is validated by REC accuracy on val.split only; set test.split=null")
+
+    def _load_init_checkpoint(self, path: str) -> None:
+        """Start from the weights of one of our checkpoints.
+
+        A checkpoint of the REC stage holds an untrained mask head (that stage runs no SAM): stage 2
+        keeps the mask head of SAM's own weight file instead, as the release's stage 2 starts from
+        SAM's decoder (its pretraining never changes it).
+        """
+        run = read_checkpoint_config(path).get("run") or {}
+        from_rec_stage = (run.get("train") or {}).get("stage") == "rec"
+        sam_head = {k: v.clone() for k, v in self.model.mask_head.state_dict().items()} if from_rec_stage else None
+        load_own_weights(self.model, path)
+        if sam_head is not None:
+            self.model.mask_head.load_state_dict(sam_head)
 
     def _read_datasets(self) -> dict[str, ReferringDataset]:
         """The train split, and the val and test splits when the config names them."""
@@ -233,7 +275,7 @@ class Trainer:
         return self._ddp
 
     def _set_decoder_trainable(self, epoch: int) -> None:
-        trainable = epoch >= int(self.train_cfg.decoder_freeze_epochs)
+        trainable = self.stage == "res" and epoch >= int(self.train_cfg.decoder_freeze_epochs)
         self.model.mask_head.mask_decoder.requires_grad_(trainable)
 
     def _log_scalars(self, values: Mapping[str, float], step: int) -> None:
@@ -273,7 +315,6 @@ class Trainer:
         self.train_set.set_epoch(epoch)
         self.sampler.set_epoch(epoch)
         model = self._forward_model()
-        with_masks = self.train_cfg.stage == "res"
         losses = []
         progress = tqdm(
             total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.train_cfg.epochs}", unit="step",
@@ -282,24 +323,32 @@ class Trainer:
         with shared_with_forked_workers(enabled=self.loader.num_workers > 0):  # host_memory.py
             for step, batch in enumerate(islice(self.loader, self.steps_per_epoch)):
                 global_step = epoch * self.steps_per_epoch + step
-                terms = self._train_step(model, batch, with_masks, epoch, step)
+                lrs = {f"lr/{group['name']}": group["lr"] for group in self.optimizer.param_groups}  # this step's
+                terms = self._train_step(model, batch, epoch, step)
                 logged = mean_across_ranks({f"train/{k}": v.item() for k, v in terms.items()}, self.dist, self.device)
                 losses.append(logged["train/loss"])
-                self._append_log({"epoch": epoch, "step": global_step, **logged})
+                self._append_log({"epoch": epoch, "step": global_step, **logged, **lrs})
                 if global_step % int(self.train_cfg.log_every) == 0:
-                    lrs = {f"lr/{group['name']}": group["lr"] for group in self.optimizer.param_groups}
                     self._log_scalars({**logged, **lrs}, global_step)
                 progress.set_postfix(loss=f"{logged['train/loss']:.4f}")
                 progress.update(1)
         progress.close()
+        if self.schedule == "per_epoch":
+            self.scheduler.step()  # the next epoch's learning rate, as the release's scheduler.step(epoch + 1)
         return losses
 
-    def _train_step(self, model: torch.nn.Module, batch: dict, with_masks: bool, epoch: int, step: int) -> dict[str, Tensor]:
-        """Forward, loss, backward and optimizer/scheduler step on one batch; returns the loss terms."""
+    def _train_step(self, model: torch.nn.Module, batch: dict, epoch: int, step: int) -> dict[str, Tensor]:
+        """Forward, loss, backward and optimizer step on one batch (and a per-iteration schedule's step).
+
+        Stage "rec" passes no SAM embeddings: the model computes the box only. Returns the loss terms.
+        """
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
-            output = model(batch["clip_pixels"], batch["tokens"], batch["sam_embedding"])
-        terms = ssp_sam_loss(output.mask_logits.float(), batch["mask"], output.boxes.float(), batch["box"], with_masks=with_masks)
+            output = model(batch["clip_pixels"], batch["tokens"], batch.get("sam_embedding"))
+        if self.stage == "rec":
+            terms = rec_loss(output.boxes, batch["box"])
+        else:
+            terms = ssp_sam_loss(output.mask_logits.float(), batch["mask"], output.boxes.float(), batch["box"])
         loss = terms["loss"]
         if not torch.isfinite(loss):
             raise TrainingDivergedError(
@@ -313,7 +362,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], float(self.train_cfg.grad_clip))
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
+        if self.schedule == "per_iteration":
+            self.scheduler.step()
         return terms
 
     @torch.no_grad()
@@ -322,8 +372,12 @@ class Trainer:
             return {}
         self.model.eval()
         dataset = self.datasets["val"]
-        result = evaluate(self.model, dataset, cache=self.cache, device=self.device, max_batch=int(self.cfg.val.max_batch), progress=self.dist.is_main)
         step = (epoch + 1) * self.steps_per_epoch
+        if self.stage == "rec":
+            metrics = rec_accuracy(self.model, dataset, self.device, self.dist, max_batch=int(self.cfg.val.max_batch))
+            self._log_scalars({f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step)
+            return metrics
+        result = evaluate(self.model, dataset, cache=self.cache, device=self.device, max_batch=int(self.cfg.val.max_batch), progress=self.dist.is_main)
         self._log_scalars({f"val/{k}": v for k, v in result.metrics.items() if isinstance(v, float)}, step)
         if self.writer is not None and int(self.cfg.val.overlays) > 0:
             self._log_overlays(dataset, step)
@@ -340,7 +394,7 @@ class Trainer:
     def fit(self) -> TrainResult:
         if self.dist.is_main:
             self.writer = SummaryWriter(str(self.run_dir / "tb"))
-        selection = SELECTION_METRIC[self.datasets["train"].task]
+        selection = REC_METRIC if self.stage == "rec" else SELECTION_METRIC[self.datasets["train"].task]
         all_losses: list[float] = []
         metrics: dict[str, float] = {}
         epochs = int(self.train_cfg.epochs)
@@ -350,7 +404,8 @@ class Trainer:
                 all_losses += self.train_one_epoch(epoch)
                 if (epoch + 1) % int(self.cfg.val.every) == 0 or epoch + 1 == epochs:
                     metrics = self.validate(epoch)
-                improved = selection in metrics and (self.best_metric is None or metrics[selection] > self.best_metric)
+                # >=: a tie goes to the later epoch, as in the release
+                improved = selection in metrics and (self.best_metric is None or metrics[selection] >= self.best_metric)
                 if improved:
                     self.best_metric = metrics[selection]
                 self._save("last", epoch, metrics)
