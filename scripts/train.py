@@ -1,7 +1,10 @@
-"""Train SSP-SAM.
+"""Train SSP-SAM in the release's two stages.
 
-    python scripts/train.py experiment=refcoco_224 model.clip_checkpoint=... model.sam_checkpoint=...
-    torchrun --nproc_per_node=8 scripts/train.py experiment=refcoco_224 ...
+    # stage 1, REC pretraining (box losses only; no SAM weights needed):
+    torchrun --nproc_per_node=8 scripts/train.py experiment=rec_pretrain_224 model.clip_checkpoint=...
+    # stage 2, per dataset, from the REC stage's last epoch as the release does:
+    torchrun --nproc_per_node=8 scripts/train.py experiment=refcoco_224 init_checkpoint=runs/rec_pretrain_224/last \
+        model.clip_checkpoint=... model.sam_checkpoint=...
     python scripts/train.py experiment=refcoco_224 resume=true      # continue an interrupted run
 """
 
