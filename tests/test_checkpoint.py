@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import pathlib
+import pickle
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from ssp_sam.checkpoint import RELEASE_KEY_MAP, load_model, map_release_key, release_preset, save_checkpoint
+from ssp_sam.checkpoint import (
+    RELEASE_KEY_MAP,
+    WEIGHTS_FILE,
+    load_model,
+    map_release_key,
+    read_release_file,
+    release_preset,
+    save_checkpoint,
+)
 from ssp_sam.config import model_config_from
 from ssp_sam.errors import CheckpointError
 from ssp_sam.model import build_model
 
 from conftest import tiny_model
+from fixtures_weights import write_release_file
 
 KEYS_FILE = Path(__file__).parent / "data" / "ssp_sam_224_checkpoint_keys.json"
 RELEASE_SHAPES: dict[str, list[int]] = json.loads(KEYS_FILE.read_text())
@@ -52,15 +65,15 @@ RELEASE_LIKE = {
 }
 
 
-def write_release_checkpoint(path: Path, seed: int = 0, mutate=None) -> dict[str, torch.Tensor]:
-    """Random tensors with exactly the release's keys and shapes, in its container format."""
+def write_release_checkpoint(path: Path, seed: int = 0, mutate=None, **arg_overrides) -> dict[str, torch.Tensor]:
+    """Random tensors with exactly the release's keys and shapes, saved as the release's train.py saves them."""
     generator = torch.Generator().manual_seed(seed)
     state = {key: torch.randn(*shape, generator=generator) * 0.05 for key, shape in RELEASE_SHAPES.items()}
     state["tf_scale"] = torch.tensor([1.3])
     state["tf_sigma"] = torch.tensor([0.7])
     if mutate is not None:
         mutate(state)
-    torch.save({"model": state, "epoch": 80}, path)
+    write_release_file(path, state, **arg_overrides)
     return state
 
 
@@ -172,7 +185,7 @@ def test_release_checkpoint_mismatches_are_named(tmp_path, mutate, message):
 def test_wrong_files_as_release_checkpoint(tmp_path):
     sam_like = tmp_path / "sam_vit_b.pth"
     torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(1)}, sam_like)
-    with pytest.raises(CheckpointError, match="not an SSP-SAM release checkpoint"):
+    with pytest.raises(CheckpointError, match=r"not an SSP-SAM release checkpoint .*it holds a SAM model"):
         load_model(sam_like, RELEASE_LIKE)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"\x00\x01not a checkpoint")
@@ -196,8 +209,50 @@ def test_release_preset_from_shapes():
 def test_release_224_file_refuses_the_336_config(tmp_path):
     path = tmp_path / "ssp_sam_224.pth"
     write_release_checkpoint(path)
-    with pytest.raises(CheckpointError, match=r"ssp_sam_224 release checkpoint \(epoch 80\) but the model config is ssp_sam_336"):
+    message = r"ssp_sam_224 release checkpoint \(trained with CLIP CS-ViT-B-16.pt, epoch 79\) but the model config is ssp_sam_336"
+    with pytest.raises(CheckpointError, match=message):
         load_model(path, {"name": "ssp_sam_336", "clip_arch": "ViT-L-14-336"})
+
+
+def test_release_file_as_train_py_writes_it(release):
+    """{"model", "optimizer", "lr_scheduler", "epoch", "args"} loads with argparse.Namespace allowed, and
+    what the run's arguments say is kept."""
+    path, state, _ = release
+    container = torch.load(path, weights_only=False)
+    assert set(container) == {"model", "optimizer", "lr_scheduler", "epoch", "args"}
+    assert isinstance(container["args"], argparse.Namespace) and container["optimizer"]["state"]
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)  # what the loader did before: refused
+    read = read_release_file(path)
+    assert read.epoch == 79 and read.clip_file == "pretrained_checkpoints/CS/CS-ViT-B-16.pt"
+    assert read.args.lr == 1e-4 and read.args.freeze_modules == ["sam.mask_decoder"]
+    assert list(read.state) == list(state) and all(torch.equal(read.state[k], v) for k, v in state.items())
+
+
+def test_release_file_allows_exactly_argparse_namespace(tmp_path):
+    path = tmp_path / "path_in_args.pth"
+    write_release_checkpoint(path, output_dir=pathlib.PurePosixPath("outputs"))
+    with pytest.raises(CheckpointError) as error:
+        load_model(path, RELEASE_LIKE, with_sam_image_encoder=False)
+    message = str(error.value)
+    assert "\n" not in message and str(path) in message
+    assert "refused, the pickle asks for pathlib.PurePosixPath" in message and "argparse.Namespace" in message
+    # The allow-list was scoped to the release reader's call.
+    namespace = tmp_path / "namespace.pt"
+    torch.save(argparse.Namespace(a=1), namespace)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(namespace, weights_only=True)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_release_file_with_nan_or_inf_is_refused(tmp_path, value):
+    path = tmp_path / "diverged.pth"
+    write_release_checkpoint(path, mutate=lambda s: s["bbox_embed.layers.2.weight"].view(-1)[5].fill_(value))
+    with pytest.raises(CheckpointError) as error:
+        load_model(path, RELEASE_LIKE, with_sam_image_encoder=False)
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"{path}: weight 'bbox_embed.layers.2.weight' holds 1 NaN/Inf values of 1024" in message
 
 
 def test_key_map_covers_the_whole_release():
@@ -239,6 +294,15 @@ def test_own_checkpoint_of_another_model_is_refused(tmp_path):
     config["model"]["adapters"]["linguistic"] = False
     (directory / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="unexpected keys: linguistic_adapter"):
+        load_model(directory)
+
+
+def test_own_checkpoint_with_inf_is_refused(tmp_path):
+    directory = save_checkpoint(tiny_model(), tmp_path / "ckpt")
+    state = load_file(str(directory / WEIGHTS_FILE))
+    state["word_proj.weight"][0, :3] = float("-inf")
+    save_file(state, str(directory / WEIGHTS_FILE))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: weight 'word_proj\.weight' holds 3 NaN/Inf values"):
         load_model(directory)
 
 
