@@ -15,7 +15,6 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ssp_sam.backbones.clip import (
     CLIP_MEAN,
@@ -29,6 +28,8 @@ from ssp_sam.backbones.clip import (
     letterbox_mask,
 )
 from ssp_sam.errors import CheckpointError, ConfigError, ExpressionError, ImageError
+
+from fixtures_weights import save_openai_torchscript
 
 TINY = {
     "embed_dim": 32,
@@ -276,37 +277,14 @@ def assert_all_weights_arrived(model, source):
         assert torch.equal(loaded[key], value.to(loaded[key].dtype)), key
 
 
-def save_torchscript_archive(tensors, path):
-    """An OpenAI-style .pt: a scripted module tree whose state dict has exactly the given keys."""
-    root = nn.Module()
-    for key, value in tensors.items():
-        *parents, leaf = key.split(".")
-        module = root
-        for name in parents:
-            if not hasattr(module, name):
-                module.add_module(name, nn.Module())
-            module = getattr(module, name)
-        module.register_buffer(leaf, value)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.script(root).save(str(path))
-
-
 def test_loads_openai_torchscript_archive(tmp_path):
-    source = {key: value.half() for key, value in random_weights(TINY, seed=5).items()}
-    archive = {
-        **source,
-        "input_resolution": torch.tensor(32),
-        "context_length": torch.tensor(77),
-        "vocab_size": torch.tensor(49408),
-    }
+    """A genuine TorchScript archive (traced, fp16, OpenAI's names and scalars) loads without torch.jit."""
+    torch.manual_seed(5)
+    source = build_clip_model("custom", custom=TINY)
     path = tmp_path / "ViT-tiny.pt"
-    save_torchscript_archive(archive, path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        assert set(torch.jit.load(str(path)).state_dict()) == set(archive)
+    save_openai_torchscript(source, TINY["image_size"], path)
     model = build_clip_model("custom", path, custom=TINY)
-    assert_all_weights_arrived(model, source)
+    assert_all_weights_arrived(model, {key: value.half() for key, value in source.state_dict().items()})
     assert model.visual.conv1.weight.dtype == torch.float32
     assert not model.training and not any(parameter.requires_grad for parameter in model.parameters())
 
@@ -353,6 +331,62 @@ def test_tiny_file_for_vit_b_16_says_what_it_holds(tmp_path):
     assert str(path) in message and "'ViT-B-16'" in message
     assert "visual.class_embedding (file (64,), model (768,))" in message
     assert "width 64, 3 blocks, patch 8, image size 32" in message
+
+
+def shape_only_state_dict(arch: str) -> dict[str, torch.Tensor]:
+    """An open_clip model's keys and shapes at almost no cost: every tensor a stride-0 view of one zero."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in open_clip.model.CLIP(**open_clip.get_model_config(arch)).state_dict().items()}
+    return {key: torch.zeros(()).expand(shape) for key, shape in shapes.items()}
+
+
+def test_vit_l_336_file_for_vit_b_16_names_both(tmp_path):
+    path = tmp_path / "ViT-L-14-336px.pt"
+    torch.save(shape_only_state_dict("ViT-L-14-336"), path)
+    with pytest.raises(CheckpointError) as error:
+        build_clip_model("ViT-B-16", path)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(
+        f"{path}: a state dict of CLIP ViT-L-14-336 (visual width 1024, 24 blocks, patch 14, image size 336), "
+        "not of CLIP 'ViT-B-16': mis-shaped keys: visual.class_embedding (file (1024,), model (768,))"
+    )
+
+
+def test_file_formats_are_named(tmp_path):
+    """An open_clip training checkpoint, a TorchScript archive, a Hugging Face CLIP, a SAM: each said as what it is."""
+    other = random_weights(OTHER_TINY, seed=12)
+    training = tmp_path / "epoch_32.pt"
+    torch.save({"epoch": 32, "name": "run", "state_dict": {f"module.{k}": v for k, v in other.items()}}, training)
+    archive = tmp_path / "ViT-other.pt"
+    torch.manual_seed(12)
+    save_openai_torchscript(build_clip_model("custom", custom=OTHER_TINY), 32, archive)
+    hugging_face = tmp_path / "model.safetensors"
+    safetensors.torch.save_file({"vision_model.embeddings.patch_embedding.weight": torch.zeros(2, 3, 4, 4),
+                                 "text_model.embeddings.token_embedding.weight": torch.zeros(5, 2)}, hugging_face)
+    sam = tmp_path / "sam_vit_b.pth"
+    torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(8, 3, 16, 16)}, sam)
+    expected = {
+        training: "an open_clip training checkpoint of a CLIP ViT of no released size (visual width 96, 4 blocks, patch 4",
+        archive: "a TorchScript archive (OpenAI's format) of a CLIP ViT of no released size (visual width 96",
+        hugging_face: "a safetensors file of a Hugging Face transformers CLIP (vision_model.* / text_model.* keys)",
+        sam: "a state dict of a SAM model",
+    }
+    for path, held in expected.items():
+        with pytest.raises(CheckpointError) as error:
+            build_clip_model("custom", path, custom=TINY)
+        assert str(error.value).startswith(f"{path}: {held}"), str(error.value)
+        assert "not of CLIP 'custom'" in str(error.value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")])
+def test_weights_with_nan_or_inf_are_refused(tmp_path, value):
+    source = random_weights(TINY, seed=13)
+    source["visual.proj"][2, 3] = value
+    path = tmp_path / "diverged.safetensors"
+    safetensors.torch.save_file(source, path)
+    with pytest.raises(CheckpointError, match=r"diverged\.safetensors: weight 'visual\.proj' holds 1 NaN/Inf values of 2048"):
+        build_clip_model("custom", path, custom=TINY)
 
 
 def test_vit_b_16_sizes():

@@ -138,6 +138,44 @@ def test_vit_l_weights_for_vit_b_are_named(tmp_path):
         build_sam("vit_b", path, parts=("mask_decoder",))
 
 
+def shape_only_state_dict(variant: str) -> dict[str, torch.Tensor]:
+    """A released SAM's keys and shapes at almost no cost: every tensor a stride-0 view of one zero."""
+    with torch.device("meta"):
+        shapes = {key: value.shape for key, value in sam_model_registry[variant]().state_dict().items()}
+    return {key: torch.zeros(()).expand(shape) for key, shape in shapes.items()}
+
+
+def test_vit_b_file_where_vit_h_is_expected(tmp_path):
+    """The decoders of the released SAMs have the same shapes; the file's encoder still tells it apart."""
+    path = tmp_path / "sam_vit_b_01ec64.pth"
+    torch.save(shape_only_state_dict("vit_b"), path)
+    with pytest.raises(CheckpointError) as error:
+        build_sam("vit_h", path, parts=("prompt_encoder", "mask_decoder"))
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: this is SAM vit_b (image encoder width 768, 12 blocks), not SAM vit_h; ")
+    assert "image_encoder.patch_embed.proj.weight (file (768, 3, 16, 16), model (1280, 3, 16, 16))" in message
+
+
+def test_clip_file_where_sam_is_expected(tmp_path):
+    path = tmp_path / "ViT-B-16.pt"
+    torch.save({"visual.conv1.weight": torch.zeros(4, 3, 2, 2), "token_embedding.weight": torch.zeros(4, 2)}, path)
+    with pytest.raises(CheckpointError, match=r"ViT-B-16\.pt: this is a CLIP model \(OpenAI / open_clip key names\), not SAM vit_h"):
+        build_sam("vit_h", path, parts=("mask_decoder",))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_loaded_weights_with_nan_or_inf_are_refused(tiny_state_dict, tmp_path, value):
+    broken = {key: tensor.clone() for key, tensor in tiny_state_dict.items()}
+    broken["mask_decoder.iou_token.weight"][0, 1] = value
+    path = tmp_path / "diverged.pth"
+    torch.save(broken, path)
+    with pytest.raises(CheckpointError, match=r"diverged\.pth: weight 'mask_decoder\.iou_token\.weight' holds 1 NaN/Inf"):
+        build_sam("custom", path, custom=TINY, parts=("mask_decoder",))
+    # Only what is loaded is read (and checked): the image encoder alone still loads.
+    build_sam("custom", path, custom=TINY, parts=("image_encoder",))
+
+
 def test_mismatched_custom_config(tiny_checkpoint):
     wider = {**TINY, "decoder_mlp_dim": 256}
     with pytest.raises(CheckpointError) as error:
