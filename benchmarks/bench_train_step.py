@@ -49,7 +49,7 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from _common import REPO, RESULTS, add_allocator_flag, seconds, set_up_host_memory, write_result
-from ssp_sam.backbones.clip import CLIPTokenizer
+from ssp_sam.backbones.clip_tokenizer import CLIPTokenizer
 from ssp_sam.backbones.sam import SAMMaskHead
 from ssp_sam.config import model_config_from
 from ssp_sam.engine.optim import parameter_groups

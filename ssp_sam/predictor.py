@@ -15,11 +15,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .backbones.clip import CLIPTokenizer, Letterbox, letterbox_image
+from .backbones.clip_tokenizer import CLIPTokenizer
 from .backbones.sam import SAMImageTransform, padded_frame_to_original, valid_region
 from .config import ModelConfig
 from .errors import ConfigError, ExpressionError, ImageError
 from .image_io import ImageLike, load_image
+from .letterbox import Letterbox, letterbox_image
 from .model import SSPSAM
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "shapeworld_default"

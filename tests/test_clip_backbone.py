@@ -16,18 +16,10 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
-from ssp_sam.backbones.clip import (
-    CLIP_MEAN,
-    CLIP_STD,
-    CLIPSurgeryBackbone,
-    CLIPTokenizer,
-    ExpressionTruncatedWarning,
-    Letterbox,
-    build_clip_model,
-    letterbox_image,
-    letterbox_mask,
-)
+from ssp_sam.backbones.clip import CLIPSurgeryBackbone, build_clip_model
+from ssp_sam.backbones.clip_tokenizer import CLIPTokenizer, ExpressionTruncatedWarning
 from ssp_sam.errors import CheckpointError, ConfigError, ExpressionError, ImageError
+from ssp_sam.letterbox import CLIP_MEAN, CLIP_STD, Letterbox, letterbox_image, letterbox_mask
 
 from fixtures_weights import save_openai_torchscript
 

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ssp_sam.backbones.clip import ExpressionTruncatedWarning, Letterbox
+from ssp_sam.backbones.clip_tokenizer import ExpressionTruncatedWarning
 from ssp_sam.errors import ConfigError, ExpressionError, ImageError
+from ssp_sam.letterbox import Letterbox
 from ssp_sam.model import SSPSAM
 from ssp_sam.predictor import Predictor, resolve_device
 

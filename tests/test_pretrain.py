@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from ssp_sam.backbones.clip import CLIPSurgeryBackbone, CLIPTokenizer, build_clip_model
+from ssp_sam.backbones.clip import CLIPSurgeryBackbone, build_clip_model
+from ssp_sam.backbones.clip_tokenizer import CLIPTokenizer
 from ssp_sam.backbones.sam import build_sam
 from ssp_sam.data.shapeworld import generate_scene
 from ssp_sam.pretrain.clip import (

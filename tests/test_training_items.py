@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fixtures_official as fx
-from ssp_sam.backbones.clip import CLIPTokenizer
+from ssp_sam.backbones.clip_tokenizer import CLIPTokenizer
 from ssp_sam.data.grefcoco import read_grefcoco
 from ssp_sam.data.registry import load_dataset
 from ssp_sam.data.shapeworld import generate_dataset

@@ -1,43 +1,31 @@
-"""The frozen CLIP side of SSP-SAM: model building, checkpoint loading, CLIP Surgery, tokenizer, letterbox.
+"""The frozen CLIP side of SSP-SAM: building the model and its CLIP-Surgery forward pass.
 
 SSP-SAM reads a referring expression with CLIP's text tower and the image with CLIP's vision tower in
 its "CLIP Surgery" form: the last blocks get a second, value-value attention path whose tokens keep
 their own location, giving patch features that line up with the text embedding. No new parameters are
 involved, so the open_clip model with OpenAI weights is used as is and only the forward pass changes.
 
-Also here are the matching inputs: the BPE tokenizer with the period the release appends, and the
-letterbox that puts an image into CLIP's square (with the box conversions between the two frames).
+The rest of the CLIP side has its own modules, as in ``segment_anything`` (modeling / weight files /
+transforms): weight files in :mod:`ssp_sam.backbones.clip_weights`, the tokenizer in
+:mod:`ssp_sam.backbones.clip_tokenizer`, the letterbox into CLIP's square in :mod:`ssp_sam.letterbox`.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Mapping
 
-import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 
-from ..errors import CheckpointError, ConfigError, ExpressionError, ImageError
-from ..safe_pickle import is_torchscript_archive
-from ..state_dicts import mismatch_report
-from ..weight_files import describe_weights, read_weights, require_finite
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from ..errors import ConfigError, ExpressionError, ImageError
+from .clip_weights import load_clip_weights
 
 OPEN_CLIP_ARCHS = ("ViT-B-16", "ViT-L-14-336")
-# Released CLIP ViTs a weight file is recognised as (open_clip's names), by their vision shapes.
-_KNOWN_VITS = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-H-14", "ViT-g-14", "ViT-bigG-14")
 CUSTOM_ARCH = "custom"
 
 _CUSTOM_REQUIRED = (
@@ -53,13 +41,10 @@ _CUSTOM_REQUIRED = (
 )
 _CUSTOM_DEFAULTS = {"context_length": 77, "vocab_size": 49408}
 
-# Scalars stored in OpenAI's state dicts that are not weights of the model.
-_OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
-_SHOWN_KEYS = 3
 
 
 # ---------------------------------------------------------------------------------------------------
-# Model building and checkpoint loading
+# Model building
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -93,10 +78,7 @@ def build_clip_model(
         raise ConfigError(f"unknown CLIP arch {arch!r}; expected one of {(*OPEN_CLIP_ARCHS, CUSTOM_ARCH)}")
 
     if checkpoint is not None:
-        state_dict, file_format = _read_state_dict(Path(checkpoint))
-        _check_state_dict(state_dict, model, Path(checkpoint), arch, file_format)
-        require_finite(state_dict, checkpoint)
-        model.load_state_dict(state_dict)
+        load_clip_weights(model, checkpoint, arch)
 
     model.eval()
     model.requires_grad_(False)
@@ -133,65 +115,6 @@ def _custom_config(custom: Mapping | None) -> dict:
         layers=values["text_layers"],
     )
     return {"embed_dim": values["embed_dim"], "vision_cfg": vision_cfg, "text_cfg": text_cfg}
-
-
-def _read_state_dict(path: Path) -> tuple[dict[str, Tensor], str]:
-    """Read any of the supported checkpoint formats into a flat {key: tensor} dict on the CPU.
-
-    Nothing in the file is run (:func:`ssp_sam.weight_files.read_weights`); OpenAI's TorchScript
-    archives are read by the restricted reader of :mod:`ssp_sam.safe_pickle`.
-
-    Returns:
-        The state dict and the file's format, for messages ("an OpenAI TorchScript archive", ...).
-    """
-    loaded = read_weights(path, "CLIP checkpoint")
-    if path.suffix == ".safetensors":
-        file_format = "a safetensors file"
-    elif is_torchscript_archive(path):
-        file_format = "a TorchScript archive (OpenAI's format)"
-    elif isinstance(loaded, Mapping) and "state_dict" in loaded:
-        file_format = "an open_clip training checkpoint"
-        loaded = loaded["state_dict"]
-    else:
-        file_format = "a state dict"
-    if not isinstance(loaded, Mapping) or not all(
-        isinstance(key, str) and isinstance(value, Tensor) for key, value in loaded.items()
-    ):
-        raise CheckpointError(f"{path}: CLIP checkpoint does not hold a state dict of tensors")
-    state_dict = {key.removeprefix("module."): value for key, value in loaded.items()}
-    for key in _OPENAI_METADATA_KEYS:
-        state_dict.pop(key, None)
-    return state_dict, file_format
-
-
-def _check_state_dict(state_dict: Mapping[str, Tensor], model: nn.Module, path: Path, arch: str, file_format: str) -> None:
-    """Raise CheckpointError saying what the file holds and listing the first mismatched keys, if any."""
-    report = mismatch_report(state_dict, model.state_dict(), first=("visual.",), limit=_SHOWN_KEYS)
-    if report is None:
-        return
-    held = describe_clip_weights(state_dict) or describe_weights(state_dict) or "an unknown model"
-    raise CheckpointError(f"{path}: {file_format} of {held}, not of CLIP {arch!r}: {report}")
-
-
-def describe_clip_weights(state_dict: Mapping[str, Tensor]) -> str | None:
-    """Which CLIP ViT a state dict holds, from its vision tower's shapes; None if it holds no CLIP ViT.
-
-    e.g. "CLIP ViT-L-14-336 (visual width 1024, 24 blocks, patch 14, image size 336)", so a ViT-L
-    file given for ViT-B-16 is recognised at once.
-    """
-    conv = state_dict.get("visual.conv1.weight")
-    positions = state_dict.get("visual.positional_embedding")
-    if conv is None or positions is None or conv.dim() != 4 or positions.dim() != 2:
-        return None
-    width, patch = conv.shape[0], conv.shape[-1]
-    image_size = patch * math.isqrt(positions.shape[0] - 1)
-    blocks = len({key.split(".")[3] for key in state_dict if key.startswith("visual.transformer.resblocks.")})
-    sizes = f"visual width {width}, {blocks} blocks, patch {patch}, image size {image_size}"
-    for name in _KNOWN_VITS:
-        vision = open_clip.get_model_config(name)["vision_cfg"]
-        if (vision["width"], vision["layers"], vision["patch_size"], vision["image_size"]) == (width, blocks, patch, image_size):
-            return f"CLIP {name} ({sizes})"
-    return f"a CLIP ViT of no released size ({sizes})"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -350,187 +273,3 @@ class CLIPSurgeryBackbone(nn.Module):
         word_features = clip.ln_final(x)
         end_of_text = word_features[torch.arange(tokens.shape[0], device=tokens.device), tokens.argmax(dim=-1)]
         return word_features, end_of_text @ clip.text_projection
-
-
-# ---------------------------------------------------------------------------------------------------
-# Tokenizer
-# ---------------------------------------------------------------------------------------------------
-
-
-class ExpressionTruncatedWarning(UserWarning):
-    """An expression had more BPE tokens than CLIP's context holds and was cut."""
-
-
-class CLIPTokenizer:
-    """CLIP's BPE tokenizer (open_clip's bundled vocabulary, offline) with SSP-SAM's text convention.
-
-    The release feeds CLIP "{expr}." with the period appended unconditionally, so an expression
-    already ending in "." gets a second one; ``append_period=True`` reproduces that exactly,
-    ``append_period=False`` tokenizes the expression as given.
-    """
-
-    def __init__(self, context_length: int = 77, append_period: bool = True) -> None:
-        if context_length < 2:
-            raise ConfigError(f"context_length={context_length} leaves no room for the start and end tokens")
-        self.context_length = context_length
-        self.append_period = append_period
-        self._bpe = SimpleTokenizer(context_length=context_length)
-
-    def __call__(self, expressions: Sequence[str]) -> Tensor:
-        """Token ids (B, context_length), int64: start token, BPE ids, end token, zero padding.
-
-        Expressions that do not fit are cut to context_length with the end token kept last, as CLIP
-        does, and an ExpressionTruncatedWarning names them.
-        """
-        if isinstance(expressions, str):
-            raise ExpressionError("expressions must be a sequence of strings, got a single string")
-        start, end = self._bpe.sot_token_id, self._bpe.eot_token_id
-        tokens = torch.zeros(len(expressions), self.context_length, dtype=torch.long)
-        for index, expression in enumerate(expressions):
-            if not isinstance(expression, str) or not expression.strip():
-                raise ExpressionError(f"expression {index} is not a non-empty string: {expression!r}")
-            text = f"{expression}." if self.append_period else expression
-            ids = [start, *self._bpe.encode(text), end]
-            if len(ids) > self.context_length:
-                warnings.warn(
-                    f"expression {index} has {len(ids)} tokens, cut to {self.context_length}: {expression!r}",
-                    ExpressionTruncatedWarning,
-                    stacklevel=2,
-                )
-                ids = [*ids[: self.context_length - 1], end]
-            tokens[index, : len(ids)] = torch.tensor(ids)
-        return tokens
-
-
-# ---------------------------------------------------------------------------------------------------
-# Letterbox
-# ---------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Letterbox:
-    """Where an image went inside CLIP's size x size square.
-
-    The image was resized by ``scale`` = size / max(H, W) to ``width`` x ``height`` pixels and pasted
-    with its top-left corner at (``offset_x``, ``offset_y``).
-    """
-
-    scale: float
-    offset_x: int
-    offset_y: int
-    width: int
-    height: int
-    size: int
-
-    def box_to_image(self, boxes_cxcywh_norm: Tensor) -> Tensor:
-        """(..., 4) cx, cy, w, h normalised to the square -> (..., 4) x1, y1, x2, y2 in original-image pixels.
-
-        Boxes are not clipped to the image (a prediction may reach into the padding).
-        """
-        center_x, center_y, box_width, box_height = (boxes_cxcywh_norm * self.size).unbind(-1)
-        x1 = (center_x - box_width / 2 - self.offset_x) / self.scale
-        y1 = (center_y - box_height / 2 - self.offset_y) / self.scale
-        x2 = (center_x + box_width / 2 - self.offset_x) / self.scale
-        y2 = (center_y + box_height / 2 - self.offset_y) / self.scale
-        return torch.stack([x1, y1, x2, y2], dim=-1)
-
-    def box_from_image(self, boxes_xyxy: Tensor) -> Tensor:
-        """(..., 4) x1, y1, x2, y2 in original-image pixels -> (..., 4) cx, cy, w, h normalised to the square."""
-        x1, y1, x2, y2 = boxes_xyxy.to(torch.float32).unbind(-1)
-        x1 = x1 * self.scale + self.offset_x
-        x2 = x2 * self.scale + self.offset_x
-        y1 = y1 * self.scale + self.offset_y
-        y2 = y2 * self.scale + self.offset_y
-        return torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], dim=-1) / self.size
-
-
-def letterbox_image(
-    image: np.ndarray,
-    size: int,
-    placement: str | tuple[int, int] = "center",
-    generator: torch.Generator | None = None,
-) -> tuple[Tensor, Letterbox]:
-    """Put an RGB image into CLIP's square: long side to ``size``, aspect kept, zero padding after normalising.
-
-    Args:
-        image: (H, W, 3) uint8 RGB.
-        size: side of the square (the CLIP image size).
-        placement: "center" (test time, floor((size - new) / 2) offsets), "random" (training: uniform
-            integer offsets drawn from ``generator``) or explicit (offset_x, offset_y).
-        generator: random source for "random" placement.
-
-    Returns:
-        pixels: (3, size, size) float32, CLIP-normalised; the padding is exactly 0.
-        letterbox: the placement, for mapping boxes and masks between the two frames.
-    """
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        description = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-        raise ImageError(f"image must be a uint8 (H, W, 3) array, got {description}")
-    box = _place(image.shape[0], image.shape[1], size, placement, generator)
-
-    pixels = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0).to(torch.float32)
-    pixels = F.interpolate(pixels, size=(box.height, box.width), mode="bicubic", antialias=True, align_corners=False)
-    pixels = pixels.clamp(0.0, 255.0)[0] / 255.0
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
-
-    square = torch.zeros(3, size, size)
-    square[:, box.offset_y : box.offset_y + box.height, box.offset_x : box.offset_x + box.width] = (pixels - mean) / std
-    return square, box
-
-
-def letterbox_mask(mask: np.ndarray, box: Letterbox) -> Tensor:
-    """A (H, W) bool mask of the original image -> (size, size) float 0/1 in the square (nearest, zero padding).
-
-    Uses "nearest-exact" (pixel-centre) sampling so the mask stays aligned with the bicubic image.
-    """
-    if not isinstance(mask, np.ndarray) or mask.ndim != 2:
-        description = f"shape {mask.shape}" if isinstance(mask, np.ndarray) else type(mask).__name__
-        raise ImageError(f"mask must be a 2-D (H, W) array, got {description}")
-    expected = _resized_shape(mask.shape[0], mask.shape[1], box.size)
-    if expected != (box.height, box.width):
-        raise ImageError(
-            f"mask of shape {mask.shape} does not belong to this letterbox ({box.height}x{box.width} content)"
-        )
-    values = torch.from_numpy(mask.astype(np.float32))[None, None]
-    values = F.interpolate(values, size=(box.height, box.width), mode="nearest-exact")[0, 0]
-    square = torch.zeros(box.size, box.size)
-    square[box.offset_y : box.offset_y + box.height, box.offset_x : box.offset_x + box.width] = values
-    return square
-
-
-def _resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
-    """(new_height, new_width) after scaling the long side to ``size``; never below one pixel."""
-    scale = size / max(height, width)
-    return max(1, round(height * scale)), max(1, round(width * scale))
-
-
-def _place(
-    height: int, width: int, size: int, placement: str | tuple[int, int], generator: torch.Generator | None
-) -> Letterbox:
-    """Compute the Letterbox of an height x width image for the requested placement."""
-    if height < 1 or width < 1:
-        raise ImageError(f"image of shape ({height}, {width}) is empty")
-    new_height, new_width = _resized_shape(height, width, size)
-    free_x, free_y = size - new_width, size - new_height
-    if placement == "center":
-        offset_x, offset_y = free_x // 2, free_y // 2
-    elif placement == "random":
-        offset_x = int(torch.randint(0, free_x + 1, (), generator=generator))
-        offset_y = int(torch.randint(0, free_y + 1, (), generator=generator))
-    elif isinstance(placement, (tuple, list)) and len(placement) == 2:
-        offset_x, offset_y = (int(value) for value in placement)
-        if not (0 <= offset_x <= free_x and 0 <= offset_y <= free_y):
-            raise ConfigError(
-                f"placement {placement} puts the {new_width}x{new_height} image outside the {size}x{size} square"
-            )
-    else:
-        raise ConfigError(f"placement must be 'center', 'random' or (offset_x, offset_y), got {placement!r}")
-    return Letterbox(
-        scale=size / max(height, width),
-        offset_x=offset_x,
-        offset_y=offset_y,
-        width=new_width,
-        height=new_height,
-        size=size,
-    )

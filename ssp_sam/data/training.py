@@ -24,11 +24,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..backbones.clip import CLIPTokenizer, letterbox_image
+from ..backbones.clip_tokenizer import CLIPTokenizer
 from ..backbones.sam import mask_to_padded_frame
 from ..image_io import load_image
 from .embedding_cache import EmbeddingCache
 from ..errors import ConfigError, DatasetError
+from ..letterbox import letterbox_image
 from .records import ReferringDataset, ReferringSample
 
 

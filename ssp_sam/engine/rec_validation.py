@@ -11,10 +11,11 @@ from __future__ import annotations
 import torch
 from torchvision.ops import box_iou
 
-from ..backbones.clip import CLIPTokenizer, letterbox_image
+from ..backbones.clip_tokenizer import CLIPTokenizer
 from ..data.records import ReferringDataset
 from ..errors import DatasetError
 from ..image_io import load_image
+from ..letterbox import letterbox_image
 from ..metrics import REC_IOU_THRESHOLD
 from ..model import SSPSAM
 from .distributed import DistInfo

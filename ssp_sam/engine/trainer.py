@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from ..backbones.clip import CLIPTokenizer
+from ..backbones.clip_tokenizer import CLIPTokenizer
 from ..checkpoint import load_own_weights, read_checkpoint_config, read_trainer_state, save_checkpoint
 from ..config import model_config_from
 from ..data.embedding_cache import EmbeddingCache, image_key

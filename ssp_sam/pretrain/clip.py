@@ -43,11 +43,13 @@ from open_clip.model import CLIP
 from torch import Tensor
 from tqdm import tqdm
 
-from ..backbones.clip import CLIPSurgeryBackbone, CLIPTokenizer, build_clip_model, letterbox_image, letterbox_mask
+from ..backbones.clip import CLIPSurgeryBackbone, build_clip_model
+from ..backbones.clip_tokenizer import CLIPTokenizer
 from ..data.shapeworld import COLORS, SHAPES, SIZE_RADII, Scene, generate_refs, generate_scene
 from ..engine.optim import cosine_schedule
 from ..errors import ConfigError
 from ..fileio import atomic_path
+from ..letterbox import letterbox_image, letterbox_mask
 
 TRAIN_SPLIT = "train"
 HELDOUT_SPLIT = "val"

@@ -1,0 +1,148 @@
+"""The letterbox that puts an image into CLIP's square, and the box and mask conversions between the frames.
+
+Long side to the CLIP size (bicubic, antialiased), CLIP's mean / std, zero padding after normalising;
+centred at test time, at uniform random integer offsets in training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import ConfigError, ImageError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Where an image went inside CLIP's size x size square.
+
+    The image was resized by ``scale`` = size / max(H, W) to ``width`` x ``height`` pixels and pasted
+    with its top-left corner at (``offset_x``, ``offset_y``).
+    """
+
+    scale: float
+    offset_x: int
+    offset_y: int
+    width: int
+    height: int
+    size: int
+
+    def box_to_image(self, boxes_cxcywh_norm: Tensor) -> Tensor:
+        """(..., 4) cx, cy, w, h normalised to the square -> (..., 4) x1, y1, x2, y2 in original-image pixels.
+
+        Boxes are not clipped to the image (a prediction may reach into the padding).
+        """
+        center_x, center_y, box_width, box_height = (boxes_cxcywh_norm * self.size).unbind(-1)
+        x1 = (center_x - box_width / 2 - self.offset_x) / self.scale
+        y1 = (center_y - box_height / 2 - self.offset_y) / self.scale
+        x2 = (center_x + box_width / 2 - self.offset_x) / self.scale
+        y2 = (center_y + box_height / 2 - self.offset_y) / self.scale
+        return torch.stack([x1, y1, x2, y2], dim=-1)
+
+    def box_from_image(self, boxes_xyxy: Tensor) -> Tensor:
+        """(..., 4) x1, y1, x2, y2 in original-image pixels -> (..., 4) cx, cy, w, h normalised to the square."""
+        x1, y1, x2, y2 = boxes_xyxy.to(torch.float32).unbind(-1)
+        x1 = x1 * self.scale + self.offset_x
+        x2 = x2 * self.scale + self.offset_x
+        y1 = y1 * self.scale + self.offset_y
+        y2 = y2 * self.scale + self.offset_y
+        return torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], dim=-1) / self.size
+
+
+def letterbox_image(
+    image: np.ndarray,
+    size: int,
+    placement: str | tuple[int, int] = "center",
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Letterbox]:
+    """Put an RGB image into CLIP's square: long side to ``size``, aspect kept, zero padding after normalising.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        size: side of the square (the CLIP image size).
+        placement: "center" (test time, floor((size - new) / 2) offsets), "random" (training: uniform
+            integer offsets drawn from ``generator``) or explicit (offset_x, offset_y).
+        generator: random source for "random" placement.
+
+    Returns:
+        pixels: (3, size, size) float32, CLIP-normalised; the padding is exactly 0.
+        letterbox: the placement, for mapping boxes and masks between the two frames.
+    """
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        description = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise ImageError(f"image must be a uint8 (H, W, 3) array, got {description}")
+    box = _place(image.shape[0], image.shape[1], size, placement, generator)
+
+    pixels = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0).to(torch.float32)
+    pixels = F.interpolate(pixels, size=(box.height, box.width), mode="bicubic", antialias=True, align_corners=False)
+    pixels = pixels.clamp(0.0, 255.0)[0] / 255.0
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+
+    square = torch.zeros(3, size, size)
+    square[:, box.offset_y : box.offset_y + box.height, box.offset_x : box.offset_x + box.width] = (pixels - mean) / std
+    return square, box
+
+
+def letterbox_mask(mask: np.ndarray, box: Letterbox) -> Tensor:
+    """A (H, W) bool mask of the original image -> (size, size) float 0/1 in the square (nearest, zero padding).
+
+    Uses "nearest-exact" (pixel-centre) sampling so the mask stays aligned with the bicubic image.
+    """
+    if not isinstance(mask, np.ndarray) or mask.ndim != 2:
+        description = f"shape {mask.shape}" if isinstance(mask, np.ndarray) else type(mask).__name__
+        raise ImageError(f"mask must be a 2-D (H, W) array, got {description}")
+    expected = _resized_shape(mask.shape[0], mask.shape[1], box.size)
+    if expected != (box.height, box.width):
+        raise ImageError(
+            f"mask of shape {mask.shape} does not belong to this letterbox ({box.height}x{box.width} content)"
+        )
+    values = torch.from_numpy(mask.astype(np.float32))[None, None]
+    values = F.interpolate(values, size=(box.height, box.width), mode="nearest-exact")[0, 0]
+    square = torch.zeros(box.size, box.size)
+    square[box.offset_y : box.offset_y + box.height, box.offset_x : box.offset_x + box.width] = values
+    return square
+
+
+def _resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """(new_height, new_width) after scaling the long side to ``size``; never below one pixel."""
+    scale = size / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def _place(
+    height: int, width: int, size: int, placement: str | tuple[int, int], generator: torch.Generator | None
+) -> Letterbox:
+    """Compute the Letterbox of an height x width image for the requested placement."""
+    if height < 1 or width < 1:
+        raise ImageError(f"image of shape ({height}, {width}) is empty")
+    new_height, new_width = _resized_shape(height, width, size)
+    free_x, free_y = size - new_width, size - new_height
+    if placement == "center":
+        offset_x, offset_y = free_x // 2, free_y // 2
+    elif placement == "random":
+        offset_x = int(torch.randint(0, free_x + 1, (), generator=generator))
+        offset_y = int(torch.randint(0, free_y + 1, (), generator=generator))
+    elif isinstance(placement, (tuple, list)) and len(placement) == 2:
+        offset_x, offset_y = (int(value) for value in placement)
+        if not (0 <= offset_x <= free_x and 0 <= offset_y <= free_y):
+            raise ConfigError(
+                f"placement {placement} puts the {new_width}x{new_height} image outside the {size}x{size} square"
+            )
+    else:
+        raise ConfigError(f"placement must be 'center', 'random' or (offset_x, offset_y), got {placement!r}")
+    return Letterbox(
+        scale=size / max(height, width),
+        offset_x=offset_x,
+        offset_y=offset_y,
+        width=new_width,
+        height=new_height,
+        size=size,
+    )
