@@ -81,9 +81,15 @@ def read_weights(
         refused = _REFUSED_GLOBAL.search(str(error))
         if refused is None:
             raise CheckpointError(f"{path}: not a readable torch checkpoint ({_first_line(error)})") from None
+        name = refused.group(1)
+        if name == "argparse.Namespace":  # a training script's run arguments beside the weights
+            raise CheckpointError(
+                f"{path}: holds a training run's arguments (argparse.Namespace), as SSP-SAM release checkpoints "
+                f"do; expected a {what} (nothing was run)"
+            ) from None
         allowed = "".join(f", {cls.__module__}.{cls.__qualname__}" for cls in allowed_classes)
         raise CheckpointError(
-            f"{path}: refused, the pickle asks for {refused.group(1)} (a weight file may hold only tensors, "
+            f"{path}: refused, the pickle asks for {name} (a weight file may hold only tensors, "
             f"plain containers{allowed}; nothing was run)"
         ) from None
     except Exception as error:  # torch.load raises many types (IndexError, RuntimeError, ...) on foreign files

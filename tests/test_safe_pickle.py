@@ -27,6 +27,7 @@ from fixtures_weights import (
     save_openai_torchscript,
     write_file_creating_pickle,
     write_file_creating_torchscript,
+    write_release_file,
 )
 
 TINY_CLIP = {
@@ -191,3 +192,23 @@ def test_archive_without_declarations_is_refused(openai_archive, tmp_path):
     copy_with_record(genuine, stripped, ".py", b"")  # every code file emptied
     with pytest.raises(CheckpointError, match=r"stripped\.pt: refused, module class __torch__\.\S+ is not declared"):
         read_torchscript_state_dict(stripped)
+
+
+def test_release_file_given_as_clip_or_sam_says_so(tmp_path):
+    """Swapping checkpoint= and a backbone's weight file is named, not reported as a generic refusal."""
+    path = tmp_path / "ssp_sam_224.pth"
+    write_release_file(path, {"clip_proj.weight": torch.zeros(512, 512), "vl_pos_embed.weight": torch.zeros(325, 256)})
+    for read, what in [
+        (lambda: build_clip_model("custom", path, custom=TINY_CLIP), "CLIP checkpoint"),
+        (lambda: build_sam("vit_h", path, parts=("mask_decoder",)), "SAM checkpoint"),
+    ]:
+        with pytest.raises(CheckpointError) as error:
+            read()
+        assert str(error.value) == (
+            f"{path}: holds a training run's arguments (argparse.Namespace), as SSP-SAM release checkpoints do; "
+            f"expected a {what} (nothing was run)"
+        )
+    plain = tmp_path / "model_only.pth"
+    torch.save({"model": {"clip_proj.weight": torch.zeros(2, 2)}, "epoch": 3}, plain)
+    with pytest.raises(CheckpointError, match=r"model_only\.pth: not a state dict of tensors, not a CLIP checkpoint"):
+        build_clip_model("custom", plain, custom=TINY_CLIP)

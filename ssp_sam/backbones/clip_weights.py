@@ -65,7 +65,8 @@ def read_clip_state_dict(path: Path) -> tuple[dict[str, Tensor], str]:
     if not isinstance(loaded, Mapping) or not all(
         isinstance(key, str) and isinstance(value, Tensor) for key, value in loaded.items()
     ):
-        raise CheckpointError(f"{path}: CLIP checkpoint does not hold a state dict of tensors")
+        held = describe_weights(loaded)
+        raise CheckpointError(f"{path}: {held or 'not a state dict of tensors'}, not a CLIP checkpoint")
     state_dict = {key.removeprefix("module."): value for key, value in loaded.items()}
     for key in _OPENAI_METADATA_KEYS:
         state_dict.pop(key, None)
