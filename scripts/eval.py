@@ -32,6 +32,7 @@ from ssp_sam.engine.host_memory import keep_freed_host_memory
 from ssp_sam.engine.reporting import command_line, console_tables, write_results, write_samples
 from ssp_sam.errors import ConfigError
 from ssp_sam.model import build_sam_image_encoder
+from ssp_sam.outputs import check_output_file
 from ssp_sam.predictor import DEFAULT_CHECKPOINT, resolve_device
 
 
@@ -48,6 +49,8 @@ def _device_for(requested: str, dist_info: DistInfo) -> torch.device:
 @hydra.main(config_path="../configs", config_name="eval", version_base="1.3")
 @reports_errors
 def main(cfg: DictConfig) -> None:
+    check_output_file(cfg.metrics_out, "metrics_out")  # before the evaluation, not after it
+    check_output_file(cfg.samples_out, "samples_out")
     model_config = OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") is not None else None
     if cfg.checkpoint is None and model_config is not None:
         raise ConfigError("checkpoint: give the checkpoint that goes with model=... (our directory or a released .pth)")

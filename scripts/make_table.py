@@ -15,7 +15,9 @@ from pathlib import Path
 
 from ssp_sam.cli import fail
 from ssp_sam.engine.reporting import check_results, make_tables
+from ssp_sam.errors import SSPSAMError
 from ssp_sam.fileio import atomic_path
+from ssp_sam.outputs import check_output_file
 
 
 def _result_files(arguments: list[str]) -> list[Path]:
@@ -50,6 +52,19 @@ def _read_result(path: Path) -> dict:
     return record
 
 
+def _check_metric(metric: str, results: list[dict]) -> None:
+    """``metric`` must be one the RES and PhraseCut results carry; otherwise list the ones they do.
+
+    A protocol's variant of a metric ("mIoU (SSP-SAM release)") counts as the metric ("mIoU").
+    """
+    known = {}
+    for record in results:
+        if record.get("task") != "gres":
+            known.update((name.split(" (")[0], None) for name, value in record["metrics"].items() if isinstance(value, float))
+    if known and metric not in known:
+        fail(f"--metric {metric}: not a metric of these results; they have {', '.join(known)}")
+
+
 def _write(path: str, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
@@ -64,8 +79,14 @@ def main() -> None:
     parser.add_argument("--out-md", help="also write the Markdown table to this file")
     parser.add_argument("--out-tex", help="also write the LaTeX table to this file")
     args = parser.parse_args()
+    try:
+        check_output_file(args.out_md, "--out-md")
+        check_output_file(args.out_tex, "--out-tex")
+    except SSPSAMError as error:
+        fail(str(error))
 
     results = [_read_result(path) for path in _result_files(args.runs)]
+    _check_metric(args.metric, results)
     try:
         markdown, latex = make_tables(results, metric=args.metric, compact=args.compact)
     except ValueError as error:

@@ -4,7 +4,9 @@
 
 Writes, per expression i: ``{i:02d}_mask.png`` (0/255), ``{i:02d}_overlay.png``; then
 ``summary.json`` with the COCO RLE, box (xyxy pixels), score and no-target decision of each, and
-``predictions.jsonl`` in the simple JSONL dataset format.
+``predictions.jsonl`` in the simple JSONL dataset format. The outputs of an earlier run in the same
+``out_dir`` are replaced (other files there are left alone). The photo is turned as its EXIF
+orientation says, so the masks match the picture as viewers show it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from ssp_sam.cli import reports_errors
 from ssp_sam.errors import ConfigError, ExpressionError
 from ssp_sam.export import write_predictions
 from ssp_sam.image_io import load_image
+from ssp_sam.outputs import check_output_dir
 from ssp_sam.predictor import Predictor
 
 
@@ -30,13 +33,14 @@ def _expressions(value) -> list[str]:
 @hydra.main(config_path="../configs", config_name="predict", version_base="1.3")
 @reports_errors
 def main(cfg: DictConfig) -> None:
+    check_output_dir(cfg.out_dir, "out_dir")
     expressions = _expressions(cfg.expressions)
     model_config = OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") is not None else None
     if cfg.checkpoint is None and model_config is not None:
         raise ConfigError("checkpoint: give the checkpoint that goes with model=... (our directory or a released .pth)")
-    image = load_image(cfg.image)
+    image = load_image(cfg.image, exif_orientation=True)  # a bad file fails before the model is loaded
     predictor = Predictor.from_checkpoint(cfg.checkpoint, model_config, device=cfg.device)
-    predictions = predictor.predict(image, expressions)
+    predictions = predictor.predict(cfg.image, expressions)  # by path: errors name the file
 
     write_predictions(image, predictions, cfg.out_dir, str(cfg.image), str(cfg.checkpoint or "default"))
     for index, prediction in enumerate(predictions):

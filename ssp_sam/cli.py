@@ -6,6 +6,8 @@ import functools
 import sys
 from typing import Callable, TypeVar
 
+from omegaconf.errors import MissingMandatoryValue
+
 from .errors import SSPSAMError
 
 T = TypeVar("T")
@@ -22,7 +24,8 @@ def fail(message: str, code: int = EXIT_USAGE) -> None:
 def reports_errors(main: Callable[..., T]) -> Callable[..., T]:
     """Turn our errors (bad files, arguments, keys) into a one-line message and exit code 2.
 
-    Apply it inside ``@hydra.main`` so Hydra never prints a traceback for a user's mistake.
+    A required config value left out (``???`` in the config, e.g. ``image=``) is named the same
+    way. Apply it inside ``@hydra.main`` so Hydra never prints a traceback for a user's mistake.
     """
 
     @functools.wraps(main)
@@ -31,6 +34,8 @@ def reports_errors(main: Callable[..., T]) -> Callable[..., T]:
             return main(*args, **kwargs)
         except SSPSAMError as exc:
             fail(str(exc))
+        except MissingMandatoryValue as exc:
+            fail(f"{exc.full_key}: missing; give {exc.full_key}=...")
         except KeyboardInterrupt:
             fail("interrupted", code=130)
 

@@ -14,6 +14,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from ssp_sam.checkpoint import save_checkpoint
+from ssp_sam.export import write_predictions
+from ssp_sam.predictor import Prediction
 from ssp_sam.visualize import MASK_COLOUR
 
 from conftest import REPO, run_script
@@ -166,3 +168,27 @@ def test_predict_unknown_config_key_is_hydras_error(bad_runs):
     assert result.returncode != 0
     assert "Traceback" not in result.stderr and "'foo'" in result.stderr
     assert not out_dir.exists()
+
+
+def test_a_new_export_replaces_the_previous_one_and_nothing_else(tmp_path):
+    """Three expressions, then one, into the same folder: only the new files and the user's remain."""
+    image = np.zeros((4, 6, 3), dtype=np.uint8)
+
+    def prediction(text: str) -> Prediction:
+        mask = np.zeros((4, 6), dtype=bool)
+        mask[1:3, 2:5] = True
+        return Prediction(
+            expression=text, mask=mask, logits=mask.astype(np.float32), box=np.array([2.0, 1.0, 5.0, 3.0]), score=0.9,
+            no_target=False, padded_area=6, padded_logits=np.zeros((2, 2), np.float32),
+        )
+
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "07_mask.png").write_bytes(b"a user's file that looks like ours but no summary of ours names")
+    write_predictions(image, [prediction(t) for t in ("a", "b", "c")], tmp_path, "scene.png", "tiny")
+    assert (tmp_path / "02_overlay.png").exists()
+    summary = write_predictions(image, [prediction("d")], tmp_path, "scene.png", "tiny")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "00_mask.png", "00_overlay.png", "07_mask.png", "notes.txt", "predictions.jsonl", "summary.json"
+    ]
+    assert [p["expression"] for p in summary["predictions"]] == ["d"]
+    assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 1

@@ -1,0 +1,155 @@
+"""Bad outputs and options stop the scripts before any work, with one line naming the key or file, exit 2.
+
+Each case also contains a second problem that only work would reach (a dataset that does not exist,
+a results file that is missing): the error must be about the first, which proves the order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from omegaconf import OmegaConf
+
+from ssp_sam.checkpoint import save_checkpoint
+from ssp_sam.engine.train_config_check import check_train_options
+from ssp_sam.errors import ConfigError
+from ssp_sam.outputs import check_output_dir, check_output_file
+
+from conftest import REPO, run_script, tiny_model
+
+GOOD_TRAIN = {"epochs": 2, "batch_size": 4, "workers": 0, "lr": 1e-4, "decoder_lr": 0.0, "grad_clip": 0.1, "max_steps_per_epoch": 3}
+
+
+def _huge_png(path: Path) -> None:
+    """A PNG announcing 14000 x 14000 pixels (the data cut short): Image.open sees its size."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 14000, 14000, 8, 2, 0, 0, 0))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+
+
+def _cases(folder: Path) -> dict[str, tuple[str, tuple[str, ...], str]]:
+    """Case -> (script, arguments, the text of the one error line)."""
+    (folder / "a_file").write_text("not a folder\n")
+    (folder / "a_dir").mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "scene.png")
+    Image.new("RGB", (8000, 1)).save(folder / "strip.png")
+    _huge_png(folder / "huge.png")
+    save_checkpoint(tiny_model(), folder / "tiny")
+    file, under_file, nowhere = folder / "a_file", folder / "a_file" / "out", folder / "no_such_data"
+    results = folder / "results.json"
+    results.write_text(json.dumps({"metrics": {"mIoU": 0.5, "oIoU": 0.4, "n_samples": 3}, "dataset": "refcoco",
+                                   "split": "val", "protocol": "standard", "task": "res", "label": "ours"}))
+    predict = ("image=" + str(folder / "scene.png"), "expressions=[the circle]", f"checkpoint={folder / 'no_such_checkpoint'}", "device=cpu")
+    evaluate = ("dataset=shapeworld", f"dataset.root={nowhere}", "device=cpu", "progress=false")
+    train = ("model=tiny", "dataset=shapeworld", f"dataset.root={nowhere}", f"run_dir={folder / 'run'}", "device=cpu")
+    return {
+        "predict out_dir under a file": ("predict.py", (*predict, f"out_dir={under_file}"), f"out_dir={under_file}: {file} is a file"),
+        "predict without image": ("predict.py", ("expressions=[the circle]", "device=cpu"), "image: missing; give image="),
+        "predict without expressions": ("predict.py", (f"image={folder / 'scene.png'}", "device=cpu"), "expressions: missing; give expressions="),
+        "predict 14000x14000 image": (
+            "predict.py", (*predict[1:], f"image={folder / 'huge.png'}", f"out_dir={folder / 'out'}"), f"{folder / 'huge.png'}: too large to decode safely"),
+        "predict 8000x1 image": (
+            "predict.py", (*predict[1:3], f"checkpoint={folder / 'tiny'}", f"image={folder / 'strip.png'}", f"out_dir={folder / 'out'}"),
+            f"{folder / 'strip.png'}: a 8000x1 image is too elongated"),
+        "eval metrics_out under a file": ("eval.py", (*evaluate, f"metrics_out={under_file}"), f"metrics_out={under_file}: {file} is a file"),
+        "eval samples_out is a directory": ("eval.py", (*evaluate, f"samples_out={folder / 'a_dir'}"), f"samples_out={folder / 'a_dir'}: is a directory"),
+        "table --out-md under a file": ("make_table.py", (str(folder / "missing.json"), "--out-md", str(under_file)), f"--out-md={under_file}: {file} is a file"),
+        "table unknown --metric": ("make_table.py", (str(results), "--metric", "mIOU"), "--metric mIOU: not a metric of these results; they have mIoU, oIoU"),
+        "train batch_size=0": ("train.py", (*train, "train.batch_size=0"), "train.batch_size=0: must be an integer >= 1"),
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every case run once, two at a time (each run is mostly Python start-up)."""
+    folder = tmp_path_factory.mktemp("errors")
+    cases = _cases(folder)
+
+    def run(item):
+        name, (script, arguments, _) = item
+        return name, run_script(script, *arguments, cwd=folder)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return {name: (cases[name][2], result) for name, result in pool.map(run, cases.items())}
+
+
+CASES = [
+    "predict out_dir under a file", "predict without image", "predict without expressions", "predict 14000x14000 image",
+    "predict 8000x1 image", "eval metrics_out under a file", "eval samples_out is a directory", "table --out-md under a file",
+    "table unknown --metric", "train batch_size=0",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_one_line_naming_the_problem_exit_2(runs, case):
+    expected, result = runs[case]
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("batch_size", 0, "train.batch_size=0: must be an integer >= 1"),
+        ("batch_size", 2.5, "train.batch_size=2.5: must be an integer >= 1"),
+        ("batch_size", True, "train.batch_size=True: must be an integer >= 1"),
+        ("lr", "abc", "train.lr=abc: must be a number >= 0"),
+        ("lr", float("nan"), "train.lr=nan: must be a number >= 0"),
+        ("workers", -1, "train.workers=-1: must be an integer >= 0"),
+        ("workers", "2.0", "train.workers=2.0: must be an integer >= 0"),
+        ("epochs", None, "train.epochs=None: must be an integer >= 1"),
+        ("max_steps_per_epoch", 0, "train.max_steps_per_epoch=0: must be an integer >= 1 (or null)"),
+    ],
+)
+def test_bad_train_options_are_named(key, value, message):
+    with pytest.raises(ConfigError) as error:
+        check_train_options({**GOOD_TRAIN, key: value})
+    assert str(error.value) == message
+
+
+def test_good_train_options_pass():
+    check_train_options(GOOD_TRAIN)
+    check_train_options({**GOOD_TRAIN, "lr": "1e-4", "workers": "2", "grad_clip": None, "max_steps_per_epoch": None})
+    check_train_options(OmegaConf.load(REPO / "configs" / "train.yaml").train)
+
+
+def test_output_paths(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_dir").mkdir()
+    check_output_file(tmp_path / "new" / "deeper" / "results.json", "metrics_out")  # folders are made later
+    check_output_file(tmp_path / "a_file", "metrics_out")  # replaced
+    check_output_dir(tmp_path / "a_dir", "out_dir")
+    check_output_dir(tmp_path / "new" / "out", "out_dir")
+    check_output_file(None, "samples_out")
+    for check, path, message in [
+        (check_output_file, tmp_path / "a_dir", f"metrics_out={tmp_path / 'a_dir'}: is a directory; give a file name"),
+        (check_output_file, tmp_path / "a_file" / "x" / "r.json", f"metrics_out={tmp_path / 'a_file' / 'x' / 'r.json'}: {tmp_path / 'a_file'} is a file"),
+        (check_output_dir, tmp_path / "a_file", f"metrics_out={tmp_path / 'a_file'}: is a file; give a folder"),
+        (check_output_dir, tmp_path / "a_file" / "out", f"metrics_out={tmp_path / 'a_file' / 'out'}: {tmp_path / 'a_file'} is a file"),
+    ]:
+        with pytest.raises(ConfigError) as error:
+            check(path, "metrics_out")
+        assert str(error.value).startswith(message)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_unwritable_folder_is_named(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        result = run_script("make_table.py", str(tmp_path / "missing.json"), "--out-md", str(locked / "table.md"))
+    finally:
+        locked.chmod(0o755)
+    assert result.returncode == 2 and f"the folder {locked} is not writable" in result.stderr
