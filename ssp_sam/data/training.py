@@ -17,7 +17,7 @@ such refs the box [0, 0, 0, 0] and its transforms add the letterbox shift before
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -41,8 +41,10 @@ class ReferringTrainingSet(Dataset):
         tokens: (77,) token ids of one expression of the referent.
         sam_embedding: (C, h, w) cached SAM embedding of the image; absent without a cache
             (the REC pretraining stage, which does not run SAM).
-        mask: (S/2, S/2) float 0/1 GT in the padded SAM frame (all zero for no-target); absent
-            when ``need_masks`` is False (the REC stage trains on boxes only).
+        mask: (S/2, S/2) float 0/1 GT in the padded SAM frame (all zero for no-target), made by
+            ``mask_frame(mask (H, W) bool, S)``: pixel-centred nearest by default, the release's
+            own processing when the trainer says so (``train.mask_target``); absent when
+            ``need_masks`` is False (the REC stage trains on boxes only).
         box: (4,) GT (cx, cy, w, h) normalised to the CLIP square; for no-target the letterbox's
             top-left corner (offset_x / S_clip, offset_y / S_clip, 0, 0), as the release.
         index: () the sample's index (for debugging and tests).
@@ -60,6 +62,7 @@ class ReferringTrainingSet(Dataset):
         need_masks: bool = True,
         expression_weights: Mapping[str, float] | None = None,
         expression_weight_key: str = "kind",
+        mask_frame: Callable[[np.ndarray, int], Tensor] = mask_to_padded_frame,
     ) -> None:
         self.dataset = dataset
         self.cache = cache
@@ -69,6 +72,7 @@ class ReferringTrainingSet(Dataset):
         self.seed = seed
         self.augment = augment
         self.need_masks = need_masks
+        self.mask_frame = mask_frame
         self.epoch = 0
         self.expression_weights = dict(expression_weights or {})
         self.expression_weight_key = expression_weight_key
@@ -105,7 +109,7 @@ class ReferringTrainingSet(Dataset):
             item["sam_embedding"] = self.cache.get(sample.image_path)
         if self.need_masks:
             mask = np.zeros(image.shape[:2], dtype=bool) if sample.no_target else sample.mask()
-            item["mask"] = mask_to_padded_frame(mask, self.sam_image_size)
+            item["mask"] = self.mask_frame(mask, self.sam_image_size)
         return item
 
     def _draw_sentence(self, sample: ReferringSample, rng: np.random.Generator) -> int:
