@@ -1,7 +1,14 @@
-"""Evaluation metrics of referring expression segmentation: RES, GRES (gRefCOCO) and SSP-SAM's GRES variant.
+"""Evaluation arithmetic of referring expression segmentation: RES, GRES (gRefCOCO) and the SSP-SAM release's.
 
 The definitions are the field's (see metrics.md in the project specs); results are only comparable with
-published tables when they are followed exactly. All masks are compared at the original image resolution.
+published tables when they are followed exactly. The classes here only count: they score whatever pair
+of masks they are given. Where the masks are compared (original resolution, the release's 512x512
+padded frame, ReLA's 480x480) is the evaluation protocol's business (``ssp_sam.engine.protocols``).
+
+- :class:`RESMetrics`: mIoU, oIoU, Pr@X (IoU >= X) and REC box accuracy.
+- :class:`GRESMetrics`: the gRefCOCO protocol as ReLA computes it (gIoU, cIoU, N-acc, T-acc, Pr@X).
+- :class:`SSPSAMReleaseMetrics`: the released SSP-SAM evaluator's own arithmetic, quirks included,
+  under keys ending in " (SSP-SAM release)" so that it is never mistaken for the standard numbers.
 
 Every metric object keeps one small record per sample (plain Python lists of ints, floats, bools and
 strings) instead of running sums, so that the same accumulation can be
@@ -21,13 +28,14 @@ Conventions where the definitions are silent:
   when no boxes were given.
 - ``compute()`` on zero samples (or an unknown group) raises ValueError.
 - Counts ("n_samples", "n_target", "n_no_target") are ints; every other value is a float in [0, 1].
+- IoU >= X is decided on float64 I / U against the decimal X: exact, because a pixel-count ratio
+  that is not X differs from it by at least 1 / (20 U), far above float64 rounding.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -40,14 +48,17 @@ Mask = np.ndarray | torch.Tensor
 PRECISION_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 PRECISION_KEYS = tuple(f"Pr@{threshold}" for threshold in PRECISION_THRESHOLDS)
 REC_IOU_THRESHOLD = 0.5
-SSPSAM_SUFFIX = " (SSP-SAM)"
 
-# The GRES keys whose value depends on the no-target decision, hence differ in SSP-SAM's variant.
-_NO_TARGET_DEPENDENT_KEYS = ("gIoU", "cIoU", "N-acc", "T-acc")
+# The released evaluator's thresholds 0.5:0.05:0.9 (engine.py: 0.5 + 0.05 i in float32, where an IoU of
+# exactly 0.7 reaches 0.7; float64 0.5 + 0.05 * 4 would not, hence the rounding to the decimals).
+RELEASE_SUFFIX = " (SSP-SAM release)"
+RELEASE_PRECISION_THRESHOLDS = tuple(round(0.5 + 0.05 * step, 2) for step in range(9))
+RELEASE_PRECISION_KEYS = tuple(f"Pr@{threshold}{RELEASE_SUFFIX}" for threshold in RELEASE_PRECISION_THRESHOLDS)
 
 RES_KEYS = ("mIoU", "oIoU", *PRECISION_KEYS, "REC-acc")
-GRES_KEYS = (*_NO_TARGET_DEPENDENT_KEYS, *PRECISION_KEYS)
-SSPSAM_GRES_KEYS = (*(f"{key}{SSPSAM_SUFFIX}" for key in _NO_TARGET_DEPENDENT_KEYS), *PRECISION_KEYS)
+GRES_KEYS = ("gIoU", "cIoU", "N-acc", "T-acc", *PRECISION_KEYS)
+RELEASE_RES_KEYS = (f"mIoU{RELEASE_SUFFIX}", f"oIoU{RELEASE_SUFFIX}", *RELEASE_PRECISION_KEYS)
+RELEASE_GRES_KEYS = (*(f"{key}{RELEASE_SUFFIX}" for key in ("gIoU", "cIoU", "N-acc", "T-acc")), *RELEASE_PRECISION_KEYS)
 
 
 def _as_array(mask: Mask) -> np.ndarray:
@@ -75,7 +86,7 @@ def _mask_pair(pred: Mask, gt: Mask) -> tuple[np.ndarray, np.ndarray]:
     if pred_array.shape != gt_array.shape:
         raise ValueError(
             f"pred mask shape {tuple(pred_array.shape)} differs from gt mask shape {tuple(gt_array.shape)}; "
-            "resize the prediction to the original image resolution first"
+            "bring both into the protocol's frame first"
         )
     return _as_bool_mask(pred_array, "pred mask"), _as_bool_mask(gt_array, "gt mask")
 
@@ -121,9 +132,9 @@ def _per_sample_iou(intersections: np.ndarray, unions: np.ndarray) -> np.ndarray
     return np.divide(intersections, unions, out=np.zeros_like(intersections), where=unions > 0)
 
 
-def _precision_at(ious: np.ndarray) -> dict[str, float]:
-    """Pr@X: fraction of IoU_i strictly greater than X, for every X of PRECISION_THRESHOLDS."""
-    return {key: float(np.mean(ious > threshold)) for key, threshold in zip(PRECISION_KEYS, PRECISION_THRESHOLDS)}
+def _precision_at(ious: np.ndarray, thresholds: Sequence[float], keys: Sequence[str]) -> dict[str, float]:
+    """Pr@X: fraction of IoU_i >= X, for every X of ``thresholds`` (named by ``keys``). ious: (N,)."""
+    return {key: float(np.mean(ious >= threshold)) for key, threshold in zip(keys, thresholds)}
 
 
 def _check_group(group: str | None) -> None:
@@ -249,7 +260,7 @@ class _PerSampleMetrics(ABC):
 class RESMetrics(_PerSampleMetrics):
     """Referring expression segmentation (one expression, one target): mIoU, oIoU, Pr@X, REC-acc.
 
-    ``update`` takes one sample: the predicted and GT masks at the original resolution, and
+    ``update`` takes one sample: the predicted and GT masks (in the protocol's frame), and
     optionally the predicted and GT boxes (xyxy pixels) for the REC box accuracy (a hit is a box
     IoU >= 0.5). Boxes are given for every sample or for none, so that "REC-acc" always covers
     all samples.
@@ -291,7 +302,7 @@ class RESMetrics(_PerSampleMetrics):
             "n_samples": len(ious),
             "mIoU": float(ious.mean()),
             "oIoU": _ratio(intersections.sum(), unions.sum()),
-            **_precision_at(ious),
+            **_precision_at(ious, PRECISION_THRESHOLDS, PRECISION_KEYS),
         }
         if rows["box_IoU"][0] is not None:
             box_ious = np.asarray(rows["box_IoU"], dtype=np.float64)
@@ -299,69 +310,27 @@ class RESMetrics(_PerSampleMetrics):
         return summary
 
 
-class _GRESProtocol(_PerSampleMetrics):
-    """Scoring shared by the gRefCOCO protocol and SSP-SAM's variant; they differ in how "no target" is decided.
-
-    A sample is no-target when its GT mask is empty. Per-sample score (averaged into gIoU): a
-    target sample scores the IoU of the predicted mask as given, whatever the no-target decision;
-    a no-target sample scores 1 if "no target" was predicted, else 0. cIoU sums I and U over
-    target samples, plus the predicted area of every no-target sample that was got wrong (its
-    I is 0). Pr@X is over target samples only.
-    """
-
-    @abstractmethod
-    def _pred_no_target(self, rows: dict[str, list]) -> np.ndarray:
-        """The no-target decision of every row, shape (N,) bool."""
-
-    def _append_sample(
-        self, pred_mask: Mask, gt_mask: Mask, group: str | None, sample_id: str | int | None, **values: Any
-    ) -> None:
-        pred, gt = _mask_pair(pred_mask, gt_mask)
-        intersection, union = _count_intersection_union(pred, gt)
-        self._append(group, sample_id, I=intersection, U=union, target=bool(gt.any()), **values)
-
-    def _scores(self, rows: dict[str, list]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Mask IoU, no-target decision and per-sample gIoU score of the rows, each of shape (N,)."""
-        ious = self._counts(rows)[2]
-        is_target = np.asarray(rows["target"], dtype=bool)
-        pred_no_target = self._pred_no_target(rows)
-        return ious, pred_no_target, np.where(is_target, ious, pred_no_target.astype(np.float64))
-
-    def _summarize(self, rows: dict[str, list]) -> dict[str, float | int]:
-        intersections, unions, _ = self._counts(rows)
-        ious, pred_no_target, scores = self._scores(rows)
-        is_target = np.asarray(rows["target"], dtype=bool)
-        # A no-target GT is empty, so its I is 0 and its U is the predicted area: the sum of I
-        # needs no masking, and its U enters the union only when "no target" was missed.
-        counted_unions = np.where(is_target | ~pred_no_target, unions, 0)
-        n_target = int(is_target.sum())
-        n_no_target = len(is_target) - n_target
-        summary: dict[str, float | int] = {
-            "n_samples": len(is_target),
-            "n_target": n_target,
-            "n_no_target": n_no_target,
-            "gIoU": float(scores.mean()),
-            "cIoU": _ratio(intersections.sum(), counted_unions.sum()),
-        }
-        if n_no_target:
-            summary["N-acc"] = float(pred_no_target[~is_target].mean())
-        if n_target:
-            summary["T-acc"] = float((~pred_no_target[is_target]).mean())
-            summary.update(_precision_at(ious[is_target]))
-        return summary
-
-    def _derived(self, rows: dict[str, list]) -> dict[str, list]:
-        ious, pred_no_target, scores = self._scores(rows)
-        return {"pred_no_target": pred_no_target.tolist(), "IoU": ious.tolist(), "score": scores.tolist()}
+def _mask_counts(pred_mask: Mask, gt_mask: Mask) -> tuple[int, int, bool, int]:
+    """I, U, whether the GT has a target, and the predicted area of one (pred, gt) pair."""
+    pred, gt = _mask_pair(pred_mask, gt_mask)
+    intersection, union = _count_intersection_union(pred, gt)
+    return intersection, union, bool(gt.any()), int(np.count_nonzero(pred))
 
 
-class GRESMetrics(_GRESProtocol):
-    """Generalized RES, the gRefCOCO protocol of ReLA: gIoU, cIoU, N-acc, T-acc and Pr@X.
+class GRESMetrics(_PerSampleMetrics):
+    """Generalized RES, the gRefCOCO protocol as ReLA computes it: gIoU, cIoU, N-acc, T-acc and Pr@X.
 
-    ``update`` takes the predicted mask and the model's own no-target decision. The mask of a
-    target sample is scored as given even when the model said "no target": a model that blanks
-    its mask on "no target" must pass the blank mask. "N-acc" is left out without no-target
-    samples, "T-acc" and "Pr@X" without target samples.
+    A sample is no-target when its GT mask is empty. ``update`` takes the predicted mask and the
+    model's no-target decision (SSP-SAM has no no-target head: its decision is an almost empty
+    mask, ``Prediction.no_target``). Per sample, as ReLA's evaluator:
+
+    - target, said "target": I and U of the masks; score I / U.
+    - target, said "no target": I = 0, U = |pred OR gt| kept; score 0.
+    - no-target, said "no target": adds nothing to cIoU; score 1.
+    - no-target, said "target": I = 0, U = |pred| (the GT is empty); score 0.
+
+    gIoU is the mean score, cIoU = sum I / sum U, Pr@X is over target samples (score >= X).
+    "N-acc" is left out without no-target samples, "T-acc" and "Pr@X" without target samples.
     """
 
     _extra_columns = ("target", "pred_no_target")
@@ -378,59 +347,109 @@ class GRESMetrics(_GRESProtocol):
             pred_no_target = pred_no_target.item()
         if not isinstance(pred_no_target, (bool, np.bool_)):
             raise ValueError(f"pred_no_target must be a bool, got {pred_no_target!r}")
-        self._append_sample(pred_mask, gt_mask, group, sample_id, pred_no_target=bool(pred_no_target))
+        intersection, union, target, _ = _mask_counts(pred_mask, gt_mask)
+        self._append(group, sample_id, I=intersection, U=union, target=target, pred_no_target=bool(pred_no_target))
 
-    def _pred_no_target(self, rows: dict[str, list]) -> np.ndarray:
-        return np.asarray(rows["pred_no_target"], dtype=bool)
+    def _scored(self, rows: dict[str, list]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Counted I, counted U and the gIoU score of every row, each of shape (N,)."""
+        intersections, unions, _ = self._counts(rows)
+        is_target = np.asarray(rows["target"], dtype=bool)
+        said_no_target = np.asarray(rows["pred_no_target"], dtype=bool)
+        counted_i = np.where(said_no_target, 0, intersections)  # a no-target GT has I = 0 anyway
+        counted_u = np.where(~is_target & said_no_target, 0, unions)
+        scores = np.where(is_target, _per_sample_iou(counted_i, counted_u), said_no_target.astype(np.float64))
+        return counted_i, counted_u, scores
+
+    def _summarize(self, rows: dict[str, list]) -> dict[str, float | int]:
+        counted_i, counted_u, scores = self._scored(rows)
+        is_target = np.asarray(rows["target"], dtype=bool)
+        said_no_target = np.asarray(rows["pred_no_target"], dtype=bool)
+        n_target = int(is_target.sum())
+        n_no_target = len(is_target) - n_target
+        summary: dict[str, float | int] = {
+            "n_samples": len(is_target),
+            "n_target": n_target,
+            "n_no_target": n_no_target,
+            "gIoU": float(scores.mean()),
+            "cIoU": _ratio(counted_i.sum(), counted_u.sum()),
+        }
+        if n_no_target:
+            summary["N-acc"] = float(said_no_target[~is_target].mean())
+        if n_target:
+            summary["T-acc"] = float((~said_no_target[is_target]).mean())
+            summary.update(_precision_at(scores[is_target], PRECISION_THRESHOLDS, PRECISION_KEYS))
+        return summary
+
+    def _derived(self, rows: dict[str, list]) -> dict[str, list]:
+        """The mask IoU as drawn, and the sample's gIoU score (0 for a target called "no target")."""
+        return {"IoU": self._counts(rows)[2].tolist(), "score": self._scored(rows)[2].tolist()}
 
 
-class SSPSAMGRESMetrics(_GRESProtocol):
-    """SSP-SAM's own GRES variant (its paper's gRefCOCO table); report it separately, under its own keys.
+class SSPSAMReleaseMetrics(_PerSampleMetrics):
+    """The released SSP-SAM evaluator's arithmetic (its engine.py and metric/mask_op.py), quirks included.
 
-    SSP-SAM has no no-target head: "no target" is read off an (almost) empty mask, i.e. a
-    predicted mask with fewer than ``empty_threshold`` pixels in the 512x512 padded SAM frame
-    (``pred_area_padded``). A no-target sample scores 1 in that case, else 0, and only in the
-    wrong case is its predicted area at original resolution (|pred_mask|) added to the cIoU union.
-    Target samples are scored as in :class:`GRESMetrics`; "T-acc" counts the target samples whose
-    padded area reaches the threshold. Output keys carry the suffix " (SSP-SAM)" (see
-    ``SSPSAM_GRES_KEYS``) except the counts and Pr@X, whose definitions are those of GRESMetrics.
+    Its paper's RES and GRES tables come from it; feed it masks in the release's frame (the
+    ``ssp_sam_release`` protocol). One arithmetic for RES and GRES; per sample:
+
+    - GT with a target: I, U and IoU = I / U of the masks as given (a small prediction is not
+      read as "no target" here).
+    - empty GT: a prediction with fewer than ``empty_threshold`` pixels scores IoU 1 with
+      I = U = 0; a larger one scores 0 with I = 0, U = |pred|.
+
+    Reported under keys ending in " (SSP-SAM release)" (``RELEASE_RES_KEYS``, ``RELEASE_GRES_KEYS``):
+    the mean IoU ("mIoU" for ``task="res"``, "gIoU" for "gres"), sum I / sum U ("oIoU" / "cIoU")
+    and Pr@X for X in 0.5:0.05:0.9 over *all* samples (IoU >= X, no-target ones at 1 or 0). For
+    GRES also the release's "N-acc" = samples with IoU == 1 (perfect targets included) / no-target
+    samples, and "T-acc" = samples with 0 < IoU < 1 / target samples, each left out when its
+    denominator is 0 (the release prints them only when some GT is empty).
     """
 
-    _extra_columns = ("target", "pred_area_padded")
+    _extra_columns = ("target", "pred_area")
 
-    def __init__(self, empty_threshold: int = 50) -> None:
+    def __init__(self, task: str, empty_threshold: int = 50) -> None:
+        if task not in ("res", "gres"):
+            raise ValueError(f"task must be 'res' or 'gres', got {task!r}")
         if isinstance(empty_threshold, bool) or not isinstance(empty_threshold, int) or empty_threshold < 1:
             raise ValueError(f"empty_threshold must be a positive int (pixels), got {empty_threshold!r}")
         super().__init__()
+        self.task = task
         self.empty_threshold = empty_threshold
 
     def _config(self) -> dict[str, Any]:
-        return {"empty_threshold": self.empty_threshold}
+        return {"task": self.task, "empty_threshold": self.empty_threshold}
 
-    def update(
-        self,
-        pred_mask: Mask,
-        gt_mask: Mask,
-        pred_area_padded: int,
-        group: str | None = None,
-        sample_id: str | int | None = None,
-    ) -> None:
-        try:
-            pred_area_padded = operator.index(pred_area_padded)
-        except TypeError:
-            raise ValueError(f"pred_area_padded must be an int pixel count, got {pred_area_padded!r}") from None
-        if pred_area_padded < 0:
-            raise ValueError(f"pred_area_padded must be >= 0, got {pred_area_padded}")
-        self._append_sample(pred_mask, gt_mask, group, sample_id, pred_area_padded=int(pred_area_padded))
+    def update(self, pred_mask: Mask, gt_mask: Mask, group: str | None = None, sample_id: str | int | None = None) -> None:
+        intersection, union, target, pred_area = _mask_counts(pred_mask, gt_mask)
+        self._append(group, sample_id, I=intersection, U=union, target=target, pred_area=pred_area)
 
-    def _pred_no_target(self, rows: dict[str, list]) -> np.ndarray:
-        return np.asarray(rows["pred_area_padded"], dtype=np.int64) < self.empty_threshold
+    def _scored(self, rows: dict[str, list]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The release's I, U and IoU of every row, each of shape (N,)."""
+        intersections, unions, ious = self._counts(rows)
+        is_target = np.asarray(rows["target"], dtype=bool)
+        small = np.asarray(rows["pred_area"], dtype=np.int64) < self.empty_threshold
+        counted_u = np.where(~is_target & small, 0, unions)
+        scores = np.where(is_target, ious, small.astype(np.float64))
+        return intersections, counted_u, scores
 
     def _summarize(self, rows: dict[str, list]) -> dict[str, float | int]:
-        return {
-            f"{key}{SSPSAM_SUFFIX}" if key in _NO_TARGET_DEPENDENT_KEYS else key: value
-            for key, value in super()._summarize(rows).items()
+        intersections, unions, ious = self._scored(rows)
+        mean_key, overall_key = ("gIoU", "cIoU") if self.task == "gres" else ("mIoU", "oIoU")
+        summary: dict[str, float | int] = {
+            f"{mean_key}{RELEASE_SUFFIX}": float(ious.mean()),
+            f"{overall_key}{RELEASE_SUFFIX}": _ratio(intersections.sum(), unions.sum()),
         }
+        if self.task == "gres":
+            is_target = np.asarray(rows["target"], dtype=bool)
+            n_target = int(is_target.sum())
+            if n_target < len(is_target):
+                summary[f"N-acc{RELEASE_SUFFIX}"] = float((ious == 1).sum() / (len(is_target) - n_target))
+            if n_target:
+                summary[f"T-acc{RELEASE_SUFFIX}"] = float(((ious > 0) & (ious < 1)).sum() / n_target)
+        summary.update(_precision_at(ious, RELEASE_PRECISION_THRESHOLDS, RELEASE_PRECISION_KEYS))
+        return summary
+
+    def _derived(self, rows: dict[str, list]) -> dict[str, list]:
+        return {f"IoU{RELEASE_SUFFIX}": self._scored(rows)[2].tolist()}
 
 
 def _format_cell(key: str, value: float | int | None) -> str:

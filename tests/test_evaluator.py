@@ -14,7 +14,7 @@ import runpy
 import shlex
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -28,14 +28,15 @@ import fixtures_official as fx
 import ssp_sam
 import ssp_sam.model
 from conftest import REPO, run_script, tiny_model
-from ssp_sam.backbones.sam import SAMImageTransform
 from ssp_sam.checkpoint import WEIGHTS_FILE, save_checkpoint
-from ssp_sam.data.embedding_cache import build_cache, image_key, module_fingerprint
+from ssp_sam.data.embedding_cache import EmbeddingCache, EncoderIdentity, module_fingerprint
 from ssp_sam.data.registry import load_dataset
+from ssp_sam.engine.caching import build_cache
 from ssp_sam.engine.evaluator import evaluate
 from ssp_sam.engine.reporting import write_results
-from ssp_sam.errors import CacheError
-from ssp_sam.metrics import PRECISION_KEYS
+from ssp_sam.engine.protocols import ReleaseProtocol, release_gt_frame
+from ssp_sam.errors import CacheError, ConfigError
+from ssp_sam.metrics import PRECISION_KEYS, RELEASE_PRECISION_KEYS
 from ssp_sam.predictor import Prediction, Predictor
 
 # pycocotools' decode trips numpy 2's __array__(copy=...) deprecation; not ours to fix.
@@ -69,12 +70,17 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
+FRAME = 32  # the tiny model's padded SAM frame (64 / 2); the fixture images (12 x 16) fill its top 24 rows
+
+
 @dataclass
 class Answer:
+    """A stub's answer: the mask at the original resolution and, for the release's protocol, in its frame."""
+
     mask: np.ndarray
     box: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
     no_target: bool = False
-    padded_area: int = 100
+    padded: np.ndarray = field(default_factory=lambda: np.zeros((FRAME, FRAME), dtype=bool))
 
 
 class StubPredictor(Predictor):
@@ -97,7 +103,9 @@ class StubPredictor(Predictor):
     @staticmethod
     def _prediction_for(text: str, answer: Answer) -> Prediction:
         logits = np.where(answer.mask, 1.0, -1.0).astype(np.float32)
-        return Prediction(text, answer.mask, logits, np.asarray(answer.box, dtype=np.float32), 1.0, answer.no_target, answer.padded_area)
+        padded_logits = np.where(answer.padded, 1.0, -1.0).astype(np.float32)
+        return Prediction(text, answer.mask, logits, np.asarray(answer.box, dtype=np.float32), 1.0, answer.no_target,
+                          int(answer.padded.sum()), padded_logits)
 
 
 RES_VAL_ANSWERS = {  # unc val: image 102, refs 2 (crowd, 3 sentences) and 3 (L shape, 2 sentences)
@@ -118,13 +126,13 @@ def test_res_metrics_equal_hand_computed(data_root):
         "mIoU": sum(ious) / 5,
         "oIoU": (12 + 9 + 0 + 14 + 26) / (12 + 15 + 12 + 26 + 192),
         "Pr@0.5": 3 / 5,  # 1, 0.6, 0.538
-        "Pr@0.6": 1 / 5,  # strictly greater: 0.6 does not count
+        "Pr@0.6": 2 / 5,  # IoU >= X: 0.6 counts
         "Pr@0.7": 1 / 5, "Pr@0.8": 1 / 5, "Pr@0.9": 1 / 5,
         "REC-acc": 3 / 5,  # box IoUs 1, 0.6, 0, 0.25, 1
     }
     assert result.metrics.keys() == expected.keys()
     assert result.metrics == pytest.approx(expected)
-    assert (result.task, result.n_images, result.n_samples, result.by_group) == ("res", 1, 5, {})
+    assert (result.task, result.protocol, result.n_images, result.n_samples, result.by_group) == ("res", "standard", 1, 5, {})
     rows = [(r["sample_id"], r["sentence"], r["expression"], r["I"], r["U"]) for r in result.per_sample]
     assert rows == [("2", 0, "crowd at the bottom", 12, 12), ("2", 1, "bottom people", 9, 15), ("2", 2, "people", 0, 12),
                     ("3", 0, "the l shape", 14, 26), ("3", 1, "bent thing", 26, 192)]
@@ -152,35 +160,38 @@ def test_res_groups_come_from_sentence_meta(data_root):
 
 
 GRES_VAL_ANSWERS = {  # val: image 102, ref 1 (the crowd, kind A) and no-target ref 2 (kind N, two sentences)
-    "the crowd": Answer(CROWD_SHIFTED, no_target=False, padded_area=100),  # IoU 0.6
-    "the purple star": Answer(EMPTY, no_target=True, padded_area=1),  # right in both protocols
-    # The model says "no target" but its 4 px mask covers 5 padded pixels >= the tiny model's
-    # threshold of 2: right for gRefCOCO's protocol, wrong for SSP-SAM's (which adds 4 px to the union).
-    "the giraffe": Answer(fx.rect_mask(0, 0, 2, 2), no_target=True, padded_area=5),
+    # ref 1's GT is ann 2004's rectangle (1, 8)-(5, 11) alone (its crowd ann 2003 is no part of it): 12 px
+    "the crowd": Answer(CROWD_SHIFTED),  # IoU 9 / 15 = 0.6
+    "the purple star": Answer(EMPTY, no_target=True),  # right
+    "the giraffe": Answer(fx.rect_mask(0, 0, 2, 2), no_target=True),  # right: its 4 px mask is not counted
 }
 
 
-def test_gres_both_protocols_equal_hand_computed(data_root):
+def test_gres_standard_protocol_equals_hand_computed(data_root):
     stub = StubPredictor(GRES_VAL_ANSWERS)
     result = evaluate(stub, load_dataset(_grefcoco_cfg(data_root, "val")), progress=False)
     expected = {
         "n_samples": 3, "n_target": 1, "n_no_target": 2,
         "gIoU": (0.6 + 1 + 1) / 3, "cIoU": 9 / 15, "N-acc": 1.0, "T-acc": 1.0,
-        "Pr@0.5": 1.0, "Pr@0.6": 0.0, "Pr@0.7": 0.0, "Pr@0.8": 0.0, "Pr@0.9": 0.0,
-        "gIoU (SSP-SAM)": (0.6 + 1 + 0) / 3, "cIoU (SSP-SAM)": 9 / (15 + 4), "N-acc (SSP-SAM)": 0.5, "T-acc (SSP-SAM)": 1.0,
+        "Pr@0.5": 1.0, "Pr@0.6": 1.0, "Pr@0.7": 0.0, "Pr@0.8": 0.0, "Pr@0.9": 0.0,
     }
-    assert result.metrics.keys() == expected.keys()
+    assert (result.protocol, result.metrics.keys()) == ("standard", expected.keys())
     assert result.metrics == pytest.approx(expected)
     assert sorted(result.by_group) == ["A", "N"]
     assert result.by_group["A"]["gIoU"] == pytest.approx(0.6)
-    assert result.by_group["N"]["N-acc"] == 1.0 and result.by_group["N"]["N-acc (SSP-SAM)"] == 0.5
+    assert result.by_group["N"]["N-acc"] == 1.0
     giraffe = result.per_sample[2]
-    assert (giraffe["expression"], giraffe["target"], giraffe["pred_no_target"], giraffe["pred_no_target (SSP-SAM)"]) == (
-        "the giraffe", False, True, False)
+    assert (giraffe["expression"], giraffe["target"], giraffe["pred_no_target"], giraffe["U"]) == ("the giraffe", False, True, 4)
     assert len(stub.encoded) == 1
 
+    # The crowd called "no target" (its mask unchanged): I = 0, U = 15 kept (ReLA), so its score is 0,
+    # gIoU = (0 + 1 + 1) / 3, cIoU = 0 / 15, T-acc = 0, every Pr@X = 0.
+    said_none = StubPredictor({**GRES_VAL_ANSWERS, "the crowd": Answer(CROWD_SHIFTED, no_target=True)})
+    result = evaluate(said_none, load_dataset(_grefcoco_cfg(data_root, "val")), progress=False)
+    assert result.metrics == pytest.approx({**expected, "gIoU": 2 / 3, "cIoU": 0.0, "T-acc": 0.0, **dict.fromkeys(PRECISION_KEYS, 0.0)})
 
-def test_gres_results_file_keeps_both_protocols_and_hashes_a_release_file(data_root, tmp_path):
+
+def test_gres_results_file_names_its_protocol_and_hashes_a_release_file(data_root, tmp_path):
     result = evaluate(StubPredictor(GRES_VAL_ANSWERS), load_dataset(_grefcoco_cfg(data_root, "val")), progress=False)
     release = tmp_path / "ssp_sam_224.pth"
     release.write_bytes(b"not really weights" * 1000)
@@ -188,10 +199,108 @@ def test_gres_results_file_keeps_both_protocols_and_hashes_a_release_file(data_r
     write_results(out, result, {"name": "grefcoco", "split": "val"}, "ssp_sam_224", release, "python scripts/eval.py dataset=grefcoco")
     record = json.loads(out.read_text())
     assert record["checkpoint_sha256"] == hashlib.sha256(b"not really weights" * 1000).hexdigest()
-    assert list(record["metrics"]) == ["n_samples", "n_target", "n_no_target", "gIoU", "cIoU", "N-acc", "T-acc", *PRECISION_KEYS,
-                                       "gIoU (SSP-SAM)", "cIoU (SSP-SAM)", "N-acc (SSP-SAM)", "T-acc (SSP-SAM)"]
-    assert record["by_group"]["N"]["gIoU (SSP-SAM)"] == pytest.approx(0.5)
-    assert (record["task"], record["label"], record["n_samples"]) == ("gres", "ssp_sam_224", 3)
+    assert list(record["metrics"]) == ["n_samples", "n_target", "n_no_target", "gIoU", "cIoU", "N-acc", "T-acc", *PRECISION_KEYS]
+    assert (record["task"], record["protocol"], record["label"], record["n_samples"]) == ("gres", "standard", "ssp_sam_224", 3)
+
+
+def _frame_rect(x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    """Rows y0..y1-1, columns x0..x1-1 of the tiny model's 32 x 32 padded frame."""
+    return fx.rect_mask(x0, y0, x1, y1, height=FRAME, width=FRAME)
+
+
+# The release's GT of ann 2004, the rectangle x in [1, 5), y in [8, 11) of the 12 x 16 image, in the tiny
+# model's frame (SAM input 64: the image is resized to 48 x 64, scale 4, then the frame keeps every other
+# pixel). PIL's bilinear upscaling by 4 gives an output pixel x (centre at (x + 0.5) / 4 in input units) a
+# positive weight from input pixel j when |j + 0.5 - (x + 0.5) / 4| < 1, so the rectangle's columns
+# 1..4 reach x = 4 * 1 - 2 = 2 ... 4 * 5 + 1 = 21 and its rows 8..10 reach y = 30 ... 45 (every pixel > 0
+# is kept). The frame takes the even ones: columns 2..20 -> 1..10 and rows 30..44 -> 15..22, 10 x 8 = 80 px.
+# (A plain nearest resize would give columns 2..9 and rows 16..21, 48 px.)
+RELEASE_GT_2004 = _frame_rect(1, 15, 11, 23)
+
+GRES_RELEASE_ANSWERS = {
+    # the release's GT exactly: I = U = 80, IoU 1 (which the release's "N-acc" counts, and its "T-acc" does not)
+    "the crowd": Answer(CROWD_SHIFTED, padded=RELEASE_GT_2004),
+    # 1 px < the tiny model's 2: "no target", right: IoU 1, U = 0
+    "the purple star": Answer(EMPTY, no_target=True, padded=_frame_rect(0, 0, 1, 1)),
+    # 4 px >= 2 in the frame: a target, wrong (the model's own flag is not used): IoU 0, U = 4
+    "the giraffe": Answer(fx.rect_mask(0, 0, 2, 2), no_target=True, padded=_frame_rect(0, 0, 2, 2)),
+}
+GRES_RELEASE_EXPECTED = {
+    # the standard arithmetic in the frame: scores 1, 1, 0
+    "n_samples": 3, "n_target": 1, "n_no_target": 2,
+    "gIoU": 2 / 3, "cIoU": 80 / (80 + 0 + 4), "N-acc": 0.5, "T-acc": 1.0, **dict.fromkeys(PRECISION_KEYS, 1.0),
+    # the release's: IoUs 1, 1, 0; "N-acc" = IoU == 1 (2) / 2 no-target; "T-acc" = 0 < IoU < 1 (none) / 1 target;
+    # Pr@X over all three samples
+    "gIoU (SSP-SAM release)": 2 / 3, "cIoU (SSP-SAM release)": 80 / 84,
+    "N-acc (SSP-SAM release)": 1.0, "T-acc (SSP-SAM release)": 0.0, **dict.fromkeys(RELEASE_PRECISION_KEYS, 2 / 3),
+}
+
+
+def test_release_gt_frame_by_hand():
+    # A 2 x 4 image with one pixel (row 0, column 1), SAM input 8: resized to 4 x 8 (scale 2), frame 4 x 4.
+    # PIL's bilinear weight of input pixel j on output pixel x (centre (x + 0.5) / 2) is positive when
+    # |j + 0.5 - (x + 0.5) / 2| < 1, i.e. x in {2j - 1, ..., 2j + 2}: columns 1..4 and rows 0..2 (row -1 is
+    # outside). Every pixel > 0 is kept; the frame keeps the even ones: columns 2, 4 -> 1, 2; rows 0, 2 -> 0, 1.
+    mask = np.zeros((2, 4), dtype=bool)
+    mask[0, 1] = True
+    expected = np.zeros((4, 4), dtype=bool)
+    expected[0:2, 1:3] = True
+    np.testing.assert_array_equal(release_gt_frame(mask, 8), expected)
+    assert not release_gt_frame(np.zeros((2, 4), dtype=bool), 8).any()
+    # The fixture's ann 2004 in the tiny model's frame (derivation at RELEASE_GT_2004)
+    np.testing.assert_array_equal(release_gt_frame(fx.ANN_MASKS[2004], 64), RELEASE_GT_2004)
+
+
+def test_release_prediction_is_sigmoid_at_least_one_half():
+    # The release keeps sigmoid(logit) >= 0.5: a logit of exactly 0 is foreground (our mask keeps logit > 0)
+    padded = np.full((FRAME, FRAME), -1.0, dtype=np.float32)
+    padded[0, :3] = [0.0, -0.01, 2.0]
+    prediction = StubPredictor._prediction_for("x", Answer(EMPTY))
+    prediction.padded_logits = padded
+    mask, no_target = ReleaseProtocol(sam_image_size=64, no_target_pixels=2).prediction(prediction)
+    assert (mask.shape, int(mask.sum()), bool(mask[0, 0]), bool(mask[0, 1]), no_target) == ((FRAME, FRAME), 2, True, False, False)
+
+
+def _band(x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    return fx.rect_mask(x0, y0, x1, y1)
+
+
+def test_rela_protocol_counts_pixels_at_480(data_root):
+    # 480 x 480 from 12 x 16: 40 output rows per input row, 30 columns per input column. Polygons are scaled and
+    # rasterised there (ann 2004: x 30..150, y 320..440 = 120 x 120), RLEs resized by nearest (ann 2001: the
+    # same rectangle, kept as REFER keeps it, though real RefCOCO refs never point to a crowd; the L of
+    # ann 2002: bar x 90..150, y 80..360 = 16800, foot x 150..330, y 280..360 = 14400).
+    # The predictions are full-height or full-width bands: their +-1 logits vary along one axis only, so the
+    # bilinear resize crosses 0 exactly on the scaled pixel edges (a rectangle's corners would be rounded off).
+    answers = {
+        "crowd at the bottom": Answer(_band(1, 0, 5, 12)),  # x 30..150, all rows: 57600 px, holds the GT
+        "bottom people": Answer(_band(0, 8, 16, 11)),  # y 320..440, all columns: 57600 px, holds the GT
+        "people": Answer(EMPTY),
+        "the l shape": Answer(_band(3, 0, 5, 12)),  # x 90..150: 28800 px, holds the bar: U = 28800 + 14400
+        "bent thing": Answer(FULL),  # 230400 px
+    }
+    res = evaluate(StubPredictor(answers), load_dataset(_refer_cfg(data_root, "val")), progress=False, protocol="rela")
+    assert [(r["I"], r["U"]) for r in res.per_sample] == [
+        (14400, 57600), (14400, 57600), (0, 14400), (16800, 43200), (31200, 230400)]
+    assert res.protocol == "rela"
+    assert res.metrics["oIoU"] == pytest.approx((14400 + 14400 + 16800 + 31200) / (57600 + 57600 + 14400 + 43200 + 230400))
+
+    answers = {
+        "the crowd": Answer(_band(0, 8, 16, 11)),  # holds ann 2004's 14400 px: IoU 0.25
+        "the purple star": Answer(EMPTY, no_target=True),
+        "the giraffe": Answer(_band(0, 0, 2, 12)),  # said "target": U = 60 x 480
+    }
+    gres = evaluate(StubPredictor(answers), load_dataset(_grefcoco_cfg(data_root, "val")), progress=False, protocol="rela")
+    assert [(r["I"], r["U"]) for r in gres.per_sample] == [(14400, 57600), (0, 0), (0, 28800)]
+    assert gres.metrics["gIoU"] == pytest.approx((0.25 + 1 + 0) / 3)
+    assert gres.metrics["cIoU"] == pytest.approx(14400 / (57600 + 28800))
+
+
+def test_unknown_protocol_is_refused_before_any_image(data_root):
+    stub = StubPredictor(RES_VAL_ANSWERS)
+    with pytest.raises(ConfigError, match="protocol: unknown protocol 'lavt'; expected one of standard, ssp_sam_release, rela"):
+        evaluate(stub, load_dataset(_refer_cfg(data_root, "val")), progress=False, protocol="lavt")
+    assert stub.encoded == []
 
 
 def test_phrasecut_scores_without_rec_accuracy(data_root):
@@ -246,9 +355,9 @@ def test_cached_embeddings_give_the_same_result(data_root, tmp_path, monkeypatch
     model = tiny_model()
     dataset = load_dataset(_refer_cfg(data_root, "test", split_by="berkeley"))  # three images
     expected = evaluate(model, dataset, device="cpu", progress=False)
-    images = {image_key(path): path for path in dataset.image_paths()}
-    cache = build_cache(tmp_path, images, model.sam_image_encoder, SAMImageTransform(model.sam_image_size),
-                        module_fingerprint(model.sam_image_encoder), progress=False)
+    identity = EncoderIdentity("custom", module_fingerprint(model.sam_image_encoder), model.sam_image_size)
+    cache = EmbeddingCache(tmp_path, identity, [data_root / fx.COCO_IMAGE_DIR])
+    build_cache(cache, dataset.image_paths(), model.sam_image_encoder, progress=False)
     sam_calls = []
     monkeypatch.setattr(model, "encode_sam_image", lambda pixels: sam_calls.append(pixels))
     result = evaluate(model, dataset, cache=cache, device="cpu", progress=False)
@@ -256,8 +365,8 @@ def test_cached_embeddings_give_the_same_result(data_root, tmp_path, monkeypatch
     assert result.metrics == pytest.approx(expected.metrics, abs=1e-9)
     assert [(r["I"], r["U"]) for r in result.per_sample] == [(r["I"], r["U"]) for r in expected.per_sample]
 
-    partial = build_cache(tmp_path / "partial", dict(list(images.items())[:1]), model.sam_image_encoder,
-                          SAMImageTransform(model.sam_image_size), module_fingerprint(model.sam_image_encoder), progress=False)
+    partial = EmbeddingCache(tmp_path / "partial", identity, [data_root / fx.COCO_IMAGE_DIR])
+    build_cache(partial, dataset.image_paths()[:1], model.sam_image_encoder, progress=False)
     with pytest.raises(CacheError, match=fx.coco_file_name(103)):
         evaluate(model, dataset, cache=partial, device="cpu", progress=False)
 
@@ -400,3 +509,37 @@ def test_eval_script_missing_image_is_named(tmp_path, tiny_checkpoint, monkeypat
     assert status == 2
     message = stderr.strip()
     assert message.startswith("error:") and "\n" not in message and str(missing) in message
+
+
+def test_eval_script_release_protocol_writes_the_release_counts(data_root, tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    # The tiny checkpoint's predictor answers with GRES_RELEASE_ANSWERS (padded-frame masks drawn by hand).
+    monkeypatch.setattr(Predictor, "encode_image", lambda self, image, sam_embedding=None: image)
+    monkeypatch.setattr(Predictor, "predict", lambda self, image, expressions: [
+        StubPredictor._prediction_for(text, GRES_RELEASE_ANSWERS[text]) for text in expressions])
+    monkeypatch.chdir(tmp_path)
+    out, samples = tmp_path / "grefcoco_val.json", tmp_path / "grefcoco_val.jsonl"
+    status, stderr = _run_eval_in_process(
+        monkeypatch, capsys, "dataset=grefcoco", f"dataset.root={data_root}", "dataset.split=val", f"checkpoint={tiny_checkpoint}",
+        "protocol=ssp_sam_release", f"metrics_out={out}", f"samples_out={samples}", "device=cpu", "progress=false")
+    assert status == 0, stderr
+    record = json.loads(out.read_text())
+    assert (record["protocol"], record["task"], record["n_samples"]) == ("ssp_sam_release", "gres", 3)
+    assert list(record["metrics"]) == list(GRES_RELEASE_EXPECTED)
+    assert record["metrics"] == pytest.approx(GRES_RELEASE_EXPECTED)
+    # per group: A holds the perfect target only (the release's "T-acc" 0 of 1, no "N-acc"); N the two
+    # no-target sentences (the release's "N-acc" = 1 of 2, as the standard one)
+    by_group = record["by_group"]
+    assert (by_group["A"]["T-acc (SSP-SAM release)"], by_group["A"]["T-acc"]) == (0.0, 1.0)
+    assert "N-acc (SSP-SAM release)" not in by_group["A"]
+    assert by_group["N"]["N-acc (SSP-SAM release)"] == by_group["N"]["N-acc"] == 0.5
+    lines = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert [(line["I"], line["U"], line["pred_area"], line["IoU (SSP-SAM release)"]) for line in lines] == [
+        (80, 80, 80, 1.0), (0, 1, 1, 1.0), (0, 4, 4, 0.0)]
+
+
+def test_eval_script_unknown_protocol_is_one_line(data_root, tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    status, stderr = _run_eval_in_process(
+        monkeypatch, capsys, f"dataset.root={data_root}", f"checkpoint={tiny_checkpoint}", "protocol=release")
+    assert status == 2
+    assert stderr.strip() == "error: protocol: unknown protocol 'release'; expected one of standard, ssp_sam_release, rela"

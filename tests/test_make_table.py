@@ -24,13 +24,15 @@ PAPER_HEADER = (
 )
 
 
-def _result(dataset: str, split: str, metrics: dict, label: str = "ours", task: str = "res") -> dict:
-    return {"metrics": metrics, "dataset": dataset, "split": split, "task": task, "model": "ssp_sam_224", "label": label}
+def _result(dataset: str, split: str, metrics: dict, label: str = "ours", task: str = "res", protocol: str = "standard") -> dict:
+    return {"metrics": metrics, "dataset": dataset, "split": split, "task": task, "protocol": protocol, "model": "ssp_sam_224",
+            "label": label}
 
 
 def _markdown_rows(markdown: str) -> list[list[str]]:
-    """Cells of every Markdown row but the alignment row."""
-    lines = markdown.strip().splitlines()
+    """Cells of every Markdown row but the alignment row (after the protocol line and a blank line)."""
+    note, blank, *lines = markdown.strip().splitlines()
+    assert note.startswith("Protocol: ") and blank == ""
     return [[cell.strip() for cell in line.strip("|").split(" | ")] for i, line in enumerate(lines) if i != 1]
 
 
@@ -69,7 +71,8 @@ def test_metric_choice_applies_to_res_columns_only():
 def test_latex_layout_and_escaping():
     results = [_result("refcoco", "val", {"mIoU": 0.5}, label="run_1 & 50% #2"), _result("grefcoco", "val", {"gIoU": 0.25}, task="gres")]
     _, latex = make_tables(results)
-    lines = latex.splitlines()
+    note, *lines = latex.splitlines()
+    assert note == "% Protocol: standard (metrics.md)"
     assert lines[0] == r"\begin{tabular}{l" + "c" * (len(PAPER_HEADER) - 1) + "}"
     assert lines[2].startswith(r"Model & \multicolumn{3}{c}{RefCOCO} & \multicolumn{3}{c}{RefCOCO+} & \multicolumn{2}{c}{RefCOCOg} & ReferIt")
     assert r"\multicolumn{9}{c}{gRefCOCO} & PhraseCut \\" in lines[2]
@@ -85,11 +88,50 @@ def test_latex_layout_and_escaping():
 
 def test_markdown_escapes_pipes_and_rejects_duplicate_cells():
     markdown, _ = make_tables([_result("refcoco", "val", {"mIoU": 0.5}, label="a|b")])
-    assert markdown.splitlines()[2].startswith(r"| a\|b | 50.00 |")
+    assert markdown.splitlines()[4].startswith(r"| a\|b | 50.00 |")
     with pytest.raises(ValueError, match="two results for ReferIt test"):
         make_tables([_result("refclef_unc", "test", {"mIoU": 0.5}), _result("refclef_berkeley", "test", {"mIoU": 0.4})])
     with pytest.raises(ValueError, match="'metrics'"):
         make_tables([{"dataset": "refcoco", "split": "val", "model": "m"}])
+
+
+def test_one_table_one_protocol():
+    results = [_result("refcoco", "val", {"mIoU": 0.5}), _result("grefcoco", "val", {"gIoU": 0.4}, task="gres", protocol="rela"),
+               _result("refcoco", "testA", {"mIoU": 0.6}, label="other")]
+    with pytest.raises(ValueError, match=r"different protocols cannot share a table: standard \(ours refcoco val\), "
+                                         r"rela \(ours grefcoco val\); make one table per protocol"):
+        make_tables(results)
+    with pytest.raises(ValueError, match="'protocol' missing.*written before protocols were named"):
+        make_tables([{key: value for key, value in results[0].items() if key != "protocol"}])
+    with pytest.raises(ValueError, match="unknown protocol 'lavt'"):
+        make_tables([_result("refcoco", "val", {"mIoU": 0.5}, protocol="lavt")])
+
+
+def test_release_protocol_table_shows_the_release_numbers():
+    # The paper's gRefCOCO N-acc is the release's own count; under its protocol the table shows it (and its
+    # mIoU), falling back to the standard key where the release has no number of that name (REC-acc).
+    metrics = {"gIoU": 0.5, "gIoU (SSP-SAM release)": 0.6, "cIoU": 0.7, "cIoU (SSP-SAM release)": 0.7,
+               "N-acc": 0.25, "N-acc (SSP-SAM release)": 0.75}
+    results = [_result("grefcoco", "val", metrics, task="gres", protocol="ssp_sam_release"),
+               _result("refcoco", "val", {"mIoU": 0.5, "mIoU (SSP-SAM release)": 0.55, "REC-acc": 0.8}, protocol="ssp_sam_release")]
+    markdown, latex = make_tables(results, compact=True)
+    header, row = _markdown_rows(markdown)
+    cells = dict(zip(header, row))
+    assert (cells["gRefCOCO val gIoU"], cells["gRefCOCO val cIoU"], cells["gRefCOCO val N-acc"]) == ("60.00", "70.00", "75.00")
+    assert cells["RefCOCO val"] == "55.00"
+    assert dict(zip(*_markdown_rows(make_tables(results, metric="REC-acc", compact=True)[0])))["RefCOCO val"] == "80.00"
+    assert markdown.startswith("Protocol: ssp_sam_release (metrics.md); cells are the release's own arithmetic")
+    assert latex.startswith("% Protocol: ssp_sam_release")
+
+
+def test_script_refuses_to_mix_protocols(tmp_path, monkeypatch, capsys):
+    standard, rela = tmp_path / "a.json", tmp_path / "b.json"
+    standard.write_text(json.dumps(_result("refcoco", "val", {"mIoU": 0.5})))
+    rela.write_text(json.dumps(_result("refcoco", "testA", {"mIoU": 0.5}, protocol="rela")))
+    status, out, err = _run_in_process(monkeypatch, capsys, str(standard), str(rela))
+    assert (status, out) == (2, "")
+    assert err == ("error: results of different protocols cannot share a table: standard (ours refcoco val), "
+                   "rela (ours refcoco testA); make one table per protocol\n")
 
 
 def test_script_reads_files_and_directories_and_writes_tables(tmp_path):

@@ -8,11 +8,12 @@ import torch
 
 from ssp_sam.metrics import (
     GRES_KEYS,
+    RELEASE_GRES_KEYS,
+    RELEASE_RES_KEYS,
     RES_KEYS,
-    SSPSAM_GRES_KEYS,
     GRESMetrics,
     RESMetrics,
-    SSPSAMGRESMetrics,
+    SSPSAMReleaseMetrics,
     format_table,
     intersection_union,
 )
@@ -87,7 +88,7 @@ def test_res_single_pixel_hit_and_miss():
     single = mask("....", ".#..", "....", "....")
     hit = RESMetrics()
     hit.update(single, single)
-    # I = 1, U = 1 -> IoU = 1 > 0.9 -> every Pr@X is 1
+    # I = 1, U = 1 -> IoU = 1 >= 0.9 -> every Pr@X is 1
     assert hit.compute()["mIoU"] == 1.0
     assert hit.compute()["Pr@0.9"] == 1.0
 
@@ -101,30 +102,30 @@ def test_res_single_pixel_hit_and_miss():
 
 
 @pytest.mark.parametrize(
-    ("intersection", "union", "threshold", "lower_threshold"),
-    [(2, 4, 0.5, None), (3, 5, 0.6, 0.5), (7, 10, 0.7, 0.6), (4, 5, 0.8, 0.7), (9, 10, 0.9, 0.8)],
+    ("intersection", "union", "threshold", "higher_threshold"),
+    [(2, 4, 0.5, 0.6), (3, 5, 0.6, 0.7), (7, 10, 0.7, 0.8), (4, 5, 0.8, 0.9), (9, 10, 0.9, None)],
 )
-def test_res_precision_is_strictly_greater_at_the_threshold(intersection, union, threshold, lower_threshold):
+def test_res_precision_counts_an_iou_equal_to_the_threshold(intersection, union, threshold, higher_threshold):
     # pred = first `intersection` pixels, inside gt = first `union` pixels: IoU = intersection / union = threshold
     metrics = RESMetrics()
     metrics.update(first_pixels(intersection), first_pixels(union))
     result = metrics.compute()
-    assert result[f"Pr@{threshold}"] == 0.0
-    if lower_threshold is not None:
-        assert result[f"Pr@{lower_threshold}"] == 1.0
+    assert result[f"Pr@{threshold}"] == 1.0  # IoU >= X (LAVT, ReLA and the release; not CRIS's >)
+    if higher_threshold is not None:
+        assert result[f"Pr@{higher_threshold}"] == 0.0
 
 
 def test_res_precision_over_several_samples():
     metrics = RESMetrics()
     for intersection, union in [(2, 4), (3, 5), (4, 5)]:
         metrics.update(first_pixels(intersection), first_pixels(union))
-    # IoUs 0.5, 0.6, 0.8: > 0.5 -> {0.6, 0.8} = 2/3; > 0.6 -> {0.8} = 1/3; > 0.7 -> 1/3; > 0.8 -> 0; > 0.9 -> 0
+    # IoUs 0.5, 0.6, 0.8: >= 0.5 -> all 3 = 1; >= 0.6 -> {0.6, 0.8} = 2/3; >= 0.7 -> {0.8} = 1/3; >= 0.8 -> 1/3; >= 0.9 -> 0
     # mIoU = (0.5 + 0.6 + 0.8) / 3 = 1.9 / 3; oIoU = (2 + 3 + 4) / (4 + 5 + 5) = 9 / 14
     result = metrics.compute()
-    assert result["Pr@0.5"] == pytest.approx(2 / 3)
-    assert result["Pr@0.6"] == pytest.approx(1 / 3)
+    assert result["Pr@0.5"] == 1.0
+    assert result["Pr@0.6"] == pytest.approx(2 / 3)
     assert result["Pr@0.7"] == pytest.approx(1 / 3)
-    assert result["Pr@0.8"] == 0.0
+    assert result["Pr@0.8"] == pytest.approx(1 / 3)
     assert result["Pr@0.9"] == 0.0
     assert result["mIoU"] == pytest.approx(1.9 / 3)
     assert result["oIoU"] == pytest.approx(9 / 14)
@@ -204,7 +205,7 @@ def gres_samples():
     return [
         # target, said "target": pred = gt = 3 px -> I = 3, U = 3, IoU 1, score 1
         (three, three, False),
-        # target, said "no target", mask still counted: pred 2 px inside gt 4 px -> I = 2, U = 4, IoU 0.5, score 0.5
+        # target, said "no target": pred 2 px inside gt 4 px, but as ReLA I = 0 while U = 4 is kept: score 0
         (mask("#...", "#...", "....", "...."), mask("#...", "#...", "#...", "#..."), True),
         # no-target, said "no target" (correct) though its mask has 3 px: score 1, adds nothing to cIoU
         (three, EMPTY, True),
@@ -217,18 +218,32 @@ def test_gres_every_case_of_the_protocol():
     metrics = GRESMetrics()
     for pred, gt, pred_no_target in gres_samples():
         metrics.update(pred, gt, pred_no_target)
-    # gIoU = (1 + 0.5 + 1 + 0) / 4 = 0.625
-    # cIoU = (3 + 2 + 0 + 0) / (3 + 4 + 0 + 5) = 5 / 12
+    # gIoU = (1 + 0 + 1 + 0) / 4 = 0.5
+    # cIoU = (3 + 0 + 0 + 0) / (3 + 4 + 0 + 5) = 3 / 12
     # N-acc = 1 correct of 2 no-target = 0.5; T-acc = 1 of 2 targets not said "no target" = 0.5
-    # Pr@X over the targets' IoUs {1, 0.5}: only 1 > X for every X -> 0.5
+    # Pr@X over the targets' scores {1, 0}: 0.5 for every X
     result = metrics.compute()
     assert (result["n_samples"], result["n_target"], result["n_no_target"]) == (4, 2, 2)
-    assert result["gIoU"] == pytest.approx(0.625)
-    assert result["cIoU"] == pytest.approx(5 / 12)
+    assert result["gIoU"] == 0.5
+    assert result["cIoU"] == pytest.approx(3 / 12)
     assert result["N-acc"] == 0.5
     assert result["T-acc"] == 0.5
     assert all(result[f"Pr@{x}"] == 0.5 for x in (0.5, 0.6, 0.7, 0.8, 0.9))
-    assert [row["score"] for row in metrics.per_sample()] == [1.0, 0.5, 1.0, 0.0]
+    # per sample: the masks' IoU as drawn (0.5 for the second) and the score that enters gIoU (0)
+    assert [row["score"] for row in metrics.per_sample()] == [1.0, 0.0, 1.0, 0.0]
+    assert [row["IoU"] for row in metrics.per_sample()] == [1.0, 0.5, 0.0, 0.0]
+
+
+def test_gres_target_called_no_target_keeps_its_union():
+    # A target sample whose mask overlaps the GT but which the model called "no target" (ReLA's false positive):
+    # pred 2 px inside gt 4 px -> I = 0 (not 2), U = 4: with a correct target (I = U = 2) cIoU = (2 + 0) / (2 + 4)
+    metrics = GRESMetrics()
+    metrics.update(mask("##..", "....", "....", "...."), mask("##..", "....", "....", "...."), False)
+    metrics.update(mask("#...", "#...", "....", "...."), mask("#...", "#...", "#...", "#..."), True)
+    result = metrics.compute()
+    assert result["cIoU"] == pytest.approx(2 / 6)
+    assert result["gIoU"] == 0.5  # (1 + 0) / 2
+    assert result["T-acc"] == 0.5 and result["Pr@0.5"] == 0.5
 
 
 def test_gres_wrong_no_target_adds_its_predicted_area_to_the_union():
@@ -272,58 +287,93 @@ def test_gres_pred_no_target_must_be_a_bool():
         GRESMetrics().update(EMPTY, EMPTY, "no")
 
 
-# --- SSPSAMGRESMetrics -------------------------------------------------------------------------------------------
+# --- SSPSAMReleaseMetrics ---------------------------------------------------------------------------------------
 
 
-def sspsam_samples():
+def release_gres_samples():
+    """(pred, gt) pairs in the release's frame; with empty_threshold=3, "small" means fewer than 3 px."""
     return [
-        # no-target, 49 px in the padded frame < 50 -> correct: score 1, adds nothing (pred 2 px at original size)
-        (mask("##..", "....", "....", "...."), EMPTY, 49),
-        # no-target, 50 px -> wrong: score 0, adds its 3 px at original size to U
-        (mask("###.", "....", "....", "...."), EMPTY, 50),
-        # target, 50 px -> "target": pred 2 px inside gt 4 px, I = 2, U = 4, IoU 0.5
-        (mask("##..", "....", "....", "...."), mask("####", "....", "....", "...."), 50),
-        # target, 49 px -> read as "no target", mask still counted: pred = gt = 2 px, I = 2, U = 2, IoU 1
-        (mask("....", "....", "....", "..##"), mask("....", "....", "....", "..##"), 49),
+        # target, pred = gt = 3 px: I = 3, U = 3, IoU 1 (counted by the release's "N-acc"!)
+        (mask("###.", "....", "....", "...."), mask("###.", "....", "....", "....")),
+        # target, pred 2 px inside gt 4 px: IoU 0.5 (a "T-acc" hit: 0 < IoU < 1)
+        (mask("##..", "....", "....", "...."), mask("####", "....", "....", "....")),
+        # target, pred 1 px (< 3) inside gt 4 px: not read as "no target" here: IoU 0.25 (a "T-acc" hit)
+        (mask("....", "#...", "....", "...."), mask("....", "####", "....", "....")),
+        # target, pred 2 px disjoint from gt 2 px: I = 0, U = 4, IoU 0
+        (mask("....", "....", "##..", "...."), mask("....", "....", "..##", "....")),
+        # no-target, pred 2 px < 3: IoU 1, I = U = 0
+        (mask("....", "....", "....", "##.."), EMPTY),
+        # no-target, pred 3 px >= 3: IoU 0, I = 0, U = 3
+        (mask("....", "....", "....", "###."), EMPTY),
     ]
 
 
-def test_sspsam_variant_at_49_and_50_pixels():
-    metrics = SSPSAMGRESMetrics()
-    for pred, gt, area in sspsam_samples():
-        metrics.update(pred, gt, area)
-    # gIoU = (1 + 0 + 0.5 + 1) / 4 = 0.625; cIoU = (0 + 0 + 2 + 2) / (0 + 3 + 4 + 2) = 4/9
-    # N-acc = 1 of 2 = 0.5; T-acc = targets with >= 50 px = 1 of 2 = 0.5; Pr@0.5 over {0.5, 1} = 0.5
+def test_release_gres_arithmetic_with_its_quirks():
+    metrics = SSPSAMReleaseMetrics("gres", empty_threshold=3)
+    for pred, gt in release_gres_samples():
+        metrics.update(pred, gt)
+    # release IoUs: 1, 0.5, 0.25, 0, 1, 0
+    # gIoU = 2.75 / 6; cIoU = (3 + 2 + 1 + 0 + 0 + 0) / (3 + 4 + 4 + 4 + 0 + 3) = 6 / 18
+    # "N-acc" = samples with IoU == 1 (the perfect target and the right no-target) / 2 no-target = 1.0,
+    #   although one of the two no-target samples is wrong
+    # "T-acc" = samples with 0 < IoU < 1 (0.5, 0.25) / 4 targets = 0.5
+    # Pr@X over all 6 samples: >= 0.5: {1, 0.5, 1} = 3/6; >= 0.55 ... >= 0.9: {1, 1} = 2/6
     result = metrics.compute()
-    assert result["gIoU (SSP-SAM)"] == pytest.approx(0.625)
-    assert result["cIoU (SSP-SAM)"] == pytest.approx(4 / 9)
-    assert result["N-acc (SSP-SAM)"] == 0.5
-    assert result["T-acc (SSP-SAM)"] == 0.5
-    assert result["Pr@0.5"] == 0.5
-    assert not {"gIoU", "cIoU", "N-acc", "T-acc"} & set(result)
-    assert [row["pred_no_target"] for row in metrics.per_sample()] == [True, False, False, True]
+    assert result["gIoU (SSP-SAM release)"] == pytest.approx(2.75 / 6)
+    assert result["cIoU (SSP-SAM release)"] == pytest.approx(6 / 18)
+    assert result["N-acc (SSP-SAM release)"] == 1.0
+    assert result["T-acc (SSP-SAM release)"] == 0.5
+    assert result["Pr@0.5 (SSP-SAM release)"] == 0.5
+    for x in ("0.55", "0.6", "0.65", "0.7", "0.75", "0.8", "0.85", "0.9"):
+        assert result[f"Pr@{x} (SSP-SAM release)"] == pytest.approx(2 / 6)
+    assert list(result) == list(RELEASE_GRES_KEYS)
+    rows = metrics.per_sample()
+    assert [row["IoU (SSP-SAM release)"] for row in rows] == [1.0, 0.5, 0.25, 0.0, 1.0, 0.0]
+    assert [row["pred_area"] for row in rows] == [3, 2, 1, 2, 2, 3]
+
+    # The standard arithmetic on the same pairs, "no target" = fewer than 3 px: the targets predicted with 2, 1
+    # and 2 px are called "no target" (score 0), so gIoU = (1 + 0 + 0 + 0 + 1 + 0) / 6; N-acc = 1 of 2;
+    # T-acc = 1 of 4
+    standard = GRESMetrics()
+    for pred, gt in release_gres_samples():
+        standard.update(pred, gt, int(pred.sum()) < 3)
+    assert standard.compute()["gIoU"] == pytest.approx(2 / 6)
+    assert standard.compute()["N-acc"] == 0.5
+    assert standard.compute()["T-acc"] == 0.25
 
 
-def test_sspsam_threshold_is_a_constructor_argument():
-    metrics = SSPSAMGRESMetrics(empty_threshold=51)
-    for pred, gt, area in sspsam_samples():
-        metrics.update(pred, gt, np.int64(area))
-    # with 51, 50 px also reads as "no target": both no-targets correct, both targets said "no target"
-    # gIoU = (1 + 1 + 0.5 + 1) / 4 = 0.875; cIoU = (2 + 2) / (4 + 2) = 2/3; N-acc = 1; T-acc = 0
+def test_release_res_scores_both_empty_as_one_and_reaches_a_threshold_it_equals():
+    metrics = SSPSAMReleaseMetrics("res", empty_threshold=50)
+    metrics.update(EMPTY, EMPTY)  # both empty: IoU 1, I = U = 0
+    metrics.update(first_pixels(7), first_pixels(10))  # IoU 7 / 10 = 0.7 exactly
+    # mIoU = (1 + 0.7) / 2 = 0.85; oIoU = (0 + 7) / (0 + 10) = 0.7
+    # Pr@X: >= 0.5 ... >= 0.7 both = 1; >= 0.75 ... >= 0.9 only the empty pair = 0.5
     result = metrics.compute()
-    assert result["gIoU (SSP-SAM)"] == pytest.approx(0.875)
-    assert result["cIoU (SSP-SAM)"] == pytest.approx(2 / 3)
-    assert result["N-acc (SSP-SAM)"] == 1.0
-    assert result["T-acc (SSP-SAM)"] == 0.0
+    assert result["mIoU (SSP-SAM release)"] == pytest.approx(0.85)
+    assert result["oIoU (SSP-SAM release)"] == pytest.approx(0.7)
+    assert [result[f"Pr@{x} (SSP-SAM release)"] for x in ("0.5", "0.55", "0.6", "0.65", "0.7")] == [1.0] * 5
+    assert [result[f"Pr@{x} (SSP-SAM release)"] for x in ("0.75", "0.8", "0.85", "0.9")] == [0.5] * 4
+    assert list(result) == list(RELEASE_RES_KEYS)
+    # The standard RES arithmetic scores the empty pair 0: mIoU = (0 + 0.7) / 2
+    standard = RESMetrics()
+    standard.update(EMPTY, EMPTY)
+    standard.update(first_pixels(7), first_pixels(10))
+    assert standard.compute()["mIoU"] == pytest.approx(0.35)
 
 
-def test_sspsam_rejects_bad_area_and_threshold():
-    with pytest.raises(ValueError, match="pred_area_padded"):
-        SSPSAMGRESMetrics().update(EMPTY, EMPTY, 12.5)
-    with pytest.raises(ValueError, match="pred_area_padded"):
-        SSPSAMGRESMetrics().update(EMPTY, EMPTY, -1)
+def test_release_counts_left_out_without_their_population():
+    only_targets = SSPSAMReleaseMetrics("gres", empty_threshold=3)
+    only_targets.update(first_pixels(2), first_pixels(4))  # IoU 0.5
+    # no no-target sample: no "N-acc"; "T-acc" = 1 of 1
+    assert "N-acc (SSP-SAM release)" not in only_targets.compute()
+    assert only_targets.compute()["T-acc (SSP-SAM release)"] == 1.0
+
+
+def test_release_rejects_bad_task_and_threshold():
+    with pytest.raises(ValueError, match="task"):
+        SSPSAMReleaseMetrics("phrasecut")
     with pytest.raises(ValueError, match="empty_threshold"):
-        SSPSAMGRESMetrics(empty_threshold=0)
+        SSPSAMReleaseMetrics("gres", empty_threshold=0)
 
 
 # --- merging, state, per-sample records ---------------------------------------------------------------------------
@@ -342,9 +392,9 @@ def test_merge_of_ranks_equals_single_accumulation():
     assert merged.compute() == single.compute()
     assert merged.compute_by_group() == single.compute_by_group()
     assert merged.per_sample() == single.per_sample()
-    # same hand values as test_gres_every_case_of_the_protocol: gIoU 0.625, cIoU 5/12
-    assert merged.compute()["gIoU"] == pytest.approx(0.625)
-    assert merged.compute()["cIoU"] == pytest.approx(5 / 12)
+    # same hand values as test_gres_every_case_of_the_protocol: gIoU 0.5, cIoU 3/12
+    assert merged.compute()["gIoU"] == 0.5
+    assert merged.compute()["cIoU"] == pytest.approx(3 / 12)
     # group "single" = samples 0 and 2: scores 1 and 1 -> gIoU 1; cIoU = 3 / 3 = 1
     assert merged.compute("single")["gIoU"] == 1.0
     assert merged.compute("single")["cIoU"] == 1.0
@@ -354,19 +404,21 @@ def test_merge_refuses_other_metrics_and_configs():
     with pytest.raises(ValueError, match="cannot merge"):
         RESMetrics().merge(GRESMetrics())
     with pytest.raises(ValueError, match="config"):
-        SSPSAMGRESMetrics(50).merge(SSPSAMGRESMetrics(60))
+        SSPSAMReleaseMetrics("gres", 50).merge(SSPSAMReleaseMetrics("gres", 60))
+    with pytest.raises(ValueError, match="config"):
+        SSPSAMReleaseMetrics("gres").merge(SSPSAMReleaseMetrics("res"))
     with pytest.raises(ValueError, match="cannot be loaded"):
         RESMetrics.from_state_dict(GRESMetrics().state_dict())
 
 
-def test_sspsam_state_round_trip_keeps_the_threshold():
-    metrics = SSPSAMGRESMetrics(empty_threshold=51)
-    for pred, gt, area in sspsam_samples():
-        metrics.update(pred, gt, area)
-    restored = SSPSAMGRESMetrics.from_state_dict(pickle.loads(pickle.dumps(metrics.state_dict())))
-    assert restored.empty_threshold == 51
-    # same hand value as test_sspsam_threshold_is_a_constructor_argument
-    assert restored.compute()["gIoU (SSP-SAM)"] == pytest.approx(0.875)
+def test_release_state_round_trip_keeps_its_config():
+    metrics = SSPSAMReleaseMetrics("gres", empty_threshold=3)
+    for pred, gt in release_gres_samples():
+        metrics.update(pred, gt)
+    restored = SSPSAMReleaseMetrics.from_state_dict(pickle.loads(pickle.dumps(metrics.state_dict())))
+    assert (restored.task, restored.empty_threshold) == ("gres", 3)
+    # same hand value as test_release_gres_arithmetic_with_its_quirks
+    assert restored.compute()["gIoU (SSP-SAM release)"] == pytest.approx(2.75 / 6)
 
 
 def test_per_sample_records_carry_ids_and_groups():
@@ -384,7 +436,10 @@ def test_per_sample_records_carry_ids_and_groups():
 def test_report_key_orders():
     assert RES_KEYS == ("mIoU", "oIoU", "Pr@0.5", "Pr@0.6", "Pr@0.7", "Pr@0.8", "Pr@0.9", "REC-acc")
     assert GRES_KEYS == ("gIoU", "cIoU", "N-acc", "T-acc", "Pr@0.5", "Pr@0.6", "Pr@0.7", "Pr@0.8", "Pr@0.9")
-    assert SSPSAM_GRES_KEYS[:4] == ("gIoU (SSP-SAM)", "cIoU (SSP-SAM)", "N-acc (SSP-SAM)", "T-acc (SSP-SAM)")
+    assert RELEASE_GRES_KEYS[:4] == ("gIoU (SSP-SAM release)", "cIoU (SSP-SAM release)", "N-acc (SSP-SAM release)",
+                                     "T-acc (SSP-SAM release)")
+    assert RELEASE_RES_KEYS[:3] == ("mIoU (SSP-SAM release)", "oIoU (SSP-SAM release)", "Pr@0.5 (SSP-SAM release)")
+    assert len(RELEASE_RES_KEYS) == 2 + 9 and RELEASE_RES_KEYS[-1] == "Pr@0.9 (SSP-SAM release)"
 
 
 def test_format_table_prints_percentages_counts_and_gaps():

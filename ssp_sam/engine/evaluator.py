@@ -5,14 +5,17 @@ that the frozen image encoders run once per image (:meth:`Predictor.encode_image
 embedding taken from an :class:`~ssp_sam.data.embedding_cache.EmbeddingCache` when one is given)
 and the decoder runs batched over all sentences of that image.
 
-What is scored depends on the dataset's task (metrics.md):
+The protocol (``ssp_sam.engine.protocols``: standard, ssp_sam_release, rela) decides in which
+frame the prediction and its GT are compared; the dataset's task decides what is counted
+(metrics.md):
 
 - ``res`` (RefCOCO family, ReferIt, ShapeWorld): :class:`RESMetrics` with REC box accuracy against
   the referent's union box.
-- ``gres`` (gRefCOCO, ShapeWorld GRES): :class:`GRESMetrics` with the model's own no-target
-  decision, and SSP-SAM's variant :class:`SSPSAMGRESMetrics` on the padded-frame area, reported
-  together (their keys differ).
+- ``gres`` (gRefCOCO, ShapeWorld GRES): :class:`GRESMetrics` with the protocol's no-target decision.
 - ``phrasecut``: RES metrics without REC accuracy.
+
+Under ``ssp_sam_release`` the released evaluator's own arithmetic (:class:`SSPSAMReleaseMetrics`)
+is reported beside them, under its own keys.
 
 Under ``torch.distributed`` each rank evaluates every world-th image; the per-sample records are
 gathered and put back in dataset order on every rank, so every rank returns the result of a
@@ -31,20 +34,22 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..data.embedding_cache import EmbeddingCache, image_key
+from ..data.embedding_cache import EmbeddingCache
 from ..data.records import ReferringDataset, ReferringSample
-from ..errors import CacheError, DatasetError
-from ..metrics import GRESMetrics, RESMetrics, SSPSAMGRESMetrics
+from ..errors import DatasetError
+from ..metrics import GRESMetrics, RESMetrics, SSPSAMReleaseMetrics
 from ..model import SSPSAM
 from ..predictor import Prediction, Predictor
+from .protocols import Protocol, ReleaseProtocol, make_protocol
 
-_MetricState = Union[RESMetrics, GRESMetrics, SSPSAMGRESMetrics]
+_MetricState = Union[RESMetrics, GRESMetrics, SSPSAMReleaseMetrics]
 
 
 @dataclass
 class EvaluationResult:
     """Scores of one evaluation.
 
+    protocol: the frame the masks were compared in (``ssp_sam.engine.protocols.PROTOCOLS``).
     metrics: metric name -> value, names as in ``ssp_sam.metrics`` (rates in [0, 1], counts as ints).
     by_group: group (the sentences' ``group_key`` meta value, e.g. ShapeWorld's "kind") -> metrics.
     n_images: distinct images evaluated. n_samples: sentences evaluated.
@@ -53,6 +58,7 @@ class EvaluationResult:
     """
 
     task: str
+    protocol: str
     metrics: dict[str, float | int]
     by_group: dict[str, dict[str, float | int]]
     n_images: int
@@ -89,27 +95,28 @@ def _group_of(sentence: _Sentence, group_key: str | None) -> str | None:
 
 
 class _TaskScorer:
-    """The metric accumulations of one task, fed one (prediction, GT) pair at a time."""
+    """The metric accumulations of one task under one protocol, fed one (prediction, GT) pair at a time."""
 
-    def __init__(self, task: str, no_target_pixels: int) -> None:
+    def __init__(self, task: str, protocol: Protocol) -> None:
         self.task = task
-        if task == "gres":
-            self.states: list[_MetricState] = [GRESMetrics(), SSPSAMGRESMetrics(empty_threshold=no_target_pixels)]
-        else:
-            self.states = [RESMetrics()]
+        self.protocol = protocol
+        self.states: list[_MetricState] = [GRESMetrics() if task == "gres" else RESMetrics()]
+        if isinstance(protocol, ReleaseProtocol):
+            self.states.append(SSPSAMReleaseMetrics("gres" if task == "gres" else "res", protocol.no_target_pixels))
 
     def update(self, prediction: Prediction, gt_mask: np.ndarray, sentence: _Sentence, group: str | None) -> None:
+        """Score one sentence; ``gt_mask`` is its GT already in the protocol's frame."""
         position = sentence.position
+        pred_mask, pred_no_target = self.protocol.prediction(prediction)
+        standard = self.states[0]
         if self.task == "gres":
-            gres, sspsam = self.states
-            gres.update(prediction.mask, gt_mask, bool(prediction.no_target), group=group, sample_id=position)
-            sspsam.update(prediction.mask, gt_mask, prediction.padded_area, group=group, sample_id=position)
+            standard.update(pred_mask, gt_mask, pred_no_target, group=group, sample_id=position)
         elif self.task == "res":
-            self.states[0].update(
-                prediction.mask, gt_mask, prediction.box, sentence.sample.union_box_xyxy(), group=group, sample_id=position
-            )
+            standard.update(pred_mask, gt_mask, prediction.box, sentence.sample.union_box_xyxy(), group=group, sample_id=position)
         else:
-            self.states[0].update(prediction.mask, gt_mask, group=group, sample_id=position)
+            standard.update(pred_mask, gt_mask, group=group, sample_id=position)
+        for state in self.states[1:]:
+            state.update(pred_mask, gt_mask, group=group, sample_id=position)
 
     def state_dicts(self) -> list[dict[str, Any]]:
         return [state.state_dict() for state in self.states]
@@ -146,14 +153,11 @@ class _TaskScorer:
         return by_group
 
     def per_sample(self) -> list[dict[str, Any]]:
-        """Per-sample records of every accumulation side by side (SSP-SAM's variant under its own names)."""
-        columns = [state.per_sample() for state in self.states]
-        rows = [dict(row) for row in columns[0]]
-        if self.task == "gres":
-            for row, sspsam in zip(rows, columns[1]):
-                row["pred_area_padded"] = sspsam["pred_area_padded"]
-                row["pred_no_target (SSP-SAM)"] = sspsam["pred_no_target"]
-                row["score (SSP-SAM)"] = sspsam["score"]
+        """Per-sample records of every accumulation side by side (the release's under its own names)."""
+        rows = [dict(row) for row in self.states[0].per_sample()]
+        for state in self.states[1:]:
+            for row, extra in zip(rows, state.per_sample()):
+                row.update({key: value for key, value in extra.items() if key not in row})
         return rows
 
 
@@ -164,24 +168,16 @@ def _distributed_slot() -> tuple[int, int]:
     return 0, 1
 
 
-def _cached_embedding(cache: EmbeddingCache, path: Path) -> torch.Tensor:
-    key = image_key(path)
-    if key not in cache:
-        raise CacheError(f"{path}: no SAM embedding in the cache (key {key}); rebuild the cache for this dataset")
-    return cache.get(key)
-
-
-def _ground_truth(sample: ReferringSample, prediction: Prediction, masks: dict[str, np.ndarray]) -> np.ndarray:
-    """The sample's GT mask (decoded once per referent), checked against the prediction's size."""
+def _ground_truth(sample: ReferringSample, prediction: Prediction, protocol: Protocol, masks: dict[str, np.ndarray]) -> np.ndarray:
+    """The sample's GT in the protocol's frame (made once per referent), its size checked against the prediction's."""
     if sample.sample_id not in masks:
-        masks[sample.sample_id] = sample.mask()
-    gt_mask = masks[sample.sample_id]
-    if gt_mask.shape != prediction.mask.shape:
-        raise DatasetError(
-            f"sample {sample.sample_id} ({sample.image_path}): annotated size {gt_mask.shape} "
-            f"differs from the image's size {prediction.mask.shape}"
-        )
-    return gt_mask
+        if tuple(sample.image_size) != prediction.mask.shape:
+            raise DatasetError(
+                f"sample {sample.sample_id} ({sample.image_path}): annotated size {tuple(sample.image_size)} "
+                f"differs from the image's size {prediction.mask.shape}"
+            )
+        masks[sample.sample_id] = protocol.ground_truth(sample)
+    return masks[sample.sample_id]
 
 
 def _describe(sentence: _Sentence, record: dict[str, Any]) -> dict[str, Any]:
@@ -205,6 +201,7 @@ def evaluate(
     max_batch: int = 32,
     progress: bool = True,
     group_key: str | None = "kind",
+    protocol: str = "standard",
 ) -> EvaluationResult:
     """Score ``model`` on every sentence of ``dataset``.
 
@@ -218,29 +215,33 @@ def evaluate(
         progress: show a tqdm bar over this rank's images (on every rank).
         group_key: per-sentence meta key whose value breaks the metrics down (``by_group``);
             None for no breakdown.
+        protocol: where the masks are compared: "standard" (original resolution),
+            "ssp_sam_release" or "rela" (``ssp_sam.engine.protocols``).
 
     Raises:
+        ConfigError: an unknown protocol.
         DatasetError: unreadable annotations, or an annotated size that differs from the image.
         ImageError: a missing or unreadable image (named).
-        CacheError: an image missing from ``cache``.
+        CacheError: an image missing from ``cache`` (named).
     """
     if len(dataset) == 0:
         raise DatasetError(f"dataset {dataset.name} split {dataset.split}: no samples to evaluate")
     predictor = model if isinstance(model, Predictor) else Predictor(model, device=device, max_batch=max_batch)
+    frame = make_protocol(protocol, predictor.model.sam_image_size, predictor.model.config.no_target_pixels)
     by_image = _sentences_by_image(dataset)
     rank, world_size = _distributed_slot()
     my_images = list(by_image)[rank::world_size]
-    scorer = _TaskScorer(dataset.task, predictor.model.config.no_target_pixels)
+    scorer = _TaskScorer(dataset.task, frame)
 
     bar = tqdm(my_images, desc=f"eval {dataset.name}/{dataset.split}", unit="img", disable=not progress, dynamic_ncols=True)
     for path in bar:
         sentences = by_image[path]
-        embedding = _cached_embedding(cache, path) if cache is not None else None
+        embedding = cache.get(path) if cache is not None else None
         encoded = predictor.encode_image(path, sam_embedding=embedding)
         predictions = predictor.predict(encoded, [sentence.expression for sentence in sentences])
         masks: dict[str, np.ndarray] = {}
         for sentence, prediction in zip(sentences, predictions):
-            gt_mask = _ground_truth(sentence.sample, prediction, masks)
+            gt_mask = _ground_truth(sentence.sample, prediction, frame, masks)
             scorer.update(prediction, gt_mask, sentence, _group_of(sentence, group_key))
         bar.set_postfix(sentences=len(scorer), refresh=False)
     bar.close()
@@ -255,6 +256,7 @@ def evaluate(
     per_sample = [_describe(sentence_at[record["sample_id"]], record) for record in scorer.per_sample()]
     return EvaluationResult(
         task=dataset.task,
+        protocol=frame.name,
         metrics=scorer.compute(),
         by_group=scorer.compute_by_group(),
         n_images=len(by_image),

@@ -1,11 +1,12 @@
 """Evaluation results as files, and results files as the paper's table.
 
 :func:`write_results` writes one JSON file per evaluation with everything metrics.md "Reporting"
-asks for (every applicable metric, dataset, split, model, checkpoint hash, image count, the exact
-command), so that tables can be regenerated from files alone. :func:`make_tables` lays any number
-of such files out as the SSP-SAM paper does: one row per run; columns RefCOCO val/testA/testB,
-RefCOCO+ val/testA/testB, RefCOCOg val(U)/test(U), ReferIt test, gRefCOCO val/testA/testB (gIoU,
-cIoU, N-acc each) and PhraseCut test, then any other dataset (e.g. ShapeWorld) with its splits.
+asks for (every applicable metric, the protocol, dataset, split, model, checkpoint hash, image
+count, the exact command), so that tables can be regenerated from files alone. :func:`make_tables`
+lays any number of such files of one protocol out as the SSP-SAM paper does: one row per run;
+columns RefCOCO val/testA/testB, RefCOCO+ val/testA/testB, RefCOCOg val(U)/test(U), ReferIt test,
+gRefCOCO val/testA/testB (gIoU, cIoU, N-acc each) and PhraseCut test, then any other dataset (e.g.
+ShapeWorld) with its splits. Results of different protocols are never put in one table.
 """
 
 from __future__ import annotations
@@ -24,8 +25,17 @@ from .. import __version__
 from ..checkpoint import WEIGHTS_FILE
 from ..errors import CheckpointError
 from ..fileio import atomic_path, file_sha256, write_json
-from ..metrics import GRES_KEYS, RES_KEYS, SSPSAM_GRES_KEYS, format_rows
+from ..metrics import (
+    GRES_KEYS,
+    PRECISION_THRESHOLDS,
+    RELEASE_GRES_KEYS,
+    RELEASE_RES_KEYS,
+    RELEASE_SUFFIX,
+    RES_KEYS,
+    format_rows,
+)
 from .evaluator import EvaluationResult
+from .protocols import PROTOCOLS
 
 GRES_TABLE_METRICS = ("gIoU", "cIoU", "N-acc")
 MISSING = "-"
@@ -42,7 +52,7 @@ PAPER_LAYOUT: tuple[tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]], ..
 )
 # Split order of the datasets appended after the paper's; unknown splits follow alphabetically.
 SPLIT_ORDER = ("train", "val", "testA", "testB", "testC", "test")
-REQUIRED_KEYS = {"metrics": Mapping, "dataset": str, "split": str}
+REQUIRED_KEYS = {"metrics": Mapping, "dataset": str, "split": str, "protocol": str}
 
 
 def command_line() -> str:
@@ -71,8 +81,8 @@ def write_results(
 ) -> dict[str, Any]:
     """Write the results JSON of one evaluation atomically; returns what was written.
 
-    Keys: metrics, by_group, dataset and split (from ``dataset_cfg``), task, model, label (the
-    run's row in tables; the model name by default), checkpoint, checkpoint_sha256, n_images,
+    Keys: metrics, by_group, dataset and split (from ``dataset_cfg``), task, protocol, model, label
+    (the run's row in tables; the model name by default), checkpoint, checkpoint_sha256, n_images,
     n_samples, command, created (UTC, ISO 8601), ssp_sam_version.
     """
     record = {
@@ -81,6 +91,7 @@ def write_results(
         "dataset": str(dataset_cfg["name"]),
         "split": str(dataset_cfg["split"]),
         "task": result.task,
+        "protocol": result.protocol,
         "model": model_name,
         "label": str(label) if label is not None else model_name,
         "checkpoint": str(checkpoint_path),
@@ -119,27 +130,38 @@ def check_results(record: Any) -> None:
         raise ValueError(f"expected a JSON object of results, got {type(record).__name__}")
     for key, kind in REQUIRED_KEYS.items():
         if not isinstance(record.get(key), kind):
-            raise ValueError(f"key {key!r} missing or not a {'JSON object' if kind is Mapping else 'string'}")
+            raise ValueError(f"key {key!r} missing or not a {'JSON object' if kind is Mapping else 'string'}"
+                             + (" (a file written before protocols were named: evaluate again)" if key == "protocol" else ""))
     if not (record.get("label") or record.get("model")):
         raise ValueError("neither 'label' nor 'model' names the run")
+    if record["protocol"] not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {record['protocol']!r} (known: {', '.join(PROTOCOLS)})")
 
 
 # ----------------------------------------------------------------------------- console
 
 
-def console_key_sets(task: str) -> list[tuple[str, ...]]:
-    """The metrics of a task in the order the console shows them, one tuple per table row."""
+def console_key_sets(task: str, protocol: str = "standard") -> list[tuple[str, ...]]:
+    """The metrics of a task in the order the console shows them, one tuple per table row; under
+    the ssp_sam_release protocol a second row holds the release's arithmetic."""
     if task == "gres":
-        return [("n_samples", "n_target", "n_no_target", *GRES_KEYS), SSPSAM_GRES_KEYS]
-    keys = RES_KEYS if task == "res" else tuple(key for key in RES_KEYS if key != "REC-acc")
-    return [("n_samples", *keys)]
+        key_sets = [("n_samples", "n_target", "n_no_target", *GRES_KEYS)]
+    else:
+        key_sets = [("n_samples", *(RES_KEYS if task == "res" else tuple(key for key in RES_KEYS if key != "REC-acc")))]
+    if protocol == "ssp_sam_release":  # the paper's Pr@0.5 ... Pr@0.9 of the release's nine
+        shown = {f"Pr@{threshold}{RELEASE_SUFFIX}" for threshold in PRECISION_THRESHOLDS}
+        keys = RELEASE_GRES_KEYS if task == "gres" else RELEASE_RES_KEYS
+        key_sets.append(tuple(key for key in keys if not key.startswith("Pr@") or key in shown))
+    return key_sets
 
 
 def console_tables(result: EvaluationResult) -> str:
-    """The metrics as text tables (GRES: the gRefCOCO protocol, then SSP-SAM's variant), one row
-    for all samples and one per group (e.g. ShapeWorld's expression kinds)."""
+    """The metrics as text tables (under ssp_sam_release: the standard arithmetic, then the
+    release's), one row for all samples and one per group (e.g. ShapeWorld's expression kinds)."""
     rows = {"all": result.metrics, **result.by_group}
-    return "\n\n".join(format_rows(rows, keys, label_title="group") for keys in console_key_sets(result.task))
+    return "\n\n".join(
+        format_rows(rows, keys, label_title="group") for keys in console_key_sets(result.task, result.protocol)
+    )
 
 
 # ----------------------------------------------------------------------------- tables
@@ -190,10 +212,32 @@ def _format_value(value: Any) -> str:
     return f"{100.0 * value:.2f}"
 
 
-def _table_cells(results: Sequence[Mapping[str, Any]], metric: str) -> tuple[list[_Column], dict[str, list[str]]]:
-    """Columns and, per run label (in order of first appearance), one formatted cell per column."""
+def _table_protocol(results: Sequence[Mapping[str, Any]]) -> str:
+    """The one protocol of all ``results`` (checked records); ValueError naming a run of each if they mix."""
+    first_of: dict[str, Mapping[str, Any]] = {}
+    for record in results:
+        first_of.setdefault(record["protocol"], record)
+    if len(first_of) > 1:
+        found = ", ".join(
+            f"{protocol} ({_row_label(record)} {record['dataset']} {record['split']})" for protocol, record in first_of.items()
+        )
+        raise ValueError(f"results of different protocols cannot share a table: {found}; make one table per protocol")
+    return next(iter(first_of))
+
+
+def _cell_value(metrics: Mapping[str, Any], metric: str, protocol: str) -> Any:
+    """A column's value: under ssp_sam_release the release's own number (as its paper prints it) where there is one."""
+    if protocol == "ssp_sam_release" and f"{metric}{RELEASE_SUFFIX}" in metrics:
+        return metrics[f"{metric}{RELEASE_SUFFIX}"]
+    return metrics.get(metric)
+
+
+def _table_cells(results: Sequence[Mapping[str, Any]], metric: str) -> tuple[str, list[_Column], dict[str, list[str]]]:
+    """The table's protocol, its columns and, per run label (in order of first appearance), one
+    formatted cell per column."""
     for record in results:
         check_results(record)
+    protocol = _table_protocol(results)
     columns, group_of = _layout(results, metric)
     metrics_at: dict[str, dict[tuple[str, str], Mapping[str, Any]]] = {}
     for record in results:
@@ -203,10 +247,12 @@ def _table_cells(results: Sequence[Mapping[str, Any]], metric: str) -> tuple[lis
             raise ValueError(f"run {label!r} has two results for {cell[0]} {cell[1]}")
         row[cell] = record["metrics"]
     rows = {
-        label: [_format_value(cells.get((column.group, column.split), {}).get(column.metric)) for column in columns]
+        label: [
+            _format_value(_cell_value(cells.get((column.group, column.split), {}), column.metric, protocol)) for column in columns
+        ]
         for label, cells in metrics_at.items()
     }
-    return columns, rows
+    return protocol, columns, rows
 
 
 def _markdown(columns: Sequence[_Column], rows: Mapping[str, Sequence[str]]) -> str:
@@ -272,21 +318,34 @@ def _latex(columns: Sequence[_Column], rows: Mapping[str, Sequence[str]]) -> str
     return "\n".join(lines) + "\n"
 
 
+def _protocol_note(protocol: str) -> str:
+    """One line saying which protocol a table's numbers come from."""
+    note = f"Protocol: {protocol} (metrics.md)"
+    if protocol == "ssp_sam_release":
+        note += f"; cells are the release's own arithmetic (keys ending in '{RELEASE_SUFFIX.strip()}') where it differs"
+    return note
+
+
 def make_tables(results: Sequence[Mapping[str, Any]], metric: str = "mIoU", compact: bool = False) -> tuple[str, str]:
     """The paper's results table of ``results`` (records as written by :func:`write_results`), as (Markdown, LaTeX).
 
     One row per run (its "label", else its "model"), in order of first appearance. RES and
-    PhraseCut columns show ``metric``; GRES columns gIoU, cIoU and N-acc. Values are x100 with
-    two decimals; a missing result or metric is "-". ``compact`` drops the paper's column groups
-    for which no run has a result.
+    PhraseCut columns show ``metric``; GRES columns gIoU, cIoU and N-acc. Under the ssp_sam_release
+    protocol a cell shows the release's own number of that name when the results have one (its
+    quirky N-acc included), so that the table is the one its paper prints. Values are x100 with two
+    decimals; a missing result or metric is "-". ``compact`` drops the paper's column groups for
+    which no run has a result. Both tables start with a line naming the protocol
+    (a LaTeX comment there).
 
     Raises:
-        ValueError: a record lacks a required key, or one run has two results for one cell.
+        ValueError: a record lacks a required key, the records are of different protocols, or
+            one run has two results for one cell.
     """
-    columns, rows = _table_cells(results, metric)
+    protocol, columns, rows = _table_cells(results, metric)
     if compact:
         filled_groups = {c.group for i, c in enumerate(columns) if any(cells[i] != MISSING for cells in rows.values())}
         keep = [i for i, c in enumerate(columns) if c.group in filled_groups]
         columns = [columns[i] for i in keep]
         rows = {label: [cells[i] for i in keep] for label, cells in rows.items()}
-    return _markdown(columns, rows), _latex(columns, rows)
+    note = _protocol_note(protocol)
+    return f"{note}\n\n{_markdown(columns, rows)}", f"% {note}\n{_latex(columns, rows)}"
