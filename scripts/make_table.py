@@ -3,7 +3,8 @@
     python scripts/make_table.py results/ other_run/refcoco_val.json [--metric oIoU] [--out-md table.md] [--out-tex table.tex]
 
 Each argument is a results JSON file or a directory whose *.json files are all results (read in
-name order). One row per run (its label), columns in the paper's order, then other datasets. The
+name order), all of one evaluation protocol (results of different protocols are refused). One row
+per run (its label), columns in the paper's order, then other datasets. The
 Markdown table is printed; ``--out-md`` / ``--out-tex`` also write it and the LaTeX one.
 """
 
