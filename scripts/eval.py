@@ -7,7 +7,10 @@
 With ``cache_dir`` set, the SAM embeddings of the split's images are computed first (only those
 the cache lacks; SAM's image encoder is not even loaded when the cache is complete) and evaluation
 reads them from the cache; otherwise SAM's encoder runs per image. ``samples_out=PATH`` also
-writes every sentence's scores (JSON Lines) for failure analysis.
+writes every sentence's scores (JSON Lines) for failure analysis. ``protocol=`` picks where masks
+are compared (metrics.md): ``standard`` (original resolution, the default), ``ssp_sam_release``
+(the released evaluator's 512x512 padded frame and its own counts, to reproduce its paper's
+tables) or ``rela`` (ReLA's 480x480 gRefCOCO evaluation); the results JSON names it.
 Errors in the user's input (unknown split, missing files, bad checkpoint) end in one ``error:``
 line and exit status 2.
 """
@@ -29,6 +32,7 @@ from ssp_sam.engine.caching import ensure_cache
 from ssp_sam.engine.distributed import DistInfo, init_distributed, shutdown_distributed
 from ssp_sam.engine.evaluator import evaluate
 from ssp_sam.engine.host_memory import keep_freed_host_memory
+from ssp_sam.engine.protocols import check_protocol
 from ssp_sam.engine.reporting import command_line, console_tables, write_results, write_samples
 from ssp_sam.errors import ConfigError
 from ssp_sam.model import build_sam_image_encoder
@@ -55,6 +59,7 @@ def main(cfg: DictConfig) -> None:
     if cfg.checkpoint is None and model_config is not None:
         raise ConfigError("checkpoint: give the checkpoint that goes with model=... (our directory or a released .pth)")
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint is not None else DEFAULT_CHECKPOINT
+    protocol = check_protocol(cfg.protocol)
     try:
         dataset_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
     except OmegaConfBaseException as exc:
@@ -78,14 +83,14 @@ def main(cfg: DictConfig) -> None:
             )
         result = evaluate(
             model, dataset, cache=cache, device=device, max_batch=int(cfg.max_batch),
-            progress=bool(cfg.progress) and dist_info.is_main, group_key=cfg.group_key,
+            progress=bool(cfg.progress) and dist_info.is_main, group_key=cfg.group_key, protocol=protocol,
         )
     finally:
         shutdown_distributed()
     if not dist_info.is_main:
         return
 
-    print(f"{dataset.name} {dataset.split} ({dataset.task}): {result.n_images} images, {result.n_samples} sentences")
+    print(f"{dataset.name} {dataset.split} ({dataset.task}, protocol {protocol}): {result.n_images} images, {result.n_samples} sentences")
     print(console_tables(result))
     if cfg.metrics_out is not None:
         write_results(cfg.metrics_out, result, dataset_cfg, model.config.name, checkpoint, command_line(), label=cfg.label)
