@@ -28,7 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ssp_sam.checkpoint import load_model
 from ssp_sam.cli import reports_errors
 from ssp_sam.data.registry import load_dataset
-from ssp_sam.engine.caching import ensure_cache
+from ssp_sam.engine.caching import dataset_image_roots, ensure_cache
 from ssp_sam.engine.distributed import DistInfo, init_distributed, shutdown_distributed
 from ssp_sam.engine.evaluator import evaluate
 from ssp_sam.engine.host_memory import keep_freed_host_memory
@@ -78,8 +78,9 @@ def main(cfg: DictConfig) -> None:
         if cfg.cache_dir is not None:
             encoder = model.sam_image_encoder if model.sam_image_encoder is not None else partial(build_sam_image_encoder, model.config)
             cache = ensure_cache(
-                cfg.cache_dir, dataset.image_paths(), encoder, model.config.sam_checkpoint,
-                model.sam_image_size, device, dist_info, int(cfg.cache_batch_size), str(cfg.cache_dtype), bool(cfg.progress),
+                cfg.cache_dir, dataset.image_paths(), dataset_image_roots(dataset_cfg), encoder, model.config.sam_variant,
+                model.config.sam_checkpoint, model.sam_image_size, device, dist_info, int(cfg.cache_batch_size),
+                str(cfg.cache_dtype), bool(cfg.progress),
             )
         result = evaluate(
             model, dataset, cache=cache, device=device, max_batch=int(cfg.max_batch),

@@ -1,47 +1,43 @@
-"""SAM embedding cache: exact entries, resuming, damage detection and repair, kill -9, workers, CLI."""
+"""SAM embedding cache: exact entries, nothing stale, moved datasets, other weights, damage and its
+repair, many writers (ranks, concurrent runs, kill -9), temporary files, workers, CLI."""
 
 from __future__ import annotations
 
-import fcntl
+import copy
 import hashlib
 import json
 import os
 import pickle
-import re
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import fixtures_official as fx
-from conftest import run_script, tiny_model
-from ssp_sam.backbones.sam import SAMImageTransform, build_sam, sam_weights_fingerprint
+from conftest import REPO, run_script, tiny_model
+from ssp_sam.backbones.sam import SAMImageTransform, build_sam
 from ssp_sam.checkpoint import save_checkpoint
-from ssp_sam.data.embedding_cache import EmbeddingCache, build_cache, image_key, module_fingerprint
+from ssp_sam.data.embedding_cache import PREFIX, EmbeddingCache, EncoderIdentity, module_fingerprint
+from ssp_sam.engine import caching
+from ssp_sam.engine.caching import build_cache, dataset_image_roots, ensure_cache, remembered_fingerprint
 from ssp_sam.errors import CacheError, ImageError
 from ssp_sam.image_io import load_image
 
-TINY_SAM = {
-    "encoder_embed_dim": 16,
-    "encoder_depth": 1,
-    "encoder_num_heads": 1,
-    "encoder_global_attn_indexes": [0],
-    "image_size": 64,
-    "patch_size": 16,
-    "window_size": 2,
-    "prompt_embed_dim": 16,
-}
-EMBEDDING_SHAPE = (16, 4, 4)  # (prompt_embed_dim, 64 / 16, 64 / 16)
-TRANSFORM = SAMImageTransform(64)
+TINY_SAM = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "model" / "tiny.yaml").sam_custom)
+EMBEDDING_SHAPE = (32, 4, 4)  # (prompt_embed_dim, 64 / 16, 64 / 16)
+CPU = torch.device("cpu")
 
 
 def tiny_encoder(seed: int = 0) -> nn.Module:
@@ -49,36 +45,46 @@ def tiny_encoder(seed: int = 0) -> nn.Module:
     return build_sam("custom", custom=TINY_SAM, parts=("image_encoder",)).image_encoder
 
 
-class CountingEncoder(nn.Module):
-    """Wraps an encoder and counts the images it is asked to encode."""
-
-    def __init__(self, encoder: nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.img_size = encoder.img_size
-        self.images_seen = 0
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        self.images_seen += pixels.shape[0]
-        return self.encoder(pixels)
+def never_built() -> nn.Module:
+    raise AssertionError("the SAM encoder was built although nothing was to be computed")
 
 
-def write_images(folder: Path, count: int, start: int = 0) -> dict[str, Path]:
-    """PNGs of random pixels and varied sizes -> {image_key: path}."""
+def counting_copy(encoder: nn.Module) -> nn.Module:
+    """A copy of ``encoder`` (same weights, so the same cache folder) counting the images it encodes in ``images_seen``."""
+    twin = copy.deepcopy(encoder)
+    twin.images_seen = 0
+    twin.register_forward_pre_hook(lambda module, args: setattr(module, "images_seen", module.images_seen + args[0].shape[0]))
+    return twin
+
+
+def write_images(folder: Path, count: int, seed: int = 0, suffix: str = "png") -> list[Path]:
+    """Images of random pixels and varied sizes; BMPs of one size have the same byte size whatever the pixels."""
     folder.mkdir(parents=True, exist_ok=True)
-    images = {}
-    for index in range(start, start + count):
-        rng = np.random.default_rng(index)
-        path = folder / f"image_{index}.png"
+    paths = []
+    for index in range(count):
+        rng = np.random.default_rng([seed, index])
+        path = folder / f"image_{index}.{suffix}"
         Image.fromarray(rng.integers(0, 256, (20 + 3 * index, 40 - index, 3), dtype=np.uint8)).save(path)
-        images[image_key(path)] = path
-    return images
+        paths.append(path)
+    return paths
 
 
-def direct_embeddings(encoder: nn.Module, paths: list[Path]) -> torch.Tensor:
-    """One encoder call on the stacked SAM inputs of ``paths`` -> (B, C, h, w)."""
+def direct_embedding(encoder: nn.Module, path: Path) -> torch.Tensor:
+    """The reference: SAM's transform and one plain encoder call on one image -> (C, h, w)."""
     with torch.inference_mode():
-        return encoder(torch.stack([TRANSFORM(load_image(path))[0] for path in paths]))
+        return encoder(SAMImageTransform(64)(load_image(path))[0][None])[0]
+
+
+def open_cache(root: Path, encoder: nn.Module, image_roots=(), **options) -> EmbeddingCache:
+    return EmbeddingCache(root, EncoderIdentity("custom", module_fingerprint(encoder), 64), image_roots, **options)
+
+
+def ensure(root, paths, encoder, image_roots=(), **options) -> EmbeddingCache:
+    return ensure_cache(root, paths, image_roots, encoder, "custom", None, 64, CPU, progress=False, **options)
+
+
+def entry_files(cache: EmbeddingCache) -> list[Path]:
+    return sorted(cache.folder.glob("*/*.emb"))
 
 
 @pytest.fixture(scope="module")
@@ -86,311 +92,368 @@ def encoder() -> nn.Module:
     return tiny_encoder()
 
 
-@pytest.fixture(scope="module")
-def fingerprint(encoder) -> str:
-    return module_fingerprint(encoder)
+# ---------------------------------------------------------------------------------------- entries
 
 
-def build(root, images, encoder, fingerprint, **options) -> EmbeddingCache:
-    return build_cache(root, images, encoder, TRANSFORM, fingerprint, progress=False, **options)
+def test_entries_equal_direct_encoder_calls(tmp_path, encoder):
+    paths = write_images(tmp_path / "images", 3)
+    cache = ensure(tmp_path / "cache", paths, encoder, [tmp_path / "images"], batch_size=2)
+
+    assert (cache.last_build.computed, cache.last_build.cached, cache.last_build.repaired) == (3, 0, 0)
+    assert cache.folder.parent == tmp_path / "cache" and cache.folder.name.startswith("custom-64-")
+    assert len(entry_files(cache)) == 3 and cache.missing(paths, full=True) == []
+    for path in paths:
+        embedding = cache.get(path)
+        assert embedding.dtype == torch.float32 and embedding.shape == EMBEDDING_SHAPE
+        torch.testing.assert_close(embedding, direct_embedding(encoder, path), rtol=0, atol=1e-5)
+
+    raw = cache.slot(paths[0]).file.read_bytes()
+    magic, length, crc = PREFIX.unpack_from(raw)
+    header = json.loads(raw[PREFIX.size : PREFIX.size + length])
+    stat = paths[0].stat()
+    assert magic == b"SSPEMB02" and crc == zlib.crc32(raw[PREFIX.size : PREFIX.size + length])
+    assert header["payload_crc32"] == zlib.crc32(raw[PREFIX.size + length :])
+    assert header["key"] == "image_0.png" and header["image"] == [stat.st_size, stat.st_mtime_ns]
+    assert header["encoder"]["weights"] == module_fingerprint(encoder) and header["encoder"]["image_size"] == 64
+    assert header["encoder"]["pixel_mean"] == pytest.approx([123.675, 116.28, 103.53])
+    assert (header["dtype"], header["shape"]) == ("float32", list(EMBEDDING_SHAPE))
+    assert len(raw) == PREFIX.size + length + 32 * 4 * 4 * 4
 
 
-def the_shard(cache: EmbeddingCache) -> Path:
-    (shard,) = cache.folder.glob("shard-*.bin")
-    return shard
+@pytest.mark.parametrize("dtype, storage", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_half_precision_entries(tmp_path, encoder, dtype, storage):
+    paths = write_images(tmp_path / "images", 2)
+    cache = ensure(tmp_path / "cache", paths, encoder, dtype=dtype)
+    for path in paths:
+        expected = direct_embedding(encoder, path)
+        torch.testing.assert_close(cache.get(path), expected.to(storage).float(), rtol=0, atol=1e-5)
+    # "auto" uses entries of any dtype; an explicit other dtype recomputes them.
+    counting = counting_copy(encoder)
+    assert ensure(tmp_path / "cache", paths, counting).last_build.cached == 2 and counting.images_seen == 0
+    assert ensure(tmp_path / "cache", paths, counting, dtype="fp32").last_build.repaired == 2
+    assert counting.images_seen == 2
+    torch.testing.assert_close(cache.get(paths[0]), direct_embedding(encoder, paths[0]), rtol=0, atol=1e-5)  # fp32 now
 
 
-# ---------------------------------------------------------------------------------------- keys
-
-
-def test_image_key_is_sha1_of_the_resolved_path(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    expected = hashlib.sha1(str(tmp_path.resolve() / "a.png").encode()).hexdigest()
-    assert image_key("a.png") == image_key(tmp_path / "sub" / ".." / "a.png") == expected
-
-
-def test_module_fingerprint_follows_the_weights(encoder, fingerprint):
-    digest = hashlib.sha256()
-    for name, tensor in sorted(encoder.state_dict().items()):
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
-        digest.update(tensor.contiguous().numpy().tobytes())
-    assert fingerprint == digest.hexdigest()
-    assert module_fingerprint(tiny_encoder(seed=1)) != fingerprint
-
-
-# ------------------------------------------------------------------------------------ contents
-
-
-def test_entries_equal_direct_encoder_calls(tmp_path, encoder, fingerprint):
-    images = write_images(tmp_path / "images", 5)
-    cache = build(tmp_path / "cache", images, encoder, fingerprint, batch_size=2)
-
-    assert cache.folder == tmp_path / "cache" / fingerprint[:16]
-    header = json.loads((cache.folder / "cache.json").read_text())
-    assert (header["fingerprint"], header["shape"], header["dtype"], header["image_size"]) == (
-        fingerprint, list(EMBEDDING_SHAPE), "float32", 64)
-    assert len(cache) == 5 and cache.missing(images) == []
-    assert (cache.last_build.computed, cache.last_build.cached, cache.last_build.repaired) == (5, 0, 0)
-
-    keys, paths = list(images), list(images.values())
-    for start in range(0, 5, 2):  # the cache encodes in batches of 2, in mapping order
-        reference = direct_embeddings(encoder, paths[start : start + 2])
-        for key, expected in zip(keys[start : start + 2], reference):
-            embedding = cache.get(key)
-            assert embedding.dtype == torch.float32 and embedding.shape == EMBEDDING_SHAPE
-            assert torch.equal(embedding, expected)
-    with pytest.raises(KeyError):
-        cache.get("0" * 40)
-
-    reopened = EmbeddingCache(tmp_path / "cache", fingerprint)
-    assert len(reopened) == 5 and torch.equal(reopened.get(keys[0]), cache.get(keys[0]))
-
-
-@pytest.mark.parametrize("dtype, storage, itemsize", [("fp16", torch.float16, 2), ("bf16", torch.bfloat16, 2)])
-def test_half_precision_entries(tmp_path, encoder, fingerprint, dtype, storage, itemsize):
-    images = write_images(tmp_path / "images", 2)
-    cache = build(tmp_path / "cache", images, encoder, fingerprint, dtype=dtype, batch_size=2)
-    reference = direct_embeddings(encoder, list(images.values()))
-    for key, expected in zip(images, reference):
-        embedding = cache.get(key)
-        assert embedding.dtype == torch.float32
-        assert torch.equal(embedding, expected.to(storage).float())  # stored compactly, read back as float32
-        torch.testing.assert_close(embedding, expected, rtol=1e-2, atol=1e-2)
-    entry_bytes = 32 + int(np.prod(EMBEDDING_SHAPE)) * itemsize
-    assert the_shard(cache).stat().st_size == 2 * entry_bytes
-    # "auto" keeps what the cache holds; an explicit other dtype would mix precisions.
-    assert build(tmp_path / "cache", images, encoder, fingerprint, dtype="auto").dtype == storage
-    with pytest.raises(CacheError, match="fp32"):
-        build(tmp_path / "cache", images, encoder, fingerprint, dtype="fp32")
-
-
-def test_resume_computes_only_missing_entries(tmp_path, encoder, fingerprint):
-    images = write_images(tmp_path / "images", 5)
-    first = dict(list(images.items())[:3])
-    counting = CountingEncoder(encoder)
-    build(tmp_path / "cache", first, counting, fingerprint)
-    assert counting.images_seen == 3
-
-    cache = build(tmp_path / "cache", images, counting, fingerprint, batch_size=4)
-    assert counting.images_seen == 5
-    assert (cache.last_build.computed, cache.last_build.cached) == (2, 3)
-    build(tmp_path / "cache", images, counting, fingerprint, verify="full")
+def test_resume_computes_only_missing_entries(tmp_path, encoder):
+    paths = write_images(tmp_path / "images", 5)
+    counting = counting_copy(encoder)
+    ensure(tmp_path / "cache", paths[:3], counting)
+    cache = ensure(tmp_path / "cache", paths, counting, batch_size=4)
+    assert counting.images_seen == 5 and (cache.last_build.computed, cache.last_build.cached) == (2, 3)
+    ensure(tmp_path / "cache", paths, counting, verify="full")
     assert counting.images_seen == 5
 
 
-# ------------------------------------------------------------------------------------- damage
+# ------------------------------------------------------------------------------------ nothing stale
 
 
-def test_truncated_shard_is_detected_and_repaired(tmp_path, encoder, fingerprint):
-    images = write_images(tmp_path / "images", 3)
-    cache = build(tmp_path / "cache", images, encoder, fingerprint, batch_size=1)
-    shard, last = the_shard(cache), list(images)[-1]
-    os.truncate(shard, shard.stat().st_size - 10)
+def test_a_dataset_regenerated_in_place_is_recomputed_not_reused(tmp_path, encoder):
+    """Issue 11.1: same file names, same byte sizes (BMP), new pixels -> the old embeddings must not be served."""
+    paths = write_images(tmp_path / "images", 3, seed=1, suffix="bmp")
+    sizes = [path.stat().st_size for path in paths]
+    cache = ensure(tmp_path / "cache", paths, encoder, [tmp_path / "images"])
+    old = [cache.get(path) for path in paths]
 
-    assert cache.verify() == [last]
-    with pytest.raises(CacheError) as error:
-        cache.get(last)
-    assert last in str(error.value) and str(shard) in str(error.value) and "cache_embeddings.py" in str(error.value)
+    time.sleep(0.01)  # a new modification time
+    assert write_images(tmp_path / "images", 3, seed=2, suffix="bmp") == paths
+    assert [path.stat().st_size for path in paths] == sizes
+    with pytest.raises(CacheError, match="image_0.bmp: no SAM embedding .* the file changed since"):
+        cache.get(paths[0])  # a reader never gets the old image's embedding
 
-    counting = CountingEncoder(encoder)
-    repaired = build(tmp_path / "cache", images, counting, fingerprint, verify="quick")
-    assert counting.images_seen == 1
-    assert (repaired.last_build.repaired, repaired.last_build.cached) == (1, 2)
-    assert repaired.verify(full=True) == []
-    assert torch.equal(repaired.get(last), direct_embeddings(encoder, [images[last]])[0])
-
-
-def test_flipped_byte_is_found_by_full_verify_and_repaired(tmp_path, encoder, fingerprint):
-    images = write_images(tmp_path / "images", 3)
-    cache = build(tmp_path / "cache", images, encoder, fingerprint, batch_size=1)
-    middle = list(images)[1]
-    entry_bytes = 32 + int(np.prod(EMBEDDING_SHAPE)) * 4
-    with open(the_shard(cache), "r+b") as shard:  # a payload byte of the second entry
-        shard.seek(entry_bytes + 32 + 100)
-        byte = shard.read(1)
-        shard.seek(-1, os.SEEK_CUR)
-        shard.write(bytes([byte[0] ^ 0x10]))
-
-    assert cache.verify(full=False) == []  # sizes and headers are intact
-    assert cache.verify(full=True) == [middle]
-    with pytest.raises(CacheError, match=f"entry {middle} is corrupt"):
-        cache.get(middle)
-
-    counting = CountingEncoder(encoder)
-    build(tmp_path / "cache", images, counting, fingerprint, verify="quick")
-    assert counting.images_seen == 0  # a quick check cannot see it
-    repaired = build(tmp_path / "cache", images, counting, fingerprint, verify="full", batch_size=1)
-    assert counting.images_seen == 1 and repaired.last_build.repaired == 1
-    assert torch.equal(repaired.get(middle), direct_embeddings(encoder, [images[middle]])[0])
+    counting = counting_copy(encoder)
+    cache = ensure(tmp_path / "cache", paths, counting, [tmp_path / "images"])
+    assert counting.images_seen == 3 and cache.last_build.computed == 3
+    for path, before in zip(paths, old):
+        new = cache.get(path)
+        torch.testing.assert_close(new, direct_embedding(encoder, path), rtol=0, atol=1e-5)
+        assert not torch.allclose(new, before)
 
 
-def test_torn_writes_are_ignored_and_resumed_after(tmp_path, encoder, fingerprint):
-    """What kill -9 can leave: bytes after the last indexed entry, an index line without its newline."""
-    images = write_images(tmp_path / "images", 4)
-    first, rest = dict(list(images.items())[:2]), dict(list(images.items())[2:])
-    cache = build(tmp_path / "cache", first, encoder, fingerprint)
-    with open(the_shard(cache), "ab") as shard:
-        shard.write(b"SSPE" + b"\x00" * 50)
-    index_line = (cache.folder / "index.log").read_bytes().splitlines(keepends=True)[0]
-    with open(cache.folder / "index.log", "ab") as index:
-        index.write(index_line[:-20])
+def test_a_moved_dataset_keeps_its_cache(tmp_path, encoder):
+    """Issue 12.1: keys are paths inside the image root, so moving the dataset recomputes nothing."""
+    paths = write_images(tmp_path / "data" / "images" / "sub", 3)
+    cache = ensure(tmp_path / "cache", paths, encoder, [tmp_path / "data" / "images"])
+    before = [cache.get(path) for path in paths]
+    assert cache.key(paths[1]) == "sub/image_1.png"
 
-    reopened = EmbeddingCache(tmp_path / "cache", fingerprint)
-    assert len(reopened) == 2 and reopened.verify(full=True) == []
-    resumed = build(tmp_path / "cache", images, encoder, fingerprint, batch_size=2)
-    assert resumed.last_build.computed == 2
-    final = EmbeddingCache(tmp_path / "cache", fingerprint)
-    assert len(final) == 4 and final.verify(full=True) == []
-    assert torch.equal(final.get(list(rest)[1]), direct_embeddings(encoder, list(rest.values()))[1])
+    (tmp_path / "data").rename(tmp_path / "moved")
+    moved = [tmp_path / "moved" / "images" / "sub" / path.name for path in paths]
+    counting = counting_copy(encoder)
+    cache = ensure(tmp_path / "cache", moved, counting, [tmp_path / "moved" / "images"])
+    assert counting.images_seen == 0 and (cache.last_build.computed, cache.last_build.cached) == (0, 3)
+    assert all(torch.equal(cache.get(path), embedding) for path, embedding in zip(moved, before))
 
 
-# ---------------------------------------------------------------------------------- ownership
-
-
-def test_each_encoder_has_its_own_folder(tmp_path, encoder, fingerprint):
-    images = write_images(tmp_path / "images", 1)
-    cache = build(tmp_path / "cache", images, encoder, fingerprint)
+def test_embeddings_of_other_sam_weights_are_not_used(tmp_path, encoder):
+    paths = write_images(tmp_path / "images", 2)
+    ensure(tmp_path / "cache", paths, encoder)
     other = tiny_encoder(seed=1)
-    other_cache = build(tmp_path / "cache", images, other, module_fingerprint(other))
-    assert other_cache.folder != cache.folder and len(other_cache) == 1
-    assert not torch.equal(other_cache.get(list(images)[0]), cache.get(list(images)[0]))
+    counting = counting_copy(other)
+    cache = ensure(tmp_path / "cache", paths, counting)
+    assert counting.images_seen == 2  # another folder: nothing of the first encoder's is read
+    torch.testing.assert_close(cache.get(paths[0]), direct_embedding(other, paths[0]), rtol=0, atol=1e-5)
 
-    same_prefix = fingerprint[:16] + "0" * (len(fingerprint) - 16)
-    with pytest.raises(CacheError, match=re.escape(str(cache.folder))):
-        EmbeddingCache(tmp_path / "cache", same_prefix)
-    with pytest.raises(CacheError, match="image_size"):
-        EmbeddingCache(tmp_path / "cache", fingerprint, image_size=1024)
+    # The first encoder's entry put where the other's belongs is detected by its header and recomputed.
+    first = open_cache(tmp_path / "cache", encoder)
+    shutil.copyfile(first.slot(paths[0]).file, cache.slot(paths[0]).file)
+    assert cache.problem(cache.slot(paths[0])) == "made by another SAM encoder or preprocessing"
+    with pytest.raises(CacheError, match="made by another SAM encoder"):
+        cache.get(paths[0])
+    rebuilt = build_cache(cache, paths, counting, progress=False)
+    assert (rebuilt.computed, rebuilt.cached) == (1, 1)  # get() removed it; now it is recomputed
+
+    # Read-only: a cache holding only other weights is refused in one line naming what it holds.
+    third = open_cache(tmp_path / "cache", tiny_encoder(seed=2), read_only=True)
+    with pytest.raises(CacheError) as error:
+        build_cache(third, paths, never_built, progress=False)
+    message = str(error.value)
+    assert "\n" not in message and "read-only cache without a valid embedding for 2 images" in message
+    assert first.folder.name in message and cache.folder.name in message
 
 
-def test_a_second_writer_is_refused(tmp_path, encoder, fingerprint):
-    images = write_images(tmp_path / "images", 1)
-    cache = EmbeddingCache(tmp_path / "cache", fingerprint)
-    with open(cache.folder / "writer.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        with pytest.raises(CacheError, match="another process"):
-            build(tmp_path / "cache", images, encoder, fingerprint)
+def test_weights_fingerprint_is_hashed_once_and_remembered(tmp_path, monkeypatch):
+    weights = tmp_path / "sam.pth"
+    weights.write_bytes(os.urandom(3000))
+    hashed = []
+    monkeypatch.setattr(caching, "sam_weights_fingerprint", lambda path: hashed.append(path) or _sha256(path))
+
+    first = remembered_fingerprint(weights, tmp_path / "cache")
+    assert first == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert remembered_fingerprint(weights, tmp_path / "cache") == first and len(hashed) == 1  # remembered
+
+    weights.write_bytes(os.urandom(3000))  # new weights, same size, new mtime
+    os.utime(weights, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert remembered_fingerprint(weights, tmp_path / "cache") == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert len(hashed) == 2
 
 
-def test_unreadable_images_are_reported_after_the_others_are_cached(tmp_path, encoder, fingerprint):
-    images = write_images(tmp_path / "images", 3)
+def _sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ damage
+
+
+def test_truncated_entries_and_bad_headers_are_detected_and_recomputed(tmp_path, encoder):
+    paths = write_images(tmp_path / "images", 3)
+    cache = ensure(tmp_path / "cache", paths, encoder)
+    truncated, reshaped = cache.slot(paths[0]).file, cache.slot(paths[1]).file
+    os.truncate(truncated, truncated.stat().st_size - 10)
+    raw = reshaped.read_bytes()  # a header with a valid checksum but an impossible shape
+    _, length, _ = PREFIX.unpack_from(raw)
+    header = json.loads(raw[PREFIX.size : PREFIX.size + length])
+    header["shape"] = [32, 4]
+    new_header = json.dumps(header).encode()
+    reshaped.write_bytes(PREFIX.pack(b"SSPEMB02", len(new_header), zlib.crc32(new_header)) + new_header + raw[PREFIX.size + length :])
+
+    assert cache.problem(cache.slot(paths[0])).startswith("truncated")
+    with pytest.raises(CacheError, match=r"is corrupt \(embedding shape \[32, 4\] is not \(C, h, w\)\)"):
+        cache.get(paths[1])
+    counting = counting_copy(encoder)
+    rebuilt = ensure(tmp_path / "cache", paths, counting)
+    assert counting.images_seen == 2 and rebuilt.missing(paths, full=True) == []
+    assert (rebuilt.last_build.repaired, rebuilt.last_build.computed) == (1, 1)  # truncated: repaired; removed by get: computed
+
+
+def test_unreadable_images_are_reported_after_the_others_are_cached(tmp_path, encoder):
+    paths = write_images(tmp_path / "images", 3)
     broken = tmp_path / "images" / "broken.png"
     broken.write_bytes(b"not a png")
-    with pytest.raises(ImageError, match=f"1 of 4 images .*{re.escape(str(broken))}"):
-        build(tmp_path / "cache", {**images, image_key(broken): broken}, encoder, fingerprint, batch_size=2)
-    cache = EmbeddingCache(tmp_path / "cache", fingerprint)
-    assert sorted(cache.keys()) == sorted(images)
+    with pytest.raises(ImageError, match=f"1 images could not be read .*{broken}"):
+        ensure(tmp_path / "cache", [*paths, broken], encoder, batch_size=2)
+    assert open_cache(tmp_path / "cache", encoder).missing([*paths, broken]) == [broken]
 
 
-# ----------------------------------------------------------------------------------- processes
+def test_old_temporary_files_are_removed_and_live_ones_kept(tmp_path, encoder):
+    paths = write_images(tmp_path / "images", 2)
+    cache = ensure(tmp_path / "cache", paths[:1], encoder)
+    old, live = cache.folder / "tmp" / "dead.123.aa.tmp", cache.folder / "tmp" / "live.456.bb.tmp"
+    old.write_bytes(b"x")
+    live.write_bytes(b"y")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    ensure(tmp_path / "cache", paths, encoder)
+    assert not old.exists() and live.exists()
 
-KILLED_BUILD = textwrap.dedent(
+
+# --------------------------------------------------------------------------------- many writers
+
+WRITER = textwrap.dedent(
     """
     import json, sys, time
+    from pathlib import Path
     import torch
-    from ssp_sam.backbones.sam import SAMImageTransform, build_sam
-    from ssp_sam.data.embedding_cache import build_cache
+    from ssp_sam.backbones.sam import build_sam
+    from ssp_sam.engine.caching import ensure_cache
+    from ssp_sam.engine.distributed import DistInfo
 
-    root, weights, images, fingerprint, custom = sys.argv[1:6]
-    encoder = build_sam("custom", custom=json.loads(custom), parts=("image_encoder",)).image_encoder
-    encoder.load_state_dict(torch.load(weights, weights_only=True))
+    cache_dir, weights, images, root, custom, rank, world, delay = sys.argv[1:9]
+    custom = json.loads(custom)
 
-    class Slow(torch.nn.Module):
+    class Slow(torch.nn.Module):  # SAM's encoder, slowed down; says when it starts computing
         def __init__(self):
             super().__init__()
-            self.encoder, self.img_size = encoder, encoder.img_size
+            self.encoder = build_sam("custom", weights, custom, parts=("image_encoder",)).image_encoder
+            self.img_size = self.encoder.img_size
         def forward(self, pixels):
-            time.sleep(0.3)
+            Path(cache_dir, f"computing-{rank}").touch()
+            time.sleep(float(delay))
             return self.encoder(pixels)
 
-    build_cache(root, json.loads(images), Slow(), SAMImageTransform(encoder.img_size), fingerprint, batch_size=1, progress=False)
+    cache = ensure_cache(cache_dir, json.loads(images), [root], Slow, "custom", weights, custom["image_size"],
+                         torch.device("cpu"), DistInfo(int(rank), int(world)), batch_size=1, progress=False, stall_timeout=1.0)
+    print(json.dumps({"computed": cache.last_build.computed, "cached": cache.last_build.cached}))
     """
 )
 
 
-def test_kill_9_during_a_build_loses_only_the_batch_in_flight(tmp_path, encoder, fingerprint):
-    images = write_images(tmp_path / "images", 10)
-    torch.save(encoder.state_dict(), tmp_path / "encoder.pt")
-    root = tmp_path / "cache"
-    process = subprocess.Popen(
-        [sys.executable, "-c", KILLED_BUILD, str(root), str(tmp_path / "encoder.pt"),
-         json.dumps({key: str(path) for key, path in images.items()}), fingerprint, json.dumps(TINY_SAM)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+def start_writer(tmp_path: Path, paths: list[Path], rank: int, world: int, delay: float) -> subprocess.Popen:
+    """A cache writer process: rank ``rank`` of ``world``, its encoder sleeping ``delay`` s per image."""
+    return subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(tmp_path / "cache"), str(tmp_path / "sam.pth"), json.dumps([str(p) for p in paths]),
+         str(tmp_path / "images"), json.dumps(TINY_SAM), str(rank), str(world), str(delay)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    index = root / fingerprint[:16] / "index.log"
-    deadline = time.monotonic() + 60
-    while not (index.exists() and index.read_bytes().count(b"\n") >= 3):
-        assert process.poll() is None, process.stderr.read().decode()
-        assert time.monotonic() < deadline, "the build wrote nothing in 60 s"
+
+
+def finish(process: subprocess.Popen) -> tuple[str, str]:
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    return out, err
+
+
+@pytest.fixture
+def weights_file(tmp_path, encoder) -> Path:
+    torch.save({f"image_encoder.{name}": tensor for name, tensor in encoder.state_dict().items()}, tmp_path / "sam.pth")
+    return tmp_path / "sam.pth"
+
+
+def assert_complete_and_exact(cache: EmbeddingCache, paths: list[Path], encoder: nn.Module) -> None:
+    assert cache.missing(paths, full=True) == []
+    assert len(entry_files(cache)) == len(paths)  # one file per image: nothing lost, nothing twice
+    assert not list((cache.folder / "tmp").glob("*"))
+    for path in paths:
+        torch.testing.assert_close(cache.get(path), direct_embedding(encoder, path), rtol=0, atol=1e-5)
+
+
+def test_two_writers_started_at_once_both_finish(tmp_path, encoder, weights_file):
+    paths = write_images(tmp_path / "images", 4)
+    writers = [start_writer(tmp_path, paths, 0, 1, delay=0.1) for _ in range(2)]
+    for writer in writers:
+        result = json.loads(finish(writer)[0])
+        assert result["computed"] + result["cached"] == 4
+    cache = EmbeddingCache(tmp_path / "cache", EncoderIdentity("custom", _sha256(weights_file), 64), [tmp_path / "images"])
+    assert_complete_and_exact(cache, paths, encoder)
+
+
+def test_kill_9_of_a_writer_then_the_same_command_completes(tmp_path, encoder, weights_file):
+    paths = write_images(tmp_path / "images", 6)
+    victim = start_writer(tmp_path, paths, 1, 2, delay=2.0)  # rank 1 of 2, killed while computing
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "cache" / "computing-1").exists():
+        assert victim.poll() is None and time.monotonic() < deadline, victim.communicate()[1]
         time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    process.stderr.close()
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
 
-    cache = EmbeddingCache(root, fingerprint)
-    done = len(cache)
-    assert 3 <= done < 10 and cache.verify(full=True) == []
-    for key in cache.keys():
-        assert torch.equal(cache.get(key), direct_embeddings(encoder, [images[key]])[0])
+    out, err = finish(start_writer(tmp_path, paths, 1, 2, delay=0.0))  # the same command again
+    # Its own share first; then no rank 0 writes anything, so after the stall timeout it takes rank 0's share over.
+    assert f"computing the 3 still missing here (e.g. {paths[0]})" in err
+    assert json.loads(out) == {"computed": 6, "cached": 0}
+    cache = EmbeddingCache(tmp_path / "cache", EncoderIdentity("custom", _sha256(weights_file), 64), [tmp_path / "images"])
+    assert_complete_and_exact(cache, paths, encoder)
 
-    counting = CountingEncoder(encoder)
-    finished = build(root, images, counting, fingerprint)
-    assert counting.images_seen == 10 - done and len(finished) == 10
-    assert finished.verify(full=True) == []
+
+# ---------------------------------------------------------------------------------------- readers
 
 
 class CachedEmbeddings(Dataset):
-    def __init__(self, cache: EmbeddingCache, keys: list[str]) -> None:
-        self.cache, self.keys = cache, keys
+    def __init__(self, cache: EmbeddingCache, paths: list[Path]) -> None:
+        self.cache, self.paths = cache, paths
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return self.cache.get(self.keys[index])
+        return self.cache.get(self.paths[index])
 
 
-def test_dataloader_workers_read_the_same_tensors(tmp_path, encoder, fingerprint):
-    images = write_images(tmp_path / "images", 6)
-    cache = build(tmp_path / "cache", images, encoder, fingerprint)
-    keys = list(images)
-    expected = torch.stack([cache.get(key) for key in keys])
-
-    state = pickle.dumps(cache)  # what a spawned worker receives: paths and index, no embedding bytes
-    assert cache.get(keys[0]).numpy().tobytes() not in state
-    copy = pickle.loads(state)
-    assert copy._fds == {} and torch.equal(copy.get(keys[1]), expected[1])
-
-    loader = DataLoader(CachedEmbeddings(cache, keys), batch_size=2, num_workers=2, multiprocessing_context="fork")
+def test_dataloader_workers_read_the_same_tensors(tmp_path, encoder):
+    paths = write_images(tmp_path / "images", 4)
+    cache = ensure(tmp_path / "cache", paths, encoder)
+    expected = torch.stack([cache.get(path) for path in paths])
+    state = pickle.dumps(cache)  # what a spawned worker receives: paths and settings, no embedding bytes
+    assert len(state) < 4000 and torch.equal(pickle.loads(state).get(paths[1]), expected[1])
+    loader = DataLoader(CachedEmbeddings(cache, paths), batch_size=2, num_workers=2, multiprocessing_context="fork")
     assert torch.equal(torch.cat(list(loader)), expected)
+
+
+def test_image_roots_of_dataset_configs(tmp_path):
+    assert dataset_image_roots({"format": "refer", "root": "d", "folder": "refcoco", "image_root": "d/coco"}) == [Path("d/coco")]
+    assert dataset_image_roots({"format": "jsonl", "root": "d", "folder": "mine", "image_root": None}) == [Path("d/mine")]
+    assert dataset_image_roots({"format": "jsonl", "path": "/x/val.jsonl", "image_root": None}) == [Path("/x")]
+    merged = {"format": "merged", "root": "d", "sources": [{"format": "refer", "image_root": "d/coco"}, {"format": "jsonl", "folder": "j"}]}
+    assert dataset_image_roots(merged) == [Path("d/coco"), Path("d/j")]
 
 
 # ------------------------------------------------------------------------------------------ CLI
 
 
-def test_cli_caches_what_is_missing(tmp_path, encoder):
+def cli_arguments(tmp_path: Path, data: Path, weights: Path) -> list[str]:
+    custom = "{" + ", ".join(f"{key}: {value}" for key, value in TINY_SAM.items()) + "}"
+    return [f"dataset.root={data}", f"sam_checkpoint={weights}", "sam_variant=custom", f"sam_custom={custom}",
+            f"cache_dir={tmp_path / 'cache'}", "device=cpu", "progress=false"]
+
+
+def cli(tmp_path: Path, data: Path, weights: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run_script("cache_embeddings.py", *cli_arguments(tmp_path, data, weights), *extra, cwd=tmp_path)
+
+
+def test_cli_caches_what_is_missing_and_its_hint_repairs_a_checksum_mismatch(tmp_path, encoder, weights_file):
     data = tmp_path / "data"
     fx.write_refer(data)
-    weights = tmp_path / "sam_tiny.pth"
-    torch.save({f"image_encoder.{name}": tensor for name, tensor in encoder.state_dict().items()}, weights)
     paths = [data / fx.COCO_IMAGE_DIR / fx.coco_file_name(image_id) for image_id in (101, 102, 103, 104)]
-    fingerprint = sam_weights_fingerprint(weights)
-    build(tmp_path / "cache", {image_key(paths[1]): paths[1]}, encoder, fingerprint)  # an earlier, partial run
+    cache = EmbeddingCache(tmp_path / "cache", EncoderIdentity("custom", _sha256(weights_file), 64), [data / fx.COCO_IMAGE_DIR])
+    build_cache(cache, paths[1:2], encoder, progress=False)  # an earlier, partial run
 
-    custom = "{" + ", ".join(f"{key}: {value}" for key, value in TINY_SAM.items()) + "}"
-    result = run_script(
-        "cache_embeddings.py", f"dataset.root={data}", f"sam_checkpoint={weights}", "sam_variant=custom",
-        f"sam_custom={custom}", f"cache_dir={tmp_path / 'cache'}", "device=cpu", "batch_size=3", "progress=false",
-        cwd=tmp_path,
-    )
+    result = cli(tmp_path, data, weights_file, "batch_size=3")
     assert result.returncode == 0, result.stderr
-    assert "(train, val, testA, testB): 4 images" in result.stdout
-    assert "computed 3, already cached 1, repaired 0" in result.stdout
-
-    cache = EmbeddingCache(tmp_path / "cache", fingerprint)
-    # Every fixture image is the same flat colour, so batching cannot change the result.
-    reference = direct_embeddings(encoder, paths[:1])[0]
+    assert f"(train, val, testA, testB): 4 images -> {cache.folder}: computed 3, already cached 1, repaired 0" in result.stdout
     for path in paths:
-        torch.testing.assert_close(cache.get(image_key(path)), reference, rtol=0, atol=1e-6)
+        torch.testing.assert_close(cache.get(path), direct_embedding(encoder, path), rtol=0, atol=1e-5)
+
+    entry = cache.slot(paths[2]).file
+    data_bytes = bytearray(entry.read_bytes())
+    data_bytes[-7] ^= 0x10  # a flipped payload bit: headers and sizes stay intact
+    entry.write_bytes(data_bytes)
+    with pytest.raises(CacheError) as error:
+        cache.get(paths[2])
+    message = str(error.value)
+    assert "checksum mismatch" in message and str(paths[2]) in message and "scripts/cache_embeddings.py" in message
+    assert "its defaults suffice" in message
+
+    repaired = cli(tmp_path, data, weights_file)  # the command the message names, with its defaults
+    assert repaired.returncode == 0, repaired.stderr
+    assert "computed 1, already cached 3" in repaired.stdout
+    torch.testing.assert_close(cache.get(paths[2]), direct_embedding(encoder, paths[2]), rtol=0, atol=1e-5)
+
+
+def test_cli_under_torchrun_splits_the_missing_images_between_ranks(tmp_path, encoder, weights_file):
+    """What torchrun gives each process (RANK, WORLD_SIZE): two processes, each computes its half, no process group."""
+    data = tmp_path / "data"
+    fx.write_refer(data)
+    command = [sys.executable, str(REPO / "scripts" / "cache_embeddings.py"), *cli_arguments(tmp_path, data, weights_file), "stall_timeout=120"]
+    ranks = [
+        subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)})
+        for rank in (0, 1)
+    ]
+    outputs = [finish(rank)[0] for rank in ranks]
+    assert "rank 0/2: refcoco (train, val, testA, testB): 4 images" in outputs[0] and "computed 2, already cached 2" in outputs[0]
+    assert "rank 1/2: refcoco" in outputs[1] and "computed 2, already cached 2" in outputs[1]
+    paths = [data / fx.COCO_IMAGE_DIR / fx.coco_file_name(image_id) for image_id in (101, 102, 103, 104)]
+    cache = EmbeddingCache(tmp_path / "cache", EncoderIdentity("custom", _sha256(weights_file), 64), [data / fx.COCO_IMAGE_DIR])
+    assert_complete_and_exact(cache, paths, encoder)
 
 
 def test_cli_uses_the_sam_encoder_of_our_checkpoint(tmp_path):
@@ -402,12 +465,10 @@ def test_cli_uses_the_sam_encoder_of_our_checkpoint(tmp_path):
         f"cache_dir={tmp_path / 'cache'}", "progress=false", "splits=[train]", cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
-    cache = EmbeddingCache(tmp_path / "cache", module_fingerprint(model.sam_image_encoder))
+    identity = EncoderIdentity("custom", module_fingerprint(model.sam_image_encoder), model.sam_image_size)
+    cache = EmbeddingCache(tmp_path / "cache", identity, [tmp_path / "data" / fx.COCO_IMAGE_DIR])
     path = tmp_path / "data" / fx.COCO_IMAGE_DIR / fx.coco_file_name(101)
-    image = SAMImageTransform(model.sam_image_encoder.img_size)(load_image(path))[0]
-    with torch.inference_mode():
-        expected = model.sam_image_encoder(image[None])[0]
-    assert torch.equal(cache.get(image_key(path)), expected)
+    torch.testing.assert_close(cache.get(path), direct_embedding(model.sam_image_encoder, path), rtol=0, atol=1e-5)
 
 
 def test_cli_without_sam_weights_is_a_one_line_error(tmp_path):

@@ -1,47 +1,363 @@
-"""Fill the SAM embedding cache for a set of images before training or evaluation reads it."""
+"""Fill the SAM embedding cache (ssp_sam/data/embedding_cache.py) before training or evaluation reads it.
+
+:func:`build_cache` computes the entries one process lacks, in batches, while threads decode the
+next images. :func:`remembered_fingerprint` hashes a SAM weight file once and remembers the hash in
+the cache (keyed by path, size and mtime), so no rank rehashes 2.5 GB at every start.
+:func:`ensure_cache` is what training, ``scripts/eval.py`` and ``scripts/cache_embeddings.py`` call.
+
+How N ranks (``torchrun`` processes, or the trainer's DDP ranks) share the work: each rank checks
+which images lack a valid entry (a ``stat`` and a header read per image, so every rank can afford
+the whole list) and computes those of ``images[rank::N]``, writing the entries itself. (Not
+``missing[rank::N]``: that list depends on when a rank looked, and a rank starting a second late
+sees the first one's new entries, so its list is shifted and some images would fall to no rank.
+The interleaved partition of the image list is the same for every rank and still spreads any
+contiguous run of missing images evenly.) Then it polls the files until the other ranks' entries
+exist. No rank ever waits in a collective while others compute: a 30-minute barrier timeout, or
+the NCCL watchdog, could otherwise kill a run whose rank 0 embeds 20k images alone, and file
+polling needs no process group at all (so ``scripts/cache_embeddings.py`` runs under ``torchrun``
+without one).
+
+Why polling and not a barrier with a timeout: a timeout long enough for the slowest writer is a
+guess, while the files show progress. A rank waits as long as new entries keep appearing; when
+none has appeared for ``stall_timeout`` seconds (at least three times its own slowest batch), a
+writer has died or started late, and the rank computes the entries still missing itself, after a
+warning naming how many and the first one (two writers computing the same entry is harmless). So
+a killed writer never stops the others, and the same command run again completes what it left.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
 import os
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from tqdm import tqdm
 
-from ..backbones.sam import SAMImageTransform
-from ..data.embedding_cache import EmbeddingCache, build_cache, image_key, sam_encoder_fingerprint
-from .distributed import DistInfo, barrier
+from ..backbones.sam import sam_weights_fingerprint
+from ..data.embedding_cache import ABSENT, EmbeddingCache, EncoderIdentity, Slot, module_fingerprint, storage_dtype
+from ..errors import CacheError, ConfigError, ImageError
+from ..fileio import write_json
+from ..image_io import load_image
+from .distributed import DistInfo
+
+STALL_TIMEOUT = 300.0  # seconds without a new entry from the other writers before taking over
+VERIFY_MODES = ("quick", "full")
+
+
+@contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an flock on ``path`` (the OS releases it if the holder dies); no lock where it cannot be created."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:  # a read-only cache: nothing will be written, so nothing to serialise
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def remembered_fingerprint(weights: str | os.PathLike, cache_root: str | os.PathLike) -> str:
+    """sha256 of a SAM weight file, hashed once and remembered in ``<cache_root>/fingerprints/``.
+
+    The memo is keyed by the file's absolute path, size and mtime, so ranks and later runs read 64
+    hex digits instead of hashing 2.5 GB again; a lock makes concurrent first callers hash it once.
+    """
+    path = os.path.abspath(weights)
+    memo = Path(cache_root) / "fingerprints" / f"{hashlib.sha1(os.fsencode(path)).hexdigest()[:16]}.json"
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return sam_weights_fingerprint(path)  # raises the CheckpointError that names the file
+    identity = {"path": path, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    with _exclusive_lock(memo.with_suffix(".lock")):
+        try:
+            remembered = json.loads(memo.read_text())
+            if {key: remembered.get(key) for key in identity} == identity and isinstance(remembered.get("sha256"), str):
+                return remembered["sha256"]
+        except (OSError, ValueError, AttributeError):
+            pass  # no memo yet, or a damaged one
+        digest = sam_weights_fingerprint(path)
+        try:
+            write_json(memo, {**identity, "sha256": digest})
+        except OSError:
+            pass  # a read-only cache: hashed again next time
+        return digest
+
+
+@dataclass
+class BuildSummary:
+    """What :func:`build_cache` did: entries computed anew, recomputed because invalid, already valid."""
+
+    computed: int = 0
+    repaired: int = 0
+    cached: int = 0
+    failed: list[str] = field(default_factory=list)  # ImageError messages of images not cached
+    slowest_batch_seconds: float = 0.0
+
+
+def _load(cache: EmbeddingCache, image: Path, recheck: bool) -> tuple[Slot, torch.Tensor] | ImageError | None:
+    """(slot, SAM input (3, S, S)) of one image; None if ``recheck`` finds its entry written meanwhile."""
+    try:
+        slot = cache.slot(image)
+        if recheck and cache.problem(slot) is None:
+            return None  # another writer has done it
+        pixels = cache.transform(load_image(image))[0]
+        if cache.slot(image) != slot:
+            return ImageError(f"{image}: the file changed while it was being read")
+        return slot, pixels
+    except ImageError as error:
+        return error
+
+
+def _prefetched_batches(
+    cache: EmbeddingCache, todo: list[tuple[Path, str]], batch_size: int, threads: int
+) -> Iterator[list[tuple[str, tuple[Slot, torch.Tensor] | ImageError | None]]]:
+    """Per batch, (why it was todo, what :func:`_load` gave) per image; the next batch loads while one is encoded."""
+    batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append([(reason, pool.submit(_load, cache, image, reason == ABSENT)) for image, reason in batch])
+            if len(pending) > 1:
+                yield [(reason, future.result()) for reason, future in pending.popleft()]
+        while pending:
+            yield [(reason, future.result()) for reason, future in pending.popleft()]
+
+
+def build_cache(
+    cache: EmbeddingCache,
+    images: Iterable[str | os.PathLike],
+    image_encoder: nn.Module | Callable[[], nn.Module],
+    batch_size: int = 4,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    verify: str = "quick",
+    threads: int = 4,
+) -> BuildSummary:
+    """Compute and store the embeddings of ``images`` that the cache lacks or holds invalid.
+
+    Args:
+        cache: where to store them (its ``dtype``, else bf16/fp16 on CUDA and fp32 on CPU).
+        images: image files.
+        image_encoder: SAM's image encoder, or a function that builds it, called only when some
+            image needs computing (a complete cache never loads SAM's weights).
+        batch_size: images per encoder call.
+        device: where the encoder runs; on CUDA a half storage dtype also runs it under autocast.
+        progress: show a tqdm bar.
+        verify: how existing entries are checked: "quick" (headers: other encoder, other image,
+            truncation) or "full" (also every payload's checksum).
+        threads: threads that decode and resize images while the encoder runs.
+
+    An entry absent at the start is skipped if another writer has written it by the time its
+    batch is loaded. Removes temporary files of dead writers first.
+
+    Raises:
+        ImageError: images that could not be read, listed after every other image is stored.
+        CacheError: the cache is read-only and some image lacks a valid entry.
+    """
+    if verify not in VERIFY_MODES:
+        raise ConfigError(f"verify: expected one of {', '.join(VERIFY_MODES)}, got {verify!r}")
+    for name, value in (("batch_size", batch_size), ("threads", threads)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
+    summary = BuildSummary()
+    todo = []
+    for image in dict.fromkeys(Path(image) for image in images):
+        try:
+            reason = cache.problem(cache.slot(image), full=verify == "full")
+        except ImageError as error:
+            summary.failed.append(str(error))
+            continue
+        if reason is None:
+            summary.cached += 1
+        else:
+            todo.append((image, reason))
+    if todo and cache.read_only:
+        raise CacheError(_read_only_refusal(cache, todo))
+    if todo:
+        cache.remove_old_temporaries()
+        _compute(cache, todo, image_encoder, summary, batch_size, torch.device(device), progress, threads)
+    cache.last_build = summary
+    if summary.failed:
+        shown = "; ".join(summary.failed[:5]) + (" ..." if len(summary.failed) > 5 else "")
+        raise ImageError(f"{len(summary.failed)} images could not be read and are not cached (the others are): {shown}")
+    return summary
+
+
+def _compute(
+    cache: EmbeddingCache,
+    todo: list[tuple[Path, str]],
+    image_encoder: nn.Module | Callable[[], nn.Module],
+    summary: BuildSummary,
+    batch_size: int,
+    device: torch.device,
+    progress: bool,
+    threads: int,
+) -> None:
+    """Encode ``todo`` (image, why it is todo) in batches on ``device`` and write each entry; counts into ``summary``."""
+    if not isinstance(image_encoder, nn.Module):
+        image_encoder = image_encoder()
+    encoder_size = getattr(image_encoder, "img_size", cache.encoder.image_size)
+    if encoder_size != cache.encoder.image_size:
+        raise ConfigError(f"SAM image encoder: input size {encoder_size}, but the cache is for {cache.encoder.image_size}")
+    image_encoder = image_encoder.to(device).eval()
+    storage = cache.dtype or (
+        (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device.type == "cuda" else torch.float32
+    )
+    autocast = device.type == "cuda" and storage != torch.float32
+    bar = tqdm(total=len(todo), desc="SAM embeddings", unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    with bar, torch.inference_mode():
+        for batch in _prefetched_batches(cache, todo, batch_size, threads):
+            started = time.monotonic()
+            summary.failed += [str(loaded) for _, loaded in batch if isinstance(loaded, ImageError)]
+            summary.cached += sum(loaded is None for _, loaded in batch)
+            good = [(reason, loaded) for reason, loaded in batch if isinstance(loaded, tuple)]
+            if good:
+                pixels = torch.stack([pixels for _, (_, pixels) in good]).to(device)
+                with torch.autocast(device.type, dtype=storage, enabled=autocast):
+                    embeddings = image_encoder(pixels).to(storage)
+                for (reason, (slot, _)), embedding in zip(good, embeddings):
+                    cache.write(slot, embedding)
+                summary.computed += sum(reason == ABSENT for reason, _ in good)
+                summary.repaired += sum(reason != ABSENT for reason, _ in good)
+                summary.slowest_batch_seconds = max(summary.slowest_batch_seconds, time.monotonic() - started)
+            bar.update(len(batch))
+
+
+def _read_only_refusal(cache: EmbeddingCache, todo: list[tuple[Path, str]]) -> str:
+    image, reason = todo[0]
+    others = sorted(path.name for path in cache.root.iterdir() if path.is_dir() and path.name != "fingerprints") if cache.root.is_dir() else []
+    held = f"; it holds embeddings of other SAM encoders or preprocessing only ({', '.join(others)})" if others and not cache.folder.is_dir() else ""
+    return (
+        f"{cache.root}: read-only cache without a valid embedding for {len(todo)} images "
+        f"(e.g. {image}: {'no entry' if reason == ABSENT else reason}){held}; fill it where it is writable or give another cache_dir"
+    )
+
+
+def dataset_image_roots(dataset_cfg: Mapping) -> list[Path]:
+    """Folders a dataset config's image paths are relative to: the cache keys images by their path inside one.
+
+    ``image_root`` (REFER, gRefCOCO, PhraseCut layouts), else the JSONL file's folder (``path``'s,
+    or ``<root>/<folder>``); for a merged set, its sources' folders.
+    """
+    if isinstance(dataset_cfg, DictConfig):
+        dataset_cfg = OmegaConf.to_container(dataset_cfg, resolve=True)
+    if dataset_cfg.get("format") == "merged":
+        inherited = {"root": dataset_cfg.get("root")}
+        return [root for source in dataset_cfg.get("sources") or [] for root in dataset_image_roots({**inherited, **source})]
+    if dataset_cfg.get("image_root"):
+        return [Path(dataset_cfg["image_root"])]
+    if dataset_cfg.get("path"):
+        return [Path(dataset_cfg["path"]).parent]
+    if dataset_cfg.get("root") is not None and dataset_cfg.get("folder") is not None:
+        return [Path(dataset_cfg["root"]) / str(dataset_cfg["folder"])]
+    return []
 
 
 def ensure_cache(
     root: str | os.PathLike,
     image_paths: Iterable[Path],
+    image_roots: Iterable[Path],
     image_encoder: nn.Module | Callable[[], nn.Module],
-    sam_checkpoint: Optional[str],
+    sam_variant: str,
+    sam_checkpoint: str | None,
     image_size: int,
     device: torch.device,
     dist_info: DistInfo = DistInfo(),
     batch_size: int = 4,
     dtype: str = "auto",
     progress: bool = True,
+    verify: str = "quick",
+    threads: int = 4,
+    stall_timeout: float = STALL_TIMEOUT,
 ) -> EmbeddingCache:
-    """Compute the embeddings the cache lacks (rank 0 only; the others wait) and open the cache.
+    """Compute the embeddings the cache lacks, this rank's share first, and open the cache.
 
-    The cache folder is keyed by the SAM weights: the hash of ``sam_checkpoint`` when the encoder
-    came from that file, else the hash of the encoder's own weights. ``image_encoder`` may be a
-    function that builds the encoder: with ``sam_checkpoint`` given it is called only if some image
-    lacks its embedding, so evaluating or training from a complete cache never holds SAM's image
-    encoder (2.5 GB of weights for ViT-H) in memory.
+    Args:
+        root: the cache directory.
+        image_paths: every image the caller will read.
+        image_roots: the dataset's image roots (:func:`dataset_image_roots`).
+        image_encoder: SAM's image encoder, or a function that builds it. With ``sam_checkpoint``
+            the function is called only if this rank has something to compute, so a complete
+            cache never holds SAM's image encoder (2.5 GB of weights for ViT-H) in memory.
+        sam_variant, sam_checkpoint, image_size: which encoder (the weight file's sha256 is
+            remembered in the cache; without a file the encoder's own weights are hashed).
+        device, batch_size, threads, progress: how this rank computes (progress on rank 0 only).
+        dtype: "auto" (entries of any dtype are used; new ones bf16/fp16 on CUDA, fp32 on CPU)
+            or "fp32" | "fp16" | "bf16" (entries of another dtype are recomputed).
+        verify: "quick" (headers) or "full" (also payload checksums) for the entries present.
+        stall_timeout: seconds without progress from the other writers before taking over.
+
+    Returns:
+        The cache; ``cache.last_build`` sums up this rank's work (``cached`` counts every image
+        it did not compute).
     """
     if sam_checkpoint is None and not isinstance(image_encoder, nn.Module):
         image_encoder = image_encoder()  # its weights are the fingerprint
-    fingerprint = sam_encoder_fingerprint(image_encoder, sam_checkpoint)
-    if dist_info.is_main:
-        images = {image_key(path): path for path in image_paths}
-        build_cache(
-            root, images, image_encoder, SAMImageTransform(image_size), fingerprint,
-            batch_size=batch_size, device=device, dtype=dtype, progress=progress,
-        )
-    barrier(dist_info)
-    return EmbeddingCache(root, fingerprint)
+    fingerprint = remembered_fingerprint(sam_checkpoint, root) if sam_checkpoint is not None else module_fingerprint(image_encoder)
+    cache = EmbeddingCache(root, EncoderIdentity(sam_variant, fingerprint, image_size), image_roots, storage_dtype(dtype))
+    images = list(dict.fromkeys(Path(path) for path in image_paths))
+    missing = cache.missing(images, full=verify == "full")
+    built: list[nn.Module] = []
+
+    def compute(share: list[Path]) -> BuildSummary:
+        def encoder() -> nn.Module:  # built at most once per call of ensure_cache
+            if not built:
+                built.append(image_encoder if isinstance(image_encoder, nn.Module) else image_encoder())
+            return built[0]
+
+        return build_cache(cache, share, encoder, batch_size, device, progress and dist_info.is_main, verify, threads)
+
+    mine = set(images[dist_info.rank :: dist_info.world_size])
+    summary = compute([path for path in missing if path in mine])
+    others = [path for path in missing if path not in mine]
+    stall = max(stall_timeout, 3 * summary.slowest_batch_seconds)
+    for still_missing in _wait_for_entries(cache, others, stall, full=verify == "full"):
+        taken_over = compute(still_missing)
+        summary.computed += taken_over.computed
+        summary.repaired += taken_over.repaired
+    summary.cached = len(images) - summary.computed - summary.repaired
+    cache.last_build = summary
+    return cache
+
+
+def _wait_for_entries(cache: EmbeddingCache, pending: list[Path], stall: float, full: bool) -> Iterator[list[Path]]:
+    """Poll until ``pending`` have valid entries; yield what is still missing after ``stall`` seconds without progress.
+
+    Polls at growing intervals (0.1 s doubling up to 5 s): a small job ends soon after the last
+    entry appears, and a large one checks its long list rarely.
+    """
+    last_change, interval = time.monotonic(), 0.1
+    while pending:
+        still = cache.missing(pending, full)
+        if len(still) < len(pending):
+            last_change = time.monotonic()
+        elif time.monotonic() - last_change > stall:
+            print(
+                f"warning: no new SAM embedding from the other cache writers for {stall:.0f} s; "
+                f"computing the {len(still)} still missing here (e.g. {still[0]})",
+                file=sys.stderr,
+            )
+            yield still
+            last_change = time.monotonic()
+            still = cache.missing(still, full)
+        pending = still
+        if pending:
+            time.sleep(interval)
+            interval = min(5.0, 2 * interval)

@@ -45,7 +45,7 @@ from tqdm import tqdm
 from ..backbones.clip_tokenizer import CLIPTokenizer
 from ..checkpoint import load_own_weights, read_checkpoint_config, read_trainer_state, save_checkpoint
 from ..config import model_config_from
-from ..data.embedding_cache import EmbeddingCache, image_key
+from ..data.embedding_cache import EmbeddingCache
 from ..data.records import ReferringDataset
 from ..data.registry import load_splits
 from ..data.training import EpochBatchSampler, ReferringTrainingSet, collate
@@ -56,7 +56,7 @@ from ..losses import rec_loss, ssp_sam_loss
 from ..model import build_model, build_sam_image_encoder
 from ..predictor import Predictor, resolve_device
 from ..visualize import overlay
-from .caching import ensure_cache
+from .caching import dataset_image_roots, ensure_cache
 from .distributed import DistInfo, barrier, init_distributed, mean_across_ranks, shutdown_distributed
 from .evaluator import evaluate
 from .host_memory import keep_freed_host_memory, shared_with_forked_workers
@@ -214,14 +214,15 @@ class Trainer:
         return {role: splits[split] for role, split in wanted.items()}
 
     def _prepare_cache(self) -> EmbeddingCache:
-        """Make sure every train/val image has a cached SAM embedding (computed by rank 0 only)."""
+        """Make sure every train/val image has a cached SAM embedding (each rank computes its share)."""
         config = self.model_config
         encoder = self.model.sam_image_encoder
         if encoder is None:  # built only if the cache lacks an image, freed afterwards
             encoder = partial(build_sam_image_encoder, config)
         return ensure_cache(
-            self.cfg.cache_dir, [p for d in self.datasets.values() for p in d.image_paths()], encoder, config.sam_checkpoint,
-            self.model.sam_image_size, self.device, self.dist, batch_size=int(self.cfg.cache_batch_size),
+            self.cfg.cache_dir, [p for d in self.datasets.values() for p in d.image_paths()], dataset_image_roots(self.dataset_cfg),
+            encoder, config.sam_variant, config.sam_checkpoint, self.model.sam_image_size, self.device, self.dist,
+            batch_size=int(self.cfg.cache_batch_size),
         )
 
     def _resume_or_check_run_dir(self) -> None:
@@ -386,7 +387,7 @@ class Trainer:
     def _log_overlays(self, dataset: ReferringDataset, step: int) -> None:
         predictor = Predictor(self.model, device=self.device)
         for index, sample in enumerate(list(dataset)[: int(self.cfg.val.overlays)]):
-            encoded = predictor.encode_image(sample.image_path, sam_embedding=self.cache.get(image_key(sample.image_path)))
+            encoded = predictor.encode_image(sample.image_path, sam_embedding=self.cache.get(sample.image_path))
             prediction = predictor.predict(encoded, [sample.expressions[0]])[0]
             picture = overlay(load_image(sample.image_path), prediction.mask, prediction.box, sample.expressions[0])
             self.writer.add_image(f"val/overlay_{index}", np.asarray(picture), step, dataformats="HWC")
