@@ -4,8 +4,10 @@
 
 Reads the annotation files exactly as training does (so missing files, refs pointing at unknown
 annotations, empty sentence lists are reported by the readers, all at once), prints the splits found
-with their sizes, then checks one split (or all): every image file present and of the size the
-annotations state, every GT mask decodable. Exit status: 0 fine, 1 problems found, 2 usage error.
+with their sizes, then checks one split (or all): every image file present, decodable to its end
+(a truncated file shows only when decoded) and of the size the annotations state, every GT mask
+decodable, every polygon inside its image. Every problem found is reported, not only the first.
+Exit status: 0 fine, 1 problems found, 2 usage error.
 
 The config is composed with Hydra's compose API rather than ``@hydra.main`` so that usage errors
 get their own exit status and nothing is written to the working directory.
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
@@ -26,6 +30,7 @@ from ssp_sam.data.masks import read_image_size
 from ssp_sam.data.records import ReferringDataset
 from ssp_sam.data.registry import read_splits
 from ssp_sam.errors import ConfigError, DatasetError, ImageError, SSPSAMError
+from ssp_sam.image_io import load_image
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
@@ -55,7 +60,7 @@ class Report:
 
 
 def check_images(dataset: ReferringDataset, report: Report) -> set[Path]:
-    """Every image file present and of the annotated size; returns the missing ones."""
+    """Every image file present, decodable and of the annotated size; returns the missing and unreadable ones."""
     stated_size = {}
     for sample in dataset:
         stated_size.setdefault(sample.image_path, sample.size_hint)
@@ -66,6 +71,7 @@ def check_images(dataset: ReferringDataset, report: Report) -> set[Path]:
             continue
         try:
             actual = read_image_size(path)
+            load_image(path)  # the header alone does not show a truncated file
         except ImageError:
             unreadable.append(path)
             continue
@@ -75,7 +81,7 @@ def check_images(dataset: ReferringDataset, report: Report) -> set[Path]:
     if missing:
         report.problem(f"{len(missing)} of {total} image files missing", missing)
     if unreadable:
-        report.problem(f"{len(unreadable)} image files unreadable", unreadable)
+        report.problem(f"{len(unreadable)} image files unreadable or truncated", unreadable)
     if wrong_size:
         report.problem(f"{len(wrong_size)} images differ from the annotated (H, W)", wrong_size)
     if not (missing or unreadable or wrong_size):
@@ -83,9 +89,28 @@ def check_images(dataset: ReferringDataset, report: Report) -> set[Path]:
     return set(missing) | set(unreadable)
 
 
+def _polygons_outside(target, height: int, width: int) -> list[str]:
+    """Labels of ``target``'s polygon annotations with a point more than one pixel outside the image.
+
+    pycocotools crops such polygons silently, so the mask decodes but is not what was annotated.
+    """
+    outside = []
+    for label, segmentation in getattr(target, "parts", ()):
+        if not isinstance(segmentation, (list, tuple)) or not all(isinstance(part, (list, tuple)) for part in segmentation):
+            continue  # an RLE: its size is checked when decoding
+        for polygon in segmentation:
+            coords = np.asarray(polygon, dtype=np.float64)  # decodable, hence numeric and of even length
+            xs, ys = coords[0::2], coords[1::2]
+            if (xs < -1).any() or (ys < -1).any() or (xs > width + 1).any() or (ys > height + 1).any():
+                outside.append(label)
+                break
+    return outside
+
+
 def check_masks(dataset: ReferringDataset, unavailable_images: set[Path], report: Report) -> None:
-    """Decode every GT mask (those whose size must come from an absent image are skipped)."""
+    """Decode every GT mask and check its polygons' bounds (masks whose size must come from an absent image are skipped)."""
     undecodable, empty, box_only, decoded = [], [], 0, 0
+    outside: dict[str, None] = {}  # annotation labels, once each (refs share annotations)
     for sample in tqdm(dataset, desc=f"masks {dataset.split}", file=sys.stderr, disable=None, leave=False):
         if not sample.has_mask:
             box_only += 1
@@ -98,12 +123,15 @@ def check_masks(dataset: ReferringDataset, unavailable_images: set[Path], report
             undecodable.append(f"{sample.sample_id} ({exc})")
             continue
         decoded += 1
+        outside.update(dict.fromkeys(_polygons_outside(sample.target, *mask.shape)))
         if not sample.no_target and not mask.any():
             empty.append(sample.sample_id)
     if undecodable:
         report.problem(f"{len(undecodable)} segmentations cannot be decoded", undecodable)
     else:
         report.ok(f"{decoded} masks decode" + (f"; {box_only} samples have boxes only" if box_only else ""))
+    if outside:
+        report.problem(f"{len(outside)} polygon annotations reach outside their image (cropped when decoded)", list(outside))
     if empty:
         report.note(f"{len(empty)} samples with a target have an empty mask", empty)
 

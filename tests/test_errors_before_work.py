@@ -19,6 +19,7 @@ from PIL import Image
 from omegaconf import OmegaConf
 
 from ssp_sam.checkpoint import save_checkpoint
+from ssp_sam.data.shapeworld import generate_dataset
 from ssp_sam.engine.train_config_check import check_train_options
 from ssp_sam.errors import ConfigError
 from ssp_sam.outputs import check_output_dir, check_output_file
@@ -153,3 +154,23 @@ def test_unwritable_folder_is_named(tmp_path):
     finally:
         locked.chmod(0o755)
     assert result.returncode == 2 and f"the folder {locked} is not writable" in result.stderr
+
+
+def test_check_data_reports_every_problem_in_one_run(tmp_path):
+    """A missing image, a truncated one (its header is intact) and a polygon outside its image: all three."""
+    generate_dataset(tmp_path, "res", {"val": 3}, seed=1, progress=False)
+    instances = tmp_path / "shapeworld" / "instances.json"
+    annotations = json.loads(instances.read_text())
+    first = annotations["annotations"][0]
+    first["segmentation"] = [[-30, 10, 100, 10, 100, 400, -30, 400]]  # the image is 256 x 256
+    instances.write_text(json.dumps(annotations))
+    truncated = tmp_path / "images" / "shapeworld_val_000001.png"
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    (tmp_path / "images" / "shapeworld_val_000002.png").unlink()
+    result = run_script("check_data.py", "dataset=shapeworld", f"dataset.root={tmp_path}", "dataset.split=val")
+    assert result.returncode == 1, result.stderr
+    problems = [line for line in result.stdout.splitlines() if "PROBLEM" in line]
+    assert len(problems) == 3, result.stdout
+    assert "shapeworld_val_000002.png" in problems[0] and "missing" in problems[0]
+    assert f"unreadable or truncated: {truncated}" in problems[1]
+    assert problems[2].endswith(f"outside their image (cropped when decoded): instances.json annotation {first['id']}")
