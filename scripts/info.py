@@ -28,7 +28,7 @@ from ssp_sam.model import build_model, parameter_counts
 def main(cfg: DictConfig) -> None:
     config = model_config_from(OmegaConf.to_container(cfg.model, resolve=True))
     with torch.device("meta"):
-        model = build_model(replace(config, clip_checkpoint=None, sam_checkpoint=None))
+        model = build_model(replace(config, clip_checkpoint=None, sam_checkpoint=None, random_encoders=True))
     counts = parameter_counts(model)
     print(
         f"{config.name}: {counts['params_release_grouping']:,} parameters ({counts['params_release_grouping'] / 1e6:.2f} M) "

@@ -29,7 +29,7 @@ from torch import Tensor
 from .config import RELEASE_PRESETS, ModelConfig, model_config_from
 from .errors import CheckpointError
 from .fileio import atomic_directory
-from .model import SSPSAM, build_model
+from .model import SSPSAM, build_model, require_weight_files
 from .state_dicts import mismatch_report
 from .weight_files import describe_weights, read_weights, require_finite
 
@@ -333,7 +333,12 @@ def load_model(
     if is_own_checkpoint(path):
         stored = read_checkpoint_config(path)["model"]
         config = model_config_from(stored, **(_as_overrides(model_config)))
-        model = build_model(config, with_sam_image_encoder=_wants_sam_image_encoder(with_sam_image_encoder, config))
+        # Encoders without a weight file are stored in the checkpoint (load_own_weights checks).
+        model = build_model(
+            config,
+            with_sam_image_encoder=_wants_sam_image_encoder(with_sam_image_encoder, config),
+            without_weight_files=("clip", "sam"),
+        )
         load_own_weights(model, path)
     else:
         release = read_release_file(path)
@@ -346,9 +351,12 @@ def load_model(
             raise CheckpointError(
                 f"{path}: this is an {preset} release checkpoint{release.trained_with} but the model config is {config.name}"
             )
-        model = build_model(
-            replace(config, release_quirks=True), with_sam_image_encoder=_wants_sam_image_encoder(with_sam_image_encoder, config)
-        )
+        with_encoder = _wants_sam_image_encoder(with_sam_image_encoder, config)
+        carries_sam_encoder = any(key.startswith("sam.image_encoder.") for key in state)
+        require_weight_files(config, ["clip"], reason=f" ({path} carries no CLIP: a release file's encoder.* entries are dropped)")
+        if with_encoder and not carries_sam_encoder:
+            require_weight_files(config, ["sam"], reason=f" ({path} carries no SAM image encoder)")
+        model = build_model(replace(config, release_quirks=True), with_sam_image_encoder=with_encoder, without_weight_files=("sam",))
         load_release_weights(model, state, str(path))
     return model.to(device).eval()
 

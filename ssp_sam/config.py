@@ -67,8 +67,10 @@ class ModelConfig:
 
     ``clip_arch`` is "ViT-B-16", "ViT-L-14-336" or "custom" (then ``clip_custom`` gives the sizes);
     ``sam_variant`` is "vit_b", "vit_l", "vit_h" or "custom" (then ``sam_custom``). The weight files
-    are given by path; ``None`` means random weights (tests, benchmarks) unless a checkpoint of
-    ours carries the encoders.
+    are given by path. A weight file that is not given is an error when the weights cannot come
+    from anywhere else (a checkpoint of ours that carries the encoders, a release file that carries
+    SAM's image encoder): random CLIP and SAM weights give meaningless masks, so they are built only
+    with ``random_encoders=True`` (tests, benchmarks).
     """
 
     name: str = "ssp_sam_224"
@@ -84,6 +86,7 @@ class ModelConfig:
     append_period: bool = True  # the text fed to CLIP is "{expression}."
     release_quirks: bool = False  # switched on by the loader of released checkpoints
     no_target_pixels: int = 50  # a mask with fewer pixels in the padded SAM frame means "no target"
+    random_encoders: bool = False  # build CLIP/SAM with random weights where no weight file is given (tests, benchmarks)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

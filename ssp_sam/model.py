@@ -17,7 +17,7 @@ disk) and shared by all expressions of the image; :meth:`SSPSAM.decode` takes th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -231,14 +231,45 @@ class SSPSAM(nn.Module):
         return self.decode(self.encode_clip_image(clip_pixels), sam_embeddings, self.encode_text(tokens))
 
 
-def build_model(config: ModelConfig, with_sam_image_encoder: bool = True) -> SSPSAM:
+ENCODER_WEIGHT_KEYS = {"clip": "model.clip_checkpoint", "sam": "model.sam_checkpoint"}
+
+
+def require_weight_files(config: ModelConfig, parts: Iterable[str] = ("clip", "sam"), reason: str = "") -> None:
+    """Refuse to build random encoders by accident.
+
+    Args:
+        config: the model config.
+        parts: the parts ("clip", "sam") whose weights can only come from their weight files here.
+        reason: appended to the message (e.g. why a checkpoint cannot provide them).
+    Raises:
+        ConfigError: naming the missing keys, unless ``config.random_encoders`` allows random weights.
+    """
+    if config.random_encoders:
+        return
+    given = {"clip": config.clip_checkpoint, "sam": config.sam_checkpoint}
+    missing = [ENCODER_WEIGHT_KEYS[part] for part in parts if given[part] is None]
+    if missing:
+        raise ConfigError(
+            f"{' and '.join(missing)}: no weight file given{reason}; without it the encoder would be random "
+            "and its masks meaningless (random encoders only with model.random_encoders=true, for tests and benchmarks)"
+        )
+
+
+def build_model(
+    config: ModelConfig, with_sam_image_encoder: bool = True, without_weight_files: Iterable[str] = ()
+) -> SSPSAM:
     """Build SSP-SAM from a config, loading the CLIP and SAM weight files it names.
 
     Args:
         config: a validated :class:`ModelConfig`.
         with_sam_image_encoder: False for training/evaluation from cached SAM embeddings, so that
             no SAM ViT is allocated at all.
+        without_weight_files: parts ("clip", "sam") whose weights do not come from their weight
+            files: loaded afterwards from a checkpoint, or never used (SAM in the REC stage).
+    Raises:
+        ConfigError: a needed weight file is not given (see :func:`require_weight_files`).
     """
+    require_weight_files(config, [part for part in ENCODER_WEIGHT_KEYS if part not in set(without_weight_files)])
     clip_model = build_clip_model(config.clip_arch, config.clip_checkpoint, config.clip_custom)
     clip = CLIPSurgeryBackbone(clip_model, surgery_blocks=config.surgery_blocks)
     parts = ("image_encoder", "prompt_encoder", "mask_decoder") if with_sam_image_encoder else ("prompt_encoder", "mask_decoder")
@@ -248,6 +279,7 @@ def build_model(config: ModelConfig, with_sam_image_encoder: bool = True) -> SSP
 
 def build_sam_image_encoder(config: ModelConfig) -> nn.Module:
     """SAM's image encoder alone, loaded from the weight file ``config`` names (for the embedding cache)."""
+    require_weight_files(config, ["sam"], reason=" for SAM's image encoder (embeddings of uncached images)")
     return build_sam(config.sam_variant, config.sam_checkpoint, config.sam_custom, parts=("image_encoder",)).image_encoder
 
 

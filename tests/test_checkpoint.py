@@ -55,6 +55,7 @@ NO_EFFECT_ON_OUTPUT = ("phrase_attn.fc.bias",)
 # so the test builds in a second; the release's own tensors are what is checked.
 RELEASE_LIKE = {
     "name": "release_test",
+    "random_encoders": True,  # no CLIP or SAM weight files in these tests
     "clip_arch": "custom",
     "clip_custom": {
         "embed_dim": 512, "image_size": 224, "patch_size": 16, "vision_width": 64, "vision_layers": 1,
