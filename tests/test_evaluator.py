@@ -426,11 +426,11 @@ def test_eval_script_writes_results_json(data_root, tiny_checkpoint, tmp_path):
     assert "mIoU" in completed.stdout and "REC-acc" in completed.stdout
     record = json.loads(out.read_text())
 
-    assert list(record) == ["metrics", "by_group", "dataset", "split", "task", "model", "label", "checkpoint",
+    assert list(record) == ["metrics", "by_group", "dataset", "split", "task", "protocol", "model", "label", "checkpoint",
                             "checkpoint_sha256", "n_images", "n_samples", "command", "created", "ssp_sam_version"]
     assert list(record["metrics"]) == ["n_samples", "mIoU", "oIoU", "Pr@0.5", "Pr@0.6", "Pr@0.7", "Pr@0.8", "Pr@0.9", "REC-acc"]
-    assert (record["dataset"], record["split"], record["task"], record["model"], record["label"]) == (
-        "refcoco", "val", "res", "tiny", "tiny run")
+    assert (record["dataset"], record["split"], record["task"], record["protocol"], record["model"], record["label"]) == (
+        "refcoco", "val", "res", "standard", "tiny", "tiny run")
     assert (record["n_images"], record["n_samples"], record["by_group"]) == (1, 5, {})
     assert record["checkpoint"] == str(tiny_checkpoint)
     assert record["checkpoint_sha256"] == hashlib.sha256((tiny_checkpoint / WEIGHTS_FILE).read_bytes()).hexdigest()
