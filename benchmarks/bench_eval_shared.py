@@ -120,7 +120,7 @@ def build_predictor(quick: bool, device: torch.device) -> Predictor:
     if quick:
         config = model_config_from(OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "model" / "tiny.yaml")))
     else:
-        config = model_config_from({"name": "bench", "sam_variant": "vit_b"})
+        config = model_config_from({"name": "bench", "sam_variant": "vit_b", "random_encoders": True})
     torch.manual_seed(0)
     return Predictor(build_model(config), device=device)
 

@@ -156,6 +156,7 @@ def train_overrides(work: Path, run_name: str, workers: int, steps: int, batch_s
         "model=shapeworld",
         "model.clip_checkpoint=null",
         "model.sam_checkpoint=null",
+        "model.random_encoders=true",
         "dataset=shapeworld",
         f"dataset.root={work / 'data'}",
         f"cache_dir={work / 'cache'}",

@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_predictor(sam_variant: str, device: torch.device) -> Predictor:
     """SSP-SAM-224 with the requested SAM variant and random weights."""
-    overrides = {"name": "bench", "sam_variant": sam_variant}
+    overrides = {"name": "bench", "sam_variant": sam_variant, "random_encoders": True}
     if sam_variant == "custom":
         overrides["sam_custom"] = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "model" / "tiny.yaml").sam_custom)
     torch.manual_seed(0)

@@ -158,7 +158,7 @@ def build_models(quick: bool, device: torch.device) -> tuple[SSPSAM, SSPSAM]:
     if quick:
         config = model_config_from(OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "model" / "tiny.yaml")))
     else:
-        config = model_config_from({"name": "bench", "sam_variant": "vit_b"})
+        config = model_config_from({"name": "bench", "sam_variant": "vit_b", "random_encoders": True})
     torch.manual_seed(0)
     batched = build_model(config, with_sam_image_encoder=False)
     batched.mask_head.mask_decoder.requires_grad_(True)
