@@ -50,7 +50,7 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
@@ -58,10 +58,14 @@ from torch import nn
 from ..backbones.sam import SAMImageTransform
 from ..errors import CacheError, ConfigError, ImageError
 
+if TYPE_CHECKING:
+    from ..engine.caching import BuildSummary
+
 MAGIC = b"SSPEMB02"
 PREFIX = struct.Struct("<8sII")  # magic, header length, crc32 of the header
 STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 RESIZE_RULE = "ResizeLongestSide (PIL bilinear on uint8), zero padding right and bottom"
 TEMPORARY_MAX_AGE = 3600.0  # seconds; older temporary files belong to dead writers
 FILL_HINT = "scripts/cache_embeddings.py for this dataset (its defaults suffice), or re-running this command, computes it"
@@ -159,7 +163,7 @@ class EmbeddingCache:
         self.read_only = not _writable(self.root) if read_only is None else read_only
         self.transform = SAMImageTransform(encoder.image_size)
         self._expected = encoder.describe()
-        self.last_build: BuildSummary | None = None
+        self.last_build: BuildSummary | None = None  # set by ensure_cache
 
     def __repr__(self) -> str:
         return f"EmbeddingCache({str(self.folder)!r}, image_roots={self.image_roots}, dtype={self.dtype})"
@@ -196,7 +200,7 @@ class EmbeddingCache:
             if magic != MAGIC or len(raw) != header_length or zlib.crc32(raw) != header_crc:
                 return "corrupt (damaged header)"
             header = json.loads(raw)
-            dtype = {name: dtype for dtype, name in DTYPE_NAMES.items()}[header["dtype"]]
+            dtype = DTYPES_BY_NAME[header["dtype"]]
             shape = header["shape"]
             if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(n, int) and n > 0 for n in shape)):
                 return f"corrupt (embedding shape {shape!r} is not (C, h, w))"
@@ -267,8 +271,7 @@ class EmbeddingCache:
         if isinstance(inspected, str):
             raise CacheError(f"{slot.file}: the cached SAM embedding of {slot.image} is {inspected}; {self._discard(slot.file, status.st_ino)}")
         header, offset = inspected
-        dtype = {name: dtype for dtype, name in DTYPE_NAMES.items()}[header["dtype"]]
-        return torch.frombuffer(data, dtype=dtype, offset=offset).view(header["shape"]).float()
+        return torch.frombuffer(data, dtype=DTYPES_BY_NAME[header["dtype"]], offset=offset).view(header["shape"]).float()
 
     def _discard(self, file: Path, inode: int) -> str:
         """Remove a damaged entry (unless a writer has just replaced it); say how it is recomputed."""
