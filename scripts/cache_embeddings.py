@@ -96,7 +96,7 @@ def main(cfg: DictConfig) -> None:
     cache = ensure_cache(
         cfg.cache_dir, images, dataset_image_roots(cfg.dataset), encoder, variant, sam_checkpoint, image_size, device, ranks,
         batch_size=cfg.batch_size, dtype=cfg.dtype, progress=cfg.progress, verify=cfg.verify, threads=cfg.threads,
-        stall_timeout=float(cfg.stall_timeout),
+        stall_timeout=cfg.stall_timeout,
     )
     summary = cache.last_build
     who = f"rank {ranks.rank}/{ranks.world_size}: " if ranks.enabled else ""

@@ -32,7 +32,7 @@ from ssp_sam.checkpoint import save_checkpoint
 from ssp_sam.data.embedding_cache import PREFIX, EmbeddingCache, EncoderIdentity, module_fingerprint
 from ssp_sam.engine import caching
 from ssp_sam.engine.caching import build_cache, dataset_image_roots, ensure_cache, remembered_fingerprint
-from ssp_sam.errors import CacheError, ImageError
+from ssp_sam.errors import CacheError, ConfigError, ImageError
 from ssp_sam.image_io import load_image
 
 TINY_SAM = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "model" / "tiny.yaml").sam_custom)
@@ -143,6 +143,9 @@ def test_resume_computes_only_missing_entries(tmp_path, encoder):
     assert counting.images_seen == 5 and (cache.last_build.computed, cache.last_build.cached) == (2, 3)
     ensure(tmp_path / "cache", paths, counting, verify="full")
     assert counting.images_seen == 5
+    for bad in ({"verify": "none"}, {"batch_size": 0}, {"stall_timeout": 0}, {"stall_timeout": "abc"}, {"dtype": "fp8"}):
+        with pytest.raises(ConfigError, match=list(bad)[0]):
+            ensure(tmp_path / "cache", paths, counting, **bad)
 
 
 # ------------------------------------------------------------------------------------ nothing stale

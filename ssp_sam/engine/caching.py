@@ -308,6 +308,8 @@ def ensure_cache(
         The cache; ``cache.last_build`` sums up this rank's work (``cached`` counts every image
         it did not compute).
     """
+    if isinstance(stall_timeout, bool) or not isinstance(stall_timeout, (int, float)) or not stall_timeout > 0:
+        raise ConfigError(f"stall_timeout: expected a positive number of seconds, got {stall_timeout!r}")
     if sam_checkpoint is None and not isinstance(image_encoder, nn.Module):
         image_encoder = image_encoder()  # its weights are the fingerprint
     fingerprint = remembered_fingerprint(sam_checkpoint, root) if sam_checkpoint is not None else module_fingerprint(image_encoder)
