@@ -94,6 +94,25 @@ def test_expression_weights_reach_the_training_items(shapeworld_root, tmp_path):
     assert Trainer(cfg).train_set.expression_weights == {}
 
 
+def test_mask_targets_follow_train_mask_target(shapeworld_root, tmp_path):
+    """release (the paper experiments' default): the release's GT processing; nearest: pixel-centred nearest."""
+    from ssp_sam.backbones.sam import mask_to_padded_frame
+    from ssp_sam.engine.protocols import release_gt_frame
+
+    for target in ("release", "nearest"):
+        trainer = Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / target, tmp_path / "cache", f"train.mask_target={target}")))
+        size = trainer.model.sam_image_size
+        trainer.train_set.cache = None  # only the masks are looked at
+        for index in range(2):
+            gt = trainer.train_set.dataset[index].mask()
+            expected = torch.from_numpy(release_gt_frame(gt, size)).float() if target == "release" else mask_to_padded_frame(gt, size)
+            assert torch.equal(trainer.train_set[index]["mask"], expected)
+    # The two differ on these masks (the release's bilinear resize grows the edges), so the test can tell them apart.
+    assert not torch.equal(torch.from_numpy(release_gt_frame(gt, size)).float(), mask_to_padded_frame(gt, size))
+    with pytest.raises(ConfigError, match="train.mask_target"):
+        Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "x", tmp_path / "cache", "train.mask_target=bicubic")))
+
+
 def test_decoder_frozen_then_trained(shapeworld_root, tmp_path):
     cfg = compose_train(train_overrides(shapeworld_root, tmp_path / "run", tmp_path / "cache", "train.epochs=2"))
     trainer = Trainer(cfg)

@@ -43,6 +43,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from ..backbones.clip_tokenizer import CLIPTokenizer
+from ..backbones.sam import mask_to_padded_frame
 from ..checkpoint import load_own_weights, read_checkpoint_config, read_trainer_state, save_checkpoint
 from ..config import model_config_from
 from ..data.embedding_cache import EmbeddingCache
@@ -61,6 +62,7 @@ from .distributed import DistInfo, barrier, init_distributed, mean_across_ranks,
 from .evaluator import evaluate
 from .host_memory import keep_freed_host_memory, shared_with_forked_workers
 from .optim import SCHEDULES, build_schedule, parameter_groups
+from .protocols import release_gt_frame
 from .rec_validation import REC_METRIC, rec_accuracy
 from .reporting import command_line, console_tables, write_results
 from .run_dir import recover_run_dir
@@ -69,6 +71,15 @@ from .train_config_check import check_train_config
 # The validation metric that picks the best checkpoint of stage "res", per task (stage "rec": REC_METRIC).
 SELECTION_METRIC = {"res": "mIoU", "gres": "gIoU", "phrasecut": "mIoU"}
 STAGES = ("rec", "res")
+
+
+def release_mask_target(mask: np.ndarray, sam_image_size: int) -> Tensor:
+    """The release's training target: its GT processing (``protocols.release_gt_frame``) as 0/1 float (S/2, S/2)."""
+    return torch.from_numpy(release_gt_frame(mask, sam_image_size)).float()
+
+
+# train.mask_target: how a GT mask becomes the (S/2, S/2) target of the mask losses.
+MASK_TARGETS = {"release": release_mask_target, "nearest": mask_to_padded_frame}
 
 
 class TrainingDivergedError(SSPSAMError):
@@ -140,6 +151,7 @@ class Trainer:
             need_masks=self.stage == "res",
             expression_weights=self.train_cfg.expression_weights,
             expression_weight_key=str(self.train_cfg.expression_weight_key),
+            mask_frame=MASK_TARGETS[self.train_cfg.mask_target],
         )
         global_batch = int(self.train_cfg.batch_size)
         if global_batch > len(self.train_set):
@@ -187,6 +199,8 @@ class Trainer:
             raise ConfigError(f"train.stage: unknown stage {self.stage!r}; expected one of {', '.join(STAGES)}")
         if self.train_cfg.schedule not in SCHEDULES:
             raise ConfigError(f"train.schedule: unknown schedule {self.train_cfg.schedule!r}; expected one of {', '.join(SCHEDULES)}")
+        if self.train_cfg.mask_target not in MASK_TARGETS:
+            raise ConfigError(f"train.mask_target: unknown target {self.train_cfg.mask_target!r}; expected one of {', '.join(MASK_TARGETS)}")
         if self.stage == "rec" and self.train_cfg.save_encoders:
             raise ConfigError("train.save_encoders=true: the REC stage (train.stage=rec) builds no SAM image encoder to save")
         if self.stage == "rec" and self.cfg.test.split:
