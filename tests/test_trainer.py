@@ -252,6 +252,17 @@ def test_best_checkpoint_is_evaluated_on_the_test_split(shapeworld_root, tmp_pat
     assert 0.0 <= record["metrics"]["mIoU"] <= 1.0 and record["n_images"] == 2
 
 
+@pytest.mark.parametrize("protocol, selection", [("ssp_sam_release", "mIoU (SSP-SAM release)"), ("standard", "mIoU")])
+def test_best_epoch_by_the_validation_protocols_miou(shapeworld_root, tmp_path, protocol, selection):
+    """The release keeps the epoch with the best mean IoU of its own evaluator (val.protocol=ssp_sam_release)."""
+    cfg = compose_train(train_overrides(shapeworld_root, tmp_path / "run", tmp_path / "cache", "train.epochs=1", "val.split=val", f"val.protocol={protocol}"))
+    result = Trainer(cfg).fit()
+    assert result.best_metric == result.last_metrics[selection]
+    assert ("mIoU (SSP-SAM release)" in result.last_metrics) == (protocol == "ssp_sam_release")
+    saved = json.loads((tmp_path / "run" / "best" / "config.json").read_text())["metrics"]
+    assert saved[selection] == result.best_metric
+
+
 ABLATIONS = {
     "full": {},
     "no_vad": {"visual": False, "surgery_blocks": 0},

@@ -54,6 +54,7 @@ from ..errors import ConfigError, SSPSAMError
 from ..fileio import atomic_path
 from ..image_io import load_image
 from ..losses import rec_loss, ssp_sam_loss
+from ..metrics import RELEASE_SUFFIX
 from ..model import build_model, build_sam_image_encoder
 from ..predictor import Predictor, resolve_device
 from ..visualize import overlay
@@ -62,13 +63,14 @@ from .distributed import DistInfo, barrier, init_distributed, mean_across_ranks,
 from .evaluator import evaluate
 from .host_memory import keep_freed_host_memory, shared_with_forked_workers
 from .optim import SCHEDULES, build_schedule, parameter_groups
-from .protocols import release_gt_frame
+from .protocols import check_protocol, release_gt_frame
 from .rec_validation import REC_METRIC, rec_accuracy
 from .reporting import command_line, console_tables, write_results
 from .run_dir import recover_run_dir
 from .train_config_check import check_train_config
 
-# The validation metric that picks the best checkpoint of stage "res", per task (stage "rec": REC_METRIC).
+# The validation metric that picks the best checkpoint of stage "res", per task (stage "rec": REC_METRIC);
+# with val.protocol=ssp_sam_release its release-arithmetic version (key + RELEASE_SUFFIX), as the release selects.
 SELECTION_METRIC = {"res": "mIoU", "gres": "gIoU", "phrasecut": "mIoU"}
 STAGES = ("rec", "res")
 
@@ -201,6 +203,7 @@ class Trainer:
             raise ConfigError(f"train.schedule: unknown schedule {self.train_cfg.schedule!r}; expected one of {', '.join(SCHEDULES)}")
         if self.train_cfg.mask_target not in MASK_TARGETS:
             raise ConfigError(f"train.mask_target: unknown target {self.train_cfg.mask_target!r}; expected one of {', '.join(MASK_TARGETS)}")
+        check_protocol(self.cfg.val.protocol)
         if self.stage == "rec" and self.train_cfg.save_encoders:
             raise ConfigError("train.save_encoders=true: the REC stage (train.stage=rec) builds no SAM image encoder to save")
         if self.stage == "rec" and self.cfg.test.split:
@@ -392,7 +395,10 @@ class Trainer:
             metrics = rec_accuracy(self.model, dataset, self.device, self.dist, max_batch=int(self.cfg.val.max_batch))
             self._log_scalars({f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step)
             return metrics
-        result = evaluate(self.model, dataset, cache=self.cache, device=self.device, max_batch=int(self.cfg.val.max_batch), progress=self.dist.is_main)
+        result = evaluate(
+            self.model, dataset, cache=self.cache, device=self.device, max_batch=int(self.cfg.val.max_batch),
+            progress=self.dist.is_main, protocol=str(self.cfg.val.protocol),
+        )
         self._log_scalars({f"val/{k}": v for k, v in result.metrics.items() if isinstance(v, float)}, step)
         if self.writer is not None and int(self.cfg.val.overlays) > 0:
             self._log_overlays(dataset, step)
@@ -406,10 +412,16 @@ class Trainer:
             picture = overlay(load_image(sample.image_path), prediction.mask, prediction.box, sample.expressions[0])
             self.writer.add_image(f"val/overlay_{index}", np.asarray(picture), step, dataformats="HWC")
 
+    def _selection_metric(self) -> str:
+        if self.stage == "rec":
+            return REC_METRIC
+        metric = SELECTION_METRIC[self.datasets["train"].task]
+        return metric + RELEASE_SUFFIX if self.cfg.val.protocol == "ssp_sam_release" else metric
+
     def fit(self) -> TrainResult:
         if self.dist.is_main:
             self.writer = SummaryWriter(str(self.run_dir / "tb"))
-        selection = REC_METRIC if self.stage == "rec" else SELECTION_METRIC[self.datasets["train"].task]
+        selection = self._selection_metric()
         all_losses: list[float] = []
         metrics: dict[str, float] = {}
         epochs = int(self.train_cfg.epochs)
