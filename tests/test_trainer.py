@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from dataclasses import replace
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from PIL import Image
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
+from ssp_sam.data.records import ReferringDataset
 from ssp_sam.data.registry import load_dataset
 from ssp_sam.data.shapeworld import generate_dataset
 from ssp_sam.engine import trainer as trainer_module
@@ -345,7 +347,7 @@ def test_rec_stage_runs_without_sam(tmp_path, monkeypatch):
     for record in records:
         assert {k for k in record if k.startswith("train/")} == {"train/loss", "train/l1", "train/giou"}
         assert record["train/loss"] == pytest.approx(record["train/l1"] + record["train/giou"], rel=1e-6)
-    assert set(result.last_metrics) == {"REC-acc", "box_mIoU", "n_samples"} and result.last_metrics["n_samples"] == 4
+    assert set(result.last_metrics) == {"REC-acc", "box_mIoU", "n_samples", "n_sentences"} and result.last_metrics["n_samples"] == 4
     assert 0.0 <= result.last_metrics["REC-acc"] <= 1.0
     assert result.best_metric == max(0.0, result.best_metric)
     assert json.loads((run / "best" / "config.json").read_text())["model"]["sam_checkpoint"] is None
@@ -361,6 +363,9 @@ def test_rec_accuracy_by_hand(tmp_path, monkeypatch):
     IoU 1 with A, 100/200 = 0.5 with B (a hit), 0 with C. Prediction P2 = (0.5, 0.5, 1, 1) ->
     square (0, 0, 32, 32) -> image (0, -10, 40, 30), clipped to (0, 0, 40, 20): IoU 1 with D
     (unclipped it would be 800/1200). REC-acc = 3/4, box mIoU = (1 + 0.5 + 0 + 1)/4.
+    Then A gets a second sentence, predicted P2 (IoU 200/800 = 0.25 with A, a miss): A scores
+    the mean of its sentences, hit 1/2 and IoU 0.625, so REC-acc = (0.5 + 1 + 0 + 1)/4 = 0.625 and
+    box mIoU = (0.625 + 0.5 + 0 + 1)/4 = 0.53125 (the expected value of the release's random draw).
     """
     from conftest import tiny_model
 
@@ -369,13 +374,21 @@ def test_rec_accuracy_by_hand(tmp_path, monkeypatch):
     assert [s.sample_id for s in dataset] == ["A", "B", "C", "D"]
     p1, p2 = [0.5, 0.5, 0.5, 0.25], [0.5, 0.5, 1.0, 1.0]
 
+    predictions = [[p1, p1, p1, p2], [p1, p2, p1, p1, p2]]
+
     def fixed_boxes(image_tokens, sam_embeddings, text):
         assert sam_embeddings is None  # SAM does not run
-        return SSPOutput(None, None, torch.tensor([p1, p1, p1, p2]), None, None)
+        boxes = torch.tensor(predictions.pop(0))
+        assert len(boxes) == len(text.words)
+        return SSPOutput(None, None, boxes, None, None)
 
     monkeypatch.setattr(model, "decode", fixed_boxes)
     metrics = rec_accuracy(model, dataset, torch.device("cpu"))
-    assert metrics == {"REC-acc": pytest.approx(0.75), "box_mIoU": pytest.approx(0.625), "n_samples": 4}
+    assert metrics == {"REC-acc": pytest.approx(0.75), "box_mIoU": pytest.approx(0.625), "n_samples": 4, "n_sentences": 4}
+    two_sentences = replace(dataset[0], expressions=("thing a", "the a thing"), sentence_ids=(0, 1))
+    dataset = ReferringDataset(dataset.name, dataset.split, dataset.task, [two_sentences, *dataset[1:]])
+    metrics = rec_accuracy(model, dataset, torch.device("cpu"))
+    assert metrics == {"REC-acc": pytest.approx(0.625), "box_mIoU": pytest.approx(0.53125), "n_samples": 4, "n_sentences": 5}
 
 
 def test_stage_two_keeps_sams_mask_decoder_from_a_rec_checkpoint(shapeworld_root, tmp_path):

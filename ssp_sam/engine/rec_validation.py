@@ -1,9 +1,14 @@
 """Validation of the REC pretraining stage: box accuracy, computed without SAM.
 
-The release validates its pretraining on the merged set's val split by Acc@0.5 (a sentence counts
+The release validates its pretraining on the merged set's val split by Acc@0.5 (an item counts
 when its predicted box has IoU >= 0.5 with the GT box, in original-image pixels) and keeps the
-epoch with the best value. Only CLIP, the adapters and the prompt generator run here: no SAM image
-embedding and no mask decoder, so the REC stage needs no SAM at all.
+epoch with the best value. Its val items are those of its training set: one per sentence, each
+drawing one sentence of its referent at random (``data/sentence_samples.py``). Here every sample
+scores the mean over its sentences, the expected value of that draw, without the randomness;
+when every sample holds one sentence this is the plain per-sentence accuracy.
+
+Only CLIP, the adapters and the prompt generator run: no SAM image embedding and no mask decoder,
+so the REC stage needs no SAM at all.
 """
 
 from __future__ import annotations
@@ -31,24 +36,24 @@ def rec_accuracy(
     dist_info: DistInfo = DistInfo(),
     max_batch: int = 32,
 ) -> dict[str, float]:
-    """Box accuracy over every sentence of ``dataset``.
+    """Box accuracy over the samples of ``dataset``, each scoring the mean over its sentences.
 
     The prediction is mapped from the centred CLIP letterbox back to the original image and
     clipped to it, as the release's post-processing does; the GT is the referent's union box.
-    Ranks split the samples and add up their counts, so every rank returns the same numbers.
+    Ranks split the samples and add up their sums, so every rank returns the same numbers.
 
     Args:
         max_batch: samples (images) encoded together; all their sentences are decoded together.
     Returns:
-        {"REC-acc": share of sentences with box IoU >= 0.5, "box_mIoU": mean box IoU,
-        "n_samples": number of sentences}.
+        {"REC-acc": mean over samples of their share of sentences with box IoU >= 0.5,
+        "box_mIoU": mean over samples of their mean box IoU, "n_samples", "n_sentences"}.
     """
     if len(dataset) == 0:
         raise DatasetError(f"dataset {dataset.name} split {dataset.split}: no samples to validate on")
     model.eval()
     tokenizer = CLIPTokenizer(model.clip.context_length, model.config.append_period)
     samples = dataset.samples[dist_info.rank :: dist_info.world_size]
-    totals = torch.zeros(3, dtype=torch.float64)  # hits, IoU sum, sentences
+    totals = torch.zeros(4, dtype=torch.float64)  # sums over samples: hit share, mean IoU, 1, sentences
     for start in range(0, len(samples), max_batch):
         chunk = samples[start : start + max_batch]
         placed = [letterbox_image(load_image(sample.image_path), model.clip.image_size) for sample in chunk]
@@ -63,10 +68,10 @@ def rec_accuracy(
             in_image = torch.minimum(in_image, torch.tensor([width, height, width, height], dtype=in_image.dtype))
             gt = torch.tensor([sample.union_box_xyxy()], dtype=in_image.dtype)
             ious = torch.nan_to_num(box_iou(in_image, gt)[:, 0].double(), nan=0.0)
-            totals += torch.stack([(ious >= REC_IOU_THRESHOLD).sum().double(), ious.sum(), torch.tensor(len(ious), dtype=torch.float64)])
+            totals += torch.tensor([(ious >= REC_IOU_THRESHOLD).double().mean(), ious.mean(), 1.0, len(ious)], dtype=torch.float64)
     if dist_info.enabled:
         reduced = totals.to(device)
         torch.distributed.all_reduce(reduced)
         totals = reduced.cpu()
-    hits, iou_sum, sentences = totals.tolist()
-    return {REC_METRIC: hits / sentences, "box_mIoU": iou_sum / sentences, "n_samples": int(sentences)}
+    hits, ious, samples, sentences = totals.tolist()
+    return {REC_METRIC: hits / samples, "box_mIoU": ious / samples, "n_samples": int(samples), "n_sentences": int(sentences)}
