@@ -133,7 +133,11 @@ class Trainer:
         self.model_config = model_config_from(OmegaConf.to_container(cfg.model, resolve=True))
         if self.stage == "rec":  # no SAM weights: the mask head (never run) keeps its random initialisation
             self.model_config = replace(self.model_config, sam_checkpoint=None)
-        self.model = build_model(self.model_config, with_sam_image_encoder=bool(self.train_cfg.save_encoders))
+        self.model = build_model(
+            self.model_config,
+            with_sam_image_encoder=bool(self.train_cfg.save_encoders),
+            without_weight_files=("sam",) if self.stage == "rec" else (),
+        )
         if cfg.init_checkpoint:
             self._load_init_checkpoint(cfg.init_checkpoint)
         self.model.to(self.device)
