@@ -22,6 +22,7 @@ import torch
 from ssp_sam.backbones.clip import build_clip_model
 from ssp_sam.checkpoint import load_model, map_release_key, release_preset
 
+from fixtures_weights import write_release_file
 from reference_forward import reference_forward
 
 DATA = Path(__file__).parent / "data"
@@ -87,7 +88,7 @@ def write_release_files(preset: str, folder: Path) -> tuple[dict, dict, Path, di
     shapes = {k: tuple(v) for k, v in json.loads((DATA / f"{preset}_checkpoint_keys.json").read_text()).items()}
     state = perturbed(shapes, generator)
     release_path = folder / f"{preset}.pth"
-    torch.save({"model": state, "epoch": 80}, release_path)
+    write_release_file(release_path, state, clip_pretrained="pretrained_checkpoints/CS/CS-ViT-L-14-336px.pt" if preset == "ssp_sam_336" else "pretrained_checkpoints/CS/CS-ViT-B-16.pt")  # as the release's train.py writes it
     clip_shapes = {k: tuple(v.shape) for k, v in build_clip_model("custom", None, {**CLIPS[preset], **VISION}).state_dict().items()}
     clip = perturbed(clip_shapes, generator)
     clip_path = folder / "clip.pt"
