@@ -4,6 +4,8 @@
 # cannot put two ranks on one device), an evaluation of its checkpoint, and every benchmark with
 # --device cuda. Exits non-zero at the first failure; results go to $out (default gpu_smoke_out/).
 #   bash scripts/gpu_smoke.sh [out_dir]
+# SMOKE_DEVICE=cpu SMOKE_QUICK=1 runs the same commands on the CPU (gloo, benchmarks with --quick):
+# that is how CI checks that the script itself works (tests/test_gpu_smoke.py).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$repo/scripts/setup_env.sh"
@@ -11,13 +13,20 @@ cd "$repo"
 python="${SSP_SAM_VENV:-$repo/.venv}/bin/python"
 out="${1:-gpu_smoke_out}"
 
-gpus="$("$python" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)')"
-if [ "$gpus" -lt 1 ]; then
-    echo "gpu_smoke: no CUDA device visible (torch.cuda.is_available() is False); nothing to check" >&2
-    exit 2
+device="${SMOKE_DEVICE:-cuda}"
+quick=()
+[ "${SMOKE_QUICK:-0}" = 1 ] && quick=(--quick)
+if [ "$device" = cuda ]; then
+    gpus="$("$python" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)')"
+    if [ "$gpus" -lt 1 ]; then
+        echo "gpu_smoke: no CUDA device visible (torch.cuda.is_available() is False); nothing to check" >&2
+        exit 2
+    fi
+    procs=$(( gpus >= 2 ? 2 : 1 ))
+else
+    procs=2
 fi
-procs=$(( gpus >= 2 ? 2 : 1 ))
-echo "[gpu_smoke] $gpus GPU(s); training with $procs process(es); outputs in $out/"
+echo "[gpu_smoke] device $device; training with $procs process(es); outputs in $out/"
 mkdir -p "$out"
 
 step() { echo; echo "[gpu_smoke] $*"; }
@@ -25,21 +34,21 @@ step() { echo; echo "[gpu_smoke] $*"; }
 step "data: a small ShapeWorld-Ref split"
 "$python" scripts/make_shapeworld.py task=res out="$out/data" n_images='{train: 16, val: 4, test: 4}' seed=5
 
-step "training: 2 steps, $procs process(es), device=cuda"
+step "training: 2 steps, $procs process(es), device=$device"
 "$python" -m torch.distributed.run --standalone --nproc_per_node="$procs" scripts/train.py \
     model=tiny dataset=shapeworld dataset.root="$out/data" \
-    run_dir="$out/run" cache_dir="$out/cache" device=cuda \
+    run_dir="$out/run" cache_dir="$out/cache" device="$device" \
     train.epochs=1 train.max_steps_per_epoch=2 train.batch_size=4 train.workers=2 \
-    train.warmup_epochs=1 train.decoder_freeze_epochs=0 val.split=val val.overlays=1
+    train.warmup_epochs=1 train.decoder_freeze_epochs=0 train.save_encoders=true val.split=val val.overlays=1
 
-step "evaluation of the trained checkpoint on cuda"
+step "evaluation of the trained checkpoint on $device"
 "$python" scripts/eval.py checkpoint="$out/run/best" dataset=shapeworld dataset.root="$out/data" \
-    dataset.split=test device=cuda cache_dir="$out/cache" metrics_out="$out/results_test.json"
+    dataset.split=test device="$device" cache_dir="$out/cache" metrics_out="$out/results_test.json"
 
 for bench in bench_train_step bench_eval_shared bench_shared_encoders; do
-    step "benchmark $bench --device cuda"
-    "$python" "benchmarks/$bench.py" --device cuda --out "$out/$bench.json"
+    step "benchmark $bench --device $device ${quick[*]}"
+    "$python" "benchmarks/$bench.py" --device "$device" "${quick[@]}" --out "$out/$bench.json"
 done
 
 echo
-echo "[gpu_smoke] all GPU checks passed; results in $out/"
+echo "[gpu_smoke] all checks passed on $device; results in $out/"
