@@ -20,13 +20,12 @@ The release's loader passes merge boxes on unconverted, as if they were [x1, y1,
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DatasetError
-from .records import BoxXYXY, ProblemLog, ReferringDataset, ReferringSample, select_splits, xywh_to_xyxy
+from .records import BoxXYXY, ProblemLog, ReferringDataset, ReferringSample, box_numbers, select_splits, xywh_to_xyxy
 from .refer import load_json
 
 ENTRY_KEYS = frozenset({"iid", "data_source", "bbox", "refs"})
@@ -36,13 +35,8 @@ COCO_SOURCE = "coco"
 
 def _xyxy_box(box: Any, label: str) -> BoxXYXY:
     """[x1, y1, x2, y2] -> tuple, refusing boxes whose corners are swapped (an xywh file read as xyxy)."""
-    if not isinstance(box, (list, tuple)) or len(box) != 4:
-        raise DatasetError(f"{label}: a box must be [x1, y1, x2, y2], got {box!r}")
-    try:
-        x1, y1, x2, y2 = (float(v) for v in box)
-    except (TypeError, ValueError) as exc:
-        raise DatasetError(f"{label}: box with non-numeric values {box!r}") from exc
-    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)) or x2 < x1 or y2 < y1:
+    x1, y1, x2, y2 = box_numbers(box, label, "x1, y1, x2, y2")
+    if x2 < x1 or y2 < y1:
         raise DatasetError(f"{label}: box {box!r} is not x1, y1, x2, y2 with x2 >= x1, y2 >= y1 (is the file xywh?)")
     return (x1, y1, x2, y2)
 

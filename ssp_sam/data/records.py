@@ -35,15 +35,23 @@ class TargetMask(Protocol):
     def decode(self, height: int, width: int) -> np.ndarray: ...
 
 
-def xywh_to_xyxy(box: Any, label: str) -> BoxXYXY:
-    """COCO box [x, y, w, h] (pixels) -> (x1, y1, x2, y2) with x2 = x + w, y2 = y + h."""
+def box_numbers(box: Any, label: str, layout: str) -> tuple[float, float, float, float]:
+    """The four finite numbers of a box given as a list, e.g. ``layout="x, y, w, h"`` (for messages)."""
     if not isinstance(box, (list, tuple)) or len(box) != 4:
-        raise DatasetError(f"{label}: a box must be [x, y, w, h], got {box!r}")
+        raise DatasetError(f"{label}: a box must be [{layout}], got {box!r}")
     try:
-        x, y, w, h = (float(v) for v in box)
+        a, b, c, d = (float(v) for v in box)
     except (TypeError, ValueError) as exc:
         raise DatasetError(f"{label}: box with non-numeric values {box!r}") from exc
-    if not all(math.isfinite(v) for v in (x, y, w, h)) or w < 0 or h < 0:
+    if not all(math.isfinite(v) for v in (a, b, c, d)):
+        raise DatasetError(f"{label}: box must be finite, got {box!r}")
+    return a, b, c, d
+
+
+def xywh_to_xyxy(box: Any, label: str) -> BoxXYXY:
+    """COCO box [x, y, w, h] (pixels) -> (x1, y1, x2, y2) with x2 = x + w, y2 = y + h."""
+    x, y, w, h = box_numbers(box, label, "x, y, w, h")
+    if w < 0 or h < 0:
         raise DatasetError(f"{label}: box must be finite with w, h >= 0, got {box!r}")
     return (x, y, x + w, y + h)
 
