@@ -1,7 +1,7 @@
 """The letterbox that puts an image into CLIP's square, and the box and mask conversions between the frames.
 
 Long side to the CLIP size (bicubic, antialiased), CLIP's mean / std, zero padding after normalising;
-centred at test time, at uniform random integer offsets in training.
+centred at test time, at uniform random integer offsets in training (or one of K fixed placements).
 """
 
 from __future__ import annotations
@@ -89,6 +89,25 @@ def letterbox_image(
     square = torch.zeros(3, size, size)
     square[:, box.offset_y : box.offset_y + box.height, box.offset_x : box.offset_x + box.width] = (pixels - mean) / std
     return square, box
+
+
+def fixed_placements(height: int, width: int, size: int, count: int) -> list[tuple[int, int]]:
+    """``count`` fixed (offset_x, offset_y) placements of an height x width image in the size x size square.
+
+    The offsets are evenly spaced over the free range, both ends included (one placement: the
+    centred one). ``train.clip_placements: K`` draws among these K instead of the release's uniform
+    integer offsets, so that the CLIP input of an image takes only K values and its CLIP tokens can
+    be cached (:class:`ssp_sam.feature_cache.ImageTokenCache`); a deviation from the release. A square
+    image has no free range: every placement is (0, 0), as the release's random one is.
+    """
+    if count < 1:
+        raise ConfigError(f"placements: count must be >= 1, got {count}")
+    if count == 1:
+        centred = _place(height, width, size, "center", None)
+        return [(centred.offset_x, centred.offset_y)]
+    new_height, new_width = _resized_shape(height, width, size)
+    free_x, free_y = size - new_width, size - new_height
+    return [(round(i * free_x / (count - 1)), round(i * free_y / (count - 1))) for i in range(count)]
 
 
 def letterbox_mask(mask: np.ndarray, box: Letterbox) -> Tensor:

@@ -226,9 +226,18 @@ class SSPSAM(nn.Module):
         mask_logits = upscale_to_padded_frame(low_res_logits, self.sam_image_size)
         return SSPOutput(low_res_logits, mask_logits, boxes, similarity, word_weights)
 
-    def forward(self, clip_pixels: Tensor, tokens: Tensor, sam_embeddings: Optional[Tensor]) -> SSPOutput:
-        """Training/evaluation forward from letterboxed CLIP pixels, token ids and SAM embeddings."""
-        return self.decode(self.encode_clip_image(clip_pixels), sam_embeddings, self.encode_text(tokens))
+    def forward(self, clip_input: Tensor, text_input: Tensor | TextFeatures, sam_embeddings: Optional[Tensor]) -> SSPOutput:
+        """Training/evaluation forward from the CLIP inputs (or their cached outputs) and SAM embeddings.
+
+        Args:
+            clip_input: (B, 3, S_clip, S_clip) letterboxed CLIP pixels, or the (B, 1+N, D) CLIP-Surgery
+                tokens already computed from them (``ssp_sam.feature_cache.ImageTokenCache``).
+            text_input: (B, L) token ids, or their TextFeatures (``ssp_sam.feature_cache.TextFeatureCache``).
+            sam_embeddings: as in :meth:`decode`.
+        """
+        image_tokens = self.encode_clip_image(clip_input) if clip_input.dim() == 4 else clip_input
+        text = text_input if isinstance(text_input, TextFeatures) else self.encode_text(text_input)
+        return self.decode(image_tokens, sam_embeddings, text)
 
 
 ENCODER_WEIGHT_KEYS = {"clip": "model.clip_checkpoint", "sam": "model.sam_checkpoint"}
