@@ -1,0 +1,1 @@
+"""Open-vocabulary semantic segmentation (OVSS): datasets, metrics and models (CAT-Seg, SAM-MI)."""
