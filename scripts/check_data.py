@@ -1,6 +1,7 @@
 """Check that a dataset is laid out as ssp_sam expects, before training or evaluating on it.
 
     python scripts/check_data.py dataset=refcoco dataset.root=/path/to/data [dataset.split=testA] [all_splits=true]
+    python scripts/check_data.py ovss_dataset=ade20k_150 ovss_dataset.root=/path/to/data   (OVSS: configs/ovss_dataset/)
 
 Reads the annotation files exactly as training does (so missing files, refs pointing at unknown
 annotations, empty sentence lists are reported by the readers, all at once), prints the splits found
@@ -31,6 +32,7 @@ from ssp_sam.data.records import ReferringDataset
 from ssp_sam.data.registry import read_splits
 from ssp_sam.errors import ConfigError, DatasetError, ImageError, SSPSAMError
 from ssp_sam.image_io import load_image
+from ssp_sam.ovss.data.check import check_ovss_dataset
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
@@ -136,7 +138,22 @@ def check_masks(dataset: ReferringDataset, unavailable_images: set[Path], report
         report.note(f"{len(empty)} samples with a target have an empty mask", empty)
 
 
+def run_ovss(cfg: DictConfig) -> int:
+    """The OVSS datasets (``ovss_dataset=...``): every image and label map of ``ovss_dataset.split``."""
+    dataset_cfg = cfg.ovss_dataset
+    print(f"ovss dataset {dataset_cfg.name} in {dataset_cfg.root}")
+    report = Report(int(cfg.examples))
+    try:
+        check_ovss_dataset(dataset_cfg, report)
+    except DatasetError as exc:
+        report.problem(str(exc))
+    print("result: OK" if not report.problems else f"result: {report.problems} problem(s) found")
+    return EXIT_OK if not report.problems else EXIT_PROBLEMS
+
+
 def run(cfg: DictConfig) -> int:
+    if cfg.get("ovss_dataset") is not None:
+        return run_ovss(cfg)
     dataset_cfg = cfg.dataset
     print(f"dataset {dataset_cfg.name} (format {dataset_cfg.format}) in {dataset_cfg.root}")
     try:

@@ -1,27 +1,27 @@
-"""Generate a ShapeWorld-Ref dataset (RES in the RefCOCO layout, GRES in the gRefCOCO layout).
+"""Generate a ShapeWorld dataset: RES (RefCOCO layout), GRES (gRefCOCO layout) or OVSS (label maps).
 
     python scripts/make_shapeworld.py task=res out=data n_images=1000 seed=0 workers=4
+    python scripts/make_shapeworld.py task=ovss out=data n_images=1000 seed=0 [background=ignore|class]
 
 Bad arguments print one line naming the argument and exit with code 2.
 """
 
-import sys
-
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ssp_sam.data.shapeworld import generate_dataset
-from ssp_sam.errors import SSPSAMError
+from ssp_sam.cli import reports_errors
+from ssp_sam.data.shapeworld import generate_dataset, generate_ovss_dataset
 
 
 @hydra.main(config_path="../configs", config_name="make_shapeworld", version_base=None)
+@reports_errors
 def main(cfg: DictConfig) -> None:
     n_images = OmegaConf.to_container(cfg.n_images) if OmegaConf.is_config(cfg.n_images) else cfg.n_images
-    try:
-        out = generate_dataset(cfg.out, cfg.task, n_images, cfg.seed, workers=cfg.workers)
-    except SSPSAMError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    if cfg.task == "ovss":
+        out = generate_ovss_dataset(cfg.out, n_images, cfg.seed, background=cfg.background, workers=cfg.workers)
+        print(f"ShapeWorld-OVSS written to {out}")
+        return
+    out = generate_dataset(cfg.out, cfg.task, n_images, cfg.seed, workers=cfg.workers)
     print(f"ShapeWorld-Ref {cfg.task} written to {out}")
 
 

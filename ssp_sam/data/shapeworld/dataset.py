@@ -237,6 +237,12 @@ def generate_dataset(
         "instances": f"{DATASET_DIRS[task]}/instances.json",
         "counts": _task_counts(samples, task),
     }
+    write_manifest(manifest_path, seed, counts, tasks)
+    return out
+
+
+def write_manifest(path: Path, seed: int, counts: dict[str, int], tasks: dict) -> None:
+    """The OUT/manifest.json shared by every task written into OUT (written last)."""
     manifest = {
         "spec_version": SPEC_VERSION,
         "generator_version": GENERATOR_VERSION,
@@ -244,8 +250,7 @@ def generate_dataset(
         "n_images": counts,
         "tasks": dict(sorted(tasks.items())),
     }
-    _write_json(manifest_path, manifest, indent=2)
-    return out
+    _write_json(path, manifest, indent=2)
 
 
 def dataset_config(root: str | os.PathLike, task: str, split: str = "test") -> dict:

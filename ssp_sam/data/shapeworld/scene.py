@@ -175,8 +175,14 @@ def _place_centres(rng: np.random.Generator, radii: np.ndarray) -> np.ndarray:
         batch = min(4 * batch, _MAX_PROPOSALS_PER_BATCH)
 
 
-def generate_scene(seed: int, split: str, index: int) -> Scene:
-    """Sample scene ``index`` of ``split`` for ``seed``; the same arguments always give the same scene."""
+def generate_scene(seed: int, split: str, index: int, exclude: frozenset[str] = frozenset()) -> Scene:
+    """Sample scene ``index`` of ``split`` for ``seed``; the same arguments always give the same scene.
+
+    ``exclude``: "{colour} {shape}" classes that must not appear (ShapeWorld-OVSS's training split):
+    an object drawn as one of them draws its shape and colour again until it is not, so its class is
+    uniform over the others and the object count keeps its distribution. Empty: the stream is
+    untouched (RES / GRES scenes do not change).
+    """
     seed = check_non_negative_int(seed, "seed")
     index = check_non_negative_int(index, "index")
     rng = np.random.default_rng([seed, split_code(split), index])
@@ -187,6 +193,9 @@ def generate_scene(seed: int, split: str, index: int) -> Scene:
     for _ in range(count):
         shape = SHAPES[rng.integers(len(SHAPES))]
         color = COLOR_NAMES[rng.integers(len(COLOR_NAMES))]
+        while f"{color} {shape}" in exclude:
+            shape = SHAPES[rng.integers(len(SHAPES))]
+            color = COLOR_NAMES[rng.integers(len(COLOR_NAMES))]
         size = SIZES[rng.integers(len(SIZES))]
         radius = float(rng.uniform(*SIZE_RADII[size]))
         rotation = 0.0 if shape == "circle" else float(rng.uniform(*ROTATION_RANGE))

@@ -1,0 +1,202 @@
+"""Typed configuration of the OVSS models (CAT-Seg, CAT-Seg + SAM vote, SAM-MI), validated key by key.
+
+The Hydra group ``configs/ovss_model/`` holds YAML files with exactly these fields; they are merged into
+:class:`OVSSModelConfig` through OmegaConf's structured configs (unknown keys and wrong types are refused)
+and :func:`ovss_config_from` turns every failure into one :class:`ConfigError` line naming the key.
+
+Defaults are CAT-Seg's ViT-B/16 release configuration (``configs/vitb_384.yaml`` of KU-CVLAB/CAT-Seg).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, List, Mapping, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ..errors import ConfigError
+
+VARIANTS = ("catseg", "catseg_sam_vote", "sam_mi")
+TEMPLATE_SETS = ("single", "imagenet80")
+IGNORE_RULES = ("negative", "excluded")
+POINT_SOURCES = ("tspp", "grid")
+SAMPLERS = ("class_peaks", "global_peaks")
+CRITERIA = ("mean_cost", "majority_vote")
+
+
+@dataclass
+class CLIPConfig:
+    """The CLIP of CAT-Seg: which one, at which resolution, which layers guide the decoder, what is trained."""
+
+    arch: str = "ViT-B-16"  # ViT-B-16 | ViT-L-14-336 | custom (then `custom` gives the sizes, as configs/model/*)
+    checkpoint: Optional[str] = None
+    custom: Optional[dict] = None
+    resolution: int = 384  # side CLIP runs at (ViT-B/16: 384 -> 24x24 tokens; ViT-L/14: 336 -> 24x24)
+    guidance_layers: List[int] = field(default_factory=lambda: [3, 7])  # ViT blocks whose outputs guide the decoder
+    templates: str = "single"  # single ("A photo of a {} in the scene") | imagenet80 (CLIP's 80 ImageNet templates)
+    finetune_qv: bool = True  # train the attention q and v projections of both towers (everything else frozen)
+    # Train both towers' position embeddings too (the paper). CAT-Seg's released code selects them with a
+    # name filter that never matches ("position" inside names containing "transformer"), so it trains
+    # only q/v; false reproduces that.
+    finetune_positions: bool = True
+
+
+@dataclass
+class AggregatorConfig:
+    """Cost embedding, aggregation layers and upsampling decoder (CAT-Seg's `Aggregator`)."""
+
+    hidden_dim: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    window_size: int = 12  # Swin window of the spatial aggregation (on the 24x24 cost maps: 2x2 windows)
+    pooling: List[int] = field(default_factory=lambda: [2, 2])  # average pooling inside class aggregation
+    text_guidance_dim: int = 128
+    appearance_guidance_dim: int = 128
+    decoder_dims: List[int] = field(default_factory=lambda: [64, 32])
+    decoder_guidance_dims: List[int] = field(default_factory=lambda: [256, 128])  # ViT features after the x2 / x4 transposed convs
+    decoder_guidance_proj_dims: List[int] = field(default_factory=lambda: [32, 16])
+    max_classes: int = 256  # at most this many classes aggregated (top by max CLIP score); the rest get `low_score`
+    pad_classes: bool = True  # class aggregation always sees max_classes tokens (learned padding), as CAT-Seg
+    low_score: float = -100.0  # logit of the classes not aggregated
+    ignore_pixels: str = "negative"  # negative: ignore-label pixels are negatives of every class (CAT-Seg) | excluded
+
+
+@dataclass
+class SAMConfig:
+    variant: str = "vit_b"  # vit_b | vit_l | vit_h | custom
+    checkpoint: Optional[str] = None
+    custom: Optional[dict] = None
+
+
+@dataclass
+class ProposalConfig:
+    """Point prompts -> SAM mask proposals (SamAutomaticMaskGenerator's filters, without its crops)."""
+
+    grid_side: int = 32  # the dense grid: grid_side^2 points
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    stability_score_offset: float = 1.0
+    box_nms_thresh: float = 0.7
+
+
+@dataclass
+class TSPPConfig:
+    budget: int = 40  # at most this many points per image
+    sampler: str = "class_peaks"  # class_peaks: every class's best peak first | global_peaks: peaks of the max over classes
+    nms_kernel: int = 3  # a peak is the maximum of its nms_kernel x nms_kernel neighbourhood
+    min_probability: float = 0.05  # peaks below this are not prompted
+    upsample: int = 2  # the point map is upsampled this much (bilinear) before peak picking (finer points)
+    loss_weight: float = 1.0
+
+
+@dataclass
+class SMAggConfig:
+    criterion: str = "mean_cost"  # mean_cost: class of highest mean cost inside the mask | majority_vote: of the per-pixel argmax
+
+
+@dataclass
+class DMIConfig:
+    low_frequency: bool = True  # mask pooling + cross-attention between masks, into every aggregation layer
+    high_frequency: bool = True  # masks and their edges at the decoder's resolutions, into its convolutions
+    num_heads: int = 4
+
+
+@dataclass
+class OVSSModelConfig:
+    """Everything needed to build one of the three OVSS models (``variant``)."""
+
+    name: str = "catseg_vitb16_384"
+    variant: str = "catseg"  # catseg | catseg_sam_vote | sam_mi
+    points: str = "tspp"  # SAM-MI's prompts: tspp | grid (the dense-grid ablation); catseg_sam_vote always uses the grid
+    image_size: int = 384  # side of the square input crops (CLIP resizes them to clip.resolution)
+    random_encoders: bool = False  # build CLIP / SAM with random weights when no file is given (tests, benchmarks)
+    clip: CLIPConfig = field(default_factory=CLIPConfig)
+    aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
+    sam: SAMConfig = field(default_factory=SAMConfig)
+    proposals: ProposalConfig = field(default_factory=ProposalConfig)
+    tspp: TSPPConfig = field(default_factory=TSPPConfig)
+    smagg: SMAggConfig = field(default_factory=SMAggConfig)
+    dmi: DMIConfig = field(default_factory=DMIConfig)
+
+    @property
+    def uses_sam(self) -> bool:
+        return self.variant != "catseg"
+
+    @property
+    def uses_tspp(self) -> bool:
+        return self.variant == "sam_mi" and self.points == "tspp"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def ovss_config_from(source: Mapping | DictConfig | OVSSModelConfig | None = None, **overrides: Any) -> OVSSModelConfig:
+    """Validate ``source`` plus ``overrides`` into an OVSSModelConfig.
+
+    Raises:
+        ConfigError: one line naming the unknown key, the key of a wrong type or the impossible value.
+    """
+    schema = OmegaConf.structured(OVSSModelConfig)
+    if isinstance(source, (dict, DictConfig)) and "defaults" in source:  # a YAML read without Hydra
+        source = {key: value for key, value in source.items() if key != "defaults"}
+    try:
+        merged = OmegaConf.merge(schema, source if source is not None else {}, overrides)
+        config: OVSSModelConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+        raise ConfigError(f"ovss_model: invalid key {key!r}: {getattr(exc, 'msg', exc)}") from None
+    _check(config)
+    return config
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"ovss_model.{key}: must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _check(config: OVSSModelConfig) -> None:
+    _one_of("variant", config.variant, VARIANTS)
+    _one_of("points", config.points, POINT_SOURCES)
+    _one_of("clip.arch", config.clip.arch, ("ViT-B-16", "ViT-L-14-336", "custom"))
+    _one_of("clip.templates", config.clip.templates, TEMPLATE_SETS)
+    _one_of("sam.variant", config.sam.variant, ("vit_b", "vit_l", "vit_h", "custom"))
+    _one_of("aggregator.ignore_pixels", config.aggregator.ignore_pixels, IGNORE_RULES)
+    _one_of("tspp.sampler", config.tspp.sampler, SAMPLERS)
+    _one_of("smagg.criterion", config.smagg.criterion, CRITERIA)
+    if config.clip.arch == "custom" and not config.clip.custom:
+        raise ConfigError("ovss_model.clip.custom: required when ovss_model.clip.arch=custom")
+    if config.sam.variant == "custom" and not config.sam.custom:
+        raise ConfigError("ovss_model.sam.custom: required when ovss_model.sam.variant=custom")
+    aggregator = config.aggregator
+    positive = {
+        "image_size": config.image_size,
+        "clip.resolution": config.clip.resolution,
+        "aggregator.hidden_dim": aggregator.hidden_dim,
+        "aggregator.num_layers": aggregator.num_layers,
+        "aggregator.window_size": aggregator.window_size,
+        "aggregator.max_classes": aggregator.max_classes,
+        "proposals.grid_side": config.proposals.grid_side,
+        "proposals.points_per_batch": config.proposals.points_per_batch,
+        "tspp.budget": config.tspp.budget,
+        "tspp.nms_kernel": config.tspp.nms_kernel,
+        "tspp.upsample": config.tspp.upsample,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"ovss_model.{key}: must be >= 1, got {value}")
+    if config.tspp.nms_kernel % 2 == 0:
+        raise ConfigError(f"ovss_model.tspp.nms_kernel: must be odd, got {config.tspp.nms_kernel}")
+    if len(config.clip.guidance_layers) != 2 or len(aggregator.decoder_dims) != 2:
+        raise ConfigError("ovss_model: clip.guidance_layers and aggregator.decoder_dims need two entries (two x2 decoder blocks)")
+    if len(aggregator.decoder_guidance_dims) != 2 or len(aggregator.decoder_guidance_proj_dims) != 2:
+        raise ConfigError("ovss_model.aggregator: decoder_guidance_dims and decoder_guidance_proj_dims need two entries")
+    if len(aggregator.pooling) != 2:
+        raise ConfigError(f"ovss_model.aggregator.pooling: needs two entries (h, w), got {aggregator.pooling}")
+    if aggregator.hidden_dim % aggregator.num_heads:
+        raise ConfigError(
+            f"ovss_model.aggregator.hidden_dim: {aggregator.hidden_dim} is not a multiple of num_heads {aggregator.num_heads}"
+        )
+    if any(dim < 16 or dim % 16 for dim in aggregator.decoder_dims):
+        raise ConfigError(f"ovss_model.aggregator.decoder_dims: multiples of 16 (GroupNorm of width/16 groups), got {aggregator.decoder_dims}")
