@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image, ImageDraw
+from torch import Tensor
+
+from .backbones.sam import SAMImageTransform, padded_frame_to_original
+from .letterbox import Letterbox
 
 MASK_COLOUR = (255, 64, 160)
 BOX_COLOUR = (64, 255, 255)
@@ -35,3 +39,18 @@ def overlay(
         ImageDraw.Draw(framed).text((4, canvas.height + 3), caption, fill=(255, 255, 255))
         canvas = framed
     return canvas
+
+
+def padded_prediction_overlay(
+    image: np.ndarray, padded_logits: Tensor, box_cxcywh: Tensor, letterbox: Letterbox, sam_image_size: int, caption: str | None = None
+) -> Image.Image:
+    """:func:`overlay` of a raw model output: mask logits in SAM's padded frame, the box in CLIP's square.
+
+    Args:
+        image: (H, W, 3) uint8, the picture the model saw.
+        padded_logits: (S/2, S/2) mask logits in SAM's padded frame (S = ``sam_image_size``).
+        box_cxcywh: (4,) the REC box, normalised to CLIP's square, where ``letterbox`` placed the image.
+    """
+    input_size = SAMImageTransform(sam_image_size).input_size_for(image.shape[:2])
+    logits = padded_frame_to_original(padded_logits[None, None].float(), input_size, image.shape[:2], sam_image_size)
+    return overlay(image, (logits[0, 0] > 0).numpy(), letterbox.box_to_image(box_cxcywh.float()).numpy(), caption)

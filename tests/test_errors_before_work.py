@@ -16,11 +16,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from omegaconf import OmegaConf
-
 from ssp_sam.checkpoint import save_checkpoint
 from ssp_sam.data.shapeworld import generate_dataset
-from ssp_sam.engine.train_config_check import check_train_options
+from ssp_sam.engine.train_config import train_run_config_from
 from ssp_sam.errors import ConfigError
 from ssp_sam.outputs import check_output_dir, check_output_file
 
@@ -113,16 +111,18 @@ def test_one_line_naming_the_problem_exit_2(runs, case):
         ("max_steps_per_epoch", 0, "train.max_steps_per_epoch=0: must be an integer >= 1 (or null)"),
     ],
 )
-def test_bad_train_options_are_named(key, value, message):
+def test_bad_train_options_are_named(key, value, message, tmp_path):
     with pytest.raises(ConfigError) as error:
-        check_train_options({**GOOD_TRAIN, key: value})
+        train_run_config_from({"run_dir": str(tmp_path), "train": {**GOOD_TRAIN, key: value}})
     assert str(error.value) == message
 
 
-def test_good_train_options_pass():
-    check_train_options(GOOD_TRAIN)
-    check_train_options({**GOOD_TRAIN, "lr": "1e-4", "workers": "2", "grad_clip": None, "max_steps_per_epoch": None})
-    check_train_options(OmegaConf.load(REPO / "configs" / "train.yaml").train)
+def test_good_train_options_pass(tmp_path):
+    config = train_run_config_from({"run_dir": str(tmp_path), "train": GOOD_TRAIN})
+    assert (config.train.batch_size, config.train.max_steps_per_epoch) == (4, 3)
+    text = {**GOOD_TRAIN, "lr": "1e-4", "workers": "2", "grad_clip": None, "max_steps_per_epoch": None}
+    config = train_run_config_from({"run_dir": str(tmp_path), "train": text})
+    assert (config.train.lr, config.train.workers, config.train.grad_clip, config.train.max_steps_per_epoch) == (1e-4, 2, None, None)
 
 
 def test_output_paths(tmp_path):

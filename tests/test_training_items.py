@@ -18,8 +18,8 @@ from ssp_sam.errors import ConfigError
 class _ZeroEmbeddings:
     """Stands in for the SAM embedding cache: these tests look at the expressions only."""
 
-    def get(self, key: str) -> torch.Tensor:
-        return torch.zeros(4, 2, 2)
+    def get(self, key: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        return torch.zeros(4, 2, 2, dtype=dtype or torch.float16)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +45,7 @@ def test_expression_weights_set_how_often_each_kind_is_drawn(dataset, weights, e
     visits = 400
     location_visits = 0
     for epoch in range(visits):
-        items.set_epoch(epoch)
-        tokens = items[index]["tokens"]
+        tokens = items[epoch, index]["tokens"]
         location_visits += any(torch.equal(tokens, row) for row in location_tokens)
     # L share: 2 of 3 sentences uniformly; 2 * 3 / (2 * 3 + 1) with L weighted 3; 2 * 0.5 / (1 + 2) with L 0.5, A 2.
     assert location_visits / visits == pytest.approx(expected_l_share, abs=0.06)
@@ -73,8 +72,7 @@ def test_no_target_box_is_the_letterbox_corner(tmp_path):
     items = _box_items(val, augment=True)
     offsets = set()
     for epoch in range(12):
-        items.set_epoch(epoch)
-        item = items[index]
+        item = items[epoch, index]
         # The letterbox's top offset, read off the pixels: the padding rows are exactly zero.
         top = int((item["clip_pixels"].abs().sum(dim=(0, 2)) == 0).int().cumprod(0).sum())
         offsets.add(top)
@@ -92,4 +90,4 @@ def test_rec_items_one_per_sentence_with_boxes(tmp_path):
     assert len(items) == len(fx.REC_JSON_SENTENCE_SAMPLES) == 5
     # flickr entry (sample "1#0"): xywh [0, 1, 5, 4] -> xyxy (0, 1, 5, 5); x2 -> (0, 2, 10, 10), centred: +4 rows
     # -> (0, 6, 10, 14) in the 32 square -> cx, cy, w, h = (5, 10, 10, 8) / 32.
-    assert items[2]["box"].tolist() == [5 / 32, 10 / 32, 10 / 32, 8 / 32]
+    assert items[0, 2]["box"].tolist() == [5 / 32, 10 / 32, 10 / 32, 8 / 32]

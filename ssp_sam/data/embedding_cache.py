@@ -248,8 +248,9 @@ class EmbeddingCache:
                 result.append(Path(image))
         return result
 
-    def get(self, image: str | os.PathLike) -> torch.Tensor:
-        """The embedding of ``image`` as float32 (C, h, w) on the CPU.
+    def get(self, image: str | os.PathLike, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """The embedding of ``image``, (C, h, w) on the CPU, as ``dtype`` (None: as stored, e.g. fp16 or
+        bf16, which halves what a data-loader worker hands over and what is copied to the GPU).
 
         Raises:
             CacheError: no entry for the image as it is now (never cached, or the file changed
@@ -271,7 +272,8 @@ class EmbeddingCache:
         if isinstance(inspected, str):
             raise CacheError(f"{slot.file}: the cached SAM embedding of {slot.image} is {inspected}; {self._discard(slot.file, status.st_ino)}")
         header, offset = inspected
-        return torch.frombuffer(data, dtype=DTYPES_BY_NAME[header["dtype"]], offset=offset).view(header["shape"]).float()
+        stored = torch.frombuffer(data, dtype=DTYPES_BY_NAME[header["dtype"]], offset=offset).view(header["shape"])
+        return stored if dtype is None else stored.to(dtype)
 
     def _discard(self, file: Path, inode: int) -> str:
         """Remove a damaged entry (unless a writer has just replaced it); say how it is recomputed."""

@@ -6,8 +6,11 @@ sentence of a referent three times as likely as each of its other sentences).
 
 Each item is deterministic given (seed, epoch, index): the expression choice and the random
 letterbox placement (the recipe's only augmentation) come from a generator seeded by those three
-numbers, so a resumed run and a multi-process run see exactly the same items as a single run.
-Workers only read files: the SAM image embedding comes from :class:`EmbeddingCache`.
+numbers, so a resumed run and a multi-process run see exactly the same items as a single run. The
+epoch travels with the index (``items[epoch, index]``, as :class:`EpochBatchSampler` yields them),
+so data-loader workers that persist across epochs need no message from the trainer.
+Workers only read files: the SAM image embedding comes from :class:`EmbeddingCache`, in its
+storage dtype (fp16/bf16 entries are converted on the device, after a copy of half the bytes).
 
 The GT box is the target's union box mapped into the letterbox, for no-target samples too: their
 union box (0, 0, 0, 0) lands on the letterbox's top-left corner, (offset_x / S, offset_y / S, 0, 0)
@@ -26,21 +29,39 @@ from torch.utils.data import Dataset
 
 from ..backbones.clip_tokenizer import CLIPTokenizer
 from ..backbones.sam import mask_to_padded_frame
-from ..image_io import load_image
-from .embedding_cache import EmbeddingCache
+from ..engine.protocols import release_gt_frame
 from ..errors import ConfigError, DatasetError
+from ..image_io import load_image
 from ..letterbox import letterbox_image
+from .embedding_cache import EmbeddingCache
 from .records import ReferringDataset, ReferringSample
+
+
+def release_mask_target(mask: np.ndarray, sam_image_size: int) -> Tensor:
+    """The release's training target: its GT processing (``protocols.release_gt_frame``) as 0/1 float (S/2, S/2)."""
+    return torch.from_numpy(release_gt_frame(mask, sam_image_size)).float()
+
+
+# train.mask_target: how a GT mask (H, W) bool becomes the (S/2, S/2) float target of the mask losses.
+MASK_TARGETS: dict[str, Callable[[np.ndarray, int], Tensor]] = {"release": release_mask_target, "nearest": mask_to_padded_frame}
+
+
+def check_expression_weights(weights: Mapping[str, float]) -> None:
+    """Raise ConfigError naming the first weight that is not > 0 (``train.expression_weights``)."""
+    for value, weight in weights.items():
+        if not weight > 0:
+            raise ConfigError(f"train.expression_weights.{value}: must be > 0, got {weight}")
 
 
 class ReferringTrainingSet(Dataset):
     """Items for SSP-SAM training.
 
-    Each item is a dict:
+    Items are indexed by ``(epoch, index)``; each is a dict:
         clip_pixels: (3, S_clip, S_clip) letterboxed CLIP input (random placement when ``augment``).
         tokens: (77,) token ids of one expression of the referent.
-        sam_embedding: (C, h, w) cached SAM embedding of the image; absent without a cache
-            (the REC pretraining stage, which does not run SAM).
+        sam_embedding: (C, h, w) cached SAM embedding of the image in the cache's storage dtype
+            (fp32, fp16 or bf16); absent without a cache (the REC pretraining stage, which does not
+            run SAM).
         mask: (S/2, S/2) float 0/1 GT in the padded SAM frame (all zero for no-target), made by
             ``mask_frame(mask (H, W) bool, S)``: pixel-centred nearest by default, the release's
             own processing when the trainer says so (``train.mask_target``); absent when
@@ -73,12 +94,9 @@ class ReferringTrainingSet(Dataset):
         self.augment = augment
         self.need_masks = need_masks
         self.mask_frame = mask_frame
-        self.epoch = 0
         self.expression_weights = dict(expression_weights or {})
         self.expression_weight_key = expression_weight_key
-        for value, weight in self.expression_weights.items():
-            if not weight > 0:
-                raise ConfigError(f"train.expression_weights.{value}: must be > 0, got {weight}")
+        check_expression_weights(self.expression_weights)
         if need_masks:
             box_only = [s.sample_id for s in dataset if not s.no_target and not s.has_mask]
             if box_only:
@@ -87,15 +105,14 @@ class ReferringTrainingSet(Dataset):
                     f"(e.g. {box_only[:3]}); mask training needs masks (use them in the REC stage only)"
                 )
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        """The item of sample ``index`` in epoch ``epoch``, ``key = (epoch, index)``."""
+        epoch, index = key
         sample = self.dataset[index]
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, epoch, index])
         expression = sample.expressions[self._draw_sentence(sample, rng)]
         image = load_image(sample.image_path)
         if self.augment:
@@ -106,7 +123,7 @@ class ReferringTrainingSet(Dataset):
         box = letterbox.box_from_image(torch.tensor(sample.union_box_xyxy(), dtype=torch.float32))
         item = {"clip_pixels": clip_pixels, "tokens": self.tokenizer([expression])[0], "box": box, "index": torch.tensor(index)}
         if self.cache is not None:
-            item["sam_embedding"] = self.cache.get(sample.image_path)
+            item["sam_embedding"] = self.cache.get(sample.image_path, dtype=None)
         if self.need_masks:
             mask = np.zeros(image.shape[:2], dtype=bool) if sample.no_target else sample.mask()
             item["mask"] = self.mask_frame(mask, self.sam_image_size)
@@ -129,6 +146,7 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
     Every epoch draws one permutation of the dataset from (seed, epoch); global batch b is
     permutation[b*B:(b+1)*B] and rank r takes its r-th contiguous share of B / world_size items.
     The incomplete last global batch is dropped, so every step averages over exactly B items.
+    A batch is a list of ``(epoch, index)`` keys of :class:`ReferringTrainingSet`.
     """
 
     def __init__(self, size: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
@@ -152,7 +170,7 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
         order = torch.randperm(self.size, generator=generator).tolist()
         for step in range(len(self)):
             start = step * self.global_batch + self.rank * self.local_batch
-            yield order[start : start + self.local_batch]
+            yield [(self.epoch, index) for index in order[start : start + self.local_batch]]
 
 
 def collate(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:

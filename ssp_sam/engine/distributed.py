@@ -41,14 +41,17 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def mean_across_ranks(values: dict[str, float], info: DistInfo, device: torch.device) -> dict[str, float]:
-    """Average scalar logs over ranks (each rank's value is the mean over its equal share)."""
+def mean_across_ranks(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Average a tensor of logged values over ranks (each rank's entry is the mean over its equal share).
+
+    One collective for the whole tensor (e.g. every loss term of a logging window, (steps, terms));
+    float64 in the sum, so the mean does not depend on the order of the ranks' values.
+    """
     if not info.enabled:
         return values
-    keys = sorted(values)
-    stacked = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(stacked)
-    return {k: float(v) / info.world_size for k, v in zip(keys, stacked.tolist())}
+    summed = values.double()
+    dist.all_reduce(summed)
+    return summed / info.world_size
 
 
 def barrier(info: DistInfo) -> None:

@@ -6,6 +6,18 @@ modules, SAM mask decoder), the release's per-epoch cosine schedule with linear 
 (``optim.py``), gradient clipping, the mask decoder frozen for the first epochs, one random
 expression per sample per visit, random letterbox placement.
 
+Configuration: ``configs/train.yaml``, validated once into typed sections before any work
+(``train_config.py``). Precision: ``train.precision`` (``precision.py``); the choice and its reason
+are printed once at the start.
+
+The hot loop makes no host synchronisation per step: the loss terms stay on the device and are
+read back once every ``train.log_every`` steps (and at the end of an epoch), all steps of that
+window in one copy (and one all-reduce under DDP); ``train_log.jsonl`` still gets one line per
+step. A NaN or Inf loss is found there, before the epoch's checkpoint is written: the run stops
+with a message naming the step and the last good checkpoint stays in ``last/``. SAM's decoder parts
+that the mask head never runs are frozen, so DDP needs no search for unused parameters. Data-loader
+workers are forked once and persist across epochs (the epoch travels with each index).
+
 Two stages (``train.stage``):
 
 - ``res`` (stage 2): mask and box losses; the best epoch by validation mIoU (gIoU for GRES).
@@ -35,53 +47,53 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
-from torch import Tensor
+from omegaconf import DictConfig
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from ..backbones.clip_tokenizer import CLIPTokenizer
-from ..backbones.sam import mask_to_padded_frame
 from ..checkpoint import load_own_weights, read_checkpoint_config, read_trainer_state, save_checkpoint
-from ..config import model_config_from
 from ..data.embedding_cache import EmbeddingCache
 from ..data.records import ReferringDataset
 from ..data.registry import load_splits
-from ..data.training import EpochBatchSampler, ReferringTrainingSet, collate
+from ..data.training import MASK_TARGETS, EpochBatchSampler, ReferringTrainingSet, collate
 from ..errors import ConfigError, SSPSAMError
 from ..fileio import atomic_path
 from ..image_io import load_image
+from ..letterbox import letterbox_image
 from ..losses import rec_loss, ssp_sam_loss
 from ..metrics import RELEASE_SUFFIX
 from ..model import build_model, build_sam_image_encoder
-from ..predictor import Predictor, resolve_device
-from ..visualize import overlay
+from ..predictor import resolve_device
+from ..visualize import padded_prediction_overlay
 from .caching import dataset_image_roots, ensure_cache
 from .distributed import DistInfo, barrier, init_distributed, mean_across_ranks, shutdown_distributed
 from .evaluator import evaluate
 from .host_memory import keep_freed_host_memory, shared_with_forked_workers
-from .optim import SCHEDULES, build_schedule, parameter_groups
-from .protocols import check_protocol, release_gt_frame
+from .optim import build_schedule, parameter_groups
+from .precision import resolve_precision
 from .rec_validation import REC_METRIC, rec_accuracy
 from .reporting import command_line, console_tables, write_results
 from .run_dir import recover_run_dir
-from .train_config_check import check_train_config
+from .train_config import TrainRunConfig, train_run_config_from
 
 # The validation metric that picks the best checkpoint of stage "res", per task (stage "rec": REC_METRIC);
 # with val.protocol=ssp_sam_release its release-arithmetic version (key + RELEASE_SUFFIX), as the release selects.
 SELECTION_METRIC = {"res": "mIoU", "gres": "gIoU", "phrasecut": "mIoU"}
-STAGES = ("rec", "res")
 
 
-def release_mask_target(mask: np.ndarray, sam_image_size: int) -> Tensor:
-    """The release's training target: its GT processing (``protocols.release_gt_frame``) as 0/1 float (S/2, S/2)."""
-    return torch.from_numpy(release_gt_frame(mask, sam_image_size)).float()
+def decoder_parts_never_run(decoder: nn.Module) -> list[nn.Module]:
+    """The parts of SAM's mask decoder that ``SAMMaskHead`` never runs, so never receive a gradient.
 
-
-# train.mask_target: how a GT mask becomes the (S/2, S/2) target of the mask losses.
-MASK_TARGETS = {"release": release_mask_target, "nearest": mask_to_padded_frame}
+    The head computes mask token 0's mask only: SAM's IoU head and the hypernetwork MLPs of mask
+    tokens 1-3 never run. (The IoU token and all four mask tokens are inputs of the two-way
+    transformer, so they do get gradients.) The trainer keeps these frozen: AdamW skipped them
+    anyway (no gradient), and DDP then needs no search for unused parameters.
+    """
+    return [decoder.iou_prediction_head, *decoder.output_hypernetworks_mlps[1:]]
 
 
 class TrainingDivergedError(SSPSAMError):
@@ -102,47 +114,44 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def _autocast_dtype(setting: Any, device: torch.device) -> Optional[torch.dtype]:
-    """Mixed precision: "auto" uses bf16 on CUDA where supported, else fp16 on CUDA, none on CPU."""
-    if setting in (False, "false", "off", None) or device.type != "cuda":
-        if setting is True and device.type != "cuda":
-            raise ConfigError("train.amp=true needs a CUDA device; use train.amp=auto on CPU")
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 class Trainer:
-    """Owns the model, data, optimizer and logs of one training run."""
+    """Owns the model, data, optimizer and logs of one training run.
 
-    def __init__(self, cfg: DictConfig) -> None:
-        check_train_config(cfg)  # a bad train.* value or run_dir: one line now, not a traceback after caching
-        self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+    ``cfg``: the composed configs/train.yaml (validated here, before any work) or a validated
+    :class:`TrainRunConfig`.
+    """
+
+    def __init__(self, cfg: DictConfig | TrainRunConfig) -> None:
+        # A bad value or run_dir: one line now, not a traceback after the data is read and cached.
+        self.config = cfg if isinstance(cfg, TrainRunConfig) else train_run_config_from(cfg)
+        config, train = self.config, self.config.train
+        self.device = resolve_device(config.device)
+        self.precision = resolve_precision(train.precision, self.device, key="train.precision")
         self.dist: DistInfo = init_distributed(self.device)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
         else:
             keep_freed_host_memory()  # large CPU activations reuse freed memory instead of page-faulting
-        self.run_dir = Path(cfg.run_dir)
-        self.train_cfg = cfg.train
-        _seed_everything(int(cfg.seed))
+        if self.dist.is_main:
+            tqdm.write(f"precision: {self.precision.name} ({self.precision.reason})")
+        self.run_dir = Path(config.run_dir)
+        _seed_everything(config.seed)
 
-        self.stage = str(self.train_cfg.stage)
-        self._check_recipe_settings()
-        self.model_config = model_config_from(OmegaConf.to_container(cfg.model, resolve=True))
+        self.stage = train.stage
+        self.model_config = config.model
         if self.stage == "rec":  # no SAM weights: the mask head (never run) keeps its random initialisation
             self.model_config = replace(self.model_config, sam_checkpoint=None)
         self.model = build_model(
             self.model_config,
-            with_sam_image_encoder=bool(self.train_cfg.save_encoders),
+            with_sam_image_encoder=train.save_encoders,
             without_weight_files=("sam",) if self.stage == "rec" else (),
         )
-        if cfg.init_checkpoint:
-            self._load_init_checkpoint(cfg.init_checkpoint)
+        if config.init_checkpoint:
+            self._load_init_checkpoint(config.init_checkpoint)
         self.model.to(self.device)
 
-        self.dataset_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
+        self.dataset_cfg = config.dataset
         self.datasets = self._read_datasets()
         self.cache = self._prepare_cache() if self.stage == "res" else None
         self.tokenizer = CLIPTokenizer(self.model.clip.context_length, self.model_config.append_period)
@@ -152,42 +161,39 @@ class Trainer:
             self.model.clip.image_size,
             self.model.sam_image_size,
             self.tokenizer,
-            seed=int(cfg.seed),
-            augment=bool(self.train_cfg.augment),
+            seed=config.seed,
+            augment=train.augment,
             need_masks=self.stage == "res",
-            expression_weights=self.train_cfg.expression_weights,
-            expression_weight_key=str(self.train_cfg.expression_weight_key),
-            mask_frame=MASK_TARGETS[self.train_cfg.mask_target],
+            expression_weights=train.expression_weights,
+            expression_weight_key=train.expression_weight_key,
+            mask_frame=MASK_TARGETS[train.mask_target],
         )
-        global_batch = int(self.train_cfg.batch_size)
-        if global_batch > len(self.train_set):
-            raise ConfigError(f"train.batch_size={global_batch} is larger than the training set ({len(self.train_set)} referents)")
-        if global_batch % self.dist.world_size:
-            raise ConfigError(f"train.batch_size={global_batch} is not divisible by the {self.dist.world_size} processes")
-        self.sampler = EpochBatchSampler(len(self.train_set), global_batch, int(cfg.seed), self.dist.rank, self.dist.world_size)
-        workers = int(self.train_cfg.workers)
+        if train.batch_size > len(self.train_set):
+            raise ConfigError(f"train.batch_size={train.batch_size} is larger than the training set ({len(self.train_set)} referents)")
+        if train.batch_size % self.dist.world_size:
+            raise ConfigError(f"train.batch_size={train.batch_size} is not divisible by the {self.dist.world_size} processes")
+        self.sampler = EpochBatchSampler(len(self.train_set), train.batch_size, config.seed, self.dist.rank, self.dist.world_size)
         self.loader = DataLoader(
             self.train_set,
             batch_sampler=self.sampler,
             collate_fn=collate,
-            num_workers=workers,
-            persistent_workers=False,
+            num_workers=train.workers,
+            persistent_workers=train.workers > 0,  # forked once (see fit); batches carry their epoch
             pin_memory=self.device.type == "cuda",
         )
         self.steps_per_epoch = len(self.sampler)
-        if self.train_cfg.max_steps_per_epoch:
-            self.steps_per_epoch = min(self.steps_per_epoch, int(self.train_cfg.max_steps_per_epoch))
+        if train.max_steps_per_epoch is not None:
+            self.steps_per_epoch = min(self.steps_per_epoch, train.max_steps_per_epoch)
 
+        # fp16 (CUDA only): the fused AdamW skips a step with inf/NaN gradients on the device, so the
+        # gradient scaler never reads its found-inf flag back to the host.
         self.optimizer = torch.optim.AdamW(
-            parameter_groups(self.model, float(self.train_cfg.lr), float(self.train_cfg.decoder_lr), float(self.train_cfg.weight_decay))
+            parameter_groups(self.model, train.lr, train.decoder_lr, train.weight_decay), fused=self.precision.needs_grad_scaler or None
         )
-        self.schedule = str(self.train_cfg.schedule)
         self.scheduler = build_schedule(
-            self.optimizer, self.schedule, int(self.train_cfg.epochs), self.steps_per_epoch,
-            int(self.train_cfg.warmup_epochs), float(self.train_cfg.min_lr),
+            self.optimizer, train.schedule, train.epochs, self.steps_per_epoch, train.warmup_epochs, train.min_lr
         )
-        self.autocast_dtype = _autocast_dtype(self.train_cfg.amp, self.device)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision.needs_grad_scaler)
         self.start_epoch = 0
         self.best_metric: Optional[float] = None
         self.writer = None
@@ -198,20 +204,6 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------------------------ setup
-
-    def _check_recipe_settings(self) -> None:
-        """Stage and schedule names, and what the REC stage cannot do, before any data is read."""
-        if self.stage not in STAGES:
-            raise ConfigError(f"train.stage: unknown stage {self.stage!r}; expected one of {', '.join(STAGES)}")
-        if self.train_cfg.schedule not in SCHEDULES:
-            raise ConfigError(f"train.schedule: unknown schedule {self.train_cfg.schedule!r}; expected one of {', '.join(SCHEDULES)}")
-        if self.train_cfg.mask_target not in MASK_TARGETS:
-            raise ConfigError(f"train.mask_target: unknown target {self.train_cfg.mask_target!r}; expected one of {', '.join(MASK_TARGETS)}")
-        check_protocol(self.cfg.val.protocol)
-        if self.stage == "rec" and self.train_cfg.save_encoders:
-            raise ConfigError("train.save_encoders=true: the REC stage (train.stage=rec) builds no SAM image encoder to save")
-        if self.stage == "rec" and self.cfg.test.split:
-            raise ConfigError("test.split: the REC stage (train.stage=rec) is validated by REC accuracy on val.split only; set test.split=null")
 
     def _load_init_checkpoint(self, path: str) -> None:
         """Start from the weights of one of our checkpoints.
@@ -229,7 +221,7 @@ class Trainer:
 
     def _read_datasets(self) -> dict[str, ReferringDataset]:
         """The train split, and the val and test splits when the config names them."""
-        wanted = {"train": self.train_cfg.split, "val": self.cfg.val.split, "test": self.cfg.test.split}
+        wanted = {"train": self.config.train.split, "val": self.config.val.split, "test": self.config.test.split}
         wanted = {role: split for role, split in wanted.items() if split}
         splits = load_splits(self.dataset_cfg, list(wanted.values()))
         return {role: splits[split] for role, split in wanted.items()}
@@ -241,9 +233,9 @@ class Trainer:
         if encoder is None:  # built only if the cache lacks an image, freed afterwards
             encoder = partial(build_sam_image_encoder, config)
         return ensure_cache(
-            self.cfg.cache_dir, [p for d in self.datasets.values() for p in d.image_paths()], dataset_image_roots(self.dataset_cfg),
+            self.config.cache_dir, [p for d in self.datasets.values() for p in d.image_paths()], dataset_image_roots(self.dataset_cfg),
             encoder, config.sam_variant, config.sam_checkpoint, self.model.sam_image_size, self.device, self.dist,
-            batch_size=int(self.cfg.cache_batch_size),
+            batch_size=self.config.cache_batch_size,
         )
 
     def _resume_or_check_run_dir(self) -> None:
@@ -251,9 +243,9 @@ class Trainer:
             recover_run_dir(self.run_dir)  # finish or roll back a save cut short by a crash (run_dir.py)
         barrier(self.dist)
         last = self.run_dir / "last"
-        if last.exists() and not self.cfg.resume:
+        if last.exists() and not self.config.resume:
             raise ConfigError(f"run_dir={self.run_dir} already holds a run; pass resume=true to continue it or choose another run_dir")
-        if not self.cfg.resume:
+        if not self.config.resume:
             self._truncate_log(0)  # the log of an attempt that saved no checkpoint: start it afresh
             return
         if not last.exists():
@@ -262,7 +254,8 @@ class Trainer:
         state = read_trainer_state(last)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when the interrupted run used no gradient scaler
+            self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
         self.start_epoch = int(state["epoch"]) + 1
         self.best_metric = state.get("best_metric")
@@ -286,30 +279,36 @@ class Trainer:
     # ------------------------------------------------------------------------------------ helpers
 
     def _forward_model(self) -> torch.nn.Module:
-        """The model to call for training: wrapped in DDP (re-wrapped when the trainable set changes)."""
+        """The model to call for training: wrapped in DDP (re-wrapped when the trainable set changes).
+
+        Every trainable parameter receives a gradient at every step (the decoder parts that never
+        run are frozen, see :func:`decoder_parts_never_run`), so DDP does not search for unused ones.
+        """
         if not self.dist.enabled:
             return self.model
         trainable = tuple(p.requires_grad for p in self.model.parameters())
         if self._ddp is None or trainable != self._ddp_trainable:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self._ddp = DistributedDataParallel(self.model, device_ids=device_ids, find_unused_parameters=True)
+            self._ddp = DistributedDataParallel(self.model, device_ids=device_ids)
             self._ddp_trainable = trainable
         return self._ddp
 
     def _set_decoder_trainable(self, epoch: int) -> None:
-        trainable = self.stage == "res" and epoch >= int(self.train_cfg.decoder_freeze_epochs)
-        self.model.mask_head.mask_decoder.requires_grad_(trainable)
+        decoder = self.model.mask_head.mask_decoder
+        decoder.requires_grad_(self.stage == "res" and epoch >= self.config.train.decoder_freeze_epochs)
+        for part in decoder_parts_never_run(decoder):
+            part.requires_grad_(False)
 
     def _log_scalars(self, values: Mapping[str, float], step: int) -> None:
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)
 
-    def _append_log(self, record: Mapping[str, Any]) -> None:
+    def _append_log(self, records: list[Mapping[str, Any]]) -> None:
         """One JSON line per step in <run_dir>/train_log.jsonl (plain-text loss curves)."""
         if self.dist.is_main:
             with open(self.run_dir / "train_log.jsonl", "a") as log:
-                log.write(json.dumps(record) + "\n")
+                log.writelines(json.dumps(record) + "\n" for record in records)
 
     def _save(self, name: str, epoch: int, metrics: Mapping[str, float]) -> None:
         if not self.dist.is_main:
@@ -322,71 +321,92 @@ class Trainer:
             "epoch": epoch,
             "best_metric": self.best_metric,
         }
-        extra = {"run": OmegaConf.to_container(self.cfg, resolve=True), "epoch": epoch, "metrics": dict(metrics)}
+        extra = {"run": self.config.to_dict(), "epoch": epoch, "metrics": dict(metrics)}
         save_checkpoint(
             self.model, self.run_dir / name, extra=extra,
-            embed_encoders=bool(self.train_cfg.save_encoders),
+            embed_encoders=self.config.train.save_encoders,
             trainer_state=trainer_state if name == "last" else None,
         )
 
     # ------------------------------------------------------------------------------------ loop
 
     def train_one_epoch(self, epoch: int) -> list[float]:
+        """Train one epoch; returns the mean training loss of each of its steps (over all ranks)."""
         self.model.train()
         self._set_decoder_trainable(epoch)
-        self.train_set.set_epoch(epoch)
         self.sampler.set_epoch(epoch)
         model = self._forward_model()
-        losses = []
+        losses: list[float] = []
+        window: list[tuple[int, dict[str, float], dict[str, Tensor]]] = []  # (step, its lrs, its loss terms on the device)
         progress = tqdm(
-            total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.train_cfg.epochs}", unit="step",
+            total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.config.train.epochs}", unit="step",
             disable=not self.dist.is_main, dynamic_ncols=True,
         )
-        with shared_with_forked_workers(enabled=self.loader.num_workers > 0):  # host_memory.py
-            for step, batch in enumerate(islice(self.loader, self.steps_per_epoch)):
-                global_step = epoch * self.steps_per_epoch + step
-                lrs = {f"lr/{group['name']}": group["lr"] for group in self.optimizer.param_groups}  # this step's
-                terms = self._train_step(model, batch, epoch, step)
-                logged = mean_across_ranks({f"train/{k}": v.item() for k, v in terms.items()}, self.dist, self.device)
-                losses.append(logged["train/loss"])
-                self._append_log({"epoch": epoch, "step": global_step, **logged, **lrs})
-                if global_step % int(self.train_cfg.log_every) == 0:
-                    self._log_scalars({**logged, **lrs}, global_step)
-                progress.set_postfix(loss=f"{logged['train/loss']:.4f}")
-                progress.update(1)
+        for step, batch in enumerate(islice(self.loader, self.steps_per_epoch)):
+            lrs = {f"lr/{group['name']}": group["lr"] for group in self.optimizer.param_groups}  # this step's
+            window.append((step, lrs, self._train_step(model, batch)))
+            if len(window) == self.config.train.log_every:
+                losses += self._log_window(epoch, window, progress)
+                window = []
+            progress.update(1)
+        if window:
+            losses += self._log_window(epoch, window, progress)
         progress.close()
-        if self.schedule == "per_epoch":
+        if self.config.train.schedule == "per_epoch":
             self.scheduler.step()  # the next epoch's learning rate, as the release's scheduler.step(epoch + 1)
         return losses
 
-    def _train_step(self, model: torch.nn.Module, batch: dict, epoch: int, step: int) -> dict[str, Tensor]:
+    def _log_window(self, epoch: int, window: list[tuple[int, dict[str, float], dict[str, Tensor]]], progress: tqdm) -> list[float]:
+        """Read the loss terms of the window's steps back to the host (the one sync) and log them.
+
+        Returns the steps' losses. Raises TrainingDivergedError at the first step whose loss is not
+        finite, before anything of this epoch is saved: ``last/`` keeps the last good checkpoint.
+        """
+        names = sorted(window[0][2])
+        on_device = torch.stack([torch.stack([terms[name] for name in names]) for _, _, terms in window])  # (steps, terms)
+        rows = mean_across_ranks(on_device, self.dist).tolist()
+        records = []
+        for (step, lrs, _), row in zip(window, rows):
+            logged = {f"train/{name}": value for name, value in zip(names, row)}
+            if not math.isfinite(logged["train/loss"]):
+                self._append_log(records)
+                raise TrainingDivergedError(
+                    f"the training loss became {logged['train/loss']} at epoch {epoch + 1}, step {step + 1}; "
+                    f"the last good checkpoint is kept in {self.run_dir / 'last'}"
+                )
+            records.append({"epoch": epoch, "step": epoch * self.steps_per_epoch + step, **logged, **lrs})
+        self._append_log(records)
+        means = {key: float(np.mean([record[key] for record in records])) for key in records[0] if key.startswith("train/")}
+        self._log_scalars({**means, **window[-1][1]}, records[-1]["step"])
+        progress.set_postfix(loss=f"{means['train/loss']:.4f}")
+        return [record["train/loss"] for record in records]
+
+    def _train_step(self, model: torch.nn.Module, batch: dict) -> dict[str, Tensor]:
         """Forward, loss, backward and optimizer step on one batch (and a per-iteration schedule's step).
 
-        Stage "rec" passes no SAM embeddings: the model computes the box only. Returns the loss terms.
+        Stage "rec" passes no SAM embeddings: the model computes the box only. Nothing here waits
+        for the device. Returns the loss terms (0-dim, detached, on the device).
         """
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
-            output = model(batch["clip_pixels"], batch["tokens"], batch.get("sam_embedding"))
+        sam_embedding = batch.get("sam_embedding")
+        if sam_embedding is not None:
+            sam_embedding = sam_embedding.float()  # stored as fp16/bf16/fp32 in the cache, converted here
+        with self.precision.autocast(self.device):
+            output = model(batch["clip_pixels"], batch["tokens"], sam_embedding)
         if self.stage == "rec":
             terms = rec_loss(output.boxes, batch["box"])
         else:
             terms = ssp_sam_loss(output.mask_logits.float(), batch["mask"], output.boxes.float(), batch["box"])
-        loss = terms["loss"]
-        if not torch.isfinite(loss):
-            raise TrainingDivergedError(
-                f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                f"the last good checkpoint is kept in {self.run_dir / 'last'}"
-            )
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(terms["loss"]).backward()
         self.scaler.unscale_(self.optimizer)
-        if self.train_cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], float(self.train_cfg.grad_clip))
+        if self.config.train.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.config.train.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        if self.schedule == "per_iteration":
+        if self.config.train.schedule == "per_iteration":
             self.scheduler.step()
-        return terms
+        return {name: value.detach() for name, value in terms.items()}
 
     @torch.no_grad()
     def validate(self, epoch: int) -> dict[str, float]:
@@ -395,63 +415,77 @@ class Trainer:
         self.model.eval()
         dataset = self.datasets["val"]
         step = (epoch + 1) * self.steps_per_epoch
+        val = self.config.val
         if self.stage == "rec":
-            metrics = rec_accuracy(self.model, dataset, self.device, self.dist, max_batch=int(self.cfg.val.max_batch))
+            metrics = rec_accuracy(self.model, dataset, self.device, self.dist, max_batch=val.max_batch)
             self._log_scalars({f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step)
             return metrics
         result = evaluate(
-            self.model, dataset, cache=self.cache, device=self.device, max_batch=int(self.cfg.val.max_batch),
-            progress=self.dist.is_main, protocol=str(self.cfg.val.protocol),
+            self.model, dataset, cache=self.cache, device=self.device, max_batch=val.max_batch,
+            progress=self.dist.is_main, protocol=val.protocol,
         )
         self._log_scalars({f"val/{k}": v for k, v in result.metrics.items() if isinstance(v, float)}, step)
-        if self.writer is not None and int(self.cfg.val.overlays) > 0:
-            self._log_overlays(dataset, step)
+        if self.writer is not None and val.overlays > 0:
+            self._log_overlays(dataset[: val.overlays], step)
         return result.metrics
 
-    def _log_overlays(self, dataset: ReferringDataset, step: int) -> None:
-        predictor = Predictor(self.model, device=self.device)
-        for index, sample in enumerate(list(dataset)[: int(self.cfg.val.overlays)]):
-            encoded = predictor.encode_image(sample.image_path, sam_embedding=self.cache.get(sample.image_path))
-            prediction = predictor.predict(encoded, [sample.expressions[0]])[0]
-            picture = overlay(load_image(sample.image_path), prediction.mask, prediction.box, sample.expressions[0])
+    @torch.no_grad()
+    def _log_overlays(self, samples: ReferringDataset, step: int) -> None:
+        """Predictions for the first sentence of ``samples``, one batched forward, drawn over their images."""
+        images = [load_image(sample.image_path) for sample in samples]
+        letterboxed = [letterbox_image(image, self.model.clip.image_size) for image in images]
+        captions = [sample.expressions[0] for sample in samples]
+        clip_pixels = torch.stack([pixels for pixels, _ in letterboxed]).to(self.device)
+        embeddings = torch.stack([self.cache.get(sample.image_path) for sample in samples]).to(self.device)
+        with self.precision.autocast(self.device):
+            output = self.model(clip_pixels, self.tokenizer(captions).to(self.device), embeddings)
+        logits, boxes = output.mask_logits[:, 0].float().cpu(), output.boxes.float().cpu()
+        for index, (image, (_, letterbox), caption) in enumerate(zip(images, letterboxed, captions)):
+            picture = padded_prediction_overlay(image, logits[index], boxes[index], letterbox, self.model.sam_image_size, caption)
             self.writer.add_image(f"val/overlay_{index}", np.asarray(picture), step, dataformats="HWC")
 
     def _selection_metric(self) -> str:
         if self.stage == "rec":
             return REC_METRIC
         metric = SELECTION_METRIC[self.datasets["train"].task]
-        return metric + RELEASE_SUFFIX if self.cfg.val.protocol == "ssp_sam_release" else metric
+        return metric + RELEASE_SUFFIX if self.config.val.protocol == "ssp_sam_release" else metric
 
     def fit(self) -> TrainResult:
+        """Train from ``start_epoch`` to the last epoch, validating every ``val.every`` epochs and after the last.
+
+        The data-loader workers are forked at the first epoch and live until the end (host memory
+        trimmed and the garbage collector frozen just before, ``host_memory.py``).
+        """
         if self.dist.is_main:
             self.writer = SummaryWriter(str(self.run_dir / "tb"))
         selection = self._selection_metric()
         all_losses: list[float] = []
-        metrics: dict[str, float] = {}
-        epochs = int(self.train_cfg.epochs)
+        last_metrics: dict[str, float] = {}
+        epochs = self.config.train.epochs
         try:
-            for epoch in range(self.start_epoch, epochs):
-                started = time.time()
-                all_losses += self.train_one_epoch(epoch)
-                if (epoch + 1) % int(self.cfg.val.every) == 0 or epoch + 1 == epochs:
-                    metrics = self.validate(epoch)
-                # >=: a tie goes to the later epoch, as in the release
-                improved = selection in metrics and (self.best_metric is None or metrics[selection] >= self.best_metric)
-                if improved:
-                    self.best_metric = metrics[selection]
-                self._save("last", epoch, metrics)
-                if improved or "val" not in self.datasets:
-                    self._save("best", epoch, metrics)
-                barrier(self.dist)
-                if self.dist.is_main:
-                    shown = f", val {selection} {metrics[selection]:.4f}" if selection in metrics else ""
-                    mean_loss = float(np.mean(all_losses[-self.steps_per_epoch :])) if all_losses else math.nan
-                    tqdm.write(f"epoch {epoch + 1}/{epochs}: loss {mean_loss:.4f}{shown} ({time.time() - started:.0f}s)")
+            with shared_with_forked_workers(enabled=self.loader.num_workers > 0):
+                for epoch in range(self.start_epoch, epochs):
+                    started = time.time()
+                    all_losses += self.train_one_epoch(epoch)
+                    validated = (epoch + 1) % self.config.val.every == 0 or epoch + 1 == epochs
+                    metrics = self.validate(epoch) if validated else {}
+                    last_metrics = metrics or last_metrics
+                    # >=: a tie goes to the later epoch, as in the release; an epoch not validated is never best
+                    improved = selection in metrics and (self.best_metric is None or metrics[selection] >= self.best_metric)
+                    if improved:
+                        self.best_metric = metrics[selection]
+                    self._save("last", epoch, metrics)
+                    if improved or "val" not in self.datasets:
+                        self._save("best", epoch, metrics)
+                    barrier(self.dist)
+                    if self.dist.is_main:
+                        shown = f", val {selection} {metrics[selection]:.4f}" if selection in metrics else ""
+                        mean_loss = float(np.mean(all_losses[-self.steps_per_epoch :])) if all_losses else math.nan
+                        tqdm.write(f"epoch {epoch + 1}/{epochs}: loss {mean_loss:.4f}{shown} ({time.time() - started:.0f}s)")
         finally:
             if self.writer is not None:
                 self.writer.close()
-        return TrainResult(self.run_dir, epochs - self.start_epoch, self.best_metric, metrics, all_losses)
-
+        return TrainResult(self.run_dir, epochs - self.start_epoch, self.best_metric, last_metrics, all_losses)
 
     def test(self) -> Optional[Path]:
         """Evaluate the best checkpoint on ``test.split`` and write the results JSON into the run directory.
@@ -463,11 +497,16 @@ class Trainer:
         load_own_weights(self.model, self.run_dir / "best")
         self.model.eval()
         dataset = self.datasets["test"]
-        result = evaluate(self.model, dataset, cache=self.cache, device=self.device, max_batch=int(self.cfg.val.max_batch), progress=self.dist.is_main)
+        result = evaluate(
+            self.model, dataset, cache=self.cache, device=self.device, max_batch=self.config.val.max_batch, progress=self.dist.is_main
+        )
         if not self.dist.is_main:
             return None
         path = self.run_dir / f"results_{dataset.name}_{dataset.split}.json"
-        write_results(path, result, {**self.dataset_cfg, "split": dataset.split}, self.model_config.name, self.run_dir / "best", command_line(), label=str(self.cfg.name))
+        write_results(
+            path, result, {**self.dataset_cfg, "split": dataset.split}, self.model_config.name, self.run_dir / "best", command_line(),
+            label=self.config.name,
+        )
         tqdm.write(f"{dataset.name} {dataset.split}:\n{console_tables(result)}\nwrote {path}")
         return path
 
@@ -481,4 +520,3 @@ def train(cfg: DictConfig) -> TrainResult:
         return result
     finally:
         shutdown_distributed()
-

@@ -1,0 +1,207 @@
+"""Typed configuration of a training run, validated once before any work, errors naming the key.
+
+``configs/train.yaml`` (with its experiment, model and dataset groups) composes to a DictConfig;
+:func:`train_run_config_from` merges it into :class:`TrainRunConfig` through OmegaConf's structured
+configs, as ``ssp_sam/config.py`` does for the model: an unknown key or a value of the wrong type
+fails the merge and is reported by its key. Numbers are then checked against their range
+(``train.batch_size=0: must be an integer >= 1``), names against their choices, and the run
+directory for being writable, so that a mistyped option never fails deep inside PyTorch after the
+data has been read and the embedding cache filled. The model section becomes a
+:class:`~ssp_sam.config.ModelConfig`; the dataset section stays a mapping (the dataset registry
+checks it when it reads the data).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Dict, Mapping, Optional, get_type_hints
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ..config import ModelConfig, model_config_from
+from ..data.training import MASK_TARGETS, check_expression_weights
+from ..errors import ConfigError
+from ..outputs import check_output_dir
+from .optim import SCHEDULES
+from .precision import PRECISIONS
+from .protocols import PROTOCOLS
+
+STAGES = ("rec", "res")
+
+
+def _number(default: Any, minimum: float, optional: bool = False, above: bool = False) -> Any:
+    """A numeric field and its range: ``>= minimum`` (``> minimum`` with ``above``); ``optional``: null is allowed."""
+    return field(default=default, metadata={"minimum": minimum, "optional": optional, "above": above})
+
+
+def _choice(default: str, choices: tuple[str, ...]) -> Any:
+    return field(default=default, metadata={"choices": choices})
+
+
+@dataclass
+class TrainSection:
+    """``train:``: the recipe (see configs/train.yaml for what each key does)."""
+
+    stage: str = _choice("res", STAGES)
+    split: str = "train"
+    epochs: int = _number(80, 1)
+    batch_size: int = _number(64, 1)  # global, split evenly across processes
+    lr: float = _number(1e-4, 0)
+    decoder_lr: float = _number(1e-5, 0)
+    min_lr: float = _number(1e-6, 0)
+    weight_decay: float = _number(1e-4, 0)
+    grad_clip: Optional[float] = _number(0.1, 0, optional=True, above=True)  # null: no clipping
+    schedule: str = _choice("per_epoch", SCHEDULES)
+    warmup_epochs: int = _number(5, 0)
+    decoder_freeze_epochs: int = _number(20, 0)
+    precision: str = _choice("auto", PRECISIONS)
+    workers: int = _number(4, 0)  # data-loader processes, forked once and kept for the whole run
+    augment: bool = True
+    mask_target: str = _choice("release", tuple(MASK_TARGETS))
+    expression_weights: Optional[Dict[str, float]] = None
+    expression_weight_key: str = "kind"
+    log_every: int = _number(10, 1)  # steps between host syncs of the losses (logs, NaN check)
+    max_steps_per_epoch: Optional[int] = _number(None, 1, optional=True)
+    save_encoders: bool = False
+
+
+@dataclass
+class ValSection:
+    """``val:``: validation after an epoch, which picks ``best/``."""
+
+    split: Optional[str] = "val"  # null: no validation (the last epoch is also "best")
+    protocol: str = _choice("ssp_sam_release", PROTOCOLS)
+    every: int = _number(1, 1)  # validate after every n-th epoch (and after the last)
+    max_batch: int = _number(32, 1)
+    overlays: int = _number(4, 0)
+
+
+@dataclass
+class TestSection:
+    """``test:``: the best checkpoint evaluated at the end."""
+
+    split: Optional[str] = None
+
+
+@dataclass
+class TrainRunConfig:
+    """Everything a training run reads; ``model`` and ``dataset`` are filled by :func:`train_run_config_from`."""
+
+    name: str = "run"
+    run_dir: str = "runs/run"
+    resume: bool = False
+    init_checkpoint: Optional[str] = None
+    seed: int = 3407
+    device: str = "auto"
+    cache_dir: str = "cache"
+    cache_batch_size: int = _number(4, 1)
+    train: TrainSection = field(default_factory=TrainSection)
+    val: ValSection = field(default_factory=ValSection)
+    test: TestSection = field(default_factory=TestSection)
+    model: Any = None  # a ModelConfig once validated
+    dataset: Any = None  # the dataset registry's mapping
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain containers, as stored with every checkpoint (``run``)."""
+        return asdict(self)
+
+
+# Keys that no longer exist -> what to write instead.
+RENAMED = {
+    "train.amp": "train.amp: replaced by train.precision=auto|fp32|bf16|fp16 (amp=false is precision=fp32; "
+    "amp=auto was bf16/fp16 on CUDA and fp32 on a CPU, precision=auto also picks bf16 on CPUs with native bf16)",
+}
+
+
+def train_run_config_from(cfg: Mapping | DictConfig) -> TrainRunConfig:
+    """Validate a composed training config (configs/train.yaml) into a :class:`TrainRunConfig`.
+
+    Raises:
+        ConfigError: one line naming the first unusable key (unknown, wrong type, out of range,
+            not one of its choices, a run_dir that cannot be written, a combination the stage
+            cannot run).
+    """
+    raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    for key, message in RENAMED.items():
+        if _lookup(raw, key) is not _MISSING:
+            raise ConfigError(message)
+    sections = {k: v for k, v in raw.items() if k not in ("model", "dataset")}
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TrainRunConfig), sections)
+        config: TrainRunConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_merge_message(exc, raw)) from None
+    for prefix, section in (("", config), ("train.", config.train), ("val.", config.val)):
+        _check_fields(prefix, section, raw)
+    if config.train.expression_weights is not None:
+        check_expression_weights(config.train.expression_weights)
+    if config.train.stage == "rec" and config.train.save_encoders:
+        raise ConfigError("train.save_encoders=true: the REC stage (train.stage=rec) builds no SAM image encoder to save")
+    if config.train.stage == "rec" and config.test.split:
+        raise ConfigError("test.split: the REC stage (train.stage=rec) is validated by REC accuracy on val.split only; set test.split=null")
+    check_output_dir(config.run_dir, "run_dir")
+    config.model = model_config_from(raw.get("model") or {})
+    config.dataset = dict(raw.get("dataset") or {})
+    return config
+
+
+_MISSING = object()
+
+
+def _lookup(raw: Mapping, key: str) -> Any:
+    node: Any = raw
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _wanted(spec: Mapping[str, Any], kind: Any) -> str:
+    integer = kind in (int, Optional[int])  # else float
+    relation = ">" if spec["above"] else ">="
+    return f"{'an integer' if integer else 'a number'} {relation} {spec['minimum']:g}" + (" (or null)" if spec["optional"] else "")
+
+
+def _spec(key: str) -> tuple[Mapping[str, Any], Any] | None:
+    """The range metadata and type of the field at ``key`` (e.g. "train.lr"), if it has a range."""
+    section: Any = TrainRunConfig
+    *path, name = key.split(".")
+    for part in path:
+        section = {f.name: f for f in fields(section)}.get(part)
+        section = section.default_factory if section is not None and callable(section.default_factory) else None
+        if section is None:
+            return None
+    found = {f.name: f for f in fields(section)}.get(name)
+    if found is None or "minimum" not in found.metadata:
+        return None
+    return found.metadata, get_type_hints(section)[name]
+
+
+def _merge_message(exc: OmegaConfBaseException, raw: Mapping) -> str:
+    key = str(getattr(exc, "full_key", None) or getattr(exc, "key", None) or "")
+    spec = _spec(key)
+    if spec is not None:
+        return f"{key}={_lookup(raw, key)}: must be {_wanted(*spec)}"
+    reason = str(getattr(exc, "msg", exc)).splitlines()[0]
+    if "not in struct" in reason or "Key '" in reason and "not in" in reason:
+        return f"{key}: not a training option (configs/train.yaml lists them)"
+    return f"{key}: {reason}"
+
+
+def _check_fields(prefix: str, section: Any, raw: Mapping) -> None:
+    """Choices and ranges of the fields of one section (``prefix`` names it, e.g. "train.")."""
+    types = get_type_hints(type(section))
+    for item in fields(section):
+        value = getattr(section, item.name)
+        key = prefix + item.name
+        if "choices" in item.metadata and value not in item.metadata["choices"]:
+            raise ConfigError(f"{key}: unknown value {value!r}; expected one of {', '.join(item.metadata['choices'])}")
+        if "minimum" not in item.metadata or (value is None and item.metadata["optional"]):
+            continue
+        minimum = item.metadata["minimum"]
+        in_range = math.isfinite(value) and (value > minimum if item.metadata["above"] else value >= minimum)
+        if not in_range:
+            raise ConfigError(f"{key}={_lookup(raw, key)}: must be {_wanted(item.metadata, types[item.name])}")
