@@ -1,14 +1,20 @@
-"""Pretrain the small CLIP of the ShapeWorld model: region-caption contrast from scratch.
+"""Pretrain the small CLIP of a ShapeWorld model: region-caption contrast (and a dense term) from scratch.
 
-    python scripts/pretrain_clip.py [steps=1200] [threads=2] [out=checkpoints/pretrained/tiny_clip.pt]
+    python scripts/pretrain_clip.py [threads=2] [steps=900] [out=...]                 # the shipped model's CLIP
+    python scripts/pretrain_clip.py --config-name pretrain_clip_v2 threads=1 resume=true [max_minutes=55]
 
-Writes a plain open_clip state dict (loadable with ``build_clip_model("custom", checkpoint=...)``)
-and ends with a line giving the held-out retrieval accuracies. Bad arguments print one line naming
-them and exit with code 2. Recipe and numbers: docs/pretraining.md.
+Writes a plain open_clip state dict (loadable with ``build_clip_model("custom", checkpoint=...)``) to
+``out`` (default: the model config's ``clip_checkpoint``) and its report "{out}.json", and ends with
+a line giving the held-out figures. A stage state "{out}.resume" is saved every ``save_every`` steps;
+``resume=true`` continues from it exactly, or, when ``out`` already holds the finished result of the
+same configuration, prints its figures and does nothing else. Stopped by ``stop_after_steps`` /
+``max_minutes`` before the end, it saves the state and exits with status 3 (``out`` not written).
+Bad arguments print one line naming them and exit with code 2. Recipe and numbers: docs/pretraining.md.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import fields
 
 import hydra
@@ -18,7 +24,21 @@ from omegaconf import DictConfig, OmegaConf
 from ssp_sam.cli import reports_errors
 from ssp_sam.errors import ConfigError
 from ssp_sam.predictor import resolve_device
-from ssp_sam.pretrain.clip import HELDOUT_SPLIT, CLIPPretrainSettings, pretrain_clip
+from ssp_sam.pretrain.clip import HELDOUT_SPLIT, CLIPPretrainSettings, finished_clip_stage, pretrain_clip
+from ssp_sam.pretrain.stage import StageControl
+
+EXIT_STOPPED = 3  # stopped before the last step; the state is saved, resume=true continues
+
+
+def heldout_line(held: dict, settings: CLIPPretrainSettings) -> str:
+    return (
+        f"held-out accuracy ({settings.eval_scenes} {HELDOUT_SPLIT} scenes, seed {settings.seed}): "
+        f"expression->object {held['expression_all']:.3f} (A {held['expression_A']:.3f}, "
+        f"L {held['expression_L']:.3f}, R {held['expression_R']:.3f}), pointing {held['pointing']:.3f}, "
+        f"object->description {held['description']:.3f} (colour {held['color']:.3f}, "
+        f"shape {held['shape']:.3f}, size {held['size']:.3f}), dense labelling mIoU {held['dense_miou']:.3f} "
+        f"(object classes {held['dense_miou_objects']:.3f})"
+    )
 
 
 @hydra.main(config_path="../configs", config_name="pretrain_clip", version_base="1.3")
@@ -30,8 +50,19 @@ def main(cfg: DictConfig) -> None:
         raise ConfigError(f"threads: must be >= 1, got {cfg.threads}")
     torch.set_num_threads(cfg.threads)
     settings = CLIPPretrainSettings(**{field.name: cfg[field.name] for field in fields(CLIPPretrainSettings)})
+    clip_custom = OmegaConf.to_container(cfg.model.clip_custom, resolve=True)
+    control = StageControl.beside(
+        cfg.out, resume=cfg.resume, save_every=cfg.save_every, stop_after_steps=cfg.stop_after_steps,
+        max_minutes=cfg.max_minutes,
+    )
+    if cfg.resume and cfg.out is not None:
+        report = finished_clip_stage(cfg.out, clip_custom, cfg.model.surgery_blocks, settings, cfg.model.append_period)
+        if report is not None:
+            print(f"CLIP pretraining already finished: {cfg.out} (final loss {report['final_loss']:.4f})")
+            print(heldout_line(report["heldout"], settings))
+            return
     _, result = pretrain_clip(
-        OmegaConf.to_container(cfg.model.clip_custom, resolve=True),
+        clip_custom,
         cfg.model.surgery_blocks,
         settings,
         out=cfg.out,
@@ -39,19 +70,19 @@ def main(cfg: DictConfig) -> None:
         device=resolve_device(cfg.device),
         progress=cfg.progress,
         log_dir=cfg.tensorboard,
+        control=control,
     )
+    if not result.finished:
+        print(
+            f"CLIP pretraining stopped after {len(result.losses)} of {settings.steps} steps "
+            f"({result.seconds / 60:.1f} min this session); state saved to {control.state_path}: rerun with resume=true"
+        )
+        sys.exit(EXIT_STOPPED)
     print(
         f"CLIP pretrained: {settings.steps} steps, final loss {result.losses[-1]:.4f}, "
-        f"{result.seconds / 60:.1f} min; weights written to {cfg.out}"
+        f"{result.seconds / 60:.1f} min this session; weights written to {cfg.out}"
     )
-    held = result.heldout
-    print(
-        f"held-out accuracy ({settings.eval_scenes} {HELDOUT_SPLIT} scenes, seed {settings.seed}): "
-        f"expression->object {held['expression_all']:.3f} (A {held['expression_A']:.3f}, "
-        f"L {held['expression_L']:.3f}, R {held['expression_R']:.3f}), pointing {held['pointing']:.3f}, "
-        f"object->description {held['description']:.3f} (colour {held['color']:.3f}, "
-        f"shape {held['shape']:.3f}, size {held['size']:.3f})"
-    )
+    print(heldout_line(result.heldout, settings))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,18 @@
-"""Pretrain the small SAM of the ShapeWorld model: promptable segmentation from scratch.
+"""Pretrain the small SAM of a ShapeWorld model: promptable segmentation from scratch.
 
-    python scripts/pretrain_sam.py [steps=1500] [threads=2] [out=checkpoints/pretrained/tiny_sam.pth]
+    python scripts/pretrain_sam.py [threads=2] [steps=900] [out=...]                  # the shipped model's SAM
+    python scripts/pretrain_sam.py --config-name pretrain_sam_v2 threads=1 resume=true [max_minutes=55]
 
 Writes the weights in Meta's flat .pth layout (loadable with ``build_sam("custom", checkpoint=...)``)
-and ends with a line giving the held-out mIoU for one click at each object's centre. Bad arguments
-print one line naming them and exit with code 2. Recipe and numbers: docs/pretraining.md.
+to ``out`` (default: the model config's ``sam_checkpoint``) and its report "{out}.json", and ends
+with a line giving the held-out mIoU for one click at each object's centre. Saving, ``resume=true``,
+``stop_after_steps`` / ``max_minutes`` (exit status 3, ``out`` not written) as in pretrain_clip.py.
+Bad arguments print one line naming them and exit with code 2. Recipe and numbers: docs/pretraining.md.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import fields
 
 import hydra
@@ -18,7 +22,17 @@ from omegaconf import DictConfig, OmegaConf
 from ssp_sam.cli import reports_errors
 from ssp_sam.errors import ConfigError
 from ssp_sam.predictor import resolve_device
-from ssp_sam.pretrain.sam import HELDOUT_SPLIT, SAMPretrainSettings, pretrain_sam
+from ssp_sam.pretrain.sam import HELDOUT_SPLIT, SAMPretrainSettings, finished_sam_stage, pretrain_sam
+from ssp_sam.pretrain.stage import StageControl
+
+EXIT_STOPPED = 3  # stopped before the last step; the state is saved, resume=true continues
+
+
+def heldout_line(miou: float, instances: int, settings: SAMPretrainSettings) -> str:
+    return (
+        f"held-out point-prompt mIoU {miou:.4f} over {instances} instances "
+        f"({settings.eval_scenes} {HELDOUT_SPLIT} scenes, seed {settings.seed}, one click at each centre)"
+    )
 
 
 @hydra.main(config_path="../configs", config_name="pretrain_sam", version_base="1.3")
@@ -30,22 +44,37 @@ def main(cfg: DictConfig) -> None:
         raise ConfigError(f"threads: must be >= 1, got {cfg.threads}")
     torch.set_num_threads(cfg.threads)
     settings = SAMPretrainSettings(**{field.name: cfg[field.name] for field in fields(SAMPretrainSettings)})
+    sam_custom = OmegaConf.to_container(cfg.model.sam_custom, resolve=True)
+    control = StageControl.beside(
+        cfg.out, resume=cfg.resume, save_every=cfg.save_every, stop_after_steps=cfg.stop_after_steps,
+        max_minutes=cfg.max_minutes,
+    )
+    if cfg.resume and cfg.out is not None:
+        report = finished_sam_stage(cfg.out, sam_custom, settings)
+        if report is not None:
+            print(f"SAM pretraining already finished: {cfg.out} (final loss {report['final_loss']:.4f})")
+            print(heldout_line(report["heldout_miou"], report["heldout_instances"], settings))
+            return
     _, result = pretrain_sam(
-        OmegaConf.to_container(cfg.model.sam_custom, resolve=True),
+        sam_custom,
         settings,
         out=cfg.out,
         device=resolve_device(cfg.device),
         progress=cfg.progress,
         log_dir=cfg.tensorboard,
+        control=control,
     )
+    if not result.finished:
+        print(
+            f"SAM pretraining stopped after {len(result.losses)} of {settings.steps} steps "
+            f"({result.seconds / 60:.1f} min this session); state saved to {control.state_path}: rerun with resume=true"
+        )
+        sys.exit(EXIT_STOPPED)
     print(
         f"SAM pretrained: {settings.steps} steps, final loss {result.losses[-1]:.4f}, "
-        f"{result.seconds / 60:.1f} min; weights written to {cfg.out}"
+        f"{result.seconds / 60:.1f} min this session; weights written to {cfg.out}"
     )
-    print(
-        f"held-out point-prompt mIoU {result.heldout_miou:.4f} over {result.heldout_instances} instances "
-        f"({settings.eval_scenes} {HELDOUT_SPLIT} scenes, seed {settings.seed}, one click at each centre)"
-    )
+    print(heldout_line(result.heldout_miou, result.heldout_instances, settings))
 
 
 if __name__ == "__main__":

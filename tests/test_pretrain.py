@@ -18,12 +18,21 @@ from ssp_sam.backbones.clip_tokenizer import CLIPTokenizer
 from ssp_sam.backbones.sam import build_sam
 from ssp_sam.data.shapeworld import generate_scene
 from ssp_sam.pretrain.clip import (
+    BACKGROUND_CLASS,
+    DENSE_CLASS_NAMES,
     DESCRIPTIONS,
     CLIPPretrainSettings,
     GroundingScene,
     attribute_code,
+    confusion_counts,
     contrastive_batch,
+    dense_class,
+    dense_labelling,
+    dense_loss,
+    finished_clip_stage,
     masked_info_nce,
+    miou_from_confusion,
+    patch_class_shares,
     pool_regions,
     pretrain_clip,
 )
@@ -38,6 +47,7 @@ from ssp_sam.pretrain.sam import (
     pretrain_sam,
     sample_prompt,
 )
+from ssp_sam.pretrain.stage import StageControl, run_steps
 
 TINY_SAM = {
     "encoder_embed_dim": 32,
@@ -67,7 +77,8 @@ TINY_CLIP = {
     "text_heads": 2,
 }
 TINY_CLIP_SETTINGS = CLIPPretrainSettings(
-    steps=30, batch_size=6, expressions_per_scene=2, lr=2e-3, warmup_steps=2, pool_size=12, eval_scenes=2, seed=5
+    steps=30, batch_size=6, expressions_per_scene=2, lr=2e-3, warmup_steps=2, pool_size=12, eval_scenes=2, seed=5,
+    dense_weight=1.0,
 )
 
 
@@ -312,3 +323,135 @@ def test_attribute_codes_index_the_descriptions():
     assert DESCRIPTIONS[attribute_code("small", "red", "circle")] == "the small red circle"
     assert DESCRIPTIONS[attribute_code("large", "black", "star")] == "the large black star"
     assert len(set(DESCRIPTIONS)) == 96
+
+
+def test_dense_class_names_follow_the_ovss_class_order():
+    # Spec: class index = position of "{color} {shape}", ordered by colour then shape; background last here.
+    assert len(DENSE_CLASS_NAMES) == 49 and DENSE_CLASS_NAMES[BACKGROUND_CLASS] == "background"
+    assert DENSE_CLASS_NAMES[0] == "red circle" and DENSE_CLASS_NAMES[7] == "green square"
+    assert DENSE_CLASS_NAMES[47] == "black star"
+    # A description's code drops its size: "the large green square" -> "green square" (index 1 * 6 + 1).
+    assert dense_class(torch.tensor([attribute_code("large", "green", "square")])).tolist() == [7]
+
+
+def test_patch_class_shares_add_objects_of_one_class_and_normalise():
+    # 3 patches; regions: red circle, another red circle, blue star, background.
+    coverage = torch.tensor([[0.5, 0.0, 0.0], [0.25, 0.0, 0.0], [0.0, 0.5, 0.0], [0.25, 0.25, 0.5]])
+    classes = torch.tensor([0, 0, 17, BACKGROUND_CLASS])  # blue star = 2 * 6 + 5
+    shares = patch_class_shares(coverage, classes)
+    assert shares.shape == (3, 49)
+    # Patch 0: 0.75 red circle, 0.25 background; patch 1: 2/3 blue star, 1/3 background (0.75 covered, normalised);
+    # patch 2: only background.
+    assert shares[0, 0].item() == pytest.approx(0.75) and shares[0, BACKGROUND_CLASS].item() == pytest.approx(0.25)
+    assert shares[1, 17].item() == pytest.approx(2 / 3) and shares[1, BACKGROUND_CLASS].item() == pytest.approx(1 / 3)
+    assert shares[2, BACKGROUND_CLASS].item() == pytest.approx(1.0)
+    torch.testing.assert_close(shares.sum(dim=1), torch.ones(3))
+
+
+def test_dense_loss_is_the_soft_cross_entropy_over_class_names():
+    # Two classes along x and y; one image, two patches: (2, 0) -> unit x, (1, 1) -> unit diagonal.
+    classes = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    tokens = torch.tensor([[[2.0, 0.0], [1.0, 1.0]]])
+    targets = torch.tensor([[[1.0, 0.0], [0.5, 0.5]]])
+    scale = torch.tensor(3.0)
+    # Patch 0: logits (3, 0): -log(e^3 / (e^3 + 1)). Patch 1: logits (3/sqrt2, 3/sqrt2): -log(1/2) for both halves.
+    expected = (math.log(1 + math.exp(-3)) + math.log(2)) / 2
+    assert dense_loss(tokens, classes, targets, scale).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_dense_labelling_of_a_hand_built_scene():
+    # Classes: 0 = red circle, 1 = red square, 2 = background (a 3-name list is enough for the rule).
+    class_embeddings = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    # Four patches, tokens pointing at: red circle, red square, background, red square.
+    patch_tokens = torch.tensor([[5.0, 1.0], [0.2, 3.0], [-2.0, 0.5], [0.1, 1.0]])
+    # Regions: a red circle over patches 0 (60 %) and 1 (30 %), background elsewhere.
+    coverage = torch.tensor([[0.6, 0.3, 0.0, 0.0], [0.4, 0.7, 1.0, 1.0]])
+    predicted, truth = dense_labelling(patch_tokens, class_embeddings, coverage, torch.tensor([0, 2]))
+    assert predicted.tolist() == [0, 1, 2, 1]
+    assert truth.tolist() == [0, 2, 2, 2]  # patch 1 is mostly background
+    confusion = confusion_counts(predicted, truth, 3)
+    assert confusion.tolist() == [[1, 0, 0], [0, 0, 0], [0, 2, 1]]
+    # IoU: circle 1 / 1, square 0 / 2 (two false positives), background 1 / 3; mean over the three.
+    assert miou_from_confusion(confusion) == pytest.approx((1 + 0 + 1 / 3) / 3)
+    assert miou_from_confusion(confusion, [0, 1]) == pytest.approx(0.5)
+    # A class that occurs nowhere does not count.
+    assert miou_from_confusion(torch.tensor([[2, 0], [0, 0]])) == pytest.approx(1.0)
+
+
+def test_clip_pretraining_reports_dense_labelling(clip_run):
+    _, result, out = clip_run
+    assert 0.0 <= result.heldout["dense_miou"] <= 1.0 and 0.0 <= result.heldout["dense_miou_objects"] <= 1.0
+    # The finished stage is recognised (same config, weights load) and holds the printed figures.
+    report = finished_clip_stage(out, TINY_CLIP, 1, TINY_CLIP_SETTINGS, True)
+    assert report is not None and report["heldout"] == pytest.approx(result.heldout, nan_ok=True)
+    other = CLIPPretrainSettings(**{**TINY_CLIP_SETTINGS.__dict__, "steps": 31})
+    assert finished_clip_stage(out, TINY_CLIP, 1, other, True) is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stages: stop, kill and resume exactly
+# ---------------------------------------------------------------------------------------------------
+
+
+def assert_same_weights(first: torch.nn.Module, second: torch.nn.Module) -> None:
+    for (key, tensor), other in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(tensor, other), key
+
+
+def test_clip_stage_stopped_halfway_and_resumed_equals_one_run(tmp_path):
+    settings = CLIPPretrainSettings(**{**TINY_CLIP_SETTINGS.__dict__, "steps": 6, "eval_scenes": 1})
+    straight, straight_result = pretrain_clip(TINY_CLIP, 1, settings, progress=False)
+    out = tmp_path / "clip.pt"
+    _, stopped = pretrain_clip(TINY_CLIP, 1, settings, out=out, progress=False, control=StageControl.beside(out, stop_after_steps=3))
+    assert not stopped.finished and len(stopped.losses) == 3
+    assert not out.exists() and (tmp_path / "clip.pt.resume").exists()  # nothing the next stage could read
+    resumed, result = pretrain_clip(TINY_CLIP, 1, settings, out=out, progress=False, control=StageControl.beside(out, resume=True))
+    assert result.finished and result.losses == straight_result.losses
+    assert result.heldout == pytest.approx(straight_result.heldout, nan_ok=True)
+    assert_same_weights(straight, resumed)
+    assert out.exists() and not (tmp_path / "clip.pt.resume").exists()
+
+
+def test_sam_stage_stopped_halfway_and_resumed_equals_one_run(tmp_path):
+    settings = SAMPretrainSettings(**{**TINY_SAM_SETTINGS.__dict__, "steps": 4, "eval_scenes": 0})
+    straight, straight_result = pretrain_sam(TINY_SAM, settings, progress=False)
+    out = tmp_path / "sam.pth"
+    pretrain_sam(TINY_SAM, settings, out=out, progress=False, control=StageControl.beside(out, stop_after_steps=2))
+    assert not out.exists()
+    resumed, result = pretrain_sam(TINY_SAM, settings, out=out, progress=False, control=StageControl.beside(out, resume=True))
+    assert result.losses == straight_result.losses
+    assert_same_weights(straight, resumed)
+
+
+def test_a_killed_stage_replays_the_steps_after_its_last_save(tmp_path):
+    """A crash between two saves: the resumed run redoes the lost steps with the same random draws
+    (numpy batches and torch's RNG) and ends bit-equal to an uninterrupted run."""
+
+    def stage(control, crash_at=None):
+        torch.manual_seed(0)
+        rng = np.random.default_rng(0)
+        model = torch.nn.Linear(3, 1)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+
+        def step(index):
+            if index == crash_at:
+                raise RuntimeError("killed")
+            inputs = torch.as_tensor(rng.normal(size=(4, 3)), dtype=torch.float32) + torch.randn(4, 3)
+            loss = model(inputs).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            return loss.item()
+
+        progress = run_steps(7, step, model, optimizer, schedule, rng, control, "toy", progress=False)
+        return model, progress
+
+    straight, straight_progress = stage(StageControl())
+    control = StageControl(state_path=tmp_path / "toy.resume", save_every=2)
+    with pytest.raises(RuntimeError):
+        stage(control, crash_at=5)  # saved after steps 2 and 4; step 5 dies
+    resumed, progress = stage(StageControl(state_path=tmp_path / "toy.resume", save_every=2, resume=True))
+    assert progress.finished and progress.losses == straight_progress.losses
+    assert_same_weights(straight, resumed)

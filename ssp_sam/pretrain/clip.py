@@ -21,6 +21,12 @@ the contrastive pairs here are regions and captions rather than images and capti
   are its targets (several for M, none for N: an N caption only serves as a negative). A
   description is scored against every region of the batch, and every object with its size,
   colour and shape is a positive, so equal objects of different scenes are never pushed apart.
+- Dense term (weight ``dense_weight``; 0 in the shipped model's recipe): every patch token is
+  classified among the 48 OVSS class names "{color} {shape}" and "background"
+  (:data:`DENSE_CLASS_NAMES`, text through the same text tower) with the patch's coverage fractions
+  as soft targets (:func:`dense_loss`). The region contrast only constrains coverage-weighted means
+  of the patch tokens; SSP-SAM's visual adapter and an OVSS head read the tokens one by one, so
+  each token must carry its object's colour and shape itself.
 
 The weights are saved as a plain open_clip state dict, which ``build_clip_model("custom",
 checkpoint=..., custom=...)`` loads. Training scenes: ``generate_scene(seed, "train", i)`` for
@@ -33,7 +39,7 @@ import inspect
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Mapping
 
 import numpy as np
@@ -50,12 +56,17 @@ from ..engine.optim import cosine_schedule
 from ..errors import ConfigError
 from ..fileio import atomic_path
 from ..letterbox import letterbox_image, letterbox_mask
+from .stage import StageControl, finished_report, remove_state, run_steps, write_report
 
 TRAIN_SPLIT = "train"
 HELDOUT_SPLIT = "val"
 MAX_LOGIT_SCALE = 100.0
 # Every "{size} {color} {shape}" description, indexed by attribute_code().
 DESCRIPTIONS = tuple(f"the {size} {color} {shape}" for size in SIZE_RADII for color in COLORS for shape in SHAPES)
+# The OVSS class list of the ShapeWorld spec (colour-major, then shape) and a background class last.
+BACKGROUND_NAME = "background"
+DENSE_CLASS_NAMES = (*(f"{color} {shape}" for color in COLORS for shape in SHAPES), BACKGROUND_NAME)
+BACKGROUND_CLASS = len(DENSE_CLASS_NAMES) - 1
 
 # CLIPSurgeryBackbone runs under @torch.no_grad because SSP-SAM keeps CLIP frozen. Pretraining needs
 # gradients through exactly the same forward passes, so it calls the undecorated functions.
@@ -78,26 +89,34 @@ class CLIPPretrainSettings:
     seed: int = 1000
     pool_size: int = 3000  # training scenes generated once and reused
     eval_scenes: int = 300  # held-out scenes for the final accuracies
+    dense_weight: float = 0.0  # weight of dense_loss (0: region-caption contrast only, the shipped recipe)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "pool_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("expressions_per_scene", "warmup_steps", "eval_scenes", "seed"):
+        for name in ("expressions_per_scene", "warmup_steps", "eval_scenes", "seed", "dense_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
 class CLIPPretrainResult:
-    losses: list[float]  # training loss of every step
-    heldout: dict[str, float]  # evaluate_grounding() on the held-out scenes
-    seconds: float  # wall time of the whole run (scene generation, training, evaluation, saving)
+    losses: list[float]  # training loss of every step done (all steps when finished)
+    heldout: dict[str, float]  # evaluate_grounding() on the held-out scenes; empty when not finished
+    seconds: float  # wall time of this session (scene generation, training, evaluation, saving)
+    finished: bool = True  # False: stopped early (stop_after_steps / max_minutes), state saved to resume
 
 
 def attribute_code(size: str, color: str, shape: str) -> int:
     """Index of "the {size} {color} {shape}" in :data:`DESCRIPTIONS`."""
     return (tuple(SIZE_RADII).index(size) * len(COLORS) + tuple(COLORS).index(color)) * len(SHAPES) + SHAPES.index(shape)
+
+
+def dense_class(codes: Tensor) -> Tensor:
+    """Index in :data:`DENSE_CLASS_NAMES` ("{color} {shape}") of objects given by attribute codes (size is
+    the outermost digit of a code, so dropping it is a remainder)."""
+    return codes % (len(COLORS) * len(SHAPES))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -163,10 +182,11 @@ def grounding_scenes(
 
 @dataclass
 class ContrastiveBatch:
-    """B scenes with R regions and C captions.
+    """B scenes with R regions, C captions and N patches each.
 
     pixels: (B, 3, S, S); coverage: (R, N); region_image: (R,) scene of each region;
-    tokens: (C, L); positives, valid: (C, R) bool, positives a subset of valid.
+    tokens: (C, L); positives, valid: (C, R) bool, positives a subset of valid;
+    dense_targets: (B, N, len(DENSE_CLASS_NAMES)) share of each patch covered by each class (rows sum to 1).
     """
 
     pixels: Tensor
@@ -175,6 +195,7 @@ class ContrastiveBatch:
     tokens: Tensor
     positives: Tensor
     valid: Tensor
+    dense_targets: Tensor
 
     def to(self, device: torch.device | str) -> "ContrastiveBatch":
         return ContrastiveBatch(*(getattr(self, name).to(device) for name in self.__dataclass_fields__))
@@ -214,7 +235,21 @@ def contrastive_batch(
         tokens=torch.stack(tokens),
         positives=torch.stack(positives),
         valid=torch.stack(valid),
+        dense_targets=torch.stack([patch_class_shares(scene.coverage, region_classes(scene.codes)) for scene in scenes]),
     )
+
+
+def region_classes(codes: Tensor) -> Tensor:
+    """(K + 1,) :data:`DENSE_CLASS_NAMES` index of a scene's regions: its K objects, then background."""
+    return torch.cat([dense_class(codes), torch.tensor([BACKGROUND_CLASS])])
+
+
+def patch_class_shares(coverage: Tensor, classes: Tensor) -> Tensor:
+    """(N, len(DENSE_CLASS_NAMES)) share of each patch covered by each class, from the (K + 1, N) region
+    coverage and the (K + 1,) region classes; each row is normalised to sum to 1 (two objects of
+    one class add up)."""
+    shares = torch.zeros(coverage.shape[1], len(DENSE_CLASS_NAMES)).index_add_(1, classes, coverage.T.float())
+    return shares / shares.sum(dim=1, keepdim=True).clamp(min=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -263,12 +298,35 @@ def masked_info_nce(logits: Tensor, positives: Tensor, valid: Tensor) -> Tensor:
     return 0.5 * (one_direction(logits, positives, valid) + one_direction(logits.T, positives.T, valid.T))
 
 
-def contrastive_loss(backbone: CLIPSurgeryBackbone, batch: ContrastiveBatch) -> Tensor:
-    """The training loss of one batch (scalar)."""
-    regions = pool_regions(patch_embeddings(backbone, batch.pixels), batch.coverage, batch.region_image)
-    captions = sentence_embeddings(backbone, batch.tokens)
+def dense_loss(patch_tokens: Tensor, class_embeddings: Tensor, targets: Tensor, scale: Tensor) -> Tensor:
+    """Soft cross-entropy of every patch over the class names (scalar, mean over the B * N patches).
+
+    Args:
+        patch_tokens: (B, N, D) CLIP-Surgery patch tokens (normalised here, as SSP-SAM compares them).
+        class_embeddings: (C, D) unit text embeddings of :data:`DENSE_CLASS_NAMES`.
+        targets: (B, N, C) class shares of each patch (rows sum to 1).
+        scale: CLIP's temperature (the logits are ``scale`` times cosine similarities).
+    """
+    logits = scale * F.normalize(patch_tokens, dim=-1) @ class_embeddings.T
+    return -(targets * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+
+
+def training_losses(
+    backbone: CLIPSurgeryBackbone, batch: ContrastiveBatch, class_tokens: Tensor, dense_weight: float
+) -> dict[str, Tensor]:
+    """The loss terms of one batch: ``contrast`` (region-caption InfoNCE), ``dense`` (weighted
+    :func:`dense_loss`, only when ``dense_weight`` > 0) and their sum ``loss``. One text forward for the
+    captions and the (C, L) ``class_tokens``."""
+    patches = patch_embeddings(backbone, batch.pixels)
+    regions = pool_regions(patches, batch.coverage, batch.region_image)
+    texts = sentence_embeddings(backbone, torch.cat([batch.tokens, class_tokens]) if dense_weight else batch.tokens)
+    captions = texts[: len(batch.tokens)]
     scale = backbone.clip.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
-    return masked_info_nce(scale * captions @ regions.T, batch.positives, batch.valid)
+    terms = {"contrast": masked_info_nce(scale * captions @ regions.T, batch.positives, batch.valid)}
+    if dense_weight:
+        terms["dense"] = dense_weight * dense_loss(patches, texts[len(batch.tokens) :], batch.dense_targets, scale)
+    terms["loss"] = sum(terms.values())
+    return terms
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -276,9 +334,36 @@ def contrastive_loss(backbone: CLIPSurgeryBackbone, batch: ContrastiveBatch) -> 
 # ---------------------------------------------------------------------------------------------------
 
 
+def dense_labelling(
+    patch_tokens: Tensor, class_embeddings: Tensor, coverage: Tensor, classes: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Zero-shot labelling of one image's patches: (N,) predicted and (N,) true class indices.
+
+    Each patch token (N, D) takes the class whose text embedding (C, D, unit) is most similar to it;
+    the truth of a patch is the class of the region (object or background) covering the largest
+    share of it, from the (K + 1, N) coverage and the (K + 1,) region classes.
+    """
+    predicted = (F.normalize(patch_tokens, dim=-1) @ class_embeddings.T).argmax(dim=1)
+    return predicted, classes[coverage.argmax(dim=0)]
+
+
+def confusion_counts(predicted: Tensor, truth: Tensor, num_classes: int) -> Tensor:
+    """(C, C) counts, row = true class, column = predicted class."""
+    return torch.bincount(truth * num_classes + predicted, minlength=num_classes**2).view(num_classes, num_classes)
+
+
+def miou_from_confusion(confusion: Tensor, classes: Sequence[int] | None = None) -> float:
+    """Mean over ``classes`` (default all) that occur (in truth or prediction) of TP / (TP + FP + FN)."""
+    true_positive = confusion.diagonal().double()
+    union = confusion.sum(dim=0).double() + confusion.sum(dim=1).double() - true_positive
+    chosen = torch.arange(len(confusion)) if classes is None else torch.as_tensor(classes)
+    chosen = chosen[union[chosen] > 0]
+    return float((true_positive[chosen] / union[chosen]).mean()) if len(chosen) else float("nan")
+
+
 @torch.no_grad()
 def evaluate_grounding(
-    backbone: CLIPSurgeryBackbone, scenes: Sequence[GroundingScene], description_tokens: Tensor
+    backbone: CLIPSurgeryBackbone, scenes: Sequence[GroundingScene], description_tokens: Tensor, class_tokens: Tensor
 ) -> dict[str, float]:
     """Accuracies of the frozen features on scenes with single-target expressions (RES refs).
 
@@ -289,9 +374,14 @@ def evaluate_grounding(
     - ``description``: each object, among all 96 "the {size} {color} {shape}" captions, picks the
       most similar one; correct if it is its own. ``color`` / ``shape`` / ``size``: the picked
       caption names the object's colour / shape / size.
+    - ``dense_miou``: zero-shot labelling of every patch token among :data:`DENSE_CLASS_NAMES`
+      (:func:`dense_labelling`), mIoU over the patches of all scenes and the classes that occur;
+      ``dense_miou_objects`` the same mean over the 48 object classes only (background left out).
     """
     device = backbone.clip.logit_scale.device
     descriptions = sentence_embeddings(backbone, description_tokens.to(device))
+    class_embeddings = sentence_embeddings(backbone, class_tokens.to(device))
+    confusion = torch.zeros(len(class_tokens), len(class_tokens), dtype=torch.long)
     correct: dict[str, list[bool]] = {key: [] for key in ("A", "L", "R", "pointing", "description", "color", "shape", "size")}
     for scene in scenes:
         patches = patch_embeddings(backbone, scene.pixels.float()[None].to(device))
@@ -303,6 +393,8 @@ def evaluate_grounding(
         for index, (targets, kind) in enumerate(zip(scene.expression_targets, scene.expression_kinds)):
             correct[kind].append(chosen[index] == targets[0])
             correct["pointing"].append(bool(coverage[targets[0], best_patch[index]] > 0))
+        predicted, truth = dense_labelling(patches[0], class_embeddings, coverage, region_classes(scene.codes).to(device))
+        confusion += confusion_counts(predicted.cpu(), truth.cpu(), len(class_tokens))
         picked = (objects @ descriptions.T).argmax(dim=1).tolist()
         for code, guess in zip(scene.codes.tolist(), picked):
             true_size, true_color, true_shape = np.unravel_index(code, (len(SIZE_RADII), len(COLORS), len(SHAPES)))
@@ -318,6 +410,8 @@ def evaluate_grounding(
 
     results = {f"expression_{kind}": mean(correct[kind]) for kind in ("A", "L", "R", "all")}
     results.update({key: mean(correct[key]) for key in ("pointing", "description", "color", "shape", "size")})
+    results["dense_miou"] = miou_from_confusion(confusion)
+    results["dense_miou_objects"] = miou_from_confusion(confusion, range(BACKGROUND_CLASS))
     return results
 
 
@@ -333,6 +427,23 @@ def save_clip_checkpoint(model: CLIP, path: str | os.PathLike) -> None:
         torch.save(state_dict, tmp)
 
 
+def clip_stage_identity(clip_custom: Mapping, surgery_blocks: int, settings: CLIPPretrainSettings, append_period: bool) -> dict:
+    """What a CLIP pretraining's output depends on: a finished stage is reused only for the same."""
+    return {"clip_custom": dict(clip_custom), "surgery_blocks": surgery_blocks, "append_period": append_period,
+            "settings": asdict(settings)}
+
+
+def finished_clip_stage(
+    out: str | os.PathLike, clip_custom: Mapping, surgery_blocks: int, settings: CLIPPretrainSettings, append_period: bool
+) -> dict | None:
+    """The report of an earlier, finished run of the same stage whose weights load, or None."""
+    return finished_report(
+        out,
+        clip_stage_identity(clip_custom, surgery_blocks, settings, append_period),
+        lambda path: build_clip_model("custom", checkpoint=path, custom=clip_custom),
+    )
+
+
 def pretrain_clip(
     clip_custom: Mapping,
     surgery_blocks: int,
@@ -342,24 +453,28 @@ def pretrain_clip(
     device: str | torch.device = "cpu",
     progress: bool = True,
     log_dir: str | os.PathLike | None = None,
+    control: StageControl | None = None,
 ) -> tuple[CLIP, CLIPPretrainResult]:
-    """Train a custom CLIP from scratch with region-caption contrast on ShapeWorld.
+    """Train a custom CLIP from scratch with region-caption contrast (and the dense term) on ShapeWorld.
 
     Args:
         clip_custom: the ``custom`` mapping of :func:`build_clip_model` (configs/model/*.yaml ``clip_custom``).
         surgery_blocks: the number of CLIP-Surgery blocks SSP-SAM will use (the model's ``surgery_blocks``).
         settings: hyper-parameters; ``settings.seed`` fixes initialisation, data and caption draws.
-        out: where to write the open_clip state dict; None writes nothing.
+        out: where to write the open_clip state dict (and its report "{out}.json"); None writes nothing.
         append_period: the model's text convention ("{caption}.").
         device: torch device for the model.
         progress: show tqdm bars.
-        log_dir: TensorBoard directory for the loss, temperature and learning rate, or None.
+        log_dir: TensorBoard directory for the loss terms, temperature and learning rate, or None.
+        control: saving, stopping and resuming (:class:`StageControl`); None: one uninterrupted run.
 
     Returns:
-        The trained open_clip model (eval mode, frozen, as ``build_clip_model`` returns it) and a
-        :class:`CLIPPretrainResult`.
+        The open_clip model (eval mode, frozen, as ``build_clip_model`` returns it) and a
+        :class:`CLIPPretrainResult`. When the run stops early (``control``), the model is the one
+        trained so far, nothing is evaluated and ``out`` is not written.
     """
     started = time.perf_counter()
+    control = control or StageControl()
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     model = build_clip_model("custom", custom=clip_custom).to(device)
@@ -367,6 +482,7 @@ def pretrain_clip(
     model.requires_grad_(True)  # the backbone froze it for SSP-SAM; here it is what we train
     tokenizer = CLIPTokenizer(model.context_length, append_period=append_period)
     description_tokens = tokenizer(DESCRIPTIONS)
+    class_tokens = tokenizer(DENSE_CLASS_NAMES).to(device)
     image_size, patch_size = backbone.image_size, model.visual.patch_size[0]
     pool = grounding_scenes(
         settings.seed, TRAIN_SPLIT, settings.pool_size, "gres", tokenizer, image_size, patch_size, progress=progress
@@ -375,37 +491,45 @@ def pretrain_clip(
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     schedule = cosine_schedule(optimizer, settings.steps, settings.warmup_steps, settings.min_lr)
     writer = _summary_writer(log_dir)
-    losses = []
-    bar = tqdm(range(settings.steps), desc="CLIP pretraining", disable=not progress)
-    for step in bar:
+
+    def train_step(step: int) -> float:
         scenes = [pool[index] for index in rng.choice(len(pool), size=settings.batch_size, replace=False)]
         batch = contrastive_batch(scenes, rng, settings.expressions_per_scene, description_tokens).to(device)
-        loss = contrastive_loss(backbone, batch)
+        terms = training_losses(backbone, batch, class_tokens, settings.dense_weight)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        terms["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         optimizer.step()
         schedule.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if writer is not None:
-            writer.add_scalar("clip/loss", losses[-1], step)
+            for name, value in terms.items():
+                writer.add_scalar(f"clip/{name}", value.item(), step)
             writer.add_scalar("clip/logit_scale", model.logit_scale.exp().item(), step)
             writer.add_scalar("clip/lr", schedule.get_last_lr()[0], step)
+        return terms["loss"].item()
+
+    done = run_steps(settings.steps, train_step, model, optimizer, schedule, rng, control, "CLIP pretraining", progress)
     model.eval()
     model.requires_grad_(False)
+    if not done.finished:
+        if writer is not None:
+            writer.close()
+        return model, CLIPPretrainResult(done.losses, {}, time.perf_counter() - started, finished=False)
 
     heldout_pool = grounding_scenes(
         settings.seed, HELDOUT_SPLIT, settings.eval_scenes, "res", tokenizer, image_size, patch_size, progress=progress
     )
-    heldout = evaluate_grounding(backbone, heldout_pool, description_tokens)
+    heldout = evaluate_grounding(backbone, heldout_pool, description_tokens, class_tokens)
     if writer is not None:
         for name, value in heldout.items():
             writer.add_scalar(f"clip/heldout_{name}", value, settings.steps)
         writer.close()
     if out is not None:
         save_clip_checkpoint(model, out)
-    return model, CLIPPretrainResult(losses, heldout, time.perf_counter() - started)
+        identity = clip_stage_identity(clip_custom, surgery_blocks, settings, append_period)
+        write_report(out, identity, {"final_loss": done.losses[-1], "heldout": heldout})
+        remove_state(control)
+    return model, CLIPPretrainResult(done.losses, heldout, time.perf_counter() - started)
 
 
 def _summary_writer(log_dir: str | os.PathLike | None):

@@ -28,7 +28,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Mapping, Optional
 
 import numpy as np
@@ -50,6 +50,7 @@ from ..engine.optim import cosine_schedule
 from ..errors import ConfigError
 from ..fileio import atomic_path
 from ..losses import dice_loss, focal_loss
+from .stage import StageControl, finished_report, remove_state, run_steps, write_report
 
 TRAIN_SPLIT = "train"
 HELDOUT_SPLIT = "val"
@@ -101,10 +102,11 @@ class SAMPretrainSettings:
 
 @dataclass
 class SAMPretrainResult:
-    losses: list[float]  # training loss of every step
-    heldout_miou: float  # mean IoU over the held-out instances, one click at each centre
+    losses: list[float]  # training loss of every step done (all steps when finished)
+    heldout_miou: float  # mean IoU over the held-out instances, one click at each centre (nan if not finished)
     heldout_instances: int
-    seconds: float  # wall time of the whole run (scene generation, training, evaluation, saving)
+    seconds: float  # wall time of this session (scene generation, training, evaluation, saving)
+    finished: bool = True  # False: stopped early (stop_after_steps / max_minutes), state saved to resume
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -403,6 +405,18 @@ def save_sam_checkpoint(sam: Sam, path: str | os.PathLike) -> None:
         torch.save(state_dict, tmp)
 
 
+def sam_stage_identity(sam_custom: Mapping, settings: SAMPretrainSettings) -> dict:
+    """What a SAM pretraining's output depends on: a finished stage is reused only for the same."""
+    return {"sam_custom": dict(sam_custom), "settings": asdict(settings)}
+
+
+def finished_sam_stage(out: str | os.PathLike, sam_custom: Mapping, settings: SAMPretrainSettings) -> dict | None:
+    """The report of an earlier, finished run of the same stage whose weights load, or None."""
+    return finished_report(
+        out, sam_stage_identity(sam_custom, settings), lambda path: build_sam("custom", checkpoint=path, custom=sam_custom)
+    )
+
+
 def pretrain_sam(
     sam_custom: Mapping,
     settings: SAMPretrainSettings,
@@ -410,21 +424,25 @@ def pretrain_sam(
     device: str | torch.device = "cpu",
     progress: bool = True,
     log_dir: str | os.PathLike | None = None,
+    control: StageControl | None = None,
 ) -> tuple[Sam, SAMPretrainResult]:
     """Train a custom SAM from scratch on ShapeWorld promptable segmentation.
 
     Args:
         sam_custom: the ``custom`` mapping of :func:`build_sam` (configs/model/*.yaml ``sam_custom``).
         settings: hyper-parameters; ``settings.seed`` fixes initialisation, data and prompts.
-        out: where to write the weights (Meta's flat .pth); None writes nothing.
+        out: where to write the weights (Meta's flat .pth) and its report "{out}.json"; None writes nothing.
         device: torch device for the model.
         progress: show tqdm bars.
         log_dir: TensorBoard directory for the loss terms and learning rate, or None.
+        control: saving, stopping and resuming (:class:`StageControl`); None: one uninterrupted run.
 
     Returns:
-        The trained SAM (eval mode) and a :class:`SAMPretrainResult`.
+        The trained SAM (eval mode) and a :class:`SAMPretrainResult`. When the run stops early
+        (``control``), the SAM is the one trained so far, nothing is evaluated and ``out`` is not written.
     """
     started = time.perf_counter()
+    control = control or StageControl()
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     sam = build_sam("custom", custom=sam_custom).to(device).train()
@@ -434,9 +452,8 @@ def pretrain_sam(
     optimizer = torch.optim.AdamW(sam.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     schedule = cosine_schedule(optimizer, settings.steps, settings.warmup_steps, settings.min_lr)
     writer = _summary_writer(log_dir)
-    losses = []
-    bar = tqdm(range(settings.steps), desc="SAM pretraining", disable=not progress)
-    for step in bar:
+
+    def train_step(step: int) -> float:
         pixels, prompts, targets = sample_training_batch(pool, rng, settings, transform)
         low_res, predicted_ious = predict_masks(sam, pixels.to(device), prompts.to(device))
         padded = upscale_to_padded_frame(low_res, transform.image_size)
@@ -446,13 +463,18 @@ def pretrain_sam(
         torch.nn.utils.clip_grad_norm_(sam.parameters(), settings.grad_clip)
         optimizer.step()
         schedule.step()
-        losses.append(terms["loss"].item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if writer is not None:
             for name, value in terms.items():
                 writer.add_scalar(f"sam/{name}", value.item(), step)
             writer.add_scalar("sam/lr", schedule.get_last_lr()[0], step)
+        return terms["loss"].item()
+
+    done = run_steps(settings.steps, train_step, sam, optimizer, schedule, rng, control, "SAM pretraining", progress)
     sam.eval()
+    if not done.finished:
+        if writer is not None:
+            writer.close()
+        return sam, SAMPretrainResult(done.losses, float("nan"), 0, time.perf_counter() - started, finished=False)
 
     scenes = heldout_scenes(settings.seed, settings.eval_scenes)
     if progress:
@@ -463,7 +485,10 @@ def pretrain_sam(
         writer.close()
     if out is not None:
         save_sam_checkpoint(sam, out)
-    return sam, SAMPretrainResult(losses, miou, instances, time.perf_counter() - started)
+        results = {"final_loss": done.losses[-1], "heldout_miou": miou, "heldout_instances": instances}
+        write_report(out, sam_stage_identity(sam_custom, settings), results)
+        remove_state(control)
+    return sam, SAMPretrainResult(done.losses, miou, instances, time.perf_counter() - started)
 
 
 def _summary_writer(log_dir: str | os.PathLike | None):
