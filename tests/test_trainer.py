@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 from dataclasses import replace
 import subprocess
 import sys
 import time
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,9 @@ from ssp_sam.data.registry import load_dataset
 from ssp_sam.data.shapeworld import generate_dataset
 from ssp_sam.engine import trainer as trainer_module
 from ssp_sam.engine.rec_validation import rec_accuracy
+from ssp_sam.config import ModelConfig
+from ssp_sam.engine.precision import resolve_precision
+from ssp_sam.engine.train_config import TrainRunConfig, train_run_config_from
 from ssp_sam.engine.trainer import Trainer, TrainingDivergedError
 from ssp_sam.errors import ConfigError
 from ssp_sam.model import SSPOutput
@@ -189,23 +194,173 @@ def test_resume_after_kill_mid_epoch(shapeworld_root, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(shapeworld_root, tmp_path, monkeypatch):
+    """The loss turns NaN at the second step of a window (read back at its end): that step is named."""
     trainer = Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "run", tmp_path / "cache")))
     trainer.train_one_epoch(0)
     trainer._save("last", 0, {})
     saved = load_file(str(tmp_path / "run" / "last" / "model.safetensors"))
     real_loss = trainer_module.ssp_sam_loss
+    calls = []
 
     def nan_loss(*args, **kwargs):
         terms = real_loss(*args, **kwargs)
-        terms["loss"] = terms["loss"] * float("nan")
+        calls.append(1)
+        if len(calls) >= 2:
+            terms["loss"] = terms["loss"] * float("nan")
         return terms
 
     monkeypatch.setattr(trainer_module, "ssp_sam_loss", nan_loss)
     trainer.start_epoch = 1
-    with pytest.raises(TrainingDivergedError, match=r"became nan at epoch 2, step 1.*last"):
+    with pytest.raises(TrainingDivergedError, match=r"became nan at epoch 2, step 2.*last"):
         trainer.fit()
     kept = load_file(str(tmp_path / "run" / "last" / "model.safetensors"))
     assert all(torch.equal(saved[k], kept[k]) for k in saved)
+    assert [r["step"] for r in read_log(tmp_path / "run")] == [0, 1, 2, 3]  # the good step of epoch 2 is logged
+
+
+# Tensor methods that read a value back to the host (a device synchronisation on a GPU).
+HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+def count_host_reads(monkeypatch) -> list[str]:
+    """Record every host read of a tensor made by ssp_sam's own code (torch's internals are not counted)."""
+    reads: list[str] = []
+    package = str(REPO / "ssp_sam")
+    for name in HOST_READS:
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            caller = sys._getframe(1)
+            if caller.f_code.co_filename.startswith(package):
+                reads.append(f"{_name} at {caller.f_code.co_filename}:{caller.f_lineno}")
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads
+
+
+@pytest.mark.parametrize("log_every, windows", [(3, 1), (2, 2)])
+def test_no_host_sync_per_step(shapeworld_root, tmp_path, monkeypatch, log_every, windows):
+    """Three steps read the losses back once per logging window (plus the epoch's end), not once per step."""
+    trainer = Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "run", tmp_path / "cache", f"train.log_every={log_every}")))
+    trainer.loader = list(islice(trainer.loader, 3))  # the batches are read first: only the steps are watched
+    reads = count_host_reads(monkeypatch)
+    losses = trainer.train_one_epoch(1)
+    assert len(reads) == windows, reads
+    assert len(losses) == 3 and len(read_log(tmp_path / "run")) == 3
+
+
+def test_decoder_parts_that_never_run_are_frozen(shapeworld_root, tmp_path):
+    """A backward pass through the whole decoder reaches everything but SAM's IoU head and the
+    hypernetwork MLPs of mask tokens 1-3; the trainer freezes exactly those, so every trainable
+    parameter gets a gradient at every step (what DDP without find_unused_parameters needs)."""
+    trainer = Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "run", tmp_path / "cache", "train.decoder_freeze_epochs=0")))
+    batch = next(iter(trainer.loader))
+    decoder = trainer.model.mask_head.mask_decoder
+    decoder.requires_grad_(True)
+    trainer._train_step(trainer.model, batch)
+    gradless = {name for name, p in decoder.named_parameters() if p.grad is None}
+    never_run = {id(p) for part in trainer_module.decoder_parts_never_run(decoder) for p in part.parameters()}
+    assert gradless == {name for name, p in decoder.named_parameters() if id(p) in never_run}
+    assert any(name.startswith("iou_prediction_head.") for name in gradless)
+    assert any(name.startswith("output_hypernetworks_mlps.3.") for name in gradless)
+
+    trainer._set_decoder_trainable(0)
+    trainer._train_step(trainer.model, batch)
+    trainable = [(name, p) for name, p in trainer.model.named_parameters() if p.requires_grad]
+    assert any(name.startswith("mask_head.mask_decoder.") for name, _ in trainable)
+    assert all(p.grad is not None for _, p in trainable), [name for name, p in trainable if p.grad is None]
+    assert all(not p.requires_grad for p in decoder.iou_prediction_head.parameters())
+
+
+def test_loader_workers_persist_across_epochs(shapeworld_root, tmp_path, monkeypatch):
+    """Two epochs with 2 workers: the same worker processes, and the items (so the losses) of a run without workers."""
+    from ssp_sam.data.training import ReferringTrainingSet
+
+    real_item = ReferringTrainingSet.__getitem__
+
+    def item_with_pid(self, key):
+        return {**real_item(self, key), "worker_pid": torch.tensor(os.getpid())}
+
+    monkeypatch.setattr(ReferringTrainingSet, "__getitem__", item_with_pid)
+    cache = tmp_path / "cache"
+    reference = Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "ref", cache, "train.epochs=2"))).fit()
+    trainer = Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "run", cache, "train.epochs=2", "train.workers=2")))
+    pids: dict[int, set[int]] = {}
+    real_step = trainer._train_step
+
+    def step(model, batch):
+        pids.setdefault(trainer.sampler.epoch, set()).update(batch["worker_pid"].tolist())
+        return real_step(model, batch)
+
+    trainer._train_step = step
+    result = trainer.fit()
+    assert set(pids) == {0, 1} and pids[0] == pids[1] and os.getpid() not in pids[0]
+    assert result.losses == reference.losses
+
+
+def test_sam_embeddings_travel_in_their_storage_dtype(shapeworld_root, tmp_path):
+    """Items carry the cache's stored dtype; converting on the device gives the step of a float32 batch."""
+    overrides = train_overrides(shapeworld_root, tmp_path / "a", tmp_path / "cache")
+    first = Trainer(compose_train(overrides))
+    batch = next(iter(first.loader))
+    assert batch["sam_embedding"].dtype == first.cache.get(first.train_set.dataset[0].image_path, dtype=None).dtype
+    half = {**batch, "sam_embedding": batch["sam_embedding"].half()}
+    second = Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "b", tmp_path / "cache")))
+    from_half = first._train_step(first.model, half)
+    from_float = second._train_step(second.model, {**half, "sam_embedding": half["sam_embedding"].float()})
+    assert all(torch.equal(from_half[k], from_float[k]) for k in from_half)
+
+
+def test_validation_overlays_match_the_predictor(shapeworld_root, tmp_path):
+    """The trainer draws its overlays from one batched forward of the model (no Predictor); the pictures
+    are those of the Predictor's masks and boxes for the same sentences."""
+    from ssp_sam.image_io import load_image
+    from ssp_sam.predictor import Predictor
+    from ssp_sam.visualize import overlay
+
+    assert not hasattr(trainer_module, "Predictor")
+    trainer = Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "run", tmp_path / "cache", "val.split=val")))
+    trainer.model.eval()
+    drawn = []
+
+    class Writer:
+        def add_image(self, tag, picture, step, dataformats):
+            drawn.append((tag, picture, step))
+
+    trainer.writer = Writer()
+    samples = trainer.datasets["val"][:2]
+    trainer._log_overlays(samples, 7)
+    predictor = Predictor(trainer.model, device="cpu")
+    assert [tag for tag, _, _ in drawn] == ["val/overlay_0", "val/overlay_1"]
+    for (_, picture, step), sample in zip(drawn, samples):
+        encoded = predictor.encode_image(sample.image_path, sam_embedding=trainer.cache.get(sample.image_path))
+        prediction = predictor.predict(encoded, [sample.expressions[0]])[0]
+        expected = np.asarray(overlay(load_image(sample.image_path), prediction.mask, prediction.box, sample.expressions[0]))
+        assert step == 7 and picture.shape == expected.shape
+        # One batched forward against one forward per image: a pixel may flip where a logit is ~0.
+        assert np.mean(np.any(picture != expected, axis=-1)) < 0.01
+
+
+def test_epochs_not_validated_are_never_best(shapeworld_root, tmp_path, monkeypatch):
+    """val.every=2 over 4 epochs: validation after epochs 2 and 4 only; a skipped epoch neither
+    reuses the previous metrics nor becomes best/."""
+    cfg = compose_train(train_overrides(shapeworld_root, tmp_path / "run", tmp_path / "cache", "train.epochs=4", "train.max_steps_per_epoch=1",
+                                        "val.split=val", "val.every=2", "val.protocol=standard"))
+    trainer = Trainer(cfg)
+    validated = []
+    scores = {1: 0.5, 3: 0.4}
+
+    def validate(epoch):
+        validated.append(epoch)
+        return {"mIoU": scores[epoch]}
+
+    monkeypatch.setattr(trainer, "validate", validate)
+    result = trainer.fit()
+    assert validated == [1, 3]
+    assert result.best_metric == 0.5 and result.last_metrics == {"mIoU": 0.4}
+    best = json.loads((tmp_path / "run" / "best" / "config.json").read_text())
+    assert (best["epoch"], best["metrics"]) == (1, {"mIoU": 0.5})
 
 
 def test_existing_run_dir_needs_resume(shapeworld_root, tmp_path):
@@ -234,6 +389,50 @@ def test_ddp_two_processes_match_one(shapeworld_root, tmp_path):
     assert len(distributed) == len(single.losses)
     # Tolerance: the two processes sum gradients in another order than one process does.
     assert distributed == pytest.approx(single.losses, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.precision=fp8", "train.precision: unknown value 'fp8'; expected one of auto, fp32, bf16, fp16"),
+        ("train.precision=fp16", "train.precision=fp16 needs a CUDA device"),
+        ("+train.amp=false", "train.amp: replaced by train.precision=auto|fp32|bf16|fp16"),
+        ("+train.not_a_key=1", "train.not_a_key: not a training option"),
+        ("train.log_every=1.5", "train.log_every=1.5: must be an integer >= 1"),
+        ("train.grad_clip=0", "train.grad_clip=0: must be a number > 0 (or null)"),
+        ("train.schedule=linear", "train.schedule: unknown value 'linear'; expected one of per_epoch, per_iteration"),
+        ("train.expression_weights={L: 0}", "train.expression_weights.L: must be > 0"),
+        ("val.every=0", "val.every=0: must be an integer >= 1"),
+        ("val.protocol=coco", "val.protocol: unknown value 'coco'"),
+        ("cache_batch_size=0", "cache_batch_size=0: must be an integer >= 1"),
+        ("model.adapters.dim=0", "model.adapters.dim: must be >= 1"),
+    ],
+)
+def test_bad_options_are_named_before_any_work(tmp_path, override, message):
+    """Each stops the trainer with a message naming the key, before the (absent) dataset is read."""
+    cfg = compose_train(train_overrides(tmp_path / "no_such_data", tmp_path / "run", tmp_path / "cache", override))
+    with pytest.raises(ConfigError) as error:
+        Trainer(cfg)
+    assert str(error.value).startswith(message), str(error.value)
+
+
+def test_typed_defaults_are_those_of_train_yaml():
+    """The sections' dataclass defaults repeat configs/train.yaml's (a Python caller gets the same run)."""
+    config = train_run_config_from(compose_train([]))
+    default = TrainRunConfig()
+    assert (config.train, config.val, config.test) == (default.train, default.val, default.test)
+    assert (config.seed, config.resume, config.device, config.cache_batch_size) == (default.seed, default.resume, default.device, default.cache_batch_size)
+    assert isinstance(config.model, ModelConfig) and isinstance(config.train.lr, float) and config.train.precision == "auto"
+
+
+def test_precision_choice_is_printed_once(shapeworld_root, tmp_path, capsys):
+    """train.precision=auto resolves as resolve_precision says on this machine and prints one line with the reason."""
+    expected = resolve_precision("auto", torch.device("cpu"))
+    trainer = Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "run", tmp_path / "cache", "train.precision=auto")))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("precision:")]
+    assert lines == [f"precision: {expected.name} ({expected.reason})"]
+    assert trainer.precision == expected and not trainer.scaler.is_enabled()
+    assert all(math.isfinite(loss) for loss in trainer.train_one_epoch(0))
 
 
 def test_unknown_config_key_exits_non_zero(tmp_path):
@@ -274,6 +473,13 @@ ABLATIONS = {
     "pg_decoder": {"mode": "decoder"},
     "prompt_tokens_8": {"num_prompt_tokens": 8},
 }
+
+
+def test_shapeworld_recipe_keeps_the_shipped_models_precision():
+    """The shipped model was trained on a CPU with the old amp=auto, i.e. in fp32; train.yaml's default is auto."""
+    assert compose_train(["experiment=shapeworld_default"]).train.precision == "fp32"
+    assert compose_train(["experiment=ablation_shapeworld"]).train.precision == "fp32"
+    assert compose_train([]).train.precision == "auto"
 
 
 @pytest.mark.parametrize("variant", sorted(ABLATIONS))
@@ -433,7 +639,7 @@ def test_paper_experiments_follow_the_release_recipe(name):
         train = cfg.train
         assert (cfg.model.name, train.epochs, train.schedule) == (f"ssp_sam_{size}", epochs, "per_epoch")
         assert (train.lr, train.decoder_lr, train.min_lr, train.weight_decay, train.grad_clip) == (1e-4, 1e-5, 1e-6, 1e-4, 0.1)
-        assert (train.batch_size, cfg.seed) == (64, 3407)
+        assert (train.batch_size, cfg.seed, train.precision) == (64, 3407, "fp32")  # the release trains in fp32
         if name == "rec_pretrain":
             assert (train.stage, train.warmup_epochs, cfg.val.split, cfg.dataset.name) == ("rec", 0, "val", "merged_rec")
         else:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, Mapping, Optional, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from ..config import ModelConfig, model_config_from
 from ..data.training import MASK_TARGETS, check_expression_weights
@@ -185,10 +185,9 @@ def _merge_message(exc: OmegaConfBaseException, raw: Mapping) -> str:
     spec = _spec(key)
     if spec is not None:
         return f"{key}={_lookup(raw, key)}: must be {_wanted(*spec)}"
-    reason = str(getattr(exc, "msg", exc)).splitlines()[0]
-    if "not in struct" in reason or "Key '" in reason and "not in" in reason:
+    if isinstance(exc, ConfigKeyError):
         return f"{key}: not a training option (configs/train.yaml lists them)"
-    return f"{key}: {reason}"
+    return f"{key}: {str(getattr(exc, 'msg', exc)).splitlines()[0]}"
 
 
 def _check_fields(prefix: str, section: Any, raw: Mapping) -> None:
