@@ -104,11 +104,6 @@ class CATSeg(nn.Module):
         ])
         self.decoder = UpsamplingDecoder(agg.hidden_dim, agg.decoder_dims, agg.decoder_guidance_proj_dims, decoder_extra_channels)
 
-    @property
-    def output_stride(self) -> int:
-        """Input pixels per logit pixel (CLIP's patch size scaled to the input, over the decoder's x4)."""
-        return self.image_size // (4 * self.clip.grid_size)
-
     def encode_classes(self, class_names: Sequence[str]) -> Tensor:
         """(T, P, E) L2-normalised class embeddings, one per template (with autograd when CLIP's text is trained)."""
         tokens = self.tokenizer(class_prompts(class_names, self.templates)).to(self.clip_mean.device)

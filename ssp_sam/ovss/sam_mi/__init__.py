@@ -1,0 +1,1 @@
+"""SAM-MI on CAT-Seg: TSPP point prompts, SAM proposals, SMAgg class masks, DMI mask injection."""
