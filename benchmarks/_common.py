@@ -15,12 +15,23 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from omegaconf import OmegaConf
 
+from ssp_sam.config import ModelConfig, model_config_from
 from ssp_sam.engine.host_memory import keep_freed_host_memory
 from ssp_sam.fileio import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
+
+
+def bench_model_config(quick: bool, **overrides: Any) -> ModelConfig:
+    """SSP-SAM-224 with SAM ViT-B and random weights, or (``quick``) the tiny model of configs/model/tiny.yaml; then ``overrides``."""
+    if quick:
+        values = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "model" / "tiny.yaml"))
+    else:
+        values = {"name": "bench", "sam_variant": "vit_b", "random_encoders": True}
+    return model_config_from({**values, **overrides})
 
 
 def machine_info(device: torch.device) -> dict:
