@@ -1,21 +1,60 @@
 #!/usr/bin/env bash
-# Reproduce the shipped default model (checkpoints/shapeworld_default) from nothing, on a 2-core CPU.
-#   bash scripts/train_default_model.sh
-# Steps (seeds: data 7, encoder pretraining 1000, training 3407; the demo and the CI check use other seeds):
-#   1. ShapeWorld-Ref GRES train/val data into data/shapeworld_train
-#   2. pretrain the small SAM (promptable segmentation) and the small CLIP (region-caption contrast)
-#   3. train SSP-SAM with both frozen (configs/experiment/shapeworld_default.yaml)
-#   4. copy the best checkpoint (encoders embedded) to checkpoints/shapeworld_default
+# Build the ShapeWorld default model from nothing on a 2-core CPU, stage by stage.
+#   bash scripts/train_default_model.sh [train.py overrides ...]            # the shipped model's recipe (v1)
+#   RECIPE=v2 bash scripts/train_default_model.sh [train.py overrides ...]  # configs/model/shapeworld_v2.yaml (issue 13)
+# Stages (seeds: data 7, encoder pretraining 1000, training 3407; the demo and the CI check use other seeds):
+#   1. ShapeWorld-Ref GRES train/val data into data/shapeworld_train (skipped when its manifest is there)
+#   2. pretrain the small SAM (promptable segmentation), 3. pretrain the small CLIP (region-caption contrast)
+#   4. train SSP-SAM with both frozen (configs/experiment/shapeworld_default.yaml)
+#   5. copy the best checkpoint (encoders embedded) to checkpoints/shapeworld_default
+# Every stage can be stopped and continued: rerun the script and finished stages are skipped (a
+# pretraining is finished when its weights and their report "{out}.json" exist for the same config and
+# the weights load; see docs/pretraining.md, "Stages"), an interrupted pretraining resumes exactly
+# from its last saved state, SSP-SAM training from its last finished epoch. STAGE_MINUTES=N (default
+# 55) stops a pretraining after N minutes (state saved; the script then exits with status 3: rerun it).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$repo/scripts/setup_env.sh"
 cd "$repo"
 python="${SSP_SAM_VENV:-$repo/.venv}/bin/python"
+minutes="${STAGE_MINUTES:-55}"
 
-"$python" scripts/make_shapeworld.py task=gres out=data/shapeworld_train n_images='{train: 3000, val: 100, test: 200}' seed=7
-"$python" scripts/pretrain_sam.py
-"$python" scripts/pretrain_clip.py
-"$python" scripts/train.py experiment=shapeworld_default "$@"
-rm -rf checkpoints/shapeworld_default
-cp -r runs/shapeworld_default/best checkpoints/shapeworld_default
+case "${RECIPE:-v1}" in
+  v1) clip_config=pretrain_clip; sam_config=pretrain_sam; model=shapeworld; run_name=shapeworld_default ;;
+  v2) clip_config=pretrain_clip_v2; sam_config=pretrain_sam_v2; model=shapeworld_v2; run_name=shapeworld_default_v2 ;;
+  *) echo "error: RECIPE must be v1 or v2, got '${RECIPE}'" >&2; exit 2 ;;
+esac
+
+if [ -f data/shapeworld_train/manifest.json ]; then
+  echo "data: data/shapeworld_train already made (manifest.json written last)"
+else
+  "$python" scripts/make_shapeworld.py task=gres out=data/shapeworld_train n_images='{train: 3000, val: 100, test: 200}' seed=7
+fi
+"$python" scripts/pretrain_sam.py --config-name "$sam_config" resume=true max_minutes="$minutes"
+"$python" scripts/pretrain_clip.py --config-name "$clip_config" resume=true max_minutes="$minutes"
+
+# SSP-SAM training: skipped when runs/$run_name/last holds its last epoch, else started or resumed.
+training_state="$("$python" - "runs/$run_name/last/config.json" <<'PY'
+import json, sys
+try:
+    saved = json.load(open(sys.argv[1]))
+    print("finished" if saved["epoch"] + 1 >= saved["run"]["train"]["epochs"] else "resume")
+except FileNotFoundError:
+    print("start")
+PY
+)"
+case "$training_state" in
+  finished) echo "SSP-SAM training: runs/$run_name already holds its last epoch" ;;
+  resume) "$python" scripts/train.py experiment=shapeworld_default model="$model" name="$run_name" resume=true "$@" ;;
+  start) "$python" scripts/train.py experiment=shapeworld_default model="$model" name="$run_name" "$@" ;;
+esac
+
+# Ship: the new directory is put in place by renames, so a kill leaves the old or the new model.
+rm -rf checkpoints/.shapeworld_default.new checkpoints/.shapeworld_default.old
+cp -r "runs/$run_name/best" checkpoints/.shapeworld_default.new
+if [ -d checkpoints/shapeworld_default ]; then
+  mv checkpoints/shapeworld_default checkpoints/.shapeworld_default.old
+fi
+mv checkpoints/.shapeworld_default.new checkpoints/shapeworld_default
+rm -rf checkpoints/.shapeworld_default.old
 echo "shipped: checkpoints/shapeworld_default"

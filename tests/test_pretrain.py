@@ -49,6 +49,8 @@ from ssp_sam.pretrain.sam import (
 )
 from ssp_sam.pretrain.stage import StageControl, run_steps
 
+from conftest import run_script
+
 TINY_SAM = {
     "encoder_embed_dim": 32,
     "encoder_depth": 2,
@@ -455,3 +457,21 @@ def test_a_killed_stage_replays_the_steps_after_its_last_save(tmp_path):
     resumed, progress = stage(StageControl(state_path=tmp_path / "toy.resume", save_every=2, resume=True))
     assert progress.finished and progress.losses == straight_progress.losses
     assert_same_weights(straight, resumed)
+
+
+def test_clip_script_stops_resumes_and_skips_a_finished_stage(tmp_path):
+    """The stage commands of scripts/train_default_model.sh: exit 3 when stopped (no output written),
+    resume=true finishes it, and a second resume=true only reports the finished figures."""
+    out = tmp_path / "clip.pt"
+    tiny = [f"model.clip_custom.{key}={value}" for key, value in TINY_CLIP.items()]
+    args = [*tiny, "model.surgery_blocks=1", "steps=2", "batch_size=3", "pool_size=4", "eval_scenes=1",
+            "warmup_steps=1", "threads=1", "progress=false", f"out={out}"]
+    stopped = run_script("pretrain_clip.py", *args, "stop_after_steps=1")
+    assert stopped.returncode == 3, stopped.stderr
+    assert "stopped after 1 of 2 steps" in stopped.stdout and not out.exists()
+    finished = run_script("pretrain_clip.py", *args, "resume=true")
+    assert finished.returncode == 0, finished.stderr
+    assert out.exists() and "dense labelling mIoU" in finished.stdout
+    again = run_script("pretrain_clip.py", *args, "resume=true")
+    assert again.returncode == 0 and "already finished" in again.stdout
+    assert again.stdout.splitlines()[-1] == finished.stdout.splitlines()[-1]  # the same held-out line
