@@ -363,6 +363,16 @@ def test_epochs_not_validated_are_never_best(shapeworld_root, tmp_path, monkeypa
     assert (best["epoch"], best["metrics"]) == (1, {"mIoU": 0.5})
 
 
+def test_text_feature_cache_changes_nothing_but_the_rounding(shapeworld_root, tmp_path):
+    """train.text_cache_gb > 0: sentences seen before skip CLIP's text encoder; the losses stay those of a run without it."""
+    cache = tmp_path / "cache"
+    plain = Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "plain", cache))).fit()
+    trainer = Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "cached", cache, "train.text_cache_gb=0.01")))
+    cached = trainer.fit()
+    assert trainer.text_cache.hits > 0 and trainer.text_cache.misses <= 8 * 3  # 8 referents, at most 3 sentences each
+    assert cached.losses == pytest.approx(plain.losses, rel=1e-5)
+
+
 def test_existing_run_dir_needs_resume(shapeworld_root, tmp_path):
     (tmp_path / "run" / "last").mkdir(parents=True)
     with pytest.raises(ConfigError, match="resume=true"):

@@ -15,8 +15,8 @@ One interaction needs care: data-loader workers are forked from the trainer, and
 trainer rewrites after a fork is copied, the workers keeping the old copy, shared among them: a
 fixed cost whatever the worker count. The kept free heap is the largest such region once a step
 has run (the next step's activations rewrite it), and the Python objects alive at the fork come
-next (reference counts and the cyclic garbage collector write into them). So the trainer runs each
-epoch's loader inside :func:`shared_with_forked_workers`.
+next (reference counts and the cyclic garbage collector write into them). So the trainer forks its
+persistent workers once, inside :func:`shared_with_forked_workers`, which lasts until training ends.
 """
 
 from __future__ import annotations

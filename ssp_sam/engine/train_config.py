@@ -63,6 +63,10 @@ class TrainSection:
     expression_weights: Optional[Dict[str, float]] = None
     expression_weight_key: str = "kind"
     log_every: int = _number(10, 1)  # steps between host syncs of the losses (logs, NaN check)
+    # CLIP text features kept per sentence in memory up to this size (feature_cache.py); 0: off, the
+    # default, because a cached sentence keeps the rounding of the batch it was first computed in
+    # (~1e-7 relative), so a resumed run would no longer replay an uninterrupted one bit for bit.
+    text_cache_gb: float = _number(0.0, 0)
     max_steps_per_epoch: Optional[int] = _number(None, 1, optional=True)
     save_encoders: bool = False
 

@@ -61,6 +61,7 @@ from ..data.records import ReferringDataset
 from ..data.registry import load_splits
 from ..data.training import MASK_TARGETS, EpochBatchSampler, ReferringTrainingSet, collate
 from ..errors import ConfigError, SSPSAMError
+from ..feature_cache import TextFeatureCache
 from ..fileio import atomic_path
 from ..image_io import load_image
 from ..letterbox import letterbox_image
@@ -155,6 +156,8 @@ class Trainer:
         self.datasets = self._read_datasets()
         self.cache = self._prepare_cache() if self.stage == "res" else None
         self.tokenizer = CLIPTokenizer(self.model.clip.context_length, self.model_config.append_period)
+        # CLIP is frozen: a sentence's text features are computed at its first visit only.
+        self.text_cache = TextFeatureCache(max_bytes=int(train.text_cache_gb * 2**30)) if train.text_cache_gb > 0 else None
         self.train_set = ReferringTrainingSet(
             self.datasets["train"],
             self.cache,
@@ -387,12 +390,14 @@ class Trainer:
         Stage "rec" passes no SAM embeddings: the model computes the box only. Nothing here waits
         for the device. Returns the loss terms (0-dim, detached, on the device).
         """
+        tokens = batch["tokens"]  # on the CPU: the text cache keys them without a device sync
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         sam_embedding = batch.get("sam_embedding")
         if sam_embedding is not None:
             sam_embedding = sam_embedding.float()  # stored as fp16/bf16/fp32 in the cache, converted here
         with self.precision.autocast(self.device):
-            output = model(batch["clip_pixels"], batch["tokens"], sam_embedding)
+            text = self.text_cache.encode(self.model, tokens) if self.text_cache is not None else batch["tokens"]
+            output = model(batch["clip_pixels"], text, sam_embedding)
         if self.stage == "rec":
             terms = rec_loss(output.boxes, batch["box"])
         else:
