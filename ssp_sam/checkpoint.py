@@ -307,6 +307,12 @@ def load_own_weights(model: SSPSAM, path: str | os.PathLike) -> None:
         state = {k: v for k, v in state.items() if not k.startswith("sam_image_encoder.")}
     expected = {k: v for k, v in model.state_dict().items()}
     embedded = _embedded_prefixes(model.config)
+    if "sam_image_encoder." in embedded and model.sam_image_encoder is not None:
+        if not any(k.startswith("sam_image_encoder.") for k in state):
+            raise CheckpointError(
+                f"{weights}: the checkpoint carries no SAM image encoder and its config names no SAM weight file; "
+                "give model.sam_checkpoint=... (or train with train.save_encoders=true)"
+            )
     optional = tuple(p for p in _OPTIONAL_OURS if p not in embedded)
     check_state_dict(expected, state, str(weights), optional=optional)
     model.load_state_dict(state, strict=False)

@@ -63,3 +63,14 @@ def test_train_script_stops_before_work_without_weight_files(tmp_path):
     assert len(lines) == 1 and "model.clip_checkpoint and model.sam_checkpoint: no weight file given" in lines[0]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "cache").exists()
+
+
+def test_checkpoint_without_its_sam_encoder_names_the_fix(tmp_path):
+    """Trained without save_encoders on random encoders: loading it with SAM's encoder says what to give."""
+    from ssp_sam.checkpoint import save_checkpoint
+    from ssp_sam.errors import CheckpointError
+
+    directory = save_checkpoint(build_model(tiny_config(), with_sam_image_encoder=False), tmp_path / "ckpt")
+    assert load_model(directory, with_sam_image_encoder=False).sam_image_encoder is None
+    with pytest.raises(CheckpointError, match=r"carries no SAM image encoder and its config names no SAM weight file; give model\.sam_checkpoint"):
+        load_model(directory, with_sam_image_encoder=True)
