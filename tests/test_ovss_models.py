@@ -292,6 +292,21 @@ def test_majority_vote_baseline_on_a_hand_built_example():
     assert torch.equal(ignored, probabilities)
 
 
+def test_no_surviving_proposal_leaves_catseg_unchanged():
+    strict = {"proposals.pred_iou_thresh": 1.0e9}  # SAM's masks all filtered out
+    vote = tiny(variant="catseg_sam_vote", **strict).eval()
+    alone = tiny(variant="catseg").eval()
+    alone.load_state_dict(vote.state_dict(), strict=False)
+    images, _ = images_and_labels()
+    with torch.no_grad():
+        text = vote.encode_classes(CLASSES)
+        voted = vote.predict(images, text)
+        assert vote(images, text).proposals.logits.shape[1] == 0
+        assert torch.equal(voted, alone.predict(images, text))
+        sam_mi = tiny(variant="sam_mi", **strict).eval()
+        assert sam_mi(images, text).logits.shape == (2, 3, 32, 32)
+
+
 # --- sliding window ------------------------------------------------------------------------------
 
 

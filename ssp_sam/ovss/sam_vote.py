@@ -33,6 +33,8 @@ def vote_in_masks(probabilities: Tensor, masks: Tensor, valid: Tensor) -> Tensor
         (B, T, H, W): one-hot of the covering (smallest) mask's class where a mask covers the pixel,
         the input elsewhere.
     """
+    if masks.shape[1] == 0:
+        return probabilities
     assignment = assign_proposals(masks, valid, probabilities, "majority_vote")
     area = masks.flatten(2).sum(dim=-1)[:, :, None, None].expand_as(masks)
     covering = (masks > 0) & valid[:, :, None, None]

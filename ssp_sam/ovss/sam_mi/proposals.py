@@ -42,6 +42,8 @@ class Proposals:
         Upsampled by bilinear interpolation of the logits then thresholded at 0 (SAM's postprocessing);
         downsampled by the area fraction of the binary low-resolution mask (a soft membership).
         """
+        if self.logits.shape[1] == 0:  # no proposal survived the filters in any image
+            return self.logits.new_zeros(*self.logits.shape[:2], size, size)
         if size >= self.logits.shape[-1]:
             upsampled = F.interpolate(self.logits, size=(size, size), mode="bilinear", align_corners=False)
             masks = (upsampled > MASK_THRESHOLD).float()
