@@ -11,6 +11,9 @@ writes every sentence's scores (JSON Lines) for failure analysis. ``protocol=`` 
 are compared (metrics.md): ``standard`` (original resolution, the default), ``ssp_sam_release``
 (the released evaluator's 512x512 padded frame and its own counts, to reproduce its paper's
 tables) or ``rela`` (ReLA's 480x480 gRefCOCO evaluation); the results JSON names it.
+``images_per_batch`` images share each encoder call and their sentences the decoder calls;
+``workers`` processes read images and cached embeddings ahead; ``precision`` (auto | fp32 | bf16 |
+fp16) is printed once and recorded in the results JSON.
 Errors in the user's input (unknown split, missing files, bad checkpoint) end in one ``error:``
 line and exit status 2.
 """
@@ -32,6 +35,7 @@ from ssp_sam.engine.caching import dataset_image_roots, ensure_cache
 from ssp_sam.engine.distributed import DistInfo, init_distributed, shutdown_distributed
 from ssp_sam.engine.evaluator import evaluate
 from ssp_sam.engine.host_memory import keep_freed_host_memory
+from ssp_sam.engine.precision import resolve_precision
 from ssp_sam.engine.protocols import check_protocol
 from ssp_sam.engine.reporting import command_line, console_tables, write_results, write_samples
 from ssp_sam.errors import ConfigError
@@ -60,6 +64,9 @@ def main(cfg: DictConfig) -> None:
         raise ConfigError("checkpoint: give the checkpoint that goes with model=... (our directory or a released .pth)")
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint is not None else DEFAULT_CHECKPOINT
     protocol = check_protocol(cfg.protocol)
+    for key, least in (("images_per_batch", 1), ("workers", 0), ("max_batch", 1)):
+        if not isinstance(cfg[key], int) or cfg[key] < least:
+            raise ConfigError(f"{key}: must be an integer >= {least}, got {cfg[key]!r}")
     try:
         dataset_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
     except OmegaConfBaseException as exc:
@@ -69,6 +76,7 @@ def main(cfg: DictConfig) -> None:
     dist_info = init_distributed(resolve_device(cfg.device))
     try:
         device = _device_for(cfg.device, dist_info)
+        precision = resolve_precision(cfg.precision, device)
         if device.type == "cpu":
             keep_freed_host_memory()  # large CPU activations reuse freed memory instead of page-faulting
         # With a cache, SAM's image encoder is loaded with the model only when its weights are in the
@@ -82,9 +90,12 @@ def main(cfg: DictConfig) -> None:
                 model.config.sam_checkpoint, model.sam_image_size, device, dist_info, int(cfg.cache_batch_size),
                 str(cfg.cache_dtype), bool(cfg.progress),
             )
+        if dist_info.is_main:
+            print(f"precision: {precision.name} ({precision.reason})")
         result = evaluate(
             model, dataset, cache=cache, device=device, max_batch=int(cfg.max_batch),
             progress=bool(cfg.progress) and dist_info.is_main, group_key=cfg.group_key, protocol=protocol,
+            images_per_batch=int(cfg.images_per_batch), workers=int(cfg.workers), precision=precision,
         )
     finally:
         shutdown_distributed()

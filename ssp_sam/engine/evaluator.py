@@ -1,9 +1,14 @@
 """Evaluate a model on one split of a referring dataset, the way published tables are computed.
 
 Every sentence of every referent is one sample (formats.md). Sentences are grouped by image so
-that the frozen image encoders run once per image (:meth:`Predictor.encode_image`, with SAM's
-embedding taken from an :class:`~ssp_sam.data.embedding_cache.EmbeddingCache` when one is given)
-and the decoder runs batched over all sentences of that image.
+that the frozen image encoders run once per image, ``images_per_batch`` images per encoder call
+(:meth:`Predictor.encode_prepared`, with SAM's embedding taken from an
+:class:`~ssp_sam.data.embedding_cache.EmbeddingCache` when one is given), and the decoder runs
+batched over the sentences of those images (:meth:`Predictor.predict_images`). Reading and decoding
+the images, the letterbox and the cached SAM embeddings are done ahead by ``workers`` data-loader
+processes. The result does not depend on ``images_per_batch`` (up to float rounding between batch
+compositions, about 1e-6 on a logit). ``precision`` (auto | fp32 | bf16 | fp16) is the autocast
+region of the encoders and the decoder; the result names it.
 
 The protocol (``ssp_sam.engine.protocols``: standard, ssp_sam_release, rela) decides in which
 frame the prediction and its GT are compared; the dataset's task decides what is counted
@@ -24,7 +29,7 @@ single-process run.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -32,14 +37,17 @@ from typing import Any, Union
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..data.embedding_cache import EmbeddingCache
 from ..data.records import ReferringDataset, ReferringSample
-from ..errors import DatasetError
+from ..errors import ConfigError, DatasetError, SSPSAMError
+from ..feature_cache import ImageTokenCache, TextFeatureCache
 from ..metrics import GRESMetrics, RESMetrics, SSPSAMReleaseMetrics
 from ..model import SSPSAM
-from ..predictor import Prediction, Predictor
+from ..predictor import ImagePreparer, Prediction, PreparedImage, Predictor
+from .precision import Precision
 from .protocols import Protocol, ReleaseProtocol, make_protocol
 
 _MetricState = Union[RESMetrics, GRESMetrics, SSPSAMReleaseMetrics]
@@ -50,6 +58,7 @@ class EvaluationResult:
     """Scores of one evaluation.
 
     protocol: the frame the masks were compared in (``ssp_sam.engine.protocols.PROTOCOLS``).
+    precision: the precision the model ran in (fp32, bf16 or fp16).
     metrics: metric name -> value, names as in ``ssp_sam.metrics`` (rates in [0, 1], counts as ints).
     by_group: group (the sentences' ``group_key`` meta value, e.g. ShapeWorld's "kind") -> metrics.
     n_images: distinct images evaluated. n_samples: sentences evaluated.
@@ -59,6 +68,7 @@ class EvaluationResult:
 
     task: str
     protocol: str
+    precision: str
     metrics: dict[str, float | int]
     by_group: dict[str, dict[str, float | int]]
     n_images: int
@@ -193,6 +203,46 @@ def _describe(sentence: _Sentence, record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+class _PreparedImages(Dataset):
+    """Item i: (i, the PreparedImage of ``paths[i]``, its SAM embedding read from ``cache``), or (i, the error).
+
+    An error of the data (unreadable image, entry missing from the cache) is returned, not raised, so
+    that the main process raises it as it is (one line naming the file) rather than wrapped in a
+    data-loader worker's traceback.
+    """
+
+    def __init__(self, paths: list[Path], preparer: ImagePreparer, cache: EmbeddingCache | None) -> None:
+        self.paths = paths
+        self.preparer = preparer
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, PreparedImage | SSPSAMError]:
+        path = self.paths[index]
+        try:
+            embedding = self.cache.get(path) if self.cache is not None else None
+            return index, self.preparer(path, sam_embedding=embedding)
+        except SSPSAMError as error:
+            return index, error
+
+
+def _prepared_batches(
+    paths: list[Path], preparer: ImagePreparer, cache: EmbeddingCache | None, images_per_batch: int, workers: int
+) -> Iterator[list[tuple[int, PreparedImage]]]:
+    """Batches of ``images_per_batch`` prepared images in order, made ahead by ``workers`` processes (0: here)."""
+    loader = DataLoader(
+        _PreparedImages(paths, preparer, cache), batch_size=images_per_batch, num_workers=workers, collate_fn=list,
+        prefetch_factor=2 if workers > 0 else None,
+    )
+    for batch in loader:
+        for _, item in batch:
+            if isinstance(item, SSPSAMError):
+                raise item
+        yield batch
+
+
 def evaluate(
     model: SSPSAM | Predictor,
     dataset: ReferringDataset,
@@ -202,21 +252,31 @@ def evaluate(
     progress: bool = True,
     group_key: str | None = "kind",
     protocol: str = "standard",
+    images_per_batch: int = 1,
+    workers: int = 0,
+    precision: str | Precision = "fp32",
+    text_cache: TextFeatureCache | None = None,
+    image_cache: ImageTokenCache | None = None,
 ) -> EvaluationResult:
     """Score ``model`` on every sentence of ``dataset``.
 
     Args:
-        model: an SSP-SAM model, or a ready :class:`Predictor` (then ``device`` and ``max_batch``
-            are its own).
+        model: an SSP-SAM model, or a ready :class:`Predictor` (then ``device``, ``max_batch``,
+            ``precision`` and the feature caches are its own).
         dataset: one split; its ``task`` picks the metrics.
         cache: SAM embeddings covering the dataset's images, or None to
             run SAM's image encoder on the fly.
-        max_batch: sentences decoded together.
+        max_batch: sentences decoded together (across the images of a batch).
         progress: show a tqdm bar over this rank's images (on every rank).
         group_key: per-sentence meta key whose value breaks the metrics down (``by_group``);
             None for no breakdown.
         protocol: where the masks are compared: "standard" (original resolution),
             "ssp_sam_release" or "rela" (``ssp_sam.engine.protocols``).
+        images_per_batch: images per encoder call; their sentences are decoded together.
+        workers: data-loader processes reading images and cached embeddings ahead (0: none).
+        precision: auto | fp32 | bf16 | fp16 (``ssp_sam.engine.precision.resolve_precision``).
+        text_cache / image_cache: frozen-feature caches (``ssp_sam.feature_cache``); a new text
+            cache for this call when None (sentences repeat within a split), no image cache.
 
     Raises:
         ConfigError: an unknown protocol.
@@ -226,23 +286,29 @@ def evaluate(
     """
     if len(dataset) == 0:
         raise DatasetError(f"dataset {dataset.name} split {dataset.split}: no samples to evaluate")
-    predictor = model if isinstance(model, Predictor) else Predictor(model, device=device, max_batch=max_batch)
+    if int(images_per_batch) < 1 or int(workers) < 0:
+        raise ConfigError(f"images_per_batch must be >= 1 and workers >= 0, got {images_per_batch} and {workers}")
+    predictor = model if isinstance(model, Predictor) else Predictor(
+        model, device=device, max_batch=max_batch, precision=precision,
+        text_cache=text_cache if text_cache is not None else TextFeatureCache(), image_cache=image_cache,
+    )
     frame = make_protocol(protocol, predictor.model.sam_image_size, predictor.model.config.no_target_pixels)
     by_image = _sentences_by_image(dataset)
     rank, world_size = _distributed_slot()
     my_images = list(by_image)[rank::world_size]
     scorer = _TaskScorer(dataset.task, frame)
 
-    bar = tqdm(my_images, desc=f"eval {dataset.name}/{dataset.split}", unit="img", disable=not progress, dynamic_ncols=True)
-    for path in bar:
-        sentences = by_image[path]
-        embedding = cache.get(path) if cache is not None else None
-        encoded = predictor.encode_image(path, sam_embedding=embedding)
-        predictions = predictor.predict(encoded, [sentence.expression for sentence in sentences])
-        masks: dict[str, np.ndarray] = {}
-        for sentence, prediction in zip(sentences, predictions):
-            gt_mask = _ground_truth(sentence.sample, prediction, frame, masks)
-            scorer.update(prediction, gt_mask, sentence, _group_of(sentence, group_key))
+    bar = tqdm(total=len(my_images), desc=f"eval {dataset.name}/{dataset.split}", unit="img", disable=not progress, dynamic_ncols=True)
+    for batch in _prepared_batches(my_images, predictor.preparer, cache, int(images_per_batch), int(workers)):
+        sentences = [by_image[my_images[index]] for index, _ in batch]
+        encoded = predictor.encode_prepared([prepared for _, prepared in batch])
+        predictions = predictor.predict_images(encoded, [[sentence.expression for sentence in group] for group in sentences])
+        for group, group_predictions in zip(sentences, predictions):
+            masks: dict[str, np.ndarray] = {}
+            for sentence, prediction in zip(group, group_predictions):
+                gt_mask = _ground_truth(sentence.sample, prediction, frame, masks)
+                scorer.update(prediction, gt_mask, sentence, _group_of(sentence, group_key))
+        bar.update(len(batch))
         bar.set_postfix(sentences=len(scorer), refresh=False)
     bar.close()
 
@@ -257,6 +323,7 @@ def evaluate(
     return EvaluationResult(
         task=dataset.task,
         protocol=frame.name,
+        precision=predictor.precision.name,
         metrics=scorer.compute(),
         by_group=scorer.compute_by_group(),
         n_images=len(by_image),

@@ -81,7 +81,7 @@ def write_results(
 ) -> dict[str, Any]:
     """Write the results JSON of one evaluation atomically; returns what was written.
 
-    Keys: metrics, by_group, dataset and split (from ``dataset_cfg``), task, protocol, model, label
+    Keys: metrics, by_group, dataset and split (from ``dataset_cfg``), task, protocol, precision, model, label
     (the run's row in tables; the model name by default), checkpoint, checkpoint_sha256, n_images,
     n_samples, command, created (UTC, ISO 8601), ssp_sam_version.
     """
@@ -92,6 +92,7 @@ def write_results(
         "split": str(dataset_cfg["split"]),
         "task": result.task,
         "protocol": result.protocol,
+        "precision": result.precision,
         "model": model_name,
         "label": str(label) if label is not None else model_name,
         "checkpoint": str(checkpoint_path),
