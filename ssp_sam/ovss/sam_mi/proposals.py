@@ -100,22 +100,18 @@ class SAMProposer(nn.Module):
         batch = embeddings.shape[0]
         image_ids, point_ids = valid.nonzero(as_tuple=True)
         coords = points[image_ids, point_ids] * (self.sam_size / image_size)
-        logits, scores, owners = [], [], []
-        for start in range(0, coords.shape[0], config.points_per_batch):
+        low_res = embeddings.shape[-1] * 4
+        logits, scores, owners = [embeddings.new_zeros(0, low_res, low_res)], [embeddings.new_zeros(0)], [image_ids[:0]]
+        for start in range(0, coords.shape[0], config.points_per_batch):  # filtered per chunk, as SAM's AMG
             chunk = slice(start, start + config.points_per_batch)
             masks, iou = self._decode(embeddings, image_ids[chunk], coords[chunk])
-            logits.append(masks.flatten(0, 1))
-            scores.append(iou.flatten())
-            owners.append(image_ids[chunk].repeat_interleave(masks.shape[1]))
-        low_res = embeddings.shape[-1] * 4
-        if logits:
-            logits_all, scores_all, owners_all = torch.cat(logits), torch.cat(scores), torch.cat(owners)
-        else:
-            logits_all = embeddings.new_zeros(0, low_res, low_res)
-            scores_all, owners_all = embeddings.new_zeros(0), image_ids
-        stability = calculate_stability_score(logits_all, MASK_THRESHOLD, config.stability_score_offset)
-        keep = (scores_all >= config.pred_iou_thresh) & (stability >= config.stability_score_thresh)
-        logits_all, scores_all, owners_all = logits_all[keep], scores_all[keep], owners_all[keep]
+            masks, iou = masks.flatten(0, 1), iou.flatten()
+            stability = calculate_stability_score(masks, MASK_THRESHOLD, config.stability_score_offset)
+            keep = (iou >= config.pred_iou_thresh) & (stability >= config.stability_score_thresh)
+            logits.append(masks[keep])
+            scores.append(iou[keep])
+            owners.append(image_ids[chunk].repeat_interleave(3)[keep])
+        logits_all, scores_all, owners_all = torch.cat(logits), torch.cat(scores), torch.cat(owners)
         kept = batched_nms(batched_mask_to_box(logits_all > MASK_THRESHOLD).float(), scores_all, owners_all, config.box_nms_thresh)
         num_prompts = valid.sum(dim=1)
         return _pack(logits_all[kept], scores_all[kept], owners_all[kept], batch, num_prompts)
