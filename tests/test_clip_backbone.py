@@ -158,6 +158,28 @@ def test_surgery_stream_matches_reference(tiny_model, pixels, surgery_blocks):
     assert not torch.allclose(tokens[:, 1:], plain[:, 1:], atol=1e-3), "surgery must change the patch tokens"
 
 
+def test_dual_attention_equals_per_head_softmax_math(tiny_model):
+    """Both paths of a dual block run fused (scaled_dot_product_attention); the math they replace:
+    softmax(q k^T / sqrt(d)) v and softmax(v v^T / sqrt(d)) v per head, then out_proj."""
+    block = tiny_model.visual.transformer.resblocks[-1]
+    x = torch.randn(2, 17, 64, generator=torch.Generator().manual_seed(3))
+    width, heads = 64, block.attn.num_heads
+    head_dim = width // heads
+    with torch.no_grad():
+        standard, value_value = CLIPSurgeryBackbone._dual_attention(block, x)
+        q, k, v = (x @ block.attn.in_proj_weight[i * width : (i + 1) * width].T + block.attn.in_proj_bias[i * width : (i + 1) * width] for i in range(3))
+        expected = []
+        for query, key in ((q, k), (v, v)):
+            per_head = []
+            for head in range(heads):
+                rows = slice(head * head_dim, (head + 1) * head_dim)
+                weights = (query[..., rows] @ key[..., rows].transpose(1, 2) / math.sqrt(head_dim)).softmax(dim=-1)
+                per_head.append(weights @ v[..., rows])
+            expected.append(torch.cat(per_head, dim=-1) @ block.attn.out_proj.weight.T + block.attn.out_proj.bias)
+    torch.testing.assert_close(standard, expected[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(value_value, expected[1], rtol=1e-5, atol=1e-5)
+
+
 def test_surgery_with_layer_scale_matches_reference(pixels):
     torch.manual_seed(2)
     vision_cfg = open_clip.model.CLIPVisionCfg(

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ssp_sam.adapters import LinguisticAttentionAdapter, VisualAttentionAdapter
 from ssp_sam.errors import ConfigError
@@ -198,6 +199,19 @@ def test_prompt_generator_encoder_matches_hand_written_detr_layer():
     x = generator.norm(x)
     assert torch.allclose(prompts[0], x[1:3], atol=1e-5)
     assert torch.allclose(boxes[0], generator.box_head(x[0]).sigmoid(), atol=1e-6)
+
+
+@pytest.mark.parametrize("mode, calls_per_layer", [("encoder", 1), ("decoder", 2)])
+def test_prompt_generator_attention_runs_fused(mode, calls_per_layer, monkeypatch):
+    """nn.MultiheadAttention with need_weights=False hands its heads to scaled_dot_product_attention
+    (its native fast path needs query, key and value to be one tensor, which positions on q and k
+    only rule out): every attention of the generator runs fused, in training as in evaluation."""
+    calls = []
+    fused = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *args, **kwargs: calls.append(1) or fused(*args, **kwargs))
+    generator = PromptGenerator(dim=8, num_prompt_tokens=2, num_visual_tokens=4, depth=3, num_heads=2, ffn_dim=16, mode=mode)
+    generator(torch.randn(2, 4, 8))[0].sum().backward()
+    assert len(calls) == 3 * calls_per_layer
 
 
 def test_prompt_generator_weights_start_xavier_uniform_as_the_release():
