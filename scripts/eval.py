@@ -95,7 +95,7 @@ def main(cfg: DictConfig) -> None:
         result = evaluate(
             model, dataset, cache=cache, device=device, max_batch=int(cfg.max_batch),
             progress=bool(cfg.progress) and dist_info.is_main, group_key=cfg.group_key, protocol=protocol,
-            images_per_batch=int(cfg.images_per_batch), workers=int(cfg.workers), precision=precision,
+            images_per_batch=int(cfg.images_per_batch), workers=int(cfg.workers), precision=precision, compile=bool(cfg.compile),
         )
     finally:
         shutdown_distributed()

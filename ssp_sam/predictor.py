@@ -23,6 +23,7 @@ from torch import Tensor
 from .backbones.clip_tokenizer import CLIPTokenizer
 from .backbones.sam import SAMImageTransform, padded_frame_to_original, valid_region
 from .config import ModelConfig
+from .engine.compilation import compiled_or_eager
 from .engine.precision import Precision, resolve_precision
 from .errors import ConfigError, ExpressionError, ImageError
 from .feature_cache import ImageTokenCache, TextFeatureCache
@@ -160,6 +161,8 @@ class Predictor:
         precision: "fp32" (default), "bf16", "fp16" or "auto" (``resolve_precision``), or a
             resolved :class:`Precision`: the autocast region of the encoders and the decoder.
         text_cache / image_cache: frozen-feature caches (``ssp_sam.feature_cache``) to use, or None.
+        compile: run the decoder (everything after the encoders) through ``torch.compile``, or
+            eagerly with one warning where it cannot compile (``ssp_sam.engine.compilation``).
     """
 
     def __init__(
@@ -170,6 +173,7 @@ class Predictor:
         precision: Union[str, Precision] = "fp32",
         text_cache: TextFeatureCache | None = None,
         image_cache: ImageTokenCache | None = None,
+        compile: bool = False,
     ) -> None:
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
@@ -177,6 +181,7 @@ class Predictor:
         self.precision = precision if isinstance(precision, Precision) else resolve_precision(precision, self.device)
         self.text_cache = text_cache
         self.image_cache = image_cache
+        self.compiled_decode = compiled_or_eager(self.model.decode, "compile: the decoder") if compile else None
         self.tokenizer = CLIPTokenizer(context_length=model.clip.context_length, append_period=model.config.append_period)
         self.preparer = ImagePreparer(model.clip.image_size, model.sam_image_size)
 
@@ -268,7 +273,7 @@ class Predictor:
                     text = self.text_cache.encode(self.model, chunk_tokens)
                 else:
                     text = self.model.encode_text(chunk_tokens.to(self.device, non_blocking=True))
-                output = self.model.decode(clip_tokens, sam_embeddings, text)
+                output = (self.compiled_decode or self.model.decode)(clip_tokens, sam_embeddings, text)
             mask_logits, boxes = output.mask_logits.float(), output.boxes.float()
             for owner in range(first, last + 1):
                 at = [offset for offset, row in enumerate(rows) if row == owner]

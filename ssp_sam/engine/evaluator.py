@@ -257,12 +257,13 @@ def evaluate(
     precision: str | Precision = "fp32",
     text_cache: TextFeatureCache | None = None,
     image_cache: ImageTokenCache | None = None,
+    compile: bool = False,
 ) -> EvaluationResult:
     """Score ``model`` on every sentence of ``dataset``.
 
     Args:
         model: an SSP-SAM model, or a ready :class:`Predictor` (then ``device``, ``max_batch``,
-            ``precision`` and the feature caches are its own).
+            ``precision``, the feature caches and ``compile`` are its own).
         dataset: one split; its ``task`` picks the metrics.
         cache: SAM embeddings covering the dataset's images, or None to
             run SAM's image encoder on the fly.
@@ -277,6 +278,7 @@ def evaluate(
         precision: auto | fp32 | bf16 | fp16 (``ssp_sam.engine.precision.resolve_precision``).
         text_cache / image_cache: frozen-feature caches (``ssp_sam.feature_cache``); a new text
             cache for this call when None (sentences repeat within a split), no image cache.
+        compile: ``torch.compile`` the decoder where it can (:class:`Predictor`).
 
     Raises:
         ConfigError: an unknown protocol.
@@ -290,7 +292,7 @@ def evaluate(
         raise ConfigError(f"images_per_batch must be >= 1 and workers >= 0, got {images_per_batch} and {workers}")
     predictor = model if isinstance(model, Predictor) else Predictor(
         model, device=device, max_batch=max_batch, precision=precision,
-        text_cache=text_cache if text_cache is not None else TextFeatureCache(), image_cache=image_cache,
+        text_cache=text_cache if text_cache is not None else TextFeatureCache(), image_cache=image_cache, compile=compile,
     )
     frame = make_protocol(protocol, predictor.model.sam_image_size, predictor.model.config.no_target_pixels)
     by_image = _sentences_by_image(dataset)
