@@ -654,3 +654,17 @@ def test_paper_experiments_follow_the_release_recipe(name):
             assert (train.stage, train.warmup_epochs, cfg.val.split, cfg.dataset.name) == ("rec", 0, "val", "merged_rec")
         else:
             assert (train.stage, train.warmup_epochs, train.decoder_freeze_epochs) == ("res", 5, 20)
+
+
+def test_image_token_cache_with_fixed_placements(shapeworld_root, tmp_path):
+    """train.clip_placements=K with train.image_cache_gb > 0: repeated CLIP inputs skip CLIP's image
+    encoder; the losses are those of the same placements without the cache."""
+    cache = tmp_path / "cache"
+    placed = ("train.clip_placements=2",)
+    plain = Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "plain", cache, *placed))).fit()
+    trainer = Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "cached", cache, *placed, "train.image_cache_gb=0.01")))
+    cached = trainer.fit()
+    assert trainer.image_cache.hits > 0
+    assert cached.losses == pytest.approx(plain.losses, rel=1e-5)
+    with pytest.raises(ConfigError, match="train.image_cache_gb: CLIP image tokens repeat only with train.augment=false or train.clip_placements > 0"):
+        Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "x", cache, "train.image_cache_gb=0.01")))

@@ -91,3 +91,21 @@ def test_rec_items_one_per_sentence_with_boxes(tmp_path):
     # flickr entry (sample "1#0"): xywh [0, 1, 5, 4] -> xyxy (0, 1, 5, 5); x2 -> (0, 2, 10, 10), centred: +4 rows
     # -> (0, 6, 10, 14) in the 32 square -> cx, cy, w, h = (5, 10, 10, 8) / 32.
     assert items[0, 2]["box"].tolist() == [5 / 32, 10 / 32, 10 / 32, 8 / 32]
+
+
+def test_fixed_placements_repeat_the_clip_input(tmp_path):
+    """train.clip_placements=K: the letterbox offset takes only the K evenly spaced values, so the
+    CLIP input of an image repeats (its tokens can be cached); the release's placement takes any."""
+    fx.write_grefcoco(tmp_path)
+    val = read_grefcoco(tmp_path / "grefcoco", image_root=tmp_path / fx.COCO_IMAGE_DIR, name="grefcoco", splits=["val"])["val"]
+    # 12 x 16 images -> 24 x 32 in the 32 square: 8 free rows; 3 placements at rows 0, 4 and 8.
+    fixed = ReferringTrainingSet(val, None, CLIP_SIZE, 64, CLIPTokenizer(77), seed=3, augment=True, placements=3, need_masks=False)
+    continuous = _box_items(val, augment=True)
+
+    def top_offsets(items) -> set[int]:
+        return {int((items[epoch, 0]["clip_pixels"].abs().sum(dim=(0, 2)) == 0).int().cumprod(0).sum()) for epoch in range(30)}
+
+    assert top_offsets(fixed) == {0, 4, 8}
+    assert len(top_offsets(continuous)) > 3
+    inputs = {fixed[epoch, 0]["clip_pixels"].numpy().tobytes() for epoch in range(30)}
+    assert len(inputs) == 3

@@ -32,7 +32,7 @@ from ..backbones.sam import mask_to_padded_frame
 from ..engine.protocols import release_gt_frame
 from ..errors import ConfigError, DatasetError
 from ..image_io import load_image
-from ..letterbox import letterbox_image
+from ..letterbox import fixed_placements, letterbox_image
 from .embedding_cache import EmbeddingCache
 from .records import ReferringDataset, ReferringSample
 
@@ -57,7 +57,10 @@ class ReferringTrainingSet(Dataset):
     """Items for SSP-SAM training.
 
     Items are indexed by ``(epoch, index)``; each is a dict:
-        clip_pixels: (3, S_clip, S_clip) letterboxed CLIP input (random placement when ``augment``).
+        clip_pixels: (3, S_clip, S_clip) letterboxed CLIP input: with ``augment``, placed at uniform
+            random integer offsets (the release), or, with ``placements`` = K > 0, at one of K fixed
+            offsets (``letterbox.fixed_placements``), so that an image's CLIP input takes only K
+            values and its frozen CLIP tokens can be cached; centred without ``augment``.
         tokens: (77,) token ids of one expression of the referent.
         sam_embedding: (C, h, w) cached SAM embedding of the image in the cache's storage dtype
             (fp32, fp16 or bf16); absent without a cache (the REC pretraining stage, which does not
@@ -80,6 +83,7 @@ class ReferringTrainingSet(Dataset):
         tokenizer: CLIPTokenizer,
         seed: int,
         augment: bool = True,
+        placements: int = 0,
         need_masks: bool = True,
         expression_weights: Mapping[str, float] | None = None,
         expression_weight_key: str = "kind",
@@ -92,6 +96,7 @@ class ReferringTrainingSet(Dataset):
         self.tokenizer = tokenizer
         self.seed = seed
         self.augment = augment
+        self.placements = placements
         self.need_masks = need_masks
         self.mask_frame = mask_frame
         self.expression_weights = dict(expression_weights or {})
@@ -117,7 +122,11 @@ class ReferringTrainingSet(Dataset):
         image = load_image(sample.image_path)
         if self.augment:
             generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-            clip_pixels, letterbox = letterbox_image(image, self.clip_image_size, "random", generator)
+            placement = "random"
+            if self.placements:  # one of K fixed placements, so the CLIP input repeats and its tokens can be cached
+                options = fixed_placements(image.shape[0], image.shape[1], self.clip_image_size, self.placements)
+                placement = options[int(torch.randint(len(options), (), generator=generator))]
+            clip_pixels, letterbox = letterbox_image(image, self.clip_image_size, placement, generator)
         else:
             clip_pixels, letterbox = letterbox_image(image, self.clip_image_size)
         box = letterbox.box_from_image(torch.tensor(sample.union_box_xyxy(), dtype=torch.float32))

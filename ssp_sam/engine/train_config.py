@@ -59,6 +59,9 @@ class TrainSection:
     precision: str = _choice("auto", PRECISIONS)
     workers: int = _number(4, 0)  # data-loader processes, forked once and kept for the whole run
     augment: bool = True
+    # 0: the release's uniform random letterbox offsets; K: one of K fixed offsets per image, so the
+    # frozen CLIP image tokens repeat and can be cached (image_cache_gb); a deviation from the release.
+    clip_placements: int = _number(0, 0)
     mask_target: str = _choice("release", tuple(MASK_TARGETS))
     expression_weights: Optional[Dict[str, float]] = None
     expression_weight_key: str = "kind"
@@ -67,6 +70,8 @@ class TrainSection:
     # default, because a cached sentence keeps the rounding of the batch it was first computed in
     # (~1e-7 relative), so a resumed run would no longer replay an uninterrupted one bit for bit.
     text_cache_gb: float = _number(0.0, 0)
+    # CLIP image tokens kept per CLIP input up to this size (needs augment=false or clip_placements > 0).
+    image_cache_gb: float = _number(0.0, 0)
     max_steps_per_epoch: Optional[int] = _number(None, 1, optional=True)
     save_encoders: bool = False
 
@@ -143,6 +148,11 @@ def train_run_config_from(cfg: Mapping | DictConfig) -> TrainRunConfig:
         check_expression_weights(config.train.expression_weights)
     if config.train.stage == "rec" and config.train.save_encoders:
         raise ConfigError("train.save_encoders=true: the REC stage (train.stage=rec) builds no SAM image encoder to save")
+    if config.train.image_cache_gb > 0 and config.train.augment and not config.train.clip_placements:
+        raise ConfigError(
+            "train.image_cache_gb: CLIP image tokens repeat only with train.augment=false or train.clip_placements > 0 "
+            "(the release's continuous random placement never repeats an input)"
+        )
     if config.train.stage == "rec" and config.test.split:
         raise ConfigError("test.split: the REC stage (train.stage=rec) is validated by REC accuracy on val.split only; set test.split=null")
     check_output_dir(config.run_dir, "run_dir")

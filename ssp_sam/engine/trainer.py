@@ -61,7 +61,7 @@ from ..data.records import ReferringDataset
 from ..data.registry import load_splits
 from ..data.training import MASK_TARGETS, EpochBatchSampler, ReferringTrainingSet, collate
 from ..errors import ConfigError, SSPSAMError
-from ..feature_cache import TextFeatureCache
+from ..feature_cache import ImageTokenCache, TextFeatureCache
 from ..fileio import atomic_path
 from ..image_io import load_image
 from ..letterbox import letterbox_image
@@ -158,6 +158,7 @@ class Trainer:
         self.tokenizer = CLIPTokenizer(self.model.clip.context_length, self.model_config.append_period)
         # CLIP is frozen: a sentence's text features are computed at its first visit only.
         self.text_cache = TextFeatureCache(max_bytes=int(train.text_cache_gb * 2**30)) if train.text_cache_gb > 0 else None
+        self.image_cache = ImageTokenCache(max_bytes=int(train.image_cache_gb * 2**30)) if train.image_cache_gb > 0 else None
         self.train_set = ReferringTrainingSet(
             self.datasets["train"],
             self.cache,
@@ -166,6 +167,7 @@ class Trainer:
             self.tokenizer,
             seed=config.seed,
             augment=train.augment,
+            placements=train.clip_placements,
             need_masks=self.stage == "res",
             expression_weights=train.expression_weights,
             expression_weight_key=train.expression_weight_key,
@@ -390,14 +392,15 @@ class Trainer:
         Stage "rec" passes no SAM embeddings: the model computes the box only. Nothing here waits
         for the device. Returns the loss terms (0-dim, detached, on the device).
         """
-        tokens = batch["tokens"]  # on the CPU: the text cache keys them without a device sync
+        tokens, clip_pixels = batch["tokens"], batch["clip_pixels"]  # on the CPU: the caches key them without a device sync
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         sam_embedding = batch.get("sam_embedding")
         if sam_embedding is not None:
             sam_embedding = sam_embedding.float()  # stored as fp16/bf16/fp32 in the cache, converted here
         with self.precision.autocast(self.device):
             text = self.text_cache.encode(self.model, tokens) if self.text_cache is not None else batch["tokens"]
-            output = model(batch["clip_pixels"], text, sam_embedding)
+            image = self.image_cache.encode(self.model, clip_pixels) if self.image_cache is not None else batch["clip_pixels"]
+            output = model(image, text, sam_embedding)
         if self.stage == "rec":
             terms = rec_loss(output.boxes, batch["box"])
         else:
@@ -427,7 +430,7 @@ class Trainer:
             return metrics
         result = evaluate(
             self.model, dataset, cache=self.cache, device=self.device, max_batch=val.max_batch,
-            progress=self.dist.is_main, protocol=val.protocol,
+            progress=self.dist.is_main, protocol=val.protocol, text_cache=self.text_cache, image_cache=self.image_cache,
         )
         self._log_scalars({f"val/{k}": v for k, v in result.metrics.items() if isinstance(v, float)}, step)
         if self.writer is not None and val.overlays > 0:
