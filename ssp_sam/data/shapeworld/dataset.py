@@ -177,6 +177,26 @@ def _task_counts(samples: list[dict], task: str) -> dict[str, dict]:
     return {name: {**split, "kinds": dict(split["kinds"])} for name, split in counts.items()}
 
 
+def check_generation_arguments(
+    out: str | os.PathLike, n_images: NImages, seed: int, workers: int
+) -> tuple[Path, dict[str, int], int, int, list]:
+    """A generator call's arguments, checked before anything is written.
+
+    Returns (out, image count per split, seed, workers, the tasks already in out's manifest).
+    Raises ConfigError naming the argument (an OUT that is a file, a manifest of another seed or
+    other counts, negative numbers).
+    """
+    seed = check_non_negative_int(seed, "seed")
+    workers = check_non_negative_int(workers, "workers")
+    counts = _split_counts(n_images)
+    if not str(out):
+        raise ConfigError("out: empty path")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out: {out} is an existing file, expected a directory")
+    return out, counts, seed, workers, _previous_tasks(out / "manifest.json", seed, counts)
+
+
 def generate_dataset(
     out: str | os.PathLike, task: str, n_images: NImages, seed: int, workers: int = 0, progress: bool = True
 ) -> Path:
@@ -186,16 +206,8 @@ def generate_dataset(
     images are omitted). ``workers`` > 0 uses that many processes; the files are identical either way.
     """
     task = check_task(task)
-    seed = check_non_negative_int(seed, "seed")
-    workers = check_non_negative_int(workers, "workers")
-    counts = _split_counts(n_images)
-    if not str(out):
-        raise ConfigError("out: empty path")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"out: {out} is an existing file, expected a directory")
+    out, counts, seed, workers, tasks = check_generation_arguments(out, n_images, seed, workers)
     manifest_path = out / "manifest.json"
-    tasks = _previous_tasks(manifest_path, seed, counts)
 
     images_dir = out / "images"
     dataset_dir = out / DATASET_DIRS[task]

@@ -32,8 +32,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from ...errors import ConfigError
-from .dataset import SPEC_VERSION, NImages, _previous_tasks, _split_counts, _write_atomic, _write_json, write_manifest
-from .scene import CLASS_NAMES, COLOR_NAMES, SHAPES, check_non_negative_int, generate_scene
+from .dataset import SPEC_VERSION, NImages, _write_atomic, _write_json, check_generation_arguments, write_manifest
+from .scene import CLASS_NAMES, COLOR_NAMES, SHAPES, generate_scene
 
 DATASET_DIR = "shapeworld_ovss"
 IGNORE_VALUE = 255
@@ -95,16 +95,8 @@ def generate_ovss_dataset(
     and counts (the manifest is shared).
     """
     names = class_names(background)
-    seed = check_non_negative_int(seed, "seed")
-    workers = check_non_negative_int(workers, "workers")
-    counts = _split_counts(n_images)
-    if not str(out):
-        raise ConfigError("out: empty path")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"out: {out} is an existing file, expected a directory")
+    out, counts, seed, workers, tasks = check_generation_arguments(out, n_images, seed, workers)
     manifest_path = out / "manifest.json"
-    tasks = _previous_tasks(manifest_path, seed, counts)
     dataset_dir = out / DATASET_DIR
     for split in counts:
         (dataset_dir / "images" / split).mkdir(parents=True, exist_ok=True)
