@@ -106,15 +106,23 @@ def model_config_from(source: Mapping | DictConfig | ModelConfig | None = None, 
     Raises:
         ConfigError: naming the unknown key or the key with a wrong type.
     """
-    schema = OmegaConf.structured(ModelConfig)
-    try:
-        merged = OmegaConf.merge(schema, source if source is not None else {}, overrides)
-        config: ModelConfig = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
-        raise ConfigError(f"model config: invalid key {key!r}: {exc.msg if hasattr(exc, 'msg') else exc}") from None
+    config = merge_typed(ModelConfig, source, overrides, "model config")
     _check(config)
     return config
+
+
+def merge_typed(schema: type, source: Any, overrides: Mapping[str, Any], label: str) -> Any:
+    """``source`` and ``overrides`` merged into the dataclass ``schema`` through OmegaConf.
+
+    Raises:
+        ConfigError: "<label>: invalid key '<key>': <why>" for an unknown key or a wrong type.
+    """
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), source if source is not None else {}, overrides)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+        raise ConfigError(f"{label}: invalid key {key!r}: {getattr(exc, 'msg', exc)}") from None
 
 
 def _check(config: ModelConfig) -> None:

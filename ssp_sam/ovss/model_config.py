@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, List, Mapping, Optional
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
 
+from ..config import merge_typed
 from ..errors import ConfigError
 
 VARIANTS = ("catseg", "catseg_sam_vote", "sam_mi")
@@ -138,15 +138,9 @@ def ovss_config_from(source: Mapping | DictConfig | OVSSModelConfig | None = Non
     Raises:
         ConfigError: one line naming the unknown key, the key of a wrong type or the impossible value.
     """
-    schema = OmegaConf.structured(OVSSModelConfig)
     if isinstance(source, (dict, DictConfig)) and "defaults" in source:  # a YAML read without Hydra
         source = {key: value for key, value in source.items() if key != "defaults"}
-    try:
-        merged = OmegaConf.merge(schema, source if source is not None else {}, overrides)
-        config: OVSSModelConfig = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
-        raise ConfigError(f"ovss_model: invalid key {key!r}: {getattr(exc, 'msg', exc)}") from None
+    config: OVSSModelConfig = merge_typed(OVSSModelConfig, source, overrides, "ovss_model")
     _check(config)
     return config
 
