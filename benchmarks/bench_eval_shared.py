@@ -1,26 +1,35 @@
-"""Benchmark: evaluating images with 8 expressions each, encoders shared per image or run per expression.
+"""Benchmark: evaluation from cached SAM embeddings, ours against the release's per-sample path.
 
 A small synthetic dataset in the JSONL format (ssp_sam/data/jsonl.py) is written to a temporary
-folder: 480x640 images with 8 coloured shapes, one expression and one mask PNG per shape. SSP-SAM-224
-(CLIP ViT-B/16 at 224, SAM ViT-B at 1024; random weights, which do not change the speed) evaluates
-it without an embedding cache, so SAM's image encoder runs in every encoder pass, as in the
-release. Two ways, timed in the same run after a warm-up:
+folder: 480x640 images with 8 coloured shapes, one expression and one mask PNG per shape, and an
+embedding cache holding one SAM embedding per image (random (256, 64, 64) tensors: the SAM
+encoder's weights do not change the speed, and neither path runs it, as the release does not at
+evaluation). SSP-SAM-224 (CLIP ViT-B/16 at 224, SAM ViT-B's decoder; random weights, the
+released design) evaluates it two ways, timed in the same run in alternated rounds:
 
-    shared      ``evaluate(...)`` as implemented: one pass of the CLIP and SAM image encoders per
-                image, the text encoder and decoder batched over the image's 8 expressions;
-    per-sample  the release's test loop: for every expression, ``Predictor.encode_image`` then
-                ``Predictor.predict([expression])`` -- the whole pipeline alone -- scored with the
-                same RES metrics.
+    ours         ``evaluate(...)`` with the cache and scripts/eval.py's defaults (configs/eval.yaml:
+                 several images per encoder call, sentences decoded together, images read ahead
+                 by data-loader workers, the text-feature cache), precision ``--precision``
+                 (default ``auto``: bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere);
+    per sample   the release's test loop (batch 1, benchmarks/release_baseline.py, fp32): for
+                 every expression, the image read and letterboxed, its cached SAM embedding read,
+                 the release's whole forward alone (CLIP image and text encoders, per-sample
+                 similarity loop, SAM's decoder called per image), scored with the same metrics.
 
-Both must give the same metrics. Goal: at least 5x more images per second with shared encoders.
-On a CPU both paths run with freed host memory kept, as scripts/eval.py does
-(``--default-allocator``: glibc's defaults).
+Both paths score masks at the image's resolution with the RES metrics (``protocol=standard``),
+so the scoring costs the same on both. Before timing, ours in fp32 and the per-sample path must
+give the same IoU and box IoU for every sentence; ours in the timed precision is compared with
+ours in fp32 (per-sentence mask IoU difference). Goal (issue 12): at least 10x more images per
+second than the release's per-sample path.
 
     python benchmarks/bench_eval_shared.py
+    python benchmarks/bench_eval_shared.py --images 8 --repeats 3
     python benchmarks/bench_eval_shared.py --device cuda --images 20 --repeats 3
     python benchmarks/bench_eval_shared.py --quick      # tiny model, 2 images: a smoke run
 
-Prints a table and writes benchmarks/results/eval_shared.json (``--quick``: eval_shared_quick.json).
+On a CPU both paths run with freed host memory kept, as scripts/eval.py does
+(``--default-allocator``: glibc's defaults). Prints a table and writes
+benchmarks/results/eval_shared.json (``--quick``: eval_shared_quick.json).
 """
 
 from __future__ import annotations
@@ -37,23 +46,30 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
-from _common import REPO, RESULTS, add_allocator_flag, seconds, set_up_host_memory, write_result
-from ssp_sam.config import model_config_from
+from _common import REPO, RESULTS, add_allocator_flag, bench_model_config, seconds, set_up_host_memory, write_result
+from release_baseline import ReleaseComputation
+from ssp_sam.backbones.clip_tokenizer import CLIPTokenizer
+from ssp_sam.backbones.sam import SAMImageTransform, padded_frame_to_original
+from ssp_sam.data.embedding_cache import EmbeddingCache, EncoderIdentity
 from ssp_sam.data.jsonl import read_jsonl_file
 from ssp_sam.data.records import ReferringDataset
 from ssp_sam.data.shapeworld import COLORS  # ShapeWorld's palette: eight well-separated colours
 from ssp_sam.engine.evaluator import evaluate
+from ssp_sam.engine.precision import PRECISIONS, Precision, cpu_capability, resolve_precision
+from ssp_sam.image_io import load_image
+from ssp_sam.letterbox import letterbox_image
 from ssp_sam.metrics import RESMetrics
-from ssp_sam.model import build_model
-from ssp_sam.predictor import Predictor, resolve_device
+from ssp_sam.model import SSPSAM, build_model
+from ssp_sam.predictor import resolve_device
 
-GOAL_RATIO = 5.0
+GOAL_RATIO = 10.0
+EVAL_DEFAULTS = OmegaConf.load(REPO / "configs" / "eval.yaml")  # max_batch, images_per_batch, workers of scripts/eval.py
 SENTENCES_PER_IMAGE = 8
 IMAGE_SIZE = (480, 640)  # (H, W), a typical COCO picture
 SHAPES = ("square", "circle", "triangle")
-# The two paths decode the same sentences, batched or one by one: every sentence's mask IoU and
-# box IoU agree to these (batched float sums may flip a pixel whose logit is ~0: a mask IoU moves
-# by about 1 / union per flipped pixel).
+# Ours in fp32 and the per-sample path compute the same function, batched or one by one: every
+# sentence's mask IoU and box IoU agree to these (batched float sums may flip a pixel whose logit
+# is ~0: a mask IoU moves by about 1 / union per flipped pixel).
 IOU_ATOL, BOX_IOU_ATOL = 1e-3, 1e-4
 
 
@@ -61,7 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--images", type=int, default=4, help="images evaluated, 8 expressions each")
-    parser.add_argument("--repeats", type=int, default=1, help="timed evaluations per path (the median is reported)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed rounds (the median is reported)")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="our precision (eval.precision)")
     parser.add_argument("--quick", action="store_true", help="smoke run: the tiny model of configs/model/tiny.yaml, 2 images")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/results/eval_shared[_quick].json)")
     add_allocator_flag(parser)
@@ -115,135 +132,176 @@ def write_dataset(folder: Path, name: str, n_images: int, seed: int) -> Referrin
     return read_jsonl_file(path, name=name, split=name)
 
 
-def build_predictor(quick: bool, device: torch.device) -> Predictor:
-    """SSP-SAM-224 with SAM ViT-B (or the tiny model), random weights, SAM image encoder included."""
-    if quick:
-        config = model_config_from(OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "model" / "tiny.yaml")))
-    else:
-        config = model_config_from({"name": "bench", "sam_variant": "vit_b", "random_encoders": True})
+def build_bench_model(quick: bool, device: torch.device) -> SSPSAM:
+    """SSP-SAM-224 with SAM ViT-B's decoder (or the tiny model), random weights, the released design, no SAM encoder."""
     torch.manual_seed(0)
-    return Predictor(build_model(config), device=device)
+    model = build_model(bench_model_config(quick, release_quirks=True), with_sam_image_encoder=False)
+    return model.to(device).eval()
 
 
-def evaluate_shared(predictor: Predictor, dataset: ReferringDataset) -> tuple[dict, list[dict]]:
-    """(metrics, per-sentence records) of ``evaluate`` as implemented."""
-    result = evaluate(predictor, dataset, progress=False)
-    return result.metrics, result.per_sample
+def fill_cache(folder: Path, model: SSPSAM, datasets: list[ReferringDataset]) -> EmbeddingCache:
+    """An embedding cache in ``folder`` with a random SAM embedding for every image of ``datasets``."""
+    identity = EncoderIdentity(variant=model.config.sam_variant, weights="random (bench_eval_shared)", image_size=model.sam_image_size)
+    cache = EmbeddingCache(folder / "cache", identity, image_roots=[folder])
+    shape = (model.mask_head.embed_dim, *model.mask_head.prompt_encoder.image_embedding_size)
+    generator = torch.Generator().manual_seed(2)
+    for image in sorted({path for dataset in datasets for path in dataset.image_paths()}):
+        cache.write(cache.slot(image), torch.randn(shape, generator=generator))
+    return cache
 
 
-def evaluate_per_sample(predictor: Predictor, dataset: ReferringDataset) -> tuple[dict, list[dict]]:
-    """The release's loop: every sentence alone through the whole pipeline, scored like ``evaluate``."""
+def evaluate_ours(model: SSPSAM, dataset: ReferringDataset, cache: EmbeddingCache, precision: Precision) -> list[dict]:
+    """Per-sentence records of ``evaluate`` as scripts/eval.py runs it by default (configs/eval.yaml), in ``precision``."""
+    result = evaluate(
+        model, dataset, cache=cache, device=model.device, progress=False, protocol="standard", precision=precision,
+        max_batch=int(EVAL_DEFAULTS.max_batch), images_per_batch=int(EVAL_DEFAULTS.images_per_batch), workers=int(EVAL_DEFAULTS.workers),
+    )
+    return result.per_sample
+
+
+@torch.no_grad()
+def evaluate_per_sample(release: ReleaseComputation, dataset: ReferringDataset, cache: EmbeddingCache) -> list[dict]:
+    """The release's test loop: one expression per forward, everything recomputed, scored like ``evaluate``."""
+    model = release.model
+    device = model.device
+    tokenizer = CLIPTokenizer(model.clip.context_length, model.config.append_period)
+    resize = SAMImageTransform(model.sam_image_size)
     metrics = RESMetrics()
     for position, (sample, index) in enumerate(dataset.per_sentence()):
-        encoded = predictor.encode_image(sample.image_path)
-        prediction = predictor.predict(encoded, [sample.expressions[index]])[0]
-        metrics.update(prediction.mask, sample.mask(), prediction.box, sample.union_box_xyxy(), sample_id=position)
-    return metrics.compute(), metrics.per_sample()
+        rgb = load_image(sample.image_path)
+        clip_pixels, letterbox = letterbox_image(rgb, model.clip.image_size)
+        embedding = cache.get(sample.image_path).to(device, torch.float32)[None]
+        tokens = tokenizer([sample.expressions[index]]).to(device)
+        mask_logits, boxes = release.forward(clip_pixels[None].to(device), tokens, embedding)
+        logits = padded_frame_to_original(mask_logits, resize.input_size_for(rgb.shape[:2]), rgb.shape[:2], model.sam_image_size)
+        box = letterbox.box_to_image(boxes.cpu())[0]
+        metrics.update((logits[0, 0] > 0).cpu().numpy(), sample.mask(), box.numpy(), sample.union_box_xyxy(), sample_id=position)
+    return metrics.per_sample()
 
 
-def compare_records(shared: list[dict], per_sample: list[dict]) -> dict:
-    """Largest per-sentence differences between the two paths (mask IoU, box IoU, pixels of I and U)."""
-    if len(shared) != len(per_sample):
-        raise RuntimeError(f"the two paths scored {len(shared)} and {len(per_sample)} sentences")
+def largest_differences(a: list[dict], b: list[dict]) -> dict:
+    """Largest per-sentence differences between two evaluations (mask IoU, box IoU, pixels of I and U)."""
+    if len(a) != len(b):
+        raise RuntimeError(f"the two evaluations scored {len(a)} and {len(b)} sentences")
 
     def largest(key: str) -> float:
-        return max(abs(a[key] - b[key]) for a, b in zip(shared, per_sample))
+        return max(abs(x[key] - y[key]) for x, y in zip(a, b))
 
-    differences = {"IoU": largest("IoU"), "box_IoU": largest("box_IoU"), "I_pixels": largest("I"), "U_pixels": largest("U")}
-    differences["equal"] = differences["IoU"] <= IOU_ATOL and differences["box_IoU"] <= BOX_IOU_ATOL
-    return differences
+    return {"IoU": largest("IoU"), "box_IoU": largest("box_IoU"), "I_pixels": largest("I"), "U_pixels": largest("U")}
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = resolve_device(args.device)
     host_memory = set_up_host_memory(device, args.default_allocator)
-    predictor = build_predictor(args.quick, device)
-    model_name = "tiny" if args.quick else "SSP-SAM-224, SAM ViT-B"
+    capability = cpu_capability() if device.type == "cpu" else f"CUDA ({torch.cuda.get_device_name(device)})"
+    precision = resolve_precision(args.precision, device, key="--precision")
+    fp32 = Precision("fp32", "the equivalence check")
+    model = build_bench_model(args.quick, device)
+    release = ReleaseComputation(model)
+    model_name = "tiny" if args.quick else "SSP-SAM-224, SAM ViT-B decoder"
     print(
-        f"{model_name} ({predictor.model.sam_image_size} px, no cache), {args.images} images x "
-        f"{SENTENCES_PER_IMAGE} expressions, {device}, {args.repeats} repeat(s)"
+        f"{model_name} ({model.sam_image_size} px, cached SAM embeddings), {args.images} images x {SENTENCES_PER_IMAGE} "
+        f"expressions, {device} ({capability}), ours in {precision.name} ({precision.reason}), {args.repeats} round(s)"
     )
     with tempfile.TemporaryDirectory(prefix="bench_eval_shared_") as folder:
         warm_up = write_dataset(Path(folder), "warmup", 1, seed=1)
         dataset = write_dataset(Path(folder), "bench", args.images, seed=0)
-        # Warm-up: first calls allocate buffers and pick kernels.
-        evaluate_shared(predictor, warm_up)
-        evaluate_per_sample(predictor, ReferringDataset("warmup", "warmup", "res", list(warm_up)[:1]))
+        cache = fill_cache(Path(folder), model, [warm_up, dataset])
+        evaluate_ours(model, warm_up, cache, precision)  # first calls allocate buffers and pick kernels
+        evaluate_per_sample(release, ReferringDataset("warmup", "warmup", "res", list(warm_up)[:1]), cache)
 
-        paths = {"shared": evaluate_shared, "per_sample": evaluate_per_sample}
+        # Same function first: ours in fp32 against the release's per-sample path.
+        reference = evaluate_ours(model, dataset, cache, fp32)
+        per_sample_records = evaluate_per_sample(release, dataset, cache)
+        equivalence = largest_differences(reference, per_sample_records)
+        equivalence["equal"] = equivalence["IoU"] <= IOU_ATOL and equivalence["box_IoU"] <= BOX_IOU_ATOL
+        print(
+            f"{'same' if equivalence['equal'] else 'DIFFERENT'} results, ours fp32 against per sample: per sentence, mask IoU "
+            f"within {equivalence['IoU']:.1e} (I within {equivalence['I_pixels']:g} px, U within {equivalence['U_pixels']:g} px), "
+            f"box IoU within {equivalence['box_IoU']:.1e}"
+        )
+        if not equivalence["equal"]:
+            raise SystemExit(
+                f"ours (fp32) and the per-sample path disagree beyond mask IoU {IOU_ATOL:g} / box IoU {BOX_IOU_ATOL:g}: "
+                "the timings would compare different computations"
+            )
+
+        paths = {
+            "ours": lambda: evaluate_ours(model, dataset, cache, precision),
+            "per_sample": lambda: evaluate_per_sample(release, dataset, cache),
+        }
         timings: dict[str, list[float]] = {path: [] for path in paths}
-        outcomes: dict[str, tuple[dict, list[dict]]] = {}
+        records: dict[str, list[dict]] = {}
+        for round_index in range(args.repeats):
+            for path, run in paths.items():
+                timings[path].append(seconds(lambda: records.__setitem__(path, run()), device))
+            print(f"  round {round_index + 1}/{args.repeats} done", file=sys.stderr, flush=True)
+    precision_drift = largest_differences(records["ours"], reference)
+    precision_drift["mean_IoU_difference"] = statistics.fmean(abs(x["IoU"] - y["IoU"]) for x, y in zip(records["ours"], reference))
+    informative = sum(1 for record in reference if record["I"] > 0 or record["box_IoU"] > 0)
 
-        def run(path: str) -> None:
-            outcomes[path] = paths[path](predictor, dataset)
-
-        for _ in range(args.repeats):
-            for path in paths:
-                timings[path].append(seconds(lambda: run(path), device))
-                print(f"  {path} done", file=sys.stderr, flush=True)
-    differences = compare_records(outcomes["shared"][1], outcomes["per_sample"][1])
-    metrics, records = outcomes["shared"]
-    # How much the check covers: with random weights many masks are empty and many boxes miss.
-    informative = sum(1 for record in records if record["I"] > 0 or record["box_IoU"] > 0)
-
-    shared_s, per_sample_s = statistics.median(timings["shared"]), statistics.median(timings["per_sample"])
+    ours_s, per_sample_s = statistics.median(timings["ours"]), statistics.median(timings["per_sample"])
     rows = [
         {
             "path": path,
+            "precision": precision.name if path == "ours" else "fp32",
             "seconds": total,
             "images_per_s": args.images / total,
             "seconds_per_expression": total / (args.images * SENTENCES_PER_IMAGE),
-            "encoder_passes": args.images * (1 if path == "shared" else SENTENCES_PER_IMAGE),
+            "clip_image_encoder_passes": args.images * (1 if path == "ours" else SENTENCES_PER_IMAGE),
             "runs_s": timings[path],
+            "cpu_capability": capability,
         }
-        for path, total in (("shared", shared_s), ("per_sample", per_sample_s))
+        for path, total in (("ours", ours_s), ("per_sample", per_sample_s))
     ]
-    ratio = per_sample_s / shared_s
-    print(f"{'path':<11}  {'encoder passes':>14}  {'seconds':>8}  {'images/s':>9}  {'s/expression':>12}")
+    ratio = per_sample_s / ours_s
+    print(f"{'path':<11}  {'precision':>9}  {'CLIP passes':>11}  {'seconds':>8}  {'images/s':>9}  {'s/expression':>12}  cpu")
     for row in rows:
         print(
-            f"{row['path']:<11}  {row['encoder_passes']:>14d}  {row['seconds']:>8.2f}  "
-            f"{row['images_per_s']:>9.3f}  {row['seconds_per_expression']:>12.3f}"
+            f"{row['path']:<11}  {row['precision']:>9}  {row['clip_image_encoder_passes']:>11d}  {row['seconds']:>8.2f}  "
+            f"{row['images_per_s']:>9.3f}  {row['seconds_per_expression']:>12.3f}  {row['cpu_capability']}"
         )
+    if precision.name != "fp32":
+        print(
+            f"ours in {precision.name} against ours in fp32: per sentence, mask IoU within {precision_drift['IoU']:.1e} "
+            f"(mean {precision_drift['mean_IoU_difference']:.1e}), box IoU within {precision_drift['box_IoU']:.1e}"
+        )
+    goal_met = not args.quick and ratio >= GOAL_RATIO
     print(
-        f"{'same' if differences['equal'] else 'DIFFERENT'} results on both paths: per sentence, mask IoU within "
-        f"{differences['IoU']:.1e} (I within {differences['I_pixels']:g} px, U within {differences['U_pixels']:g} px), "
-        f"box IoU within {differences['box_IoU']:.1e}; {informative} of {len(records)} sentences have a non-zero "
-        "mask intersection or box IoU"
-    )
-    goal_met = not args.quick and differences["equal"] and ratio >= GOAL_RATIO
-    print(
-        f"goal: at least {GOAL_RATIO:g}x more images/s with shared encoders -> {ratio:.2f}x, "
+        f"goal: at least {GOAL_RATIO:g}x the images/s of the release's per-sample path -> {ratio:.2f}x, "
         f"{'met' if goal_met else 'NOT met'}{' (not judged for --quick)' if args.quick else ''}"
     )
     write_result(
         args.out,
         benchmark="eval_shared",
-        goal=f"images/s with shared encoder passes / images/s per sample >= {GOAL_RATIO:g} ({SENTENCES_PER_IMAGE} expressions per image)",
+        goal=f"images/s of evaluate() with cached SAM embeddings / images/s of the release's per-sample path >= {GOAL_RATIO:g}",
         goal_met=goal_met,
         setup={
             "host_memory": host_memory,
-            "model": "tiny (configs/model/tiny.yaml)" if args.quick else "ssp_sam_224, SAM vit_b (random weights)",
-            "sam_image_size": predictor.model.sam_image_size,
-            "embedding_cache": False,
+            "cpu_capability": capability,
+            "model": "tiny (configs/model/tiny.yaml)" if args.quick else "ssp_sam_224, SAM vit_b decoder (random weights)",
+            "precision_ours": vars(precision),
+            "precision_per_sample": "fp32",
+            "sam_image_size": model.sam_image_size,
+            "embedding_cache": "random embeddings, read by both paths",
             "images": args.images,
             "image_size_hw": list(IMAGE_SIZE),
             "expressions_per_image": SENTENCES_PER_IMAGE,
+            "protocol": "standard",
+            "evaluate_settings": {key: EVAL_DEFAULTS[key] for key in ("max_batch", "images_per_batch", "workers")},
             "repeats": args.repeats,
-            "statistic": "median over repeats",
+            "statistic": "median over rounds, paths alternated",
         },
         device=device,
         results={
             "paths": rows,
             "ratio": ratio,
-            "metrics": metrics,
-            "largest_per_sentence_differences": differences,
+            "equivalence_ours_fp32_vs_per_sample": equivalence,
+            "precision_vs_fp32": precision_drift,
             "sentences_with_nonzero_intersection_or_box_iou": informative,
         },
     )
-    if not differences["equal"]:
-        raise SystemExit(f"the two paths disagree beyond mask IoU {IOU_ATOL:g} / box IoU {BOX_IOU_ATOL:g}: the timings compare different computations")
 
 
 if __name__ == "__main__":
