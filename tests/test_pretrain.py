@@ -17,6 +17,7 @@ from ssp_sam.backbones.clip import CLIPSurgeryBackbone, build_clip_model
 from ssp_sam.backbones.clip_tokenizer import CLIPTokenizer
 from ssp_sam.backbones.sam import build_sam
 from ssp_sam.data.shapeworld import generate_scene
+from ssp_sam.errors import ConfigError
 from ssp_sam.pretrain.clip import (
     BACKGROUND_CLASS,
     DENSE_CLASS_NAMES,
@@ -35,6 +36,7 @@ from ssp_sam.pretrain.clip import (
     patch_class_shares,
     pool_regions,
     pretrain_clip,
+    start_with_sincos_positions,
 )
 from ssp_sam.pretrain.sam import (
     NOT_A_POINT,
@@ -475,3 +477,19 @@ def test_clip_script_stops_resumes_and_skips_a_finished_stage(tmp_path):
     again = run_script("pretrain_clip.py", *args, "resume=true")
     assert again.returncode == 0 and "already finished" in again.stdout
     assert again.stdout.splitlines()[-1] == finished.stdout.splitlines()[-1]  # the same held-out line
+
+
+def test_sincos_position_start_is_the_2d_sine_cosine_code_of_each_patch():
+    model = build_clip_model("custom", custom=TINY_CLIP)  # 32 px, 8 px patches: a 4 x 4 grid, width 64
+    start_with_sincos_positions(model)
+    positions = model.visual.positional_embedding
+    assert not positions[0].any()  # the class token has no place
+    # First half of the width: the column x, second half: the row y; each half sin(p w_k) for k < 16,
+    # then cos(p w_k), with w_k = 10000 ** (-k / 16).
+    frequencies = 10000.0 ** (-torch.arange(16, dtype=torch.float64) / 16)
+    row, column = 2, 3
+    expected = torch.cat([torch.sin(column * frequencies), torch.cos(column * frequencies),
+                          torch.sin(row * frequencies), torch.cos(row * frequencies)]).float()
+    torch.testing.assert_close(positions[1 + row * 4 + column], expected)
+    with pytest.raises(ConfigError, match="position_init"):
+        CLIPPretrainSettings(position_init="learned")

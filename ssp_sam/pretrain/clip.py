@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP
+from open_clip.pos_embed import get_2d_sincos_pos_embed
 from torch import Tensor
 from tqdm import tqdm
 
@@ -67,6 +68,9 @@ DESCRIPTIONS = tuple(f"the {size} {color} {shape}" for size in SIZE_RADII for co
 BACKGROUND_NAME = "background"
 DENSE_CLASS_NAMES = (*(f"{color} {shape}" for color in COLORS for shape in SHAPES), BACKGROUND_NAME)
 BACKGROUND_CLASS = len(DENSE_CLASS_NAMES) - 1
+# Vision position embeddings at the start of pretraining: open_clip's random ones, or 2-D sine-cosine
+# codes (start_with_sincos_positions).
+POSITION_INITS = ("random", "sincos")
 
 # CLIPSurgeryBackbone runs under @torch.no_grad because SSP-SAM keeps CLIP frozen. Pretraining needs
 # gradients through exactly the same forward passes, so it calls the undecorated functions.
@@ -90,6 +94,7 @@ class CLIPPretrainSettings:
     pool_size: int = 3000  # training scenes generated once and reused
     eval_scenes: int = 300  # held-out scenes for the final accuracies
     dense_weight: float = 0.0  # weight of dense_loss (0: region-caption contrast only, the shipped recipe)
+    position_init: str = "random"  # vision position embeddings at the start: one of POSITION_INITS
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "pool_size"):
@@ -98,6 +103,8 @@ class CLIPPretrainSettings:
         for name in ("expressions_per_scene", "warmup_steps", "eval_scenes", "seed", "dense_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.position_init not in POSITION_INITS:
+            raise ConfigError(f"position_init: expected one of {', '.join(POSITION_INITS)}, got {self.position_init!r}")
 
 
 @dataclass
@@ -444,6 +451,21 @@ def finished_clip_stage(
     )
 
 
+def start_with_sincos_positions(model: CLIP) -> None:
+    """Start the (learnable) vision position embeddings from 2-D sine-cosine codes (MAE's; a zero code
+    for the class token), in place.
+
+    From open_clip's random start a ViT sees its patches as an unordered set until it has learned
+    which are neighbours: colour and size (a patch count) need no order and are learned first, shape
+    (where the boundary patches lie relative to each other) waits. The codes give neighbourhoods from
+    the first step; they stay trainable, and the file is an ordinary open_clip state dict.
+    """
+    visual = model.visual
+    codes = get_2d_sincos_pos_embed(visual.positional_embedding.shape[1], visual.grid_size[0], cls_token=True)
+    with torch.no_grad():
+        visual.positional_embedding.copy_(torch.from_numpy(codes).to(visual.positional_embedding))
+
+
 def pretrain_clip(
     clip_custom: Mapping,
     surgery_blocks: int,
@@ -478,6 +500,8 @@ def pretrain_clip(
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     model = build_clip_model("custom", custom=clip_custom).to(device)
+    if settings.position_init == "sincos":
+        start_with_sincos_positions(model)
     backbone = CLIPSurgeryBackbone(model, surgery_blocks=surgery_blocks)
     model.requires_grad_(True)  # the backbone froze it for SSP-SAM; here it is what we train
     tokenizer = CLIPTokenizer(model.context_length, append_period=append_period)
