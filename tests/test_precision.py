@@ -22,9 +22,11 @@ def native_bf16(monkeypatch):
     return set_native
 
 
-def test_auto_on_cpu_follows_native_bf16(native_bf16):
+def test_auto_on_cpu_is_fp32(native_bf16):
+    """bf16 autocast made the training step slower than fp32 even on a native-bf16 CPU (benchmarks/README.md)."""
     native_bf16(True)
-    assert resolve_precision("auto", CPU).name == "bf16"
+    chosen = resolve_precision("auto", CPU)
+    assert chosen.name == "fp32" and "bf16 if asked" in chosen.reason
     native_bf16(False)
     chosen = resolve_precision("auto", CPU)
     assert chosen.name == "fp32" and "without native bf16" in chosen.reason
