@@ -45,7 +45,7 @@ step "evaluation of the trained checkpoint on $device"
 "$python" scripts/eval.py checkpoint="$out/run/best" dataset=shapeworld dataset.root="$out/data" \
     dataset.split=test device="$device" cache_dir="$out/cache" metrics_out="$out/results_test.json"
 
-for bench in bench_train_step bench_eval_shared bench_shared_encoders; do
+for bench in bench_train_step bench_eval_shared bench_shared_encoders bench_sam_encoder; do
     step "benchmark $bench --device $device ${quick[*]}"
     "$python" "benchmarks/$bench.py" --device "$device" "${quick[@]}" --out "$out/$bench.json"
 done
