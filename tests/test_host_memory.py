@@ -26,7 +26,7 @@ PROBE = textwrap.dedent(
         x = torch.ones(8, 32, 256, 256)
         (x * 2).relu().sum()
     faults = []
-    for _ in range(8):
+    for _ in range(12):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         step()
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -48,9 +48,10 @@ def test_repeated_steps_stop_page_faulting():
     assert kept["applied"] and not default["applied"]
     # glibc's default maps every large block afresh: each step faults on all its pages again.
     assert min(default["faults"][1:]) >= 0.9 * STEP_PAGES
-    # Kept: once the heap holds the step's blocks (a few steps), later steps reuse them; over the
-    # last four steps at most a step's worth of faults (glibc's default: four steps' worth).
-    assert sum(kept["faults"][-4:]) < STEP_PAGES
+    # Kept: once the heap holds the step's blocks (a few steps), later steps reuse them. From the
+    # third step on, at most a quarter of the default's faults (seen: none at all on an idle machine;
+    # on a loaded one, now and then a step re-faults its blocks once).
+    assert sum(kept["faults"][2:]) < 0.25 * sum(default["faults"][2:])
 
 
 # With freed memory kept, a 128 MiB free heap, then two forked children (like data-loader workers)

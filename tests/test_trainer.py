@@ -168,8 +168,9 @@ def test_resume_equals_uninterrupted_run(shapeworld_root, tmp_path):
 def test_resume_after_kill_mid_epoch(shapeworld_root, tmp_path):
     """SIGKILL during the second epoch, then resume=true: the result equals an uninterrupted run."""
     cache = tmp_path / "cache"
-    reference = Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "ref", cache, "train.max_steps_per_epoch=null"))).fit()
-    overrides = train_overrides(shapeworld_root, tmp_path / "killed", cache, "train.max_steps_per_epoch=null")
+    reference = Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "ref", cache, "train.max_steps_per_epoch=null", "train.log_every=1"))).fit()
+    # log_every=1: a line per step, so the kill lands inside epoch 1 and not after its save.
+    overrides = train_overrides(shapeworld_root, tmp_path / "killed", cache, "train.max_steps_per_epoch=null", "train.log_every=1")
     process = subprocess.Popen(
         [sys.executable, str(REPO / "scripts" / "train.py"), *overrides],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
