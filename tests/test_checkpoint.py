@@ -140,7 +140,8 @@ def test_release_file_as_train_py_writes_it(release):
     """{"model", "optimizer", "lr_scheduler", "epoch", "args"} loads with argparse.Namespace allowed, and
     what the run's arguments say is kept."""
     path, state, _ = release
-    container = torch.load(path, weights_only=False)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        container = torch.load(path, weights_only=True)
     assert set(container) == {"model", "optimizer", "lr_scheduler", "epoch", "args"}
     assert isinstance(container["args"], argparse.Namespace) and container["optimizer"]["state"]
     with pytest.raises(pickle.UnpicklingError):

@@ -113,4 +113,4 @@ def test_all_reduce_sums_over_ranks(tmp_path):
         port = probe.getsockname()[1]
     mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
-        assert torch.load(tmp_path / f"rank{rank}.pt").tolist() == A_COUNTS
+        assert torch.load(tmp_path / f"rank{rank}.pt", weights_only=True).tolist() == A_COUNTS

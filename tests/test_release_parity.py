@@ -199,7 +199,7 @@ torch.set_num_threads(int(sys.argv[1]))
 from ssp_sam.checkpoint import load_model
 import json
 model = load_model(sys.argv[2], json.loads(sys.argv[3]), with_sam_image_encoder=False)
-pixels, tokens, embedding = torch.load(sys.argv[4])
+pixels, tokens, embedding = torch.load(sys.argv[4], weights_only=True)
 with torch.no_grad():
     torch.save(model(pixels, tokens, embedding).mask_logits, sys.argv[4] + ".out")
 """
@@ -221,6 +221,6 @@ def test_masks_do_not_depend_on_loading_twice_or_the_thread_count(tmp_path):
         capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stderr
-    other = torch.load(str(saved) + ".out")
+    other = torch.load(str(saved) + ".out", weights_only=True)
     assert torch.equal(other > 0, first > 0)
     assert float((other - first).abs().max()) < 1e-4
