@@ -25,6 +25,25 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
 
+def add_timing_arguments(parser: argparse.ArgumentParser, repeats: int, quick_help: str, name: str) -> None:
+    """The options every timed benchmark has: --device, --repeats, --quick (``quick_help``) and --out
+    (default benchmarks/results/<name>[_quick].json; filled in by :func:`finish_timing_arguments`)."""
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed rounds (the median is reported)")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", type=Path, default=None, help=f"JSON file (default benchmarks/results/{name}[_quick].json)")
+    parser.set_defaults(result_name=name)
+
+
+def finish_timing_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """After the benchmark's own --quick settings: --repeats checked, --out defaulted."""
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    if args.out is None:
+        args.out = RESULTS / f"{args.result_name}{'_quick' if args.quick else ''}.json"
+    return args
+
+
 def bench_model_config(quick: bool, **overrides: Any) -> ModelConfig:
     """SSP-SAM-224 with SAM ViT-B and random weights, or (``quick``) the tiny model of configs/model/tiny.yaml; then ``overrides``."""
     if quick:

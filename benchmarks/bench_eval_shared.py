@@ -46,7 +46,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
-from _common import REPO, RESULTS, add_allocator_flag, bench_model_config, seconds, set_up_host_memory, write_result
+from _common import REPO, add_allocator_flag, add_timing_arguments, finish_timing_arguments, bench_model_config, seconds, set_up_host_memory, write_result
 from release_baseline import ReleaseComputation
 from ssp_sam.backbones.clip_tokenizer import CLIPTokenizer
 from ssp_sam.backbones.sam import SAMImageTransform, padded_frame_to_original
@@ -75,21 +75,16 @@ IOU_ATOL, BOX_IOU_ATOL = 1e-3, 1e-4
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_timing_arguments(parser, 1, "smoke run: the tiny model of configs/model/tiny.yaml, 2 images", "eval_shared")
     parser.add_argument("--images", type=int, default=4, help="images evaluated, 8 expressions each")
-    parser.add_argument("--repeats", type=int, default=1, help="timed rounds (the median is reported)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="our precision (eval.precision)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: the tiny model of configs/model/tiny.yaml, 2 images")
-    parser.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/results/eval_shared[_quick].json)")
     add_allocator_flag(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.images, args.repeats = 2, 1
-    if args.images < 1 or args.repeats < 1:
-        parser.error("--images and --repeats must be at least 1")
-    if args.out is None:
-        args.out = RESULTS / ("eval_shared_quick.json" if args.quick else "eval_shared.json")
-    return args
+    if args.images < 1:
+        parser.error("--images must be at least 1")
+    return finish_timing_arguments(parser, args)
 
 
 def write_dataset(folder: Path, name: str, n_images: int, seed: int) -> ReferringDataset:

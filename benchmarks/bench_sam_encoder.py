@@ -26,14 +26,13 @@ import argparse
 import os
 import statistics
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from _common import RESULTS, add_allocator_flag, bench_model_config, seconds, set_up_host_memory, write_result
+from _common import add_allocator_flag, add_timing_arguments, finish_timing_arguments, bench_model_config, seconds, set_up_host_memory, write_result
 from ssp_sam.backbones.sam import SAMImageTransform, build_sam
 from ssp_sam.engine.precision import Precision, cpu_capability, cpu_has_native_bf16, resolve_precision
 from ssp_sam.predictor import resolve_device
@@ -45,19 +44,12 @@ POINT_PROMPTS = 5  # single positive clicks on the picture's shapes and backgrou
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--repeats", type=int, default=2, help="timed rounds (the median is reported)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: the tiny SAM of configs/model/tiny.yaml, one round")
-    parser.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/results/sam_encoder[_quick].json)")
+    add_timing_arguments(parser, 2, "smoke run: the tiny SAM of configs/model/tiny.yaml, one round", "sam_encoder")
     add_allocator_flag(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats = 1
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
-    if args.out is None:
-        args.out = RESULTS / ("sam_encoder_quick.json" if args.quick else "sam_encoder.json")
-    return args
+    return finish_timing_arguments(parser, args)
 
 
 def picture() -> tuple[np.ndarray, Tensor]:

@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from _common import REPO, RESULTS, seconds, write_result
+from _common import REPO, add_timing_arguments, finish_timing_arguments, seconds, write_result
 from ssp_sam.config import model_config_from
 from ssp_sam.model import build_model
 from ssp_sam.predictor import Predictor, resolve_device
@@ -59,24 +58,17 @@ EXPRESSIONS = [
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per K and path (the median is reported)")
+    add_timing_arguments(parser, 3, "smoke run: --sam-variant custom --repeats 1", "shared_encoders")
     parser.add_argument(
         "--sam-variant",
         default="vit_b",
         choices=("vit_b", "vit_l", "vit_h", "custom"),
         help="SAM image encoder; custom = the tiny SAM of configs/model/tiny.yaml",
     )
-    parser.add_argument("--quick", action="store_true", help="smoke run: --sam-variant custom --repeats 1")
-    parser.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/results/shared_encoders[_quick].json)")
     args = parser.parse_args(argv)
     if args.quick:
         args.sam_variant, args.repeats = "custom", 1
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
-    if args.out is None:
-        args.out = RESULTS / ("shared_encoders_quick.json" if args.quick else "shared_encoders.json")
-    return args
+    return finish_timing_arguments(parser, args)
 
 
 def build_predictor(sam_variant: str, device: torch.device) -> Predictor:

@@ -48,13 +48,12 @@ import copy
 import statistics
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from _common import RESULTS, add_allocator_flag, bench_model_config, seconds, set_up_host_memory, write_result
+from _common import add_allocator_flag, add_timing_arguments, finish_timing_arguments, bench_model_config, seconds, set_up_host_memory, write_result
 from release_baseline import ReleaseComputation
 from ssp_sam.backbones.clip_tokenizer import CLIPTokenizer
 from ssp_sam.engine.optim import parameter_groups
@@ -89,27 +88,20 @@ EXPRESSIONS = [
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (the median is reported)")
+    add_timing_arguments(parser, 3, "smoke run: the tiny model of configs/model/tiny.yaml, one repeat", "train_step")
     parser.add_argument("--batch-size", type=int, default=GOAL_BATCH, help="images per step (the goals are stated for 8)")
     parser.add_argument(
         "--precision", nargs="+", default=["auto"], choices=PRECISIONS,
         help="our precisions to time (train.precision); fp32 is what auto picks on an AVX2-only CPU",
     )
-    parser.add_argument("--quick", action="store_true", help="smoke run: the tiny model of configs/model/tiny.yaml, one repeat")
-    parser.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/results/train_step[_quick].json)")
     add_allocator_flag(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats = 1
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
     args.precision = list(dict.fromkeys(args.precision))
-    if args.out is None:
-        args.out = RESULTS / ("train_step_quick.json" if args.quick else "train_step.json")
-    return args
+    return finish_timing_arguments(parser, args)
 
 
 @dataclass
