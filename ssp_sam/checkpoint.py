@@ -201,7 +201,7 @@ def map_release_state_dict(state: Mapping[str, Tensor], source: str) -> dict[str
 
 
 def load_release_weights(model: SSPSAM, state: Mapping[str, Tensor], source: str) -> None:
-    """Load a released SSP-SAM state dict (see :func:`read_release_state_dict`) into ``model``.
+    """Load a released SSP-SAM state dict (see :func:`read_release_file`) into ``model``.
 
     SAM's image encoder is taken from the file when the model has one and the file carries it.
 
@@ -218,6 +218,10 @@ def load_release_weights(model: SSPSAM, state: Mapping[str, Tensor], source: str
 
 
 # ----------------------------------------------------------------------------- our checkpoints
+
+
+# Prefix of an encoder a checkpoint of ours may embed -> (its name, the config key of its weight file).
+_EMBEDDED_ENCODERS = {"clip.": ("CLIP", "model.clip_checkpoint"), "sam_image_encoder.": ("SAM image encoder", "model.sam_checkpoint")}
 
 
 def _embedded_prefixes(config: ModelConfig) -> tuple[str, ...]:
@@ -307,11 +311,12 @@ def load_own_weights(model: SSPSAM, path: str | os.PathLike) -> None:
         state = {k: v for k, v in state.items() if not k.startswith("sam_image_encoder.")}
     expected = {k: v for k, v in model.state_dict().items()}
     embedded = _embedded_prefixes(model.config)
-    if "sam_image_encoder." in embedded and model.sam_image_encoder is not None:
-        if not any(k.startswith("sam_image_encoder.") for k in state):
+    for prefix in embedded:  # an encoder neither stored nor named by a weight file: say what to give
+        if any(k.startswith(prefix) for k in expected) and not any(k.startswith(prefix) for k in state):
+            what, key = _EMBEDDED_ENCODERS[prefix]
             raise CheckpointError(
-                f"{weights}: the checkpoint carries no SAM image encoder and its config names no SAM weight file; "
-                "give model.sam_checkpoint=... (or train with train.save_encoders=true)"
+                f"{weights}: the checkpoint carries no {what} and its config names no {what.split()[0]} weight file; "
+                f"give {key}=... (or train with train.save_encoders=true)"
             )
     optional = tuple(p for p in _OPTIONAL_OURS if p not in embedded)
     check_state_dict(expected, state, str(weights), optional=optional)
@@ -362,7 +367,8 @@ def load_model(
         require_weight_files(config, ["clip"], reason=f" ({path} carries no CLIP: a release file's encoder.* entries are dropped)")
         if with_encoder and not carries_sam_encoder:
             require_weight_files(config, ["sam"], reason=f" ({path} carries no SAM image encoder)")
-        model = build_model(replace(config, release_quirks=True), with_sam_image_encoder=with_encoder, without_weight_files=("sam",))
+        # Both checked just above, with the reason a release file cannot provide them.
+        model = build_model(replace(config, release_quirks=True), with_sam_image_encoder=with_encoder, without_weight_files=("clip", "sam"))
         load_release_weights(model, state, str(path))
     return model.to(device).eval()
 

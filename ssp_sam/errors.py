@@ -31,3 +31,9 @@ class DatasetError(SSPSAMError):
 
 class CacheError(SSPSAMError):
     """An embedding cache that cannot be used (wrong encoder, unreadable index)."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty), for one-line errors."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 
 # Legacy storage class names that torch's picklers write into each storage's persistent id.
 _STORAGE_DTYPES = {
@@ -289,5 +289,4 @@ def read_torchscript_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         ) from None
     except (pickle.UnpicklingError, zipfile.BadZipFile, SyntaxError, ValueError, TypeError, KeyError,
             AttributeError, IndexError, EOFError, RecursionError, UnicodeDecodeError, RuntimeError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path}: not a readable TorchScript archive ({reason})") from None
+        raise CheckpointError(f"{path}: not a readable TorchScript archive ({first_line(error)})") from None

@@ -29,15 +29,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 from .safe_pickle import is_torchscript_archive, read_torchscript_state_dict
 
 _REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def read_weights(
@@ -71,7 +66,7 @@ def read_weights(
         try:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as error:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(error)})") from None
+            raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(error)})") from None
     if is_torchscript_archive(path):
         return read_torchscript_state_dict(path)
     try:
@@ -80,7 +75,7 @@ def read_weights(
     except pickle.UnpicklingError as error:
         refused = _REFUSED_GLOBAL.search(str(error))
         if refused is None:
-            raise CheckpointError(f"{path}: not a readable torch checkpoint ({_first_line(error)})") from None
+            raise CheckpointError(f"{path}: not a readable torch checkpoint ({first_line(error)})") from None
         name = refused.group(1)
         if name == "argparse.Namespace":  # a training script's run arguments beside the weights
             raise CheckpointError(
@@ -93,7 +88,7 @@ def read_weights(
             f"plain containers{allowed}; nothing was run)"
         ) from None
     except Exception as error:  # torch.load raises many types (IndexError, RuntimeError, ...) on foreign files
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({_first_line(error)})") from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({first_line(error)})") from None
 
 
 def require_finite(tensors: Mapping[str, Tensor], source: str | os.PathLike) -> None:

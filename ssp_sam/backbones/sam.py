@@ -26,6 +26,7 @@ from typing import Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from segment_anything.modeling import (
     ImageEncoderViT,
     MaskDecoder,
@@ -363,6 +364,24 @@ def padded_frame_to_original(
     if logits.shape[-2:] != (half, half):
         raise ValueError(f"logits: expected a padded frame {half}x{half}, got {tuple(logits.shape)}")
     return F.interpolate(valid_region(logits, input_size), tuple(original_size), mode="bilinear", align_corners=False)
+
+
+def release_gt_frame(mask: np.ndarray, image_size: int) -> np.ndarray:
+    """A GT mask (H, W) -> bool (S/2, S/2) as the release builds it for evaluation and training.
+
+    The release (datasets/transforms.py SAMMaskResize, then datasets/dataset.py) turns the 0/1 mask
+    into a float32 PIL image (mode "F": torchvision 0.16's ``to_pil_image`` keeps float32 arrays
+    unscaled), resizes it to ResizeLongestSide's (h, w) with PIL's bilinear filter and keeps every
+    pixel > 0 (so the edges grow by up to the filter's reach), pads it with zeros to S x S
+    (bottom and right), and resizes that to S/2 x S/2 with torch's legacy "nearest" (source pixel
+    floor(2 i): the even rows and columns).
+    """
+    height, width = ResizeLongestSide.get_preprocess_shape(mask.shape[0], mask.shape[1], image_size)
+    image = Image.fromarray(np.asarray(mask, dtype=bool).astype(np.float32))  # float32 -> mode "F"
+    resized = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR)) > 0
+    padded = np.zeros((image_size, image_size), dtype=bool)
+    padded[:height, :width] = resized
+    return padded[::2, ::2]
 
 
 def mask_to_padded_frame(mask: np.ndarray, image_size: int) -> torch.Tensor:

@@ -28,8 +28,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..backbones.clip_tokenizer import CLIPTokenizer
-from ..backbones.sam import mask_to_padded_frame
-from ..engine.protocols import release_gt_frame
+from ..backbones.sam import mask_to_padded_frame, release_gt_frame
 from ..errors import ConfigError, DatasetError
 from ..image_io import load_image
 from ..letterbox import fixed_placements, letterbox_image
@@ -38,7 +37,7 @@ from .records import ReferringDataset, ReferringSample
 
 
 def release_mask_target(mask: np.ndarray, sam_image_size: int) -> Tensor:
-    """The release's training target: its GT processing (``protocols.release_gt_frame``) as 0/1 float (S/2, S/2)."""
+    """The release's training target: its GT processing (``backbones.sam.release_gt_frame``) as 0/1 float (S/2, S/2)."""
     return torch.from_numpy(release_gt_frame(mask, sam_image_size)).float()
 
 

@@ -16,6 +16,8 @@ from typing import Callable, TypeVar
 import torch
 from torch._dynamo.exc import BackendCompilerFailed
 
+from ..errors import first_line
+
 Function = TypeVar("Function", bound=Callable)
 
 
@@ -49,5 +51,5 @@ def compiled_or_eager(function: Function, what: str) -> Function:
 
 
 def _warn(what: str, error: BaseException) -> None:
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    reason = first_line(error)
     warnings.warn(f"{what}: torch.compile is not available here ({reason[:200]}); running eagerly", stacklevel=3)

@@ -222,7 +222,7 @@ class _PreparedImages(Dataset):
     def __getitem__(self, index: int) -> tuple[int, PreparedImage | SSPSAMError]:
         path = self.paths[index]
         try:
-            embedding = self.cache.get(path) if self.cache is not None else None
+            embedding = self.cache.get(path, dtype=None) if self.cache is not None else None  # storage dtype: converted on the device
             return index, self.preparer(path, sam_embedding=embedding)
         except SSPSAMError as error:
             return index, error

@@ -27,8 +27,8 @@ import pycocotools.mask as mask_utils
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from segment_anything.utils.transforms import ResizeLongestSide
 
+from ..backbones.sam import release_gt_frame
 from ..data.masks import CocoSegmentationMask, segmentation_to_rles
 from ..data.records import ReferringSample
 from ..errors import ConfigError, DatasetError
@@ -43,24 +43,6 @@ def check_protocol(name: object) -> str:
     if name not in PROTOCOLS:
         raise ConfigError(f"protocol: unknown protocol {name!r}; expected one of {', '.join(PROTOCOLS)}")
     return name
-
-
-def release_gt_frame(mask: np.ndarray, image_size: int) -> np.ndarray:
-    """A GT mask (H, W) -> bool (S/2, S/2) as the release builds it for evaluation and training.
-
-    The release (datasets/transforms.py SAMMaskResize, then datasets/dataset.py) turns the 0/1 mask
-    into a float32 PIL image (mode "F": torchvision 0.16's ``to_pil_image`` keeps float32 arrays
-    unscaled), resizes it to ResizeLongestSide's (h, w) with PIL's bilinear filter and keeps every
-    pixel > 0 (so the edges grow by up to the filter's reach), pads it with zeros to S x S
-    (bottom and right), and resizes that to S/2 x S/2 with torch's legacy "nearest" (source pixel
-    floor(2 i): the even rows and columns).
-    """
-    height, width = ResizeLongestSide.get_preprocess_shape(mask.shape[0], mask.shape[1], image_size)
-    image = Image.fromarray(np.asarray(mask, dtype=bool).astype(np.float32))  # float32 -> mode "F"
-    resized = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR)) > 0
-    padded = np.zeros((image_size, image_size), dtype=bool)
-    padded[:height, :width] = resized
-    return padded[::2, ::2]
 
 
 def _nearest_resize(mask: np.ndarray, size: int) -> np.ndarray:

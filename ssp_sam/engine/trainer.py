@@ -393,7 +393,8 @@ class Trainer:
         for the device. Returns the loss terms (0-dim, detached, on the device).
         """
         tokens, clip_pixels = batch["tokens"], batch["clip_pixels"]  # on the CPU: the caches key them without a device sync
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        keyed = {"tokens": self.text_cache, "clip_pixels": self.image_cache}  # what a cache encodes from the CPU copy
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if keyed.get(k) is None}
         sam_embedding = batch.get("sam_embedding")
         if sam_embedding is not None:
             sam_embedding = sam_embedding.float()  # stored as fp16/bf16/fp32 in the cache, converted here

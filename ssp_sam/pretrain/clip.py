@@ -40,7 +40,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Mapping
+from typing import Mapping, Optional
 
 import numpy as np
 import torch
@@ -193,7 +193,8 @@ class ContrastiveBatch:
 
     pixels: (B, 3, S, S); coverage: (R, N); region_image: (R,) scene of each region;
     tokens: (C, L); positives, valid: (C, R) bool, positives a subset of valid;
-    dense_targets: (B, N, len(DENSE_CLASS_NAMES)) share of each patch covered by each class (rows sum to 1).
+    dense_targets: (B, N, len(DENSE_CLASS_NAMES)) share of each patch covered by each class (rows sum to
+        1), or None when the dense term is off.
     """
 
     pixels: Tensor
@@ -202,20 +203,22 @@ class ContrastiveBatch:
     tokens: Tensor
     positives: Tensor
     valid: Tensor
-    dense_targets: Tensor
+    dense_targets: Optional[Tensor]
 
     def to(self, device: torch.device | str) -> "ContrastiveBatch":
-        return ContrastiveBatch(*(getattr(self, name).to(device) for name in self.__dataclass_fields__))
+        values = (getattr(self, name) for name in self.__dataclass_fields__)
+        return ContrastiveBatch(*(None if value is None else value.to(device) for value in values))
 
 
 def contrastive_batch(
-    scenes: Sequence[GroundingScene], rng: np.random.Generator, expressions_per_scene: int, description_tokens: Tensor
+    scenes: Sequence[GroundingScene], rng: np.random.Generator, expressions_per_scene: int, description_tokens: Tensor,
+    dense: bool = True,
 ) -> ContrastiveBatch:
     """The captions of one step: all 96 descriptions, and per scene some of its expressions.
 
     Captions: the descriptions in :data:`DESCRIPTIONS` order, then the expressions scene after
     scene. Regions: each scene's K objects then its background, scene after scene. See the module
-    docstring for which pairs are valid and positive.
+    docstring for which pairs are valid and positive. ``dense``: also the dense term's patch targets.
     """
     region_codes, region_image, first_region = [], [], []
     for index, scene in enumerate(scenes):
@@ -242,7 +245,9 @@ def contrastive_batch(
         tokens=torch.stack(tokens),
         positives=torch.stack(positives),
         valid=torch.stack(valid),
-        dense_targets=torch.stack([patch_class_shares(scene.coverage, region_classes(scene.codes)) for scene in scenes]),
+        dense_targets=torch.stack([patch_class_shares(scene.coverage, region_classes(scene.codes)) for scene in scenes])
+        if dense
+        else None,
     )
 
 
@@ -518,7 +523,7 @@ def pretrain_clip(
 
     def train_step(step: int) -> float:
         scenes = [pool[index] for index in rng.choice(len(pool), size=settings.batch_size, replace=False)]
-        batch = contrastive_batch(scenes, rng, settings.expressions_per_scene, description_tokens).to(device)
+        batch = contrastive_batch(scenes, rng, settings.expressions_per_scene, description_tokens, settings.dense_weight > 0).to(device)
         terms = training_losses(backbone, batch, class_tokens, settings.dense_weight)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..errors import ConfigError, SSPSAMError
+from ..errors import ConfigError, SSPSAMError, first_line
 from ..fileio import atomic_path, write_json
 from ..weight_files import read_weights
 
@@ -82,10 +82,6 @@ class StageProgress:
     losses: list[float]
     finished: bool
 
-    @property
-    def steps_done(self) -> int:
-        return len(self.losses)
-
 
 def save_state(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule, rng: np.random.Generator, losses: list[float]
@@ -116,9 +112,8 @@ def load_state(
         torch.set_rng_state(state["torch_rng"])
         return [float(loss) for loss in state["losses"]]
     except (KeyError, RuntimeError, ValueError, TypeError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(
-            f"{path}: not the state of this stage ({first_line}); delete it or run with resume=false"
+            f"{path}: not the state of this stage ({first_line(error)}); delete it or run with resume=false"
         ) from None
 
 
