@@ -1,0 +1,1 @@
+"""Training, evaluation and checkpoints of the OVSS models (``scripts/train.py experiment=ovss_*``, ``scripts/eval.py``)."""

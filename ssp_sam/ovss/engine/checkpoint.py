@@ -1,0 +1,194 @@
+"""Saving and loading a trained OVSS model (CAT-Seg, CAT-Seg + SAM vote, SAM-MI): one place for both.
+
+A checkpoint is a directory, as for SSP-SAM (``ssp_sam/checkpoint.py``)::
+
+    <dir>/model.safetensors   the weights (see below what is left out)
+    <dir>/config.json         {"format": "ssp_sam.ovss", "ovss_model": the OVSSModelConfig,
+                               "class_names": the training vocabulary, + the run's entries}
+    <dir>/trainer_state.pt    training runs' last/ only: optimizer, schedule, RNG, iteration
+                              (tensors and plain containers: loads with weights_only=True)
+
+What the weights hold: everything trained (CAT-Seg's modules, TSPP, DMI, CLIP's q/v and position
+embeddings). The frozen encoders are stored only when no weight file names them: CLIP's frozen
+weights when ``clip.checkpoint`` is null, SAM (``proposer.*``) when ``sam.checkpoint`` is null, or
+both with ``embed_encoders=True`` (which also drops the files' paths from the stored config, so the
+directory is self-contained, as the shipped ShapeWorld model must be). A ViT-L CLIP or a SAM ViT-H is
+not copied into every checkpoint of a run: they come from their own files at load time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ...errors import CheckpointError
+from ...fileio import atomic_directory
+from ...state_dicts import mismatch_report
+from ...weight_files import read_weights, require_finite
+from ..build import build_ovss_model
+from ..model import OVSSModel
+from ..model_config import OVSSModelConfig, ovss_config_from
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TRAINER_STATE_FILE = "trainer_state.pt"
+FORMAT = "ssp_sam.ovss"
+
+CLIP_PREFIX = "catseg.clip.clip."
+SAM_PREFIX = "proposer."
+TSPP_PREFIX = "tspp."
+
+
+@dataclass
+class LoadedOVSSModel:
+    """What :func:`load_ovss_model` returns."""
+
+    model: OVSSModel  # on the requested device, in eval mode
+    config: OVSSModelConfig  # as built (stored config + overrides)
+    class_names: tuple[str, ...]  # the vocabulary it was trained on (a default; any list can be prompted)
+    info: dict[str, Any]  # config.json's other entries (run config, iteration, metrics)
+
+
+def _frozen_from_files(model: OVSSModel, config: OVSSModelConfig) -> set[str]:
+    """State-dict keys whose values come from a weight file the config names (not stored, not required).
+
+    CLIP's frozen weights when ``clip.checkpoint`` is set (its trained q/v and position embeddings are
+    always stored), all of SAM when ``sam.checkpoint`` is set.
+    """
+    trained = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    keys = set()
+    for key in model.state_dict():
+        if config.clip.checkpoint is not None and key.startswith(CLIP_PREFIX) and key not in trained:
+            keys.add(key)
+        if config.sam.checkpoint is not None and key.startswith(SAM_PREFIX):
+            keys.add(key)
+    return keys
+
+
+def save_ovss_checkpoint(
+    model: OVSSModel,
+    directory: str | os.PathLike,
+    class_names: Sequence[str],
+    extra: Mapping[str, Any] | None = None,
+    embed_encoders: bool = False,
+    trainer_state: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` as ``directory`` (weights, config.json, optionally trainer_state.pt), atomically.
+
+    Args:
+        class_names: the vocabulary it was trained on (stored, returned by :func:`load_ovss_model`).
+        extra: more JSON entries for config.json (the run config, iteration, metrics).
+        embed_encoders: store the frozen encoders too and drop their file paths from the stored config.
+        trainer_state: the trainer's resumable state (tensors and plain containers only).
+    """
+    config = model.config
+    left_out = set() if embed_encoders else _frozen_from_files(model, config)
+    if embed_encoders:
+        config = replace(config, clip=replace(config.clip, checkpoint=None), sam=replace(config.sam, checkpoint=None))
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in left_out}
+    stored = {"format": FORMAT, "ovss_model": config.to_dict(), "class_names": list(class_names), **(extra or {})}
+    with atomic_directory(directory) as tmp:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+        (tmp / CONFIG_FILE).write_text(json.dumps(stored, indent=2) + "\n")
+        if trainer_state is not None:
+            torch.save(dict(trainer_state), tmp / TRAINER_STATE_FILE)
+    return Path(directory)
+
+
+def is_ovss_checkpoint(path: str | os.PathLike) -> bool:
+    """True for a directory (or its model.safetensors) whose config.json says it holds an OVSS model."""
+    path = Path(path)
+    config = (path if path.is_dir() else path.parent) / CONFIG_FILE
+    try:
+        return json.loads(config.read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def read_ovss_checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
+    """config.json of an OVSS checkpoint (directory or its model.safetensors).
+
+    Raises:
+        CheckpointError: missing, unreadable, or not an OVSS checkpoint.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    config_path = (path if path.is_dir() else path.parent) / CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path}: config file of the checkpoint not found")
+    try:
+        stored = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
+    if not isinstance(stored, dict) or stored.get("format") != FORMAT or not isinstance(stored.get("ovss_model"), dict):
+        raise CheckpointError(f"{config_path}: not an OVSS checkpoint (no 'format': '{FORMAT}' with an 'ovss_model' section)")
+    return stored
+
+
+def read_ovss_trainer_state(directory: str | os.PathLike) -> dict[str, Any]:
+    """The resumable trainer state beside a checkpoint's weights (``weights_only=True``)."""
+    return read_weights(Path(directory) / TRAINER_STATE_FILE, "trainer state")
+
+
+def load_ovss_weights(model: OVSSModel, path: str | os.PathLike) -> None:
+    """Load a checkpoint's weights into ``model``, checking every key and shape.
+
+    Keys that come from a weight file named by the model's config may be absent; every other key must
+    be there. A SAM-MI trained with TSPP and built with ``points=grid`` (the dense-grid ablation of the
+    same weights) ignores the TSPP heads. Raises CheckpointError naming the file and the keys (or the weight file to give).
+    """
+    path = Path(path)
+    weights = path / WEIGHTS_FILE if path.is_dir() else path
+    state: dict[str, Tensor] = read_weights(weights, "OVSS checkpoint")
+    require_finite(state, weights)
+    if model.config.variant == "sam_mi" and not model.config.uses_tspp:  # a TSPP-trained SAM-MI run with the dense grid
+        state = {k: v for k, v in state.items() if not k.startswith(TSPP_PREFIX)}
+    expected = model.state_dict()
+    from_files = _frozen_from_files(model, model.config)
+    trained = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    for prefix, what, key in ((CLIP_PREFIX, "CLIP", "clip"), (SAM_PREFIX, "SAM", "sam")):
+        frozen = [k for k in expected if k.startswith(prefix) and k not in trained and k not in from_files]
+        if frozen and not any(k in state for k in frozen):  # an encoder neither stored nor named by a file
+            raise CheckpointError(
+                f"{weights}: the checkpoint carries no frozen {what} weights and its config names no {what} weight file; "
+                f"give ovss_model.{key}.checkpoint=..."
+            )
+    report = mismatch_report(state, expected, required=lambda k: k not in from_files)
+    if report:
+        raise CheckpointError(f"{weights}: checkpoint does not fit this model; {report}")
+    model.load_state_dict(state, strict=False)
+
+
+def load_ovss_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu", overrides: Mapping[str, Any] | None = None
+) -> LoadedOVSSModel:
+    """Build the model a checkpoint describes and load its weights.
+
+    Args:
+        path: the checkpoint directory (or its model.safetensors).
+        device: where the model goes (returned in eval mode).
+        overrides: changes to the stored model config, e.g. ``{"sam": {"checkpoint": "/weights/sam_vit_b.pth"}}``
+            for weight files that moved, or ``{"points": "grid"}`` for the dense-grid ablation.
+
+    Raises:
+        CheckpointError: not an OVSS checkpoint, unreadable, keys or shapes that do not fit, NaN/Inf weights.
+        ConfigError: overrides with unknown keys or impossible values.
+    """
+    stored = read_ovss_checkpoint_config(path)
+    config = ovss_config_from(stored["ovss_model"], **dict(overrides or {}))
+    # Encoders without a weight file are built empty and filled from the checkpoint (load_ovss_weights checks).
+    model = build_ovss_model(replace(config, random_encoders=True))
+    model.config = config
+    load_ovss_weights(model, path)
+    info = {k: v for k, v in stored.items() if k not in ("format", "ovss_model", "class_names")}
+    names = stored.get("class_names") or ()
+    return LoadedOVSSModel(model.to(device).eval(), config, tuple(str(name) for name in names), info)
