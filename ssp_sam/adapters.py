@@ -13,6 +13,8 @@ from segment_anything.modeling.mask_decoder import MLP
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .attention import multi_head_attention
+
 
 def minmax_normalise(x: Tensor, dim: int = -1) -> Tensor:
     """Rescale ``x`` to [0, 1] along ``dim``; a constant slice maps to 0 instead of NaN."""
@@ -120,7 +122,7 @@ class VisualAttentionAdapter(nn.Module):
         queries = self.query_mlp(patches * similarity.unsqueeze(-1))
         fused = self.norm(queries)
         if self.verification:
-            attended, _ = self.text_attention(queries, words, words, key_padding_mask=word_padding, need_weights=False)
+            attended = multi_head_attention(self.text_attention, queries, words, words, key_padding_mask=word_padding)
             score = F.cosine_similarity(self.query_proj(queries), self.attended_text_proj(attended), dim=-1)
             if self.gaussian:
                 score = self.gauss_scale * torch.exp(-((1.0 - score) ** 2) / (2.0 * self.gauss_sigma**2))

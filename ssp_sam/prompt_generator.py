@@ -16,6 +16,8 @@ from segment_anything.modeling.mask_decoder import MLP
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .attention import multi_head_attention
+
 
 class MultimodalFusion(nn.Module):
     """m = Linear(tanh(visual) * tanh(phrase)): one multimodal token per CLIP patch.
@@ -50,7 +52,7 @@ class PostNormEncoderLayer(nn.Module):
     def forward(self, x: Tensor, pos: Tensor) -> Tensor:
         """x: (B, S, C) tokens; pos: (1 or B, S, C) positional embedding. Returns (B, S, C)."""
         q = k = x + pos
-        x = self.norm1(x + self.dropout(self.self_attn(q, k, x, need_weights=False)[0]))
+        x = self.norm1(x + self.dropout(multi_head_attention(self.self_attn, q, k, x)))
         return self.norm2(x + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x))))))
 
 
@@ -71,8 +73,8 @@ class PostNormDecoderLayer(nn.Module):
     def forward(self, queries: Tensor, query_pos: Tensor, memory: Tensor, memory_pos: Tensor) -> Tensor:
         """queries: (B, Q, C); memory: (B, M, C); positions broadcastable to them. Returns (B, Q, C)."""
         q = k = queries + query_pos
-        x = self.norm1(queries + self.dropout(self.self_attn(q, k, queries, need_weights=False)[0]))
-        attended = self.cross_attn(x + query_pos, memory + memory_pos, memory, need_weights=False)[0]
+        x = self.norm1(queries + self.dropout(multi_head_attention(self.self_attn, q, k, queries)))
+        attended = multi_head_attention(self.cross_attn, x + query_pos, memory + memory_pos, memory)
         x = self.norm2(x + self.dropout(attended))
         return self.norm3(x + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x))))))
 

@@ -129,17 +129,18 @@ def test_cls_token_is_open_clip_image_embedding(tiny_model, pixels, surgery_bloc
 
 
 def test_blocks_before_the_dual_ones_are_unchanged(tiny_model, pixels):
-    last_plain_block = tiny_model.visual.transformer.resblocks[1]
-    outputs = []
-    handle = last_plain_block.register_forward_hook(lambda _, __, output: outputs.append(output))
+    # The first dual block's ln_1 reads the output of the last plain block, in open_clip's forward and in ours.
+    first_dual_norm = tiny_model.visual.transformer.resblocks[2].ln_1
+    inputs = []
+    handle = first_dual_norm.register_forward_pre_hook(lambda _, args: inputs.append(args[0]))
     try:
         with torch.no_grad():
             tiny_model.encode_image(pixels)
         CLIPSurgeryBackbone(tiny_model, surgery_blocks=1).encode_image(pixels)
     finally:
         handle.remove()
-    assert len(outputs) == 2
-    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=1e-6)
+    assert len(inputs) == 2
+    torch.testing.assert_close(inputs[1], inputs[0], rtol=0, atol=1e-6)
 
 
 def test_no_surgery_blocks_gives_open_clip_tokens(tiny_model, pixels):

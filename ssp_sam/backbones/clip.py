@@ -22,7 +22,9 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 
+from ..attention import in_projection, multi_head_attention, out_projection
 from ..errors import ConfigError, ExpressionError, ImageError
+from .clip_stem import ConvStem
 from .clip_weights import load_clip_weights
 
 OPEN_CLIP_ARCHS = ("ViT-B-16", "ViT-L-14-336")
@@ -39,7 +41,9 @@ _CUSTOM_REQUIRED = (
     "text_layers",
     "text_heads",
 )
-_CUSTOM_DEFAULTS = {"context_length": 77, "vocab_size": 49408}
+# stem: "patch" (open_clip's single patchify convolution) or "conv" (ConvStem: 3x3 convolutions, clip_stem.py).
+_CUSTOM_DEFAULTS = {"context_length": 77, "vocab_size": 49408, "stem": "patch"}
+CUSTOM_STEMS = ("patch", "conv")
 
 
 
@@ -61,8 +65,9 @@ def build_clip_model(
             checkpoint ({"state_dict": ...}, "module." prefixes allowed) or a ``.safetensors`` file.
             None keeps the random initialisation (tests, benchmarks).
         custom: for arch "custom": embed_dim, image_size, patch_size, vision_width, vision_layers,
-            vision_head_width, text_width, text_layers, text_heads, and optionally context_length (77)
-            and vocab_size (49408, the BPE tokenizer's vocabulary).
+            vision_head_width, text_width, text_layers, text_heads, and optionally context_length (77),
+            vocab_size (49408, the BPE tokenizer's vocabulary) and stem ("patch", open_clip's, or
+            "conv": :class:`ConvStem` in place of ``visual.conv1``).
 
     Returns:
         The model in eval mode with ``requires_grad`` False on every parameter.
@@ -73,7 +78,12 @@ def build_clip_model(
         config = open_clip.get_model_config(arch)
         model = CLIP(**config, quick_gelu=True)
     elif arch == CUSTOM_ARCH:
-        model = CLIP(**_custom_config(custom), quick_gelu=True)
+        config = _custom_config(custom)
+        stem = config.pop("stem")
+        model = CLIP(**config, quick_gelu=True)
+        if stem == "conv":
+            vision = config["vision_cfg"]
+            model.visual.conv1 = ConvStem(vision.width, vision.patch_size)
     else:
         raise ConfigError(f"unknown CLIP arch {arch!r}; expected one of {(*OPEN_CLIP_ARCHS, CUSTOM_ARCH)}")
 
@@ -86,7 +96,7 @@ def build_clip_model(
 
 
 def _custom_config(custom: Mapping | None) -> dict:
-    """Turn the flat "custom" mapping into open_clip's CLIP keyword arguments."""
+    """Turn the flat "custom" mapping into open_clip's CLIP keyword arguments, plus "stem"."""
     if custom is None:
         raise ConfigError("CLIP arch 'custom' needs the 'custom' mapping of sizes")
     values = {**_CUSTOM_DEFAULTS, **dict(custom)}
@@ -94,6 +104,8 @@ def _custom_config(custom: Mapping | None) -> dict:
     unknown = sorted(set(values) - set(_CUSTOM_REQUIRED) - set(_CUSTOM_DEFAULTS))
     if missing or unknown:
         raise ConfigError(f"custom CLIP config: missing keys {missing}, unknown keys {unknown}")
+    if values["stem"] not in CUSTOM_STEMS:
+        raise ConfigError(f"custom CLIP config: stem must be one of {', '.join(CUSTOM_STEMS)}, got {values['stem']!r}")
     divisible = (("vision_width", "vision_head_width"), ("text_width", "text_heads"), ("image_size", "patch_size"))
     for size, divisor in divisible:
         if values[size] % values[divisor]:
@@ -114,7 +126,7 @@ def _custom_config(custom: Mapping | None) -> dict:
         heads=values["text_heads"],
         layers=values["text_layers"],
     )
-    return {"embed_dim": values["embed_dim"], "vision_cfg": vision_cfg, "text_cfg": text_cfg}
+    return {"embed_dim": values["embed_dim"], "vision_cfg": vision_cfg, "text_cfg": text_cfg, "stem": values["stem"]}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -141,8 +153,8 @@ class CLIPSurgeryBackbone(nn.Module):
         if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None or visual.pool_type != "tok":
             raise ConfigError("CLIPSurgeryBackbone needs an open_clip CLIP with a plain ViT image tower")
         blocks = visual.transformer.resblocks
-        if not all(isinstance(block, ResidualAttentionBlock) for block in blocks):
-            raise ConfigError("CLIPSurgeryBackbone needs open_clip's default ResidualAttentionBlock vision blocks")
+        if not all(isinstance(block, ResidualAttentionBlock) for block in [*blocks, *model.transformer.resblocks]):
+            raise ConfigError("CLIPSurgeryBackbone needs open_clip's default ResidualAttentionBlock in both towers")
         if not 0 <= surgery_blocks <= len(blocks):
             raise ConfigError(f"surgery_blocks={surgery_blocks} must lie in [0, {len(blocks)}] (vision blocks)")
         self.clip = model
@@ -221,14 +233,18 @@ class CLIPSurgeryBackbone(nn.Module):
         x = visual.patch_dropout(x)
         return visual.ln_pre(x)
 
-    def _run_plain_blocks(self, x: Tensor, blocks: nn.ModuleList) -> Tensor:
-        """Unchanged open_clip blocks (no attention mask for vision), in the transformer's own layout."""
-        sequence_first = not self.clip.visual.transformer.batch_first
-        if sequence_first:
-            x = x.transpose(0, 1)
+    @staticmethod
+    def _run_plain_blocks(x: Tensor, blocks: nn.ModuleList, attn_mask: Tensor | None = None) -> Tensor:
+        """open_clip's ResidualAttentionBlock forward, batch first, with fused attention (ssp_sam/attention.py).
+
+        Args:
+            x: (B, T, width); attn_mask: (T, T) additive (the text tower's causal mask) or None.
+        """
         for block in blocks:
-            x = block(x)
-        return x.transpose(0, 1) if sequence_first else x
+            normed = block.ln_1(x)
+            x = x + block.ls_1(multi_head_attention(block.attn, normed, normed, normed, attn_mask=attn_mask))
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        return x
 
     @staticmethod
     def _dual_attention(block: ResidualAttentionBlock, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -241,18 +257,11 @@ class CLIPSurgeryBackbone(nn.Module):
             Two (B, T, width) tensors: softmax(q k^T d^-0.5) v and softmax(v v^T d^-0.5) v, per head.
         """
         attention = block.attn
-        batch, length, width = x.shape
-        heads = attention.num_heads
-        qkv = F.linear(x, attention.in_proj_weight, attention.in_proj_bias)
-        q, k, v = qkv.reshape(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
-
-        def project(per_head: Tensor) -> Tensor:
-            return attention.out_proj(per_head.transpose(1, 2).reshape(batch, length, width))
-
+        q, k, v = in_projection(attention, x, x, x)
         # scaled_dot_product_attention scales by head_dim ** -0.5 by default.
         standard = F.scaled_dot_product_attention(q, k, v)
         value_value = F.scaled_dot_product_attention(v, v, v)
-        return project(standard), project(value_value)
+        return out_projection(attention, standard), out_projection(attention, value_value)
 
     @torch.no_grad()
     def encode_text(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
@@ -269,7 +278,7 @@ class CLIPSurgeryBackbone(nn.Module):
             raise ExpressionError(f"tokens must have shape (B, {self.context_length}), got {tuple(tokens.shape)}")
         clip = self.clip
         x = clip.token_embedding(tokens) + clip.positional_embedding.to(clip.token_embedding.weight.dtype)
-        x = clip.transformer(x, attn_mask=clip.attn_mask)
+        x = self._run_plain_blocks(x, clip.transformer.resblocks, clip.attn_mask)
         word_features = clip.ln_final(x)
         end_of_text = word_features[torch.arange(tokens.shape[0], device=tokens.device), tokens.argmax(dim=-1)]
         return word_features, end_of_text @ clip.text_projection

@@ -1,0 +1,110 @@
+"""Multi-head attention over ``nn.MultiheadAttention``'s own parameters, batch first and fused.
+
+Why not call the module: ``nn.MultiheadAttention(batch_first=True)`` transposes its inputs to
+sequence-first and runs its packed in-projection on that transposed view. Under CPU bf16 autocast a
+linear layer on a non-contiguous 3-D input is computed as a batched matmul against the weight
+expanded over the sequence and *copied* (700 MB per call in CLIP ViT-B's blocks), which made bf16
+slower than fp32 (benchmarks/README.md). Here the projections run on the contiguous batch-first
+tensors and the attention itself is ``F.scaled_dot_product_attention``; the parameters, their names
+and the result (up to floating-point rounding) are those of the module, so state dicts and
+checkpoints are unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import ConfigError
+
+
+def in_projection(attention: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v = the module's packed in-projection of query, key, value, each split into heads.
+
+    Args:
+        query: (B, Lq, D); key, value: (B, Lk, D), batch first.
+
+    Returns:
+        q: (B, H, Lq, D/H); k, v: (B, H, Lk, D/H).
+    """
+    _check_supported(attention)
+    weight, bias = attention.in_proj_weight, attention.in_proj_bias
+    if query is key and key is value:
+        q, k, v = F.linear(query.contiguous(), weight, bias).chunk(3, dim=-1)
+    else:
+        weights = weight.chunk(3)
+        biases = bias.chunk(3) if bias is not None else (None, None, None)
+        q = F.linear(query.contiguous(), weights[0], biases[0])
+        if key is value:
+            k, v = F.linear(key.contiguous(), torch.cat(weights[1:]), _cat_or_none(biases[1:])).chunk(2, dim=-1)
+        else:
+            k = F.linear(key.contiguous(), weights[1], biases[1])
+            v = F.linear(value.contiguous(), weights[2], biases[2])
+    heads = attention.num_heads
+    return _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads)
+
+
+def out_projection(attention: nn.MultiheadAttention, per_head: Tensor) -> Tensor:
+    """(B, H, L, D/H) attention output -> (B, L, D) through the module's out_proj."""
+    batch, heads, length, head_dim = per_head.shape
+    return attention.out_proj(per_head.transpose(1, 2).reshape(batch, length, heads * head_dim))
+
+
+def multi_head_attention(
+    attention: nn.MultiheadAttention,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+) -> Tensor:
+    """What ``attention(query, key, value, key_padding_mask, need_weights=False, attn_mask=attn_mask)[0]`` returns.
+
+    Attention dropout (``attention.dropout``) applies in training mode, as in the module.
+
+    Args:
+        query: (B, Lq, D); key, value: (B, Lk, D), batch first.
+        key_padding_mask: (B, Lk) bool, True at keys to ignore (the module's convention).
+        attn_mask: (Lq, Lk) additive float mask, or bool with True where attention is not allowed.
+
+    Returns:
+        (B, Lq, D).
+    """
+    q, k, v = in_projection(attention, query, key, value)
+    mask = _additive_mask(key_padding_mask, attn_mask, q.dtype)
+    dropout = attention.dropout if attention.training else 0.0
+    return out_projection(attention, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout))
+
+
+def _additive_mask(key_padding_mask: Tensor | None, attn_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """One additive mask (B or 1, 1, Lq or 1, Lk) from the module's two mask conventions, or None."""
+    mask = None
+    if attn_mask is not None:
+        mask = _as_additive(attn_mask, dtype)
+    if key_padding_mask is not None:
+        padding = _as_additive(key_padding_mask, dtype)[:, None, None, :]
+        mask = padding if mask is None else mask + padding
+    return mask
+
+
+def _as_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def _split_heads(x: Tensor, heads: int) -> Tensor:
+    batch, length, width = x.shape
+    return x.reshape(batch, length, heads, width // heads).transpose(1, 2)
+
+
+def _cat_or_none(biases: tuple[Tensor | None, ...]) -> Tensor | None:
+    return None if biases[0] is None else torch.cat(biases)
+
+
+def _check_supported(attention: nn.MultiheadAttention) -> None:
+    if not attention._qkv_same_embed_dim or attention.bias_k is not None or attention.add_zero_attn:
+        raise ConfigError(
+            "fused attention supports nn.MultiheadAttention with packed in-projection, no bias_k/bias_v and no add_zero_attn"
+        )

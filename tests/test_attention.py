@@ -1,0 +1,75 @@
+"""Fused multi-head attention (ssp_sam/attention.py) against nn.MultiheadAttention itself."""
+
+import pytest
+import torch
+from torch import nn
+
+from ssp_sam.attention import multi_head_attention
+
+
+def _module(dim=16, heads=4, dropout=0.0, bias=True):
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(dim, heads, dropout=dropout, bias=bias, batch_first=True)
+    with torch.no_grad():  # non-zero biases so that a bias placed wrongly would show
+        for name, parameter in attention.named_parameters():
+            if "bias" in name:
+                parameter.normal_()
+    return attention.eval()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_self_attention_with_key_padding_equals_the_module(bias):
+    attention = _module(bias=bias)
+    x = torch.randn(3, 7, 16)
+    padding = torch.zeros(3, 7, dtype=torch.bool)
+    padding[0, 5:] = True
+    padding[2, 1:] = True
+    expected = attention(x, x, x, key_padding_mask=padding, need_weights=False)[0]
+    torch.testing.assert_close(multi_head_attention(attention, x, x, x, key_padding_mask=padding), expected)
+
+
+def test_cross_attention_with_distinct_query_key_value_equals_the_module():
+    attention = _module()
+    query, key, value = torch.randn(2, 5, 16), torch.randn(2, 9, 16), torch.randn(2, 9, 16)
+    expected = attention(query, key, value, need_weights=False)[0]
+    torch.testing.assert_close(multi_head_attention(attention, query, key, value), expected)
+    # key is value (the memory of a decoder), a separate projection path
+    expected = attention(query, key, key, need_weights=False)[0]
+    torch.testing.assert_close(multi_head_attention(attention, query, key, key), expected)
+
+
+def test_causal_float_mask_and_padding_together_equal_the_module():
+    attention = _module()
+    x = torch.randn(2, 6, 16)
+    causal = torch.full((6, 6), float("-inf")).triu_(1)
+    padding = torch.tensor([[False] * 4 + [True] * 2, [False] * 6])
+    expected = attention(x, x, x, key_padding_mask=padding, attn_mask=causal, need_weights=False)[0]
+    torch.testing.assert_close(multi_head_attention(attention, x, x, x, key_padding_mask=padding, attn_mask=causal), expected)
+    boolean = causal.isinf()  # the module's bool convention: True = not allowed
+    torch.testing.assert_close(multi_head_attention(attention, x, x, x, attn_mask=boolean), attention(x, x, x, attn_mask=boolean, need_weights=False)[0])
+
+
+def test_attention_on_a_transposed_view_gives_the_same_as_on_a_contiguous_copy():
+    attention = _module()
+    x = torch.randn(7, 3, 16).transpose(0, 1)  # (3, 7, 16), not contiguous
+    torch.testing.assert_close(multi_head_attention(attention, x, x, x), multi_head_attention(attention, x.contiguous(), x.contiguous(), x.contiguous()))
+
+
+def test_dropout_acts_in_training_only_and_gradients_match_the_module():
+    attention = _module(dropout=0.5)
+    x = torch.randn(2, 5, 16)
+    attention.train()
+    first, second = multi_head_attention(attention, x, x, x), multi_head_attention(attention, x, x, x)
+    assert not torch.allclose(first, second)
+    attention.eval()
+    assert torch.equal(multi_head_attention(attention, x, x, x), multi_head_attention(attention, x, x, x))
+
+    ours = x.clone().requires_grad_(True)
+    theirs = x.clone().requires_grad_(True)
+    multi_head_attention(attention, ours, ours, ours).square().sum().backward()
+    ours_grads = [p.grad.clone() for p in attention.parameters()]
+    attention.zero_grad()
+    attention(theirs, theirs, theirs, need_weights=False)[0].square().sum().backward()
+    torch.testing.assert_close(ours.grad, theirs.grad)
+    for mine, module in zip(ours_grads, [p.grad for p in attention.parameters()]):
+        torch.testing.assert_close(mine, module)
