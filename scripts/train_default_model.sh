@@ -11,7 +11,8 @@
 # pretraining is finished when its weights and their report "{out}.json" exist for the same config and
 # the weights load; see docs/pretraining.md, "Stages"), an interrupted pretraining resumes exactly
 # from its last saved state, SSP-SAM training from its last finished epoch. STAGE_MINUTES=N (default
-# 55) stops a pretraining after N minutes (state saved; the script then exits with status 3: rerun it).
+# 55) stops a pretraining after N minutes, and SSP-SAM training after the epoch that passes N minutes
+# (train.max_minutes); the state is saved and the script exits with status 3: rerun it.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$repo/scripts/setup_env.sh"
@@ -45,8 +46,8 @@ PY
 )"
 case "$training_state" in
   finished) echo "SSP-SAM training: runs/$run_name already holds its last epoch" ;;
-  resume) "$python" scripts/train.py experiment=shapeworld_default model="$model" name="$run_name" resume=true "$@" ;;
-  start) "$python" scripts/train.py experiment=shapeworld_default model="$model" name="$run_name" "$@" ;;
+  resume) "$python" scripts/train.py experiment=shapeworld_default model="$model" name="$run_name" train.max_minutes="$minutes" resume=true "$@" ;;
+  start) "$python" scripts/train.py experiment=shapeworld_default model="$model" name="$run_name" train.max_minutes="$minutes" "$@" ;;
 esac
 
 # Ship: the new directory is put in place by renames, so a kill leaves the old or the new model.

@@ -194,6 +194,27 @@ def test_resume_after_kill_mid_epoch(shapeworld_root, tmp_path):
     assert [r["train/loss"] for r in read_log(tmp_path / "killed")] == reference.losses
 
 
+def test_max_minutes_stops_after_an_epoch_and_resume_equals_one_run(shapeworld_root, tmp_path):
+    """train.max_minutes: the script stops after the epoch that passes the limit (exit 3, last/ saved, no
+    test); two stops and resumes give the weights and losses of one uninterrupted 3-epoch run."""
+    cache = tmp_path / "cache"
+    full = Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "full", cache))).fit()
+    assert full.finished and full.epochs_run == 3
+    overrides = train_overrides(shapeworld_root, tmp_path / "staged", cache)
+    stopped = run_script("train.py", *overrides, "train.max_minutes=1e-6", cwd=tmp_path)
+    assert stopped.returncode == 3, stopped.stderr[-2000:]
+    assert "stopped by train.max_minutes after 1 epochs" in stopped.stdout
+    assert torch.load(tmp_path / "staged" / "last" / "trainer_state.pt", weights_only=True)["epoch"] == 0
+    second = Trainer(compose_train([*overrides, "resume=true", "train.max_minutes=1e-6"])).fit()
+    assert (second.finished, second.epochs_run) == (False, 1)
+    last = Trainer(compose_train([*overrides, "resume=true", "train.max_minutes=1e-6"])).fit()
+    assert (last.finished, last.epochs_run) == (True, 1)  # the last epoch always ends the run
+    a = load_file(str(tmp_path / "full" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "staged" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    assert [r["train/loss"] for r in read_log(tmp_path / "staged")] == full.losses
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(shapeworld_root, tmp_path, monkeypatch):
     """The loss turns NaN at the second step of a window (read back at its end): that step is named."""
     trainer = Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "run", tmp_path / "cache")))
@@ -411,6 +432,7 @@ def test_ddp_two_processes_match_one(shapeworld_root, tmp_path):
         ("+train.not_a_key=1", "train.not_a_key: not a training option"),
         ("train.log_every=1.5", "train.log_every=1.5: must be an integer >= 1"),
         ("train.grad_clip=0", "train.grad_clip=0: must be a number > 0 (or null)"),
+        ("train.max_minutes=0", "train.max_minutes=0: must be a number > 0 (or null)"),
         ("train.schedule=linear", "train.schedule: unknown value 'linear'; expected one of per_epoch, per_iteration"),
         ("train.expression_weights={L: 0}", "train.expression_weights.L: must be > 0"),
         ("val.every=0", "val.every=0: must be an integer >= 1"),

@@ -108,6 +108,7 @@ class TrainResult:
     best_metric: Optional[float]
     last_metrics: dict[str, float]
     losses: list[float]  # the mean training loss of every step of this invocation
+    finished: bool = True  # False: stopped by train.max_minutes before the last epoch (resume=true continues)
 
 
 def _seed_everything(seed: int) -> None:
@@ -462,7 +463,9 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train from ``start_epoch`` to the last epoch, validating every ``val.every`` epochs and after the last.
 
-        The data-loader workers are forked at the first epoch and live until the end (host memory
+        With ``train.max_minutes``, stop after the epoch during which that much wall time of this call
+        has passed (``last/`` saved, as after every epoch): the result says ``finished=False`` and
+        ``resume=true`` continues with the next epoch, as after a kill. The data-loader workers are forked at the first epoch and live until the end (host memory
         trimmed and the garbage collector frozen just before, ``host_memory.py``).
         """
         if self.dist.is_main:
@@ -471,6 +474,8 @@ class Trainer:
         all_losses: list[float] = []
         last_metrics: dict[str, float] = {}
         epochs = self.config.train.epochs
+        session_started = time.time()
+        next_epoch = self.start_epoch
         try:
             with shared_with_forked_workers(enabled=self.loader.num_workers > 0):
                 for epoch in range(self.start_epoch, epochs):
@@ -491,10 +496,24 @@ class Trainer:
                         shown = f", val {selection} {metrics[selection]:.4f}" if selection in metrics else ""
                         mean_loss = float(np.mean(all_losses[-self.steps_per_epoch :])) if all_losses else math.nan
                         tqdm.write(f"epoch {epoch + 1}/{epochs}: loss {mean_loss:.4f}{shown} ({time.time() - started:.0f}s)")
+                    next_epoch = epoch + 1
+                    if next_epoch < epochs and self._time_is_up(session_started):
+                        break
         finally:
             if self.writer is not None:
                 self.writer.close()
-        return TrainResult(self.run_dir, epochs - self.start_epoch, self.best_metric, last_metrics, all_losses)
+        return TrainResult(
+            self.run_dir, next_epoch - self.start_epoch, self.best_metric, last_metrics, all_losses, finished=next_epoch >= epochs
+        )
+
+    def _time_is_up(self, session_started: float) -> bool:
+        """Whether ``train.max_minutes`` of wall time have passed since ``session_started``. The ranks'
+        mean elapsed time decides, so that every rank stops after the same epoch."""
+        limit = self.config.train.max_minutes
+        if limit is None:
+            return False
+        elapsed = mean_across_ranks(torch.tensor([time.time() - session_started], device=self.device), self.dist)
+        return float(elapsed) >= 60 * limit
 
     def test(self) -> Optional[Path]:
         """Evaluate the best checkpoint on ``test.split`` and write the results JSON into the run directory.
@@ -521,11 +540,13 @@ class Trainer:
 
 
 def train(cfg: DictConfig) -> TrainResult:
-    """Train as ``cfg`` says (see configs/train.yaml), then evaluate on the test split if one is named."""
+    """Train as ``cfg`` says (see configs/train.yaml), then, if all epochs are done, evaluate on the test
+    split if one is named."""
     try:
         trainer = Trainer(cfg)
         result = trainer.fit()
-        trainer.test()
+        if result.finished:
+            trainer.test()
         return result
     finally:
         shutdown_distributed()
