@@ -7,6 +7,13 @@ Writes, per expression i: ``{i:02d}_mask.png`` (0/255), ``{i:02d}_overlay.png``;
 ``predictions.jsonl`` in the simple JSONL dataset format. The outputs of an earlier run in the same
 ``out_dir`` are replaced (other files there are left alone). The photo is turned as its EXIF
 orientation says, so the masks match the picture as viewers show it.
+
+With an OVSS checkpoint (CAT-Seg, CAT-Seg + SAM vote, SAM-MI) it segments a class list instead:
+
+    python scripts/predict.py checkpoint=runs/ovss/best image=scene.png 'classes=[red circle, blue square]' out_dir=preds
+
+and writes ``label_map.png``, ``overlay.png`` (with a legend), ``mask_NN_<class>.png`` per class and
+``summary.json`` (``ssp_sam/ovss/predict.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from ssp_sam.errors import ConfigError, ExpressionError
 from ssp_sam.export import write_predictions
 from ssp_sam.image_io import load_image
 from ssp_sam.outputs import check_output_dir
+from ssp_sam.ovss.engine.checkpoint import is_ovss_checkpoint
+from ssp_sam.ovss.predict import predict_to_folder
 from ssp_sam.predictor import Predictor
 
 
@@ -33,6 +42,10 @@ def _expressions(value) -> list[str]:
 @hydra.main(config_path="../configs", config_name="predict", version_base="1.3")
 @reports_errors
 def main(cfg: DictConfig) -> None:
+    if cfg.checkpoint is not None and is_ovss_checkpoint(cfg.checkpoint):
+        return _predict_ovss(cfg)
+    if cfg.classes is not None:
+        raise ConfigError("classes: segmenting classes needs an OVSS checkpoint (checkpoint=<a directory of an ovss_* run>)")
     check_output_dir(cfg.out_dir, "out_dir")
     expressions = _expressions(cfg.expressions)
     model_config = OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") is not None else None
@@ -47,6 +60,26 @@ def main(cfg: DictConfig) -> None:
         status = "no target" if prediction.no_target else f"{int(prediction.mask.sum())} px"
         print(f"[{index:02d}] {prediction.expression!r}: {status}")
     print(f"wrote {len(predictions)} masks and overlays to {cfg.out_dir}/")
+
+
+def _predict_ovss(cfg: DictConfig) -> None:
+    if not OmegaConf.is_missing(cfg, "expressions"):
+        raise ConfigError("expressions: an OVSS checkpoint segments classes; give classes=[...] instead")
+    if cfg.get("model") is not None:
+        raise ConfigError("model: for an OVSS checkpoint change its model config with ovss.model={...}")
+    classes = cfg.classes
+    if isinstance(classes, ListConfig):
+        classes = [v if isinstance(v, str) or v is None else str(v) for v in classes]  # Hydra reads [1, 2] as numbers
+    summary = predict_to_folder(
+        cfg.checkpoint, cfg.image, classes, cfg.out_dir, cfg.device,
+        cfg.ovss.inference, cfg.ovss.overlap, cfg.ovss.none_below, OmegaConf.to_container(cfg.ovss.model, resolve=True),
+    )  # fmt: skip
+    for entry in summary["classes"]:
+        print(f"[{entry['index']:02d}] {entry['name']!r}: {entry['pixels']} px")
+    if summary["none_pixels"]:
+        print(f"none of the classes: {summary['none_pixels']} px")
+    print(f"wrote the label map, the overlay and {len(summary['classes'])} class masks to {cfg.out_dir}/ ({summary['inference']} inference)")
+
 
 if __name__ == "__main__":
     main()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import colorsys
+from collections.abc import Sequence
+
 import numpy as np
 from PIL import Image, ImageDraw
 from torch import Tensor
@@ -54,3 +57,73 @@ def padded_prediction_overlay(
     input_size = SAMImageTransform(sam_image_size).input_size_for(image.shape[:2])
     logits = padded_frame_to_original(padded_logits[None, None].float(), input_size, image.shape[:2], sam_image_size)
     return overlay(image, (logits[0, 0] > 0).numpy(), letterbox.box_to_image(box_cxcywh.float()).numpy(), caption)
+
+
+LEGEND_SWATCH = 10  # side of a legend's colour square, in pixels
+LEGEND_ROW = 14  # height of a legend row
+LEGEND_MARGIN = 4
+
+
+def class_colours(count: int) -> np.ndarray:
+    """(count, 3) uint8: one colour per class, the same for a class at the same index in every picture.
+
+    Hues step by the golden ratio (each new hue falls into the widest gap the earlier ones left, so
+    neighbours in a class list differ most) and brightness cycles through three levels, so that two
+    classes whose hues come close still look different.
+    """
+    colours = []
+    for index in range(count):
+        hue = (index * 0.618033988749895) % 1.0
+        saturation, value = ((0.75, 1.0), (0.95, 0.75), (0.55, 0.9))[index % 3]
+        colours.append([round(255 * channel) for channel in colorsys.hsv_to_rgb(hue, saturation, value)])
+    return np.asarray(colours, dtype=np.uint8).reshape(count, 3)
+
+
+def label_overlay(
+    image: np.ndarray,
+    label_map: np.ndarray,
+    class_names: Sequence[str],
+    colours: np.ndarray,
+    alpha: float = 0.5,
+) -> Image.Image:
+    """Blend each class's colour over its pixels and add a legend naming every class under the picture.
+
+    Args:
+        image: (H, W, 3) uint8.
+        label_map: (H, W) integers; value k < len(class_names) is class k, any other value (the
+            "none" value of a prediction) is left untinted.
+        colours: (len(class_names), 3) uint8, e.g. :func:`class_colours`.
+
+    Returns:
+        the picture (H, W) over a legend band: per class, in list order (row by row, left to right), a
+        ``LEGEND_SWATCH`` square of exactly its colour, its name and its share of the picture's pixels.
+    """
+    count = len(class_names)
+    labelled = (label_map >= 0) & (label_map < count)
+    tint = colours.astype(np.float32)[np.where(labelled, label_map, 0)]
+    base = image.astype(np.float32)
+    blended = np.where(labelled[..., None], (1 - alpha) * base + alpha * tint, base)
+    picture = Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8))
+    shares = np.bincount(label_map[labelled].ravel(), minlength=count) / max(label_map.size, 1)
+    entries = [f"{name} {100 * share:.1f}%" for name, share in zip(class_names, shares)]
+    legend = _legend(entries, colours, picture.width)
+    framed = Image.new("RGB", (picture.width, picture.height + legend.height), (0, 0, 0))
+    framed.paste(picture, (0, 0))
+    framed.paste(legend, (0, picture.height))
+    return framed
+
+
+def _legend(entries: Sequence[str], colours: np.ndarray, width: int) -> Image.Image:
+    """A black band ``width`` wide: entries in equal columns (as many as fit, at least one), row by row."""
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    column = LEGEND_SWATCH + 4 + max((int(measure.textlength(text)) for text in entries), default=0) + 2 * LEGEND_MARGIN
+    columns = max(1, (width - LEGEND_MARGIN) // column)
+    rows = -(-len(entries) // columns)
+    band = Image.new("RGB", (width, rows * LEGEND_ROW + LEGEND_MARGIN), (0, 0, 0))
+    draw = ImageDraw.Draw(band)
+    for index, (text, colour) in enumerate(zip(entries, colours)):
+        x = LEGEND_MARGIN + (index % columns) * column
+        y = LEGEND_MARGIN + (index // columns) * LEGEND_ROW
+        draw.rectangle([x, y, x + LEGEND_SWATCH - 1, y + LEGEND_SWATCH - 1], fill=tuple(int(c) for c in colour))
+        draw.text((x + LEGEND_SWATCH + 4, y - 1), text, fill=(255, 255, 255))
+    return band
