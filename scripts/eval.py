@@ -14,12 +14,15 @@ tables) or ``rela`` (ReLA's 480x480 gRefCOCO evaluation); the results JSON names
 ``images_per_batch`` images share each encoder call and their sentences the decoder calls;
 ``workers`` processes read images and cached embeddings ahead; ``precision`` (auto | fp32 | bf16 |
 fp16) is printed once and recorded in the results JSON.
+An OVSS checkpoint (or ovss_dataset=...) is evaluated by ssp_sam/ovss/engine/cli.py instead
+(configs/eval_ovss.yaml: mIoU, fwIoU, pAcc, mACC, seen / unseen / hIoU, SAM prompts and seconds per image).
 Errors in the user's input (unknown split, missing files, bad checkpoint) end in one ``error:``
 line and exit status 2.
 """
 
 from __future__ import annotations
 
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -41,6 +44,7 @@ from ssp_sam.engine.reporting import command_line, console_tables, write_results
 from ssp_sam.errors import ConfigError
 from ssp_sam.model import build_sam_image_encoder
 from ssp_sam.outputs import check_output_file
+from ssp_sam.ovss.engine.cli import run_ovss_eval, wants_ovss
 from ssp_sam.predictor import DEFAULT_CHECKPOINT, resolve_device
 
 
@@ -54,9 +58,12 @@ def _device_for(requested: str, dist_info: DistInfo) -> torch.device:
     return device
 
 
-@hydra.main(config_path="../configs", config_name="eval", version_base="1.3")
+@hydra.main(config_path="../configs", config_name="eval_ovss" if wants_ovss(sys.argv[1:]) else "eval", version_base="1.3")
 @reports_errors
 def main(cfg: DictConfig) -> None:
+    if "ovss_dataset" in cfg:
+        run_ovss_eval(cfg)
+        return
     check_output_file(cfg.metrics_out, "metrics_out")  # before the evaluation, not after it
     check_output_file(cfg.samples_out, "samples_out")
     model_config = OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") is not None else None

@@ -9,6 +9,10 @@
 
 ``train.max_minutes=M`` stops after the epoch that passes M minutes (``last/`` saved) with exit status 3;
 ``resume=true`` continues.
+
+An experiment named ovss_* (or ovss_model= / ovss_dataset= on the command line) trains an open-vocabulary
+model instead (configs/train_ovss.yaml; docs/ovss_models.md), with the same exit status 3 after a stop by
+train.max_minutes (checked at every iteration).
 """
 
 from __future__ import annotations
@@ -20,13 +24,23 @@ from omegaconf import DictConfig
 
 from ssp_sam.cli import reports_errors
 from ssp_sam.engine.trainer import train
+from ssp_sam.ovss.engine.cli import wants_ovss
+from ssp_sam.ovss.engine.trainer import train_ovss
 
 EXIT_STOPPED = 3  # stopped by train.max_minutes before the last epoch; resume=true continues
 
 
-@hydra.main(config_path="../configs", config_name="train", version_base="1.3")
+@hydra.main(config_path="../configs", config_name="train_ovss" if wants_ovss(sys.argv[1:]) else "train", version_base="1.3")
 @reports_errors
 def main(cfg: DictConfig) -> None:
+    if "ovss_model" in cfg:
+        ovss = train_ovss(cfg)
+        if not ovss.finished:
+            print(f"stopped by train.max_minutes at iteration {ovss.iteration}; last/ saved in {ovss.run_dir}: rerun with resume=true")
+            sys.exit(EXIT_STOPPED)
+        best = f"{ovss.best_metric:.4f}" if ovss.best_metric is not None else "n/a"
+        print(f"done: {ovss.iteration} iterations, best validation metric {best}, checkpoints in {ovss.run_dir}/")
+        return
     result = train(cfg)
     if not result.finished:
         print(f"stopped by train.max_minutes after {result.epochs_run} epochs; last/ saved in {result.run_dir}: rerun with resume=true")

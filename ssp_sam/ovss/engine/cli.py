@@ -1,0 +1,127 @@
+"""What ``scripts/train.py`` and ``scripts/eval.py`` do for OVSS models, and which primary config they compose.
+
+The scripts keep one command for both systems: an OVSS run is recognised from its arguments before Hydra
+composes anything (:func:`wants_ovss`), and then ``configs/train_ovss.yaml`` / ``configs/eval_ovss.yaml``
+are composed instead of SSP-SAM's ``train.yaml`` / ``eval.yaml`` (``--config-name`` still wins).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ...engine.distributed import init_distributed, shutdown_distributed
+from ...engine.host_memory import keep_freed_host_memory
+from ...engine.caching import ensure_cache
+from ...engine.precision import resolve_precision
+from ...engine.reporting import checkpoint_sha256, command_line
+from ...errors import ConfigError
+from ...fileio import write_json
+from ...outputs import check_output_file
+from ...predictor import resolve_device
+from ..data import load_ovss_dataset
+from .checkpoint import is_ovss_checkpoint, load_ovss_model
+from .evaluator import console_line, evaluate_ovss, result_record
+from .train_config import OVSSEvalSection, _check_fields
+
+def wants_ovss(argv: Sequence[str]) -> bool:
+    """True when the command line names an OVSS experiment, model, dataset or checkpoint."""
+    for argument in argv:
+        key, _, value = argument.partition("=")
+        key = key.lstrip("+~")
+        if key == "experiment" and value.startswith("ovss_"):
+            return True
+        if key.split(".")[0] in ("ovss_model", "ovss_dataset"):
+            return True
+        if key == "checkpoint" and value and is_ovss_checkpoint(value):
+            return True
+    return False
+
+
+def run_ovss_eval(cfg: DictConfig) -> None:
+    """``scripts/eval.py`` for an OVSS checkpoint (configs/eval_ovss.yaml): metrics printed, results JSON written."""
+    check_output_file(cfg.metrics_out, "metrics_out")
+    if cfg.threads is not None:
+        torch.set_num_threads(int(cfg.threads))
+    try:
+        dataset_cfg = OmegaConf.to_container(cfg.ovss_dataset, resolve=True)
+        overrides = OmegaConf.to_container(cfg.ovss_model, resolve=True) or {}
+        options_raw = OmegaConf.to_container(cfg.eval, resolve=True)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"config cannot be resolved ({exc})") from None
+    for key, least in (("workers", 0), ("cache_batch_size", 1)):
+        if not isinstance(cfg[key], int) or cfg[key] < least:
+            raise ConfigError(f"{key}: must be an integer >= {least}, got {cfg[key]!r}")
+    dataset = load_ovss_dataset(dataset_cfg)  # before the model: a wrong split or path fails fast
+    dist_info = init_distributed(resolve_device(cfg.device))
+    try:
+        device = resolve_device(cfg.device)
+        if dist_info.enabled and device.type == "cuda":
+            device = torch.device("cuda", dist_info.local_rank)
+        precision = resolve_precision(cfg.precision, device)
+        if device.type == "cpu":
+            keep_freed_host_memory()
+        loaded = load_ovss_model(cfg.checkpoint, device, overrides)
+        options = _eval_options(options_raw, loaded.model.image_size)
+        cache = None
+        if cfg.cache_dir is not None and loaded.config.uses_sam:
+            if options.sliding_window:
+                raise ConfigError("cache_dir: cached SAM embeddings are of whole images; give eval.sliding_window=false or cache_dir=null")
+            proposer = loaded.model.proposer
+            cache = ensure_cache(
+                cfg.cache_dir, [s.image_path for s in dataset.samples[: cfg.max_images]], [Path(str(dataset_cfg["root"]))],
+                proposer.image_encoder, loaded.config.sam.variant, loaded.config.sam.checkpoint, proposer.sam_size, device,
+                dist_info, int(cfg.cache_batch_size), progress=bool(cfg.progress),
+            )
+        if dist_info.is_main:
+            print(f"precision: {precision.name} ({precision.reason})")
+        result = evaluate_ovss(
+            loaded.model, dataset, options, device, precision, cache, dist_info,
+            progress=bool(cfg.progress) and dist_info.is_main, max_images=cfg.max_images, workers=int(cfg.workers),
+        )
+    finally:
+        shutdown_distributed()
+    if not dist_info.is_main:
+        return
+    config = loaded.config
+    name = f"{config.name} {config.variant}" + (f" ({config.points})" if config.variant == "sam_mi" else "")
+    print(f"{dataset.name} {dataset.split}: {result.n_images} images, {name}")
+    print(console_line(result))
+    if cfg.metrics_out is not None:
+        record = {
+            **result_record(result),
+            "dataset": str(dataset_cfg["name"]),
+            "split": str(dataset_cfg["split"]),
+            "eval": vars(options),
+            "model": config.name,
+            "variant": config.variant,
+            "points": config.points if config.variant == "sam_mi" else None,
+            "label": str(cfg.label) if cfg.label is not None else name,
+            "ovss_model": config.to_dict(),
+            "checkpoint": str(cfg.checkpoint),
+            "checkpoint_sha256": checkpoint_sha256(cfg.checkpoint),
+            "sam_embeddings_cached": cache is not None,
+            "command": command_line(),
+        }
+        write_json(cfg.metrics_out, record)
+        print(f"wrote {cfg.metrics_out}")
+
+
+def _eval_options(raw: dict, image_size: int) -> OVSSEvalSection:
+    """``eval:`` of configs/eval_ovss.yaml, checked (window null: the model's input size)."""
+    raw = {**raw, "window": image_size if raw.get("window") is None else raw["window"]}
+    unknown = sorted(set(raw) - set(vars(OVSSEvalSection())))
+    if unknown:
+        raise ConfigError(f"eval.{unknown[0]}: not an evaluation option (configs/eval_ovss.yaml lists them)")
+    try:
+        options = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OVSSEvalSection), raw))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"eval.{getattr(exc, 'key', '')}: {str(getattr(exc, 'msg', exc)).splitlines()[0]}") from None
+    _check_fields("eval.", options, {"eval": raw})
+    if options.sliding_window and options.window != image_size:
+        raise ConfigError(f"eval.window={options.window}: the windows are the model's input ({image_size})")
+    return options

@@ -1,0 +1,189 @@
+"""The OVSS training and evaluation engine on the tiny SAM-MI: training lowers the loss, a stopped and resumed run
+equals an uninterrupted one bit for bit, evaluation's scores match a hand-worked confusion matrix, checkpoints
+round-trip, bad options are one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import REPO, run_script
+from ssp_sam.engine.precision import Precision
+from ssp_sam.errors import CheckpointError, ConfigError
+from ssp_sam.ovss.data import load_ovss_dataset
+from ssp_sam.ovss.engine.checkpoint import load_ovss_model, save_ovss_checkpoint
+from ssp_sam.ovss.engine.data import IterationBatchSampler
+from ssp_sam.ovss.engine.evaluator import evaluate_ovss
+from ssp_sam.ovss.engine.train_config import OVSSEvalSection, ovss_train_config_from
+from ssp_sam.ovss.engine.trainer import OVSSTrainer
+
+COLOURS = np.array([[230, 20, 20], [20, 20, 230], [20, 230, 20]], dtype=np.uint8)
+
+
+def write_bands(root: Path, split: str, count: int, seed: int) -> None:
+    """64x64 scenes of three vertical colour bands (classes red, blue, green in a random order), a corner ignored."""
+    rng = np.random.default_rng(seed)
+    for folder in ("images", "labels"):
+        (root / folder / split).mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        label = np.repeat(rng.permutation(3)[np.arange(64) * 3 // 64][None], 64, axis=0).astype(np.uint8)
+        label[:4, :4] = 255
+        Image.fromarray(COLOURS[np.minimum(label, 2)]).save(root / "images" / split / f"{index:03d}.png")
+        Image.fromarray(label).save(root / "labels" / split / f"{index:03d}.png")
+    (root / "classes.json").write_text(json.dumps(["red", "blue", "green"]))
+
+
+@pytest.fixture(scope="module")
+def bands(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bands")
+    write_bands(root, "train", 4, seed=0)
+    return root
+
+
+def tiny_run(root: Path, run_dir: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train_ovss", ["experiment=ovss_tiny", f"ovss_dataset.root={root}", f"run_dir={run_dir}", *overrides])
+    return cfg
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch(bands, tmp_path):
+    # Batch 4 of 4 whole images: every step sees the same batch.
+    cfg = tiny_run(bands, tmp_path / "run", "train.crop=none", "train.batch_size=4", "train.iterations=8", "train.lr=2e-3",
+                   "train.grad_clip=null", "train.save_every=8", "train.log_every=4")
+    result = OVSSTrainer(cfg).fit()
+    assert result.finished and result.iteration == 8 and len(result.losses) == 8
+    assert np.mean(result.losses[-2:]) < result.losses[0] - 0.02
+    logged = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [record["iteration"] for record in logged] == list(range(8))
+    assert logged[0]["train/loss"] == pytest.approx(logged[0]["train/seg"] + logged[0]["train/tspp"], rel=1e-6)
+    # CAT-Seg's schedule: cosine from lr to 0 over the iterations, no warm-up; CLIP at 0.01x.
+    for record in logged:
+        factor = 0.5 * (1 + np.cos(np.pi * record["iteration"] / 8))
+        assert record["lr/new_modules"] == pytest.approx(2e-3 * factor)
+        assert record["lr/clip"] == pytest.approx(2e-5 * factor)
+    assert (tmp_path / "run" / "best" / "model.safetensors").is_file()  # no validation: best/ is the final state
+
+
+def test_a_stopped_and_resumed_run_equals_an_uninterrupted_one(bands, tmp_path):
+    common = ("train.iterations=3", "train.batch_size=2", "train.save_every=3")  # random crops + flips, 2 batches per epoch
+    whole = OVSSTrainer(tiny_run(bands, tmp_path / "whole", *common)).fit()
+    stopped = OVSSTrainer(tiny_run(bands, tmp_path / "parts", *common, "train.max_minutes=1e-9")).fit()
+    assert not stopped.finished and stopped.iteration == 1  # stopped at the first iteration boundary, last/ saved
+    resumed = OVSSTrainer(tiny_run(bands, tmp_path / "parts", *common, "resume=true")).fit()
+    assert resumed.finished and resumed.iteration == 3 and resumed.iterations_run == 2
+    a = load_file(tmp_path / "whole" / "last" / "model.safetensors")
+    b = load_file(tmp_path / "parts" / "last" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert whole.losses[1:] == resumed.losses
+    lines = (tmp_path / "parts" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [0, 1, 2]
+
+
+def test_batches_start_anywhere_and_split_over_ranks():
+    one = list(IterationBatchSampler(10, 4, seed=1, iterations=7))  # 2 batches per epoch
+    assert list(IterationBatchSampler(10, 4, seed=1, iterations=7, start=3)) == one[3:]
+    assert [batch[0][0] for batch in one] == [0, 0, 1, 1, 2, 2, 3]  # the epoch travels with each key
+    ranks = [list(IterationBatchSampler(10, 4, 1, 7, 0, rank, 2)) for rank in (0, 1)]
+    assert [r0 + r1 for r0, r1 in zip(*ranks)] == one
+
+
+class FixedPredictions(torch.nn.Module):
+    """A model stub at the metric boundary: the predicted class of a pixel is the image's red value there."""
+
+    image_size = 4
+
+    def encode_classes(self, names):
+        return torch.zeros(len(names), 1, 1)
+
+    def forward(self, images, text, sam_embeddings=None):
+        return SimpleNamespace(classes=images[:, 0].round().long(), count=text.shape[0], proposals=None)
+
+    def probabilities(self, output):
+        return torch.nn.functional.one_hot(output.classes, output.count).permute(0, 3, 1, 2).float()
+
+
+def test_scores_of_a_hand_made_two_image_split(tmp_path):
+    ignore = 255
+    gt = [
+        [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 2, 2], [ignore, ignore, 2, 2]],
+        [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1], [ignore] * 4],
+    ]
+    predicted = [
+        [[0, 0, 0, 1], [0, 1, 1, 1], [2, 2, 1, 2], [0, 0, 2, 2]],
+        [[1, 1, 1, 1], [1, 1, 2, 2], [1, 1, 1, 1], [2, 2, 2, 2]],
+    ]
+    for folder in ("images", "labels"):
+        (tmp_path / folder).mkdir()
+    for index, (labels, classes) in enumerate(zip(gt, predicted)):
+        image = np.zeros((4, 4, 3), np.uint8)
+        image[..., 0] = classes
+        Image.fromarray(image).save(tmp_path / "images" / f"{index}.png")
+        Image.fromarray(np.array(labels, np.uint8)).save(tmp_path / "labels" / f"{index}.png")
+    (tmp_path / "classes.json").write_text(json.dumps({"classes": ["a", "b", "c"], "unseen_classes": ["c"]}))
+    dataset = load_ovss_dataset({
+        "name": "hand", "root": str(tmp_path), "split": "val", "image_dir": "images", "label_dir": "labels",
+        "image_ext": ".png", "label_ext": ".png", "classes": "classes.json", "ignore_value": ignore,
+    })
+    options = OVSSEvalSection(sliding_window=False, window=4, batch_size=2)
+    result = evaluate_ovss(FixedPredictions(), dataset, options, torch.device("cpu"), Precision("fp32", "test"), workers=0)
+    # Confusion [gt, prediction] counted by hand: rows (3, 1, 0), (1, 13, 2), (0, 1, 5); 26 scored pixels.
+    iou = [3 / 5, 13 / 18, 5 / 8]  # TP / (GT + PRED - TP): 3/(4+4-3), 13/(16+15-13), 5/(6+7-5)
+    expected = {
+        "mIoU": sum(iou) / 3,
+        "fwIoU": (iou[0] * 4 + iou[1] * 16 + iou[2] * 6) / 26,
+        "pAcc": 21 / 26,
+        "mACC": (3 / 4 + 13 / 16 + 5 / 6) / 3,
+        "mIoU seen": (iou[0] + iou[1]) / 2,
+        "mIoU unseen": iou[2],
+    }
+    expected["hIoU"] = 2 * expected["mIoU seen"] * iou[2] / (expected["mIoU seen"] + iou[2])
+    assert result.metrics == pytest.approx(expected, abs=1e-12)
+    assert result.per_class_iou == pytest.approx(dict(zip("abc", iou)))
+    assert result.n_images == 2 and result.sam_prompts_per_image is None
+
+
+def test_checkpoints_round_trip_with_their_vocabulary(tmp_path):
+    cfg = ovss_train_config_from(tiny_run(Path("/unused"), tmp_path / "run"))
+    torch.manual_seed(0)
+    from ssp_sam.ovss.build import build_ovss_model
+
+    model = build_ovss_model(cfg.ovss_model)
+    save_ovss_checkpoint(model, tmp_path / "ckpt", ["red", "blue"], extra={"iteration": 7})
+    loaded = load_ovss_model(tmp_path / "ckpt")
+    assert loaded.class_names == ("red", "blue") and loaded.info["iteration"] == 7 and not loaded.model.training
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in loaded.model.state_dict().items())
+    grid = load_ovss_model(tmp_path / "ckpt", overrides={"points": "grid"})  # the dense-grid ablation of the same weights
+    assert grid.model.tspp is None and grid.config.points == "grid"
+    with pytest.raises(CheckpointError, match="does not fit this model; mis-shaped keys: catseg.decoder"):
+        load_ovss_model(tmp_path / "ckpt", overrides={"variant": "catseg"})  # no DMI channels in CAT-Seg's decoder
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["+train.bogus=1"], "train.bogus: not an OVSS training option"),
+        (["train.iterations=0"], "train.iterations=0: must be an integer >= 1"),
+        (["train.crop=center"], "train.crop: unknown value 'center'; expected one of random, none"),
+        (["val.metric=IoU"], "val.metric: unknown value 'IoU'"),
+        (["ovss_model.variant=sam"], "ovss_model.variant: must be one of catseg, catseg_sam_vote, sam_mi"),
+        (["eval.sliding_window=true", "eval.window=32"], r"eval.window=32: the windows are the model's input \(ovss_model.image_size=64\)"),
+    ],
+)
+def test_bad_options_name_their_key(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        ovss_train_config_from(tiny_run(tmp_path, tmp_path / "run", *overrides))
+
+
+def test_scripts_refuse_a_bad_key_in_one_line(tmp_path):
+    done = run_script("train.py", "experiment=ovss_tiny", f"ovss_dataset.root={tmp_path}", "train.lr=-1")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["error: train.lr=-1: must be a number >= 0"]
