@@ -213,8 +213,8 @@ def _remove_previous_export(out_dir: Path) -> None:
 def label_map_image(prediction: OVSSPrediction) -> Image.Image:
     """The label map as a PNG-ready image: 8-bit for up to 255 classes (none = 255), else 16-bit (none = 65535)."""
     if len(prediction.class_names) <= 255:
-        return Image.fromarray(prediction.label_map.astype(np.uint8), mode="L")
-    return Image.fromarray(prediction.label_map.astype(np.uint16), mode="I;16")
+        return Image.fromarray(prediction.label_map.astype(np.uint8))  # mode L
+    return Image.fromarray(prediction.label_map.astype(np.uint16))  # mode I;16
 
 
 def write_ovss_prediction(
