@@ -15,7 +15,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ImageError
+from ..errors import ConfigError, ImageError
+
+
+def check_sliding_window(window: int, overlap: float, out_size: int) -> None:
+    """Raise ConfigError unless the crops cover the resized image exactly: out_size = window + k * stride.
+
+    Otherwise the last rows and columns lie in no crop, their averaged probabilities are 0 / 0 (NaN) and
+    the argmax there is meaningless (e.g. window 256 over 640: crops end at 596).
+    """
+    stride = int(window * (1 - overlap))
+    if not 0 <= overlap < 1 or stride < 1:
+        raise ConfigError(f"eval.overlap={overlap}: must lie in [0, 1) and leave a stride of at least 1 pixel (window {window})")
+    if out_size < window or (out_size - window) % stride:
+        fitting = window + max(round((out_size - window) / stride), 1) * stride
+        raise ConfigError(
+            f"eval.out_size={out_size}: windows of {window} with stride {stride} do not cover it; "
+            f"give window + a multiple of the stride, e.g. {fitting}"
+        )
 
 
 def sliding_window_inference(
@@ -36,6 +53,7 @@ def sliding_window_inference(
     """
     if image.dim() != 3 or image.shape[0] != 3:
         raise ImageError(f"sliding-window inference takes one (3, H, W) image, got {tuple(image.shape)}")
+    check_sliding_window(window, overlap, out_size)
     stride = int(window * (1 - overlap))
     unfold = nn.Unfold(kernel_size=window, stride=stride)
     fold = nn.Fold((out_size, out_size), kernel_size=window, stride=stride)
