@@ -8,7 +8,7 @@ from typing import Callable, TypeVar
 
 from omegaconf.errors import MissingMandatoryValue
 
-from .errors import SSPSAMError
+from .errors import SSPSAMError, user_message
 
 T = TypeVar("T")
 
@@ -33,7 +33,7 @@ def reports_errors(main: Callable[..., T]) -> Callable[..., T]:
         try:
             return main(*args, **kwargs)
         except SSPSAMError as exc:
-            fail(str(exc))
+            fail(user_message(exc))
         except MissingMandatoryValue as exc:
             fail(f"{exc.full_key}: missing; give {exc.full_key}=...")
         except KeyboardInterrupt:
