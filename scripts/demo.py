@@ -7,6 +7,10 @@
    expression kind (A attribute, L location, R relation, M multi-target, N no-target).
 3. Segments one test image for a few expressions, one of which names nothing in the image, and
    writes masks, overlays, summary.json and predictions.jsonl.
+4. With the shipped ShapeWorld SAM-MI (checkpoints/shapeworld_ovss, open-vocabulary segmentation;
+   skipped while it is not shipped): segments a fresh ShapeWorld-OVSS scene into its classes, one of
+   them never seen in training, plus one class that is not in the picture, and writes the label map,
+   the overlay with its legend and the per-class masks to <out>/ovss/.
 """
 
 from __future__ import annotations
@@ -16,13 +20,17 @@ import shutil
 import sys
 from pathlib import Path
 
+from PIL import Image
+
 from ssp_sam.data.registry import load_dataset
-from ssp_sam.data.shapeworld import dataset_config, generate_dataset
+from ssp_sam.data.shapeworld import UNSEEN_CLASSES, dataset_config, generate_dataset, generate_scene
 from ssp_sam.engine.evaluator import evaluate
 from ssp_sam.engine.reporting import command_line, console_tables, make_tables, write_results
 from ssp_sam.errors import SSPSAMError
 from ssp_sam.export import write_predictions
 from ssp_sam.image_io import load_image
+from ssp_sam.ovss.engine.checkpoint import is_ovss_checkpoint, read_ovss_checkpoint_config
+from ssp_sam.ovss.predict import DEFAULT_OVSS_CHECKPOINT, predict_to_folder
 from ssp_sam.predictor import DEFAULT_CHECKPOINT, Predictor
 
 # Seeds of the shipped model's training data are listed in docs/shapeworld_model.md; this one is not among them.
@@ -48,21 +56,51 @@ def pick_example(dataset) -> tuple[Path, list[str]]:
     return path, [text for _, text in sentences[:4]]
 
 
+def ovss_example(out_dir: Path, checkpoint: Path, device: str = "auto") -> dict | None:
+    """Step 4: one ShapeWorld-OVSS test scene of the demo's seed (the first with 3 or more classes, one unseen)
+    segmented into its classes plus one absent unseen class (and "background" when the model has that class;
+    otherwise pixels below probability 0.5 for every class are "none"). None when ``checkpoint`` is no OVSS model."""
+    if not is_ovss_checkpoint(checkpoint):
+        print(f"\n[4/4] skipped: no OVSS checkpoint at {checkpoint} (the ShapeWorld SAM-MI is not shipped yet)")
+        return None
+    vocabulary = read_ovss_checkpoint_config(checkpoint).get("class_names") or []
+    for index in range(1000):
+        scene = generate_scene(DEMO_SEED, "test", index)
+        present = list(dict.fromkeys(obj.category for obj in scene.objects))
+        if len(present) >= 3 and set(present) & set(UNSEEN_CLASSES):
+            break
+    absent = next(name for name in UNSEEN_CLASSES if name not in present)
+    has_background = "background" in vocabulary
+    classes = present + [absent] + (["background"] if has_background else [])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    image_path = out_dir / "scene.png"
+    Image.fromarray(scene.image).save(image_path)
+    print(f"\n[4/4] open-vocabulary segmentation of {image_path} with {checkpoint}")
+    summary = predict_to_folder(checkpoint, image_path, classes, out_dir, device, none_below=None if has_background else 0.5)
+    for entry in summary["classes"]:
+        tag = " (unseen in training)" if entry["name"] in UNSEEN_CLASSES else ""
+        tag += " (not in the picture)" if entry["name"] == absent else ""
+        print(f"  [{entry['index']:02d}] {entry['name']!r}{tag}: {entry['pixels']} px")
+    print(f"label map, overlay with legend, per-class masks and summary.json in {out_dir}/")
+    return summary
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("demo_out"))
     parser.add_argument("--n-images", type=int, default=40)
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--ovss-checkpoint", type=Path, default=DEFAULT_OVSS_CHECKPOINT)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
     data = args.out / "data"
     shutil.rmtree(data, ignore_errors=True)
-    print(f"[1/3] generating a fresh ShapeWorld-Ref test split ({args.n_images} images, seed {DEMO_SEED})")
+    print(f"[1/4] generating a fresh ShapeWorld-Ref test split ({args.n_images} images, seed {DEMO_SEED})")
     for task in ("res", "gres"):
         generate_dataset(data, task, {"test": args.n_images}, seed=DEMO_SEED)
 
-    print(f"[2/3] evaluating {args.checkpoint}")
+    print(f"[2/4] evaluating {args.checkpoint}")
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
     records, gres_dataset = [], None
     for task in ("res", "gres"):
@@ -83,7 +121,7 @@ def main() -> int:
     print(markdown)
 
     image_path, expressions = pick_example(gres_dataset)
-    print(f"\n[3/3] segmenting {image_path.name} for {len(expressions)} expressions")
+    print(f"\n[3/4] segmenting {image_path.name} for {len(expressions)} expressions")
     image = load_image(image_path)
     predictions = predictor.predict(image, expressions)
     out_dir = args.out / "predictions"
@@ -92,6 +130,7 @@ def main() -> int:
         status = "no target" if prediction.no_target else f"{int(prediction.mask.sum())} px, box {[round(v, 1) for v in prediction.box.tolist()]}"
         print(f"  [{index:02d}] {prediction.expression!r}: {status}")
     print(f"\nmasks, overlays, summary.json and predictions.jsonl in {out_dir}/")
+    ovss_example(args.out / "ovss", args.ovss_checkpoint, args.device)
     return 0
 
 

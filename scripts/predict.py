@@ -27,7 +27,7 @@ from ssp_sam.export import write_predictions
 from ssp_sam.image_io import load_image
 from ssp_sam.outputs import check_output_dir
 from ssp_sam.ovss.engine.checkpoint import is_ovss_checkpoint
-from ssp_sam.ovss.predict import predict_to_folder
+from ssp_sam.ovss.predict import DEFAULT_OVSS_CHECKPOINT, predict_to_folder
 from ssp_sam.predictor import Predictor
 
 
@@ -43,7 +43,9 @@ def _expressions(value) -> list[str]:
 @reports_errors
 def main(cfg: DictConfig) -> None:
     if cfg.checkpoint is not None and is_ovss_checkpoint(cfg.checkpoint):
-        return _predict_ovss(cfg)
+        return _predict_ovss(cfg, cfg.checkpoint)
+    if cfg.checkpoint is None and cfg.classes is not None and is_ovss_checkpoint(DEFAULT_OVSS_CHECKPOINT):
+        return _predict_ovss(cfg, DEFAULT_OVSS_CHECKPOINT)  # the shipped ShapeWorld SAM-MI
     if cfg.classes is not None:
         raise ConfigError("classes: segmenting classes needs an OVSS checkpoint (checkpoint=<a directory of an ovss_* run>)")
     check_output_dir(cfg.out_dir, "out_dir")
@@ -62,7 +64,7 @@ def main(cfg: DictConfig) -> None:
     print(f"wrote {len(predictions)} masks and overlays to {cfg.out_dir}/")
 
 
-def _predict_ovss(cfg: DictConfig) -> None:
+def _predict_ovss(cfg: DictConfig, checkpoint) -> None:
     if not OmegaConf.is_missing(cfg, "expressions"):
         raise ConfigError("expressions: an OVSS checkpoint segments classes; give classes=[...] instead")
     if cfg.get("model") is not None:
@@ -71,7 +73,7 @@ def _predict_ovss(cfg: DictConfig) -> None:
     if isinstance(classes, ListConfig):
         classes = [v if isinstance(v, str) or v is None else str(v) for v in classes]  # Hydra reads [1, 2] as numbers
     summary = predict_to_folder(
-        cfg.checkpoint, cfg.image, classes, cfg.out_dir, cfg.device,
+        checkpoint, cfg.image, classes, cfg.out_dir, cfg.device,
         cfg.ovss.inference, cfg.ovss.overlap, cfg.ovss.none_below, OmegaConf.to_container(cfg.ovss.model, resolve=True),
     )  # fmt: skip
     for entry in summary["classes"]:

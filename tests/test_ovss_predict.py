@@ -3,6 +3,7 @@ argmax of the model's probabilities in the original image's frame, the files agr
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -13,6 +14,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch import Tensor, nn
 
+from ssp_sam.data.shapeworld import UNSEEN_CLASSES
 from ssp_sam.errors import ConfigError
 from ssp_sam.ovss import predict as ovss_predict
 from ssp_sam.ovss.build import build_ovss_model
@@ -236,3 +238,20 @@ def test_predict_script_with_an_ovss_checkpoint(tiny, tmp_path):
     assert summary["kind"] == "ovss" and summary["checkpoint"] == str(checkpoint) and summary["inference"] == "sliding"
     for entry in summary["classes"]:
         assert f"[{entry['index']:02d}] {entry['name']!r}: {entry['pixels']} px" in result.stdout
+
+
+def test_demo_segments_a_shapeworld_ovss_scene_with_an_unseen_and_an_absent_class(tiny, tmp_path):
+    """scripts/demo.py's step 4 on the tiny checkpoint (its vocabulary has "background"); skipped without a model."""
+    spec = importlib.util.spec_from_file_location("demo_script", REPO / "scripts" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    assert demo.ovss_example(tmp_path / "none", tmp_path / "no_model") is None and not (tmp_path / "none").exists()
+
+    summary = demo.ovss_example(tmp_path / "ovss", tiny["folder"] / "checkpoint", "cpu")
+    names = [entry["name"] for entry in summary["classes"]]
+    scene = np.asarray(Image.open(tmp_path / "ovss" / "scene.png"))
+    assert scene.shape == (256, 256, 3) and summary["image"] == str(tmp_path / "ovss" / "scene.png")
+    assert names[-1] == "background" and len(names) >= 5  # >= 3 present, one absent, background
+    assert set(names[:-2]) & set(UNSEEN_CLASSES) and names[-2] in UNSEEN_CLASSES
+    label_map = np.asarray(Image.open(tmp_path / "ovss" / "label_map.png"))
+    assert label_map.shape == (256, 256) and label_map.max() < len(names)

@@ -47,6 +47,9 @@ from .engine.checkpoint import load_ovss_model, read_ovss_checkpoint_config
 from .model import OVSSModel
 from .sliding_window import sliding_window_inference
 
+# The ShapeWorld SAM-MI the README's demo uses once it is shipped (issue 14, item 5); scripts/predict.py
+# takes it when classes=[...] is given without a checkpoint.
+DEFAULT_OVSS_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "shapeworld_ovss"
 INFERENCE_MODES = ("auto", "sliding", "whole")
 SUMMARY_FILE, LABEL_MAP_FILE, OVERLAY_FILE = "summary.json", "label_map.png", "overlay.png"
 SUMMARY_KIND = "ovss"
