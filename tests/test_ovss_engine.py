@@ -5,6 +5,9 @@ round-trip, bad options are one line and exit 2."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -93,6 +96,54 @@ def test_batches_start_anywhere_and_split_over_ranks():
     assert [batch[0][0] for batch in one] == [0, 0, 1, 1, 2, 2, 3]  # the epoch travels with each key
     ranks = [list(IterationBatchSampler(10, 4, 1, 7, 0, rank, 2)) for rank in (0, 1)]
     assert [r0 + r1 for r0, r1 in zip(*ranks)] == one
+
+
+@pytest.mark.parametrize("num_classes", [3, 8])  # tiny's max_classes is 8: class padding, then none
+def test_every_trainable_parameter_gets_a_gradient(bands, tmp_path, num_classes):
+    """DDP runs without a search for unused parameters: a training step reaches every trainable weight."""
+    from ssp_sam.ovss.engine.trainer import _LossOfBatch, parameters_never_used
+
+    trainer = OVSSTrainer(tiny_run(bands, tmp_path / "run"))
+    names = tuple(f"class{i}" for i in range(num_classes))
+    never = {id(p) for p in parameters_never_used(trainer.model, num_classes)}
+    assert len(never) == (0 if num_classes < 8 else 4)  # padding token + guidance of both aggregation layers
+    for parameter in parameters_never_used(trainer.model, num_classes):
+        parameter.requires_grad_(False)
+    labels = torch.randint(0, num_classes, (2, 64, 64))
+    _LossOfBatch(trainer.model, names)(torch.rand(2, 3, 64, 64) * 255, labels, None)["loss"].backward()
+    missing = [name for name, p in trainer.model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    last_q = trainer.model.catseg.clip.clip.visual.transformer.resblocks[-1].attn.q_proj_weight
+    assert not last_q.requires_grad  # CAT-Seg's last image block mixes no attention
+
+
+def test_two_processes_end_with_the_weights_of_one(bands, tmp_path):
+    """torchrun, 2 gloo CPU processes of batch 1, without find_unused_parameters, against 1 process of batch 2.
+
+    Not bit-equal: DDP averages the two ranks' gradients (each the mean over its own image) where one
+    process takes the mean over both images in another summation order, so gradients differ in the last
+    bits; Adam's normalised steps and the clipping keep the difference at float rounding for 3 steps.
+    """
+    common = ["train.iterations=3", "train.batch_size=2", "train.save_every=3", "train.log_every=1"]
+    single = OVSSTrainer(tiny_run(bands, tmp_path / "one", *common)).fit()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    process = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(REPO / "scripts" / "train.py"),
+         "experiment=ovss_tiny", f"ovss_dataset.root={bands}", f"run_dir={tmp_path / 'two'}", *common],
+        cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    logged = [json.loads(line)["train/loss"] for line in (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx(single.losses, rel=1e-5)  # the mean over ranks is the loss of the global batch
+    one = load_file(tmp_path / "one" / "last" / "model.safetensors")
+    two = load_file(tmp_path / "two" / "last" / "model.safetensors")
+    assert one.keys() == two.keys()
+    start = OVSSTrainer(tiny_run(bands, tmp_path / "start", *common)).model.state_dict()  # the same seed: the same start
+    moved = [key for key in one if not torch.equal(one[key], start[key])]
+    assert len(moved) > 50  # the comparison is about trained weights
+    for key in moved:
+        step = (one[key] - start[key]).abs().max()
+        assert (one[key] - two[key]).abs().max() <= 1e-3 * step + 1e-7, key
 
 
 class FixedPredictions(torch.nn.Module):

@@ -192,6 +192,7 @@ def test_only_attention_q_v_and_position_embeddings_of_clip_train():
     for tower, depth in (("clip.visual.transformer", 3), ("clip.transformer", 1)):
         for block in range(depth):
             expected |= {f"{tower}.resblocks.{block}.attn.q_proj_weight", f"{tower}.resblocks.{block}.attn.v_proj_weight"}
+    expected.remove("clip.visual.transformer.resblocks.2.attn.q_proj_weight")  # the last image block mixes no attention
     assert trainable == expected
     without_positions = tiny(variant="catseg", **{"clip.finetune_positions": False})
     assert {n for n, p in without_positions.catseg.clip.named_parameters() if p.requires_grad} == expected - {

@@ -13,7 +13,10 @@ there) is used with CAT-Seg's dense forward pass (KU-CVLAB/CAT-Seg ``third_party
 
 Fine-tuning: every attention's packed in-projection is split into q, k and v weights (PyTorch's
 ``nn.MultiheadAttention`` computes the same with ``_qkv_same_embed_dim=False``), so q and v can be
-trained while k, the biases and everything else stay frozen.
+trained while k, the biases and everything else stay frozen. The image tower's last block mixes no
+attention, so its q never gets a gradient: it stays frozen (CAT-Seg lists it among the trained weights,
+where it never changes), and every trained weight gets a gradient at every step (DDP needs no search
+for unused parameters).
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ class CATSegCLIP(nn.Module):
         for block in blocks:
             block.attn.q_proj_weight.requires_grad_(finetune_qv)
             block.attn.v_proj_weight.requires_grad_(finetune_qv)
+        visual.transformer.resblocks[-1].attn.q_proj_weight.requires_grad_(False)  # never used: see _dense_last_block
         visual.positional_embedding.requires_grad_(finetune_positions)
         clip.positional_embedding.requires_grad_(finetune_positions)
 

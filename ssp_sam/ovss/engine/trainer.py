@@ -85,6 +85,25 @@ def parameter_groups(model: OVSSModel, lr: float, clip_multiplier: float, weight
     return [group for group in groups.values() if group["params"]]
 
 
+def parameters_never_used(model: OVSSModel, num_classes: int) -> list[nn.Parameter]:
+    """Trainable parameters that no training step of a ``num_classes`` vocabulary uses, so never get a gradient.
+
+    Class aggregation pads the aggregated classes (min(T, max_classes)) with a learned token up to
+    ``max_classes``; a vocabulary of at least ``max_classes`` classes leaves no padding, so the token and
+    its guidance vector never run. (CLIP's unused q of its last image block is frozen by CATSegCLIP.)
+    The trainer freezes these: AdamW skipped them anyway (no gradient), and DDP then needs no search
+    for unused parameters.
+    """
+    if num_classes < model.catseg.max_classes:
+        return []
+    return [
+        parameter
+        for layer in model.catseg.layers
+        if layer.classes.pad_to
+        for parameter in (layer.classes.padding_token, layer.classes.padding_guidance)
+    ]
+
+
 class _LossOfBatch(nn.Module):
     """Class embeddings, forward and loss in one module call, so DDP sees every trained weight (CLIP's text too)."""
 
@@ -142,6 +161,8 @@ class OVSSTrainer:
         self.model = build_ovss_model(config.ovss_model)
         if config.init_checkpoint:
             load_ovss_weights(self.model, config.init_checkpoint)
+        for parameter in parameters_never_used(self.model, len(self.class_names)):
+            parameter.requires_grad_(False)
         self.model.to(self.device)
         self.train_cache, self.val_cache = self._prepare_caches()
 
@@ -169,11 +190,9 @@ class OVSSTrainer:
             persistent_workers=train.workers > 0, pin_memory=self.device.type == "cuda",
         )
         loss_of_batch = _LossOfBatch(self.model, self.class_names)
-        # CAT-Seg's last CLIP block mixes no attention, so its q projection (trainable like every q) never
-        # gets a gradient: DDP must look for unused parameters.
+        # Every trainable parameter gets a gradient at every step (see parameters_never_used).
         self.forward = (
-            DistributedDataParallel(loss_of_batch, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                                    find_unused_parameters=True)
+            DistributedDataParallel(loss_of_batch, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             if self.dist.enabled else loss_of_batch
         )
 
