@@ -18,7 +18,7 @@ one SAM image-encoder run per image.
 
     python benchmarks/bench_ovss_tspp.py --repeats 3                      # ViT-B/16 CAT-Seg at 384 + SAM ViT-B
     python benchmarks/bench_ovss_tspp.py --model shapeworld --repeats 3   # the ShapeWorld SAM-MI (small encoders)
-    python benchmarks/bench_ovss_tspp.py --quick                          # the tiny SAM-MI: a smoke run
+    python benchmarks/bench_ovss_tspp.py --quick [--repeats 5]            # the tiny SAM-MI: a smoke run
 
 Prints a table and writes benchmarks/results/ovss_tspp.json (``--quick``: ovss_tspp_quick.json).
 """
@@ -50,12 +50,15 @@ MODELS = ("vitb16_384", "vitl14_336", "shapeworld")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_timing_arguments(parser, 3, "smoke run: the tiny SAM-MI of configs/ovss_model/tiny.yaml, 8 classes, one round", "ovss_tspp")
+    add_timing_arguments(parser, 3, "smoke run: the tiny SAM-MI of configs/ovss_model/tiny.yaml, 8 classes, one round unless --repeats", "ovss_tspp")
     parser.add_argument("--model", choices=MODELS, default="vitb16_384", help="configs/ovss_model/<model>.yaml, random weights")
     parser.add_argument("--num-classes", type=int, default=150, help="the first N class names of ADE20K-150")
+    parser.set_defaults(repeats=None)  # 3, or 1 with --quick, unless given
     args = parser.parse_args(argv)
     if args.quick:
-        args.repeats, args.model, args.num_classes = 1, "tiny", 8
+        args.model, args.num_classes = "tiny", 8
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
     if not 1 <= args.num_classes <= 150:
         parser.error("--num-classes must lie in 1..150")
     return finish_timing_arguments(parser, args)
