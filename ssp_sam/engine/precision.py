@@ -1,16 +1,16 @@
 """Numeric precision of training and evaluation: ``auto | fp32 | bf16 | fp16``, chosen at run time.
 
 bf16 autocast is a large win where the hardware computes it natively and the kernels use it (CUDA
-GPUs) and a large loss where it is emulated (AVX2-only CPUs: measured 5.7x *slower* than fp32 on
-CLIP ViT-B/16). On CPUs with native bf16 (AVX512-BF16, AMX) a plain bf16 linear is 3.4x faster
-than fp32, but under CPU autocast a linear on a non-contiguous 3-D input (the in-projection of every
-``nn.MultiheadAttention(batch_first=True)``: open_clip's blocks, VAD, the prompt generator)
-materialises its weight once per sequence position, which made SSP-SAM-224's training step 1.3x
-*slower* than fp32 on an AVX512-BF16 CPU (``benchmarks/README.md``). ``auto`` therefore picks bf16
-on CUDA and fp32 on every CPU, and says what it chose; bf16 on a CPU is available when asked for
-(it pays for SAM's image encoder: 2.3x, masks kept) and warns where it is emulated. fp16 is a CUDA
-choice (with a gradient scaler in training); on a CPU it is refused, since PyTorch's CPU fp16
+GPUs, CPUs with AVX512-BF16 or AMX) and a large loss where it is emulated (AVX2-only CPUs: measured
+5.7x *slower* than fp32 on CLIP ViT-B/16). ``auto`` therefore picks bf16 on CUDA and on CPUs with
+native bf16, fp32 elsewhere, and says what it chose; a forced bf16 on an emulating CPU warns. fp16 is
+a CUDA choice (with a gradient scaler in training); on a CPU it is refused, since PyTorch's CPU fp16
 kernels are emulated.
+
+On native-bf16 CPUs this needs every attention to project contiguous tensors: under CPU autocast a
+linear on a non-contiguous 3-D input (what ``nn.MultiheadAttention(batch_first=True)`` feeds its
+in-projection) copies its weight once per sequence position, which made bf16 1.3x *slower* than fp32
+until every attention went through :mod:`ssp_sam.attention` (``benchmarks/README.md``).
 
 The frozen encoders, the adapters and the decoder all run under one ``torch.autocast`` region, so
 weights stay fp32 (the optimizer's master copy) and only the matmuls run in the low precision.
@@ -105,7 +105,7 @@ def resolve_precision(requested: str, device: torch.device, key: str = "precisio
                 return Precision("bf16", "auto: CUDA device with bf16")
             return Precision("fp16", "auto: CUDA device without bf16")
         if cpu_has_native_bf16():
-            return Precision("fp32", "auto: CPU (bf16 autocast is slower than fp32 in attention in-projections on CPUs; bf16 if asked)")
+            return Precision("bf16", "auto: CPU with native bf16 (AVX512-BF16 or AMX)")
         return Precision("fp32", "auto: CPU without native bf16 (bf16 would be emulated and slower)")
     if requested == "fp16" and not cuda:
         raise ConfigError(f"{key}=fp16 needs a CUDA device (CPU fp16 is emulated); use bf16 or fp32")

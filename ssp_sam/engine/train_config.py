@@ -123,7 +123,7 @@ class TrainRunConfig:
 # Keys that no longer exist -> what to write instead.
 RENAMED = {
     "train.amp": "train.amp: replaced by train.precision=auto|fp32|bf16|fp16 (amp=false is precision=fp32; "
-    "amp=auto was bf16/fp16 on CUDA and fp32 on a CPU, as precision=auto is)",
+    "amp=auto was bf16/fp16 on CUDA and fp32 on a CPU; precision=auto also takes bf16 on native-bf16 CPUs)",
 }
 
 
