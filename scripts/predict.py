@@ -26,7 +26,7 @@ from ssp_sam.errors import ConfigError, ExpressionError
 from ssp_sam.export import write_predictions
 from ssp_sam.image_io import load_image
 from ssp_sam.outputs import check_output_dir
-from ssp_sam.ovss.engine.checkpoint import is_ovss_checkpoint
+from ssp_sam.ovss.engine.checkpoint import is_ovss_checkpoint, read_ovss_checkpoint_config
 from ssp_sam.ovss.predict import DEFAULT_OVSS_CHECKPOINT, predict_to_folder
 from ssp_sam.predictor import Predictor
 
@@ -47,7 +47,9 @@ def main(cfg: DictConfig) -> None:
     if cfg.checkpoint is None and cfg.classes is not None and is_ovss_checkpoint(DEFAULT_OVSS_CHECKPOINT):
         return _predict_ovss(cfg, DEFAULT_OVSS_CHECKPOINT)  # the shipped ShapeWorld SAM-MI
     if cfg.classes is not None:
-        raise ConfigError("classes: segmenting classes needs an OVSS checkpoint (checkpoint=<a directory of an ovss_* run>)")
+        if cfg.checkpoint is None:
+            raise ConfigError("classes: segmenting classes needs an OVSS checkpoint (checkpoint=<a directory of an ovss_* run>)")
+        read_ovss_checkpoint_config(cfg.checkpoint)  # says why it is none: not found, no config.json, another format
     check_output_dir(cfg.out_dir, "out_dir")
     expressions = _expressions(cfg.expressions)
     model_config = OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") is not None else None

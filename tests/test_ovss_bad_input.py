@@ -46,8 +46,9 @@ def _pair(images: Path, labels: Path, name: str, image_hw: tuple[int, int], labe
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The three script runs, two at a time: predict with no classes, eval meeting a label value 7 of 3 classes,
-    training meeting label maps 30x50 for 40x50 images (both with two data-loader workers)."""
+    """The script runs, two at a time: predict with no classes and with classes for an SSP-SAM checkpoint, eval
+    meeting a label value 7 of 3 classes, training meeting label maps 30x50 for 40x50 images (both with two
+    data-loader workers)."""
     folder = tmp_path_factory.mktemp("bad_ovss")
     torch.manual_seed(0)
     model = build_ovss_model(OmegaConf.load(REPO / "configs" / "ovss_model" / "tiny.yaml"))
@@ -73,6 +74,10 @@ def runs(tmp_path_factory):
             "ovss_dataset.classes=[a, b, c]", "eval.sliding_window=false", "workers=2", "device=cpu",
             f"metrics_out={folder / 'metrics.json'}",
         ),
+        "ssp_sam checkpoint with classes": (
+            "predict.py", f"checkpoint={REPO / 'checkpoints' / 'shapeworld_default'}", f"image={folder / 'scene.png'}",
+            "classes=[a, b]", f"out_dir={folder / 'predict_out'}", "device=cpu",
+        ),
         "train": (
             "train.py", "experiment=ovss_tiny", f"ovss_dataset.root={training}", f"run_dir={folder / 'run'}",
             "train.workers=2", "val.split=null",
@@ -85,6 +90,13 @@ def runs(tmp_path_factory):
 
 def test_predict_with_an_empty_class_list(runs):
     assert _one_error_line(runs["results"]["predict"]) == "error: classes: empty class list"
+    assert not (runs["folder"] / "predict_out").exists()
+
+
+def test_predict_with_classes_and_a_checkpoint_of_ssp_sam(runs):
+    config = REPO / "checkpoints" / "shapeworld_default" / "config.json"
+    line = _one_error_line(runs["results"]["ssp_sam checkpoint with classes"])
+    assert line == f"error: {config}: not an OVSS checkpoint (no 'format': 'ssp_sam.ovss' with an 'ovss_model' section)"
     assert not (runs["folder"] / "predict_out").exists()
 
 
