@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from timm.models.swin_transformer import SwinTransformerBlock
@@ -383,6 +384,43 @@ def test_ignored_pixels_rule():
     excluded = per_class_bce(logits, labels, ignore_pixels="excluded").item()
     assert excluded == pytest.approx(log2)
     assert negative == pytest.approx((4 * log2 + 4 * math.log1p(math.exp(-5.0))) / 8)
+
+
+def test_decoder_block_equals_the_convolution_of_the_concatenation():
+    """UpBlock convolves the per-image guidance once; the result is CAT-Seg's conv over [x, guidance, extra] per class."""
+    from ssp_sam.ovss.catseg.decoder import UpBlock
+
+    torch.manual_seed(0)
+    block = UpBlock(24, 16, guidance_channels=8, extra_channels=2)
+    torch.nn.init.normal_(block.conv[0].weight)  # the extra channels' zero start would hide them
+    x, guidance, extra = torch.randn(6, 24, 4, 4), torch.randn(2, 8, 8, 8), torch.randn(6, 2, 8, 8)  # 2 images x 3 classes
+    plain = block.conv(torch.cat([block.up(x), guidance.repeat_interleave(3, dim=0), extra], dim=1))
+    assert torch.allclose(block(x, guidance, extra), plain, atol=1e-5)
+
+
+def test_losses_equal_their_one_hot_definitions():
+    """The BCE and TSPP targets computed without a one-hot map equal the plain one-hot computation."""
+    from ssp_sam.ovss.losses import per_class_bce, point_map_loss
+
+    torch.manual_seed(0)
+    logits = (torch.randn(2, 5, 4, 4) * 8).requires_grad_()  # some beyond softplus's threshold of 20
+    labels = torch.randint(0, 5, (2, 16, 16))
+    labels[0, :3] = 255
+    up = F.interpolate(logits, size=(16, 16), mode="bilinear", align_corners=False)
+    target = F.one_hot(torch.where(labels == 255, 0, labels), 5).permute(0, 3, 1, 2).float() * (labels != 255)[:, None]
+    terms = F.binary_cross_entropy_with_logits(up, target, reduction="none")
+    expected = {"negative": terms.mean(), "excluded": (terms * (labels != 255)[:, None]).sum() / ((labels != 255).sum() * 5)}
+    for rule, value in expected.items():
+        loss = per_class_bce(logits, labels, ignore_pixels=rule)
+        assert loss.item() == pytest.approx(value.item(), rel=1e-6)
+        ours = torch.autograd.grad(loss, logits)[0]
+        assert torch.allclose(ours, torch.autograd.grad(value, logits, retain_graph=True)[0], atol=1e-7)
+    where, presence = torch.randn(2, 3, 4, 4), torch.randn(2, 3)
+    selected = torch.tensor([[0, 2, 4], [1, 2, 3]])
+    kept = target.gather(1, selected[:, :, None, None].expand(-1, -1, 16, 16))
+    plain = F.binary_cross_entropy_with_logits(where, F.adaptive_avg_pool2d(kept, 4)) + F.binary_cross_entropy_with_logits(
+        presence, kept.flatten(2).amax(dim=-1))
+    assert point_map_loss(where, presence, labels, 5, selected).item() == pytest.approx(plain.item(), rel=1e-6)
 
 
 # --- configuration ---------------------------------------------------------------------------------

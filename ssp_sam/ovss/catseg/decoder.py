@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -45,11 +46,20 @@ class UpBlock(nn.Module):
 
     def forward(self, x: Tensor, guidance: Tensor, extra: Tensor | None = None) -> Tensor:
         x = self.up(x)
-        per_class = x.shape[0] // guidance.shape[0]
-        parts = [x, guidance.repeat_interleave(per_class, dim=0)]
+        images, classes = guidance.shape[0], x.shape[0] // guidance.shape[0]
+        # The first conv of [x, guidance, extra] is the sum of its convs over each part's input channels.
+        # The guidance is the same for every class of an image: convolved once per image and broadcast,
+        # not repeated per class and concatenated (B*T copies; the same weights, results equal to rounding).
+        weight = self.conv[0].weight
+        x_channels, guidance_channels = x.shape[1], guidance.shape[1]
+        y = F.conv2d(x, weight[:, :x_channels], padding=1)
+        y = y.unflatten(0, (images, classes)) + F.conv2d(guidance, weight[:, x_channels : x_channels + guidance_channels], padding=1)[:, None]
+        y = y.flatten(0, 1)
         if self.extra_channels:
-            parts.append(extra)
-        return self.conv(torch.cat(parts, dim=1))
+            y = y + F.conv2d(extra, weight[:, x_channels + guidance_channels :], padding=1)
+        for layer in list(self.conv)[1:]:  # the double conv after its first convolution
+            y = layer(y)
+        return y
 
 
 class UpsamplingDecoder(nn.Module):
