@@ -77,6 +77,7 @@ def _predict_ovss(cfg: DictConfig, checkpoint) -> None:
     summary = predict_to_folder(
         checkpoint, cfg.image, classes, cfg.out_dir, cfg.device,
         cfg.ovss.inference, cfg.ovss.overlap, cfg.ovss.none_below, OmegaConf.to_container(cfg.ovss.model, resolve=True),
+        cfg.ovss.precision,
     )  # fmt: skip
     for entry in summary["classes"]:
         print(f"[{entry['index']:02d}] {entry['name']!r}: {entry['pixels']} px")

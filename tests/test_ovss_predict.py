@@ -226,7 +226,7 @@ def test_predict_script_with_an_ovss_checkpoint(tiny, tmp_path):
     checkpoint, image = tiny["folder"] / "checkpoint", tiny["folder"] / "scene.png"
     result = run_script(
         "predict.py", f"checkpoint={checkpoint}", f"image={image}", "classes=[red circle, blue square, background]",
-        f"out_dir={out_dir}", "device=cpu",
+        f"out_dir={out_dir}", "device=cpu", "ovss.precision=fp32",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "(sliding inference)" in result.stdout

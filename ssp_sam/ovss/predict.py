@@ -9,6 +9,9 @@
   sliding window) to the model's input, the probabilities resized back;
 - ``inference="auto"`` (default): sliding when the image's longer side exceeds the window, else whole.
 
+``precision`` runs the model under autocast as evaluation does (``ssp_sam.engine.precision``: auto is
+bf16 or fp16 on CUDA); the probabilities are float32 either way.
+
 The label map is the argmax over the given classes of the per-class probabilities at the image's own
 size (CAT-Seg has no background: every pixel gets a class, as in evaluation; give a class such as
 "background" when the model knows one). With ``none_below`` set, pixels whose highest probability is
@@ -35,6 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from ..engine.precision import resolve_precision
 from ..errors import ConfigError, DatasetError
 from ..export import save_png
 from ..fileio import write_json
@@ -134,9 +138,11 @@ class OVSSPredictor:
         inference: str = "auto",
         overlap: float = 0.333,
         none_below: float | None = None,
+        precision: str = "fp32",
     ) -> None:
         check_inference(inference, overlap, none_below)
         self.device = torch.device(device)
+        self.precision = resolve_precision(precision, self.device, "ovss.precision")
         self.model = model.to(self.device).eval()
         self.inference = inference
         self.overlap = overlap
@@ -157,8 +163,12 @@ class OVSSPredictor:
 
     @torch.inference_mode()
     def probabilities(self, pixels: Tensor, text: Tensor, mode: str) -> Tensor:
-        """(3, H, W) RGB on 0..255 -> (T, H, W) probabilities, by ``mode`` ("sliding" or "whole")."""
-        predict = lambda images: self.model.predict(images, text)  # noqa: E731
+        """(3, H, W) RGB on 0..255 -> (T, H, W) float32 probabilities, by ``mode`` ("sliding" or "whole")."""
+
+        def predict(images: Tensor) -> Tensor:
+            with self.precision.autocast(self.device):
+                return self.model.predict(images, text).float()
+
         if mode == "sliding":
             return sliding_window_inference(predict, pixels, self.window, self.overlap, self.sliding_size())
         square = F.interpolate(pixels[None], size=(self.window, self.window), mode="bilinear", align_corners=False)
@@ -175,8 +185,9 @@ class OVSSPredictor:
         label = str(image) if isinstance(image, (str, os.PathLike)) else None
         rgb = load_image(image, name=label, exif_orientation=True)
         mode = self.mode_for(*rgb.shape[:2])
-        with torch.inference_mode():
+        with torch.inference_mode(), self.precision.autocast(self.device):
             text = self.model.encode_classes(names)
+        with torch.inference_mode():
             pixels = torch.from_numpy(rgb).to(self.device).permute(2, 0, 1).float()
             probabilities = self.probabilities(pixels, text, mode)
             best, labels = probabilities.max(dim=0)
@@ -270,6 +281,7 @@ def predict_to_folder(
     overlap: float = 0.333,
     none_below: float | None = None,
     overrides: dict | None = None,
+    precision: str = "auto",
 ) -> dict:
     """``scripts/predict.py`` with an OVSS checkpoint: every input checked, then the model loaded and run, then the files written.
 
@@ -288,8 +300,9 @@ def predict_to_folder(
     names = check_user_classes(class_names)
     check_inference(inference, overlap, none_below)
     resolved = resolve_device(device)
+    resolve_precision(precision, resolved, "ovss.precision")
     rgb = load_image(image_path, name=str(image_path), exif_orientation=True)  # a bad file fails before the model loads
     loaded = load_ovss_model(checkpoint, resolved, overrides)
-    predictor = OVSSPredictor(loaded.model, resolved, inference, overlap, none_below)
+    predictor = OVSSPredictor(loaded.model, resolved, inference, overlap, none_below, precision)
     prediction = predictor.predict(rgb, names)
     return write_ovss_prediction(rgb, prediction, out_dir, str(image_path), str(checkpoint))
