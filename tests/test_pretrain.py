@@ -22,12 +22,14 @@ from ssp_sam.pretrain.clip import (
     BACKGROUND_CLASS,
     DENSE_CLASS_NAMES,
     DESCRIPTIONS,
+    PARTIAL_DESCRIPTIONS,
     CLIPPretrainSettings,
     GroundingScene,
     attribute_code,
     confusion_counts,
     contrastive_batch,
     dense_class,
+    description_matches,
     dense_labelling,
     dense_loss,
     finished_clip_stage,
@@ -321,6 +323,30 @@ def test_contrastive_batch_pairs():
     assert torch.equal(batch.tokens[97], second.expressions[0])
     assert batch.valid[97].tolist() == [False, False, False, True, True]
     assert not batch.positives[97].any()
+
+
+def test_partial_descriptions_are_true_of_every_object_with_the_named_attributes():
+    """Reference by words: "the red circle" is true of a full description holding every word it holds."""
+    assert len(PARTIAL_DESCRIPTIONS) == 6 + 48 + 12 and len(set(PARTIAL_DESCRIPTIONS)) == 66
+    matches = description_matches(partial=True)
+    captions = (*DESCRIPTIONS, *PARTIAL_DESCRIPTIONS)
+    expected = torch.tensor([[set(text.split()) <= set(full.split()) for full in DESCRIPTIONS] for text in captions])
+    assert torch.equal(matches, expected)
+    assert torch.equal(description_matches(partial=False), expected[:96])
+    # In a batch: "the circle" has both red circles as positives, "the large star" the blue star; all regions valid.
+    tokenizer = CLIPTokenizer()
+    red_circle, blue_star = attribute_code("small", "red", "circle"), attribute_code("large", "blue", "star")
+    scenes = [
+        GroundingScene(torch.zeros(3, 8, 8).half(), torch.rand(len(codes) + 1, 4), torch.tensor(codes),
+                       tokenizer(["the star"]), ((0,),), ("A",))
+        for codes in ([red_circle, blue_star], [red_circle])
+    ]
+    batch = contrastive_batch(scenes, np.random.default_rng(0), 0, tokenizer(captions), dense=False, matches=matches)
+    assert len(batch.tokens) == 162 and batch.valid.all()
+    assert batch.positives[captions.index("the circle")].tolist() == [True, False, False, True, False]
+    assert batch.positives[captions.index("the large star")].tolist() == [False, True, False, False, False]
+    assert not batch.positives[captions.index("the small star")].any()
+    assert not batch.positives[:, [2, 4]].any()  # backgrounds
 
 
 def test_attribute_codes_index_the_descriptions():

@@ -64,6 +64,14 @@ HELDOUT_SPLIT = "val"
 MAX_LOGIT_SCALE = 100.0
 # Every "{size} {color} {shape}" description, indexed by attribute_code().
 DESCRIPTIONS = tuple(f"the {size} {color} {shape}" for size in SIZE_RADII for color in COLORS for shape in SHAPES)
+# Descriptions that name the shape alone or with one other attribute ("the circle", "the red circle",
+# "the small circle"; settings.partial_descriptions): among them shape is the only thing that tells
+# some captions apart, while any two of the 96 full descriptions also differ in colour or size.
+PARTIAL_DESCRIPTIONS = (
+    *(f"the {shape}" for shape in SHAPES),
+    *(f"the {color} {shape}" for color in COLORS for shape in SHAPES),
+    *(f"the {size} {shape}" for size in SIZE_RADII for shape in SHAPES),
+)
 # The OVSS class list of the ShapeWorld spec (colour-major, then shape) and a background class last.
 BACKGROUND_NAME = "background"
 DENSE_CLASS_NAMES = (*(f"{color} {shape}" for color in COLORS for shape in SHAPES), BACKGROUND_NAME)
@@ -95,6 +103,7 @@ class CLIPPretrainSettings:
     eval_scenes: int = 300  # held-out scenes for the final accuracies
     dense_weight: float = 0.0  # weight of dense_loss (0: region-caption contrast only, the shipped recipe)
     position_init: str = "random"  # vision position embeddings at the start: one of POSITION_INITS
+    partial_descriptions: bool = False  # also train on PARTIAL_DESCRIPTIONS ("the circle", "the red circle", ...)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "pool_size"):
@@ -118,6 +127,21 @@ class CLIPPretrainResult:
 def attribute_code(size: str, color: str, shape: str) -> int:
     """Index of "the {size} {color} {shape}" in :data:`DESCRIPTIONS`."""
     return (tuple(SIZE_RADII).index(size) * len(COLORS) + tuple(COLORS).index(color)) * len(SHAPES) + SHAPES.index(shape)
+
+
+def description_matches(partial: bool) -> Tensor:
+    """(D, 96) bool: which objects (by attribute code) each training description is true of. The rows are
+    :data:`DESCRIPTIONS` (each true of its own code only), then with ``partial`` :data:`PARTIAL_DESCRIPTIONS`
+    (true of every object with the attributes they name)."""
+    if not partial:
+        return torch.eye(len(DESCRIPTIONS), dtype=torch.bool)
+    sizes, colors, shapes = (
+        torch.tensor(values) for values in np.unravel_index(np.arange(len(DESCRIPTIONS)), (len(SIZE_RADII), len(COLORS), len(SHAPES)))
+    )
+    shape_alone = shapes[None, :] == torch.arange(len(SHAPES))[:, None]
+    with_color = (colors[None, None, :] == torch.arange(len(COLORS))[:, None, None]) & shape_alone[None]
+    with_size = (sizes[None, None, :] == torch.arange(len(SIZE_RADII))[:, None, None]) & shape_alone[None]
+    return torch.cat([torch.eye(len(DESCRIPTIONS), dtype=torch.bool), shape_alone, with_color.flatten(0, 1), with_size.flatten(0, 1)])
 
 
 def dense_class(codes: Tensor) -> Tensor:
@@ -212,13 +236,15 @@ class ContrastiveBatch:
 
 def contrastive_batch(
     scenes: Sequence[GroundingScene], rng: np.random.Generator, expressions_per_scene: int, description_tokens: Tensor,
-    dense: bool = True,
+    dense: bool = True, matches: Tensor | None = None,
 ) -> ContrastiveBatch:
-    """The captions of one step: all 96 descriptions, and per scene some of its expressions.
+    """The captions of one step: all descriptions, and per scene some of its expressions.
 
-    Captions: the descriptions in :data:`DESCRIPTIONS` order, then the expressions scene after
-    scene. Regions: each scene's K objects then its background, scene after scene. See the module
-    docstring for which pairs are valid and positive. ``dense``: also the dense term's patch targets.
+    Captions: the D ``description_tokens`` (the 96 of :data:`DESCRIPTIONS`, and more with
+    ``matches``: (D, 96) :func:`description_matches`, which objects each is true of), then the
+    expressions scene after scene. Regions: each scene's K objects then its background, scene after
+    scene. See the module docstring for which pairs are valid and positive. ``dense``: also the
+    dense term's patch targets.
     """
     region_codes, region_image, first_region = [], [], []
     for index, scene in enumerate(scenes):
@@ -228,8 +254,9 @@ def contrastive_batch(
     region_codes = torch.tensor(region_codes)
     region_image = torch.tensor(region_image)
 
+    matches = description_matches(partial=False) if matches is None else matches
     tokens = [*description_tokens]
-    positives = [*(region_codes[None, :] == torch.arange(len(description_tokens))[:, None])]
+    positives = [*(matches[:, region_codes.clamp(min=0)] & (region_codes >= 0))]
     valid = [torch.ones(len(region_codes), dtype=torch.bool)] * len(description_tokens)
     for index, scene in enumerate(scenes):
         for expression in rng.permutation(len(scene.expression_targets))[:expressions_per_scene]:
@@ -511,6 +538,8 @@ def pretrain_clip(
     model.requires_grad_(True)  # the backbone froze it for SSP-SAM; here it is what we train
     tokenizer = CLIPTokenizer(model.context_length, append_period=append_period)
     description_tokens = tokenizer(DESCRIPTIONS)
+    matches = description_matches(settings.partial_descriptions)
+    training_description_tokens = tokenizer((*DESCRIPTIONS, *PARTIAL_DESCRIPTIONS)[: len(matches)])
     class_tokens = tokenizer(DENSE_CLASS_NAMES).to(device)
     image_size, patch_size = backbone.image_size, model.visual.patch_size[0]
     pool = grounding_scenes(
@@ -523,7 +552,9 @@ def pretrain_clip(
 
     def train_step(step: int) -> float:
         scenes = [pool[index] for index in rng.choice(len(pool), size=settings.batch_size, replace=False)]
-        batch = contrastive_batch(scenes, rng, settings.expressions_per_scene, description_tokens, settings.dense_weight > 0).to(device)
+        batch = contrastive_batch(
+            scenes, rng, settings.expressions_per_scene, training_description_tokens, settings.dense_weight > 0, matches
+        ).to(device)
         terms = training_losses(backbone, batch, class_tokens, settings.dense_weight)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
