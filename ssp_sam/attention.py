@@ -1,6 +1,16 @@
-"""Multi-head attention over ``nn.MultiheadAttention``'s own parameters, batch first and fused.
+"""Attention of the frozen and trained parts, computed with ``F.scaled_dot_product_attention``.
 
-Why not call the module: ``nn.MultiheadAttention(batch_first=True)`` transposes its inputs to
+Two kinds of module run here with their parameters and results unchanged (up to floating-point
+rounding), so state dicts and checkpoints are unchanged too:
+
+- ``nn.MultiheadAttention`` (open_clip's blocks, VAD's text attention, the prompt generator), through
+  :func:`multi_head_attention`;
+- segment_anything's two-way ``Attention`` of the mask decoder, which spells attention out as
+  ``softmax(q k^T / sqrt(d)) v`` and so materialises (B, heads, 5 + T, h w) scores in both directions
+  at every layer, through :class:`FusedTwoWayAttention` (:func:`fuse_two_way_attention`).
+
+
+Why not call ``nn.MultiheadAttention`` itself: ``nn.MultiheadAttention(batch_first=True)`` transposes its inputs to
 sequence-first and runs its packed in-projection on that transposed view. Under CPU bf16 autocast a
 linear layer on a non-contiguous 3-D input is computed as a batched matmul against the weight
 expanded over the sequence and *copied* (700 MB per call in CLIP ViT-B's blocks), which made bf16
@@ -14,6 +24,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from segment_anything.modeling.transformer import Attention as TwoWayAttention
 from torch import Tensor, nn
 
 from .errors import ConfigError
@@ -108,3 +119,31 @@ def _check_supported(attention: nn.MultiheadAttention) -> None:
         raise ConfigError(
             "fused attention supports nn.MultiheadAttention with packed in-projection, no bias_k/bias_v and no add_zero_attn"
         )
+
+
+class FusedTwoWayAttention(TwoWayAttention):
+    """segment_anything's mask-decoder ``Attention`` with the scores fused into one kernel.
+
+    Same parameters (q_proj, k_proj, v_proj to ``internal_dim``, out_proj back) and the same
+    ``softmax(q k^T / sqrt(c_per_head)) v`` per head as the stock module; inputs are made contiguous
+    before the projections (the image tokens arrive as a permuted view, see the module docstring).
+    """
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q: (B, Nq, C); k, v: (B, Nk, C). Returns (B, Nq, C)."""
+        q = self._separate_heads(self.q_proj(q.contiguous()), self.num_heads)
+        k = self._separate_heads(self.k_proj(k.contiguous()), self.num_heads)
+        v = self._separate_heads(self.v_proj(v.contiguous()), self.num_heads)
+        return self.out_proj(self._recombine_heads(F.scaled_dot_product_attention(q, k, v)))
+
+
+def fuse_two_way_attention(module: nn.Module) -> nn.Module:
+    """Turn every stock two-way ``Attention`` inside ``module`` into :class:`FusedTwoWayAttention`, in place.
+
+    Only the class changes (the subclass adds no state), so parameters, hooks and state-dict keys
+    stay as they are. Returns ``module``.
+    """
+    for child in module.modules():
+        if type(child) is TwoWayAttention:
+            child.__class__ = FusedTwoWayAttention
+    return module

@@ -73,3 +73,26 @@ def test_dropout_acts_in_training_only_and_gradients_match_the_module():
     torch.testing.assert_close(ours.grad, theirs.grad)
     for mine, module in zip(ours_grads, [p.grad for p in attention.parameters()]):
         torch.testing.assert_close(mine, module)
+
+
+def test_fused_two_way_attention_equals_segment_anythings_and_build_sam_uses_it():
+    from segment_anything.modeling.transformer import Attention
+
+    from ssp_sam.attention import FusedTwoWayAttention, fuse_two_way_attention
+    from ssp_sam.backbones.sam import build_sam
+
+    torch.manual_seed(0)
+    stock = Attention(32, num_heads=4, downsample_rate=2)
+    q, k = torch.randn(2, 7, 32), torch.randn(2, 50, 32)
+    image_view = torch.randn(2, 32, 50).permute(0, 2, 1)  # the decoder's image tokens: a permuted view
+    expected = stock(q, k, image_view)
+    fused = fuse_two_way_attention(stock)
+    assert type(fused) is FusedTwoWayAttention and fused is stock
+    torch.testing.assert_close(fused(q, k, image_view), expected)
+    torch.testing.assert_close(fused(k, q, q), Attention.forward(fused, k, q, q))  # image-to-token direction
+
+    sam = build_sam("custom", custom={"encoder_embed_dim": 32, "encoder_depth": 1, "encoder_num_heads": 2,
+                                      "encoder_global_attn_indexes": [0], "image_size": 64, "prompt_embed_dim": 32,
+                                      "decoder_mlp_dim": 64, "decoder_num_heads": 2}, parts=("mask_decoder",))
+    kinds = {type(m) for m in sam.mask_decoder.modules() if isinstance(m, Attention)}
+    assert kinds == {FusedTwoWayAttention}

@@ -37,6 +37,7 @@ from segment_anything.modeling import (
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
+from ..attention import fuse_two_way_attention
 from ..errors import CheckpointError, ConfigError, ImageError
 from ..fileio import file_sha256
 from ..state_dicts import mismatch_report
@@ -141,7 +142,7 @@ def _build_parts(config: Mapping, parts: Sequence[str]) -> dict:
             input_image_size=(config["image_size"], config["image_size"]),
             mask_in_chans=16,
         ),
-        "mask_decoder": lambda: MaskDecoder(
+        "mask_decoder": lambda: fuse_two_way_attention(MaskDecoder(
             num_multimask_outputs=3,
             transformer=TwoWayTransformer(
                 depth=config["decoder_depth"],
@@ -152,7 +153,7 @@ def _build_parts(config: Mapping, parts: Sequence[str]) -> dict:
             transformer_dim=config["prompt_embed_dim"],
             iou_head_depth=3,
             iou_head_hidden_dim=256,
-        ),
+        )),
     }
     return {name: builders[name]() for name in parts}
 
