@@ -42,16 +42,16 @@ def in_projection(attention: nn.MultiheadAttention, query: Tensor, key: Tensor, 
     _check_supported(attention)
     weight, bias = attention.in_proj_weight, attention.in_proj_bias
     if query is key and key is value:
-        q, k, v = F.linear(query.contiguous(), weight, bias).chunk(3, dim=-1)
+        q, k, v = F.linear(linear_input(query), weight, bias).chunk(3, dim=-1)
     else:
         weights = weight.chunk(3)
         biases = bias.chunk(3) if bias is not None else (None, None, None)
-        q = F.linear(query.contiguous(), weights[0], biases[0])
+        q = F.linear(linear_input(query), weights[0], biases[0])
         if key is value:
-            k, v = F.linear(key.contiguous(), torch.cat(weights[1:]), _cat_or_none(biases[1:])).chunk(2, dim=-1)
+            k, v = F.linear(linear_input(key), torch.cat(weights[1:]), _cat_or_none(biases[1:])).chunk(2, dim=-1)
         else:
-            k = F.linear(key.contiguous(), weights[1], biases[1])
-            v = F.linear(value.contiguous(), weights[2], biases[2])
+            k = F.linear(linear_input(key), weights[1], biases[1])
+            v = F.linear(linear_input(value), weights[2], biases[2])
     heads = attention.num_heads
     return _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads)
 
@@ -105,6 +105,18 @@ def _as_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return mask.to(dtype)
 
 
+def linear_input(x: Tensor) -> Tensor:
+    """``x`` contiguous and, inside an autocast region, already in its dtype: one copy at most.
+
+    A linear layer under autocast would cast a float32 input anyway; casting it here together with
+    the layout change copies a (B, hw, C) view of the image tokens once instead of twice.
+    """
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.dtype == torch.float32:
+        return x.to(torch.get_autocast_dtype(device), memory_format=torch.contiguous_format)
+    return x.contiguous()
+
+
 def _split_heads(x: Tensor, heads: int) -> Tensor:
     batch, length, width = x.shape
     return x.reshape(batch, length, heads, width // heads).transpose(1, 2)
@@ -125,15 +137,15 @@ class FusedTwoWayAttention(TwoWayAttention):
     """segment_anything's mask-decoder ``Attention`` with the scores fused into one kernel.
 
     Same parameters (q_proj, k_proj, v_proj to ``internal_dim``, out_proj back) and the same
-    ``softmax(q k^T / sqrt(c_per_head)) v`` per head as the stock module; inputs are made contiguous
-    before the projections (the image tokens arrive as a permuted view, see the module docstring).
+    ``softmax(q k^T / sqrt(c_per_head)) v`` per head as the stock module; inputs go to the projections
+    contiguous (the image tokens arrive as a permuted view), cast and laid out in one copy.
     """
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q: (B, Nq, C); k, v: (B, Nk, C). Returns (B, Nq, C)."""
-        q = self._separate_heads(self.q_proj(q.contiguous()), self.num_heads)
-        k = self._separate_heads(self.k_proj(k.contiguous()), self.num_heads)
-        v = self._separate_heads(self.v_proj(v.contiguous()), self.num_heads)
+        q = self._separate_heads(self.q_proj(linear_input(q)), self.num_heads)
+        k = self._separate_heads(self.k_proj(linear_input(k)), self.num_heads)
+        v = self._separate_heads(self.v_proj(linear_input(v)), self.num_heads)
         return self.out_proj(self._recombine_heads(F.scaled_dot_product_attention(q, k, v)))
 
 

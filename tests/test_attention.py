@@ -96,3 +96,14 @@ def test_fused_two_way_attention_equals_segment_anythings_and_build_sam_uses_it(
                                       "decoder_mlp_dim": 64, "decoder_num_heads": 2}, parts=("mask_decoder",))
     kinds = {type(m) for m in sam.mask_decoder.modules() if isinstance(m, Attention)}
     assert kinds == {FusedTwoWayAttention}
+
+
+def test_linear_input_casts_and_lays_out_in_autocast_only():
+    from ssp_sam.attention import linear_input
+
+    view = torch.randn(2, 8, 5).permute(0, 2, 1)
+    plain = linear_input(view)
+    assert plain.is_contiguous() and plain.dtype == torch.float32 and torch.equal(plain, view)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = linear_input(view)
+    assert cast.is_contiguous() and cast.dtype == torch.bfloat16 and torch.equal(cast, view.to(torch.bfloat16))
