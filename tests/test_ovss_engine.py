@@ -1,6 +1,8 @@
 """The OVSS training and evaluation engine on the tiny SAM-MI: training lowers the loss, a stopped and resumed run
-equals an uninterrupted one bit for bit, evaluation's scores match a hand-worked confusion matrix, checkpoints
-round-trip, bad options are one line and exit 2."""
+equals an uninterrupted one bit for bit, 2 DDP processes end with one process's weights, evaluation's scores match
+a hand-worked confusion matrix, scripts/eval.py's sliding window matches crops predicted one by one and its cached
+SAM embeddings match SAM run live, checkpoints round-trip (with encoders from weight files), bad options are one
+line and exit 2."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,13 +34,13 @@ from ssp_sam.ovss.engine.trainer import OVSSTrainer
 COLOURS = np.array([[230, 20, 20], [20, 20, 230], [20, 230, 20]], dtype=np.uint8)
 
 
-def write_bands(root: Path, split: str, count: int, seed: int) -> None:
-    """64x64 scenes of three vertical colour bands (classes red, blue, green in a random order), a corner ignored."""
+def write_bands(root: Path, split: str, count: int, seed: int, height: int = 64, width: int = 64) -> None:
+    """Scenes of three vertical colour bands (classes red, blue, green in a random order), a corner ignored."""
     rng = np.random.default_rng(seed)
     for folder in ("images", "labels"):
         (root / folder / split).mkdir(parents=True, exist_ok=True)
     for index in range(count):
-        label = np.repeat(rng.permutation(3)[np.arange(64) * 3 // 64][None], 64, axis=0).astype(np.uint8)
+        label = np.repeat(rng.permutation(3)[np.arange(width) * 3 // width][None], height, axis=0).astype(np.uint8)
         label[:4, :4] = 255
         Image.fromarray(COLOURS[np.minimum(label, 2)]).save(root / "images" / split / f"{index:03d}.png")
         Image.fromarray(label).save(root / "labels" / split / f"{index:03d}.png")
@@ -216,6 +219,132 @@ def test_checkpoints_round_trip_with_their_vocabulary(tmp_path):
     assert grid.model.tspp is None and grid.config.points == "grid"
     with pytest.raises(CheckpointError, match="does not fit this model; mis-shaped keys: catseg.decoder"):
         load_ovss_model(tmp_path / "ckpt", overrides={"variant": "catseg"})  # no DMI channels in CAT-Seg's decoder
+
+
+def plain_confusion(predicted: list[np.ndarray], labels: list[np.ndarray], classes: int) -> np.ndarray:
+    confusion = np.zeros((classes, classes), np.int64)
+    for p, gt in zip(predicted, labels):
+        scored = gt != 255
+        np.add.at(confusion, (gt[scored], p[scored]), 1)
+    return confusion
+
+
+def plain_scores(confusion: np.ndarray) -> dict[str, float]:
+    """metrics.md's scores of a [gt, prediction] confusion matrix (every class present in the labels)."""
+    tp, gt, pred = np.diag(confusion), confusion.sum(1), confusion.sum(0)
+    iou = tp / (gt + pred - tp)
+    return {"mIoU": iou.mean(), "fwIoU": (iou * gt).sum() / gt.sum(), "pAcc": tp.sum() / gt.sum(), "mACC": (tp / gt).mean()}
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny SAM-MI (random encoders stored in it) as scripts/eval.py reads it."""
+    from ssp_sam.ovss.build import build_ovss_model
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    cfg = ovss_train_config_from(tiny_run(Path("/unused"), path.parent / "run"))
+    torch.manual_seed(1)
+    save_ovss_checkpoint(build_ovss_model(cfg.ovss_model), path, ["red", "blue", "green"])
+    return path
+
+
+def test_eval_script_scores_sliding_windows_as_a_plain_computation(bands, tiny_checkpoint, tmp_path):
+    """scripts/eval.py on an OVSS checkpoint with CAT-Seg's sliding window over 80x96 images (window 64, stride 32
+    over the image resized to 96: 4 crops + the global view); the results JSON against crops predicted one by one."""
+    write_bands(bands, "wide", 2, seed=5, height=80, width=96)
+    out = tmp_path / "results.json"
+    done = run_script(
+        "eval.py", f"checkpoint={tiny_checkpoint}", "ovss_dataset=semseg", f"ovss_dataset.root={bands}", "ovss_dataset.split=wide",
+        "ovss_dataset.image_dir=images/wide", "ovss_dataset.label_dir=labels/wide", "ovss_dataset.image_ext=.png",
+        "ovss_dataset.classes=classes.json", "eval.overlap=0.5", "eval.out_size=96", "workers=0", "precision=fp32",
+        f"metrics_out={out}", "threads=1",
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(out.read_text())
+    loaded = load_ovss_model(tiny_checkpoint)
+    model = loaded.model
+    predicted, labels = [], []
+    with torch.no_grad():
+        text = model.encode_classes(["red", "blue", "green"])
+        for index in range(2):
+            image = torch.from_numpy(np.array(Image.open(bands / "images" / "wide" / f"{index:03d}.png"))).permute(2, 0, 1).float()
+            resized = torch.nn.functional.interpolate(image[None], size=(96, 96), mode="bilinear", align_corners=False)
+            summed, count = torch.zeros(3, 96, 96), torch.zeros(96, 96)
+            for top in (0, 32):
+                for left in (0, 32):
+                    summed[:, top : top + 64, left : left + 64] += model.predict(resized[:, :, top : top + 64, left : left + 64], text)[0]
+                    count[top : top + 64, left : left + 64] += 1
+            whole = model.predict(torch.nn.functional.interpolate(image[None], size=(64, 64), mode="bilinear", align_corners=False), text)
+            whole = torch.nn.functional.interpolate(whole, size=(96, 96), mode="bilinear", align_corners=False)[0]
+            averaged = (summed / count + whole) / 2
+            probabilities = torch.nn.functional.interpolate(averaged[None], size=(80, 96), mode="bilinear", align_corners=False)[0]
+            predicted.append(probabilities.argmax(0).numpy())
+            labels.append(np.array(Image.open(bands / "labels" / "wide" / f"{index:03d}.png")).astype(np.int64))
+    expected = plain_scores(plain_confusion(predicted, labels, 3))
+    assert all(np.bincount(p.ravel(), minlength=3).min() > 0 for p in predicted)  # a prediction with every class in it
+    assert {k: record["metrics"][k] for k in expected} == pytest.approx(expected, abs=1e-3)  # a pixel is 1.3e-4 of a split
+    assert record["protocol"] == "sliding_window" and record["eval"]["window"] == 64 and record["n_images"] == 2
+    assert record["variant"] == "sam_mi" and record["points"] == "tspp" and record["sam_embeddings_cached"] is False
+    assert record["sam_prompts_per_image"] > 0 and record["seconds_per_image"] > 0 and record["precision"] == "fp32"
+    assert set(record["per_class_iou"]) == {"red", "blue", "green"} and record["dataset"] == "semseg" and record["split"] == "wide"
+    assert "checkpoint_sha256" in record and "eval.py" in record["command"]
+
+
+def test_cached_sam_embeddings_score_as_sam_computed_live(bands, tiny_checkpoint, tmp_path):
+    """scripts/eval.py with cache_dir (whole square images) gives the metrics of SAM run on every image."""
+    out = tmp_path / "cached.json"
+    common = [f"checkpoint={tiny_checkpoint}", "ovss_dataset=semseg", f"ovss_dataset.root={bands}", "ovss_dataset.split=train",
+              "ovss_dataset.image_dir=images/train", "ovss_dataset.label_dir=labels/train", "ovss_dataset.image_ext=.png",
+              "ovss_dataset.classes=classes.json", "eval.sliding_window=false", "workers=0", "precision=fp32", "threads=1"]
+    done = run_script("eval.py", *common, f"cache_dir={tmp_path / 'cache'}", f"metrics_out={out}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert any((tmp_path / "cache").rglob("*")), "nothing was cached"
+    cached = json.loads(out.read_text())
+    assert cached["sam_embeddings_cached"] is True and cached["protocol"] == "whole_image"
+    loaded = load_ovss_model(tiny_checkpoint)
+    dataset = load_ovss_dataset({
+        "name": "semseg", "root": str(bands), "split": "train", "image_dir": "images/train", "label_dir": "labels/train",
+        "image_ext": ".png", "label_ext": ".png", "classes": "classes.json", "ignore_value": 255,
+    })
+    live = evaluate_ovss(loaded.model, dataset, OVSSEvalSection(sliding_window=False, window=64), torch.device("cpu"),
+                         Precision("fp32", "test"), workers=0, progress=False)
+    assert cached["metrics"] == pytest.approx(live.metrics, abs=1e-6)
+    assert cached["sam_prompts_per_image"] == pytest.approx(live.sam_prompts_per_image)
+
+
+def test_checkpoints_leave_out_encoders_their_weight_files_hold(tmp_path):
+    """CLIP (open_clip state dict) and SAM (Meta's flat .pth) written to disk: the checkpoint stores only what trains
+    (and CLIP's trained q/v), and loading fills the rest from the files; a moved file is named."""
+    from ssp_sam.backbones.clip import build_clip_model
+    from ssp_sam.backbones.sam import build_sam
+    from ssp_sam.ovss.build import build_ovss_model
+
+    cfg = ovss_train_config_from(tiny_run(Path("/unused"), tmp_path / "run")).ovss_model
+    torch.manual_seed(2)
+    torch.save(build_clip_model(cfg.clip.arch, None, cfg.clip.custom).state_dict(), tmp_path / "clip.pt")
+    torch.save(build_sam(cfg.sam.variant, None, cfg.sam.custom).state_dict(), tmp_path / "sam.pth")
+    with_files = replace(cfg, random_encoders=False, clip=replace(cfg.clip, checkpoint=str(tmp_path / "clip.pt")),
+                         sam=replace(cfg.sam, checkpoint=str(tmp_path / "sam.pth")))
+    model = build_ovss_model(with_files)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.01)  # "trained": differs from any fresh build
+    save_ovss_checkpoint(model, tmp_path / "ckpt", ["red", "blue", "green"])
+    stored = load_file(tmp_path / "ckpt" / "model.safetensors")
+    clip_file = torch.load(tmp_path / "clip.pt", weights_only=True)
+    assert not any(key.startswith("proposer.") for key in stored)  # SAM: all from its file
+    stored_clip = {key[len("catseg.clip.clip."):] for key in stored if key.startswith("catseg.clip.clip.")}
+    assert stored_clip and all(key.endswith(("q_proj_weight", "v_proj_weight", "positional_embedding")) for key in stored_clip)
+    assert "visual.transformer.resblocks.2.attn.q_proj_weight" not in stored_clip  # frozen: it never trains
+    loaded = load_ovss_model(tmp_path / "ckpt").model
+    state = model.state_dict()
+    assert all(torch.equal(state[key], value) for key, value in loaded.state_dict().items())
+    k = loaded.catseg.clip.clip.visual.transformer.resblocks[0].attn.k_proj_weight
+    assert torch.equal(k, clip_file["visual.transformer.resblocks.0.attn.in_proj_weight"].chunk(3)[1])  # from the file
+    (tmp_path / "sam.pth").rename(tmp_path / "moved.pth")
+    with pytest.raises(CheckpointError, match=r"sam.pth: SAM checkpoint not found"):
+        load_ovss_model(tmp_path / "ckpt")
 
 
 @pytest.mark.parametrize(
