@@ -8,6 +8,7 @@ prompt set by prompt set, masks and values worked out by hand in the comments, a
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import torch
 
 from ssp_sam.backbones.clip import CLIPSurgeryBackbone, build_clip_model
 from ssp_sam.backbones.clip_tokenizer import CLIPTokenizer
-from ssp_sam.backbones.sam import build_sam
+from ssp_sam.backbones.sam import SAMImageTransform, build_sam
 from ssp_sam.data.shapeworld import generate_scene
 from ssp_sam.errors import ConfigError
 from ssp_sam.pretrain.clip import (
@@ -45,11 +46,13 @@ from ssp_sam.pretrain.sam import (
     PromptBatch,
     SAMPointSegmenter,
     SAMPretrainSettings,
+    ScenePool,
     centre_clicks,
     embed_prompts,
     point_prompt_miou,
     pretrain_sam,
     sample_prompt,
+    sample_training_batch,
 )
 from ssp_sam.pretrain.stage import StageControl, run_steps
 
@@ -119,6 +122,24 @@ def test_sam_pretraining_lowers_the_loss(sam_run):
     first, last = first_and_last_means(result.losses)
     assert last < 0.8 * first
     assert 0.0 <= result.heldout_miou <= 1.0 and result.heldout_instances >= 4  # 2 scenes, >= 2 objects each
+
+
+def test_image_frame_targets_are_the_full_masks_the_padded_frame_subsamples():
+    """loss_frame=image: the targets are the instance masks at the image's 256x256; the padded frame's
+    are their pixels (2i + 1, 2j + 1) (mask_to_padded_frame's rule), for the same draws."""
+    pool = ScenePool.generate(5, "train", 2)
+    transform = SAMImageTransform(256)
+    batches = {
+        frame: sample_training_batch(pool, np.random.default_rng(3), replace(TINY_SAM_SETTINGS, loss_frame=frame), transform)
+        for frame in ("padded", "image")
+    }
+    (pixels, prompts, padded), (same_pixels, same_prompts, full) = batches["padded"], batches["image"]
+    assert torch.equal(pixels, same_pixels) and torch.equal(prompts.coords, same_prompts.coords)
+    assert full.shape == (len(padded), 1, 256, 256) and padded.shape == (len(padded), 1, 128, 128)
+    assert torch.equal(full[..., 1::2, 1::2], padded)
+    assert set(full.unique().tolist()) == {0.0, 1.0} and (full.flatten(1).sum(1) > 0).all()  # every prompted instance is visible
+    with pytest.raises(ConfigError, match="loss_frame: expected one of padded, image"):
+        replace(TINY_SAM_SETTINGS, loss_frame="full")
 
 
 def test_sam_pretraining_is_deterministic():
