@@ -31,6 +31,7 @@ from ssp_sam.backbones.sam import SAMImageTransform, build_sam
 from ssp_sam.checkpoint import save_checkpoint
 from ssp_sam.data.embedding_cache import PREFIX, EmbeddingCache, EncoderIdentity, module_fingerprint
 from ssp_sam.engine import caching
+from ssp_sam.engine import precision as precision_module
 from ssp_sam.engine.caching import build_cache, dataset_image_roots, ensure_cache, remembered_fingerprint
 from ssp_sam.errors import CacheError, ConfigError, ImageError
 from ssp_sam.image_io import load_image
@@ -92,6 +93,12 @@ def encoder() -> nn.Module:
     return tiny_encoder()
 
 
+@pytest.fixture(autouse=True)
+def cpu_without_native_bf16(monkeypatch):
+    """dtype=auto follows precision=auto, which depends on the CPU: the tests fix it (fp32 on CPU)."""
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: False)
+
+
 # ---------------------------------------------------------------------------------------- entries
 
 
@@ -133,6 +140,18 @@ def test_half_precision_entries(tmp_path, encoder, dtype, storage):
     assert ensure(tmp_path / "cache", paths, counting, dtype="fp32").last_build.repaired == 2
     assert counting.images_seen == 2
     torch.testing.assert_close(cache.get(paths[0]), direct_embedding(encoder, paths[0]), rtol=0, atol=1e-5)  # fp32 now
+
+
+def test_auto_dtype_on_a_native_bf16_cpu_computes_and_stores_bf16(tmp_path, encoder, monkeypatch):
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: True)
+    paths = write_images(tmp_path / "images", 2)
+    cache = ensure(tmp_path / "cache", paths, encoder)
+    for path in paths:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = direct_embedding(encoder, path).to(torch.bfloat16)
+        stored = cache.get(path, dtype=None)  # as stored
+        assert stored.dtype == torch.bfloat16
+        assert torch.equal(stored, expected)
 
 
 def test_resume_computes_only_missing_entries(tmp_path, encoder):
@@ -304,7 +323,8 @@ WRITER = textwrap.dedent(
             return self.encoder(pixels)
 
     cache = ensure_cache(cache_dir, json.loads(images), [root], Slow, "custom", weights, custom["image_size"],
-                         torch.device("cpu"), DistInfo(int(rank), int(world)), batch_size=1, progress=False, stall_timeout=1.0)
+                         torch.device("cpu"), DistInfo(int(rank), int(world)), batch_size=1, progress=False, stall_timeout=1.0,
+                         dtype="fp32")  # exact against fp32 direct calls on any CPU
     print(json.dumps({"computed": cache.last_build.computed, "cached": cache.last_build.cached}))
     """
 )
@@ -405,7 +425,8 @@ def test_image_roots_of_dataset_configs(tmp_path):
 def cli_arguments(tmp_path: Path, data: Path, weights: Path) -> list[str]:
     custom = "{" + ", ".join(f"{key}: {value}" for key, value in TINY_SAM.items()) + "}"
     return [f"dataset.root={data}", f"sam_checkpoint={weights}", "sam_variant=custom", f"sam_custom={custom}",
-            f"cache_dir={tmp_path / 'cache'}", "device=cpu", "progress=false"]
+            f"cache_dir={tmp_path / 'cache'}", "device=cpu", "progress=false",
+            "dtype=fp32"]  # exact against fp32 direct calls on any CPU (auto is bf16 on native-bf16 CPUs)
 
 
 def cli(tmp_path: Path, data: Path, weights: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -465,7 +486,7 @@ def test_cli_uses_the_sam_encoder_of_our_checkpoint(tmp_path):
     save_checkpoint(model, tmp_path / "run")
     result = run_script(
         "cache_embeddings.py", f"dataset.root={tmp_path / 'data'}", f"checkpoint={tmp_path / 'run'}",
-        f"cache_dir={tmp_path / 'cache'}", "progress=false", "splits=[train]", cwd=tmp_path,
+        f"cache_dir={tmp_path / 'cache'}", "progress=false", "splits=[train]", "dtype=fp32", cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     identity = EncoderIdentity("custom", module_fingerprint(model.sam_image_encoder), model.sam_image_size)

@@ -140,8 +140,8 @@ class EmbeddingCache:
         image_roots: folders the datasets' image paths are relative to (keys are paths inside
             the deepest one that holds the image; absolute paths for images outside them all).
         dtype: the dtype a fill wants every entry in (others are recomputed), or None to accept
-            any (new entries then take the device's: bf16/fp16 on CUDA, fp32 on CPU). Reads accept
-            any dtype.
+            any (new entries then take what precision=auto picks on the device: bf16 on CUDA and
+            native-bf16 CPUs, fp16 on GPUs without bf16, fp32 elsewhere). Reads accept any dtype.
         read_only: never write or remove; default: whether ``root`` cannot be written.
 
     Pickling sends paths and settings only: each DataLoader worker reads files itself.
