@@ -210,6 +210,34 @@ def test_only_attention_q_v_and_position_embeddings_of_clip_train():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0
 
 
+def test_surgery_dense_path_is_clip_surgerys_patch_stream():
+    """clip.dense=surgery gives CLIPSurgeryBackbone's patch tokens (an independent implementation over the packed
+    weights), guidance maps of the blocks as they run, and a gradient for every trained CLIP weight."""
+    import copy
+
+    from ssp_sam.backbones.clip import CLIPSurgeryBackbone, build_clip_model
+    from ssp_sam.ovss.catseg.clip_dense import CATSegCLIP
+
+    custom = dict(OmegaConf.load(REPO / "configs" / "ovss_model" / "tiny.yaml").clip.custom)
+    torch.manual_seed(3)
+    clip = build_clip_model("custom", None, custom)
+    reference = CLIPSurgeryBackbone(copy.deepcopy(clip), surgery_blocks=2)
+    plain = CATSegCLIP(copy.deepcopy(clip), 32, [0, 1], dense="catseg")  # at CLIP's own 32: no position resize
+    surgery = CATSegCLIP(clip, 32, [0, 1], dense="surgery", surgery_blocks=2)
+    pixels = torch.randn(2, 3, 32, 32)
+    dense, guidance = surgery.encode_image(pixels)
+    expected = reference.encode_image(pixels)[:, 1:].transpose(1, 2).reshape(2, -1, 4, 4)
+    assert torch.allclose(dense, expected, atol=1e-5)
+    _, plain_guidance = plain.encode_image(pixels)  # block 1 is a dual block in the surgery path
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(guidance, plain_guidance))
+    model = tiny(**{"clip.dense": "surgery", "clip.surgery_blocks": 2})
+    images, labels = images_and_labels()
+    model.loss(model(images, model.encode_classes(CLASSES)), labels)["loss"].backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    with pytest.raises(ConfigError, match="surgery_blocks: between 1 and 2"):
+        CATSegCLIP(build_clip_model("custom", None, custom), 32, [0, 1], dense="surgery", surgery_blocks=3)
+
+
 def test_split_projections_compute_the_same_attention():
     from ssp_sam.ovss.catseg.clip_dense import split_attention_projections
 

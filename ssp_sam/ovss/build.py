@@ -29,7 +29,8 @@ def build_ovss_model(config: OVSSModelConfig | Mapping | DictConfig) -> OVSSMode
     _require_weights(config)
     clip = build_clip_model(config.clip.arch, config.clip.checkpoint, config.clip.custom)
     dense_clip = CATSegCLIP(
-        clip, config.clip.resolution, config.clip.guidance_layers, config.clip.finetune_qv, config.clip.finetune_positions
+        clip, config.clip.resolution, config.clip.guidance_layers, config.clip.finetune_qv, config.clip.finetune_positions,
+        config.clip.dense, config.clip.surgery_blocks,
     )
     if not config.uses_sam:
         return OVSSModel(CATSeg(dense_clip, config), config)

@@ -18,7 +18,8 @@ from ..config import merge_typed
 from ..errors import ConfigError
 
 VARIANTS = ("catseg", "catseg_sam_vote", "sam_mi")
-TEMPLATE_SETS = ("single", "imagenet80")
+TEMPLATE_SETS = ("single", "imagenet80", "shapeworld")
+DENSE_PATHS = ("catseg", "surgery")
 IGNORE_RULES = ("negative", "excluded")
 POINT_SOURCES = ("tspp", "grid")
 SAMPLERS = ("class_peaks", "global_peaks")
@@ -34,7 +35,14 @@ class CLIPConfig:
     custom: Optional[dict] = None
     resolution: int = 384  # side CLIP runs at (ViT-B/16: 384 -> 24x24 tokens; ViT-L/14: 336 -> 24x24)
     guidance_layers: List[int] = field(default_factory=lambda: [3, 7])  # ViT blocks whose outputs guide the decoder
-    templates: str = "single"  # single ("A photo of a {} in the scene") | imagenet80 (CLIP's 80 ImageNet templates)
+    templates: str = "single"  # single ("A photo of a {} in the scene") | imagenet80 (CLIP's 80 ImageNet templates) | shapeworld ("the {}.")
+    # Where the dense patch features come from. catseg: CAT-Seg's last block (each patch becomes
+    # out_proj(v(patch)) + the CLS token's input; made for OpenAI's CLIPs). surgery: CLIP Surgery's
+    # value-value stream over the last `surgery_blocks` blocks, the way the ShapeWorld CLIPs are
+    # pretrained and SSP-SAM reads them (zero-shot pixel accuracy on ShapeWorld-OVSS: 1 % via catseg,
+    # 17-21 % via surgery; docs/ovss_models.md).
+    dense: str = "catseg"
+    surgery_blocks: int = 2
     finetune_qv: bool = True  # train the attention q and v projections of both towers (everything else frozen)
     # Train both towers' position embeddings too (the paper). CAT-Seg's released code selects them with a
     # name filter that never matches ("position" inside names containing "transformer"), so it trains
@@ -155,6 +163,7 @@ def _check(config: OVSSModelConfig) -> None:
     _one_of("points", config.points, POINT_SOURCES)
     _one_of("clip.arch", config.clip.arch, ("ViT-B-16", "ViT-L-14-336", "custom"))
     _one_of("clip.templates", config.clip.templates, TEMPLATE_SETS)
+    _one_of("clip.dense", config.clip.dense, DENSE_PATHS)
     _one_of("sam.variant", config.sam.variant, ("vit_b", "vit_l", "vit_h", "custom"))
     _one_of("aggregator.ignore_pixels", config.aggregator.ignore_pixels, IGNORE_RULES)
     _one_of("tspp.sampler", config.tspp.sampler, SAMPLERS)

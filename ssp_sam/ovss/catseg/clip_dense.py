@@ -11,10 +11,16 @@ there) is used with CAT-Seg's dense forward pass (KU-CVLAB/CAT-Seg ``third_party
 - the outputs of two intermediate blocks (ViT-B: 3 and 7, ViT-L: 7 and 15), taken as the blocks run,
   guide the upsampling decoder.
 
+With ``dense="surgery"`` the patch features come instead from CLIP Surgery's value-value stream over
+the last ``surgery_blocks`` blocks (as ``ssp_sam.backbones.clip.CLIPSurgeryBackbone`` computes it:
+the patch stream adds each block's softmax(v v^T) v attention, its MLP skipped, while the original
+stream runs the blocks as usual and feeds the next block), the way the small ShapeWorld CLIPs are
+pretrained; the guidance layers are read from the original stream.
+
 Fine-tuning: every attention's packed in-projection is split into q, k and v weights (PyTorch's
 ``nn.MultiheadAttention`` computes the same with ``_qkv_same_embed_dim=False``), so q and v can be
 trained while k, the biases and everything else stay frozen. The image tower's last block mixes no
-attention, so its q never gets a gradient: it stays frozen (CAT-Seg lists it among the trained weights,
+attention (in both dense paths), so its q never gets a gradient: it stays frozen (CAT-Seg lists it among the trained weights,
 where it never changes), and every trained weight gets a gradient at every step (DDP needs no search
 for unused parameters).
 """
@@ -56,6 +62,8 @@ class CATSegCLIP(nn.Module):
         guidance_layers: the two ViT blocks (0-based) whose outputs guide the decoder.
         finetune_qv: train the q and v projections of every attention of both towers.
         finetune_positions: train both towers' position embeddings.
+        dense: "catseg" (CAT-Seg's last block) or "surgery" (CLIP Surgery's value-value stream).
+        surgery_blocks: blocks of the value-value stream (``dense="surgery"``).
     """
 
     def __init__(
@@ -65,6 +73,8 @@ class CATSegCLIP(nn.Module):
         guidance_layers: Sequence[int],
         finetune_qv: bool = True,
         finetune_positions: bool = True,
+        dense: str = "catseg",
+        surgery_blocks: int = 2,
     ) -> None:
         super().__init__()
         visual = clip.visual
@@ -76,12 +86,16 @@ class CATSegCLIP(nn.Module):
         depth = len(visual.transformer.resblocks)
         if sorted(set(guidance_layers)) != list(guidance_layers) or not all(0 <= i < depth - 1 for i in guidance_layers):
             raise ConfigError(f"ovss_model.clip.guidance_layers: increasing block indices below {depth - 1}, got {list(guidance_layers)}")
+        if dense == "surgery" and not 1 <= surgery_blocks < depth:
+            raise ConfigError(f"ovss_model.clip.surgery_blocks: between 1 and {depth - 1} for a {depth}-block ViT, got {surgery_blocks}")
         patch = visual.patch_size[0]
         if resolution % patch:
             raise ConfigError(f"ovss_model.clip.resolution: {resolution} is not a multiple of the patch size {patch}")
         self.clip = clip
         self.resolution = resolution
         self.guidance_layers = tuple(guidance_layers)
+        self.first_dense_block = depth - (surgery_blocks if dense == "surgery" else 1)
+        self.dense = dense
         for block in blocks:
             split_attention_projections(block.attn)
         clip.requires_grad_(False)
@@ -138,12 +152,57 @@ class CATSegCLIP(nn.Module):
         sequence_first = not visual.transformer.batch_first
         blocks = visual.transformer.resblocks
         intermediate = []
-        for index, block in enumerate(blocks[:-1]):
+        for index, block in enumerate(blocks[: self.first_dense_block]):
             x = block(x.transpose(0, 1)).transpose(0, 1) if sequence_first else block(x)
             if index in self.guidance_layers:
                 intermediate.append(self._to_map(x[:, 1:]))
-        x = visual.ln_post(self._dense_last_block(blocks[-1], x)) @ visual.proj
+        if self.dense == "surgery":
+            x = self._surgery_blocks(blocks, x, intermediate)
+        else:
+            x = self._dense_last_block(blocks[-1], x)
+        x = visual.ln_post(x) @ visual.proj
         return self._to_map(x[:, 1:]), intermediate
+
+    def _surgery_blocks(self, blocks: nn.ModuleList, x: Tensor, intermediate: list[Tensor]) -> Tensor:
+        """CLIP Surgery's dual streams from block ``first_dense_block`` on: (B, 1 + N, width) -> the value-value stream.
+
+        The original stream's output of the last block is never read, so that block computes only v-v
+        attention (its q and MLP unused, as in CAT-Seg's path). Guidance maps come from the original stream.
+        """
+        original = surgery = x
+        for index in range(self.first_dense_block, len(blocks)):
+            block = blocks[index]
+            normed = block.ln_1(original)
+            last = index == len(blocks) - 1
+            standard, value_value = self._split_attention(block.attn, normed, standard=not last)
+            surgery = surgery + block.ls_1(value_value)
+            if last:
+                break
+            original = original + block.ls_1(standard)
+            original = original + block.ls_2(block.mlp(block.ln_2(original)))
+            if index in self.guidance_layers:
+                intermediate.append(self._to_map(original[:, 1:]))
+        return surgery
+
+    @staticmethod
+    def _split_attention(attention: nn.MultiheadAttention, x: Tensor, standard: bool) -> tuple[Tensor | None, Tensor]:
+        """softmax(q k^T d^-0.5) v (when ``standard``) and softmax(v v^T d^-0.5) v per head through out_proj,
+        from the split q/k/v weights: x (B, L, width) -> two (B, L, width)."""
+        heads, width = attention.num_heads, x.shape[-1]
+        biases = attention.in_proj_bias.chunk(3) if attention.in_proj_bias is not None else (None, None, None)
+
+        def project(weight: Tensor, bias: Tensor | None) -> Tensor:
+            return F.linear(x, weight, bias).unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, heads, L, d)
+
+        def out(per_head: Tensor) -> Tensor:
+            return attention.out_proj(per_head.transpose(1, 2).reshape(x.shape[0], x.shape[1], width))
+
+        v = project(attention.v_proj_weight, biases[2])
+        value_value = out(F.scaled_dot_product_attention(v, v, v))
+        if not standard:
+            return None, value_value
+        q, k = project(attention.q_proj_weight, biases[0]), project(attention.k_proj_weight, biases[1])
+        return out(F.scaled_dot_product_attention(q, k, v)), value_value
 
     @staticmethod
     def _dense_last_block(block: ResidualAttentionBlock, x: Tensor) -> Tensor:
