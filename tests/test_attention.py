@@ -38,6 +38,7 @@ def test_cross_attention_with_distinct_query_key_value_equals_the_module():
     torch.testing.assert_close(multi_head_attention(attention, query, key, key), expected)
 
 
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask:UserWarning")  # the module, not ours
 def test_causal_float_mask_and_padding_together_equal_the_module():
     attention = _module()
     x = torch.randn(2, 6, 16)
