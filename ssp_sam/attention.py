@@ -9,15 +9,12 @@ rounding), so state dicts and checkpoints are unchanged too:
   ``softmax(q k^T / sqrt(d)) v`` and so materialises (B, heads, 5 + T, h w) scores in both directions
   at every layer, through :class:`FusedTwoWayAttention` (:func:`fuse_two_way_attention`).
 
-
-Why not call ``nn.MultiheadAttention`` itself: ``nn.MultiheadAttention(batch_first=True)`` transposes its inputs to
+Why not call ``nn.MultiheadAttention`` itself: with ``batch_first=True`` it transposes its inputs to
 sequence-first and runs its packed in-projection on that transposed view. Under CPU bf16 autocast a
 linear layer on a non-contiguous 3-D input is computed as a batched matmul against the weight
 expanded over the sequence and *copied* (700 MB per call in CLIP ViT-B's blocks), which made bf16
-slower than fp32 (benchmarks/README.md). Here the projections run on the contiguous batch-first
-tensors and the attention itself is ``F.scaled_dot_product_attention``; the parameters, their names
-and the result (up to floating-point rounding) are those of the module, so state dicts and
-checkpoints are unchanged.
+slower than fp32 (benchmarks/README.md). Here every projection runs on a contiguous batch-first
+tensor (:func:`linear_input`).
 """
 
 from __future__ import annotations
