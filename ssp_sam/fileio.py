@@ -31,7 +31,15 @@ SAVE_MARK = "save-"  # side names of a directory being replaced: .<name>.save-<t
 
 
 def _umask() -> int:
-    """The process's umask (read by setting it and putting it back)."""
+    """The process's umask: from /proc/self/status where Linux gives it, so no other thread can create
+    a file in the moment a set-and-restore would leave the mask changed; elsewhere set and put back."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
