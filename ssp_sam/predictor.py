@@ -244,9 +244,9 @@ class Predictor:
             expressions = [expressions]
         if len(expressions) == 0:
             raise ExpressionError("expressions: give at least one expression")
-        self.tokenizer(expressions)  # bad expressions fail before the costly image encoding
+        tokens = self.tokenizer(expressions)  # bad expressions fail before the costly image encoding
         encoded = image if isinstance(image, EncodedImage) else self.encode_image(image, exif_orientation=True)
-        return self.predict_images([encoded], [expressions])[0]
+        return self._predict_tokenized([encoded], [expressions], tokens)[0]
 
     @torch.no_grad()
     def predict_images(
@@ -254,9 +254,15 @@ class Predictor:
     ) -> list[list[Prediction]]:
         """Segment ``expressions[i]`` in ``images[i]`` for every i; the decoder runs on chunks of
         ``max_batch`` expressions taken in order, across images. Returns the predictions per image."""
+        texts = [text for group in expressions for text in group]
+        return self._predict_tokenized(images, expressions, self.tokenizer(texts) if texts else None)
+
+    def _predict_tokenized(
+        self, images: Sequence[EncodedImage], expressions: Sequence[Sequence[str]], tokens: Tensor | None
+    ) -> list[list[Prediction]]:
+        """:meth:`predict_images` with ``tokens`` (E, L), the expressions' token ids in order."""
         owners = [index for index, texts in enumerate(expressions) for _ in texts]
         texts = [text for group in expressions for text in group]
-        tokens = self.tokenizer(texts) if texts else None
         predictions: list[list[Prediction]] = [[] for _ in images]
         for start in range(0, len(texts), self.max_batch):
             rows = owners[start : start + self.max_batch]
