@@ -18,6 +18,7 @@ train.max_minutes (checked at every iteration).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -35,18 +36,19 @@ EXIT_STOPPED = 3  # stopped by train.max_minutes before the last epoch; resume=t
 def main(cfg: DictConfig) -> None:
     if "ovss_model" in cfg:
         ovss = train_ovss(cfg)
-        if not ovss.finished:
-            print(f"stopped by train.max_minutes at iteration {ovss.iteration}; last/ saved in {ovss.run_dir}: rerun with resume=true")
-            sys.exit(EXIT_STOPPED)
-        best = f"{ovss.best_metric:.4f}" if ovss.best_metric is not None else "n/a"
-        print(f"done: {ovss.iteration} iterations, best validation metric {best}, checkpoints in {ovss.run_dir}/")
-        return
-    result = train(cfg)
-    if not result.finished:
-        print(f"stopped by train.max_minutes after {result.epochs_run} epochs; last/ saved in {result.run_dir}: rerun with resume=true")
+        report(ovss.finished, f"at iteration {ovss.iteration}", f"{ovss.iteration} iterations", ovss.best_metric, ovss.run_dir)
+    else:
+        result = train(cfg)
+        report(result.finished, f"after {result.epochs_run} epochs", f"{result.epochs_run} epochs", result.best_metric, result.run_dir)
+
+
+def report(finished: bool, stopped_when: str, done: str, best_metric: float | None, run_dir: Path) -> None:
+    """The run's last line; a run stopped by train.max_minutes exits with EXIT_STOPPED."""
+    if not finished:
+        print(f"stopped by train.max_minutes {stopped_when}; last/ saved in {run_dir}: rerun with resume=true")
         sys.exit(EXIT_STOPPED)
-    best = f"{result.best_metric:.4f}" if result.best_metric is not None else "n/a"
-    print(f"done: {result.epochs_run} epochs, best validation metric {best}, checkpoints in {result.run_dir}/")
+    best = f"{best_metric:.4f}" if best_metric is not None else "n/a"
+    print(f"done: {done}, best validation metric {best}, checkpoints in {run_dir}/")
 
 
 if __name__ == "__main__":

@@ -284,18 +284,27 @@ def is_own_checkpoint(path: str | os.PathLike) -> bool:
     return path.is_dir() or path.suffix == ".safetensors"
 
 
-def read_checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The config.json of a checkpoint of ours (directory or its model.safetensors)."""
+def read_config_file(path: str | os.PathLike) -> tuple[Path, Any]:
+    """Where the config.json of a checkpoint directory of ours (or of its model.safetensors) is, and its JSON
+    (SSP-SAM's and OVSS's checkpoints; each reader checks its own sections).
+
+    Raises:
+        CheckpointError: the checkpoint or its config.json missing, or not JSON.
+    """
     path = Path(path)
     _require_file(path)
-    directory = path if path.is_dir() else path.parent
-    config_path = directory / CONFIG_FILE
+    config_path = (path if path.is_dir() else path.parent) / CONFIG_FILE
     if not config_path.is_file():
         raise CheckpointError(f"{config_path}: config file of the checkpoint not found")
     try:
-        config = json.loads(config_path.read_text())
+        return config_path, json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
+
+
+def read_checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The config.json of a checkpoint of ours (directory or its model.safetensors)."""
+    config_path, config = read_config_file(path)
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise CheckpointError(f"{config_path}: no 'model' section")
     return config

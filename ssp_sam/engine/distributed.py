@@ -1,13 +1,21 @@
-"""Process-group plumbing for single-process and ``torchrun`` runs (gloo on CPU, nccl on GPU)."""
+"""Process-group plumbing for single-process and ``torchrun`` runs (gloo on CPU, nccl on GPU), and what every
+training process sets up first (:func:`start_training_process`, SSP-SAM's and OVSS's trainers)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
+
+from ..predictor import resolve_device
+from .host_memory import keep_freed_host_memory
+from .precision import Precision, resolve_precision
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,27 @@ def init_distributed(device: torch.device) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def start_training_process(device: str, precision: str, seed: int) -> tuple[torch.device, Precision, DistInfo]:
+    """The device (under ``torchrun`` on CUDA: this process's GPU), precision (``train.precision``; the choice
+    and its reason printed once) and process group of a training process; torch's and numpy's RNGs seeded.
+
+    On a CPU, freed host memory is kept for reuse (``host_memory.py``): large activations do not page-fault.
+    """
+    resolved = resolve_device(device)
+    chosen = resolve_precision(precision, resolved, key="train.precision")
+    info = init_distributed(resolved)
+    if resolved.type == "cuda":
+        resolved = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(resolved)
+    else:
+        keep_freed_host_memory()
+    if info.is_main:
+        tqdm.write(f"precision: {chosen.name} ({chosen.reason})")
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    return resolved, chosen, info
+
+
 def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -52,6 +81,14 @@ def mean_across_ranks(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     summed = values.double()
     dist.all_reduce(summed)
     return summed / info.world_size
+
+
+def logged_terms(window: Sequence[Mapping[str, torch.Tensor]], info: DistInfo) -> list[dict[str, float]]:
+    """The loss terms of a window of steps (per step: name -> 0-dim tensor on the device) read back to the
+    host in one copy, averaged over ranks: per step ``{"train/<name>": value}`` (the trainers' one sync)."""
+    names = sorted(window[0])
+    rows = mean_across_ranks(torch.stack([torch.stack([terms[name] for name in names]) for terms in window]), info).tolist()
+    return [{f"train/{name}": value for name, value in zip(names, row)} for row in rows]
 
 
 def barrier(info: DistInfo) -> None:

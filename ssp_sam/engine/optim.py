@@ -39,6 +39,19 @@ def parameter_groups(model: SSPSAM, lr: float, decoder_lr: float, weight_decay: 
     ]
 
 
+def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float | None) -> None:
+    """Backward of ``loss`` (scaled for fp16), the gradients of ``model``'s trainable parameters clipped to L2 norm
+    ``grad_clip`` (None: not clipped), one optimizer step. No host sync: the fused AdamW takes fp16's found-inf
+    flag on the device."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def release_epoch_lr(epoch: int, base_lr: float, epochs: int, warmup_epochs: int, min_lr: float) -> float:
     """The learning rate of epoch ``epoch`` (0-based) in the released recipe.
 

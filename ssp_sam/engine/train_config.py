@@ -13,17 +13,16 @@ checks it when it reads the data).
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Dict, Mapping, Optional, get_type_hints
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from ..config import ModelConfig, model_config_from
+from ..config import model_config_from
 from ..data.training import MASK_TARGETS, check_expression_weights
 from ..errors import ConfigError
 from ..outputs import check_output_dir
+from .config_fields import MISSING, check_fields, choice, lookup, merge_config, number
 from .optim import SCHEDULES
 from .precision import PRECISIONS
 from .protocols import PROTOCOLS
@@ -31,51 +30,42 @@ from .protocols import PROTOCOLS
 STAGES = ("rec", "res")
 
 
-def _number(default: Any, minimum: float, optional: bool = False, above: bool = False) -> Any:
-    """A numeric field and its range: ``>= minimum`` (``> minimum`` with ``above``); ``optional``: null is allowed."""
-    return field(default=default, metadata={"minimum": minimum, "optional": optional, "above": above})
-
-
-def _choice(default: str, choices: tuple[str, ...]) -> Any:
-    return field(default=default, metadata={"choices": choices})
-
-
 @dataclass
 class TrainSection:
     """``train:``: the recipe (see configs/train.yaml for what each key does)."""
 
-    stage: str = _choice("res", STAGES)
+    stage: str = choice("res", STAGES)
     split: str = "train"
-    epochs: int = _number(80, 1)
-    batch_size: int = _number(64, 1)  # global, split evenly across processes
-    lr: float = _number(1e-4, 0)
-    decoder_lr: float = _number(1e-5, 0)
-    min_lr: float = _number(1e-6, 0)
-    weight_decay: float = _number(1e-4, 0)
-    grad_clip: Optional[float] = _number(0.1, 0, optional=True, above=True)  # null: no clipping
-    schedule: str = _choice("per_epoch", SCHEDULES)
-    warmup_epochs: int = _number(5, 0)
-    decoder_freeze_epochs: int = _number(20, 0)
-    precision: str = _choice("auto", PRECISIONS)
-    workers: int = _number(4, 0)  # data-loader processes, forked once and kept for the whole run
+    epochs: int = number(80, 1)
+    batch_size: int = number(64, 1)  # global, split evenly across processes
+    lr: float = number(1e-4, 0)
+    decoder_lr: float = number(1e-5, 0)
+    min_lr: float = number(1e-6, 0)
+    weight_decay: float = number(1e-4, 0)
+    grad_clip: Optional[float] = number(0.1, 0, optional=True, above=True)  # null: no clipping
+    schedule: str = choice("per_epoch", SCHEDULES)
+    warmup_epochs: int = number(5, 0)
+    decoder_freeze_epochs: int = number(20, 0)
+    precision: str = choice("auto", PRECISIONS)
+    workers: int = number(4, 0)  # data-loader processes, forked once and kept for the whole run
     augment: bool = True
     # 0: the release's uniform random letterbox offsets; K: one of K fixed offsets per image, so the
     # frozen CLIP image tokens repeat and can be cached (image_cache_gb); a deviation from the release.
-    clip_placements: int = _number(0, 0)
-    mask_target: str = _choice("release", tuple(MASK_TARGETS))
+    clip_placements: int = number(0, 0)
+    mask_target: str = choice("release", tuple(MASK_TARGETS))
     expression_weights: Optional[Dict[str, float]] = None
     expression_weight_key: str = "kind"
-    log_every: int = _number(10, 1)  # steps between host syncs of the losses (logs, NaN check)
+    log_every: int = number(10, 1)  # steps between host syncs of the losses (logs, NaN check)
     # CLIP text features kept per sentence in memory up to this size (feature_cache.py); 0: off, the
     # default, because a cached sentence keeps the rounding of the batch it was first computed in
     # (~1e-7 relative), so a resumed run would no longer replay an uninterrupted one bit for bit.
-    text_cache_gb: float = _number(0.0, 0)
+    text_cache_gb: float = number(0.0, 0)
     # CLIP image tokens kept per CLIP input up to this size (needs augment=false or clip_placements > 0).
-    image_cache_gb: float = _number(0.0, 0)
-    max_steps_per_epoch: Optional[int] = _number(None, 1, optional=True)
+    image_cache_gb: float = number(0.0, 0)
+    max_steps_per_epoch: Optional[int] = number(None, 1, optional=True)
     # Stage stop: after the epoch during which this much wall time (this invocation) has passed, the
     # run stops with last/ saved (scripts/train.py exits with status 3) and resume=true continues it.
-    max_minutes: Optional[float] = _number(None, 0, optional=True, above=True)
+    max_minutes: Optional[float] = number(None, 0, optional=True, above=True)
     save_encoders: bool = False
 
 
@@ -84,10 +74,10 @@ class ValSection:
     """``val:``: validation after an epoch, which picks ``best/``."""
 
     split: Optional[str] = "val"  # null: no validation (the last epoch is also "best")
-    protocol: str = _choice("ssp_sam_release", PROTOCOLS)
-    every: int = _number(1, 1)  # validate after every n-th epoch (and after the last)
-    max_batch: int = _number(32, 1)
-    overlays: int = _number(4, 0)
+    protocol: str = choice("ssp_sam_release", PROTOCOLS)
+    every: int = number(1, 1)  # validate after every n-th epoch (and after the last)
+    max_batch: int = number(32, 1)
+    overlays: int = number(4, 0)
 
 
 @dataclass
@@ -108,7 +98,7 @@ class TrainRunConfig:
     seed: int = 3407
     device: str = "auto"
     cache_dir: str = "cache"
-    cache_batch_size: int = _number(4, 1)
+    cache_batch_size: int = number(4, 1)
     train: TrainSection = field(default_factory=TrainSection)
     val: ValSection = field(default_factory=ValSection)
     test: TestSection = field(default_factory=TestSection)
@@ -137,16 +127,12 @@ def train_run_config_from(cfg: Mapping | DictConfig) -> TrainRunConfig:
     """
     raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     for key, message in RENAMED.items():
-        if _lookup(raw, key) is not _MISSING:
+        if lookup(raw, key) is not MISSING:
             raise ConfigError(message)
     sections = {k: v for k, v in raw.items() if k not in ("model", "dataset")}
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(TrainRunConfig), sections)
-        config: TrainRunConfig = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(_merge_message(exc, raw)) from None
+    config = merge_config(TrainRunConfig, sections, raw, "a training option (configs/train.yaml lists them)")
     for prefix, section in (("", config), ("train.", config.train), ("val.", config.val)):
-        _check_fields(prefix, section, raw)
+        check_fields(prefix, section, raw)
     if config.train.expression_weights is not None:
         check_expression_weights(config.train.expression_weights)
     if config.train.stage == "rec" and config.train.save_encoders:
@@ -162,62 +148,3 @@ def train_run_config_from(cfg: Mapping | DictConfig) -> TrainRunConfig:
     config.model = model_config_from(raw.get("model") or {})
     config.dataset = dict(raw.get("dataset") or {})
     return config
-
-
-_MISSING = object()
-
-
-def _lookup(raw: Mapping, key: str) -> Any:
-    node: Any = raw
-    for part in key.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return _MISSING
-        node = node[part]
-    return node
-
-
-def _wanted(spec: Mapping[str, Any], kind: Any) -> str:
-    integer = kind in (int, Optional[int])  # else float
-    relation = ">" if spec["above"] else ">="
-    return f"{'an integer' if integer else 'a number'} {relation} {spec['minimum']:g}" + (" (or null)" if spec["optional"] else "")
-
-
-def _spec(key: str) -> tuple[Mapping[str, Any], Any] | None:
-    """The range metadata and type of the field at ``key`` (e.g. "train.lr"), if it has a range."""
-    section: Any = TrainRunConfig
-    *path, name = key.split(".")
-    for part in path:
-        section = {f.name: f for f in fields(section)}.get(part)
-        section = section.default_factory if section is not None and callable(section.default_factory) else None
-        if section is None:
-            return None
-    found = {f.name: f for f in fields(section)}.get(name)
-    if found is None or "minimum" not in found.metadata:
-        return None
-    return found.metadata, get_type_hints(section)[name]
-
-
-def _merge_message(exc: OmegaConfBaseException, raw: Mapping) -> str:
-    key = str(getattr(exc, "full_key", None) or getattr(exc, "key", None) or "")
-    spec = _spec(key)
-    if spec is not None:
-        return f"{key}={_lookup(raw, key)}: must be {_wanted(*spec)}"
-    if isinstance(exc, ConfigKeyError):
-        return f"{key}: not a training option (configs/train.yaml lists them)"
-    return f"{key}: {str(getattr(exc, 'msg', exc)).splitlines()[0]}"
-
-
-def _check_fields(prefix: str, section: Any, raw: Mapping) -> None:
-    """Choices and ranges of the fields of one section (``prefix`` names it, e.g. "train.")."""
-    types = get_type_hints(type(section))
-    for item in fields(section):
-        value = getattr(section, item.name)
-        key = prefix + item.name
-        if "choices" in item.metadata and value not in item.metadata["choices"]:
-            raise ConfigError(f"{key}: unknown value {value!r}; expected one of {', '.join(item.metadata['choices'])}")
-        if "minimum" not in item.metadata or (value is None and item.metadata["optional"]):
-            continue
-        minimum = item.metadata["minimum"]
-        in_range = math.isfinite(value) and (value > minimum if item.metadata["above"] else value >= minimum)
-        if not in_range:
-            raise ConfigError(f"{key}={_lookup(raw, key)}: must be {_wanted(item.metadata, types[item.name])}")

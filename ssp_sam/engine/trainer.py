@@ -36,7 +36,6 @@ Run directory layout::
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, replace
@@ -55,30 +54,27 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from ..backbones.clip_tokenizer import CLIPTokenizer
-from ..checkpoint import load_own_weights, read_checkpoint_config, read_trainer_state, save_checkpoint
+from ..checkpoint import load_own_weights, read_checkpoint_config, save_checkpoint
 from ..data.embedding_cache import EmbeddingCache
 from ..data.records import ReferringDataset
 from ..data.registry import load_splits
 from ..data.training import MASK_TARGETS, EpochBatchSampler, ReferringTrainingSet, collate
 from ..errors import ConfigError, SSPSAMError
 from ..feature_cache import ImageTokenCache, TextFeatureCache
-from ..fileio import atomic_path
 from ..image_io import load_image
 from ..letterbox import letterbox_image
 from ..losses import rec_loss, ssp_sam_loss
 from ..metrics import RELEASE_SUFFIX
 from ..model import build_model, build_sam_image_encoder
-from ..predictor import resolve_device
 from ..visualize import padded_prediction_overlay
 from .caching import dataset_image_roots, ensure_cache
-from .distributed import DistInfo, barrier, init_distributed, mean_across_ranks, shutdown_distributed
+from .distributed import barrier, logged_terms, mean_across_ranks, shutdown_distributed, start_training_process
 from .evaluator import evaluate
-from .host_memory import keep_freed_host_memory, shared_with_forked_workers
-from .optim import build_schedule, parameter_groups
-from .precision import resolve_precision
+from .host_memory import shared_with_forked_workers
+from .optim import build_schedule, optimizer_step, parameter_groups
 from .rec_validation import REC_METRIC, rec_accuracy
 from .reporting import command_line, console_tables, write_results
-from .run_dir import recover_run_dir
+from .run_dir import append_log, open_run_dir, restore_trainer_state, trainer_state, truncate_log
 from .train_config import TrainRunConfig, train_run_config_from
 
 # The validation metric that picks the best checkpoint of stage "res", per task (stage "rec": REC_METRIC);
@@ -111,11 +107,6 @@ class TrainResult:
     finished: bool = True  # False: stopped by train.max_minutes before the last epoch (resume=true continues)
 
 
-def _seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-
-
 class Trainer:
     """Owns the model, data, optimizer and logs of one training run.
 
@@ -127,18 +118,8 @@ class Trainer:
         # A bad value or run_dir: one line now, not a traceback after the data is read and cached.
         self.config = cfg if isinstance(cfg, TrainRunConfig) else train_run_config_from(cfg)
         config, train = self.config, self.config.train
-        self.device = resolve_device(config.device)
-        self.precision = resolve_precision(train.precision, self.device, key="train.precision")
-        self.dist: DistInfo = init_distributed(self.device)
-        if self.device.type == "cuda":
-            self.device = torch.device("cuda", self.dist.local_rank)
-            torch.cuda.set_device(self.device)
-        else:
-            keep_freed_host_memory()  # large CPU activations reuse freed memory instead of page-faulting
-        if self.dist.is_main:
-            tqdm.write(f"precision: {self.precision.name} ({self.precision.reason})")
+        self.device, self.precision, self.dist = start_training_process(config.device, train.precision, config.seed)
         self.run_dir = Path(config.run_dir)
-        _seed_everything(config.seed)
 
         self.stage = train.stage
         self.model_config = config.model
@@ -245,42 +226,15 @@ class Trainer:
         )
 
     def _resume_or_check_run_dir(self) -> None:
-        if self.dist.is_main:
-            recover_run_dir(self.run_dir)  # finish or roll back a save cut short by a crash (run_dir.py)
-        barrier(self.dist)
-        last = self.run_dir / "last"
-        if last.exists() and not self.config.resume:
-            raise ConfigError(f"run_dir={self.run_dir} already holds a run; pass resume=true to continue it or choose another run_dir")
-        if not self.config.resume:
-            self._truncate_log(0)  # the log of an attempt that saved no checkpoint: start it afresh
+        last = open_run_dir(self.run_dir, self.config.resume, self.dist)
+        if last is None:
             return
-        if not last.exists():
-            raise ConfigError(f"resume=true but {last} does not exist (nothing to resume)")
         load_own_weights(self.model, last)
-        state = read_trainer_state(last)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"]:  # empty when the interrupted run used no gradient scaler
-            self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"])
+        state = restore_trainer_state(last, self.optimizer, self.scheduler, self.scaler)
         self.start_epoch = int(state["epoch"]) + 1
         self.best_metric = state.get("best_metric")
-        self._truncate_log(self.start_epoch)
-
-    def _truncate_log(self, epoch: int) -> None:
-        """Drop the log lines of an interrupted epoch, which the resumed run trains again."""
-        log = self.run_dir / "train_log.jsonl"
-        if not self.dist.is_main or not log.exists():
-            return
-        kept = []
-        for line in log.read_text().splitlines():
-            try:
-                if json.loads(line)["epoch"] < epoch:
-                    kept.append(line)
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a line cut short by the interruption
-        with atomic_path(log) as tmp:
-            tmp.write_text("".join(line + "\n" for line in kept))
+        if self.dist.is_main:
+            truncate_log(self.run_dir, self.start_epoch, key="epoch")  # the interrupted epoch is trained again
 
     # ------------------------------------------------------------------------------------ helpers
 
@@ -311,27 +265,20 @@ class Trainer:
                 self.writer.add_scalar(key, value, step)
 
     def _append_log(self, records: list[Mapping[str, Any]]) -> None:
-        """One JSON line per step in <run_dir>/train_log.jsonl (plain-text loss curves)."""
         if self.dist.is_main:
-            with open(self.run_dir / "train_log.jsonl", "a") as log:
-                log.writelines(json.dumps(record) + "\n" for record in records)
+            append_log(self.run_dir, records)
 
     def _save(self, name: str, epoch: int, metrics: Mapping[str, float]) -> None:
         if not self.dist.is_main:
             return
-        trainer_state = {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "epoch": epoch,
-            "best_metric": self.best_metric,
-        }
         extra = {"run": self.config.to_dict(), "epoch": epoch, "metrics": dict(metrics)}
         save_checkpoint(
             self.model, self.run_dir / name, extra=extra,
             embed_encoders=self.config.train.save_encoders,
-            trainer_state=trainer_state if name == "last" else None,
+            trainer_state=(
+                trainer_state(self.optimizer, self.scheduler, self.scaler, epoch=epoch, best_metric=self.best_metric)
+                if name == "last" else None
+            ),
         )
 
     # ------------------------------------------------------------------------------------ loop
@@ -368,12 +315,8 @@ class Trainer:
         Returns the steps' losses. Raises TrainingDivergedError at the first step whose loss is not
         finite, before anything of this epoch is saved: ``last/`` keeps the last good checkpoint.
         """
-        names = sorted(window[0][2])
-        on_device = torch.stack([torch.stack([terms[name] for name in names]) for _, _, terms in window])  # (steps, terms)
-        rows = mean_across_ranks(on_device, self.dist).tolist()
         records = []
-        for (step, lrs, _), row in zip(window, rows):
-            logged = {f"train/{name}": value for name, value in zip(names, row)}
+        for (step, lrs, _), logged in zip(window, logged_terms([terms for _, _, terms in window], self.dist)):
             if not math.isfinite(logged["train/loss"]):
                 self._append_log(records)
                 raise TrainingDivergedError(
@@ -407,13 +350,7 @@ class Trainer:
             terms = rec_loss(output.boxes, batch["box"])
         else:
             terms = ssp_sam_loss(output.mask_logits.float(), batch["mask"], output.boxes.float(), batch["box"])
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(terms["loss"]).backward()
-        self.scaler.unscale_(self.optimizer)
-        if self.config.train.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.config.train.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        optimizer_step(terms["loss"], self.model, self.optimizer, self.scaler, self.config.train.grad_clip)
         if self.config.train.schedule == "per_iteration":
             self.scheduler.step()
         return {name: value.detach() for name, value in terms.items()}

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from ...checkpoint import CONFIG_FILE, TRAINER_STATE_FILE, WEIGHTS_FILE, read_config_file
 from ...errors import CheckpointError
 from ...fileio import atomic_directory
 from ...state_dicts import mismatch_report
@@ -37,9 +38,6 @@ from ..build import build_ovss_model
 from ..model import OVSSModel
 from ..model_config import OVSSModelConfig, ovss_config_from
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-TRAINER_STATE_FILE = "trainer_state.pt"
 FORMAT = "ssp_sam.ovss"
 
 CLIP_PREFIX = "catseg.clip.clip."
@@ -119,24 +117,10 @@ def read_ovss_checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
     Raises:
         CheckpointError: missing, unreadable, or not an OVSS checkpoint.
     """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    config_path = (path if path.is_dir() else path.parent) / CONFIG_FILE
-    if not config_path.is_file():
-        raise CheckpointError(f"{config_path}: config file of the checkpoint not found")
-    try:
-        stored = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
+    config_path, stored = read_config_file(path)
     if not isinstance(stored, dict) or stored.get("format") != FORMAT or not isinstance(stored.get("ovss_model"), dict):
         raise CheckpointError(f"{config_path}: not an OVSS checkpoint (no 'format': '{FORMAT}' with an 'ovss_model' section)")
     return stored
-
-
-def read_ovss_trainer_state(directory: str | os.PathLike) -> dict[str, Any]:
-    """The resumable trainer state beside a checkpoint's weights (``weights_only=True``)."""
-    return read_weights(Path(directory) / TRAINER_STATE_FILE, "trainer state")
 
 
 def load_ovss_weights(model: OVSSModel, path: str | os.PathLike) -> None:

@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ...engine.distributed import init_distributed, shutdown_distributed
 from ...engine.host_memory import keep_freed_host_memory
 from ...engine.caching import ensure_cache
+from ...engine.config_fields import check_fields
 from ...engine.precision import resolve_precision
 from ...engine.reporting import checkpoint_sha256, command_line
 from ...errors import ConfigError
@@ -26,7 +27,7 @@ from ...predictor import resolve_device
 from ..data import load_ovss_dataset
 from .checkpoint import is_ovss_checkpoint, load_ovss_model
 from .evaluator import console_line, evaluate_ovss, result_record
-from .train_config import OVSSEvalSection, _check_fields
+from .train_config import OVSSEvalSection
 
 def wants_ovss(argv: Sequence[str]) -> bool:
     """True when the command line names an OVSS experiment, model, dataset or checkpoint."""
@@ -121,7 +122,7 @@ def _eval_options(raw: dict, image_size: int) -> OVSSEvalSection:
         options = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OVSSEvalSection), raw))
     except OmegaConfBaseException as exc:
         raise ConfigError(f"eval.{getattr(exc, 'key', '')}: {str(getattr(exc, 'msg', exc)).splitlines()[0]}") from None
-    _check_fields("eval.", options, {"eval": raw})
+    check_fields("eval.", options, {"eval": raw})
     if options.sliding_window and options.window != image_size:
         raise ConfigError(f"eval.window={options.window}: the windows are the model's input ({image_size})")
     return options

@@ -19,6 +19,7 @@ can start at any iteration.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
@@ -55,41 +56,25 @@ def shortest_edge_size(height: int, width: int, short_side: int, max_size: int) 
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
+@dataclass
 class TrainingCrops(torch.utils.data.Dataset):
     """Training items keyed by ``(epoch, index)``: ``{"image": float (3, S, S) on 0..255, "label": int64 (S, S),
-    ["sam_embedding": (C, h, w)]}``, the label's ignored pixels at -1.
+    ["sam_embedding": (C, h, w)]}``, the label's ignored pixels at -1."""
 
-    Args:
-        dataset: the split.
-        image_size: S, the model's input side.
-        crop: "random" (CAT-Seg's crops, see the module docstring) or "none" (whole image resized).
-        short_side, max_size, flip: the random crop's settings.
-        seed: the run's seed.
-        cache: SAM embeddings of whole images (only with ``crop="none"``; the images must be square, so
-            that SAM's embedding of the image is that of the model's input).
-    """
+    dataset: SemSegDataset  # the split
+    image_size: int  # S, the model's input side
+    crop: str  # "random" (CAT-Seg's crops, see the module docstring) or "none" (whole image resized)
+    short_side: int  # the random crop's settings
+    max_size: int
+    flip: bool
+    seed: int  # the run's seed
+    # SAM embeddings of whole images (only with crop="none"; the images must be square, so that SAM's
+    # embedding of the image is that of the model's input)
+    cache: EmbeddingCache | None = None
 
-    def __init__(
-        self,
-        dataset: SemSegDataset,
-        image_size: int,
-        crop: str,
-        short_side: int,
-        max_size: int,
-        flip: bool,
-        seed: int,
-        cache: EmbeddingCache | None = None,
-    ) -> None:
-        if cache is not None and crop != "none":
+    def __post_init__(self) -> None:
+        if self.cache is not None and self.crop != "none":
             raise ValueError("cached SAM embeddings are of whole images: they need crop='none'")
-        self.dataset = dataset
-        self.image_size = image_size
-        self.crop = crop
-        self.short_side = short_side
-        self.max_size = max_size
-        self.flip = flip
-        self.seed = seed
-        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -152,10 +137,6 @@ class IterationBatchSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):
             for batch in islice(iter(self.epochs), skip, skip + self.iterations - iteration):
                 yield batch
                 iteration += 1
-
-
-def collate_crops(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
 
 
 class EvaluationImages(torch.utils.data.Dataset):

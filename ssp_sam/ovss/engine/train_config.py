@@ -13,13 +13,13 @@ weights at 0.01x, detectron2's WarmupCosineLR without warm-up (to 0), no weight 
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping, Optional, get_type_hints
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException
 
+from ...engine.config_fields import check_fields, choice, merge_config, number
 from ...engine.precision import PRECISIONS
 from ...errors import ConfigError
 from ...outputs import check_output_dir
@@ -29,41 +29,32 @@ CROPS = ("random", "none")
 SELECTION_METRICS = ("mIoU", "mIoU unseen", "hIoU", "fwIoU", "pAcc", "mACC")
 
 
-def _number(default: Any, minimum: float, optional: bool = False, above: bool = False) -> Any:
-    """A numeric field and its range: ``>= minimum`` (``> minimum`` with ``above``); ``optional``: null allowed."""
-    return field(default=default, metadata={"minimum": minimum, "optional": optional, "above": above})
-
-
-def _choice(default: str, choices: tuple[str, ...]) -> Any:
-    return field(default=default, metadata={"choices": choices})
-
-
 @dataclass
 class OVSSTrainSection:
     """``train:``, the recipe (configs/train_ovss.yaml says what each key does)."""
 
     split: str = "train2017"
-    iterations: int = _number(80_000, 1)
-    batch_size: int = _number(4, 1)  # global, split evenly across processes
-    lr: float = _number(2e-4, 0)
-    clip_lr_multiplier: float = _number(0.01, 0)  # CLIP's trained q/v and position embeddings (CAT-Seg's CLIP_MULTIPLIER)
-    weight_decay: float = _number(1e-4, 0)
-    norm_weight_decay: float = _number(0.0, 0)  # norm layers (detectron2's WEIGHT_DECAY_NORM)
-    grad_clip: Optional[float] = _number(0.01, 0, optional=True, above=True)  # L2 norm over the whole model; null: none
-    warmup_iterations: int = _number(0, 0)
-    min_lr: float = _number(0.0, 0)
-    precision: str = _choice("auto", PRECISIONS)
-    workers: int = _number(4, 0)
+    iterations: int = number(80_000, 1)
+    batch_size: int = number(4, 1)  # global, split evenly across processes
+    lr: float = number(2e-4, 0)
+    clip_lr_multiplier: float = number(0.01, 0)  # CLIP's trained q/v and position embeddings (CAT-Seg's CLIP_MULTIPLIER)
+    weight_decay: float = number(1e-4, 0)
+    norm_weight_decay: float = number(0.0, 0)  # norm layers (detectron2's WEIGHT_DECAY_NORM)
+    grad_clip: Optional[float] = number(0.01, 0, optional=True, above=True)  # L2 norm over the whole model; null: none
+    warmup_iterations: int = number(0, 0)
+    min_lr: float = number(0.0, 0)
+    precision: str = choice("auto", PRECISIONS)
+    workers: int = number(4, 0)
     # random: CAT-Seg's training crops (short side -> short_side, at most max_size long, a random
     # image_size square, horizontal flip); none: the whole image resized to image_size (no augmentation:
     # the cached SAM embedding of a square image is that of the model's input).
-    crop: str = _choice("random", CROPS)
-    short_side: int = _number(384, 1)
-    max_size: int = _number(2048, 1)
+    crop: str = choice("random", CROPS)
+    short_side: int = number(384, 1)
+    max_size: int = number(2048, 1)
     flip: bool = True
-    log_every: int = _number(20, 1)  # steps between host syncs of the losses (logs, NaN check)
-    save_every: int = _number(5000, 1)  # iterations between last/ checkpoints (and at the end)
-    max_minutes: Optional[float] = _number(None, 0, optional=True, above=True)  # stop (state saved, exit 3) after this long
+    log_every: int = number(20, 1)  # steps between host syncs of the losses (logs, NaN check)
+    save_every: int = number(5000, 1)  # iterations between last/ checkpoints (and at the end)
+    max_minutes: Optional[float] = number(None, 0, optional=True, above=True)  # stop (state saved, exit 3) after this long
     save_encoders: bool = False  # embed the frozen CLIP and SAM in the checkpoints (self-contained small models)
 
 
@@ -72,9 +63,9 @@ class OVSSValSection:
     """``val:``: evaluation during training, which picks ``best/``."""
 
     split: Optional[str] = None  # null: no validation (best/ is the last state)
-    every: int = _number(5000, 1)  # iterations between validations (and at the end)
-    metric: str = _choice("mIoU", SELECTION_METRICS)
-    max_images: Optional[int] = _number(None, 1, optional=True)  # the first n images of the split only
+    every: int = number(5000, 1)  # iterations between validations (and at the end)
+    metric: str = choice("mIoU", SELECTION_METRICS)
+    max_images: Optional[int] = number(None, 1, optional=True)  # the first n images of the split only
 
 
 @dataclass
@@ -82,10 +73,10 @@ class OVSSEvalSection:
     """``eval:``: how images are predicted (training's validation and scripts/eval.py)."""
 
     sliding_window: bool = True  # CAT-Seg's: windows over the image resized to out_size, plus a global view
-    window: int = _number(384, 1)
-    overlap: float = _number(0.333, 0)
-    out_size: int = _number(640, 1)
-    batch_size: int = _number(8, 1)  # images per forward without the sliding window
+    window: int = number(384, 1)
+    overlap: float = number(0.333, 0)
+    out_size: int = number(640, 1)
+    batch_size: int = number(8, 1)  # images per forward without the sliding window
 
 
 @dataclass
@@ -96,9 +87,9 @@ class OVSSTrainRunConfig:
     init_checkpoint: Optional[str] = None
     seed: int = 3407
     device: str = "auto"
-    threads: Optional[int] = _number(None, 1, optional=True)  # torch CPU threads; null: PyTorch's default
+    threads: Optional[int] = number(None, 1, optional=True)  # torch CPU threads; null: PyTorch's default
     cache_dir: Optional[str] = None  # SAM embedding cache (SAM-MI with train.crop=none / eval without sliding window)
-    cache_batch_size: int = _number(4, 1)
+    cache_batch_size: int = number(4, 1)
     train: OVSSTrainSection = field(default_factory=OVSSTrainSection)
     val: OVSSValSection = field(default_factory=OVSSValSection)
     eval: OVSSEvalSection = field(default_factory=OVSSEvalSection)
@@ -127,15 +118,9 @@ def ovss_train_config_from(cfg: Mapping | DictConfig) -> OVSSTrainRunConfig:
     dataset = cfg.get("ovss_dataset") or {}
     dataset = OmegaConf.to_container(dataset, resolve=False) if isinstance(dataset, DictConfig) else dict(dataset)
     sections = {k: v for k, v in raw.items() if k not in ("ovss_model", "ovss_dataset")}
-    try:
-        config: OVSSTrainRunConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OVSSTrainRunConfig), sections))
-    except OmegaConfBaseException as exc:
-        key = str(getattr(exc, "full_key", None) or getattr(exc, "key", None) or "")
-        if isinstance(exc, ConfigKeyError):
-            raise ConfigError(f"{key}: not an OVSS training option (configs/train_ovss.yaml lists them)") from None
-        raise ConfigError(f"{key}={_lookup(raw, key)}: {str(getattr(exc, 'msg', exc)).splitlines()[0]}") from None
+    config = merge_config(OVSSTrainRunConfig, sections, raw, "an OVSS training option (configs/train_ovss.yaml lists them)")
     for prefix, section in (("", config), ("train.", config.train), ("val.", config.val), ("eval.", config.eval)):
-        _check_fields(prefix, section, raw)
+        check_fields(prefix, section, raw)
     if config.eval.overlap >= 1:
         raise ConfigError(f"eval.overlap={config.eval.overlap}: must be < 1")
     check_output_dir(config.run_dir, "run_dir")
@@ -148,30 +133,3 @@ def ovss_train_config_from(cfg: Mapping | DictConfig) -> OVSSTrainRunConfig:
     if config.eval.sliding_window and config.eval.window != config.ovss_model.image_size:
         raise ConfigError(f"eval.window={config.eval.window}: the windows are the model's input (ovss_model.image_size={config.ovss_model.image_size})")
     return config
-
-
-def _lookup(raw: Mapping, key: str) -> Any:
-    node: Any = raw
-    for part in key.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def _check_fields(prefix: str, section: Any, raw: Mapping) -> None:
-    """Choices and ranges of one section's fields (``prefix`` names it, e.g. "train.")."""
-    types = get_type_hints(type(section))
-    for item in fields(section):
-        value = getattr(section, item.name)
-        key = prefix + item.name
-        if "choices" in item.metadata and value not in item.metadata["choices"]:
-            raise ConfigError(f"{key}: unknown value {value!r}; expected one of {', '.join(item.metadata['choices'])}")
-        if "minimum" not in item.metadata or (value is None and item.metadata["optional"]):
-            continue
-        spec = item.metadata
-        if value is None or not (math.isfinite(value) and (value > spec["minimum"] if spec["above"] else value >= spec["minimum"])):
-            kind = "an integer" if types[item.name] in (int, Optional[int]) else "a number"
-            relation = ">" if spec["above"] else ">="
-            optional = " (or null)" if spec["optional"] else ""
-            raise ConfigError(f"{key}={_lookup(raw, key)}: must be {kind} {relation} {spec['minimum']:g}{optional}")

@@ -24,7 +24,6 @@ Run directory::
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -41,22 +40,20 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from ...data.embedding_cache import EmbeddingCache
+from ...data.training import collate
 from ...engine.caching import ensure_cache
-from ...engine.distributed import DistInfo, barrier, init_distributed, mean_across_ranks, shutdown_distributed
-from ...engine.host_memory import keep_freed_host_memory, shared_with_forked_workers
-from ...engine.optim import cosine_schedule
-from ...engine.precision import resolve_precision
-from ...engine.run_dir import recover_run_dir
+from ...engine.distributed import barrier, logged_terms, shutdown_distributed, start_training_process
+from ...engine.host_memory import shared_with_forked_workers
+from ...engine.optim import cosine_schedule, optimizer_step
+from ...engine.run_dir import append_log, open_run_dir, restore_trainer_state, trainer_state, truncate_log
 from ...engine.trainer import TrainingDivergedError
 from ...errors import ConfigError
-from ...fileio import atomic_path
-from ...predictor import resolve_device
 from ..build import build_ovss_model
 from ..data import IGNORE_INDEX, load_ovss_dataset
 from ..data.dataset import SemSegDataset
 from ..model import OVSSModel
-from .checkpoint import load_ovss_weights, read_ovss_trainer_state, save_ovss_checkpoint
-from .data import IterationBatchSampler, TrainingCrops, collate_crops
+from .checkpoint import load_ovss_weights, save_ovss_checkpoint
+from .data import IterationBatchSampler, TrainingCrops
 from .evaluator import evaluate_ovss
 from .train_config import OVSSTrainRunConfig, ovss_train_config_from
 
@@ -136,19 +133,8 @@ class OVSSTrainer:
         config, train = self.config, self.config.train
         if config.threads is not None:
             torch.set_num_threads(config.threads)
-        self.device = resolve_device(config.device)
-        self.precision = resolve_precision(train.precision, self.device, key="train.precision")
-        self.dist: DistInfo = init_distributed(self.device)
-        if self.device.type == "cuda":
-            self.device = torch.device("cuda", self.dist.local_rank)
-            torch.cuda.set_device(self.device)
-        else:
-            keep_freed_host_memory()
-        if self.dist.is_main:
-            tqdm.write(f"precision: {self.precision.name} ({self.precision.reason})")
+        self.device, self.precision, self.dist = start_training_process(config.device, train.precision, config.seed)
         self.run_dir = Path(config.run_dir)
-        torch.manual_seed(config.seed)
-        np.random.seed(config.seed % 2**32)
 
         self.train_set = self._dataset(train.split)
         self.val_set = self._dataset(config.val.split) if config.val.split else None
@@ -186,7 +172,7 @@ class OVSSTrainer:
             self.train_set, self.model.image_size, train.crop, train.short_side, train.max_size, train.flip, config.seed, self.train_cache
         )
         self.loader = DataLoader(
-            crops, batch_sampler=self.sampler, collate_fn=collate_crops, num_workers=train.workers,
+            crops, batch_sampler=self.sampler, collate_fn=collate, num_workers=train.workers,
             persistent_workers=train.workers > 0, pin_memory=self.device.type == "cuda",
         )
         loss_of_batch = _LossOfBatch(self.model, self.class_names)
@@ -225,42 +211,15 @@ class OVSSTrainer:
         return (cache if for_train else None), (cache if for_val else None)
 
     def _resume_or_check_run_dir(self) -> None:
-        if self.dist.is_main:
-            recover_run_dir(self.run_dir)
-        barrier(self.dist)
-        last = self.run_dir / "last"
-        if last.exists() and not self.config.resume:
-            raise ConfigError(f"run_dir={self.run_dir} already holds a run; pass resume=true to continue it or choose another run_dir")
-        if not self.config.resume:
-            self._truncate_log(0)
+        last = open_run_dir(self.run_dir, self.config.resume, self.dist)
+        if last is None:
             return
-        if not last.exists():
-            raise ConfigError(f"resume=true but {last} does not exist (nothing to resume)")
         load_ovss_weights(self.model, last)
-        state = read_ovss_trainer_state(last)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"])
+        state = restore_trainer_state(last, self.optimizer, self.scheduler, self.scaler)
         self.iteration = int(state["iteration"])
         self.best_metric = state.get("best_metric")
-        self._truncate_log(self.iteration)
-
-    def _truncate_log(self, iteration: int) -> None:
-        """Drop the log lines of iterations after the state resumed from (they are trained again)."""
-        log = self.run_dir / "train_log.jsonl"
-        if not self.dist.is_main or not log.exists():
-            return
-        kept = []
-        for line in log.read_text().splitlines():
-            try:
-                if json.loads(line)["iteration"] < iteration:
-                    kept.append(line)
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
-        with atomic_path(log) as tmp:
-            tmp.write_text("".join(line + "\n" for line in kept))
+        if self.dist.is_main:
+            truncate_log(self.run_dir, self.iteration, key="iteration")  # the iterations after the state are trained again
 
     # ------------------------------------------------------------------------------------ steps
 
@@ -271,23 +230,14 @@ class OVSSTrainer:
         embeddings = batch.get("sam_embedding")
         with self.precision.autocast(self.device):
             terms = self.forward(batch["image"], batch["label"], embeddings.float() if embeddings is not None else None)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(terms["loss"]).backward()
-        self.scaler.unscale_(self.optimizer)
-        if self.config.train.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.config.train.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        optimizer_step(terms["loss"], self.model, self.optimizer, self.scaler, self.config.train.grad_clip)
         self.scheduler.step()
         return {name: value.detach().float() for name, value in terms.items()}
 
     def _log_window(self, window: list[tuple[int, dict[str, float], dict[str, Tensor]]], progress: tqdm) -> list[float]:
         """Read a window's loss terms back (the one sync), log them; raise at the first non-finite loss."""
-        names = sorted(window[0][2])
-        rows = mean_across_ranks(torch.stack([torch.stack([t[n] for n in names]) for _, _, t in window]), self.dist).tolist()
         records = []
-        for (iteration, lrs, _), row in zip(window, rows):
-            logged = {f"train/{name}": value for name, value in zip(names, row)}
+        for (iteration, lrs, _), logged in zip(window, logged_terms([terms for _, _, terms in window], self.dist)):
             if not math.isfinite(logged["train/loss"]):
                 self._append_log(records)
                 raise TrainingDivergedError(
@@ -305,22 +255,14 @@ class OVSSTrainer:
 
     def _append_log(self, records: list[Mapping[str, Any]]) -> None:
         if self.dist.is_main:
-            with open(self.run_dir / "train_log.jsonl", "a") as log:
-                log.writelines(json.dumps(record) + "\n" for record in records)
+            append_log(self.run_dir, records)
 
     def _save(self, name: str, metrics: Mapping[str, float]) -> None:
         if not self.dist.is_main:
             return
         state = None
         if name == "last":
-            state = {
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "iteration": self.iteration,
-                "best_metric": self.best_metric,
-            }
+            state = trainer_state(self.optimizer, self.scheduler, self.scaler, iteration=self.iteration, best_metric=self.best_metric)
         extra = {"run": self.config.to_dict(), "iteration": self.iteration, "metrics": dict(metrics)}
         save_ovss_checkpoint(
             self.model, self.run_dir / name, self.class_names, extra, embed_encoders=self.config.train.save_encoders, trainer_state=state
