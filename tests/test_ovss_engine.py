@@ -28,7 +28,7 @@ from ssp_sam.ovss.data import load_ovss_dataset
 from ssp_sam.ovss.engine.checkpoint import load_ovss_model, save_ovss_checkpoint
 from ssp_sam.ovss.engine.data import IterationBatchSampler
 from ssp_sam.ovss.engine.evaluator import evaluate_ovss
-from ssp_sam.ovss.engine.train_config import OVSSEvalSection, ovss_train_config_from
+from ssp_sam.ovss.engine.train_config import OVSSEvalSection, ovss_train_config_from, settled_eval_section
 from ssp_sam.ovss.engine.trainer import OVSSTrainer
 
 COLOURS = np.array([[230, 20, 20], [20, 20, 230], [20, 230, 20]], dtype=np.uint8)
@@ -256,7 +256,7 @@ def test_eval_script_scores_sliding_windows_as_a_plain_computation(bands, tiny_c
     done = run_script(
         "eval.py", f"checkpoint={tiny_checkpoint}", "ovss_dataset=semseg", f"ovss_dataset.root={bands}", "ovss_dataset.split=wide",
         "ovss_dataset.image_dir=images/wide", "ovss_dataset.label_dir=labels/wide", "ovss_dataset.image_ext=.png",
-        "ovss_dataset.classes=classes.json", "eval.overlap=0.5", "eval.out_size=96", "workers=0", "precision=fp32",
+        "ovss_dataset.classes=classes.json", "eval.overlap=0.5", "workers=0", "precision=fp32",
         f"metrics_out={out}", "threads=1",
     )
     assert done.returncode == 0, done.stderr[-2000:]
@@ -284,10 +284,36 @@ def test_eval_script_scores_sliding_windows_as_a_plain_computation(bands, tiny_c
     assert all(np.bincount(p.ravel(), minlength=3).min() > 0 for p in predicted)  # a prediction with every class in it
     assert {k: record["metrics"][k] for k in expected} == pytest.approx(expected, abs=1e-3)  # a pixel is 1.3e-4 of a split
     assert record["protocol"] == "sliding_window" and record["eval"]["window"] == 64 and record["n_images"] == 2
+    assert record["eval"]["out_size"] == 96  # not given: window 64 + stride 32 (64 * (1 - 0.5))
     assert record["variant"] == "sam_mi" and record["points"] == "tspp" and record["sam_embeddings_cached"] is False
     assert record["sam_prompts_per_image"] > 0 and record["seconds_per_image"] > 0 and record["precision"] == "fp32"
     assert set(record["per_class_iou"]) == {"red", "blue", "green"} and record["dataset"] == "semseg" and record["split"] == "wide"
     assert "checkpoint_sha256" in record and "eval.py" in record["command"]
+
+
+def test_eval_script_refuses_uncovered_windows_before_the_model_loads(tiny_checkpoint, tmp_path):
+    """eval.out_size=600 with windows of 64 at overlap 0.333 (stride int(64 * 0.667) = 42): 600 - 64 = 536 is no
+    multiple of 42. The checkpoint here has no weights file and the dataset no folder: the geometry is named first."""
+    config_only = tmp_path / "config_only"
+    config_only.mkdir()
+    (config_only / "config.json").write_bytes((tiny_checkpoint / "config.json").read_bytes())
+    done = run_script("eval.py", f"checkpoint={config_only}", f"ovss_dataset.root={tmp_path / 'absent'}", "eval.out_size=600")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: eval.out_size=600: windows of 64 with stride 42 do not cover it; give window + a multiple of the stride, e.g. 610"
+    ]
+
+
+def test_out_size_defaults_to_window_plus_stride():
+    """CAT-Seg's 640 for a 384 model at overlap 0.333 (stride int(384 * 0.667) = 256); 336 + 224 = 560 for ViT-L/14 at
+    336; a given out_size is kept; with the sliding window off an out_size is still filled in, never checked."""
+    assert settled_eval_section(OVSSEvalSection(), 384).out_size == 640
+    settled = settled_eval_section(OVSSEvalSection(), 336)
+    assert (settled.window, settled.out_size) == (336, 560)
+    assert settled_eval_section(OVSSEvalSection(out_size=896), 384).out_size == 896  # 384 + 2 * 256
+    assert settled_eval_section(OVSSEvalSection(sliding_window=False, out_size=7), 64).out_size == 7
+    with pytest.raises(ConfigError, match=r"eval.out_size=700: windows of 384 with stride 256 do not cover it"):
+        settled_eval_section(OVSSEvalSection(out_size=700), 384)
 
 
 def test_cached_sam_embeddings_score_as_sam_computed_live(bands, tiny_checkpoint, tmp_path):

@@ -64,11 +64,12 @@ def _range_spec(root: type, key: str) -> tuple[Mapping[str, Any], Any] | None:
     return found.metadata, get_type_hints(section)[name]
 
 
-def merge_config(root: type[T], sections: Mapping, raw: Mapping, options: str) -> T:
+def merge_config(root: type[T], sections: Mapping, raw: Mapping, options: str, prefix: str = "") -> T:
     """``sections`` merged into dataclass ``root`` (OmegaConf structured config) and returned as a ``root``.
 
     ``raw``: the whole config as given (for the value in a message); ``options``: what an unknown key is
-    not, e.g. "a training option (configs/train.yaml lists them)".
+    not, e.g. "a training option (configs/train.yaml lists them)"; ``prefix``: where ``root`` sits in ``raw``
+    (e.g. "eval." for a section merged alone).
 
     Raises:
         ConfigError: an unknown key, or a value of the wrong type (for a ranged number: its range).
@@ -76,10 +77,11 @@ def merge_config(root: type[T], sections: Mapping, raw: Mapping, options: str) -
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(root), sections))
     except OmegaConfBaseException as exc:
-        key = str(getattr(exc, "full_key", None) or getattr(exc, "key", None) or "")
+        inner = str(getattr(exc, "full_key", None) or getattr(exc, "key", None) or "")
+        key = prefix + inner
         value = lookup(raw, key)
         given = f"{key}={value}" if value is not MISSING else key
-        spec = _range_spec(root, key)
+        spec = _range_spec(root, inner)
         if spec is not None:
             raise ConfigError(f"{given}: must be {_wanted(*spec)}") from None
         if isinstance(exc, ConfigKeyError):

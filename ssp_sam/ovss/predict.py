@@ -49,7 +49,7 @@ from ..visualize import class_colours, label_overlay
 from .data.classes import check_class_names
 from .engine.checkpoint import load_ovss_model, read_ovss_checkpoint_config
 from .model import OVSSModel
-from .sliding_window import sliding_window_inference
+from .sliding_window import default_out_size, sliding_window_inference
 
 # The ShapeWorld SAM-MI the README's demo uses once it is shipped (issue 14, item 5); scripts/predict.py
 # takes it when classes=[...] is given without a checkpoint.
@@ -154,7 +154,7 @@ class OVSSPredictor:
 
     def sliding_size(self) -> int:
         """The side the image is resized to for the sliding window: window + stride (2 x 2 crops, CAT-Seg's 640 at 384)."""
-        return self.window + int(self.window * (1 - self.overlap))
+        return default_out_size(self.window, self.overlap)
 
     def mode_for(self, height: int, width: int) -> str:
         if self.inference != "auto":

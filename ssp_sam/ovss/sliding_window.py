@@ -18,13 +18,24 @@ from torch import Tensor, nn
 from ..errors import ConfigError, ImageError
 
 
+def window_stride(window: int, overlap: float) -> int:
+    """CAT-Seg's stride between crops: ``int(window * (1 - overlap))`` (256 for 384 at 0.333)."""
+    return int(window * (1 - overlap))
+
+
+def default_out_size(window: int, overlap: float) -> int:
+    """The side the image is resized to when none is given: window + stride, two crops a side (CAT-Seg's 640 for
+    384 at overlap 0.333), which the crops always cover, whatever the window."""
+    return window + window_stride(window, overlap)
+
+
 def check_sliding_window(window: int, overlap: float, out_size: int) -> None:
     """Raise ConfigError unless the crops cover the resized image exactly: out_size = window + k * stride.
 
     Otherwise the last rows and columns lie in no crop, their averaged probabilities are 0 / 0 (NaN) and
     the argmax there is meaningless (e.g. window 256 over 640: crops end at 596).
     """
-    stride = int(window * (1 - overlap))
+    stride = window_stride(window, overlap)
     if not 0 <= overlap < 1 or stride < 1:
         raise ConfigError(f"eval.overlap={overlap}: must lie in [0, 1) and leave a stride of at least 1 pixel (window {window})")
     if out_size < window or (out_size - window) % stride:
@@ -54,7 +65,7 @@ def sliding_window_inference(
     if image.dim() != 3 or image.shape[0] != 3:
         raise ImageError(f"sliding-window inference takes one (3, H, W) image, got {tuple(image.shape)}")
     check_sliding_window(window, overlap, out_size)
-    stride = int(window * (1 - overlap))
+    stride = window_stride(window, overlap)
     unfold = nn.Unfold(kernel_size=window, stride=stride)
     fold = nn.Fold((out_size, out_size), kernel_size=window, stride=stride)
 

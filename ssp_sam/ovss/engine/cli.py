@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ...engine.distributed import init_distributed, shutdown_distributed
 from ...engine.host_memory import keep_freed_host_memory
 from ...engine.caching import ensure_cache
-from ...engine.config_fields import check_fields
+from ...engine.config_fields import check_fields, merge_config
 from ...engine.precision import resolve_precision
 from ...engine.reporting import checkpoint_sha256, command_line
 from ...errors import ConfigError
@@ -25,9 +25,10 @@ from ...fileio import write_json
 from ...outputs import check_output_file
 from ...predictor import resolve_device
 from ..data import load_ovss_dataset
-from .checkpoint import is_ovss_checkpoint, load_ovss_model
+from ..model_config import ovss_config_from
+from .checkpoint import is_ovss_checkpoint, load_ovss_model, read_ovss_checkpoint_config
 from .evaluator import console_line, evaluate_ovss, result_record
-from .train_config import OVSSEvalSection
+from .train_config import OVSSEvalSection, settled_eval_section
 
 def wants_ovss(argv: Sequence[str]) -> bool:
     """True when the command line names an OVSS experiment, model, dataset or checkpoint."""
@@ -57,6 +58,11 @@ def run_ovss_eval(cfg: DictConfig) -> None:
     for key, least in (("workers", 0), ("cache_batch_size", 1)):
         if not isinstance(cfg[key], int) or cfg[key] < least:
             raise ConfigError(f"{key}: must be an integer >= {least}, got {cfg[key]!r}")
+    # The stored model config (its input size): the sliding window is checked before the model loads.
+    model_config = ovss_config_from(read_ovss_checkpoint_config(cfg.checkpoint)["ovss_model"], **overrides)
+    options = _eval_options(options_raw, model_config.image_size)
+    if cfg.cache_dir is not None and model_config.uses_sam and options.sliding_window:
+        raise ConfigError("cache_dir: cached SAM embeddings are of whole images; give eval.sliding_window=false or cache_dir=null")
     dataset = load_ovss_dataset(dataset_cfg)  # before the model: a wrong split or path fails fast
     dist_info = init_distributed(resolve_device(cfg.device))
     try:
@@ -67,11 +73,8 @@ def run_ovss_eval(cfg: DictConfig) -> None:
         if device.type == "cpu":
             keep_freed_host_memory()
         loaded = load_ovss_model(cfg.checkpoint, device, overrides)
-        options = _eval_options(options_raw, loaded.model.image_size)
         cache = None
         if cfg.cache_dir is not None and loaded.config.uses_sam:
-            if options.sliding_window:
-                raise ConfigError("cache_dir: cached SAM embeddings are of whole images; give eval.sliding_window=false or cache_dir=null")
             proposer = loaded.model.proposer
             cache = ensure_cache(
                 cfg.cache_dir, [s.image_path for s in dataset.samples[: cfg.max_images]], [Path(str(dataset_cfg["root"]))],
@@ -113,16 +116,7 @@ def run_ovss_eval(cfg: DictConfig) -> None:
 
 
 def _eval_options(raw: dict, image_size: int) -> OVSSEvalSection:
-    """``eval:`` of configs/eval_ovss.yaml, checked (window null: the model's input size)."""
-    raw = {**raw, "window": image_size if raw.get("window") is None else raw["window"]}
-    unknown = sorted(set(raw) - set(vars(OVSSEvalSection())))
-    if unknown:
-        raise ConfigError(f"eval.{unknown[0]}: not an evaluation option (configs/eval_ovss.yaml lists them)")
-    try:
-        options = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OVSSEvalSection), raw))
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"eval.{getattr(exc, 'key', '')}: {str(getattr(exc, 'msg', exc)).splitlines()[0]}") from None
+    """``eval:`` of configs/eval_ovss.yaml, checked, its defaults filled in for a model of input side ``image_size``."""
+    options = merge_config(OVSSEvalSection, raw, {"eval": raw}, "an evaluation option (configs/eval_ovss.yaml lists them)", prefix="eval.")
     check_fields("eval.", options, {"eval": raw})
-    if options.sliding_window and options.window != image_size:
-        raise ConfigError(f"eval.window={options.window}: the windows are the model's input ({image_size})")
-    return options
+    return settled_eval_section(options, image_size)

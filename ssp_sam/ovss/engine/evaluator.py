@@ -33,7 +33,7 @@ from ..data.dataset import SemSegDataset
 from ..model import OVSSModel
 from ..sliding_window import sliding_window_inference
 from .data import EvaluationImages, as_list, resize_image
-from .train_config import OVSSEvalSection
+from .train_config import OVSSEvalSection, settled_eval_section
 
 
 @dataclass
@@ -82,7 +82,8 @@ def evaluate_ovss(
     """Score ``model`` on ``dataset`` (every rank returns the same result).
 
     Args:
-        options: sliding window or whole images, and batch size (``eval:`` of the configs).
+        options: sliding window or whole images, and batch size (``eval:`` of the configs; window and out_size
+            null: their defaults for this model, :func:`settled_eval_section`).
         cache: SAM embeddings of whole images (only without the sliding window; square images).
         max_images: score the first n images only (validation during training).
     """
@@ -90,6 +91,7 @@ def evaluate_ovss(
         raise ValueError("cached SAM embeddings are of whole images: they need sliding_window=false")
     model.eval()
     size = model.image_size
+    options = settled_eval_section(options, size)
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
     indices = list(range(count))[dist_info.rank :: dist_info.world_size]
     batch_size = 1 if options.sliding_window else options.batch_size

@@ -13,7 +13,7 @@ weights at 0.01x, detectron2's WarmupCosineLR without warm-up (to 0), no weight 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -24,6 +24,7 @@ from ...engine.precision import PRECISIONS
 from ...errors import ConfigError
 from ...outputs import check_output_dir
 from ..model_config import ovss_config_from
+from ..sliding_window import check_sliding_window, default_out_size
 
 CROPS = ("random", "none")
 SELECTION_METRICS = ("mIoU", "mIoU unseen", "hIoU", "fwIoU", "pAcc", "mACC")
@@ -73,9 +74,11 @@ class OVSSEvalSection:
     """``eval:``: how images are predicted (training's validation and scripts/eval.py)."""
 
     sliding_window: bool = True  # CAT-Seg's: windows over the image resized to out_size, plus a global view
-    window: int = number(384, 1)
+    window: Optional[int] = number(None, 1, optional=True)  # null: the model's input size (the only one the sliding window takes)
     overlap: float = number(0.333, 0)
-    out_size: int = number(640, 1)
+    # null: window + stride, two windows a side (CAT-Seg's 640 for 384 at overlap 0.333), so that a changed window
+    # never leaves it uncovered (sliding_window.default_out_size)
+    out_size: Optional[int] = number(None, 1, optional=True)
     batch_size: int = number(8, 1)  # images per forward without the sliding window
 
 
@@ -121,8 +124,6 @@ def ovss_train_config_from(cfg: Mapping | DictConfig) -> OVSSTrainRunConfig:
     config = merge_config(OVSSTrainRunConfig, sections, raw, "an OVSS training option (configs/train_ovss.yaml lists them)")
     for prefix, section in (("", config), ("train.", config.train), ("val.", config.val), ("eval.", config.eval)):
         check_fields(prefix, section, raw)
-    if config.eval.overlap >= 1:
-        raise ConfigError(f"eval.overlap={config.eval.overlap}: must be < 1")
     check_output_dir(config.run_dir, "run_dir")
     config.ovss_model = ovss_config_from(raw.get("ovss_model") or {})
     config.ovss_dataset = dataset
@@ -130,6 +131,24 @@ def ovss_train_config_from(cfg: Mapping | DictConfig) -> OVSSTrainRunConfig:
         raise ConfigError(
             f"train.short_side={config.train.short_side}: smaller than the crops (ovss_model.image_size={config.ovss_model.image_size})"
         )
-    if config.eval.sliding_window and config.eval.window != config.ovss_model.image_size:
-        raise ConfigError(f"eval.window={config.eval.window}: the windows are the model's input (ovss_model.image_size={config.ovss_model.image_size})")
+    config.eval = settled_eval_section(config.eval, config.ovss_model.image_size)
     return config
+
+
+def settled_eval_section(section: OVSSEvalSection, image_size: int) -> OVSSEvalSection:
+    """``section`` with its defaults filled in for a model of input side ``image_size`` (window null: ``image_size``;
+    out_size null: :func:`~ssp_sam.ovss.sliding_window.default_out_size`), its sliding-window geometry checked.
+
+    Raises:
+        ConfigError: overlap not below 1; with the sliding window, a window other than the model's input or
+            crops that do not cover out_size (:func:`~ssp_sam.ovss.sliding_window.check_sliding_window`).
+    """
+    if section.overlap >= 1:
+        raise ConfigError(f"eval.overlap={section.overlap}: must be < 1")
+    window = image_size if section.window is None else section.window
+    out_size = default_out_size(window, section.overlap) if section.out_size is None else section.out_size
+    if section.sliding_window:
+        if window != image_size:
+            raise ConfigError(f"eval.window={window}: the windows are the model's input (ovss_model.image_size={image_size})")
+        check_sliding_window(window, section.overlap, out_size)
+    return replace(section, window=window, out_size=out_size)
