@@ -486,3 +486,30 @@ def test_templates_are_data():
     imagenet = load_templates("imagenet80")
     assert len(imagenet) == 80 and imagenet[0] == "a bad photo of a {}." and imagenet[-1] == "a tattoo of the {}."
     assert class_prompts(["tv, television", "cat"], ["a {}.", "the {}"]) == ["a tv.", "the tv", "a cat.", "the cat"]
+
+
+def test_shapeworld_v2_composes_and_builds_on_the_v2_encoders(tmp_path):
+    """configs/ovss_model/shapeworld_v2.yaml in the ShapeWorld recipe: the v2 CLIP (convolutional stem, 6 blocks of
+    width 160 at its own 256, guidance from blocks 1 and 3) and SAM (8 px patches: a 32x32 embedding of the 256 input)
+    build with random encoders and predict; without random encoders the missing v2 weight file is named."""
+    from ssp_sam.backbones.clip_stem import ConvStem
+    from ssp_sam.errors import CheckpointError
+    from ssp_sam.ovss.engine.train_config import ovss_train_config_from
+
+    def composed(*overrides: str):
+        with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+            cfg = compose("train_ovss", ["experiment=ovss_shapeworld", "ovss_model=shapeworld_v2", f"run_dir={tmp_path / 'run'}", *overrides])
+        return ovss_train_config_from(cfg).ovss_model
+
+    config = composed("ovss_model.random_encoders=true", "ovss_model.clip.checkpoint=null", "ovss_model.sam.checkpoint=null")
+    assert config.name == "shapeworld_v2" and config.image_size == 256 and config.clip.resolution == 256
+    model = build_ovss_model(config).eval()
+    clip = model.catseg.clip
+    assert isinstance(clip.clip.visual.conv1, ConvStem) and len(clip.clip.visual.transformer.resblocks) == 6
+    assert clip.guidance_layers == (1, 3) and clip.grid_size == 16 and clip.vision_width == 160
+    with torch.no_grad():
+        assert model.proposer.image_encoder(torch.zeros(1, 3, 256, 256)).shape[-2:] == (32, 32)
+        probabilities = model.predict(torch.rand(1, 3, 256, 256) * 255, model.encode_classes(["red circle", "blue square"]))
+    assert probabilities.shape == (1, 2, 256, 256) and torch.isfinite(probabilities).all()
+    with pytest.raises(CheckpointError, match=r"checkpoints/pretrained/tiny_clip_v2.pt: CLIP checkpoint not found"):
+        build_ovss_model(composed())
