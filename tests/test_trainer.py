@@ -99,7 +99,20 @@ def test_expression_weights_reach_the_training_items(shapeworld_root, tmp_path):
     cfg = compose_train(train_overrides(shapeworld_root, tmp_path / "run", tmp_path / "cache", "train.expression_weights={L: 3.0}"))
     assert Trainer(cfg).train_set.expression_weights == {"L": 3.0}
     cfg = compose_train(train_overrides(shapeworld_root, tmp_path / "run2", tmp_path / "cache"))
-    assert Trainer(cfg).train_set.expression_weights == {}
+    trainer = Trainer(cfg)
+    assert trainer.train_set.expression_weights == {} and trainer.sampler.weights is None
+
+
+def test_referent_weights_reach_the_sampler(shapeworld_root, tmp_path):
+    cfg = compose_train(train_overrides(shapeworld_root, tmp_path / "run", tmp_path / "cache", "train.referent_weights={L: 5.0}"))
+    trainer = Trainer(cfg)
+    has_location = [
+        any(sample.sentence_meta(i)["kind"] == "L" for i in range(len(sample.expressions))) for sample in trainer.datasets["train"]
+    ]
+    assert any(has_location) and not all(has_location)
+    weights = trainer.sampler.weights.tolist()
+    for weighted, location in zip(weights, has_location):
+        assert (weighted > 1.0) == location
 
 
 def test_mask_targets_follow_train_mask_target(shapeworld_root, tmp_path):
@@ -435,6 +448,7 @@ def test_ddp_two_processes_match_one(shapeworld_root, tmp_path):
         ("train.max_minutes=0", "train.max_minutes=0: must be a number > 0 (or null)"),
         ("train.schedule=linear", "train.schedule: unknown value 'linear'; expected one of per_epoch, per_iteration"),
         ("train.expression_weights={L: 0}", "train.expression_weights.L: must be > 0"),
+        ("train.referent_weights={R: 0}", "train.referent_weights.R: must be > 0"),
         ("val.every=0", "val.every=0: must be an integer >= 1"),
         ("val.protocol=coco", "val.protocol: unknown value 'coco'"),
         ("cache_batch_size=0", "cache_batch_size=0: must be an integer >= 1"),

@@ -11,7 +11,7 @@ from ssp_sam.data.grefcoco import read_grefcoco
 from ssp_sam.data.registry import load_dataset
 from ssp_sam.data.shapeworld import generate_dataset
 from ssp_sam.data.shapeworld.dataset import dataset_config
-from ssp_sam.data.training import ReferringTrainingSet
+from ssp_sam.data.training import EpochBatchSampler, ReferringTrainingSet, referent_weights
 from ssp_sam.errors import ConfigError
 
 
@@ -54,6 +54,42 @@ def test_expression_weights_set_how_often_each_kind_is_drawn(dataset, weights, e
 def test_expression_weights_must_be_positive(dataset):
     with pytest.raises(ConfigError, match=r"expression_weights\.L"):
         _items(dataset, {"L": 0.0})
+
+
+def test_referent_weights_are_the_mean_weight_of_the_sentences(dataset):
+    weights = referent_weights(dataset, {"L": 4.0, "R": 0.5})
+    for sample, weight in zip(dataset, weights.tolist()):
+        kinds = [sample.sentence_meta(i)["kind"] for i in range(len(sample.expressions))]
+        per_sentence = [{"L": 4.0, "R": 0.5}.get(kind, 1.0) for kind in kinds]
+        assert weight == pytest.approx(sum(per_sentence) / len(per_sentence))
+    index = next(i for i, sample in enumerate(dataset) if sample.expressions == (
+        "the triangle on the right", "the large yellow triangle", "the triangle on the bottom"))
+    assert weights[index].item() == pytest.approx((4 + 1 + 4) / 3)  # L, A, L
+    with pytest.raises(ConfigError, match=r"train\.referent_weights\.L: must be > 0"):
+        referent_weights(dataset, {"L": -1.0})
+
+
+def test_weighted_epochs_draw_referents_in_proportion_and_the_same_on_every_rank():
+    weights = torch.tensor([1.0, 1.0, 2.0, 6.0], dtype=torch.float64)
+    single = EpochBatchSampler(4, 2, seed=9, weights=weights)
+    counts = torch.zeros(4)
+    for epoch in range(1000):
+        single.set_epoch(epoch)
+        for batch in single:
+            for key_epoch, index in batch:
+                assert key_epoch == epoch
+                counts[index] += 1
+    assert counts.sum() == 4000  # an epoch still holds len(dataset) items
+    torch.testing.assert_close(counts / 4000, torch.tensor([0.1, 0.1, 0.2, 0.6]), atol=0.02, rtol=0)
+    # Two processes split every global batch of the single-process run between them.
+    ranks = [EpochBatchSampler(4, 2, seed=9, rank=r, world_size=2, weights=weights) for r in range(2)]
+    for epoch in (0, 7):
+        for sampler in (single, *ranks):
+            sampler.set_epoch(epoch)
+        merged = [a + b for a, b in zip(*(list(r) for r in ranks))]
+        assert merged == list(single)
+    with pytest.raises(ValueError, match="shape"):
+        EpochBatchSampler(5, 2, seed=9, weights=weights)
 
 
 # ---- GT boxes (release-layout fixtures; the boxes worked out by hand) ------------------------------

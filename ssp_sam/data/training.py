@@ -2,7 +2,10 @@
 
 The expression is drawn uniformly, as in the release, unless ``expression_weights`` weights the
 sentences by a per-sentence annotation (e.g. ShapeWorld's kind: {"L": 3.0} makes a location
-sentence of a referent three times as likely as each of its other sentences).
+sentence of a referent three times as likely as each of its other sentences). Which referents an
+epoch visits is the sampler's business: every referent once, as in the release, or, with
+``referent_weights`` (:func:`referent_weights`), a draw weighted by the same annotation, so that a
+kind most referents lack (ShapeWorld's L: 21 % of the referents) can be visited more often.
 
 Each item is deterministic given (seed, epoch, index): the expression choice and the random
 letterbox placement (the recipe's only augmentation) come from a generator seeded by those three
@@ -45,11 +48,24 @@ def release_mask_target(mask: np.ndarray, sam_image_size: int) -> Tensor:
 MASK_TARGETS: dict[str, Callable[[np.ndarray, int], Tensor]] = {"release": release_mask_target, "nearest": mask_to_padded_frame}
 
 
-def check_expression_weights(weights: Mapping[str, float]) -> None:
-    """Raise ConfigError naming the first weight that is not > 0 (``train.expression_weights``)."""
+def check_expression_weights(weights: Mapping[str, float], key: str = "train.expression_weights") -> None:
+    """Raise ConfigError naming the first weight that is not > 0 (``train.expression_weights`` or ``key``)."""
     for value, weight in weights.items():
         if not weight > 0:
-            raise ConfigError(f"train.expression_weights.{value}: must be > 0, got {weight}")
+            raise ConfigError(f"{key}.{value}: must be > 0, got {weight}")
+
+
+def referent_weights(dataset: ReferringDataset, weights: Mapping[str, float], key: str = "kind") -> Tensor:
+    """(N,) float64 sampling weight per referent: the mean weight of its sentences' ``key`` values.
+
+    A value without a weight counts 1, so {"L": 4.0} makes a referent whose sentences are all
+    location sentences four times as likely as one with none, and one with half of each 2.5 times.
+    """
+    check_expression_weights(weights, "train.referent_weights")
+    return torch.tensor([
+        float(np.mean([weights.get(str(sample.sentence_meta(i).get(key)), 1.0) for i in range(len(sample.expressions))]))
+        for sample in dataset
+    ], dtype=torch.float64)
 
 
 class ReferringTrainingSet(Dataset):
@@ -151,15 +167,21 @@ class ReferringTrainingSet(Dataset):
 class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Deterministic batches, identical in content whatever the number of processes.
 
-    Every epoch draws one permutation of the dataset from (seed, epoch); global batch b is
-    permutation[b*B:(b+1)*B] and rank r takes its r-th contiguous share of B / world_size items.
-    The incomplete last global batch is dropped, so every step averages over exactly B items.
-    A batch is a list of ``(epoch, index)`` keys of :class:`ReferringTrainingSet`.
+    Every epoch draws one order of the dataset from (seed, epoch): a permutation (each referent
+    once, the release), or, with ``weights`` (N,), N indices drawn with replacement in proportion
+    to them. Global batch b is order[b*B:(b+1)*B] and rank r takes its r-th contiguous share of
+    B / world_size items. The incomplete last global batch is dropped, so every step averages over
+    exactly B items. A batch is a list of ``(epoch, index)`` keys of :class:`ReferringTrainingSet`.
     """
 
-    def __init__(self, size: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, size: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1, weights: Tensor | None = None
+    ) -> None:
         if global_batch % world_size:
             raise ValueError(f"batch size {global_batch} is not divisible by the {world_size} processes")
+        if weights is not None and weights.shape != (size,):
+            raise ValueError(f"sampling weights of shape {tuple(weights.shape)} for a dataset of {size} items")
+        self.weights = weights
         self.size = size
         self.global_batch = global_batch
         self.local_batch = global_batch // world_size
@@ -175,7 +197,10 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.size, generator=generator).tolist()
+        if self.weights is None:
+            order = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            order = torch.multinomial(self.weights, self.size, replacement=True, generator=generator).tolist()
         for step in range(len(self)):
             start = step * self.global_batch + self.rank * self.local_batch
             yield [(self.epoch, index) for index in order[start : start + self.local_batch]]

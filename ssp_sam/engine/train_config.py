@@ -55,6 +55,9 @@ class TrainSection:
     mask_target: str = choice("release", tuple(MASK_TARGETS))
     expression_weights: Optional[Dict[str, float]] = None
     expression_weight_key: str = "kind"
+    # {value: weight}: an epoch draws its referents (with replacement) by the mean weight of their
+    # sentences' expression_weight_key values instead of visiting each once (the release); null: off.
+    referent_weights: Optional[Dict[str, float]] = None
     log_every: int = number(10, 1)  # steps between host syncs of the losses (logs, NaN check)
     # CLIP text features kept per sentence in memory up to this size (feature_cache.py); 0: off, the
     # default, because a cached sentence keeps the rounding of the batch it was first computed in
@@ -135,6 +138,8 @@ def train_run_config_from(cfg: Mapping | DictConfig) -> TrainRunConfig:
         check_fields(prefix, section, raw)
     if config.train.expression_weights is not None:
         check_expression_weights(config.train.expression_weights)
+    if config.train.referent_weights is not None:
+        check_expression_weights(config.train.referent_weights, "train.referent_weights")
     if config.train.stage == "rec" and config.train.save_encoders:
         raise ConfigError("train.save_encoders=true: the REC stage (train.stage=rec) builds no SAM image encoder to save")
     if config.train.image_cache_gb > 0 and config.train.augment and not config.train.clip_placements:

@@ -58,7 +58,7 @@ from ..checkpoint import load_own_weights, read_checkpoint_config, save_checkpoi
 from ..data.embedding_cache import EmbeddingCache
 from ..data.records import ReferringDataset
 from ..data.registry import load_splits
-from ..data.training import MASK_TARGETS, EpochBatchSampler, ReferringTrainingSet, collate
+from ..data.training import MASK_TARGETS, EpochBatchSampler, ReferringTrainingSet, collate, referent_weights
 from ..errors import ConfigError, SSPSAMError
 from ..feature_cache import ImageTokenCache, TextFeatureCache
 from ..image_io import load_image
@@ -159,7 +159,12 @@ class Trainer:
             raise ConfigError(f"train.batch_size={train.batch_size} is larger than the training set ({len(self.train_set)} referents)")
         if train.batch_size % self.dist.world_size:
             raise ConfigError(f"train.batch_size={train.batch_size} is not divisible by the {self.dist.world_size} processes")
-        self.sampler = EpochBatchSampler(len(self.train_set), train.batch_size, config.seed, self.dist.rank, self.dist.world_size)
+        weights = None
+        if train.referent_weights:
+            weights = referent_weights(self.datasets["train"], train.referent_weights, train.expression_weight_key)
+        self.sampler = EpochBatchSampler(
+            len(self.train_set), train.batch_size, config.seed, self.dist.rank, self.dist.world_size, weights
+        )
         self.loader = DataLoader(
             self.train_set,
             batch_sampler=self.sampler,
