@@ -254,15 +254,16 @@ class Predictor:
     ) -> list[list[Prediction]]:
         """Segment ``expressions[i]`` in ``images[i]`` for every i; the decoder runs on chunks of
         ``max_batch`` expressions taken in order, across images. Returns the predictions per image."""
-        texts = [text for group in expressions for text in group]
-        return self._predict_tokenized(images, expressions, self.tokenizer(texts) if texts else None)
+        return self._predict_tokenized(images, expressions)
 
     def _predict_tokenized(
-        self, images: Sequence[EncodedImage], expressions: Sequence[Sequence[str]], tokens: Tensor | None
+        self, images: Sequence[EncodedImage], expressions: Sequence[Sequence[str]], tokens: Tensor | None = None
     ) -> list[list[Prediction]]:
-        """:meth:`predict_images` with ``tokens`` (E, L), the expressions' token ids in order."""
+        """:meth:`predict_images`; ``tokens`` (E, L): the expressions' token ids in order, if already made."""
         owners = [index for index, texts in enumerate(expressions) for _ in texts]
         texts = [text for group in expressions for text in group]
+        if tokens is None and texts:
+            tokens = self.tokenizer(texts)
         predictions: list[list[Prediction]] = [[] for _ in images]
         for start in range(0, len(texts), self.max_batch):
             rows = owners[start : start + self.max_batch]

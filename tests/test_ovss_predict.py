@@ -50,16 +50,17 @@ def reference_probabilities(model, image: np.ndarray, names: list[str], sliding:
 
     Sliding: the image resized to window + stride (64 + 42 for the tiny model), the window at every offset
     0, stride, ... in both axes, probabilities summed and divided by how many crops cover a pixel, averaged
-    1:1 with the whole image seen at window size, then resized to the image. Whole: resized to the window,
-    probabilities resized back.
+    1:1 with the whole image seen at window size, then resized to the image. Whole: resized to the window
+    with antialiasing (downscaling averages, as the evaluator's resize does), probabilities resized back.
     """
     window = model.image_size
     text = model.encode_classes(names)
     pixels = torch.from_numpy(image).permute(2, 0, 1).float()[None]
     height, width = image.shape[:2]
+    if not sliding:  # the evaluator's whole-image protocol: an antialiased resize (as PIL's) to the window
+        square = F.interpolate(pixels, size=(window, window), mode="bilinear", align_corners=False, antialias=True)
+        return _resize(model.predict(square, text), (height, width))[0]
     global_view = model.predict(_resize(pixels, (window, window)), text)
-    if not sliding:
-        return _resize(global_view, (height, width))[0]
     stride = int(window * (1 - 0.333))
     side = window + stride
     resized = _resize(pixels, (side, side))

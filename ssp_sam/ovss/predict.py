@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
@@ -46,10 +45,11 @@ from ..image_io import ImageLike, load_image
 from ..outputs import check_output_dir
 from ..predictor import resolve_device
 from ..visualize import class_colours, label_overlay
-from .data.classes import check_class_names
+from .data.classes import check_class_names, first_synonym
 from .engine.checkpoint import load_ovss_model, read_ovss_checkpoint_config
 from .model import OVSSModel
-from .sliding_window import default_out_size, sliding_window_inference
+from .engine.data import resize_image
+from .sliding_window import default_out_size, resize_probabilities, sliding_window_inference
 
 # The ShapeWorld SAM-MI the README's demo uses once it is shipped (issue 14, item 5); scripts/predict.py
 # takes it when classes=[...] is given without a checkpoint.
@@ -68,7 +68,7 @@ def none_value(num_classes: int) -> int:
 def read_alike(name: str) -> str:
     """What the text encoder sees of a class name: its first synonym ("tv, television" -> "tv"),
     lower case, runs of whitespace as one space (CLIP's tokenizer lower-cases and cleans whitespace)."""
-    return " ".join(name.split(", ")[0].lower().split())
+    return " ".join(first_synonym(name).lower().split())
 
 
 def check_user_classes(class_names: Any) -> tuple[str, ...]:
@@ -171,8 +171,9 @@ class OVSSPredictor:
 
         if mode == "sliding":
             return sliding_window_inference(predict, pixels, self.window, self.overlap, self.sliding_size())
-        square = F.interpolate(pixels[None], size=(self.window, self.window), mode="bilinear", align_corners=False)
-        return F.interpolate(predict(square), size=tuple(pixels.shape[-2:]), mode="bilinear", align_corners=False)[0]
+        # As the evaluator's whole-image protocol: antialiased resize to the square, bilinear back.
+        square = resize_image(pixels, (self.window, self.window))[None]
+        return resize_probabilities(predict(square)[0], tuple(pixels.shape[-2:]))
 
     def predict(self, image: ImageLike, class_names: Sequence[str] | str) -> OVSSPrediction:
         """Segment ``image`` (path, PIL image or array; a photo is turned as its EXIF tag says) into ``class_names``.

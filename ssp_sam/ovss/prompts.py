@@ -13,6 +13,7 @@ from functools import lru_cache
 from importlib import resources
 
 from ..errors import ConfigError
+from .data.classes import check_class_names, first_synonym
 
 
 @lru_cache(maxsize=None)
@@ -32,18 +33,7 @@ def class_prompts(class_names: Sequence[str], templates: Sequence[str]) -> list[
     """The T x P texts, class-major: text ``t * P + p`` is template p filled with class t's first synonym.
 
     Raises:
-        ConfigError: an empty class list, an empty name or a duplicate name (each named).
+        DatasetError: an empty class list, a blank name or a duplicate name (``check_class_names``).
     """
-    if isinstance(class_names, str) or not class_names:
-        raise ConfigError("classes: an empty class list (give at least one class name)")
-    seen: set[str] = set()
-    texts = []
-    for index, name in enumerate(class_names):
-        if not isinstance(name, str) or not name.strip():
-            raise ConfigError(f"classes: class {index} is not a non-empty string: {name!r}")
-        if name in seen:
-            raise ConfigError(f"classes: duplicate class name {name!r}")
-        seen.add(name)
-        first_synonym = name.split(", ")[0].strip()
-        texts.extend(template.format(first_synonym) for template in templates)
-    return texts
+    names = check_class_names(class_names, "classes")
+    return [template.format(first_synonym(name)) for name in names for template in templates]

@@ -46,6 +46,13 @@ def check_sliding_window(window: int, overlap: float, out_size: int) -> None:
         )
 
 
+def resize_probabilities(probabilities: Tensor, size: tuple[int, int]) -> Tensor:
+    """(T, h, w) -> (T, H, W) bilinear (the way back from the model's square input); unchanged at the same size."""
+    if tuple(probabilities.shape[-2:]) == tuple(size):
+        return probabilities
+    return F.interpolate(probabilities[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
+
+
 def sliding_window_inference(
     predict: Callable[[Tensor], Tensor],
     image: Tensor,
@@ -79,4 +86,4 @@ def sliding_window_inference(
     tiled = fold(tiles) / coverage
     global_probabilities = F.interpolate(probabilities[-1:], size=(out_size, out_size), mode="bilinear", align_corners=False)[0]
     averaged = (tiled + global_probabilities) / 2
-    return F.interpolate(averaged[None], size=tuple(image.shape[-2:]), mode="bilinear", align_corners=False)[0]
+    return resize_probabilities(averaged, tuple(image.shape[-2:]))

@@ -63,6 +63,11 @@ def check_class_names(names: Any, source: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+def first_synonym(name: str) -> str:
+    """The part of a class name the text encoder is given: its first synonym ("tv, television" -> "tv")."""
+    return name.split(", ")[0].strip()
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))

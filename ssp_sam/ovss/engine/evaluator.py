@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
@@ -31,7 +30,7 @@ from ...engine.distributed import DistInfo
 from ...engine.precision import Precision
 from ..data.dataset import SemSegDataset
 from ..model import OVSSModel
-from ..sliding_window import sliding_window_inference
+from ..sliding_window import resize_probabilities, sliding_window_inference
 from .data import EvaluationImages, as_list, resize_image
 from .train_config import OVSSEvalSection, settled_eval_section
 
@@ -115,11 +114,7 @@ def evaluate_ovss(
                 inputs = torch.stack([resize_image(item["image"].to(device), (size, size)) for item in batch])
                 embeddings = torch.stack([item["sam_embedding"] for item in batch]).to(device) if cache is not None else None
                 square = predictor(inputs, embeddings)
-                probabilities = [
-                    F.interpolate(p[None], size=tuple(item["label"].shape), mode="bilinear", align_corners=False)[0]
-                    if tuple(item["label"].shape) != (size, size) else p
-                    for p, item in zip(square, batch)
-                ]
+                probabilities = [resize_probabilities(p, tuple(item["label"].shape)) for p, item in zip(square, batch)]
             for p, item in zip(probabilities, batch):
                 confusion.update(p.argmax(dim=0), item["label"].to(device))
             bar.update(len(batch))
