@@ -5,7 +5,7 @@
 # Stages (seeds: data 7, encoder pretraining 1000, training 3407; the demo and the CI check use other seeds):
 #   1. ShapeWorld-Ref GRES train/val data into data/shapeworld_train (skipped when its manifest is there)
 #   2. pretrain the small SAM (promptable segmentation), 3. pretrain the small CLIP (region-caption contrast)
-#   4. train SSP-SAM with both frozen (configs/experiment/shapeworld_default.yaml)
+#   4. train SSP-SAM with both frozen (configs/experiment/shapeworld_default.yaml; v2: shapeworld_v2.yaml)
 #   5. copy the best checkpoint (encoders embedded) to checkpoints/shapeworld_default
 # Every stage can be stopped and continued: rerun the script and finished stages are skipped (a
 # pretraining is finished when its weights and their report "{out}.json" exist for the same config and
@@ -21,8 +21,8 @@ python="${SSP_SAM_VENV:-$repo/.venv}/bin/python"
 minutes="${STAGE_MINUTES:-55}"
 
 case "${RECIPE:-v1}" in
-  v1) clip_config=pretrain_clip; sam_config=pretrain_sam; model=shapeworld; run_name=shapeworld_default ;;
-  v2) clip_config=pretrain_clip_v2; sam_config=pretrain_sam_v2; model=shapeworld_v2; run_name=shapeworld_default_v2 ;;
+  v1) clip_config=pretrain_clip; sam_config=pretrain_sam; experiment=shapeworld_default; run_name=shapeworld_default ;;
+  v2) clip_config=pretrain_clip_v2; sam_config=pretrain_sam_v2; experiment=shapeworld_v2; run_name=shapeworld_default_v2 ;;
   *) echo "error: RECIPE must be v1 or v2, got '${RECIPE}'" >&2; exit 2 ;;
 esac
 
@@ -46,8 +46,8 @@ PY
 )"
 case "$training_state" in
   finished) echo "SSP-SAM training: runs/$run_name already holds its last epoch" ;;
-  resume) "$python" scripts/train.py experiment=shapeworld_default model="$model" name="$run_name" train.max_minutes="$minutes" resume=true "$@" ;;
-  start) "$python" scripts/train.py experiment=shapeworld_default model="$model" name="$run_name" train.max_minutes="$minutes" "$@" ;;
+  resume) "$python" scripts/train.py experiment="$experiment" name="$run_name" train.max_minutes="$minutes" resume=true "$@" ;;
+  start) "$python" scripts/train.py experiment="$experiment" name="$run_name" train.max_minutes="$minutes" "$@" ;;
 esac
 
 # Ship: the new directory is put in place by renames, so a kill leaves the old or the new model.

@@ -705,3 +705,22 @@ def test_image_token_cache_with_fixed_placements(shapeworld_root, tmp_path):
     assert cached.losses == pytest.approx(plain.losses, rel=1e-5)
     with pytest.raises(ConfigError, match="train.image_cache_gb: CLIP image tokens repeat only with train.augment=false or train.clip_placements > 0"):
         Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "x", cache, "train.image_cache_gb=0.01")))
+
+
+def test_shapeworld_v2_recipe_caches_what_random_placement_cannot_change():
+    """experiment=shapeworld_v2 caches the frozen CLIP's image tokens, which needs train.augment=false. That is no
+    deviation on ShapeWorld: a 256 x 256 scene fills the 256 px CLIP square, so the release's random letterbox
+    placement has no freedom and gives the centred input, pixel for pixel."""
+    from ssp_sam.data.shapeworld.scene import CANVAS
+    from ssp_sam.letterbox import letterbox_image
+
+    cfg = compose_train(["experiment=shapeworld_v2"])
+    assert cfg.model.name == "shapeworld_v2" and cfg.name == "shapeworld_default_v2"
+    assert not cfg.train.augment and cfg.train.image_cache_gb > 0 and cfg.train.text_cache_gb > 0
+    assert cfg.train.precision == "fp32" and cfg.dataset.root == "data/shapeworld_train"  # the rest: shapeworld_default's
+    assert cfg.model.clip_custom.image_size == CANVAS
+    scene = np.random.default_rng(0).integers(0, 256, (CANVAS, CANVAS, 3), dtype=np.uint8)
+    centred, box = letterbox_image(scene, CANVAS)
+    for seed in range(5):
+        placed, placed_box = letterbox_image(scene, CANVAS, "random", torch.Generator().manual_seed(seed))
+        assert torch.equal(placed, centred) and placed_box == box
