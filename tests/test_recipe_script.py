@@ -1,0 +1,96 @@
+"""scripts/train_default_model.sh's stage logic, run with a stand-in interpreter.
+
+The stand-in ``python`` records which stage script it was asked to run and exits with the status
+the test gives that stage, so the shell logic (which stages run, side by side or in turn, and which
+status the recipe ends with) is checked without training anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+STAND_IN = """#!/usr/bin/env bash
+case "$*" in
+  *pretrain_sam.py*) echo "sam stage ran $*" >> "$FAKE_CALLS"; exit "${FAKE_SAM_STATUS:-0}" ;;
+  *pretrain_clip.py*) echo "clip stage ran $*" >> "$FAKE_CALLS"; exit "${FAKE_CLIP_STATUS:-0}" ;;
+  *train.py*) echo "training ran $*" >> "$FAKE_CALLS"; exit 0 ;;
+  -*) echo start ;;                                  # the heredoc that reads the run's last epoch
+  *) echo "unexpected: $*" >> "$FAKE_CALLS"; exit 99 ;;
+esac
+"""
+
+
+def make_checkout(tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the script and what it reads, a data set marked made, and a stand-in venv."""
+    checkout = tmp_path / "repo"
+    (checkout / "scripts").mkdir(parents=True)
+    for name in ("train_default_model.sh", "setup_env.sh"):
+        shutil.copy(REPO / "scripts" / name, checkout / "scripts" / name)
+    shutil.copy(REPO / "pyproject.toml", checkout / "pyproject.toml")
+    (checkout / "checkpoints").mkdir()
+    (checkout / "data" / "shapeworld_train").mkdir(parents=True)
+    (checkout / "data" / "shapeworld_train" / "manifest.json").write_text("{}")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.write_text(STAND_IN)
+    python.chmod(python.stat().st_mode | stat.S_IEXEC)
+    # setup_env.sh installs nothing when the stamp matches its hash of pyproject.toml + itself.
+    stamp = hashlib.sha256((checkout / "pyproject.toml").read_bytes() + (checkout / "scripts" / "setup_env.sh").read_bytes())
+    (venv / ".ssp_sam_installed").write_text(stamp.hexdigest()[:16] + "\n")
+    return checkout, venv
+
+
+def run_recipe(tmp_path: Path, recipe: str, sam_status: int, clip_status: int) -> tuple[subprocess.CompletedProcess, list[str], Path]:
+    checkout, venv = make_checkout(tmp_path)
+    calls = tmp_path / "calls.txt"
+    calls.touch()
+    (checkout / "runs" / "shapeworld_default_v2" / "best").mkdir(parents=True)
+    (checkout / "runs" / "shapeworld_default" / "best").mkdir(parents=True)
+    env = {**os.environ, "SSP_SAM_VENV": str(venv), "RECIPE": recipe, "FAKE_CALLS": str(calls),
+           "FAKE_SAM_STATUS": str(sam_status), "FAKE_CLIP_STATUS": str(clip_status)}
+    result = subprocess.run(["bash", str(checkout / "scripts" / "train_default_model.sh")], env=env,
+                            capture_output=True, text=True, timeout=60)
+    return result, calls.read_text().splitlines(), checkout
+
+
+@pytest.mark.parametrize("sam_status, clip_status", [(3, 0), (0, 3), (3, 3)])
+def test_v2_runs_both_pretrainings_and_stops_with_3_when_either_stopped(tmp_path, sam_status, clip_status):
+    result, calls, checkout = run_recipe(tmp_path, "v2", sam_status, clip_status)
+    assert result.returncode == 3, result.stderr
+    assert "rerun this script" in result.stdout
+    assert sorted(call.split()[0] for call in calls) == ["clip", "sam"]  # both ran, training did not
+    assert not (checkout / "checkpoints" / "shapeworld_default").exists()
+
+
+def test_v2_pretraining_failure_wins_over_a_stop_and_names_the_sam_log(tmp_path):
+    result, calls, _ = run_recipe(tmp_path, "v2", sam_status=1, clip_status=3)
+    assert result.returncode == 1
+    assert "SAM: exit 1, see runs/logs/pretrain_sam_v2.log" in result.stderr
+    assert not any(call.startswith("training") for call in calls)
+
+
+def test_v2_finished_pretrainings_go_on_to_training_and_shipping(tmp_path):
+    result, calls, checkout = run_recipe(tmp_path, "v2", 0, 0)
+    assert result.returncode == 0, result.stderr
+    assert [call.split()[0] for call in calls][-1] == "training"
+    assert "experiment=shapeworld_v2" in calls[-1] and "name=shapeworld_default_v2" in calls[-1]
+    assert (checkout / "checkpoints" / "shapeworld_default").is_dir()
+    # the SAM ran in the background with its output in the log the script names
+    assert "sam stage ran" in (tmp_path / "calls.txt").read_text()
+    assert (checkout / "runs" / "logs" / "pretrain_sam_v2.log").exists()
+
+
+def test_v1_runs_the_pretrainings_in_turn_and_stops_at_the_first_stop(tmp_path):
+    result, calls, _ = run_recipe(tmp_path, "v1", sam_status=3, clip_status=0)
+    assert result.returncode == 3
+    assert [call.split()[0] for call in calls] == ["sam"]  # the CLIP stage never started
