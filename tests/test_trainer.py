@@ -718,6 +718,9 @@ def test_shapeworld_v2_recipe_caches_what_random_placement_cannot_change():
     assert cfg.model.name == "shapeworld_v2" and cfg.name == "shapeworld_default_v2"
     assert not cfg.train.augment and cfg.train.image_cache_gb > 0 and cfg.train.text_cache_gb > 0
     assert cfg.train.precision == "fp32" and cfg.dataset.root == "data/shapeworld_train"  # the rest: shapeworld_default's
+    # the kind weights of the 20-epoch pilot (docs/shapeworld_model.md) pass the trainer's validation
+    train = train_run_config_from(cfg).train
+    assert train.epochs == 20 and train.referent_weights == {"L": 4.0, "R": 2.0} and train.expression_weights == {"L": 3.0, "R": 2.0}
     assert cfg.model.clip_custom.image_size == CANVAS
     scene = np.random.default_rng(0).integers(0, 256, (CANVAS, CANVAS, 3), dtype=np.uint8)
     centred, box = letterbox_image(scene, CANVAS)
