@@ -16,6 +16,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from ssp_sam.data.shapeworld import generate_dataset, generate_refs, generate_scene
+from ssp_sam.data.shapeworld.expressions import mirror_refs, mirror_text
+from ssp_sam.data.shapeworld.scene import mirror_scene
 from ssp_sam.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -385,6 +387,54 @@ def test_split_with_zero_images_is_omitted(tmp_path):
     ]
 
 
+# --- Mirrored training scenes --------------------------------------------------------------------
+@pytest.mark.parametrize("axis", ["h", "v"])
+def test_mirrored_scene_is_the_reflection_and_its_reworded_sentences_follow_the_spec(scenes, axis):
+    flip = np.fliplr if axis == "h" else np.flipud
+    reworded = 0
+    for scene in scenes[:40]:
+        mirrored = mirror_scene(scene, axis)
+        assert np.array_equal(mirrored.image, flip(scene.image)) and mirrored.file_name.endswith(f"_mirror_{axis}.png")
+        for original, obj in zip(scene.objects, mirrored.objects):
+            assert np.array_equal(obj.mask, flip(original.mask))
+            # the spec's rasteriser at the mirrored centre and rotation draws the mirrored mask
+            drawn = fan_rasterize(obj.shape, obj.center, obj.radius, obj.rotation)
+            assert (drawn != obj.mask).sum() <= 2, (obj.shape, obj.rotation)
+        for ref, mirrored_ref in zip(generate_refs(scene, "gres"), mirror_refs(generate_refs(scene, "gres"), axis)):
+            for sentence, mirrored_sentence in zip(ref.sentences, mirrored_ref.sentences):
+                check_sentence(mirrored_sentence.text, mirrored_sentence.kind, mirrored_ref.targets, mirrored.objects)
+                reworded += mirrored_sentence.text != sentence.text
+    assert reworded >= 20  # spatial sentences were reworded, not only copied
+
+
+def test_mirror_text_swaps_whole_words_only():
+    assert mirror_text("the rightmost red circle", "h") == "the leftmost red circle"
+    assert mirror_text("the star right of the blue square", "h") == "the star left of the blue square"
+    assert mirror_text("the circle above the topmost star", "v") == "the circle below the bottommost star"
+    assert mirror_text("the circle on the left", "v") == "the circle on the left"
+
+
+def test_dataset_with_mirrors_adds_the_mirrored_training_scenes_only(tmp_path):
+    generate_dataset(tmp_path, "gres", {"train": 3, "val": 1}, seed=2, progress=False, mirrors=["h", "v"])
+    names = sorted(p.name for p in (tmp_path / "images").iterdir())
+    assert len(names) == 3 * 3 + 1 and not any("val" in name and "mirror" in name for name in names)
+    original = np.asarray(Image.open(tmp_path / "images" / "shapeworld_train_000001.png"))
+    for axis, flip in (("h", np.fliplr), ("v", np.flipud)):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "images" / f"shapeworld_train_000001_mirror_{axis}.png")), flip(original))
+    instances = json.loads((tmp_path / "shapeworld_gres" / "instances.json").read_text())
+    ids = [image["id"] for image in instances["images"]]
+    assert len(set(ids)) == len(ids) == 10
+    assert len({a["id"] for a in instances["annotations"]}) == len(instances["annotations"])
+    refs = json.loads((tmp_path / "shapeworld_gres" / "grefs(unc).json").read_text())
+    assert len({ref["ref_id"] for ref in refs}) == len(refs)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["mirrors"] == ["h", "v"] and manifest["tasks"]["gres"]["counts"]["train"]["images"] == 9
+    with pytest.raises(ConfigError, match="mirrors"):  # the same OUT with other mirrors is another dataset
+        generate_dataset(tmp_path, "gres", {"train": 3, "val": 1}, seed=2, progress=False, mirrors=["h"])
+    with pytest.raises(ConfigError, match="mirrors"):
+        generate_dataset(tmp_path / "x", "gres", 1, seed=2, progress=False, mirrors=["x"])
+
+
 # --- Command line --------------------------------------------------------------------------------
 def run_cli(*arguments, cwd):
     command = [sys.executable, str(REPO / "scripts" / "make_shapeworld.py"), *arguments]
@@ -397,6 +447,8 @@ def run_cli(*arguments, cwd):
         (["out=data", "task=foo", "n_images=1"], "task"),
         (["out=data", "n_images=-1"], "n_images"),
         (["out=a_file", "n_images=1"], "out"),
+        (["out=data", "n_images=1", "mirrors=[h, h]"], "mirrors"),
+        (["out=data", "n_images=1", "task=ovss", "mirrors=[h]"], "mirrors"),
     ],
 )
 def test_cli_bad_arguments_exit_2_with_one_line(tmp_path, arguments, named):

@@ -23,7 +23,7 @@ import os
 import pickle
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from functools import partial
 from multiprocessing import Pool
@@ -36,8 +36,8 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from ...errors import ConfigError, DatasetError
-from .expressions import KIND_PROPORTIONS, Ref, check_task, generate_refs
-from .scene import CANVAS, CLASS_NAMES, SPLITS, Scene, check_non_negative_int, generate_scene, split_code
+from .expressions import KIND_PROPORTIONS, Ref, check_task, generate_refs, mirror_refs
+from .scene import CANVAS, CLASS_NAMES, MIRRORS, SPLITS, Scene, check_mirrors, check_non_negative_int, generate_scene, mirror_scene, split_code
 
 SPEC_VERSION = "ShapeWorld-Ref v1"
 GENERATOR_VERSION = "1.0.0"  # bump whenever the output for a given seed changes
@@ -48,8 +48,12 @@ MAX_IMAGES_PER_SPLIT = 1_000_000  # keeps image ids of different splits apart
 NImages = Union[int, Mapping[str, int]]
 
 
-def image_id_of(split: str, index: int) -> int:
-    return MAX_IMAGES_PER_SPLIT * split_code(split) + index + 1
+MIRROR_ID_STRIDE = MAX_IMAGES_PER_SPLIT // 4  # ids of mirrored scenes: index + stride * (axis position + 1)
+
+
+def image_id_of(split: str, index: int, mirror: str = "") -> int:
+    offset = MIRROR_ID_STRIDE * (MIRRORS.index(mirror) + 1) if mirror else 0
+    return MAX_IMAGES_PER_SPLIT * split_code(split) + offset + index + 1
 
 
 def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -112,16 +116,22 @@ def _ref_record(ref: Ref, ref_id: int, scene: Scene, image_id: int, annotations:
     return record
 
 
-def build_sample(seed: int, task: str, images_dir: Path, job: tuple[str, int]) -> dict:
-    """Generate sample ``job = (split, index)``, save its PNG, and return its COCO image, annotations and refs."""
-    split, index = job
+def build_sample(seed: int, task: str, images_dir: Path, job: tuple[str, int, str]) -> dict:
+    """Generate sample ``job = (split, index, mirror)``, save its PNG, and return its COCO image, annotations and refs.
+
+    ``mirror`` "" is the generated scene; "h" / "v" its mirror image with the same refs reworded.
+    """
+    split, index, mirror = job
     scene = generate_scene(seed, split, index)
+    refs = generate_refs(scene, task)
+    if mirror:
+        scene, refs = mirror_scene(scene, mirror), mirror_refs(refs, mirror)
     _write_atomic(images_dir / scene.file_name, lambda file: Image.fromarray(scene.image).save(file, format="PNG"))
-    image_id = image_id_of(split, index)
+    image_id = image_id_of(split, index, mirror)
     annotations = [_annotation(scene, position, image_id) for position in range(len(scene.objects))]
     refs = [
         _ref_record(ref, 100 * image_id + position, scene, image_id, annotations, task)
-        for position, ref in enumerate(generate_refs(scene, task))
+        for position, ref in enumerate(refs)
     ]
     image = {"id": image_id, "file_name": scene.file_name, "width": CANVAS, "height": CANVAS}
     return {"split": split, "image": image, "annotations": annotations, "refs": refs}
@@ -145,20 +155,22 @@ def _split_counts(n_images: NImages) -> dict[str, int]:
     return {split: count for split, count in counts.items() if count > 0}
 
 
-def _previous_tasks(manifest_path: Path, seed: int, counts: dict[str, int]) -> dict:
-    """Tasks already written into OUT by this generator with the same seed and counts; other datasets are refused."""
+def _previous_tasks(manifest_path: Path, seed: int, counts: dict[str, int], mirrors: tuple[str, ...] = ()) -> dict:
+    """Tasks already written into OUT by this generator with the same seed, counts and mirrors; other datasets are refused."""
     if not manifest_path.exists():
         return {}
     try:
         manifest = json.loads(manifest_path.read_text())
         previous = (manifest["spec_version"], manifest["generator_version"], manifest["seed"], manifest["n_images"])
+        previous_mirrors = tuple(manifest.get("mirrors", ()))
         tasks = dict(manifest["tasks"])
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise DatasetError(f"out: cannot read the existing {manifest_path}: {error}") from error
-    if previous != (SPEC_VERSION, GENERATOR_VERSION, seed, counts):
+    if previous != (SPEC_VERSION, GENERATOR_VERSION, seed, counts) or previous_mirrors != mirrors:
         raise ConfigError(
-            f"out: {manifest_path.parent} already holds a dataset made with generator {previous[1]}, seed={previous[2]} "
-            f"and n_images={previous[3]}; use another out directory (or this generator, seed and n_images)"
+            f"out: {manifest_path.parent} already holds a dataset made with generator {previous[1]}, seed={previous[2]}, "
+            f"n_images={previous[3]} and mirrors={list(previous_mirrors)}; use another out directory "
+            f"(or this generator, seed, n_images and mirrors)"
         )
     return tasks
 
@@ -178,35 +190,48 @@ def _task_counts(samples: list[dict], task: str) -> dict[str, dict]:
 
 
 def check_generation_arguments(
-    out: str | os.PathLike, n_images: NImages, seed: int, workers: int
+    out: str | os.PathLike, n_images: NImages, seed: int, workers: int, mirrors: Sequence[str] = ()
 ) -> tuple[Path, dict[str, int], int, int, list]:
     """A generator call's arguments, checked before anything is written.
 
     Returns (out, image count per split, seed, workers, the tasks already in out's manifest).
-    Raises ConfigError naming the argument (an OUT that is a file, a manifest of another seed or
-    other counts, negative numbers).
+    Raises ConfigError naming the argument (an OUT that is a file, a manifest of another seed,
+    other counts or other mirrors, negative numbers, unknown mirror axes).
     """
     seed = check_non_negative_int(seed, "seed")
     workers = check_non_negative_int(workers, "workers")
     counts = _split_counts(n_images)
+    mirrors = check_mirrors(mirrors)
+    if mirrors and counts.get("train", 0) > MIRROR_ID_STRIDE:
+        raise ConfigError(f"mirrors: at most {MIRROR_ID_STRIDE} training images can be mirrored, got n_images.train={counts['train']}")
     if not str(out):
         raise ConfigError("out: empty path")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out: {out} is an existing file, expected a directory")
-    return out, counts, seed, workers, _previous_tasks(out / "manifest.json", seed, counts)
+    return out, counts, seed, workers, _previous_tasks(out / "manifest.json", seed, counts, mirrors)
 
 
 def generate_dataset(
-    out: str | os.PathLike, task: str, n_images: NImages, seed: int, workers: int = 0, progress: bool = True
+    out: str | os.PathLike,
+    task: str,
+    n_images: NImages,
+    seed: int,
+    workers: int = 0,
+    progress: bool = True,
+    mirrors: Sequence[str] = (),
 ) -> Path:
     """Generate ShapeWorld-Ref for ``task`` ("res" or "gres") into ``out`` and return ``out``.
 
     ``n_images`` is an int (every split) or a mapping {split: count} (missing splits get 0; splits with 0
     images are omitted). ``workers`` > 0 uses that many processes; the files are identical either way.
+    ``mirrors`` ("h", "v"): the training split also gets each scene's left-right / top-bottom mirror
+    image, its sentences reworded ("left" <-> "right", ...; same targets), so that every spatial
+    sentence comes with its counterpart; the other splits are never mirrored.
     """
     task = check_task(task)
-    out, counts, seed, workers, tasks = check_generation_arguments(out, n_images, seed, workers)
+    out, counts, seed, workers, tasks = check_generation_arguments(out, n_images, seed, workers, mirrors)
+    mirrors = check_mirrors(mirrors)
     manifest_path = out / "manifest.json"
 
     images_dir = out / "images"
@@ -214,7 +239,8 @@ def generate_dataset(
     images_dir.mkdir(parents=True, exist_ok=True)
     dataset_dir.mkdir(parents=True, exist_ok=True)
 
-    jobs = [(split, index) for split, count in counts.items() for index in range(count)]
+    jobs = [(split, index, "") for split, count in counts.items() for index in range(count)]
+    jobs += [("train", index, axis) for axis in mirrors for index in range(counts.get("train", 0))]
     build = partial(build_sample, seed, task, images_dir)
     bar = tqdm(total=len(jobs), unit="img", desc=f"ShapeWorld-Ref {task}", disable=not progress)
     with bar, (Pool(workers) if workers else nullcontext()) as pool:
@@ -249,17 +275,18 @@ def generate_dataset(
         "instances": f"{DATASET_DIRS[task]}/instances.json",
         "counts": _task_counts(samples, task),
     }
-    write_manifest(manifest_path, seed, counts, tasks)
+    write_manifest(manifest_path, seed, counts, tasks, mirrors)
     return out
 
 
-def write_manifest(path: Path, seed: int, counts: dict[str, int], tasks: dict) -> None:
-    """The OUT/manifest.json shared by every task written into OUT (written last)."""
+def write_manifest(path: Path, seed: int, counts: dict[str, int], tasks: dict, mirrors: Sequence[str] = ()) -> None:
+    """The OUT/manifest.json shared by every task written into OUT (written last); "mirrors" only when some."""
     manifest = {
         "spec_version": SPEC_VERSION,
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
         "n_images": counts,
+        **({"mirrors": list(mirrors)} if mirrors else {}),
         "tasks": dict(sorted(tasks.items())),
     }
     _write_json(path, manifest, indent=2)

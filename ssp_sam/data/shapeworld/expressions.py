@@ -273,6 +273,31 @@ def sample_refs(objects: tuple[SceneObject, ...], task: str, rng: np.random.Gene
     return refs
 
 
+# The words a reflection turns into their opposites (every spatial word of the templates above).
+MIRRORED_WORDS = {
+    "h": {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost"},
+    "v": {"top": "bottom", "bottom": "top", "topmost": "bottommost", "bottommost": "topmost", "above": "below", "below": "above"},
+}
+
+
+def mirror_text(text: str, axis: str) -> str:
+    """``text`` with its spatial words swapped for the reflection ``axis`` ("h" or "v"), word by word."""
+    swaps = MIRRORED_WORDS[axis]
+    return " ".join(swaps.get(word, word) for word in text.split(" "))
+
+
+def mirror_refs(refs: list[Ref], axis: str) -> list[Ref]:
+    """The refs of a scene, reworded for its mirror image (:func:`~.scene.mirror_scene`): same targets.
+
+    The templates' conditions are symmetric (margins on centre differences), so every reworded
+    sentence is one the generator could have written for the mirrored scene, with the same targets.
+    """
+    return [
+        Ref(ref.targets, tuple(Expression(mirror_text(e.text, axis), e.kind, mirror_text(e.form, axis), e.targets) for e in ref.sentences))
+        for ref in refs
+    ]
+
+
 def generate_refs(scene: Scene, task: str) -> list[Ref]:
     """The refs of ``scene`` for ``task``, from the stream (seed, split, index, task)."""
     stream = _TASK_STREAMS[check_task(task)]

@@ -41,6 +41,7 @@ COLORS = {
 }
 COLOR_NAMES = tuple(COLORS)
 SHAPES = ("circle", "square", "diamond", "triangle", "hexagon", "star")
+MIRRORS = ("h", "v")  # left-right and top-bottom reflections of training scenes (generate_dataset's mirrors)
 SIZE_RADII = {"small": (12.0, 18.0), "large": (26.0, 36.0)}
 SIZES = tuple(SIZE_RADII)
 # The 48 "{colour} {shape}" classes, ordered by colour then shape (the OVSS class list).
@@ -94,14 +95,45 @@ class Scene:
     objects: tuple[SceneObject, ...]
     clean_image: np.ndarray
     image: np.ndarray
+    mirror: str = ""  # "" for a generated scene, "h" / "v" for its mirror image (:func:`mirror_scene`)
 
     @property
     def file_name(self) -> str:
-        return image_file_name(self.split, self.index)
+        return image_file_name(self.split, self.index, self.mirror)
 
 
-def image_file_name(split: str, index: int) -> str:
-    return f"shapeworld_{split}_{index:06d}.png"
+def image_file_name(split: str, index: int, mirror: str = "") -> str:
+    return f"shapeworld_{split}_{index:06d}{f'_mirror_{mirror}' if mirror else ''}.png"
+
+
+def check_mirrors(mirrors) -> tuple[str, ...]:
+    """The mirror axes asked for (each of :data:`MIRRORS` at most once), else ConfigError naming ``mirrors``."""
+    mirrors = tuple(mirrors or ())
+    if any(axis not in MIRRORS for axis in mirrors) or len(set(mirrors)) != len(mirrors):
+        raise ConfigError(f"mirrors: expected distinct axes among {', '.join(MIRRORS)}, got {list(mirrors)!r}")
+    return mirrors
+
+
+def mirror_scene(scene: Scene, axis: str) -> Scene:
+    """The scene reflected left-right (``axis="h"``) or top-bottom (``"v"``): pixels, masks and centres.
+
+    A pixel column i goes to CANVAS - 1 - i, so a continuous coordinate x (pixel i spans [i, i + 1))
+    goes to CANVAS - x. Every shape's vertex angles are symmetric about the vertical axis (a and
+    180 - a both occur), so a left-right reflection turns a rotation r into -r, and a top-bottom one
+    (that reflection followed by a half turn) into 180 - r.
+    """
+    check_mirrors([axis])
+    flip = np.fliplr if axis == "h" else np.flipud
+    objects = []
+    for obj in scene.objects:
+        cx, cy = obj.center
+        center = (CANVAS - cx, cy) if axis == "h" else (cx, CANVAS - cy)
+        rotation = 0.0 if obj.shape == "circle" else (-obj.rotation if axis == "h" else 180.0 - obj.rotation) % 360.0
+        objects.append(SceneObject(obj.shape, obj.color, obj.size, obj.radius, center, rotation, np.ascontiguousarray(flip(obj.mask))))
+    return Scene(
+        scene.seed, scene.split, scene.index, scene.background, tuple(objects),
+        np.ascontiguousarray(flip(scene.clean_image)), np.ascontiguousarray(flip(scene.image)), axis,
+    )
 
 
 def split_code(split: str) -> int:
