@@ -48,7 +48,7 @@ if [ "$side_by_side" = 1 ]; then
   sam_status=0
   wait "$sam_pid" || sam_status=$?
   trap - INT TERM
-  tail -n 2 "$sam_log"
+  tr '\r' '\n' <"$sam_log" | tail -n 2  # its last words (the log also holds tqdm's carriage returns)
   for status in "$sam_status" "$clip_status"; do  # a failure first, then "stopped, state saved" (3)
     if [ "$status" != 0 ] && [ "$status" != 3 ]; then echo "error: a pretraining failed (SAM: exit $sam_status, see $sam_log; CLIP: exit $clip_status)" >&2; exit "$status"; fi
   done

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 STAND_IN = """#!/usr/bin/env bash
 case "$*" in
-  *pretrain_sam.py*) echo "sam stage ran $*" >> "$FAKE_CALLS"; exit "${FAKE_SAM_STATUS:-0}" ;;
+  *pretrain_sam.py*) echo "sam stage ran $*" >> "$FAKE_CALLS"; printf 'progress\rheld-out mIoU 0.9\n'; exit "${FAKE_SAM_STATUS:-0}" ;;
   *pretrain_clip.py*) echo "clip stage ran $*" >> "$FAKE_CALLS"; exit "${FAKE_CLIP_STATUS:-0}" ;;
   *train.py*) echo "training ran $*" >> "$FAKE_CALLS"; exit 0 ;;
   -*) echo start ;;                                  # the heredoc that reads the run's last epoch
@@ -88,6 +88,7 @@ def test_v2_finished_pretrainings_go_on_to_training_and_shipping(tmp_path):
     # the SAM ran in the background with its output in the log the script names
     assert "sam stage ran" in (tmp_path / "calls.txt").read_text()
     assert (checkout / "runs" / "logs" / "pretrain_sam_v2.log").exists()
+    assert "\nheld-out mIoU 0.9\n" in result.stdout and "progress" in result.stdout  # its last words, shown
 
 
 def test_v1_runs_the_pretrainings_in_turn_and_stops_at_the_first_stop(tmp_path):
