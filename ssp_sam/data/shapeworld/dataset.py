@@ -231,7 +231,7 @@ def generate_dataset(
     """
     task = check_task(task)
     out, counts, seed, workers, tasks = check_generation_arguments(out, n_images, seed, workers, mirrors)
-    mirrors = check_mirrors(mirrors)
+    mirrors = tuple(mirrors)  # checked above
     manifest_path = out / "manifest.json"
 
     images_dir = out / "images"
