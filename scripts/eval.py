@@ -44,7 +44,7 @@ from ssp_sam.engine.reporting import command_line, console_tables, write_results
 from ssp_sam.errors import ConfigError
 from ssp_sam.model import build_sam_image_encoder
 from ssp_sam.outputs import check_output_file
-from ssp_sam.ovss.engine.cli import run_ovss_eval, wants_ovss
+from ssp_sam.ovss.engine.cli import run_ovss_eval, stored_config_overrides, wants_ovss
 from ssp_sam.predictor import DEFAULT_CHECKPOINT, resolve_device
 
 
@@ -120,4 +120,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    if wants_ovss(sys.argv[1:]):
+        sys.argv[1:] = stored_config_overrides(sys.argv[1:])
     main()

@@ -338,6 +338,23 @@ def test_cached_sam_embeddings_score_as_sam_computed_live(bands, tiny_checkpoint
     assert cached["sam_prompts_per_image"] == pytest.approx(live.sam_prompts_per_image)
 
 
+def test_eval_script_takes_stored_model_overrides_as_written(bands, tiny_checkpoint, tmp_path):
+    """The README's baseline rows: ``ovss_model.points=grid`` on a SAM-MI checkpoint (no ``+``: the stored config's
+    keys are not in eval_ovss.yaml) runs the dense grid; grid_side=3 prompts SAM at 9 points per image."""
+    out = tmp_path / "grid.json"
+    done = run_script(
+        "eval.py", f"checkpoint={tiny_checkpoint}", "ovss_dataset=semseg", f"ovss_dataset.root={bands}", "ovss_dataset.split=train",
+        "ovss_dataset.image_dir=images/train", "ovss_dataset.label_dir=labels/train", "ovss_dataset.image_ext=.png",
+        "ovss_dataset.classes=classes.json", "eval.sliding_window=false", "workers=0", "precision=fp32", "threads=1",
+        "ovss_model.points=grid", "ovss_model.proposals.grid_side=3", f"metrics_out={out}",
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert record["points"] == "grid" and record["sam_prompts_per_image"] == 9
+    bad = run_script("eval.py", f"checkpoint={tiny_checkpoint}", f"ovss_dataset.root={bands}", "ovss_model.points=dense")
+    assert bad.returncode == 2 and "ovss_model.points: must be one of tspp, grid" in bad.stderr
+
+
 def test_checkpoints_leave_out_encoders_their_weight_files_hold(tmp_path):
     """CLIP (open_clip state dict) and SAM (Meta's flat .pth) written to disk: the checkpoint stores only what trains
     (and CLIP's trained q/v), and loading fills the rest from the files; a moved file is named."""

@@ -44,6 +44,17 @@ def wants_ovss(argv: Sequence[str]) -> bool:
     return False
 
 
+def stored_config_overrides(argv: Sequence[str]) -> list[str]:
+    """``argv`` with every ``ovss_model.<key>=value`` made ``++ovss_model.<key>=value``.
+
+    configs/eval_ovss.yaml cannot list the stored model config's keys (they are the checkpoint's),
+    so its ``ovss_model`` node starts empty and Hydra's struct mode would refuse
+    ``ovss_model.points=grid`` as an unknown key; ``++`` adds or replaces it, so the override is
+    written as for training. The values are checked against OVSSModelConfig when the model loads.
+    """
+    return [f"++{argument}" if argument.startswith("ovss_model.") else argument for argument in argv]
+
+
 def run_ovss_eval(cfg: DictConfig) -> None:
     """``scripts/eval.py`` for an OVSS checkpoint (configs/eval_ovss.yaml): metrics printed, results JSON written."""
     check_output_file(cfg.metrics_out, "metrics_out")
