@@ -5,10 +5,11 @@
 1. Generates a fresh ShapeWorld-Ref test split (RES and GRES) with a seed no training run uses.
 2. Evaluates the model on both and prints the paper-style table, with a breakdown per
    expression kind (A attribute, L location, R relation, M multi-target, N no-target).
-3. Segments one test image for a few expressions, one of which names nothing in the image, and
+3. Segments one test image for one expression of each kind (A, L, R, M and the no-target N), says
+   for each whether it shows the annotated object(s) (IoU >= 0.5; for N: "no target" said), and
    writes masks, overlays, summary.json and predictions.jsonl.
 4. With the shipped ShapeWorld SAM-MI (checkpoints/shapeworld_ovss, open-vocabulary segmentation;
-   skipped while it is not shipped): segments a fresh ShapeWorld-OVSS scene into its classes, one of
+   skipped when it is absent): segments a fresh ShapeWorld-OVSS scene into its classes, one of
    them never seen in training, plus one class that is not in the picture, and writes the label map,
    the overlay with its legend and the per-class masks to <out>/ovss/.
 """
@@ -20,6 +21,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from ssp_sam.data.registry import load_dataset
@@ -37,23 +39,29 @@ from ssp_sam.predictor import DEFAULT_CHECKPOINT, Predictor
 DEMO_SEED = 20261122
 
 
-def pick_example(dataset) -> tuple[Path, list[str]]:
-    """An image with a no-target sentence, and up to four of its sentences (one of them no-target)."""
-    by_image: dict[Path, list[tuple[str, str]]] = {}
+KIND_ORDER = ("A", "L", "R", "M", "N")  # attribute, location, relation, multi-target, no-target
+
+
+def pick_example(dataset) -> tuple[Path, list[tuple[str, str, np.ndarray]]]:
+    """The first image with a sentence of every kind (else the one with the most kinds), and one sentence
+    per kind in KIND_ORDER: (kind, expression, annotated mask (H, W) bool; all False for no-target)."""
+    by_image: dict[Path, dict[str, tuple[str, str, object]]] = {}
     for sample, index in dataset.per_sentence():
         kind = sample.sentence_meta(index).get("kind", "?")
-        by_image.setdefault(sample.image_path, []).append((kind, sample.expressions[index]))
-    for path, sentences in by_image.items():
-        kinds = {kind for kind, _ in sentences}
-        if "N" in kinds and len(kinds) >= 3:
-            chosen, seen = [], set()
-            for kind, text in sentences:
-                if kind not in seen:
-                    seen.add(kind)
-                    chosen.append(text)
-            return path, chosen[:4]
-    path, sentences = next(iter(by_image.items()))
-    return path, [text for _, text in sentences[:4]]
+        by_image.setdefault(sample.image_path, {}).setdefault(kind, (kind, sample.expressions[index], sample))
+    path = max(by_image, key=lambda key: len(set(by_image[key]) & set(KIND_ORDER)))  # the first of the most
+    ordered = sorted(by_image[path].values(), key=lambda entry: KIND_ORDER.index(entry[0]) if entry[0] in KIND_ORDER else 99)
+    return path, [(kind, text, sample.mask()) for kind, text, sample in ordered]
+
+
+def agreement(prediction, annotated: np.ndarray) -> tuple[bool, str]:
+    """Whether a prediction shows the annotated object(s) (IoU >= 0.5; for no-target: "no target" said),
+    and the words the demo prints."""
+    if not annotated.any():
+        return prediction.no_target, "annotated: no target"
+    union = np.logical_or(prediction.mask, annotated).sum()
+    iou = float(np.logical_and(prediction.mask, annotated).sum() / union)
+    return iou >= 0.5, f"IoU {iou:.2f} with the annotated mask"
 
 
 def ovss_example(out_dir: Path, checkpoint: Path, device: str = "auto") -> dict | None:
@@ -61,7 +69,7 @@ def ovss_example(out_dir: Path, checkpoint: Path, device: str = "auto") -> dict 
     segmented into its classes plus one absent unseen class (and "background" when the model has that class;
     otherwise pixels below probability 0.5 for every class are "none"). None when ``checkpoint`` is no OVSS model."""
     if not is_ovss_checkpoint(checkpoint):
-        print(f"\n[4/4] skipped: no OVSS checkpoint at {checkpoint} (the ShapeWorld SAM-MI is not shipped yet)")
+        print(f"\n[4/4] skipped: no OVSS checkpoint at {checkpoint}")
         return None
     vocabulary = read_ovss_checkpoint_config(checkpoint).get("class_names") or []
     for index in range(1000):
@@ -120,16 +128,19 @@ def main() -> int:
     print("\nPaper-style table (mIoU for RES; gIoU / cIoU / N-acc for GRES):\n")
     print(markdown)
 
-    image_path, expressions = pick_example(gres_dataset)
-    print(f"\n[3/4] segmenting {image_path.name} for {len(expressions)} expressions")
+    image_path, examples = pick_example(gres_dataset)
+    print(f"\n[3/4] segmenting {image_path.name} for one expression of each kind")
     image = load_image(image_path)
-    predictions = predictor.predict(image, expressions)
+    predictions = predictor.predict(image, [text for _, text, _ in examples])
     out_dir = args.out / "predictions"
     write_predictions(image, predictions, out_dir, str(image_path), str(args.checkpoint))
-    for index, prediction in enumerate(predictions):
+    right = 0
+    for index, (prediction, (kind, _, annotated)) in enumerate(zip(predictions, examples)):
         status = "no target" if prediction.no_target else f"{int(prediction.mask.sum())} px, box {[round(v, 1) for v in prediction.box.tolist()]}"
-        print(f"  [{index:02d}] {prediction.expression!r}: {status}")
-    print(f"\nmasks, overlays, summary.json and predictions.jsonl in {out_dir}/")
+        correct, words = agreement(prediction, annotated)
+        right += correct
+        print(f"  [{index:02d}] {kind} {prediction.expression!r}: {status} ({words}: {'right' if correct else 'WRONG'})")
+    print(f"{right} of {len(examples)} right; masks, overlays, summary.json and predictions.jsonl in {out_dir}/")
     ovss_example(args.out / "ovss", args.ovss_checkpoint, args.device)
     return 0
 

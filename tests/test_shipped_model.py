@@ -9,14 +9,19 @@ numbers (a regression) or, for the issue's targets, more than 0.05 below the tar
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from ssp_sam.data.registry import load_dataset
 from ssp_sam.data.shapeworld import dataset_config, generate_dataset
 from ssp_sam.engine.evaluator import evaluate
 from ssp_sam.predictor import DEFAULT_CHECKPOINT, Predictor
+
+from conftest import REPO
 
 CHECK_SEED = 424242  # neither a training seed (7, 1000), the README's (99) nor the demo's
 N_IMAGES = 40
@@ -72,3 +77,54 @@ def test_targets(results, task):
     measured = _headline(results[task], task)
     for key, target in TARGETS[task].items():
         assert measured[key] >= target - MARGIN, (task, key, measured)
+
+
+def _demo_module():
+    spec = importlib.util.spec_from_file_location("demo_script", REPO / "scripts" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    return demo
+
+
+@pytest.fixture(scope="module")
+def demo_example(tmp_path_factory):
+    """The demo's step 3 input: its GRES split (seed and size as scripts/demo.py makes them) and its pick."""
+    demo = _demo_module()
+    root = tmp_path_factory.mktemp("demo")
+    generate_dataset(root, "gres", {"test": 40}, seed=demo.DEMO_SEED, progress=False)
+    dataset = load_dataset(dataset_config(root, "gres"))
+    return demo, dataset, *demo.pick_example(dataset)
+
+
+def test_demo_picks_one_sentence_of_each_kind_with_its_annotation(demo_example):
+    demo, dataset, image_path, examples = demo_example
+    assert [kind for kind, _, _ in examples] == ["A", "L", "R", "M", "N"]
+    for kind, text, annotated in examples:
+        owners = [(s, i) for s, i in dataset.per_sentence() if s.image_path == image_path and s.expressions[i] == text]
+        assert owners and all(s.sentence_meta(i)["kind"] == kind for s, i in owners), (kind, text)
+        assert np.array_equal(annotated, owners[0][0].mask())
+        assert annotated.any() == (kind != "N")
+        instances = {"N": range(0, 1), "M": range(2, 99)}.get(kind, range(1, 2))  # none, several, one
+        assert len(owners[0][0].ann_ids) in instances, (kind, owners[0][0].ann_ids)
+
+
+def test_demo_agreement_is_iou_at_half_or_no_target_said():
+    demo = _demo_module()
+    annotated = np.zeros((4, 4), bool)
+    annotated[:2] = True  # 8 px
+    half = np.zeros((4, 4), bool)
+    half[:1] = True  # 4 px inside: IoU 0.5
+    assert demo.agreement(SimpleNamespace(mask=half, no_target=False), annotated)[0]
+    assert not demo.agreement(SimpleNamespace(mask=half[::-1].copy(), no_target=False), annotated)[0]  # IoU 0
+    nothing = np.zeros((4, 4), bool)
+    assert demo.agreement(SimpleNamespace(mask=nothing, no_target=True), nothing) == (True, "annotated: no target")
+    assert not demo.agreement(SimpleNamespace(mask=half, no_target=False), nothing)[0]
+
+
+@pytest.mark.xfail(not TARGETS_REACHED, reason="the shipped model does not reach the issue's targets yet", strict=False)
+def test_demo_overlays_show_the_right_objects(demo_example):
+    """Item 5 of the issue: every one of the demo's five expressions is answered right by the shipped model."""
+    demo, _, image_path, examples = demo_example
+    predictions = Predictor.from_checkpoint(device="cpu").predict(str(image_path), [text for _, text, _ in examples])
+    verdicts = [demo.agreement(p, annotated) for p, (_, _, annotated) in zip(predictions, examples)]
+    assert all(correct for correct, _ in verdicts), verdicts
