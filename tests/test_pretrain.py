@@ -18,7 +18,7 @@ from ssp_sam.backbones.clip import CLIPSurgeryBackbone, build_clip_model
 from ssp_sam.backbones.clip_tokenizer import CLIPTokenizer
 from ssp_sam.backbones.sam import SAMImageTransform, build_sam
 from ssp_sam.data.shapeworld import generate_scene
-from ssp_sam.errors import ConfigError
+from ssp_sam.errors import ConfigError, SSPSAMError
 from ssp_sam.pretrain.clip import (
     BACKGROUND_CLASS,
     DENSE_CLASS_NAMES,
@@ -39,6 +39,7 @@ from ssp_sam.pretrain.clip import (
     patch_class_shares,
     pool_regions,
     pretrain_clip,
+    side_swapped_text,
     start_with_sincos_positions,
 )
 from ssp_sam.pretrain.sam import (
@@ -322,6 +323,7 @@ def test_contrastive_batch_pairs():
             expressions=tokenizer([text for text, _, _ in expressions]),
             expression_targets=tuple(targets for _, targets, _ in expressions),
             expression_kinds=tuple(kind for _, _, kind in expressions),
+            side_swapped=tokenizer([side_swapped_text(text) for text, _, _ in expressions]),
         )
 
     first = scene([red_circle, blue_star], [("the star", (1,), "A")])
@@ -344,6 +346,45 @@ def test_contrastive_batch_pairs():
     assert torch.equal(batch.tokens[97], second.expressions[0])
     assert batch.valid[97].tolist() == [False, False, False, True, True]
     assert not batch.positives[97].any()
+
+
+def test_side_swapped_text_turns_every_spatial_word():
+    assert side_swapped_text("the leftmost red circle") == "the rightmost red circle"
+    assert side_swapped_text("the small circle on the bottom") == "the small circle on the top"
+    assert side_swapped_text("the star above the blue square") == "the star below the blue square"
+    assert side_swapped_text("the topmost circle left of the square") == "the bottommost circle right of the square"
+    assert side_swapped_text("the red circle") == "the red circle"
+
+
+def test_side_negatives_are_hard_negatives_of_the_targets_only():
+    """An L expression drawn with side_negatives: its swapped twin follows it, valid against its target only
+    (scored from the target region's side: a negative of it) and positive for none; an A expression has no twin."""
+    tokenizer = CLIPTokenizer()
+    texts = ["the circle on the left", "the star"]
+    scene = GroundingScene(
+        pixels=torch.zeros(3, 8, 8).half(), coverage=torch.rand(4, 4), codes=torch.tensor([0, 1, 2]),
+        expressions=tokenizer(texts), expression_targets=((0,), (2,)), expression_kinds=("L", "A"),
+        side_swapped=tokenizer([side_swapped_text(text) for text in texts]),
+    )
+    descriptions = tokenizer(DESCRIPTIONS)
+    plain = contrastive_batch([scene], np.random.default_rng(0), 2, descriptions, dense=False)
+    batch = contrastive_batch([scene], np.random.default_rng(0), 2, descriptions, dense=False, side_negatives=True)
+    assert len(plain.tokens) == 96 + 2 and len(batch.tokens) == 96 + 3 and len(batch.positives) == 96 + 3
+    left = next(i for i in range(96, 99) if torch.equal(batch.tokens[i], scene.expressions[0]))
+    assert torch.equal(batch.tokens[left + 1], tokenizer(["the circle on the right"])[0])
+    assert batch.valid[left + 1].tolist() == [True, False, False, False]  # object 0 only, not 1, 2 or background
+    assert not batch.positives[left + 1].any()
+    assert batch.positives[left].tolist() == [True, False, False, False]
+
+
+def test_clip_pretraining_starts_from_init_checkpoint(clip_run, tmp_path):
+    """With init_checkpoint and a zero learning rate the weights stay the file's; a missing file is named."""
+    _, _, out = clip_run
+    frozen = replace(TINY_CLIP_SETTINGS, steps=2, lr=0.0, min_lr=0.0, init_checkpoint=str(out), side_negatives=True)
+    model, _ = pretrain_clip(TINY_CLIP, 1, frozen, progress=False)
+    assert_same_weights(model, build_clip_model("custom", checkpoint=out, custom=TINY_CLIP))
+    with pytest.raises(SSPSAMError, match="absent.pt"):
+        pretrain_clip(TINY_CLIP, 1, replace(frozen, init_checkpoint=str(tmp_path / "absent.pt")), progress=False)
 
 
 def test_partial_descriptions_are_true_of_every_object_with_the_named_attributes():

@@ -53,6 +53,7 @@ from tqdm import tqdm
 from ..backbones.clip import CLIPSurgeryBackbone, build_clip_model
 from ..backbones.clip_tokenizer import CLIPTokenizer
 from ..data.shapeworld import COLORS, SHAPES, SIZE_RADII, Scene, generate_refs, generate_scene
+from ..data.shapeworld.expressions import mirror_text
 from ..engine.optim import cosine_schedule
 from ..errors import ConfigError
 from ..fileio import atomic_path
@@ -104,6 +105,8 @@ class CLIPPretrainSettings:
     dense_weight: float = 0.0  # weight of dense_loss (0: region-caption contrast only, the shipped recipe)
     position_init: str = "random"  # vision position embeddings at the start: one of POSITION_INITS
     partial_descriptions: bool = False  # also train on PARTIAL_DESCRIPTIONS ("the circle", "the red circle", ...)
+    side_negatives: bool = False  # each drawn L / R expression with its side words swapped: a negative of its targets
+    init_checkpoint: Optional[str] = None  # start from these open_clip weights (same clip_custom) instead of from scratch
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "pool_size"):
@@ -163,7 +166,10 @@ class GroundingScene:
     coverage: (K + 1, N) fraction of each patch covered by object k, the last row by background;
     codes: (K,) attribute_code of each object; expressions: (E, L) token ids;
     expression_targets: E tuples of object indices (empty for a no-target expression);
-    expression_kinds: E kind letters (A, L, R, M, N).
+    expression_kinds: E kind letters (A, L, R, M, N);
+    side_swapped: (E, L) token ids of each expression with its spatial words swapped (left / right,
+    top / bottom, above / below, ...: :func:`side_swapped_text`); a row equals its expression's when
+    the expression has no spatial word.
     """
 
     pixels: Tensor
@@ -172,6 +178,7 @@ class GroundingScene:
     expressions: Tensor
     expression_targets: tuple[tuple[int, ...], ...]
     expression_kinds: tuple[str, ...]
+    side_swapped: Tensor
 
     @property
     def num_objects(self) -> int:
@@ -187,6 +194,17 @@ def patch_coverage(scene: Scene, image_size: int, patch_size: int) -> tuple[Tens
     return pixels, coverage
 
 
+def side_swapped_text(text: str) -> str:
+    """``text`` with its spatial words turned into their opposites ("the red circle on the left" ->
+    "... on the right", "left of" -> "right of", "above" -> "below"); unchanged without one.
+
+    An L or R expression of ShapeWorld-Ref is false of its targets once swapped: an L target is the
+    extreme matching object on its side by a margin, an R target lies beyond its anchor by a margin
+    (``expressions.py``), so neither is also the extreme or beyond on the other side.
+    """
+    return mirror_text(mirror_text(text, "h"), "v")
+
+
 def grounding_scene(scene: Scene, task: str, tokenizer: CLIPTokenizer, image_size: int, patch_size: int) -> GroundingScene:
     """The regions of ``scene`` and every sentence of its ``task`` refs ("res" or "gres")."""
     pixels, coverage = patch_coverage(scene, image_size, patch_size)
@@ -198,6 +216,7 @@ def grounding_scene(scene: Scene, task: str, tokenizer: CLIPTokenizer, image_siz
         expressions=tokenizer([sentence.text for sentence in sentences]),
         expression_targets=tuple(sentence.targets for sentence in sentences),
         expression_kinds=tuple(sentence.kind for sentence in sentences),
+        side_swapped=tokenizer([side_swapped_text(sentence.text) for sentence in sentences]),
     )
 
 
@@ -236,7 +255,7 @@ class ContrastiveBatch:
 
 def contrastive_batch(
     scenes: Sequence[GroundingScene], rng: np.random.Generator, expressions_per_scene: int, description_tokens: Tensor,
-    dense: bool = True, matches: Tensor | None = None,
+    dense: bool = True, matches: Tensor | None = None, side_negatives: bool = False,
 ) -> ContrastiveBatch:
     """The captions of one step: all descriptions, and per scene some of its expressions.
 
@@ -244,7 +263,10 @@ def contrastive_batch(
     ``matches``: (D, 96) :func:`description_matches`, which objects each is true of), then the
     expressions scene after scene. Regions: each scene's K objects then its background, scene after
     scene. See the module docstring for which pairs are valid and positive. ``dense``: also the
-    dense term's patch targets.
+    dense term's patch targets. ``side_negatives``: after each drawn expression with a spatial word
+    (L, R), the same with the words swapped, valid only against the expression's targets and
+    positive for none: a hard negative, scored from the target's side only (its own target, the
+    object on the other side, is not computed here, so it is left out rather than called wrong).
     """
     region_codes, region_image, first_region = [], [], []
     for index, scene in enumerate(scenes):
@@ -265,6 +287,10 @@ def contrastive_batch(
             tokens.append(scene.expressions[expression])
             positives.append(targets)
             valid.append(region_image == index)
+            if side_negatives and not torch.equal(scene.side_swapped[expression], scene.expressions[expression]):
+                tokens.append(scene.side_swapped[expression])
+                positives.append(torch.zeros_like(targets))
+                valid.append(targets)
     return ContrastiveBatch(
         pixels=torch.stack([scene.pixels.float() for scene in scenes]),
         coverage=torch.cat([scene.coverage for scene in scenes]),
@@ -531,8 +557,8 @@ def pretrain_clip(
     control = control or StageControl()
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
-    model = build_clip_model("custom", custom=clip_custom).to(device)
-    if settings.position_init == "sincos":
+    model = build_clip_model("custom", checkpoint=settings.init_checkpoint, custom=clip_custom).to(device)
+    if settings.position_init == "sincos" and settings.init_checkpoint is None:
         start_with_sincos_positions(model)
     backbone = CLIPSurgeryBackbone(model, surgery_blocks=surgery_blocks)
     model.requires_grad_(True)  # the backbone froze it for SSP-SAM; here it is what we train
@@ -553,7 +579,8 @@ def pretrain_clip(
     def train_step(step: int) -> float:
         scenes = [pool[index] for index in rng.choice(len(pool), size=settings.batch_size, replace=False)]
         batch = contrastive_batch(
-            scenes, rng, settings.expressions_per_scene, training_description_tokens, settings.dense_weight > 0, matches
+            scenes, rng, settings.expressions_per_scene, training_description_tokens, settings.dense_weight > 0, matches,
+            settings.side_negatives,
         ).to(device)
         terms = training_losses(backbone, batch, class_tokens, settings.dense_weight)
         optimizer.zero_grad(set_to_none=True)
