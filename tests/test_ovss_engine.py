@@ -93,6 +93,19 @@ def test_a_stopped_and_resumed_run_equals_an_uninterrupted_one(bands, tmp_path):
     assert [json.loads(line)["iteration"] for line in lines] == [0, 1, 2]
 
 
+def test_training_stops_when_sam_keeps_no_mask(bands, tmp_path):
+    """Filters that keep none of SAM's masks would train CAT-Seg under SAM-MI's name: the first logged window
+    (log_every iterations) stops the run with one line naming the proposal settings, nothing saved."""
+    done = run_script(
+        "train.py", "experiment=ovss_tiny", f"ovss_dataset.root={bands}", f"run_dir={tmp_path / 'run'}", "train.crop=none",
+        "train.iterations=6", "train.log_every=2", "train.save_every=6", "ovss_model.proposals.pred_iou_thresh=1e9",
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ovss_model.proposals: SAM kept no mask in iterations 1-2 (multimask_output=True")
+    assert not (tmp_path / "run" / "last").exists()
+
+
 def test_batches_start_anywhere_and_split_over_ranks():
     one = list(IterationBatchSampler(10, 4, seed=1, iterations=7))  # 2 batches per epoch
     assert list(IterationBatchSampler(10, 4, seed=1, iterations=7, start=3)) == one[3:]
@@ -351,6 +364,7 @@ def test_eval_script_takes_stored_model_overrides_as_written(bands, tiny_checkpo
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads(out.read_text())
     assert record["points"] == "grid" and record["sam_prompts_per_image"] == 9
+    assert 0 < record["sam_masks_per_image"] <= 3 * 9  # the tiny config keeps every mask but box NMS may merge some
     bad = run_script("eval.py", f"checkpoint={tiny_checkpoint}", f"ovss_dataset.root={bands}", "ovss_model.points=dense")
     assert bad.returncode == 2 and "ovss_model.points: must be one of tspp, grid" in bad.stderr
 

@@ -337,6 +337,33 @@ def test_no_surviving_proposal_leaves_catseg_unchanged():
         assert sam_mi(images, text).logits.shape == (2, 3, 32, 32)
 
 
+@pytest.mark.parametrize("multimask", [True, False])
+def test_proposals_per_point_follow_multimask_output(multimask):
+    """Each point gives SAM's three masks, or with multimask_output=false its single-mask output, which is
+    what ``Sam`` itself returns for that point (image embedding given, one prompt); every mask kept (no
+    filter, no NMS) lands in its own image: 2 and 3 points give 2m and 3m proposals."""
+    keep_all = {"proposals.pred_iou_thresh": -1.0e9, "proposals.stability_score_thresh": -1.0e9,
+                "proposals.box_nms_thresh": 1.0, "proposals.multimask_output": multimask}
+    proposer = tiny(variant="sam_mi", **keep_all).proposer
+    images, _ = images_and_labels(batch=2)
+    points = torch.tensor([[[10.0, 12.0], [40.0, 20.0], [0.0, 0.0]], [[20.0, 50.0], [33.0, 33.0], [60.0, 5.0]]])
+    valid = torch.tensor([[True, True, False], [True, True, True]])
+    per_point = 3 if multimask else 1
+    with torch.no_grad():
+        embeddings = proposer.embed(images)
+        proposals = proposer.propose(embeddings, points, valid, 64)
+        assert proposals.valid.sum(dim=1).tolist() == [2 * per_point, 3 * per_point]
+        coords = points[1, 2:] * (proposer.sam_size / 64)
+        sparse, dense = proposer.prompt_encoder(points=(coords[:, None], torch.ones(1, 1)), boxes=None, masks=None)
+        expected, _ = proposer.mask_decoder(
+            image_embeddings=embeddings[1:2], image_pe=proposer.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
+        )
+    found = [any(torch.allclose(mask, candidate, atol=1e-5) for candidate in proposals.logits[1][proposals.valid[1]])
+             for mask in expected[0]]
+    assert len(found) == per_point and all(found)
+
+
 # --- sliding window ------------------------------------------------------------------------------
 
 

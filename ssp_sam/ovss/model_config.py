@@ -87,6 +87,9 @@ class ProposalConfig:
     stability_score_thresh: float = 0.95
     stability_score_offset: float = 1.0
     box_nms_thresh: float = 0.7
+    # SAM's three masks per point (AMG's choice; the real SAMs train all three) or its single-mask output
+    # only: a SAM trained with single-mask output alone (the ShapeWorld SAM) has three untrained tokens.
+    multimask_output: bool = True
 
 
 @dataclass

@@ -41,17 +41,19 @@ class OVSSEvalResult:
     per_class_iou: dict[str, float | None]  # by label class name; None where the class is not scored
     n_images: int
     sam_prompts_per_image: float | None  # point prompts given to SAM's decoder per image (None: no SAM)
+    sam_masks_per_image: float | None  # SAM's masks kept by the proposal filters per image (None: no SAM)
     seconds_per_image: float  # wall-clock seconds of the evaluation loop / images (all processes together)
     sliding_window: bool
     precision: str
 
 
 class _Predictor:
-    """Per-class probabilities of image batches, counting SAM's point prompts on the device."""
+    """Per-class probabilities of image batches, counting SAM's point prompts and kept masks on the device."""
 
     def __init__(self, model: OVSSModel, text: Tensor, precision: Precision, device: torch.device) -> None:
         self.model, self.text, self.precision, self.device = model, text, precision, device
         self.prompts = torch.zeros((), dtype=torch.int64, device=device)
+        self.masks = torch.zeros((), dtype=torch.int64, device=device)
         self.uses_sam = False
 
     def __call__(self, images: Tensor, sam_embeddings: Tensor | None = None) -> Tensor:
@@ -62,6 +64,7 @@ class _Predictor:
         if output.proposals is not None:
             self.uses_sam = True
             self.prompts += output.proposals.num_prompts.sum()
+            self.masks += output.proposals.valid.sum()
         return probabilities.float()
 
 
@@ -118,11 +121,11 @@ def evaluate_ovss(
             for p, item in zip(probabilities, batch):
                 confusion.update(p.argmax(dim=0), item["label"].to(device))
             bar.update(len(batch))
-    counts = torch.stack([predictor.prompts, torch.tensor(len(indices), device=device)])
+    counts = torch.stack([predictor.prompts, predictor.masks, torch.tensor(len(indices), device=device)])
     if dist_info.enabled:
         confusion.all_reduce()
         dist.all_reduce(counts)
-    prompts, images = counts.tolist()  # the one host sync
+    prompts, masks, images = counts.tolist()  # the one host sync
     seconds = time.perf_counter() - started
     names = dataset.label_class_names
     return OVSSEvalResult(
@@ -130,6 +133,7 @@ def evaluate_ovss(
         per_class_iou={name: (None if value != value else value) for name, value in zip(names, confusion.per_class_iou())},
         n_images=int(images),
         sam_prompts_per_image=prompts / images if predictor.uses_sam and images else None,
+        sam_masks_per_image=masks / images if predictor.uses_sam and images else None,
         seconds_per_image=seconds / max(images, 1),
         sliding_window=options.sliding_window,
         precision=precision.name,
@@ -143,6 +147,7 @@ def result_record(result: OVSSEvalResult) -> dict[str, Any]:
         "per_class_iou": dict(result.per_class_iou),
         "n_images": result.n_images,
         "sam_prompts_per_image": result.sam_prompts_per_image,
+        "sam_masks_per_image": result.sam_masks_per_image,
         "seconds_per_image": result.seconds_per_image,
         "protocol": "sliding_window" if result.sliding_window else "whole_image",
         "precision": result.precision,
@@ -152,5 +157,9 @@ def result_record(result: OVSSEvalResult) -> dict[str, Any]:
 def console_line(result: OVSSEvalResult) -> str:
     """One line of percentages, as the README tables show them."""
     shown = "  ".join(f"{name} {100 * value:.2f}" for name, value in result.metrics.items())
-    prompts = f"  SAM prompts/image {result.sam_prompts_per_image:.1f}" if result.sam_prompts_per_image is not None else ""
-    return f"{shown}{prompts}  s/image {result.seconds_per_image:.3f}"
+    sam = ""
+    if result.sam_prompts_per_image is not None:
+        sam = f"  SAM prompts/image {result.sam_prompts_per_image:.1f}  masks kept/image {result.sam_masks_per_image:.1f}"
+        if result.sam_masks_per_image == 0:
+            sam += " (SAM kept no mask: its masks changed nothing; see ovss_model.proposals.*)"
+    return f"{shown}{sam}  s/image {result.seconds_per_image:.3f}"

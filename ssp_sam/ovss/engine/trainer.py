@@ -112,7 +112,10 @@ class _LossOfBatch(nn.Module):
     def forward(self, images: Tensor, labels: Tensor, sam_embeddings: Optional[Tensor]) -> dict[str, Tensor]:
         text = self.model.encode_classes(self.class_names)
         output = self.model(images, text, sam_embeddings)
-        return self.model.loss(output, labels, ignore_index=IGNORE_INDEX)
+        terms = self.model.loss(output, labels, ignore_index=IGNORE_INDEX)
+        if output.proposals is not None:  # logged as train/sam_masks; checked by OVSSTrainer._check_proposals
+            terms["sam_masks"] = output.proposals.valid.sum(dim=1).float().mean()
+        return terms
 
 
 @dataclass
@@ -160,6 +163,7 @@ class OVSSTrainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision.needs_grad_scaler)
         self.iteration = 0
         self.best_metric: Optional[float] = None
+        self._proposals_checked = False
         self.writer: Optional[SummaryWriter] = None
         self._resume_or_check_run_dir()
         if self.dist.is_main:
@@ -246,12 +250,31 @@ class OVSSTrainer:
                 )
             records.append({"iteration": iteration, **logged, **lrs})
         self._append_log(records)
+        self._check_proposals(records)
         if self.writer is not None:
             means = {key: float(np.mean([r[key] for r in records])) for key in records[0] if key.startswith("train/")}
             for key, value in {**means, **window[-1][1]}.items():
                 self.writer.add_scalar(key, value, records[-1]["iteration"])
         progress.set_postfix(loss=f"{records[-1]['train/loss']:.4f}")
         return [record["train/loss"] for record in records]
+
+    def _check_proposals(self, records: list[Mapping[str, Any]]) -> None:
+        """Stop at the first logged window of a run in which SAM kept no mask for any image: the masks are
+        what SAM-MI adds to CAT-Seg, and without them it would train (and report) CAT-Seg under its name.
+        (The ShapeWorld SAM's pretraining trains its single-mask output only; its three multimask outputs
+        give flat logits that no filter keeps.)"""
+        if self._proposals_checked or "train/sam_masks" not in records[0]:
+            return
+        self._proposals_checked = True
+        if any(record["train/sam_masks"] > 0 for record in records):
+            return
+        proposals = self.config.ovss_model.proposals
+        raise ConfigError(
+            f"ovss_model.proposals: SAM kept no mask in iterations {records[0]['iteration'] + 1}-{records[-1]['iteration'] + 1} "
+            f"(multimask_output={proposals.multimask_output}, pred_iou_thresh={proposals.pred_iou_thresh}, "
+            f"stability_score_thresh={proposals.stability_score_thresh}); a SAM trained with single-mask output only "
+            "needs multimask_output=false"
+        )
 
     def _append_log(self, records: list[Mapping[str, Any]]) -> None:
         if self.dist.is_main:

@@ -110,21 +110,22 @@ class SAMProposer(nn.Module):
             keep = (iou >= config.pred_iou_thresh) & (stability >= config.stability_score_thresh)
             logits.append(masks[keep])
             scores.append(iou[keep])
-            owners.append(image_ids[chunk].repeat_interleave(3)[keep])
+            owners.append(image_ids[chunk].repeat_interleave(iou.shape[0] // len(image_ids[chunk]))[keep])
         logits_all, scores_all, owners_all = torch.cat(logits), torch.cat(scores), torch.cat(owners)
         kept = batched_nms(batched_mask_to_box(logits_all > MASK_THRESHOLD).float(), scores_all, owners_all, config.box_nms_thresh)
         num_prompts = valid.sum(dim=1)
         return _pack(logits_all[kept], scores_all[kept], owners_all[kept], batch, num_prompts)
 
     def _decode(self, embeddings: Tensor, image_ids: Tensor, coords: Tensor) -> tuple[Tensor, Tensor]:
-        """SAM's three masks per point, for points of different images in one decoder call.
+        """SAM's masks per point (three, or one without ``multimask_output``), for points of different images
+        in one decoder call.
 
         ``MaskDecoder.forward`` repeats one image embedding for all prompts and adds the dense prompt
         embedding to it; giving it a zero embedding and each prompt's own image embedding plus SAM's
         no-mask embedding as the dense prompt computes exactly SAM's decoder per (image, point).
 
         Returns:
-            (n, 3, 4h, 4w) mask logits and (n, 3) predicted IoUs.
+            (n, m, 4h, 4w) mask logits and (n, m) predicted IoUs, m = 3 or 1.
         """
         labels = torch.ones(coords.shape[0], 1, device=coords.device)
         sparse, no_mask = self.prompt_encoder(points=(coords[:, None, :], labels), boxes=None, masks=None)
@@ -134,7 +135,7 @@ class SAMProposer(nn.Module):
             image_pe=self.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
-            multimask_output=True,
+            multimask_output=self.config.multimask_output,
         )
         return masks, iou
 
