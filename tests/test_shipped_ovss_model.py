@@ -26,10 +26,13 @@ from ssp_sam.ovss.predict import DEFAULT_OVSS_CHECKPOINT
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CHECK_SEED = 434343  # neither a training seed (7), the README's (99) nor the demo's
-N_IMAGES = 100
+N_IMAGES = 100  # at 40 scenes some of the 48 classes sit in one or two images: mIoU moved by 0.06
 MARGIN = 0.05
 TARGETS = {"mIoU": 0.75, "mIoU unseen": 0.60}
 REFERENCE_FILE = DEFAULT_OVSS_CHECKPOINT / "results_shapeworld_ovss_test.json"
+
+# Until the retrained model is shipped (docs/ovss_models.md, "The ShapeWorld recipe") there is nothing to gate.
+pytestmark = pytest.mark.skipif(not DEFAULT_OVSS_CHECKPOINT.is_dir(), reason=f"no OVSS model shipped in {DEFAULT_OVSS_CHECKPOINT}")
 
 
 @pytest.fixture(scope="module")
