@@ -39,6 +39,7 @@ from ssp_sam.pretrain.clip import (
     patch_class_shares,
     pool_regions,
     pretrain_clip,
+    side_loss,
     side_swapped_text,
     start_with_sincos_positions,
 )
@@ -356,9 +357,9 @@ def test_side_swapped_text_turns_every_spatial_word():
     assert side_swapped_text("the red circle") == "the red circle"
 
 
-def test_side_negatives_are_hard_negatives_of_the_targets_only():
-    """An L expression drawn with side_negatives: its swapped twin follows it, valid against its target only
-    (scored from the target region's side: a negative of it) and positive for none; an A expression has no twin."""
+def test_side_pairs_put_each_target_against_its_swapped_twin():
+    """An L expression drawn with side_pairs: its swapped twin follows it, outside the contrast (valid with no
+    region, positive for none), paired with the expression's target; an A expression has no twin."""
     tokenizer = CLIPTokenizer()
     texts = ["the circle on the left", "the star"]
     scene = GroundingScene(
@@ -368,19 +369,29 @@ def test_side_negatives_are_hard_negatives_of_the_targets_only():
     )
     descriptions = tokenizer(DESCRIPTIONS)
     plain = contrastive_batch([scene], np.random.default_rng(0), 2, descriptions, dense=False)
-    batch = contrastive_batch([scene], np.random.default_rng(0), 2, descriptions, dense=False, side_negatives=True)
+    batch = contrastive_batch([scene], np.random.default_rng(0), 2, descriptions, dense=False, side_pairs=True)
+    assert plain.side_pairs is None
     assert len(plain.tokens) == 96 + 2 and len(batch.tokens) == 96 + 3 and len(batch.positives) == 96 + 3
     left = next(i for i in range(96, 99) if torch.equal(batch.tokens[i], scene.expressions[0]))
     assert torch.equal(batch.tokens[left + 1], tokenizer(["the circle on the right"])[0])
-    assert batch.valid[left + 1].tolist() == [True, False, False, False]  # object 0 only, not 1, 2 or background
-    assert not batch.positives[left + 1].any()
+    assert not batch.valid[left + 1].any() and not batch.positives[left + 1].any()
     assert batch.positives[left].tolist() == [True, False, False, False]
+    assert batch.side_pairs.tolist() == [[left, left + 1, 0]]
+
+
+def test_side_loss_by_hand():
+    logits = torch.tensor([[3.0, 0.0], [1.0, 2.0], [0.0, 5.0]])  # captions 0 (true), 1 (its twin), 2; regions 0, 1
+    pairs = torch.tensor([[0, 1, 0], [2, 1, 1]])
+    # softplus(1 - 3) and softplus(2 - 5), averaged.
+    expected = (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(-3))) / 2
+    assert side_loss(logits, pairs).item() == pytest.approx(expected)
+    assert side_loss(logits, torch.zeros(0, 3, dtype=torch.long)).item() == 0.0
 
 
 def test_clip_pretraining_starts_from_init_checkpoint(clip_run, tmp_path):
     """With init_checkpoint and a zero learning rate the weights stay the file's; a missing file is named."""
     _, _, out = clip_run
-    frozen = replace(TINY_CLIP_SETTINGS, steps=2, lr=0.0, min_lr=0.0, init_checkpoint=str(out), side_negatives=True)
+    frozen = replace(TINY_CLIP_SETTINGS, steps=2, lr=0.0, min_lr=0.0, init_checkpoint=str(out), side_weight=1.0)
     model, _ = pretrain_clip(TINY_CLIP, 1, frozen, progress=False)
     assert_same_weights(model, build_clip_model("custom", checkpoint=out, custom=TINY_CLIP))
     with pytest.raises(SSPSAMError, match="absent.pt"):

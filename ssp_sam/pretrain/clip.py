@@ -105,14 +105,14 @@ class CLIPPretrainSettings:
     dense_weight: float = 0.0  # weight of dense_loss (0: region-caption contrast only, the shipped recipe)
     position_init: str = "random"  # vision position embeddings at the start: one of POSITION_INITS
     partial_descriptions: bool = False  # also train on PARTIAL_DESCRIPTIONS ("the circle", "the red circle", ...)
-    side_negatives: bool = False  # each drawn L / R expression with its side words swapped: a negative of its targets
+    side_weight: float = 0.0  # weight of side_loss (each drawn L / R expression against its side-swapped twin; 0: off)
     init_checkpoint: Optional[str] = None  # start from these open_clip weights (same clip_custom) instead of from scratch
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "pool_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("expressions_per_scene", "warmup_steps", "eval_scenes", "seed", "dense_weight"):
+        for name in ("expressions_per_scene", "warmup_steps", "eval_scenes", "seed", "dense_weight", "side_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.position_init not in POSITION_INITS:
@@ -238,6 +238,8 @@ class ContrastiveBatch:
     tokens: (C, L); positives, valid: (C, R) bool, positives a subset of valid;
     dense_targets: (B, N, len(DENSE_CLASS_NAMES)) share of each patch covered by each class (rows sum to
         1), or None when the dense term is off.
+    side_pairs: (P, 3) rows (caption, its side-swapped twin, a target region) for :func:`side_loss`
+        (the twins are captions outside the contrast: no valid pair), or None when the side term is off.
     """
 
     pixels: Tensor
@@ -247,6 +249,7 @@ class ContrastiveBatch:
     positives: Tensor
     valid: Tensor
     dense_targets: Optional[Tensor]
+    side_pairs: Optional[Tensor] = None
 
     def to(self, device: torch.device | str) -> "ContrastiveBatch":
         values = (getattr(self, name) for name in self.__dataclass_fields__)
@@ -255,7 +258,7 @@ class ContrastiveBatch:
 
 def contrastive_batch(
     scenes: Sequence[GroundingScene], rng: np.random.Generator, expressions_per_scene: int, description_tokens: Tensor,
-    dense: bool = True, matches: Tensor | None = None, side_negatives: bool = False,
+    dense: bool = True, matches: Tensor | None = None, side_pairs: bool = False,
 ) -> ContrastiveBatch:
     """The captions of one step: all descriptions, and per scene some of its expressions.
 
@@ -263,10 +266,10 @@ def contrastive_batch(
     ``matches``: (D, 96) :func:`description_matches`, which objects each is true of), then the
     expressions scene after scene. Regions: each scene's K objects then its background, scene after
     scene. See the module docstring for which pairs are valid and positive. ``dense``: also the
-    dense term's patch targets. ``side_negatives``: after each drawn expression with a spatial word
-    (L, R), the same with the words swapped, valid only against the expression's targets and
-    positive for none: a hard negative, scored from the target's side only (its own target, the
-    object on the other side, is not computed here, so it is left out rather than called wrong).
+    dense term's patch targets. ``side_pairs``: after each drawn expression with a spatial word
+    (L, R), its twin with the words swapped (:func:`side_swapped_text`), paired with each target in
+    ``side_pairs`` and valid with no region (the twin's own target, the object on the other side, is
+    not computed here, so the twin only enters :func:`side_loss`).
     """
     region_codes, region_image, first_region = [], [], []
     for index, scene in enumerate(scenes):
@@ -280,6 +283,7 @@ def contrastive_batch(
     tokens = [*description_tokens]
     positives = [*(matches[:, region_codes.clamp(min=0)] & (region_codes >= 0))]
     valid = [torch.ones(len(region_codes), dtype=torch.bool)] * len(description_tokens)
+    pairs: list[tuple[int, int, int]] = []
     for index, scene in enumerate(scenes):
         for expression in rng.permutation(len(scene.expression_targets))[:expressions_per_scene]:
             targets = torch.zeros(len(region_codes), dtype=torch.bool)
@@ -287,10 +291,11 @@ def contrastive_batch(
             tokens.append(scene.expressions[expression])
             positives.append(targets)
             valid.append(region_image == index)
-            if side_negatives and not torch.equal(scene.side_swapped[expression], scene.expressions[expression]):
+            if side_pairs and not torch.equal(scene.side_swapped[expression], scene.expressions[expression]):
                 tokens.append(scene.side_swapped[expression])
                 positives.append(torch.zeros_like(targets))
-                valid.append(targets)
+                valid.append(torch.zeros_like(targets))
+                pairs += [(len(tokens) - 2, len(tokens) - 1, int(region)) for region in targets.nonzero()[:, 0]]
     return ContrastiveBatch(
         pixels=torch.stack([scene.pixels.float() for scene in scenes]),
         coverage=torch.cat([scene.coverage for scene in scenes]),
@@ -301,6 +306,7 @@ def contrastive_batch(
         dense_targets=torch.stack([patch_class_shares(scene.coverage, region_classes(scene.codes)) for scene in scenes])
         if dense
         else None,
+        side_pairs=torch.tensor(pairs, dtype=torch.long).view(-1, 3) if side_pairs else None,
     )
 
 
@@ -376,18 +382,38 @@ def dense_loss(patch_tokens: Tensor, class_embeddings: Tensor, targets: Tensor, 
     return -(targets * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
 
 
+def side_loss(logits: Tensor, pairs: Tensor) -> Tensor:
+    """Each target against its expression's side-swapped twin: mean of softplus(l_twin - l_true) over
+    the (P, 3) ``pairs`` (caption, twin, region) of a (C, R) caption-region logit matrix; 0 without pairs.
+
+    The twin differs from the expression by its side words alone and is false of the target, so only a
+    text embedding that reads the side word can pass this 2-way test. In the InfoNCE the twin would be one
+    negative among ~100 captions of the region, next to its easy positive (its own description), which
+    takes almost all the probability mass: a hard negative there barely moves the loss (the 300-step
+    pilot of docs/shapeworld_model.md).
+    """
+    if len(pairs) == 0:
+        return logits.sum() * 0.0
+    true, twin = logits[pairs[:, 0], pairs[:, 2]], logits[pairs[:, 1], pairs[:, 2]]
+    return F.softplus(twin - true).mean()
+
+
 def training_losses(
-    backbone: CLIPSurgeryBackbone, batch: ContrastiveBatch, class_tokens: Tensor, dense_weight: float
+    backbone: CLIPSurgeryBackbone, batch: ContrastiveBatch, class_tokens: Tensor, dense_weight: float, side_weight: float = 0.0
 ) -> dict[str, Tensor]:
     """The loss terms of one batch: ``contrast`` (region-caption InfoNCE), ``dense`` (weighted
-    :func:`dense_loss`, only when ``dense_weight`` > 0) and their sum ``loss``. One text forward for the
-    captions and the (C, L) ``class_tokens``."""
+    :func:`dense_loss`, only when ``dense_weight`` > 0), ``side`` (weighted :func:`side_loss`, only when
+    ``side_weight`` > 0) and their sum ``loss``. One text forward for the captions and the (C, L)
+    ``class_tokens``."""
     patches = patch_embeddings(backbone, batch.pixels)
     regions = pool_regions(patches, batch.coverage, batch.region_image)
     texts = sentence_embeddings(backbone, torch.cat([batch.tokens, class_tokens]) if dense_weight else batch.tokens)
     captions = texts[: len(batch.tokens)]
     scale = backbone.clip.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
-    terms = {"contrast": masked_info_nce(scale * captions @ regions.T, batch.positives, batch.valid)}
+    logits = scale * captions @ regions.T
+    terms = {"contrast": masked_info_nce(logits, batch.positives, batch.valid)}
+    if side_weight:
+        terms["side"] = side_weight * side_loss(logits, batch.side_pairs)
     if dense_weight:
         terms["dense"] = dense_weight * dense_loss(patches, texts[len(batch.tokens) :], batch.dense_targets, scale)
     terms["loss"] = sum(terms.values())
@@ -580,9 +606,9 @@ def pretrain_clip(
         scenes = [pool[index] for index in rng.choice(len(pool), size=settings.batch_size, replace=False)]
         batch = contrastive_batch(
             scenes, rng, settings.expressions_per_scene, training_description_tokens, settings.dense_weight > 0, matches,
-            settings.side_negatives,
+            settings.side_weight > 0,
         ).to(device)
-        terms = training_losses(backbone, batch, class_tokens, settings.dense_weight)
+        terms = training_losses(backbone, batch, class_tokens, settings.dense_weight, settings.side_weight)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
