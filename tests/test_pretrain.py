@@ -40,7 +40,6 @@ from ssp_sam.pretrain.clip import (
     pool_regions,
     pretrain_clip,
     side_loss,
-    side_text_loss,
     side_swapped_text,
     start_with_sincos_positions,
 )
@@ -387,13 +386,6 @@ def test_side_loss_by_hand():
     expected = (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(-3))) / 2
     assert side_loss(logits, pairs).item() == pytest.approx(expected)
     assert side_loss(logits, torch.zeros(0, 3, dtype=torch.long)).item() == 0.0
-
-
-def test_side_text_loss_by_hand():
-    captions = torch.tensor([[1.0, 0.0], [0.6, 0.8], [1.0, 0.0], [0.96, 0.28]])  # unit rows
-    pairs = torch.tensor([[0, 1, 5], [2, 3, 7]])  # cosines 0.6 (apart enough) and 0.96 (0.06 too close)
-    assert side_text_loss(captions, pairs).item() == pytest.approx((0.0 + 0.06) / 2)
-    assert side_text_loss(captions, torch.zeros(0, 3, dtype=torch.long)).item() == 0.0
 
 
 def test_clip_pretraining_starts_from_init_checkpoint(clip_run, tmp_path):

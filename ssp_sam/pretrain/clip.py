@@ -106,14 +106,13 @@ class CLIPPretrainSettings:
     position_init: str = "random"  # vision position embeddings at the start: one of POSITION_INITS
     partial_descriptions: bool = False  # also train on PARTIAL_DESCRIPTIONS ("the circle", "the red circle", ...)
     side_weight: float = 0.0  # weight of side_loss (each drawn L / R expression against its side-swapped twin; 0: off)
-    side_text_weight: float = 0.0  # weight of side_text_loss (an expression and its twin kept apart in text space; 0: off)
     init_checkpoint: Optional[str] = None  # start from these open_clip weights (same clip_custom) instead of from scratch
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "pool_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("expressions_per_scene", "warmup_steps", "eval_scenes", "seed", "dense_weight", "side_weight", "side_text_weight"):
+        for name in ("expressions_per_scene", "warmup_steps", "eval_scenes", "seed", "dense_weight", "side_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.position_init not in POSITION_INITS:
@@ -399,31 +398,12 @@ def side_loss(logits: Tensor, pairs: Tensor) -> Tensor:
     return F.softplus(twin - true).mean()
 
 
-SIDE_TEXT_MAX_COSINE = 0.9  # about what OpenAI's CLIP ViT-B/16 gives "... on the left" / "... on the right"
-
-
-def side_text_loss(captions: Tensor, pairs: Tensor) -> Tensor:
-    """How far each (P, 3) pair's expression and twin (unit sentence embeddings ``captions`` (C, D)) are
-    more alike than :data:`SIDE_TEXT_MAX_COSINE`: mean of relu(cos - max); 0 without pairs.
-
-    The region terms cannot separate the two on their own: every description caption pulls equal objects
-    of any position together, so the regions offer the text almost no side to align with (the
-    from-scratch pilot of docs/shapeworld_model.md: side term at log 2, cosine 1.0000 after 300 steps).
-    This text-only term keeps the side word in the sentence embedding, for SSP-SAM's adapters to read.
-    """
-    if len(pairs) == 0:
-        return captions.sum() * 0.0
-    cosine = (captions[pairs[:, 0]] * captions[pairs[:, 1]]).sum(dim=-1)
-    return F.relu(cosine - SIDE_TEXT_MAX_COSINE).mean()
-
-
 def training_losses(
-    backbone: CLIPSurgeryBackbone, batch: ContrastiveBatch, class_tokens: Tensor, dense_weight: float, side_weight: float = 0.0,
-    side_text_weight: float = 0.0,
+    backbone: CLIPSurgeryBackbone, batch: ContrastiveBatch, class_tokens: Tensor, dense_weight: float, side_weight: float = 0.0
 ) -> dict[str, Tensor]:
     """The loss terms of one batch: ``contrast`` (region-caption InfoNCE), ``dense`` (weighted
     :func:`dense_loss`, only when ``dense_weight`` > 0), ``side`` (weighted :func:`side_loss`, only when
-    ``side_weight`` > 0), ``side_text`` (weighted :func:`side_text_loss`) and their sum ``loss``. One text forward for the captions and the (C, L)
+    ``side_weight`` > 0) and their sum ``loss``. One text forward for the captions and the (C, L)
     ``class_tokens``."""
     patches = patch_embeddings(backbone, batch.pixels)
     regions = pool_regions(patches, batch.coverage, batch.region_image)
@@ -434,8 +414,6 @@ def training_losses(
     terms = {"contrast": masked_info_nce(logits, batch.positives, batch.valid)}
     if side_weight:
         terms["side"] = side_weight * side_loss(logits, batch.side_pairs)
-    if side_text_weight:
-        terms["side_text"] = side_text_weight * side_text_loss(captions, batch.side_pairs)
     if dense_weight:
         terms["dense"] = dense_weight * dense_loss(patches, texts[len(batch.tokens) :], batch.dense_targets, scale)
     terms["loss"] = sum(terms.values())
@@ -628,11 +606,9 @@ def pretrain_clip(
         scenes = [pool[index] for index in rng.choice(len(pool), size=settings.batch_size, replace=False)]
         batch = contrastive_batch(
             scenes, rng, settings.expressions_per_scene, training_description_tokens, settings.dense_weight > 0, matches,
-            settings.side_weight > 0 or settings.side_text_weight > 0,
+            settings.side_weight > 0,
         ).to(device)
-        terms = training_losses(
-            backbone, batch, class_tokens, settings.dense_weight, settings.side_weight, settings.side_text_weight
-        )
+        terms = training_losses(backbone, batch, class_tokens, settings.dense_weight, settings.side_weight)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
