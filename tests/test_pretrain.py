@@ -7,6 +7,7 @@ prompt set by prompt set, masks and values worked out by hand in the comments, a
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 
@@ -386,6 +387,17 @@ def test_side_loss_by_hand():
     expected = (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(-3))) / 2
     assert side_loss(logits, pairs).item() == pytest.approx(expected)
     assert side_loss(logits, torch.zeros(0, 3, dtype=torch.long)).item() == 0.0
+
+
+def test_settings_added_later_keep_earlier_stages_finished(clip_run):
+    """A report written before side_weight / init_checkpoint existed has no such keys: at their off values the
+    stage is still finished (the installed v2 CLIP is not trained again); any other value makes it a new stage."""
+    _, _, out = clip_run
+    report = json.loads((out.parent / (out.name + ".json")).read_text())
+    assert not {"side_weight", "init_checkpoint"} & set(report["identity"]["settings"])
+    assert finished_clip_stage(out, TINY_CLIP, 1, TINY_CLIP_SETTINGS, True) is not None
+    assert finished_clip_stage(out, TINY_CLIP, 1, replace(TINY_CLIP_SETTINGS, side_weight=0.5), True) is None
+    assert finished_clip_stage(out, TINY_CLIP, 1, replace(TINY_CLIP_SETTINGS, init_checkpoint=str(out)), True) is None
 
 
 def test_clip_pretraining_starts_from_init_checkpoint(clip_run, tmp_path):
