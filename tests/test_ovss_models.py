@@ -407,6 +407,20 @@ def test_sam_image_embedding_is_computed_once_per_image(variant, points):
 # --- training --------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("detach", [False, True])
+def test_tspp_loss_reaches_catseg_only_without_detach_input(detach):
+    """The TSPP term's gradient reaches CAT-Seg's cost embedding (the 7x7 convolution whose output TSPP reads)
+    unless tspp.detach_input; TSPP's own heads learn either way."""
+    model = tiny(variant="sam_mi", **{"tspp.detach_input": detach}).train()
+    images, labels = images_and_labels()
+    losses = model.loss(model(images, model.encode_classes(CLASSES)), labels)
+    losses["tspp"].backward()
+    cost_embedding = [p.grad for p in model.catseg.cost_embedding.parameters()]
+    reached = any(g is not None and g.abs().sum() > 0 for g in cost_embedding)
+    assert reached is not detach
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.tspp.parameters())
+
+
 @pytest.mark.parametrize("variant", ["catseg", "sam_mi"])
 def test_loss_decreases_on_a_tiny_batch(variant):
     model = tiny(variant=variant).train()

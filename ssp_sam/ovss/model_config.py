@@ -100,6 +100,9 @@ class TSPPConfig:
     min_probability: float = 0.05  # peaks below this are not prompted
     upsample: int = 2  # the point map is upsampled this much (bilinear) before peak picking (finer points)
     loss_weight: float = 1.0
+    # The paper does not say whether TSPP's loss shapes the cost embedding it reads. true: TSPP learns from a
+    # detached copy (CAT-Seg's features are trained by the segmentation loss alone); false: shared (the default).
+    detach_input: bool = False
 
 
 @dataclass

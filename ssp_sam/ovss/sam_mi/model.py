@@ -43,7 +43,9 @@ class SAMMI(OVSSModel):
     def forward(self, images: Tensor, text: Tensor, sam_embeddings: Tensor | None = None) -> OVSSOutput:
         state = self.catseg.costs(images, text)
         embeddings = self.proposer.embed(images) if sam_embeddings is None else sam_embeddings
-        tspp = self.tspp(state.embedding) if self.tspp is not None else None
+        tspp = None
+        if self.tspp is not None:
+            tspp = self.tspp(state.embedding.detach() if self.config.tspp.detach_input else state.embedding)
         if tspp is not None:
             points, valid = sample_points(tspp.point_map(), self.image_size, self.config.tspp)
         else:
