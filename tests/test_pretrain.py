@@ -423,7 +423,7 @@ def test_partial_descriptions_are_true_of_every_object_with_the_named_attributes
     red_circle, blue_star = attribute_code("small", "red", "circle"), attribute_code("large", "blue", "star")
     scenes = [
         GroundingScene(torch.zeros(3, 8, 8).half(), torch.rand(len(codes) + 1, 4), torch.tensor(codes),
-                       tokenizer(["the star"]), ((0,),), ("A",), tokenizer(["the star"]))
+                       tokenizer(["the star"]), ((0,),), ("A",))
         for codes in ([red_circle, blue_star], [red_circle])
     ]
     batch = contrastive_batch(scenes, np.random.default_rng(0), 0, tokenizer(captions), dense=False, matches=matches)

@@ -168,8 +168,8 @@ class GroundingScene:
     expression_targets: E tuples of object indices (empty for a no-target expression);
     expression_kinds: E kind letters (A, L, R, M, N);
     side_swapped: (E, L) token ids of each expression with its spatial words swapped (left / right,
-    top / bottom, above / below, ...: :func:`side_swapped_text`); a row equals its expression's when
-    the expression has no spatial word.
+    top / bottom, above / below, ...: :func:`side_swapped_text`; a row equals its expression's when
+    the expression has no spatial word), or None when not asked for (the side term is off).
     """
 
     pixels: Tensor
@@ -178,7 +178,7 @@ class GroundingScene:
     expressions: Tensor
     expression_targets: tuple[tuple[int, ...], ...]
     expression_kinds: tuple[str, ...]
-    side_swapped: Tensor
+    side_swapped: Optional[Tensor] = None
 
     @property
     def num_objects(self) -> int:
@@ -205,8 +205,11 @@ def side_swapped_text(text: str) -> str:
     return mirror_text(mirror_text(text, "h"), "v")
 
 
-def grounding_scene(scene: Scene, task: str, tokenizer: CLIPTokenizer, image_size: int, patch_size: int) -> GroundingScene:
-    """The regions of ``scene`` and every sentence of its ``task`` refs ("res" or "gres")."""
+def grounding_scene(
+    scene: Scene, task: str, tokenizer: CLIPTokenizer, image_size: int, patch_size: int, side_twins: bool = False
+) -> GroundingScene:
+    """The regions of ``scene`` and every sentence of its ``task`` refs ("res" or "gres"); ``side_twins``:
+    also their side-swapped twins (only the side term reads them)."""
     pixels, coverage = patch_coverage(scene, image_size, patch_size)
     sentences = [sentence for ref in generate_refs(scene, task) for sentence in ref.sentences]
     return GroundingScene(
@@ -216,18 +219,18 @@ def grounding_scene(scene: Scene, task: str, tokenizer: CLIPTokenizer, image_siz
         expressions=tokenizer([sentence.text for sentence in sentences]),
         expression_targets=tuple(sentence.targets for sentence in sentences),
         expression_kinds=tuple(sentence.kind for sentence in sentences),
-        side_swapped=tokenizer([side_swapped_text(sentence.text) for sentence in sentences]),
+        side_swapped=tokenizer([side_swapped_text(sentence.text) for sentence in sentences]) if side_twins else None,
     )
 
 
 def grounding_scenes(
     seed: int, split: str, count: int, task: str, tokenizer: CLIPTokenizer, image_size: int, patch_size: int,
-    progress: bool = False,
+    progress: bool = False, side_twins: bool = False,
 ) -> list[GroundingScene]:
     indices = range(count)
     if progress:
         indices = tqdm(indices, desc=f"scenes ({split}, seed {seed})", leave=False)
-    return [grounding_scene(generate_scene(seed, split, i), task, tokenizer, image_size, patch_size) for i in indices]
+    return [grounding_scene(generate_scene(seed, split, i), task, tokenizer, image_size, patch_size, side_twins) for i in indices]
 
 
 @dataclass
@@ -602,7 +605,8 @@ def pretrain_clip(
     class_tokens = tokenizer(DENSE_CLASS_NAMES).to(device)
     image_size, patch_size = backbone.image_size, model.visual.patch_size[0]
     pool = grounding_scenes(
-        settings.seed, TRAIN_SPLIT, settings.pool_size, "gres", tokenizer, image_size, patch_size, progress=progress
+        settings.seed, TRAIN_SPLIT, settings.pool_size, "gres", tokenizer, image_size, patch_size, progress=progress,
+        side_twins=settings.side_weight > 0,
     )
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)

@@ -191,10 +191,10 @@ def _task_counts(samples: list[dict], task: str) -> dict[str, dict]:
 
 def check_generation_arguments(
     out: str | os.PathLike, n_images: NImages, seed: int, workers: int, mirrors: Sequence[str] = ()
-) -> tuple[Path, dict[str, int], int, int, list]:
+) -> tuple[Path, dict[str, int], int, int, tuple[str, ...], list]:
     """A generator call's arguments, checked before anything is written.
 
-    Returns (out, image count per split, seed, workers, the tasks already in out's manifest).
+    Returns (out, image count per split, seed, workers, the mirror axes, the tasks already in out's manifest).
     Raises ConfigError naming the argument (an OUT that is a file, a manifest of another seed,
     other counts or other mirrors, negative numbers, unknown mirror axes).
     """
@@ -209,7 +209,7 @@ def check_generation_arguments(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out: {out} is an existing file, expected a directory")
-    return out, counts, seed, workers, _previous_tasks(out / "manifest.json", seed, counts, mirrors)
+    return out, counts, seed, workers, mirrors, _previous_tasks(out / "manifest.json", seed, counts, mirrors)
 
 
 def generate_dataset(
@@ -230,8 +230,7 @@ def generate_dataset(
     sentence comes with its counterpart; the other splits are never mirrored.
     """
     task = check_task(task)
-    out, counts, seed, workers, tasks = check_generation_arguments(out, n_images, seed, workers, mirrors)
-    mirrors = tuple(mirrors)  # checked above
+    out, counts, seed, workers, mirrors, tasks = check_generation_arguments(out, n_images, seed, workers, mirrors)
     manifest_path = out / "manifest.json"
 
     images_dir = out / "images"

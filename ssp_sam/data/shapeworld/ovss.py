@@ -95,7 +95,7 @@ def generate_ovss_dataset(
     and counts (the manifest is shared).
     """
     names = class_names(background)
-    out, counts, seed, workers, tasks = check_generation_arguments(out, n_images, seed, workers)
+    out, counts, seed, workers, _, tasks = check_generation_arguments(out, n_images, seed, workers)
     manifest_path = out / "manifest.json"
     dataset_dir = out / DATASET_DIR
     for split in counts:

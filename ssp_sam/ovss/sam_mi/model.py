@@ -43,12 +43,11 @@ class SAMMI(OVSSModel):
     def forward(self, images: Tensor, text: Tensor, sam_embeddings: Tensor | None = None) -> OVSSOutput:
         state = self.catseg.costs(images, text)
         embeddings = self.proposer.embed(images) if sam_embeddings is None else sam_embeddings
-        tspp = None
         if self.tspp is not None:
             tspp = self.tspp(state.embedding.detach() if self.config.tspp.detach_input else state.embedding)
-        if tspp is not None:
             points, valid = sample_points(tspp.point_map(), self.image_size, self.config.tspp)
         else:
+            tspp = None
             points = grid_points(self.config.proposals.grid_side, self.image_size, images.shape[0], images.device)
             valid = torch.ones(points.shape[:2], dtype=torch.bool, device=images.device)
         proposals = self.proposer.propose(embeddings, points, valid, self.image_size)

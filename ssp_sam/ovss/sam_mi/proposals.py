@@ -105,12 +105,13 @@ class SAMProposer(nn.Module):
         for start in range(0, coords.shape[0], config.points_per_batch):  # filtered per chunk, as SAM's AMG
             chunk = slice(start, start + config.points_per_batch)
             masks, iou = self._decode(embeddings, image_ids[chunk], coords[chunk])
+            per_point = masks.shape[1]  # 3, or 1 without multimask_output
             masks, iou = masks.flatten(0, 1), iou.flatten()
             stability = calculate_stability_score(masks, MASK_THRESHOLD, config.stability_score_offset)
             keep = (iou >= config.pred_iou_thresh) & (stability >= config.stability_score_thresh)
             logits.append(masks[keep])
             scores.append(iou[keep])
-            owners.append(image_ids[chunk].repeat_interleave(iou.shape[0] // len(image_ids[chunk]))[keep])
+            owners.append(image_ids[chunk].repeat_interleave(per_point)[keep])
         logits_all, scores_all, owners_all = torch.cat(logits), torch.cat(scores), torch.cat(owners)
         kept = batched_nms(batched_mask_to_box(logits_all > MASK_THRESHOLD).float(), scores_all, owners_all, config.box_nms_thresh)
         num_prompts = valid.sum(dim=1)
