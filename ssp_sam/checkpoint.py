@@ -29,6 +29,7 @@ from torch import Tensor
 from .config import RELEASE_PRESETS, ModelConfig, model_config_from
 from .errors import CheckpointError
 from .fileio import atomic_directory
+from .backbones.clip import FINETUNED_TEXT_PARAMETERS
 from .model import SSPSAM, build_model, require_weight_files
 from .state_dicts import mismatch_report
 from .weight_files import describe_weights, read_weights, require_finite
@@ -86,16 +87,19 @@ def map_release_key(key: str) -> str | None:
     raise KeyError(key)
 
 
-def check_state_dict(expected: Mapping[str, Tensor], given: Mapping[str, Tensor], source: str, optional: tuple[str, ...] = ()) -> None:
+def check_state_dict(
+    expected: Mapping[str, Tensor], given: Mapping[str, Tensor], source: str, optional: tuple[str, ...] = (), required: tuple[str, ...] = ()
+) -> None:
     """Raise CheckpointError if ``given`` lacks, adds or mis-shapes keys of ``expected``.
 
     Args:
         expected: the model's state dict (names -> tensors).
         given: the (mapped) checkpoint state dict.
         source: the file, for the message.
-        optional: prefixes of expected keys that may be missing.
+        optional: prefixes of expected keys that may be missing...
+        required: ...unless they also start with one of these.
     """
-    report = mismatch_report(given, expected, required=lambda key: not key.startswith(optional))
+    report = mismatch_report(given, expected, required=lambda key: key.startswith(required) or not key.startswith(optional))
     if report:
         raise CheckpointError(f"{source}: checkpoint does not fit this model; {report}")
 
@@ -222,17 +226,22 @@ def load_release_weights(model: SSPSAM, state: Mapping[str, Tensor], source: str
 
 # Prefix of an encoder a checkpoint of ours may embed -> (its name, the config key of its weight file).
 _EMBEDDED_ENCODERS = {"clip.": ("CLIP", "model.clip_checkpoint"), "sam_image_encoder.": ("SAM image encoder", "model.sam_checkpoint")}
+# Our names of the text-tower parameters that model.finetune_text_encoder trains.
+_FINETUNED_TEXT = tuple(f"clip.clip.{name}" for name in FINETUNED_TEXT_PARAMETERS)
 
 
 def _embedded_prefixes(config: ModelConfig) -> tuple[str, ...]:
-    """Frozen-encoder prefixes whose weights a checkpoint of ours must carry.
+    """Encoder prefixes whose weights a checkpoint of ours must carry.
 
     Encoders that come from a weight file named in the config are not stored (they are large and
-    the user has them); encoders without a file (our small pretrained ones) are.
+    the user has them); encoders without a file (our small pretrained ones) are, and so is a
+    fine-tuned text tower (its weights differ from the file's).
     """
     prefixes = []
     if config.clip_checkpoint is None:
         prefixes.append("clip.")
+    elif config.finetune_text_encoder:
+        prefixes.extend(_FINETUNED_TEXT)
     if config.sam_checkpoint is None:
         prefixes.append("sam_image_encoder.")
     return tuple(prefixes)
@@ -310,8 +319,13 @@ def read_checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def load_own_weights(model: SSPSAM, path: str | os.PathLike) -> None:
-    """Load a checkpoint of ours into ``model``, checking every key and shape."""
+def load_own_weights(model: SSPSAM, path: str | os.PathLike, text_tower_from_file: bool = False) -> None:
+    """Load a checkpoint of ours into ``model``, checking every key and shape.
+
+    Args:
+        text_tower_from_file: a model that fine-tunes CLIP's text tower may start from a checkpoint
+            without one (``init_checkpoint`` of a frozen-CLIP run): the tower of the CLIP file is kept.
+    """
     path = Path(path)
     weights = path / WEIGHTS_FILE if path.is_dir() else path
     state = read_weights(weights, "checkpoint")
@@ -320,15 +334,22 @@ def load_own_weights(model: SSPSAM, path: str | os.PathLike) -> None:
         state = {k: v for k, v in state.items() if not k.startswith("sam_image_encoder.")}
     expected = {k: v for k, v in model.state_dict().items()}
     embedded = _embedded_prefixes(model.config)
+    if text_tower_from_file and not any(k.startswith(_FINETUNED_TEXT) for k in state):
+        embedded = tuple(p for p in embedded if p not in _FINETUNED_TEXT)
     for prefix in embedded:  # an encoder neither stored nor named by a weight file: say what to give
         if any(k.startswith(prefix) for k in expected) and not any(k.startswith(prefix) for k in state):
+            if prefix in _FINETUNED_TEXT:
+                raise CheckpointError(
+                    f"{weights}: model.finetune_text_encoder=true, but the checkpoint carries no fine-tuned CLIP text "
+                    f"tower ({prefix}*): it was trained with a frozen CLIP; load it with model.finetune_text_encoder=false"
+                )
             what, key = _EMBEDDED_ENCODERS[prefix]
             raise CheckpointError(
                 f"{weights}: the checkpoint carries no {what} and its config names no {what.split()[0]} weight file; "
                 f"give {key}=... (or train with train.save_encoders=true)"
             )
     optional = tuple(p for p in _OPTIONAL_OURS if p not in embedded)
-    check_state_dict(expected, state, str(weights), optional=optional)
+    check_state_dict(expected, state, str(weights), optional=optional, required=embedded)
     model.load_state_dict(state, strict=False)
 
 

@@ -84,6 +84,10 @@ class ModelConfig:
     adapters: AdapterConfig = field(default_factory=AdapterConfig)
     prompt_generator: PromptGeneratorConfig = field(default_factory=PromptGeneratorConfig)
     append_period: bool = True  # the text fed to CLIP is "{expression}."
+    # Train CLIP's text tower with the rest (not the token embedding; backbones/clip.py, FINETUNED_TEXT_PARAMETERS)
+    # at train.text_encoder_lr. Not the release (its CLIP is frozen): for a text tower blind to words the task
+    # needs (the ShapeWorld CLIP's "on the left" / "on the right": one sentence embedding, docs/shapeworld_model.md).
+    finetune_text_encoder: bool = False
     release_quirks: bool = False  # switched on by the loader of released checkpoints
     no_target_pixels: int = 50  # a mask with fewer pixels in the padded SAM frame means "no target"
     random_encoders: bool = False  # build CLIP/SAM with random weights where no weight file is given (tests, benchmarks)

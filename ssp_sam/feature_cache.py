@@ -231,7 +231,8 @@ class TextFeatureCache(_FrozenOutputCache):
     def encode(self, model: SSPSAM, tokens: Tensor) -> TextFeatures:
         """(B, L) token ids (CPU preferred) -> TextFeatures (words (B, L, W), sentence (B, D), padding (B, L)) on model.device."""
         def compute(ids: Tensor) -> Entry:
-            features = model.encode_text(ids)
+            with torch.no_grad():  # an entry never holds a graph (a text tower that trains is run uncached)
+                features = model.encode_text(ids)
             return features.words, features.sentence
 
         entries = self._rows(model, tokens, compute)

@@ -189,9 +189,9 @@ class SSPSAM(nn.Module):
             raise RuntimeError("this model was built without a SAM image encoder (embeddings come from a cache)")
         return self.sam_image_encoder(sam_pixels)
 
-    @torch.no_grad()
     def encode_text(self, tokens: Tensor) -> TextFeatures:
-        """(B, L) token ids -> TextFeatures."""
+        """(B, L) token ids -> TextFeatures (with a graph only through a fine-tuned text tower, see
+        ``CLIPSurgeryBackbone.encode_text``)."""
         words, sentence = self.clip.encode_text(tokens)
         return TextFeatures(words=words, sentence=sentence, padding=tokens == 0)
 
@@ -280,7 +280,7 @@ def build_model(
     """
     require_weight_files(config, [part for part in ENCODER_WEIGHT_KEYS if part not in set(without_weight_files)])
     clip_model = build_clip_model(config.clip_arch, config.clip_checkpoint, config.clip_custom)
-    clip = CLIPSurgeryBackbone(clip_model, surgery_blocks=config.surgery_blocks)
+    clip = CLIPSurgeryBackbone(clip_model, surgery_blocks=config.surgery_blocks, finetune_text=config.finetune_text_encoder)
     parts = ("image_encoder", "prompt_encoder", "mask_decoder") if with_sam_image_encoder else ("prompt_encoder", "mask_decoder")
     sam = build_sam(config.sam_variant, config.sam_checkpoint, config.sam_custom, parts=parts)
     return SSPSAM(config, clip, SAMMaskHead(sam.prompt_encoder, sam.mask_decoder), sam.image_encoder)

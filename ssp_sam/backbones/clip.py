@@ -44,6 +44,10 @@ _CUSTOM_REQUIRED = (
 # stem: "patch" (open_clip's single patchify convolution) or "conv" (ConvStem: 3x3 convolutions, clip_stem.py).
 _CUSTOM_DEFAULTS = {"context_length": 77, "vocab_size": 49408, "stem": "patch"}
 CUSTOM_STEMS = ("patch", "conv")
+# The text-tower parameters ``model.finetune_text_encoder`` trains (names in open_clip's CLIP). The token
+# embedding stays frozen: the side words' embeddings are already far apart ("left" / "right": cosine
+# 0.08 in the ShapeWorld CLIP), and it is most of the tower's size (49,408 rows).
+FINETUNED_TEXT_PARAMETERS = ("positional_embedding", "transformer.", "ln_final.", "text_projection")
 
 
 
@@ -144,10 +148,12 @@ class CLIPSurgeryBackbone(nn.Module):
     accumulates and never feeds back. The output is the surgery stream with the CLS token taken from
     the original stream, after ln_post and the visual projection.
 
-    Stays in eval mode with frozen parameters; both encoders run without autograd.
+    Stays in eval mode with frozen parameters, except the text tower's :data:`FINETUNED_TEXT_PARAMETERS`
+    with ``finetune_text=True`` (``model.finetune_text_encoder``, a deviation from the release's frozen
+    CLIP), which train (CLIP has no dropout, so eval mode does not change the text forward).
     """
 
-    def __init__(self, model: CLIP, surgery_blocks: int = 6) -> None:
+    def __init__(self, model: CLIP, surgery_blocks: int = 6, finetune_text: bool = False) -> None:
         super().__init__()
         visual = model.visual
         if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None or visual.pool_type != "tok":
@@ -159,11 +165,21 @@ class CLIPSurgeryBackbone(nn.Module):
             raise ConfigError(f"surgery_blocks={surgery_blocks} must lie in [0, {len(blocks)}] (vision blocks)")
         self.clip = model
         self.surgery_blocks = surgery_blocks
+        self.finetune_text = finetune_text
         self.clip.requires_grad_(False)
+        for parameter in self.finetuned_text_parameters():
+            parameter.requires_grad_(True)
         self.train(False)
 
+    def finetuned_text_parameters(self) -> list[nn.Parameter]:
+        """The text-tower parameters that train (empty unless ``finetune_text``)."""
+        if not self.finetune_text:
+            return []
+        return [p for name, p in self.clip.named_parameters() if name.startswith(FINETUNED_TEXT_PARAMETERS)]
+
     def train(self, mode: bool = True) -> CLIPSurgeryBackbone:
-        """CLIP is frozen in SSP-SAM: ignore ``mode`` and stay in eval mode."""
+        """CLIP is frozen in SSP-SAM (or has no dropout to switch, when its text tower trains): ignore ``mode``
+        and stay in eval mode."""
         return super().train(False)
 
     @property
@@ -263,9 +279,11 @@ class CLIPSurgeryBackbone(nn.Module):
         value_value = F.scaled_dot_product_attention(v, v, v)
         return out_projection(attention, standard), out_projection(attention, value_value)
 
-    @torch.no_grad()
     def encode_text(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """Standard CLIP text tower, one pass for word and sentence features.
+
+        Not under ``no_grad``: autograd records nothing while every text parameter is frozen (the
+        inputs are token ids), and records the fine-tuned ones' graph when ``finetune_text`` is on.
 
         Args:
             tokens: (B, L) token ids from CLIPTokenizer, L = context_length, zero padded.

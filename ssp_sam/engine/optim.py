@@ -23,8 +23,9 @@ from ..model import SSPSAM
 SCHEDULES = ("per_epoch", "per_iteration")
 
 
-def parameter_groups(model: SSPSAM, lr: float, decoder_lr: float, weight_decay: float) -> list[dict]:
-    """Two groups: the new modules (adapters, fusion, prompt generator) and SAM's mask decoder.
+def parameter_groups(model: SSPSAM, lr: float, decoder_lr: float, weight_decay: float, text_encoder_lr: float = 0.0) -> list[dict]:
+    """Two groups: the new modules (adapters, fusion, prompt generator) and SAM's mask decoder; a third,
+    "text_encoder" at ``text_encoder_lr``, when the model fine-tunes CLIP's text tower.
 
     Frozen encoders are left out entirely. The mask decoder's parameters are in their group even
     while the decoder is frozen (requires_grad False): AdamW skips parameters without gradients.
@@ -33,10 +34,14 @@ def parameter_groups(model: SSPSAM, lr: float, decoder_lr: float, weight_decay: 
     decoder_ids = {id(p) for p in decoder}
     frozen_prefixes = ("clip.", "sam_image_encoder.", "mask_head.prompt_encoder.")
     new = [p for n, p in model.named_parameters() if not n.startswith(frozen_prefixes) and id(p) not in decoder_ids]
-    return [
+    groups = [
         {"name": "new_modules", "params": new, "lr": lr, "weight_decay": weight_decay},
         {"name": "mask_decoder", "params": decoder, "lr": decoder_lr, "weight_decay": weight_decay},
     ]
+    text = model.clip.finetuned_text_parameters()
+    if text:
+        groups.append({"name": "text_encoder", "params": text, "lr": text_encoder_lr, "weight_decay": weight_decay})
+    return groups
 
 
 def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float | None) -> None:

@@ -138,8 +138,11 @@ class Trainer:
         self.datasets = self._read_datasets()
         self.cache = self._prepare_cache() if self.stage == "res" else None
         self.tokenizer = CLIPTokenizer(self.model.clip.context_length, self.model_config.append_period)
-        # CLIP is frozen: a sentence's text features are computed at its first visit only.
+        # CLIP is frozen: a sentence's text features are computed at its first visit only. A text tower that
+        # trains is run at every training step (a cached entry would carry no graph); validation still uses
+        # the cache, whose entries are keyed by the tower's current weights.
         self.text_cache = TextFeatureCache(max_bytes=int(train.text_cache_gb * 2**30)) if train.text_cache_gb > 0 else None
+        self.train_text_cache = None if self.model_config.finetune_text_encoder else self.text_cache
         self.image_cache = ImageTokenCache(max_bytes=int(train.image_cache_gb * 2**30)) if train.image_cache_gb > 0 else None
         self.train_set = ReferringTrainingSet(
             self.datasets["train"],
@@ -180,7 +183,8 @@ class Trainer:
         # fp16 (CUDA only): the fused AdamW skips a step with inf/NaN gradients on the device, so the
         # gradient scaler never reads its found-inf flag back to the host.
         self.optimizer = torch.optim.AdamW(
-            parameter_groups(self.model, train.lr, train.decoder_lr, train.weight_decay), fused=self.precision.needs_grad_scaler or None
+            parameter_groups(self.model, train.lr, train.decoder_lr, train.weight_decay, train.text_encoder_lr),
+            fused=self.precision.needs_grad_scaler or None,
         )
         self.scheduler = build_schedule(
             self.optimizer, train.schedule, train.epochs, self.steps_per_epoch, train.warmup_epochs, train.min_lr
@@ -202,12 +206,13 @@ class Trainer:
 
         A checkpoint of the REC stage holds an untrained mask head (that stage runs no SAM): stage 2
         keeps the mask head of SAM's own weight file instead, as the release's stage 2 starts from
-        SAM's decoder (its pretraining never changes it).
+        SAM's decoder (its pretraining never changes it). A model that fine-tunes CLIP's text tower may
+        start from a frozen-CLIP run: the tower then starts from the CLIP weight file.
         """
         run = read_checkpoint_config(path).get("run") or {}
         from_rec_stage = (run.get("train") or {}).get("stage") == "rec"
         sam_head = {k: v.clone() for k, v in self.model.mask_head.state_dict().items()} if from_rec_stage else None
-        load_own_weights(self.model, path)
+        load_own_weights(self.model, path, text_tower_from_file=True)
         if sam_head is not None:
             self.model.mask_head.load_state_dict(sam_head)
 
@@ -342,13 +347,13 @@ class Trainer:
         for the device. Returns the loss terms (0-dim, detached, on the device).
         """
         tokens, clip_pixels = batch["tokens"], batch["clip_pixels"]  # on the CPU: the caches key them without a device sync
-        keyed = {"tokens": self.text_cache, "clip_pixels": self.image_cache}  # what a cache encodes from the CPU copy
+        keyed = {"tokens": self.train_text_cache, "clip_pixels": self.image_cache}  # what a cache encodes from the CPU copy
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if keyed.get(k) is None}
         sam_embedding = batch.get("sam_embedding")
         if sam_embedding is not None:
             sam_embedding = sam_embedding.float()  # stored as fp16/bf16/fp32 in the cache, converted here
         with self.precision.autocast(self.device):
-            text = self.text_cache.encode(self.model, tokens) if self.text_cache is not None else batch["tokens"]
+            text = self.train_text_cache.encode(self.model, tokens) if self.train_text_cache is not None else batch["tokens"]
             image = self.image_cache.encode(self.model, clip_pixels) if self.image_cache is not None else batch["clip_pixels"]
             output = model(image, text, sam_embedding)
         if self.stage == "rec":

@@ -81,10 +81,10 @@ BACKGROUND_CLASS = len(DENSE_CLASS_NAMES) - 1
 # codes (start_with_sincos_positions).
 POSITION_INITS = ("random", "sincos")
 
-# CLIPSurgeryBackbone runs under @torch.no_grad because SSP-SAM keeps CLIP frozen. Pretraining needs
-# gradients through exactly the same forward passes, so it calls the undecorated functions.
+# CLIPSurgeryBackbone's image forward runs under @torch.no_grad because SSP-SAM keeps CLIP's image tower
+# frozen. Pretraining needs gradients through exactly the same forward pass, so it calls the undecorated
+# function (the text forward has no decorator: its graph follows its parameters' requires_grad).
 _surgery_image_forward = inspect.unwrap(CLIPSurgeryBackbone.encode_image)
-_text_forward = inspect.unwrap(CLIPSurgeryBackbone.encode_text)
 
 
 @dataclass(frozen=True)
@@ -344,7 +344,7 @@ def pool_regions(patch_tokens: Tensor, coverage: Tensor, region_image: Tensor) -
 
 def sentence_embeddings(backbone: CLIPSurgeryBackbone, tokens: Tensor) -> Tensor:
     """Unit sentence embeddings (C, D) from token ids (C, L), with gradients."""
-    return F.normalize(_text_forward(backbone, tokens)[1], dim=-1)
+    return F.normalize(backbone.encode_text(tokens)[1], dim=-1)
 
 
 def patch_embeddings(backbone: CLIPSurgeryBackbone, pixels: Tensor) -> Tensor:
