@@ -57,6 +57,8 @@ from .data import IterationBatchSampler, TrainingCrops
 from .evaluator import evaluate_ovss
 from .train_config import OVSSTrainRunConfig, ovss_train_config_from
 
+# Iterations of one invocation (a stage) in which SAM must keep at least one mask (OVSSTrainer._check_proposals).
+PROPOSAL_CHECK_ITERATIONS = 100
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm2d)
 
 
@@ -164,6 +166,7 @@ class OVSSTrainer:
         self.iteration = 0
         self.best_metric: Optional[float] = None
         self._proposals_checked = False
+        self._proposal_check_from = 0
         self.writer: Optional[SummaryWriter] = None
         self._resume_or_check_run_dir()
         if self.dist.is_main:
@@ -259,18 +262,23 @@ class OVSSTrainer:
         return [record["train/loss"] for record in records]
 
     def _check_proposals(self, records: list[Mapping[str, Any]]) -> None:
-        """Stop at the first logged window of a run in which SAM kept no mask for any image: the masks are
-        what SAM-MI adds to CAT-Seg, and without them it would train (and report) CAT-Seg under its name.
-        (The ShapeWorld SAM's pretraining trains its single-mask output only; its three multimask outputs
-        give flat logits that no filter keeps.)"""
+        """Stop when SAM kept no mask for any image in this invocation's first ``PROPOSAL_CHECK_ITERATIONS``
+        iterations (or all it has left to run): the masks are what SAM-MI adds to CAT-Seg, and without them
+        it would train (and report) CAT-Seg under its name. (The ShapeWorld SAM's pretraining trains its
+        single-mask output only; its three multimask outputs give flat logits that no filter keeps.) One
+        logged window is too short to judge: the ShapeWorld SAM-MI keeps 0.1-1.5 masks per scene, and a
+        resumed stage's first window can be a few iterations long."""
         if self._proposals_checked or "train/sam_masks" not in records[0]:
             return
-        self._proposals_checked = True
         if any(record["train/sam_masks"] > 0 for record in records):
+            self._proposals_checked = True
+            return
+        first = self._proposal_check_from
+        if records[-1]["iteration"] + 1 - first < min(PROPOSAL_CHECK_ITERATIONS, self.config.train.iterations - first):
             return
         proposals = self.config.ovss_model.proposals
         raise ConfigError(
-            f"ovss_model.proposals: SAM kept no mask in iterations {records[0]['iteration'] + 1}-{records[-1]['iteration'] + 1} "
+            f"ovss_model.proposals: SAM kept no mask in iterations {first + 1}-{records[-1]['iteration'] + 1} "
             f"(multimask_output={proposals.multimask_output}, pred_iou_thresh={proposals.pred_iou_thresh}, "
             f"stability_score_thresh={proposals.stability_score_thresh}); a SAM trained with single-mask output only "
             "needs multimask_output=false"
@@ -319,6 +327,7 @@ class OVSSTrainer:
         """Train from the current iteration to ``train.iterations`` (or until ``train.max_minutes``)."""
         train = self.config.train
         started, start_iteration = time.monotonic(), self.iteration
+        self._proposal_check_from = start_iteration
         losses: list[float] = []
         window: list[tuple[int, dict[str, float], dict[str, Tensor]]] = []
         finished = True
