@@ -26,10 +26,10 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from .backbones.clip import FINETUNED_TEXT_PARAMETERS
 from .config import RELEASE_PRESETS, ModelConfig, model_config_from
 from .errors import CheckpointError
 from .fileio import atomic_directory
-from .backbones.clip import FINETUNED_TEXT_PARAMETERS
 from .model import SSPSAM, build_model, require_weight_files
 from .state_dicts import mismatch_report
 from .weight_files import describe_weights, read_weights, require_finite
