@@ -2,7 +2,7 @@
 
 Its reference numbers are ``results_shapeworld_ovss_test.json`` in the checkpoint directory, written by
 the README's evaluation command (TSPP, whole 256x256 scenes, fp32) on a 200-image split of seed 99. Here
-the model is evaluated the same way on a fresh 40-image split of another seed; CI fails when a figure
+the model is evaluated the same way on a fresh 100-image split of another seed; CI fails when a figure
 drops more than 0.05 below its reference (a regression) or below the issue's targets (unseen mIoU >= 0.60,
 all-class mIoU >= 0.75) with the same margin.
 """
@@ -30,9 +30,6 @@ N_IMAGES = 100  # at 40 scenes some of the 48 classes sit in one or two images: 
 MARGIN = 0.05
 TARGETS = {"mIoU": 0.75, "mIoU unseen": 0.60}
 REFERENCE_FILE = DEFAULT_OVSS_CHECKPOINT / "results_shapeworld_ovss_test.json"
-
-# Until the retrained model is shipped (docs/ovss_models.md, "The ShapeWorld recipe") there is nothing to gate.
-pytestmark = pytest.mark.skipif(not DEFAULT_OVSS_CHECKPOINT.is_dir(), reason=f"no OVSS model shipped in {DEFAULT_OVSS_CHECKPOINT}")
 
 
 @pytest.fixture(scope="module")
