@@ -7,7 +7,7 @@
    expression kind (A attribute, L location, R relation, M multi-target, N no-target).
 3. Segments one test image for one expression of each kind (A, L, R, M and the no-target N), says
    for each whether it shows the annotated object(s) (IoU >= 0.5; for N: "no target" said), and
-   writes masks, overlays, summary.json and predictions.jsonl.
+   writes masks, overlays, summary.json, predictions.jsonl and overview.png (the overlays side by side).
 4. With the shipped ShapeWorld SAM-MI (checkpoints/shapeworld_ovss, open-vocabulary segmentation;
    skipped when it is absent): segments a fresh ShapeWorld-OVSS scene into its classes, one of
    them never seen in training, plus one class that is not in the picture, and writes the label map,
@@ -29,17 +29,19 @@ from ssp_sam.data.shapeworld import UNSEEN_CLASSES, dataset_config, generate_dat
 from ssp_sam.engine.evaluator import evaluate
 from ssp_sam.engine.reporting import command_line, console_tables, make_tables, write_results
 from ssp_sam.errors import SSPSAMError
-from ssp_sam.export import write_predictions
+from ssp_sam.export import save_png, write_predictions
 from ssp_sam.image_io import load_image
 from ssp_sam.ovss.engine.checkpoint import is_ovss_checkpoint, read_ovss_checkpoint_config
 from ssp_sam.ovss.predict import DEFAULT_OVSS_CHECKPOINT, predict_to_folder
 from ssp_sam.predictor import DEFAULT_CHECKPOINT, Predictor
+from ssp_sam.visualize import contact_sheet, overlay
 
 # Seeds of the shipped model's training data are listed in docs/shapeworld_model.md; this one is not among them.
 DEMO_SEED = 20261122
 
 
 KIND_ORDER = ("A", "L", "R", "M", "N")  # attribute, location, relation, multi-target, no-target
+OVERVIEW_FILE = "overview.png"  # step 3's overlays side by side, each captioned with its kind and verdict
 
 
 def pick_example(dataset) -> tuple[Path, list[tuple[str, str, np.ndarray]]]:
@@ -62,6 +64,28 @@ def agreement(prediction, annotated: np.ndarray) -> tuple[bool, str]:
     union = np.logical_or(prediction.mask, annotated).sum()
     iou = float(np.logical_and(prediction.mask, annotated).sum() / union)
     return iou >= 0.5, f"IoU {iou:.2f} with the annotated mask"
+
+
+def segment_one_of_each_kind(predictor, image_path: Path, examples, out_dir: Path, checkpoint: str) -> list[bool]:
+    """Step 3: ``examples`` (from :func:`pick_example`) on ``image_path``; prints each verdict and writes the
+    export of :func:`write_predictions` plus ``OVERVIEW_FILE`` (the overlays side by side, without boxes,
+    each captioned with its kind, sentence, answer and verdict). Returns whether each one was right."""
+    image = load_image(image_path)
+    predictions = predictor.predict(image, [text for _, text, _ in examples])
+    write_predictions(image, predictions, out_dir, str(image_path), checkpoint)
+    verdicts, tiles = [], []
+    for index, (prediction, (kind, _, annotated)) in enumerate(zip(predictions, examples)):
+        status = "no target" if prediction.no_target else f"{int(prediction.mask.sum())} px, box {[round(v, 1) for v in prediction.box.tolist()]}"
+        correct, words = agreement(prediction, annotated)
+        verdicts.append(correct)
+        verdict = "right" if correct else "WRONG"
+        print(f"  [{index:02d}] {kind} {prediction.expression!r}: {status} ({words}: {verdict})")
+        said = "no target" if prediction.no_target else f"{int(prediction.mask.sum())} px"
+        tiles.append(overlay(image, prediction.mask, None, f"{kind}: {prediction.expression} -> {said} ({verdict})"))
+    save_png(contact_sheet(tiles), out_dir / OVERVIEW_FILE)
+    print(f"{sum(verdicts)} of {len(examples)} right; masks, overlays, summary.json, predictions.jsonl and {OVERVIEW_FILE}"
+          f" (all {len(examples)} overlays side by side) in {out_dir}/")
+    return verdicts
 
 
 def ovss_example(out_dir: Path, checkpoint: Path, device: str = "auto") -> dict | None:
@@ -130,17 +154,7 @@ def main() -> int:
 
     image_path, examples = pick_example(gres_dataset)
     print(f"\n[3/4] segmenting {image_path.name} for one expression of each kind")
-    image = load_image(image_path)
-    predictions = predictor.predict(image, [text for _, text, _ in examples])
-    out_dir = args.out / "predictions"
-    write_predictions(image, predictions, out_dir, str(image_path), str(args.checkpoint))
-    right = 0
-    for index, (prediction, (kind, _, annotated)) in enumerate(zip(predictions, examples)):
-        status = "no target" if prediction.no_target else f"{int(prediction.mask.sum())} px, box {[round(v, 1) for v in prediction.box.tolist()]}"
-        correct, words = agreement(prediction, annotated)
-        right += correct
-        print(f"  [{index:02d}] {kind} {prediction.expression!r}: {status} ({words}: {'right' if correct else 'WRONG'})")
-    print(f"{right} of {len(examples)} right; masks, overlays, summary.json and predictions.jsonl in {out_dir}/")
+    segment_one_of_each_kind(predictor, image_path, examples, args.out / "predictions", str(args.checkpoint))
     ovss_example(args.out / "ovss", args.ovss_checkpoint, args.device)
     return 0
 

@@ -36,12 +36,41 @@ def overlay(
         x0, y0, x1, y1 = (float(v) for v in box_xyxy)
         draw.rectangle([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], outline=BOX_COLOUR, width=2)
     if caption:
-        band = 18
-        framed = Image.new("RGB", (canvas.width, canvas.height + band), (0, 0, 0))
+        lines = wrap_caption(caption, canvas.width - 8)
+        framed = Image.new("RGB", (canvas.width, canvas.height + CAPTION_LINE * len(lines) + 4), (0, 0, 0))
         framed.paste(canvas, (0, 0))
-        ImageDraw.Draw(framed).text((4, canvas.height + 3), caption, fill=(255, 255, 255))
+        for row, line in enumerate(lines):
+            ImageDraw.Draw(framed).text((4, canvas.height + 3 + CAPTION_LINE * row), line, fill=(255, 255, 255))
         canvas = framed
     return canvas
+
+
+CAPTION_LINE = 14  # height of a caption line, in pixels (PIL's default font)
+
+
+def wrap_caption(caption: str, width: int) -> list[str]:
+    """``caption`` broken at spaces into lines no wider than ``width`` pixels in PIL's default font
+    (a single word wider than that keeps a line to itself)."""
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines: list[str] = []
+    for word in caption.split():
+        if lines and measure.textlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def contact_sheet(pictures: Sequence[Image.Image], gap: int = 4) -> Image.Image:
+    """The pictures side by side, top-aligned, ``gap`` black pixels apart, on a black ground (e.g. one
+    overlay per expression of an image, to look at them together)."""
+    width = sum(picture.width for picture in pictures) + gap * max(len(pictures) - 1, 0)
+    sheet = Image.new("RGB", (max(width, 1), max((picture.height for picture in pictures), default=1)), (0, 0, 0))
+    left = 0
+    for picture in pictures:
+        sheet.paste(picture.convert("RGB"), (left, 0))
+        left += picture.width + gap
+    return sheet
 
 
 def padded_prediction_overlay(
