@@ -50,6 +50,17 @@ def _chmod_as_created(path: Path, directory: bool) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
+def _chmod_tree_as_created(root: Path) -> None:
+    """:func:`_chmod_as_created` for everything under ``root``: some writers ignore the umask and make
+    their files private (safetensors' ``save_file`` creates 0600), which would leave a checkpoint that
+    others on a shared machine cannot read."""
+    for folder, directories, files in os.walk(root):
+        for name in directories:
+            _chmod_as_created(Path(folder) / name, directory=True)
+        for name in files:
+            _chmod_as_created(Path(folder) / name, directory=False)
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -107,6 +118,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     _chmod_as_created(tmp, directory=True)
     try:
         yield tmp
+        _chmod_tree_as_created(tmp)
         _fsync_tree(tmp)
         ready = tmp.with_suffix(COMPLETE)
         os.replace(tmp, ready)

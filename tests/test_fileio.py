@@ -8,6 +8,8 @@ import stat
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from ssp_sam.fileio import atomic_directory, atomic_path, recover_directory, write_json
 
@@ -143,8 +145,12 @@ def test_outputs_respect_the_umask(tmp_path, umask, file_mode, dir_mode):
             tmp.write_text("| a |\n")
         with atomic_directory(tmp_path / "last") as tmp:
             (tmp / "weights").write_text("w")
+            save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))  # safetensors writes 0600 whatever the umask
+            (tmp / "sub").mkdir(mode=0o700)
+            os.close(os.open(tmp / "sub" / "private", os.O_CREAT | os.O_WRONLY, 0o600))
     finally:
         os.umask(previous)
-    for name in ("summary.json", "table.md", "last/weights"):
+    for name in ("summary.json", "table.md", "last/weights", "last/model.safetensors", "last/sub/private"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == file_mode, name
+    assert stat.S_IMODE((tmp_path / "last" / "sub").stat().st_mode) == dir_mode
     assert stat.S_IMODE((tmp_path / "last").stat().st_mode) == dir_mode
