@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Build the ShapeWorld default model from nothing on a 2-core CPU, stage by stage.
-#   bash scripts/train_default_model.sh [train.py overrides ...]            # the shipped model's recipe (v1)
-#   RECIPE=v2 bash scripts/train_default_model.sh [train.py overrides ...]  # configs/model/shapeworld_v2.yaml (issue 13)
+#   bash scripts/train_default_model.sh [train.py overrides ...]            # the shipped model's recipe (v2)
+#   RECIPE=v1 bash scripts/train_default_model.sh [train.py overrides ...]  # the first model (configs/model/shapeworld.yaml)
 # Stages (seeds: data 7, encoder pretraining 1000, training 3407; the demo and the CI check use other seeds):
 #   1. ShapeWorld-Ref GRES train/val data into data/shapeworld_train (skipped when its manifest is there)
 #   2. pretrain the small SAM (promptable segmentation), 3. pretrain the small CLIP (region-caption contrast)
 #      (v2: 2 and 3 side by side, one thread each)
-#   4. train SSP-SAM with both frozen (configs/experiment/shapeworld_default.yaml; v2: shapeworld_v2.yaml)
+#   4. train SSP-SAM (configs/experiment/shapeworld_v2.yaml: SAM frozen, CLIP's text tower trained with it;
+#      v1: shapeworld_default.yaml, both encoders frozen)
 #   5. copy the best checkpoint (encoders embedded) to checkpoints/shapeworld_default
+# Times on this 2-core machine: docs/shapeworld_model.md, "How it was made".
 # Every stage can be stopped and continued: rerun the script and finished stages are skipped (a
 # pretraining is finished when its weights and their report "{out}.json" exist for the same config and
 # the weights load; see docs/pretraining.md, "Stages"), an interrupted pretraining resumes exactly
@@ -21,7 +23,7 @@ cd "$repo"
 python="${SSP_SAM_VENV:-$repo/.venv}/bin/python"
 minutes="${STAGE_MINUTES:-55}"
 
-case "${RECIPE:-v1}" in
+case "${RECIPE:-v2}" in
   v1) clip_config=pretrain_clip; sam_config=pretrain_sam; experiment=shapeworld_default; run_name=shapeworld_default; side_by_side=0 ;;
   v2) clip_config=pretrain_clip_v2; sam_config=pretrain_sam_v2; experiment=shapeworld_v2; run_name=shapeworld_default_v2; side_by_side=1 ;;
   *) echo "error: RECIPE must be v1 or v2, got '${RECIPE}'" >&2; exit 2 ;;

@@ -50,14 +50,17 @@ def make_checkout(tmp_path: Path) -> tuple[Path, Path]:
     return checkout, venv
 
 
-def run_recipe(tmp_path: Path, recipe: str, sam_status: int, clip_status: int) -> tuple[subprocess.CompletedProcess, list[str], Path]:
+def run_recipe(tmp_path: Path, recipe: str | None, sam_status: int, clip_status: int) -> tuple[subprocess.CompletedProcess, list[str], Path]:
     checkout, venv = make_checkout(tmp_path)
     calls = tmp_path / "calls.txt"
     calls.touch()
     (checkout / "runs" / "shapeworld_default_v2" / "best").mkdir(parents=True)
     (checkout / "runs" / "shapeworld_default" / "best").mkdir(parents=True)
-    env = {**os.environ, "SSP_SAM_VENV": str(venv), "RECIPE": recipe, "FAKE_CALLS": str(calls),
+    env = {**os.environ, "SSP_SAM_VENV": str(venv), "FAKE_CALLS": str(calls),
            "FAKE_SAM_STATUS": str(sam_status), "FAKE_CLIP_STATUS": str(clip_status)}
+    env.pop("RECIPE", None)
+    if recipe is not None:
+        env["RECIPE"] = recipe
     result = subprocess.run(["bash", str(checkout / "scripts" / "train_default_model.sh")], env=env,
                             capture_output=True, text=True, timeout=60)
     return result, calls.read_text().splitlines(), checkout
@@ -79,11 +82,14 @@ def test_v2_pretraining_failure_wins_over_a_stop_and_names_the_sam_log(tmp_path)
     assert not any(call.startswith("training") for call in calls)
 
 
-def test_v2_finished_pretrainings_go_on_to_training_and_shipping(tmp_path):
-    result, calls, checkout = run_recipe(tmp_path, "v2", 0, 0)
+@pytest.mark.parametrize("recipe", ["v2", None])  # v2 is the default: the shipped model's recipe
+def test_v2_finished_pretrainings_go_on_to_training_and_shipping(tmp_path, recipe):
+    result, calls, checkout = run_recipe(tmp_path, recipe, 0, 0)
     assert result.returncode == 0, result.stderr
     assert [call.split()[0] for call in calls][-1] == "training"
     assert "experiment=shapeworld_v2" in calls[-1] and "name=shapeworld_default_v2" in calls[-1]
+    configs = sorted(call.split("--config-name ")[1].split()[0] for call in calls if "--config-name" in call)
+    assert configs == ["pretrain_clip_v2", "pretrain_sam_v2"]
     assert (checkout / "checkpoints" / "shapeworld_default").is_dir()
     # the SAM ran in the background with its output in the log the script names
     assert "sam stage ran" in (tmp_path / "calls.txt").read_text()

@@ -30,7 +30,10 @@ N_IMAGES = 40
 MARGIN = 0.05
 # The issue's targets: RES mIoU overall and on L and R; GRES gIoU and N-acc.
 TARGETS = {"res": {"mIoU": 0.85, "L": 0.75, "R": 0.75}, "gres": {"gIoU": 0.80, "N-acc": 0.85}}
-TARGETS_REACHED = False  # the shipped model does not reach them yet (README, "What limits the model")
+# Which targets the shipped model reaches on the README's split: GRES (gIoU 81.3, N-acc 92.3), not yet RES
+# (mIoU 78.9, L 69.9; README, "What limits the model"). A reached target is checked for real, the others are
+# expected failures until a model reaches them.
+TARGETS_REACHED = {"res": False, "gres": True}
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +80,10 @@ def test_no_regression_against_the_reported_numbers(results, task):
         assert measured[key] >= value - MARGIN, (task, key, measured, reference)
 
 
-@pytest.mark.xfail(not TARGETS_REACHED, reason="the shipped model does not reach the issue's targets yet", strict=False)
-@pytest.mark.parametrize("task", ["res", "gres"])
+@pytest.mark.parametrize("task", [
+    pytest.param(task, marks=[] if reached else pytest.mark.xfail(reason=f"the shipped model does not reach the {task} targets yet"))
+    for task, reached in TARGETS_REACHED.items()
+])
 def test_targets(results, task):
     measured = _headline(results[task], task)
     for key, target in TARGETS[task].items():
@@ -149,7 +154,7 @@ def test_demo_overview_shows_each_expressions_mask_in_order(demo_example, demo_s
         assert np.array_equal(np.any(tile != image, axis=-1), mask), index  # tinted exactly where its mask is
 
 
-@pytest.mark.xfail(not TARGETS_REACHED, reason="the shipped model does not reach the issue's targets yet", strict=False)
+@pytest.mark.xfail(not all(TARGETS_REACHED.values()), reason="the shipped model does not reach the issue's targets yet", strict=False)
 def test_demo_overlays_show_the_right_objects(demo_step_3):
     """Item 5 of the issue: every one of the demo's five expressions is answered right by the shipped model."""
     verdicts, _ = demo_step_3

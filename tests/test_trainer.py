@@ -721,6 +721,8 @@ def test_shapeworld_v2_recipe_caches_what_random_placement_cannot_change():
     # the kind weights of the 20-epoch pilot (docs/shapeworld_model.md) pass the trainer's validation
     train = train_run_config_from(cfg).train
     assert train.epochs == 20 and train.referent_weights == {"L": 4.0, "R": 2.0} and train.expression_weights == {"L": 3.0, "R": 2.0}
+    # CLIP's text tower trains (docs/shapeworld_model.md, "What moved L"), at its own learning rate
+    assert cfg.model.finetune_text_encoder and train.text_encoder_lr == 5.0e-4
     assert cfg.model.clip_custom.image_size == CANVAS
     scene = np.random.default_rng(0).integers(0, 256, (CANVAS, CANVAS, 3), dtype=np.uint8)
     centred, box = letterbox_image(scene, CANVAS)
