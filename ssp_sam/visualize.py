@@ -14,6 +14,7 @@ from .letterbox import Letterbox
 
 MASK_COLOUR = (255, 64, 160)
 BOX_COLOUR = (64, 255, 255)
+CAPTION_LINE = 14  # height of a caption line, in pixels (PIL's default font)
 
 
 def overlay(
@@ -43,9 +44,6 @@ def overlay(
             ImageDraw.Draw(framed).text((4, canvas.height + 3 + CAPTION_LINE * row), line, fill=(255, 255, 255))
         canvas = framed
     return canvas
-
-
-CAPTION_LINE = 14  # height of a caption line, in pixels (PIL's default font)
 
 
 def wrap_caption(caption: str, width: int) -> list[str]:
