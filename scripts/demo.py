@@ -75,12 +75,12 @@ def segment_one_of_each_kind(predictor, image_path: Path, examples, out_dir: Pat
     write_predictions(image, predictions, out_dir, str(image_path), checkpoint)
     verdicts, tiles = [], []
     for index, (prediction, (kind, _, annotated)) in enumerate(zip(predictions, examples)):
-        status = "no target" if prediction.no_target else f"{int(prediction.mask.sum())} px, box {[round(v, 1) for v in prediction.box.tolist()]}"
+        said = "no target" if prediction.no_target else f"{int(prediction.mask.sum())} px"
+        status = said if prediction.no_target else f"{said}, box {[round(v, 1) for v in prediction.box.tolist()]}"
         correct, words = agreement(prediction, annotated)
         verdicts.append(correct)
         verdict = "right" if correct else "WRONG"
         print(f"  [{index:02d}] {kind} {prediction.expression!r}: {status} ({words}: {verdict})")
-        said = "no target" if prediction.no_target else f"{int(prediction.mask.sum())} px"
         tiles.append(overlay(image, prediction.mask, None, f"{kind}: {prediction.expression} -> {said} ({verdict})"))
     save_png(contact_sheet(tiles), out_dir / OVERVIEW_FILE)
     print(f"{sum(verdicts)} of {len(examples)} right; masks, overlays, summary.json, predictions.jsonl and {OVERVIEW_FILE}"

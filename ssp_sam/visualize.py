@@ -46,13 +46,17 @@ def overlay(
     return canvas
 
 
+def text_width(text: str) -> float:
+    """Width of ``text`` in pixels, drawn in PIL's default font (as captions and legends are)."""
+    return ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text)
+
+
 def wrap_caption(caption: str, width: int) -> list[str]:
     """``caption`` broken at spaces into lines no wider than ``width`` pixels in PIL's default font
     (a single word wider than that keeps a line to itself)."""
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     lines: list[str] = []
     for word in caption.split():
-        if lines and measure.textlength(f"{lines[-1]} {word}") <= width:
+        if lines and text_width(f"{lines[-1]} {word}") <= width:
             lines[-1] = f"{lines[-1]} {word}"
         else:
             lines.append(word)
@@ -142,8 +146,7 @@ def label_overlay(
 
 def _legend(entries: Sequence[str], colours: np.ndarray, width: int) -> Image.Image:
     """A black band ``width`` wide: entries in equal columns (as many as fit, at least one), row by row."""
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    column = LEGEND_SWATCH + 4 + max((int(measure.textlength(text)) for text in entries), default=0) + 2 * LEGEND_MARGIN
+    column = LEGEND_SWATCH + 4 + max((int(text_width(text)) for text in entries), default=0) + 2 * LEGEND_MARGIN
     columns = max(1, (width - LEGEND_MARGIN) // column)
     rows = -(-len(entries) // columns)
     band = Image.new("RGB", (width, rows * LEGEND_ROW + LEGEND_MARGIN), (0, 0, 0))
