@@ -7,7 +7,7 @@
         model.clip_checkpoint=... model.sam_checkpoint=...
     python scripts/train.py experiment=refcoco_224 resume=true      # continue an interrupted run
 
-``train.max_minutes=M`` stops after the epoch that passes M minutes (``last/`` saved) with exit status 3;
+``train.max_minutes=M`` stops before an epoch that would end past M minutes (``last/`` saved) with exit status 3;
 ``resume=true`` continues.
 
 An experiment named ovss_* (or ovss_model= / ovss_dataset= on the command line) trains an open-vocabulary

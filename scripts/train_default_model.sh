@@ -14,8 +14,8 @@
 # pretraining is finished when its weights and their report "{out}.json" exist for the same config and
 # the weights load; see docs/pretraining.md, "Stages"), an interrupted pretraining resumes exactly
 # from its last saved state, SSP-SAM training from its last finished epoch. STAGE_MINUTES=N (default
-# 55) stops a pretraining after N minutes, and SSP-SAM training after the epoch that passes N minutes
-# (train.max_minutes); the state is saved and the script exits with status 3: rerun it.
+# 55) stops a pretraining after N minutes, and SSP-SAM training before an epoch that would end past N
+# minutes (train.max_minutes); the state is saved and the script exits with status 3: rerun it.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$repo/scripts/setup_env.sh"

@@ -28,7 +28,7 @@ from ssp_sam.engine.rec_validation import rec_accuracy
 from ssp_sam.config import ModelConfig
 from ssp_sam.engine.precision import resolve_precision
 from ssp_sam.engine.train_config import TrainRunConfig, train_run_config_from
-from ssp_sam.engine.trainer import Trainer, TrainingDivergedError
+from ssp_sam.engine.trainer import Trainer, TrainingDivergedError, epoch_would_overrun
 from ssp_sam.errors import ConfigError
 from ssp_sam.model import SSPOutput
 
@@ -207,8 +207,18 @@ def test_resume_after_kill_mid_epoch(shapeworld_root, tmp_path):
     assert [r["train/loss"] for r in read_log(tmp_path / "killed")] == reference.losses
 
 
+def test_a_stage_stops_before_an_epoch_that_would_pass_max_minutes():
+    """Stages of 13-minute epochs under a 55-minute limit: four epochs (52 min) and not a fifth that would
+    end at 65; with the first epoch the longest (cache fills) its length is the one that counts."""
+    epoch = 13 * 60
+    assert not epoch_would_overrun(3 * epoch, epoch, 55)  # a fourth ends at 52 min
+    assert epoch_would_overrun(4 * epoch, epoch, 55)  # a fifth would end at 65
+    assert epoch_would_overrun(40 * 60, 17 * 60, 55)  # 40 + 17 > 55, though 40 + 13 would fit
+    assert not epoch_would_overrun(38 * 60, 17 * 60, 55)  # ends at exactly 55: still inside
+
+
 def test_max_minutes_stops_after_an_epoch_and_resume_equals_one_run(shapeworld_root, tmp_path):
-    """train.max_minutes: the script stops after the epoch that passes the limit (exit 3, last/ saved, no
+    """train.max_minutes: the script stops before an epoch that would pass the limit (exit 3, last/ saved, no
     test); two stops and resumes give the weights and losses of one uninterrupted 3-epoch run."""
     cache = tmp_path / "cache"
     full = Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "full", cache))).fit()

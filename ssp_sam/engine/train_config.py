@@ -67,8 +67,8 @@ class TrainSection:
     # CLIP image tokens kept per CLIP input up to this size (needs augment=false or clip_placements > 0).
     image_cache_gb: float = number(0.0, 0)
     max_steps_per_epoch: Optional[int] = number(None, 1, optional=True)
-    # Stage stop: after the epoch during which this much wall time (this invocation) has passed, the
-    # run stops with last/ saved (scripts/train.py exits with status 3) and resume=true continues it.
+    # Stage stop: before an epoch that would end past this much wall time (this invocation), judged by
+    # the longest epoch so far (at least one epoch runs), the run stops with last/ saved (scripts/train.py exits with status 3) and resume=true continues it.
     max_minutes: Optional[float] = number(None, 0, optional=True, above=True)
     save_encoders: bool = False
 

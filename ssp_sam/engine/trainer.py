@@ -93,6 +93,13 @@ def decoder_parts_never_run(decoder: nn.Module) -> list[nn.Module]:
     return [decoder.iou_prediction_head, *decoder.output_hypernetworks_mlps[1:]]
 
 
+def epoch_would_overrun(elapsed_seconds: float, longest_epoch_seconds: float, limit_minutes: float) -> bool:
+    """Whether an epoch started now, as long as the longest one so far, would end past ``limit_minutes``
+    (``train.max_minutes``). Deciding before the epoch, not after it passes the limit, keeps a stage of
+    long epochs (a mirrored ShapeWorld epoch is 12-17 minutes here) within its hour."""
+    return elapsed_seconds + longest_epoch_seconds > 60 * limit_minutes
+
+
 class TrainingDivergedError(SSPSAMError):
     """The loss became NaN or Inf; the last good checkpoint is kept."""
 
@@ -410,8 +417,9 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train from ``start_epoch`` to the last epoch, validating every ``val.every`` epochs and after the last.
 
-        With ``train.max_minutes``, stop after the epoch during which that much wall time of this call
-        has passed (``last/`` saved, as after every epoch): the result says ``finished=False`` and
+        With ``train.max_minutes``, stop after an epoch when the next one would end past that much wall
+        time of this call, judged by the longest epoch so far (``epoch_would_overrun``; at least one epoch
+        runs), so that a stage stays within its limit (``last/`` saved, as after every epoch): the result says ``finished=False`` and
         ``resume=true`` continues with the next epoch, as after a kill. The data-loader workers are forked at the first epoch and live until the end (host memory
         trimmed and the garbage collector frozen just before, ``host_memory.py``).
         """
@@ -423,6 +431,7 @@ class Trainer:
         epochs = self.config.train.epochs
         session_started = time.time()
         next_epoch = self.start_epoch
+        longest_epoch = 0.0
         try:
             with shared_with_forked_workers(enabled=self.loader.num_workers > 0):
                 for epoch in range(self.start_epoch, epochs):
@@ -444,7 +453,8 @@ class Trainer:
                         mean_loss = float(np.mean(all_losses[-self.steps_per_epoch :])) if all_losses else math.nan
                         tqdm.write(f"epoch {epoch + 1}/{epochs}: loss {mean_loss:.4f}{shown} ({time.time() - started:.0f}s)")
                     next_epoch = epoch + 1
-                    if next_epoch < epochs and self._time_is_up(session_started):
+                    longest_epoch = max(longest_epoch, time.time() - started)
+                    if next_epoch < epochs and self._time_is_up(session_started, longest_epoch):
                         break
         finally:
             if self.writer is not None:
@@ -453,14 +463,14 @@ class Trainer:
             self.run_dir, next_epoch - self.start_epoch, self.best_metric, last_metrics, all_losses, finished=next_epoch >= epochs
         )
 
-    def _time_is_up(self, session_started: float) -> bool:
-        """Whether ``train.max_minutes`` of wall time have passed since ``session_started``. The ranks'
-        mean elapsed time decides, so that every rank stops after the same epoch."""
+    def _time_is_up(self, session_started: float, longest_epoch: float) -> bool:
+        """Whether another epoch would end past ``train.max_minutes`` of wall time since ``session_started``.
+        The ranks' mean elapsed time decides, so that every rank stops after the same epoch."""
         limit = self.config.train.max_minutes
         if limit is None:
             return False
         elapsed = mean_across_ranks(torch.tensor([time.time() - session_started], device=self.device), self.dist)
-        return float(elapsed) >= 60 * limit
+        return epoch_would_overrun(float(elapsed), longest_epoch, limit)
 
     def test(self) -> Optional[Path]:
         """Evaluate the best checkpoint on ``test.split`` and write the results JSON into the run directory.
