@@ -157,6 +157,37 @@ def _location_expressions(objects: tuple[SceneObject, ...], descs: dict[Desc, tu
     return expressions
 
 
+@dataclass(frozen=True)
+class LocationReading:
+    """What an L sentence asks among a scene's objects: the side, the objects its description fits
+    (sorted from the asked extreme to the opposite one), so ``candidates[0]`` is the target and
+    ``candidates[-1]`` the object at the other end."""
+
+    side: str
+    candidates: tuple[int, ...]
+
+
+def read_location(text: str, objects: tuple[SceneObject, ...]) -> LocationReading:
+    """Parse an L sentence ("the {desc} on the {side}" / "the {side}most {desc}") back into its side and
+    the objects its description fits, ordered along the side's axis (error analysis of location)."""
+    words = text.split(" ")
+    if len(words) >= 5 and words[-3:-1] == ["on", "the"] and words[-1] in SIDES:
+        side, desc_words = words[-1], words[1:-3]
+    elif len(words) >= 3 and words[1].endswith("most") and words[1][: -len("most")] in SIDES:
+        side, desc_words = words[1][: -len("most")], words[2:]
+    else:
+        raise ValueError(f"not a location sentence: {text!r}")
+    noun, modifiers = desc_words[-1], desc_words[:-1]
+    desc = Desc(
+        shape=None if noun == "shape" else noun,
+        color=next((word for word in modifiers if word in COLOR_NAMES), None),
+        size=next((word for word in modifiers if word in SIZES), None),
+    )
+    axis, sign, _ = SIDES[side]
+    members = sorted(_matching(desc, objects), key=lambda i: sign * objects[i].center[axis])
+    return LocationReading(side, tuple(members))
+
+
 def _relation_expressions(objects: tuple[SceneObject, ...], descs: dict[Desc, tuple[int, ...]]) -> list[Expression]:
     expressions = []
     anchors = [(members[0], desc) for desc, members in descs.items() if len(members) == 1]

@@ -23,6 +23,26 @@ OUTCOME_MEANINGS = {
 }
 
 
+# The wrong answers to a location (L) sentence, by which object was taken instead of the target.
+LOCATION_ERRORS = ("opposite end", "other fitting", "not fitting")
+LOCATION_ERROR_MEANINGS = {
+    "opposite end": "covers only the fitting object at the other extreme (the side word misread)",
+    "other fitting": "covers only fitting objects, not the target nor only the opposite one",
+    "not fitting": "covers an object the description does not fit (the description misread)",
+}
+
+
+def location_error(covered: Sequence[int], candidates: Sequence[int]) -> str | None:
+    """Which of :data:`LOCATION_ERRORS` a "wrong" answer to an L sentence is; None when the target
+    (``candidates[0]``, see ``expressions.read_location``) is covered or nothing is."""
+    covered = set(covered)
+    if not covered or candidates[0] in covered:
+        return None
+    if not covered <= set(candidates):
+        return "not fitting"
+    return "opposite end" if covered == {candidates[-1]} else "other fitting"
+
+
 def covered_objects(mask: np.ndarray, object_masks: Sequence[np.ndarray], min_coverage: float = 0.5) -> tuple[int, ...]:
     """Indices of the objects of which more than ``min_coverage`` of the pixels lie inside ``mask``.
 
