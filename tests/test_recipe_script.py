@@ -23,6 +23,7 @@ case "$*" in
   *pretrain_sam.py*) echo "sam stage ran $*" >> "$FAKE_CALLS"; printf 'progress\rheld-out mIoU 0.9\n'; exit "${FAKE_SAM_STATUS:-0}" ;;
   *pretrain_clip.py*) echo "clip stage ran $*" >> "$FAKE_CALLS"; exit "${FAKE_CLIP_STATUS:-0}" ;;
   *train.py*) echo "training ran $*" >> "$FAKE_CALLS"; exit 0 ;;
+  *make_shapeworld.py*) echo "data made $*" >> "$FAKE_CALLS"; exit 0 ;;
   -*) echo start ;;                                  # the heredoc that reads the run's last epoch
   *) echo "unexpected: $*" >> "$FAKE_CALLS"; exit 99 ;;
 esac
@@ -30,7 +31,7 @@ esac
 
 
 def make_checkout(tmp_path: Path) -> tuple[Path, Path]:
-    """A copy of the script and what it reads, a data set marked made, and a stand-in venv."""
+    """A copy of the script and what it reads, the data set marked made, and a stand-in venv."""
     checkout = tmp_path / "repo"
     (checkout / "scripts").mkdir(parents=True)
     for name in ("train_default_model.sh", "setup_env.sh"):
@@ -50,8 +51,12 @@ def make_checkout(tmp_path: Path) -> tuple[Path, Path]:
     return checkout, venv
 
 
-def run_recipe(tmp_path: Path, recipe: str | None, sam_status: int, clip_status: int) -> tuple[subprocess.CompletedProcess, list[str], Path]:
+def run_recipe(
+    tmp_path: Path, recipe: str | None, sam_status: int, clip_status: int, data_made: bool = True
+) -> tuple[subprocess.CompletedProcess, list[str], Path]:
     checkout, venv = make_checkout(tmp_path)
+    if not data_made:
+        shutil.rmtree(checkout / "data")
     calls = tmp_path / "calls.txt"
     calls.touch()
     (checkout / "runs" / "shapeworld_default_v2" / "best").mkdir(parents=True)
@@ -101,3 +106,15 @@ def test_v1_runs_the_pretrainings_in_turn_and_stops_at_the_first_stop(tmp_path):
     result, calls, _ = run_recipe(tmp_path, "v1", sam_status=3, clip_status=0)
     assert result.returncode == 3
     assert [call.split()[0] for call in calls] == ["sam"]  # the CLIP stage never started
+
+
+@pytest.mark.parametrize("recipe", ["v2", "v1"])
+def test_the_data_stage_makes_the_training_set_once(tmp_path, recipe):
+    """The data of seed 7 is made before anything else; with its manifest there, no data stage runs."""
+    result, calls, _ = run_recipe(tmp_path / "fresh", recipe, 0, 0, data_made=False)
+    assert result.returncode == 0, result.stderr
+    assert calls[0].startswith("data made") and "out=data/shapeworld_train " in calls[0] and "seed=7" in calls[0]
+    assert sum(call.startswith("data made") for call in calls) == 1
+    result, calls, _ = run_recipe(tmp_path / "made", recipe, 0, 0)
+    assert not any(call.startswith("data made") for call in calls)
+    assert "data: data/shapeworld_train already made" in result.stdout
