@@ -145,3 +145,21 @@ def test_fixed_placements_repeat_the_clip_input(tmp_path):
     assert len(top_offsets(continuous)) > 3
     inputs = {fixed[epoch, 0]["clip_pixels"].numpy().tobytes() for epoch in range(30)}
     assert len(inputs) == 3
+
+
+@pytest.mark.parametrize(
+    ("weights", "key", "message"),
+    [
+        ({"l": 3.0}, "kind", r"train\.expression_weights\.l: no sentence of .* has kind='l' \(.*values present: A, L, R\)"),
+        ({"L": 3.0, "M": 2.0}, "kind", r"train\.expression_weights\.M: .* has kind='M'"),  # a RES set has no M
+        ({"L": 3.0}, "subkind", r"has subkind='L' .*no sentence carries that annotation"),
+    ],
+)
+def test_a_weight_that_no_training_sentence_can_take_is_refused(dataset, weights, key, message):
+    """Unmatched weights would leave training uniform without a word: a typo, or data without the annotation."""
+    tokenizer = CLIPTokenizer(77, append_period=True)
+    with pytest.raises(ConfigError, match=message):
+        ReferringTrainingSet(dataset, _ZeroEmbeddings(), 32, 64, tokenizer, seed=5, augment=False,
+                             expression_weights=weights, expression_weight_key=key)
+    with pytest.raises(ConfigError, match=message.replace("expression_weights", "referent_weights")):
+        referent_weights(dataset, weights, key)

@@ -48,11 +48,33 @@ def release_mask_target(mask: np.ndarray, sam_image_size: int) -> Tensor:
 MASK_TARGETS: dict[str, Callable[[np.ndarray, int], Tensor]] = {"release": release_mask_target, "nearest": mask_to_padded_frame}
 
 
-def check_expression_weights(weights: Mapping[str, float], key: str = "train.expression_weights") -> None:
-    """Raise ConfigError naming the first weight that is not > 0 (``train.expression_weights`` or ``key``)."""
+def check_expression_weights(
+    weights: Mapping[str, float],
+    key: str = "train.expression_weights",
+    dataset: ReferringDataset | None = None,
+    annotation: str = "kind",
+) -> None:
+    """Raise ConfigError naming the first weight (of ``key``) that is not > 0 and, given the training set,
+    the first weighted value that none of its sentences has as ``annotation`` (train.expression_weight_key):
+    such a weight (a typo, "l" for "L", or a data set without the annotation) would silently change nothing."""
     for value, weight in weights.items():
         if not weight > 0:
             raise ConfigError(f"{key}.{value}: must be > 0, got {weight}")
+    if dataset is None or not weights:
+        return
+    present = {
+        str(meta[annotation])
+        for sample in dataset
+        for meta in (sample.sentence_meta(i) for i in range(len(sample.expressions)))
+        if annotation in meta
+    }
+    missing = [str(value) for value in weights if str(value) not in present]
+    if missing:
+        found = f"values present: {', '.join(sorted(present))}" if present else "no sentence carries that annotation"
+        raise ConfigError(
+            f"{key}.{missing[0]}: no sentence of {dataset.name}/{dataset.split} has {annotation}={missing[0]!r} "
+            f"(train.expression_weight_key={annotation}; {found}), so the weight would change nothing"
+        )
 
 
 def referent_weights(dataset: ReferringDataset, weights: Mapping[str, float], key: str = "kind") -> Tensor:
@@ -61,7 +83,7 @@ def referent_weights(dataset: ReferringDataset, weights: Mapping[str, float], ke
     A value without a weight counts 1, so {"L": 4.0} makes a referent whose sentences are all
     location sentences four times as likely as one with none, and one with half of each 2.5 times.
     """
-    check_expression_weights(weights, "train.referent_weights")
+    check_expression_weights(weights, "train.referent_weights", dataset, key)
     return torch.tensor([
         float(np.mean([weights.get(str(sample.sentence_meta(i).get(key)), 1.0) for i in range(len(sample.expressions))]))
         for sample in dataset
@@ -116,7 +138,7 @@ class ReferringTrainingSet(Dataset):
         self.mask_frame = mask_frame
         self.expression_weights = dict(expression_weights or {})
         self.expression_weight_key = expression_weight_key
-        check_expression_weights(self.expression_weights)
+        check_expression_weights(self.expression_weights, dataset=dataset, annotation=expression_weight_key)
         if need_masks:
             box_only = [s.sample_id for s in dataset if not s.no_target and not s.has_mask]
             if box_only:
