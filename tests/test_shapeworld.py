@@ -362,7 +362,24 @@ def test_grefcoco_layout_loads_and_matches_the_scenes(written):
         for sentence in ref["sentences"]:
             check_sentence(sentence["sent"], sentence["kind"], targets, scene.objects)
             kinds[sentence["kind"]] += 1
-    assert set(kinds) <= set(GRES_PROPORTIONS) and {"A", "N"} <= set(kinds)
+            assert sentence["subkind"] == _expected_subkind(sentence["sent"], sentence["kind"], targets, scene.objects)
+            kinds[sentence["subkind"]] += 1
+    assert set(kinds) <= {*GRES_PROPORTIONS, "L-shortcut", "L-described"} and {"A", "N"} <= set(kinds)
+    assert kinds["L-shortcut"] > 0 and kinds["L-shortcut"] + kinds["L-described"] == kinds["L"]
+
+
+# Where each side word points: (axis of the centre, +1 when the extreme is the largest coordinate).
+_SIDE_DIRECTIONS = {"left": (0, -1), "right": (0, 1), "top": (1, -1), "bottom": (1, 1)}
+
+
+def _expected_subkind(text: str, kind: str, targets: tuple[int, ...], objects) -> str:
+    """The spec's kind, location split by whether the target is the extreme object of the whole scene."""
+    if kind != "L":
+        return kind
+    side = next(word.removesuffix("most") for word in text.split() if word.removesuffix("most") in _SIDE_DIRECTIONS)
+    axis, direction = _SIDE_DIRECTIONS[side]
+    furthest = max(range(len(objects)), key=lambda i: direction * objects[i].center[axis])
+    return "L-shortcut" if furthest == targets[0] else "L-described"
 
 
 def test_manifest_counts_and_conflicting_seed(written):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ssp_sam.data.shapeworld import SceneObject, generate_refs, generate_scene
-from ssp_sam.data.shapeworld.expressions import enumerate_expressions, read_location
+from ssp_sam.data.shapeworld.expressions import Expression, enumerate_expressions, read_location, subkind
 from ssp_sam.data.shapeworld.grounding import LOCATION_ERRORS, OUTCOMES, covered_objects, grounding_outcome, location_error
 
 from conftest import run_script
@@ -90,6 +90,20 @@ def test_every_generated_location_sentence_reads_back_to_its_target():
     assert checked > 100
     with pytest.raises(ValueError, match="not a location sentence"):
         read_location("the red circle left of the blue square", HAND_SCENE)
+
+
+@pytest.mark.parametrize(
+    ("text", "target", "expected"),
+    [
+        ("the leftmost red circle", 0, "L-described"),  # the blue circle (x 20) is further left than the target (x 40)
+        ("the red circle on the right", 3, "L-shortcut"),  # the target is the rightmost object of all
+        ("the small red circle on the top", 3, "L-described"),  # the blue circle (y 20) is higher
+        ("the bottommost circle", 0, "L-shortcut"),
+    ],
+)
+def test_subkind_tells_whether_the_side_word_alone_finds_the_target(text, target, expected):
+    assert subkind(Expression(text, "L", "", (target,)), HAND_SCENE) == expected
+    assert subkind(Expression("the blue circle", "A", "the {color} {shape}", (2,)), HAND_SCENE) == "A"
 
 
 @pytest.mark.parametrize(

@@ -36,11 +36,11 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from ...errors import ConfigError, DatasetError
-from .expressions import KIND_PROPORTIONS, Ref, check_task, generate_refs, mirror_refs
+from .expressions import KIND_PROPORTIONS, Ref, check_task, generate_refs, mirror_refs, subkind
 from .scene import CANVAS, CLASS_NAMES, MIRRORS, SPLITS, Scene, check_mirrors, check_non_negative_int, generate_scene, mirror_scene, split_code
 
 SPEC_VERSION = "ShapeWorld-Ref v1"
-GENERATOR_VERSION = "1.0.0"  # bump whenever the output for a given seed changes
+GENERATOR_VERSION = "1.1.0"  # bump whenever the output for a given seed changes (1.1.0: sentences carry "subkind")
 DATASET_DIRS = {"res": "shapeworld", "gres": "shapeworld_gres"}
 REFS_FILES = {"res": "refs(unc).p", "gres": "grefs(unc).json"}
 MAX_IMAGES_PER_SPLIT = 1_000_000  # keeps image ids of different splits apart
@@ -87,9 +87,11 @@ def _annotation(scene: Scene, position: int, image_id: int) -> dict:
 
 
 def _ref_record(ref: Ref, ref_id: int, scene: Scene, image_id: int, annotations: list[dict], task: str) -> dict:
-    """A RefCOCO ref (task=res) or gRefCOCO ref (task=gres); sentences carry their "kind"."""
+    """A RefCOCO ref (task=res) or gRefCOCO ref (task=gres); sentences carry their "kind" and "subkind"
+    (``expressions.subkind``: L split into "L-shortcut" / "L-described")."""
     sentences = [
-        {"raw": e.text, "sent": e.text, "sent_id": 10 * ref_id + j, "tokens": e.text.split(), "kind": e.kind}
+        {"raw": e.text, "sent": e.text, "sent_id": 10 * ref_id + j, "tokens": e.text.split(), "kind": e.kind,
+         "subkind": subkind(e, scene.objects)}
         for j, e in enumerate(ref.sentences)
     ]
     ann_ids = [annotations[i]["id"] for i in ref.targets]

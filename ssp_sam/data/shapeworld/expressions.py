@@ -188,6 +188,20 @@ def read_location(text: str, objects: tuple[SceneObject, ...]) -> LocationReadin
     return LocationReading(side, tuple(members))
 
 
+def subkind(expression: Expression, objects: tuple[SceneObject, ...]) -> str:
+    """The sentence's kind, with location split by whether the description matters (a dataset annotation,
+    read by ``train.expression_weight_key=subkind``): "L-shortcut" when the target is also the extreme
+    of the whole scene on the asked side, so that the side word alone finds it (about 60 % of the L
+    sentences), "L-described" when another object lies further out and only the description rules it
+    out. A model that learnt the shortcut fails the second kind (docs/shapeworld_model.md, "Anatomy
+    of the remaining L errors")."""
+    if expression.kind != "L":
+        return expression.kind
+    axis, sign, _ = SIDES[read_location(expression.text, objects).side]
+    scene_extreme = min(range(len(objects)), key=lambda i: sign * objects[i].center[axis])
+    return "L-shortcut" if scene_extreme == expression.targets[0] else "L-described"
+
+
 def _relation_expressions(objects: tuple[SceneObject, ...], descs: dict[Desc, tuple[int, ...]]) -> list[Expression]:
     expressions = []
     anchors = [(members[0], desc) for desc, members in descs.items() if len(members) == 1]
