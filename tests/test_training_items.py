@@ -152,7 +152,8 @@ def test_fixed_placements_repeat_the_clip_input(tmp_path):
     [
         ({"l": 3.0}, "kind", r"train\.expression_weights\.l: no sentence of .* has kind='l' \(.*values present: A, L, R\)"),
         ({"L": 3.0, "M": 2.0}, "kind", r"train\.expression_weights\.M: .* has kind='M'"),  # a RES set has no M
-        ({"L": 3.0}, "subkind", r"has subkind='L' .*no sentence carries that annotation"),
+        ({"L": 3.0}, "subkind", r"has subkind='L' .*values present: A, L-\w+"),  # subkind splits L
+        ({"L": 3.0}, "colour", r"has colour='L' .*no sentence carries that annotation"),
     ],
 )
 def test_a_weight_that_no_training_sentence_can_take_is_refused(dataset, weights, key, message):

@@ -68,7 +68,8 @@ class TrainSection:
     image_cache_gb: float = number(0.0, 0)
     max_steps_per_epoch: Optional[int] = number(None, 1, optional=True)
     # Stage stop: before an epoch that would end past this much wall time (this invocation), judged by
-    # the longest epoch so far (at least one epoch runs), the run stops with last/ saved (scripts/train.py exits with status 3) and resume=true continues it.
+    # the longest epoch so far (at least one epoch runs), the run stops with last/ saved
+    # (scripts/train.py exits with status 3) and resume=true continues it.
     max_minutes: Optional[float] = number(None, 0, optional=True, above=True)
     save_encoders: bool = False
 

@@ -418,9 +418,10 @@ class Trainer:
         """Train from ``start_epoch`` to the last epoch, validating every ``val.every`` epochs and after the last.
 
         With ``train.max_minutes``, stop after an epoch when the next one would end past that much wall
-        time of this call, judged by the longest epoch so far (``epoch_would_overrun``; at least one epoch
-        runs), so that a stage stays within its limit (``last/`` saved, as after every epoch): the result says ``finished=False`` and
-        ``resume=true`` continues with the next epoch, as after a kill. The data-loader workers are forked at the first epoch and live until the end (host memory
+        time of this call, judged by the longest epoch so far (``epoch_would_overrun``; at least one
+        epoch runs), so that a stage stays within its limit (``last/`` saved, as after every epoch): the
+        result says ``finished=False`` and ``resume=true`` continues with the next epoch, as after a
+        kill. The data-loader workers are forked at the first epoch and live until the end (host memory
         trimmed and the garbage collector frozen just before, ``host_memory.py``).
         """
         if self.dist.is_main:
@@ -465,12 +466,13 @@ class Trainer:
 
     def _time_is_up(self, session_started: float, longest_epoch: float) -> bool:
         """Whether another epoch would end past ``train.max_minutes`` of wall time since ``session_started``.
-        The ranks' mean elapsed time decides, so that every rank stops after the same epoch."""
+        The ranks' mean elapsed time and longest epoch decide, so that every rank stops after the same epoch."""
         limit = self.config.train.max_minutes
         if limit is None:
             return False
-        elapsed = mean_across_ranks(torch.tensor([time.time() - session_started], device=self.device), self.dist)
-        return epoch_would_overrun(float(elapsed), longest_epoch, limit)
+        times = torch.tensor([time.time() - session_started, longest_epoch], device=self.device)
+        elapsed, longest = mean_across_ranks(times, self.dist).tolist()
+        return epoch_would_overrun(elapsed, longest, limit)
 
     def test(self) -> Optional[Path]:
         """Evaluate the best checkpoint on ``test.split`` and write the results JSON into the run directory.
