@@ -3,7 +3,8 @@
 #   bash scripts/train_default_model.sh [train.py overrides ...]            # the shipped model's recipe (v2)
 #   RECIPE=v1 bash scripts/train_default_model.sh [train.py overrides ...]  # the first model (configs/model/shapeworld.yaml)
 # Stages (seeds: data 7, encoder pretraining 1000, training 3407; the demo and the CI check use other seeds):
-#   1. ShapeWorld-Ref GRES train/val data into data/shapeworld_train (skipped when its manifest is there)
+#   1. ShapeWorld-Ref GRES train/val data into data/shapeworld_train (skipped when it is there, made by this
+#      generator with these settings; other data there is an error)
 #   2. pretrain the small SAM (promptable segmentation), 3. pretrain the small CLIP (region-caption contrast)
 #      (v2: 2 and 3 side by side, one thread each)
 #   4. train SSP-SAM (configs/experiment/shapeworld_v2.yaml: SAM frozen, CLIP's text tower trained with it;
@@ -29,11 +30,9 @@ case "${RECIPE:-v2}" in
   *) echo "error: RECIPE must be v1 or v2, got '${RECIPE}'" >&2; exit 2 ;;
 esac
 
-if [ -f data/shapeworld_train/manifest.json ]; then
-  echo "data: data/shapeworld_train already made (manifest.json written last)"
-else
-  "$python" scripts/make_shapeworld.py task=gres out=data/shapeworld_train n_images='{train: 3000, val: 100, test: 200}' seed=7
-fi
+# Skipped when data/shapeworld_train already holds exactly this data set; data of another generator
+# version, seed or size there stops the recipe with a message naming it (never trained on instead).
+"$python" scripts/make_shapeworld.py task=gres out=data/shapeworld_train n_images='{train: 3000, val: 100, test: 200}' seed=7 skip_existing=true
 if [ "$side_by_side" = 1 ]; then
   # Both pretraining configs use threads=1, so the two stages share the two cores side by side (about
   # 90 min on this machine instead of 145 one after the other). The SAM's progress goes to a log file,

@@ -23,7 +23,7 @@ case "$*" in
   *pretrain_sam.py*) echo "sam stage ran $*" >> "$FAKE_CALLS"; printf 'progress\rheld-out mIoU 0.9\n'; exit "${FAKE_SAM_STATUS:-0}" ;;
   *pretrain_clip.py*) echo "clip stage ran $*" >> "$FAKE_CALLS"; exit "${FAKE_CLIP_STATUS:-0}" ;;
   *train.py*) echo "training ran $*" >> "$FAKE_CALLS"; exit 0 ;;
-  *make_shapeworld.py*) echo "data made $*" >> "$FAKE_CALLS"; exit 0 ;;
+  *make_shapeworld.py*) echo "data stage ran $*" >> "$FAKE_CALLS"; exit "${FAKE_DATA_STATUS:-0}" ;;
   -*) echo start ;;                                  # the heredoc that reads the run's last epoch
   *) echo "unexpected: $*" >> "$FAKE_CALLS"; exit 99 ;;
 esac
@@ -31,15 +31,13 @@ esac
 
 
 def make_checkout(tmp_path: Path) -> tuple[Path, Path]:
-    """A copy of the script and what it reads, the data set marked made, and a stand-in venv."""
+    """A copy of the script and what it reads, and a stand-in venv."""
     checkout = tmp_path / "repo"
     (checkout / "scripts").mkdir(parents=True)
     for name in ("train_default_model.sh", "setup_env.sh"):
         shutil.copy(REPO / "scripts" / name, checkout / "scripts" / name)
     shutil.copy(REPO / "pyproject.toml", checkout / "pyproject.toml")
     (checkout / "checkpoints").mkdir()
-    (checkout / "data" / "shapeworld_train").mkdir(parents=True)
-    (checkout / "data" / "shapeworld_train" / "manifest.json").write_text("{}")
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     python = venv / "bin" / "python"
@@ -52,17 +50,15 @@ def make_checkout(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def run_recipe(
-    tmp_path: Path, recipe: str | None, sam_status: int, clip_status: int, data_made: bool = True
+    tmp_path: Path, recipe: str | None, sam_status: int, clip_status: int, data_status: int = 0
 ) -> tuple[subprocess.CompletedProcess, list[str], Path]:
     checkout, venv = make_checkout(tmp_path)
-    if not data_made:
-        shutil.rmtree(checkout / "data")
     calls = tmp_path / "calls.txt"
     calls.touch()
     (checkout / "runs" / "shapeworld_default_v2" / "best").mkdir(parents=True)
     (checkout / "runs" / "shapeworld_default" / "best").mkdir(parents=True)
     env = {**os.environ, "SSP_SAM_VENV": str(venv), "FAKE_CALLS": str(calls),
-           "FAKE_SAM_STATUS": str(sam_status), "FAKE_CLIP_STATUS": str(clip_status)}
+           "FAKE_SAM_STATUS": str(sam_status), "FAKE_CLIP_STATUS": str(clip_status), "FAKE_DATA_STATUS": str(data_status)}
     env.pop("RECIPE", None)
     if recipe is not None:
         env["RECIPE"] = recipe
@@ -76,7 +72,7 @@ def test_v2_runs_both_pretrainings_and_stops_with_3_when_either_stopped(tmp_path
     result, calls, checkout = run_recipe(tmp_path, "v2", sam_status, clip_status)
     assert result.returncode == 3, result.stderr
     assert "rerun this script" in result.stdout
-    assert sorted(call.split()[0] for call in calls) == ["clip", "sam"]  # both ran, training did not
+    assert sorted(call.split()[0] for call in calls) == ["clip", "data", "sam"]  # both ran, training did not
     assert not (checkout / "checkpoints" / "shapeworld_default").exists()
 
 
@@ -105,16 +101,22 @@ def test_v2_finished_pretrainings_go_on_to_training_and_shipping(tmp_path, recip
 def test_v1_runs_the_pretrainings_in_turn_and_stops_at_the_first_stop(tmp_path):
     result, calls, _ = run_recipe(tmp_path, "v1", sam_status=3, clip_status=0)
     assert result.returncode == 3
-    assert [call.split()[0] for call in calls] == ["sam"]  # the CLIP stage never started
+    assert [call.split()[0] for call in calls] == ["data", "sam"]  # the CLIP stage never started
 
 
 @pytest.mark.parametrize("recipe", ["v2", "v1"])
-def test_the_data_stage_makes_the_training_set_once(tmp_path, recipe):
-    """The data of seed 7 is made before anything else; with its manifest there, no data stage runs."""
-    result, calls, _ = run_recipe(tmp_path / "fresh", recipe, 0, 0, data_made=False)
+def test_the_data_stage_runs_first_and_skips_a_made_data_set(tmp_path, recipe):
+    """The data of seed 7 is asked for before anything else, with skip_existing (make_shapeworld.py's own
+    test checks that it then does nothing for a made set and refuses other data)."""
+    result, calls, _ = run_recipe(tmp_path, recipe, 0, 0)
     assert result.returncode == 0, result.stderr
-    assert calls[0].startswith("data made") and "out=data/shapeworld_train " in calls[0] and "seed=7" in calls[0]
-    assert sum(call.startswith("data made") for call in calls) == 1
-    result, calls, _ = run_recipe(tmp_path / "made", recipe, 0, 0)
-    assert not any(call.startswith("data made") for call in calls)
-    assert "data: data/shapeworld_train already made" in result.stdout
+    assert calls[0].startswith("data stage ran") and sum(call.startswith("data stage ran") for call in calls) == 1
+    assert all(word in calls[0].split() for word in ("task=gres", "out=data/shapeworld_train", "seed=7", "skip_existing=true"))
+
+
+@pytest.mark.parametrize("recipe", ["v2", "v1"])
+def test_a_refused_data_set_stops_the_recipe_before_pretraining(tmp_path, recipe):
+    """make_shapeworld.py exits 2 when data/shapeworld_train holds other data: nothing else runs."""
+    result, calls, _ = run_recipe(tmp_path, recipe, 0, 0, data_status=2)
+    assert result.returncode == 2
+    assert len(calls) == 1 and calls[0].startswith("data stage ran")

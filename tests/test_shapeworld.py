@@ -483,3 +483,20 @@ def test_cli_writes_dataset_and_no_hydra_outputs(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sw"]
     assert json.loads((tmp_path / "sw" / "manifest.json").read_text())["n_images"] == {"train": 2, "test": 1}
     assert (tmp_path / "sw" / "shapeworld_gres" / "grefs(unc).json").is_file()
+
+
+def test_cli_skip_existing_does_nothing_for_the_same_data_and_refuses_other_data(tmp_path):
+    made = run_cli("task=gres", "out=sw", "n_images={train: 2, test: 1}", "seed=5", "skip_existing=true", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr  # nothing there yet: made
+    instances = tmp_path / "sw" / "shapeworld_gres" / "instances.json"
+    written = instances.stat().st_mtime_ns
+    again = run_cli("task=gres", "out=sw", "n_images={train: 2, test: 1}", "seed=5", "skip_existing=true", cwd=tmp_path)
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+    assert instances.stat().st_mtime_ns == written
+    other_task = run_cli("task=res", "out=sw", "n_images={train: 2, test: 1}", "seed=5", "skip_existing=true", cwd=tmp_path)
+    assert other_task.returncode == 0 and (tmp_path / "sw" / "shapeworld" / "refs(unc).p").is_file()  # res was not there
+    for other in (["seed=6"], ["n_images={train: 3, test: 1}"]):
+        result = run_cli("task=gres", "out=sw", "n_images={train: 2, test: 1}", "seed=5", *other, "skip_existing=true", cwd=tmp_path)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: out: sw already holds")
+        assert instances.stat().st_mtime_ns == written

@@ -6,7 +6,7 @@ writes a whole dataset in the RefCOCO (task="res") or gRefCOCO (task="gres") lay
 ``generate_ovss_dataset(out, n_images, seed)`` writes ShapeWorld-OVSS (label maps, 12 unseen classes).
 """
 
-from .dataset import GENERATOR_VERSION, SPEC_VERSION, dataset_config, generate_dataset
+from .dataset import GENERATOR_VERSION, SPEC_VERSION, dataset_config, existing_task, generate_dataset
 from .expressions import KIND_PROPORTIONS, TASKS, Expression, Ref, generate_refs
 from .ovss import UNSEEN_CLASSES, generate_ovss_dataset
 from .scene import CLASS_NAMES, COLORS, SHAPES, SIZE_RADII, SPLITS, Scene, SceneObject, generate_scene
@@ -27,6 +27,7 @@ __all__ = [
     "Scene",
     "SceneObject",
     "dataset_config",
+    "existing_task",
     "generate_dataset",
     "generate_ovss_dataset",
     "generate_refs",

@@ -214,6 +214,16 @@ def check_generation_arguments(
     return out, counts, seed, workers, mirrors, _previous_tasks(out / "manifest.json", seed, counts, mirrors)
 
 
+def existing_task(out: str | os.PathLike, task: str, n_images: NImages, seed: int, mirrors: Sequence[str] = ()) -> dict | None:
+    """OUT's manifest entry for ``task`` when OUT already holds it, made by this generator with this seed,
+    these counts and these mirrors; None when OUT holds no such task yet.
+
+    Raises ConfigError, as a generation into OUT would, when OUT holds a dataset of another generator
+    version, seed, counts or mirrors: a caller that skips made data never takes other data for it.
+    """
+    return check_generation_arguments(out, n_images, seed, 0, mirrors)[5].get(task)
+
+
 def generate_dataset(
     out: str | os.PathLike,
     task: str,
