@@ -14,7 +14,8 @@
 # Every stage can be stopped and continued: rerun the script and finished stages are skipped (a
 # pretraining is finished when its weights and their report "{out}.json" exist for the same config and
 # the weights load; see docs/pretraining.md, "Stages"), an interrupted pretraining resumes exactly
-# from its last saved state, SSP-SAM training from its last finished epoch. STAGE_MINUTES=N (default
+# from its last saved state, SSP-SAM training from its last finished epoch; a stage left half-done
+# with other settings is refused, naming them, never continued with the new ones. STAGE_MINUTES=N (default
 # 55) stops a pretraining after N minutes, and SSP-SAM training before an epoch that would end past N
 # minutes (train.max_minutes); the state is saved and the script exits with status 3: rerun it.
 set -euo pipefail
@@ -61,21 +62,13 @@ else
   "$python" scripts/pretrain_clip.py --config-name "$clip_config" resume=true max_minutes="$minutes"
 fi
 
-# SSP-SAM training: skipped when runs/$run_name/last holds its last epoch, else started or resumed.
-training_state="$("$python" - "runs/$run_name/last/config.json" <<'PY'
-import json, sys
-try:
-    saved = json.load(open(sys.argv[1]))
-    print("finished" if saved["epoch"] + 1 >= saved["run"]["train"]["epochs"] else "resume")
-except FileNotFoundError:
-    print("start")
-PY
-)"
-case "$training_state" in
-  finished) echo "SSP-SAM training: runs/$run_name already holds its last epoch" ;;
-  resume) "$python" scripts/train.py experiment="$experiment" name="$run_name" train.max_minutes="$minutes" resume=true "$@" ;;
-  start) "$python" scripts/train.py experiment="$experiment" name="$run_name" train.max_minutes="$minutes" "$@" ;;
-esac
+# SSP-SAM training: resumed when runs/$run_name/last exists (a finished run then trains no epoch, and a
+# run of other settings there is refused by name: move it away to train the current recipe), else started.
+if [ -d "runs/$run_name/last" ]; then
+  "$python" scripts/train.py experiment="$experiment" name="$run_name" train.max_minutes="$minutes" resume=true "$@"
+else
+  "$python" scripts/train.py experiment="$experiment" name="$run_name" train.max_minutes="$minutes" "$@"
+fi
 
 # Ship: the new directory is put in place by renames, so a kill leaves the old or the new model.
 rm -rf checkpoints/.shapeworld_default.new checkpoints/.shapeworld_default.old

@@ -83,6 +83,8 @@ def test_a_stopped_and_resumed_run_equals_an_uninterrupted_one(bands, tmp_path):
     whole = OVSSTrainer(tiny_run(bands, tmp_path / "whole", *common)).fit()
     stopped = OVSSTrainer(tiny_run(bands, tmp_path / "parts", *common, "train.max_minutes=1e-9")).fit()
     assert not stopped.finished and stopped.iteration == 1  # stopped at the first iteration boundary, last/ saved
+    with pytest.raises(ConfigError, match=r"ovss_model.tspp.loss_weight: 1.0 -> 2.0"):  # another recipe: not this run
+        OVSSTrainer(tiny_run(bands, tmp_path / "parts", *common, "resume=true", "ovss_model.tspp.loss_weight=2.0"))
     resumed = OVSSTrainer(tiny_run(bands, tmp_path / "parts", *common, "resume=true")).fit()
     assert resumed.finished and resumed.iteration == 3 and resumed.iterations_run == 2
     a = load_file(tmp_path / "whole" / "last" / "model.safetensors")

@@ -533,6 +533,10 @@ def test_sam_stage_stopped_halfway_and_resumed_equals_one_run(tmp_path):
     out = tmp_path / "sam.pth"
     pretrain_sam(TINY_SAM, settings, out=out, progress=False, control=StageControl.beside(out, stop_after_steps=2))
     assert not out.exists()
+    # Resuming the half-done stage with another recipe would mix two in one file: refused, naming what changed.
+    other = SAMPretrainSettings(**{**settings.__dict__, "lr": settings.lr * 2})
+    with pytest.raises(ConfigError, match=rf"sam.pth.resume: the stage was started with other settings \(settings.lr: {settings.lr} -> {settings.lr * 2}\)"):
+        pretrain_sam(TINY_SAM, other, out=out, progress=False, control=StageControl.beside(out, resume=True))
     resumed, result = pretrain_sam(TINY_SAM, settings, out=out, progress=False, control=StageControl.beside(out, resume=True))
     assert result.losses == straight_result.losses
     assert_same_weights(straight, resumed)

@@ -24,7 +24,6 @@ case "$*" in
   *pretrain_clip.py*) echo "clip stage ran $*" >> "$FAKE_CALLS"; exit "${FAKE_CLIP_STATUS:-0}" ;;
   *train.py*) echo "training ran $*" >> "$FAKE_CALLS"; exit 0 ;;
   *make_shapeworld.py*) echo "data stage ran $*" >> "$FAKE_CALLS"; exit "${FAKE_DATA_STATUS:-0}" ;;
-  -*) echo start ;;                                  # the heredoc that reads the run's last epoch
   *) echo "unexpected: $*" >> "$FAKE_CALLS"; exit 99 ;;
 esac
 """
@@ -120,3 +119,20 @@ def test_a_refused_data_set_stops_the_recipe_before_pretraining(tmp_path, recipe
     result, calls, _ = run_recipe(tmp_path, recipe, 0, 0, data_status=2)
     assert result.returncode == 2
     assert len(calls) == 1 and calls[0].startswith("data stage ran")
+
+
+def test_training_resumes_the_run_it_finds_and_starts_one_otherwise(tmp_path):
+    """With runs/<run>/last there, training is resumed (train.py refuses a run of other settings and
+    trains no epoch of a finished one); without it, started. The overrides go through either way."""
+    checkout, venv = make_checkout(tmp_path)
+    calls = tmp_path / "calls.txt"
+    env = {**os.environ, "SSP_SAM_VENV": str(venv), "FAKE_CALLS": str(calls)}
+    env.pop("RECIPE", None)
+    script = ["bash", str(checkout / "scripts" / "train_default_model.sh"), "train.epochs=2"]
+    (checkout / "runs" / "shapeworld_default_v2" / "best").mkdir(parents=True)
+    assert subprocess.run(script, env=env, capture_output=True, text=True, timeout=60).returncode == 0
+    (checkout / "runs" / "shapeworld_default_v2" / "last").mkdir()
+    assert subprocess.run(script, env=env, capture_output=True, text=True, timeout=60).returncode == 0
+    started, resumed = [call.split() for call in calls.read_text().splitlines() if call.startswith("training")]
+    assert "resume=true" not in started and "train.epochs=2" in started and "name=shapeworld_default_v2" in started
+    assert "resume=true" in resumed and "train.epochs=2" in resumed

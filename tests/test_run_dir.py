@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ from safetensors.torch import load_file
 
 from ssp_sam.data.shapeworld import generate_dataset
 from ssp_sam.engine.trainer import Trainer
+from ssp_sam.errors import ConfigError
 
 from test_trainer import compose_train, read_log, train_overrides
 
@@ -71,3 +74,42 @@ def test_rerun_after_a_crash_in_the_first_epoch_starts_a_fresh_log(shapeworld_ro
     assert len(read_log(tmp_path / "run")) == 3
     Trainer(compose_train(overrides)).fit()
     assert [r["step"] for r in read_log(tmp_path / "run")] == [0, 1, 2]
+
+
+def test_resume_refuses_settings_that_change_what_the_run_trains(shapeworld_root, tmp_path, capsys):
+    """A resume with another recipe would mix two runs in one: refused, naming each key and both values.
+    How and where the run goes (time limit, log interval, cache sizes, paths) may change."""
+    run = tmp_path / "run"
+    overrides = train_overrides(shapeworld_root, run, tmp_path / "cache")
+    first = Trainer(compose_train(overrides))
+    first.train_one_epoch(0)
+    first._save("last", 0, {})
+
+    with pytest.raises(ConfigError) as refused:
+        Trainer(compose_train([*overrides, "resume=true", "train.lr=1e-3", "train.expression_weights={A: 2.0}"]))
+    message = str(refused.value)
+    assert str(run / "last") in message
+    assert "train.lr: 0.002 -> 0.001" in message and "train.expression_weights: None -> {'A': 2.0}" in message
+    with pytest.raises(ConfigError, match=r"model.prompt_generator.num_prompt_tokens: 4 -> 6"):
+        Trainer(compose_train([*overrides, "resume=true", "model.prompt_generator.num_prompt_tokens=6"]))
+
+    moved = tmp_path / "moved_data"
+    shutil.copytree(shapeworld_root, moved)
+    free = ["train.max_minutes=30", "train.log_every=2", "train.text_cache_gb=0.5", f"dataset.root={moved}", f"cache_dir={tmp_path / 'cache2'}"]
+    resumed = Trainer(compose_train([*overrides, "resume=true", *free]))
+    assert resumed.start_epoch == 1
+    assert f"note: resuming with dataset.root={moved} (the run had {shapeworld_root})" in capsys.readouterr().err
+
+
+def test_resume_ignores_settings_newer_than_the_run(shapeworld_root, tmp_path):
+    """A key the stored run does not have came with a newer version (and defaults to the old behaviour)."""
+    run = tmp_path / "run"
+    overrides = train_overrides(shapeworld_root, run, tmp_path / "cache")
+    first = Trainer(compose_train(overrides))
+    first.train_one_epoch(0)
+    first._save("last", 0, {})
+    config_path = run / "last" / "config.json"
+    stored = json.loads(config_path.read_text())
+    del stored["run"]["train"]["referent_weights"], stored["run"]["model"]["prompt_generator"]["positions_in_values"]
+    config_path.write_text(json.dumps(stored))
+    assert Trainer(compose_train([*overrides, "resume=true"])).start_epoch == 1

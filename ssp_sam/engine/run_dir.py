@@ -3,7 +3,8 @@
 A kill while ``last/`` or ``best/`` is being replaced leaves the old or the new version under a
 side name (``ssp_sam/fileio.py``); a kill while the log is rewritten leaves a temporary file.
 :func:`recover_run_dir` repairs both, so ``resume=true`` finds ``last/`` again. :func:`open_run_dir`
-does that and checks the run directory against ``resume``; :func:`trainer_state` is what ``last/``
+does that and checks the run directory against ``resume`` and the resumed run's settings against the stored
+ones (:func:`check_resumed_settings`); :func:`trainer_state` is what ``last/``
 keeps beside the weights for an exact resume and :func:`restore_trainer_state` puts it back;
 :func:`append_log` writes the per-step log and :func:`truncate_log` drops its lines of the steps a resumed run
 trains again.
@@ -15,12 +16,13 @@ import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..checkpoint import read_trainer_state
+from ..checkpoint import read_config_file, read_trainer_state
 from ..errors import ConfigError
 from ..fileio import INCOMPLETE, atomic_path, recover_directory
 from .distributed import DistInfo, barrier
@@ -45,14 +47,89 @@ def recover_run_dir(run_dir: str | os.PathLike) -> None:
             unfinished.unlink()
 
 
-def open_run_dir(run_dir: Path, resume: bool, dist: DistInfo) -> Path | None:
+# Settings a resumed run may change: they say how and where it runs, not what it trains (a stage
+# may run with other threads, time limits or cache sizes, or on another machine). Dotted prefixes.
+RESUME_FREE_SETTINGS = (
+    "name", "run_dir", "resume", "init_checkpoint", "device", "threads", "cache_dir", "cache_batch_size",
+    "train.workers", "train.log_every", "train.max_minutes", "train.save_every", "train.text_cache_gb",
+    "train.image_cache_gb", "val.max_batch", "val.overlays", "test", "eval",
+)
+# Paths, free likewise (the same files on another machine), but each change is printed.
+RESUME_PATH_SETTINGS = (
+    "model.clip_checkpoint", "model.sam_checkpoint", "dataset.root", "dataset.image_root",
+    "ovss_model.clip.checkpoint", "ovss_model.sam.checkpoint", "ovss_dataset.root",
+)
+
+
+def _settings(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value of a run config (the dataclass a trainer reads). Dataclass fields and the
+    dataset mapping's keys are walked into; any other value (a weight table, a list) is one setting."""
+    if is_dataclass(config):
+        items = [(item.name, getattr(config, item.name)) for item in fields(config)]
+    elif isinstance(config, Mapping) and prefix in ("dataset", "ovss_dataset"):
+        items = list(config.items())
+    else:
+        return {prefix: json.loads(json.dumps(config))}  # as stored in config.json (tuples become lists)
+    flat: dict[str, Any] = {}
+    for key, value in items:
+        flat.update(_settings(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _stored_value(stored: Mapping[str, Any], key: str) -> Any:
+    value: Any = stored
+    for part in key.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return _ABSENT
+        value = value[part]
+    return value
+
+
+_ABSENT = object()
+
+
+def _under(key: str, prefixes: Sequence[str]) -> bool:
+    return any(key == prefix or key.startswith(prefix + ".") for prefix in prefixes)
+
+
+def check_resumed_settings(last: Path, config: Any) -> None:
+    """Refuse to resume ``last`` with settings that would train something else than the run did.
+
+    ``config`` is the resumed run's config (the dataclass whose ``to_dict()`` every checkpoint
+    stores as ``run``). A key absent from the stored run is newer than the run and not compared
+    (new keys default to the old behaviour). Prints a note per changed path.
+
+    Raises:
+        ConfigError: naming every other changed key with the run's and the new value.
+    """
+    config_path, stored = read_config_file(last)
+    if not isinstance(stored, Mapping) or not isinstance(stored.get("run"), Mapping):
+        raise ConfigError(f"{config_path}: no 'run' section, so the run's settings cannot be checked before resuming it")
+    changed = {}
+    for key, value in _settings(config).items():
+        before = _stored_value(stored["run"], key)
+        if before is not _ABSENT and before != value and not _under(key, RESUME_FREE_SETTINGS):
+            changed[key] = (before, value)
+    for key in [key for key in changed if _under(key, RESUME_PATH_SETTINGS)]:
+        print(f"note: resuming with {key}={changed[key][1]} (the run had {changed.pop(key)[0]})", file=sys.stderr)
+    if changed:
+        listed = "; ".join(f"{key}: {before!r} -> {value!r}" for key, (before, value) in changed.items())
+        raise ConfigError(
+            f"resume=true: {last} was trained with other settings ({listed}); resume with the run's own settings, "
+            f"or start a new run from its weights (another name and init_checkpoint={last})"
+        )
+
+
+def open_run_dir(run_dir: Path, resume: bool, dist: DistInfo, config: Any = None) -> Path | None:
     """Ready ``run_dir`` for a run; returns its ``last/`` to resume from, or None for a fresh start.
 
     The main process repairs a save cut short by a crash first (the others wait). A fresh start refuses
-    a directory that holds a run and drops the log of an attempt that saved no checkpoint.
+    a directory that holds a run and drops the log of an attempt that saved no checkpoint. A resume
+    checks ``config`` (the trainer's run config; None: not checked) against the run's own settings.
 
     Raises:
-        ConfigError: a run there without ``resume``, or ``resume`` with nothing to resume.
+        ConfigError: a run there without ``resume``, ``resume`` with nothing to resume, or with
+            settings that change what the run trains.
     """
     if dist.is_main:
         recover_run_dir(run_dir)
@@ -66,6 +143,8 @@ def open_run_dir(run_dir: Path, resume: bool, dist: DistInfo) -> Path | None:
         return None
     if not last.exists():
         raise ConfigError(f"resume=true but {last} does not exist (nothing to resume)")
+    if config is not None:
+        check_resumed_settings(last, config)
     return last
 
 

@@ -243,7 +243,7 @@ class Trainer:
         )
 
     def _resume_or_check_run_dir(self) -> None:
-        last = open_run_dir(self.run_dir, self.config.resume, self.dist)
+        last = open_run_dir(self.run_dir, self.config.resume, self.dist, self.config)
         if last is None:
             return
         load_own_weights(self.model, last)

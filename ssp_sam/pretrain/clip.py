@@ -632,7 +632,8 @@ def pretrain_clip(
             writer.add_scalar("clip/lr", schedule.get_last_lr()[0], step)
         return terms["loss"].item()
 
-    done = run_steps(settings.steps, train_step, model, optimizer, schedule, rng, control, "CLIP pretraining", progress)
+    identity = clip_stage_identity(clip_custom, surgery_blocks, settings, append_period)
+    done = run_steps(settings.steps, train_step, model, optimizer, schedule, rng, control, "CLIP pretraining", progress, identity)
     model.eval()
     model.requires_grad_(False)
     if not done.finished:
@@ -650,7 +651,6 @@ def pretrain_clip(
         writer.close()
     if out is not None:
         save_clip_checkpoint(model, out)
-        identity = clip_stage_identity(clip_custom, surgery_blocks, settings, append_period)
         write_report(out, identity, {"final_loss": done.losses[-1], "heldout": heldout})
         remove_state(control)
     return model, CLIPPretrainResult(done.losses, heldout, time.perf_counter() - started)

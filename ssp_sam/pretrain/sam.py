@@ -485,7 +485,8 @@ def pretrain_sam(
             writer.add_scalar("sam/lr", schedule.get_last_lr()[0], step)
         return terms["loss"].item()
 
-    done = run_steps(settings.steps, train_step, sam, optimizer, schedule, rng, control, "SAM pretraining", progress)
+    identity = sam_stage_identity(sam_custom, settings)
+    done = run_steps(settings.steps, train_step, sam, optimizer, schedule, rng, control, "SAM pretraining", progress, identity)
     sam.eval()
     if not done.finished:
         if writer is not None:
@@ -502,7 +503,7 @@ def pretrain_sam(
     if out is not None:
         save_sam_checkpoint(sam, out)
         results = {"final_loss": done.losses[-1], "heldout_miou": miou, "heldout_instances": instances}
-        write_report(out, sam_stage_identity(sam_custom, settings), results)
+        write_report(out, identity, results)
         remove_state(control)
     return sam, SAMPretrainResult(done.losses, miou, instances, time.perf_counter() - started)
 

@@ -84,10 +84,13 @@ class StageProgress:
 
 
 def save_state(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule, rng: np.random.Generator, losses: list[float]
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule, rng: np.random.Generator, losses: list[float],
+    identity: Optional[Mapping] = None,
 ) -> None:
-    """Write the stage state atomically (plain tensors and containers: loadable with weights_only)."""
+    """Write the stage state atomically (plain tensors and containers: loadable with weights_only), with
+    the stage's ``identity`` (what its output depends on) for the resume to check."""
     state = {
+        "identity": None if identity is None else _as_json(identity),
         "model": {key: tensor.detach().cpu().clone() for key, tensor in model.state_dict().items()},
         "optimizer": optimizer.state_dict(),
         "schedule": schedule.state_dict(),
@@ -99,11 +102,35 @@ def save_state(
         torch.save(state, tmp)
 
 
+def _changed_settings(saved: Mapping, now: Mapping, prefix: str = "") -> list[str]:
+    """``key: saved -> now`` for every setting in which two identities differ."""
+    changes = []
+    for key in sorted(set(saved) | set(now), key=str):
+        name = f"{prefix}{key}"
+        before, after = saved.get(key), now.get(key)
+        if isinstance(before, Mapping) and isinstance(after, Mapping):
+            changes += _changed_settings(before, after, f"{name}.")
+        elif before != after:
+            changes.append(f"{name}: {before!r} -> {after!r}")
+    return changes
+
+
 def load_state(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule, rng: np.random.Generator
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule, rng: np.random.Generator,
+    identity: Optional[Mapping] = None,
 ) -> list[float]:
-    """Restore everything :func:`save_state` wrote, in place; returns the losses of the steps done."""
+    """Restore everything :func:`save_state` wrote, in place; returns the losses of the steps done.
+
+    Raises ConfigError when the state was saved by a stage of another ``identity`` (other settings:
+    resuming would mix two recipes in one output), naming what changed."""
     state = read_weights(path, "pretraining stage state")
+    saved_identity = state.get("identity") if isinstance(state, Mapping) else None
+    if identity is not None and saved_identity is not None and saved_identity != _as_json(identity):
+        changed = "; ".join(_changed_settings(saved_identity, _as_json(identity)))
+        raise ConfigError(
+            f"{path}: the stage was started with other settings ({changed}); resume with its settings, "
+            f"or delete the file (or run with resume=false) to start the stage again"
+        )
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -133,15 +160,18 @@ def run_steps(
     control: StageControl,
     description: str,
     progress: bool = True,
+    identity: Optional[Mapping] = None,
 ) -> StageProgress:
     """Run ``step(index)`` (one optimizer step, returning its loss) for the steps not yet done.
 
     With ``control.resume`` and an existing state file, the model, optimizer, schedule and both
-    RNGs are restored first and the loop continues after the last saved step.
+    RNGs are restored first and the loop continues after the last saved step. ``identity`` (what
+    the stage's output depends on, as in its report) is saved with the state, and a resume with
+    another one is refused.
     """
     losses: list[float] = []
     if control.resume and control.state_path.exists():
-        losses = load_state(control.state_path, model, optimizer, schedule, rng)
+        losses = load_state(control.state_path, model, optimizer, schedule, rng, identity)
         if len(losses) > total_steps:
             raise ConfigError(f"{control.state_path}: holds {len(losses)} steps, more than steps={total_steps}")
     started = time.perf_counter()
@@ -154,14 +184,14 @@ def run_steps(
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         out_of_time = control.max_minutes is not None and time.perf_counter() - started >= 60 * control.max_minutes
         if control.state_path is not None and (len(losses) % control.save_every == 0 or out_of_time):
-            save_state(control.state_path, model, optimizer, schedule, rng, losses)
+            save_state(control.state_path, model, optimizer, schedule, rng, losses, identity)
             saved_at = len(losses)
         if out_of_time:
             break
     bar.close()
     finished = len(losses) == total_steps
     if not finished and control.state_path is not None and saved_at != len(losses):
-        save_state(control.state_path, model, optimizer, schedule, rng, losses)
+        save_state(control.state_path, model, optimizer, schedule, rng, losses, identity)
     return StageProgress(losses, finished)
 
 

@@ -218,7 +218,7 @@ class OVSSTrainer:
         return (cache if for_train else None), (cache if for_val else None)
 
     def _resume_or_check_run_dir(self) -> None:
-        last = open_run_dir(self.run_dir, self.config.resume, self.dist)
+        last = open_run_dir(self.run_dir, self.config.resume, self.dist, self.config)
         if last is None:
             return
         load_ovss_weights(self.model, last)
