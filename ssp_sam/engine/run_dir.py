@@ -76,6 +76,9 @@ def _settings(config: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+_ABSENT = object()  # a key the stored run does not have
+
+
 def _stored_value(stored: Mapping[str, Any], key: str) -> Any:
     value: Any = stored
     for part in key.split("."):
@@ -83,9 +86,6 @@ def _stored_value(stored: Mapping[str, Any], key: str) -> Any:
             return _ABSENT
         value = value[part]
     return value
-
-
-_ABSENT = object()
 
 
 def _under(key: str, prefixes: Sequence[str]) -> bool:
