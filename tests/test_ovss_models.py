@@ -514,6 +514,10 @@ def test_bad_configs_and_class_lists_name_the_key():
         ovss_config_from({"tspp": {"budgett": 3}})
     with pytest.raises(ConfigError, match="smagg.criterion"):
         ovss_config_from({"smagg": {"criterion": "iou"}})
+    with pytest.raises(ConfigError, match=r"tspp.test_budget: must be >= 1, got 0"):
+        ovss_config_from({"tspp": {"test_budget": 0}})
+    with pytest.raises(ConfigError, match=r"tspp.test_min_probability: a probability in \[0, 1\], got 1.5"):
+        ovss_config_from({"tspp": {"test_min_probability": 1.5}})
     with pytest.raises(ConfigError, match="clip.checkpoint"):
         build_ovss_model({"variant": "catseg"})
     with pytest.raises(DatasetError, match="duplicate class name 'cat'"):
@@ -556,3 +560,16 @@ def test_shapeworld_v2_composes_and_builds_on_the_v2_encoders(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)  # the relative weight paths resolve here, where no pretraining has run
     with pytest.raises(CheckpointError, match=r"checkpoints/pretrained/tiny_clip_v2.pt: CLIP checkpoint not found"):
         build_ovss_model(config)
+
+
+def test_tspp_samples_with_its_test_settings_only_at_inference():
+    """test_budget / test_min_probability replace budget / min_probability in eval mode, not in training."""
+    model = tiny(variant="sam_mi", **{"tspp.budget": 2, "tspp.min_probability": 0.0, "tspp.test_budget": 5,
+                                      "tspp.test_min_probability": 0.0})
+    images, _ = images_and_labels()
+    text = model.encode_classes(CLASSES)
+    with torch.no_grad():
+        trained = model.train()(images, text).proposals.num_prompts
+        inferred = model.eval()(images, text).proposals.num_prompts
+    assert (trained == 2).all() and (inferred == 5).all()  # threshold 0: every slot of the budget has a peak
+    assert TSPPConfig(budget=3, min_probability=0.2).at_inference() == TSPPConfig(budget=3, min_probability=0.2)

@@ -9,7 +9,7 @@ Defaults are CAT-Seg's ViT-B/16 release configuration (``configs/vitb_384.yaml``
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, List, Mapping, Optional
 
 from omegaconf import DictConfig
@@ -98,11 +98,22 @@ class TSPPConfig:
     sampler: str = "class_peaks"  # class_peaks: every class's best peak first | global_peaks: peaks of the max over classes
     nms_kernel: int = 3  # a peak is the maximum of its nms_kernel x nms_kernel neighbourhood
     min_probability: float = 0.05  # peaks below this are not prompted
+    # At inference (eval, predict) instead of budget / min_probability; null: the same. Training pays for
+    # every prompt at every step, inference once per image, so the two may differ (as detectron2's RPN
+    # keeps separate train and test proposal counts).
+    test_budget: Optional[int] = None
+    test_min_probability: Optional[float] = None
     upsample: int = 2  # the point map is upsampled this much (bilinear) before peak picking (finer points)
     loss_weight: float = 1.0
     # The paper does not say whether TSPP's loss shapes the cost embedding it reads. true: TSPP learns from a
     # detached copy (CAT-Seg's features are trained by the segmentation loss alone); false: shared (the default).
     detach_input: bool = False
+
+    def at_inference(self) -> "TSPPConfig":
+        """The settings sampling uses at inference: ``test_budget`` / ``test_min_probability`` where given."""
+        budget = self.budget if self.test_budget is None else self.test_budget
+        threshold = self.min_probability if self.test_min_probability is None else self.test_min_probability
+        return replace(self, budget=budget, min_probability=threshold)
 
 
 @dataclass
@@ -189,12 +200,17 @@ def _check(config: OVSSModelConfig) -> None:
         "proposals.grid_side": config.proposals.grid_side,
         "proposals.points_per_batch": config.proposals.points_per_batch,
         "tspp.budget": config.tspp.budget,
+        "tspp.test_budget": config.tspp.at_inference().budget,
         "tspp.nms_kernel": config.tspp.nms_kernel,
         "tspp.upsample": config.tspp.upsample,
     }
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"ovss_model.{key}: must be >= 1, got {value}")
+    for key in ("min_probability", "test_min_probability"):
+        value = getattr(config.tspp, key)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ConfigError(f"ovss_model.tspp.{key}: a probability in [0, 1], got {value}")
     if config.tspp.nms_kernel % 2 == 0:
         raise ConfigError(f"ovss_model.tspp.nms_kernel: must be odd, got {config.tspp.nms_kernel}")
     if len(config.clip.guidance_layers) != 2 or len(aggregator.decoder_dims) != 2:

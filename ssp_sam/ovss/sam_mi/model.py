@@ -45,7 +45,8 @@ class SAMMI(OVSSModel):
         embeddings = self.proposer.embed(images) if sam_embeddings is None else sam_embeddings
         if self.tspp is not None:
             tspp = self.tspp(state.embedding.detach() if self.config.tspp.detach_input else state.embedding)
-            points, valid = sample_points(tspp.point_map(), self.image_size, self.config.tspp)
+            sampling = self.config.tspp if self.training else self.config.tspp.at_inference()
+            points, valid = sample_points(tspp.point_map(), self.image_size, sampling)
         else:
             tspp = None
             points = grid_points(self.config.proposals.grid_side, self.image_size, images.shape[0], images.device)

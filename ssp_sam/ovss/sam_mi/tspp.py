@@ -13,6 +13,7 @@ The paper reports two linear projection heads on the cost maps and ~96% fewer pr
   best peak above all other peaks, so each likely class gets a point before any class gets a second
   one (rare classes are prompted); ``global_peaks`` takes the peaks of the maximum over classes
   (one ranking for the whole image). Either way at most ``budget`` points, one per cell, at cell centres.
+  At inference ``test_budget`` / ``test_min_probability`` replace them where given (``at_inference``).
 """
 
 from __future__ import annotations
