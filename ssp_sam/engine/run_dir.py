@@ -25,6 +25,7 @@ import torch
 from ..checkpoint import read_config_file, read_trainer_state
 from ..errors import ConfigError
 from ..fileio import INCOMPLETE, atomic_path, recover_directory
+from .config_fields import MISSING, lookup
 from .distributed import DistInfo, barrier
 
 CHECKPOINTS = ("last", "best")
@@ -76,18 +77,6 @@ def _settings(config: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-_ABSENT = object()  # a key the stored run does not have
-
-
-def _stored_value(stored: Mapping[str, Any], key: str) -> Any:
-    value: Any = stored
-    for part in key.split("."):
-        if not isinstance(value, Mapping) or part not in value:
-            return _ABSENT
-        value = value[part]
-    return value
-
-
 def _under(key: str, prefixes: Sequence[str]) -> bool:
     return any(key == prefix or key.startswith(prefix + ".") for prefix in prefixes)
 
@@ -107,8 +96,8 @@ def check_resumed_settings(last: Path, config: Any) -> None:
         raise ConfigError(f"{config_path}: no 'run' section, so the run's settings cannot be checked before resuming it")
     changed = {}
     for key, value in _settings(config).items():
-        before = _stored_value(stored["run"], key)
-        if before is not _ABSENT and before != value and not _under(key, RESUME_FREE_SETTINGS):
+        before = lookup(stored["run"], key)  # MISSING: a key newer than the run
+        if before is not MISSING and before != value and not _under(key, RESUME_FREE_SETTINGS):
             changed[key] = (before, value)
     for key in [key for key in changed if _under(key, RESUME_PATH_SETTINGS)]:
         print(f"note: resuming with {key}={changed[key][1]} (the run had {changed.pop(key)[0]})", file=sys.stderr)
