@@ -64,11 +64,9 @@ fi
 
 # SSP-SAM training: resumed when runs/$run_name/last exists (a finished run then trains no epoch, and a
 # run of other settings there is refused by name: move it away to train the current recipe), else started.
-if [ -d "runs/$run_name/last" ]; then
-  "$python" scripts/train.py experiment="$experiment" name="$run_name" train.max_minutes="$minutes" resume=true "$@"
-else
-  "$python" scripts/train.py experiment="$experiment" name="$run_name" train.max_minutes="$minutes" "$@"
-fi
+resume=false
+if [ -d "runs/$run_name/last" ]; then resume=true; fi
+"$python" scripts/train.py experiment="$experiment" name="$run_name" train.max_minutes="$minutes" resume="$resume" "$@"
 
 # Ship: the new directory is put in place by renames, so a kill leaves the old or the new model.
 rm -rf checkpoints/.shapeworld_default.new checkpoints/.shapeworld_default.old

@@ -81,12 +81,12 @@ def _under(key: str, prefixes: Sequence[str]) -> bool:
     return any(key == prefix or key.startswith(prefix + ".") for prefix in prefixes)
 
 
-def check_resumed_settings(last: Path, config: Any) -> None:
+def check_resumed_settings(last: Path, config: Any, notes: bool = True) -> None:
     """Refuse to resume ``last`` with settings that would train something else than the run did.
 
     ``config`` is the resumed run's config (the dataclass whose ``to_dict()`` every checkpoint
     stores as ``run``). A key absent from the stored run is newer than the run and not compared
-    (new keys default to the old behaviour). Prints a note per changed path.
+    (new keys default to the old behaviour). Prints a note per changed path (``notes``: on one rank only).
 
     Raises:
         ConfigError: naming every other changed key with the run's and the new value.
@@ -100,7 +100,9 @@ def check_resumed_settings(last: Path, config: Any) -> None:
         if before is not MISSING and before != value and not _under(key, RESUME_FREE_SETTINGS):
             changed[key] = (before, value)
     for key in [key for key in changed if _under(key, RESUME_PATH_SETTINGS)]:
-        print(f"note: resuming with {key}={changed[key][1]} (the run had {changed.pop(key)[0]})", file=sys.stderr)
+        before, value = changed.pop(key)
+        if notes:
+            print(f"note: resuming with {key}={value} (the run had {before})", file=sys.stderr)
     if changed:
         listed = "; ".join(f"{key}: {before!r} -> {value!r}" for key, (before, value) in changed.items())
         raise ConfigError(
@@ -133,7 +135,7 @@ def open_run_dir(run_dir: Path, resume: bool, dist: DistInfo, config: Any = None
     if not last.exists():
         raise ConfigError(f"resume=true but {last} does not exist (nothing to resume)")
     if config is not None:
-        check_resumed_settings(last, config)
+        check_resumed_settings(last, config, notes=dist.is_main)
     return last
 
 
