@@ -108,3 +108,89 @@ def test_linear_input_casts_and_lays_out_in_autocast_only():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         cast = linear_input(view)
     assert cast.is_contiguous() and cast.dtype == torch.bfloat16 and torch.equal(cast, view.to(torch.bfloat16))
+
+
+def _image_encoder_attention(dim=32, heads=4, size=(6, 5), rel_pos=True):
+    from segment_anything.modeling.image_encoder import Attention
+
+    torch.manual_seed(0)
+    stock = Attention(dim, num_heads=heads, qkv_bias=True, use_rel_pos=rel_pos, input_size=size)
+    if rel_pos:  # SAM zero-initialises them: random ones, so that a bias placed wrongly would show
+        with torch.no_grad():
+            stock.rel_pos_h.normal_(0, 0.5)
+            stock.rel_pos_w.normal_(0, 0.5)
+    return stock
+
+
+@pytest.mark.parametrize("rel_pos", [True, False])
+def test_fused_image_encoder_attention_equals_segment_anythings_with_gradients(rel_pos):
+    import copy
+
+    from ssp_sam.attention import FusedImageEncoderAttention, fuse_image_encoder_attention
+
+    stock = _image_encoder_attention(rel_pos=rel_pos)
+    fused = fuse_image_encoder_attention(copy.deepcopy(stock))
+    assert type(fused) is FusedImageEncoderAttention
+    # a non-square token grid (rows != columns catches a swapped height / width) and two windows
+    x = torch.randn(2, 6, 5, 32, requires_grad=True)
+    expected = stock(x)
+    got = fused(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    weights = torch.randn_like(expected)
+    (expected * weights).sum().backward()
+    (got * weights).sum().backward()
+    for (name, p_stock), p_fused in zip(stock.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(p_fused.grad, p_stock.grad, atol=1e-4, rtol=1e-4, msg=name)
+    assert fused.state_dict().keys() == stock.state_dict().keys()
+
+
+def test_fused_image_encoder_attention_interpolates_relative_positions_as_sam():
+    """An input grid other than the one the positions were made for (SAM resizes them: get_rel_pos)."""
+    import copy
+
+    from ssp_sam.attention import fuse_image_encoder_attention
+
+    stock = _image_encoder_attention(size=(4, 4))
+    fused = fuse_image_encoder_attention(copy.deepcopy(stock))
+    x = torch.randn(1, 7, 7, 32)
+    torch.testing.assert_close(fused(x), stock(x), atol=1e-5, rtol=1e-5)
+
+
+def test_fused_image_encoder_attention_in_bf16_is_closer_to_fp32_than_the_stock_module():
+    import copy
+
+    from ssp_sam.attention import fuse_image_encoder_attention
+
+    stock = _image_encoder_attention(dim=64, heads=2, size=(16, 16))
+    fused = fuse_image_encoder_attention(copy.deepcopy(stock))
+    x = torch.randn(1, 16, 16, 64)
+    with torch.no_grad():
+        reference = stock(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            errors = [((m(x).float() - reference).norm() / reference.norm()).item() for m in (stock, fused)]
+    assert errors[1] < 0.02 and errors[1] <= errors[0] * 1.05, errors
+
+
+def test_build_sam_fuses_the_image_encoders_attention_and_its_output_is_sams():
+    from segment_anything.modeling.image_encoder import Attention
+
+    from ssp_sam.attention import FusedImageEncoderAttention
+    from ssp_sam.backbones.sam import build_sam
+
+    custom = {"encoder_embed_dim": 32, "encoder_depth": 2, "encoder_num_heads": 2, "encoder_global_attn_indexes": [1],
+              "image_size": 64, "patch_size": 8, "window_size": 3, "prompt_embed_dim": 32, "decoder_mlp_dim": 64,
+              "decoder_num_heads": 2}
+    torch.manual_seed(0)
+    encoder = build_sam("custom", custom=custom, parts=("image_encoder",)).image_encoder.eval()
+    attentions = [m for m in encoder.modules() if isinstance(m, Attention)]
+    assert len(attentions) == 2 and {type(m) for m in attentions} == {FusedImageEncoderAttention}
+    with torch.no_grad():
+        for m in attentions:
+            m.rel_pos_h.normal_(0, 0.5)
+            m.rel_pos_w.normal_(0, 0.5)
+        x = torch.randn(1, 3, 64, 64)
+        fused = encoder(x)
+        for m in attentions:  # the stock module on the same weights
+            m.__class__ = Attention
+        torch.testing.assert_close(fused, encoder(x), atol=1e-5, rtol=1e-4)
+

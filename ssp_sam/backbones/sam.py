@@ -37,7 +37,7 @@ from segment_anything.modeling import (
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
-from ..attention import fuse_two_way_attention
+from ..attention import fuse_image_encoder_attention, fuse_two_way_attention
 from ..errors import CheckpointError, ConfigError, ImageError
 from ..fileio import file_sha256
 from ..state_dicts import mismatch_report
@@ -122,7 +122,7 @@ def _build_parts(config: Mapping, parts: Sequence[str]) -> dict:
     """Construct the requested SAM modules (randomly initialised, on the current default device)."""
     embedding_side = config["image_size"] // config["patch_size"]
     builders = {
-        "image_encoder": lambda: ImageEncoderViT(
+        "image_encoder": lambda: fuse_image_encoder_attention(ImageEncoderViT(
             depth=config["encoder_depth"],
             embed_dim=config["encoder_embed_dim"],
             img_size=config["image_size"],
@@ -135,7 +135,7 @@ def _build_parts(config: Mapping, parts: Sequence[str]) -> dict:
             global_attn_indexes=tuple(config["encoder_global_attn_indexes"]),
             window_size=config["window_size"],
             out_chans=config["prompt_embed_dim"],
-        ),
+        )),
         "prompt_encoder": lambda: PromptEncoder(
             embed_dim=config["prompt_embed_dim"],
             image_embedding_size=(embedding_side, embedding_side),
