@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
 from ssp_sam.cli import reports_errors
+from ssp_sam.engine.host_memory import shared_with_forked_workers
 from ssp_sam.engine.reporting import command_line
 from ssp_sam.errors import ConfigError
 from ssp_sam.fileio import write_json
@@ -57,7 +58,8 @@ def main(cfg: DictConfig) -> None:
     )
     size = (config.image_size, config.image_size)
     totals = torch.zeros(2, dtype=torch.int64, device=device)  # correct, labelled pixels
-    with torch.inference_mode(), tqdm(total=count, desc="zero-shot", unit="img") as progress:
+    with torch.inference_mode(), tqdm(total=count, desc="zero-shot", unit="img") as progress, \
+            shared_with_forked_workers(enabled=cfg.workers > 0):
         text = catseg.encode_classes(dataset.class_names)
         for items in loader:
             images = torch.cat([

@@ -106,3 +106,14 @@ def test_objects_are_frozen_only_while_workers_live():
     assert gc.get_freeze_count() == 0
     with shared_with_forked_workers(enabled=False):
         assert gc.get_freeze_count() == 0
+
+
+def test_nested_uses_keep_the_outer_workers_objects_frozen():
+    """The OVSS trainer validates (forking evaluation workers) inside its epoch's own use."""
+    gc.unfreeze()
+    with shared_with_forked_workers():
+        outer = gc.get_freeze_count()
+        with shared_with_forked_workers():
+            assert gc.get_freeze_count() >= outer
+        assert gc.get_freeze_count() >= outer > 0  # the training workers still share these pages
+    assert gc.get_freeze_count() == 0

@@ -6,6 +6,7 @@ line and exit 2."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -200,14 +201,20 @@ class FixedPredictions(torch.nn.Module):
     def encode_classes(self, names):
         return torch.zeros(len(names), 1, 1)
 
+    freeze_counts: list[int] = []  # the GC's permanent generation at each forward (forked workers: see below)
+
     def forward(self, images, text, sam_embeddings=None):
+        self.freeze_counts.append(gc.get_freeze_count())
         return SimpleNamespace(classes=images[:, 0].round().long(), count=text.shape[0], proposals=None)
 
     def probabilities(self, output):
         return torch.nn.functional.one_hot(output.classes, output.count).permute(0, 3, 1, 2).float()
 
 
-def test_scores_of_a_hand_made_two_image_split(tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_scores_of_a_hand_made_two_image_split(tmp_path, workers):
+    """Also with a forked loader worker: the same scores, and the parent's objects frozen while it lives
+    (ssp_sam.engine.host_memory.shared_with_forked_workers: no copy-on-write of what the forward rewrites)."""
     ignore = 255
     gt = [
         [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 2, 2], [ignore, ignore, 2, 2]],
@@ -230,7 +237,12 @@ def test_scores_of_a_hand_made_two_image_split(tmp_path):
         "image_ext": ".png", "label_ext": ".png", "classes": "classes.json", "ignore_value": ignore,
     })
     options = OVSSEvalSection(sliding_window=False, window=4, batch_size=2)
-    result = evaluate_ovss(FixedPredictions(), dataset, options, torch.device("cpu"), Precision("fp32", "test"), workers=0)
+    frozen_before = gc.get_freeze_count()
+    FixedPredictions.freeze_counts = []
+    result = evaluate_ovss(FixedPredictions(), dataset, options, torch.device("cpu"), Precision("fp32", "test"), workers=workers)
+    assert gc.get_freeze_count() == frozen_before
+    assert len(FixedPredictions.freeze_counts) == 1
+    assert (FixedPredictions.freeze_counts[0] > frozen_before) == (workers > 0)
     # Confusion [gt, prediction] counted by hand: rows (3, 1, 0), (1, 13, 2), (0, 1, 5); 26 scored pixels.
     iou = [3 / 5, 13 / 18, 5 / 8]  # TP / (GT + PRED - TP): 3/(4+4-3), 13/(16+15-13), 5/(6+7-5)
     expected = {

@@ -47,6 +47,7 @@ from ..feature_cache import ImageTokenCache, TextFeatureCache
 from ..metrics import GRESMetrics, RESMetrics, SSPSAMReleaseMetrics
 from ..model import SSPSAM
 from ..predictor import ImagePreparer, Prediction, PreparedImage, Predictor
+from .host_memory import shared_with_forked_workers
 from .precision import Precision
 from .protocols import Protocol, ReleaseProtocol, make_protocol
 
@@ -236,11 +237,15 @@ def _prepared_batches(
         _PreparedImages(paths, preparer, cache), batch_size=images_per_batch, num_workers=workers, collate_fn=list,
         prefetch_factor=2 if workers > 0 else None,
     )
-    for batch in loader:
-        for _, item in batch:
-            if isinstance(item, SSPSAMError):
-                raise item
-        yield batch
+    # The workers are forked from this process: without this, every page of the kept free heap that the
+    # forward passes reuse while they live is copied on write (evaluation 3-4x slower on a 2-core CPU,
+    # benchmarks/README.md, "2026-11-30").
+    with shared_with_forked_workers(enabled=workers > 0):
+        for batch in loader:
+            for _, item in batch:
+                if isinstance(item, SSPSAMError):
+                    raise item
+            yield batch
 
 
 def evaluate(

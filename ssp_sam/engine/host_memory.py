@@ -79,13 +79,22 @@ def shared_with_forked_workers(enabled: bool = True) -> Iterator[None]:
     On entry the free heap goes back to the kernel (:func:`release_freed_host_memory`) and the
     objects alive now move to the garbage collector's permanent generation (``gc.freeze``), so
     collections during the epoch do not write into them; on exit they are collected normally again.
+    Nested uses (an evaluation's workers forked during a training epoch's) freeze what is new and
+    leave the outer workers' objects frozen until the outermost use ends.
     """
+    global _depth
     if not enabled:
         yield
         return
     release_freed_host_memory()
     gc.freeze()
+    _depth += 1
     try:
         yield
     finally:
-        gc.unfreeze()
+        _depth -= 1
+        if _depth == 0:
+            gc.unfreeze()
+
+
+_depth = 0  # shared_with_forked_workers uses now open

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from ...data.embedding_cache import EmbeddingCache
 from ...engine.distributed import DistInfo
+from ...engine.host_memory import shared_with_forked_workers
 from ...engine.precision import Precision
 from ..data.dataset import SemSegDataset
 from ..model import OVSSModel
@@ -106,7 +107,7 @@ def evaluate_ovss(
     confusion = dataset.confusion_matrix(device)
     bar = tqdm(total=len(indices), desc=f"{dataset.name} {dataset.split}", unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     started = time.perf_counter()
-    with bar:
+    with bar, shared_with_forked_workers(enabled=workers > 0):  # the workers are forked from here: see its docstring
         for batch in loader:
             if options.sliding_window:
                 image = batch[0]["image"].to(device)
