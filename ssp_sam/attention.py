@@ -184,9 +184,15 @@ class FusedImageEncoderAttention(ImageEncoderAttention):
     the unfused path) and the padding dropped again. On an AMX CPU a global block of ViT-B ran 5x
     faster in bf16 (0.16 s against 0.78 s, benchmarks/README.md). Same parameters, state-dict keys
     and input/output shapes: x (B, H, W, dim) -> (B, H, W, dim).
+
+    Where autograd will differentiate it (pretraining the ShapeWorld SAM), the stock computation runs:
+    the fused kernel's backward made that fp32 training step 8-16 % slower on a CPU. The encoder is
+    frozen everywhere else (embedding caches, evaluation, inference), so the fused path serves those.
     """
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or self.qkv.weight.requires_grad):
+            return super().forward(x)
         batch, height, width, _ = x.shape
         heads = self.num_heads
         q, k, v = self.qkv(x).reshape(batch, height * width, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
