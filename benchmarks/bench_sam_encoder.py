@@ -3,7 +3,9 @@
 The embedding cache (ssp_sam/data/embedding_cache.py) is filled by SAM's image encoder, once per
 image. On a CPU with native bf16 (AMX or AVX512-BF16) the encoder can run under bf16 autocast.
 This benchmark times the encoder on one preprocessed 480x640 picture (resized and padded to
-1024x1024 as the cache does) in fp32 and in bf16, alternated, after a warm-up of each, and checks
+1024x1024 as the cache does) in fp32 and in bf16, and in bf16 with segment_anything's own attention
+(the baseline of ``FusedImageEncoderAttention``, ssp_sam/attention.py: relative positions added to
+materialised scores), alternated, after a warm-up of each, and checks
 that bf16 keeps SAM's masks: SAM's own prompt encoder and mask decoder (fp32) are run on both
 embeddings for a few single-point prompts, and each bf16 mask must have an IoU of at least 0.99
 with the fp32 one. Random weights (no SAM weight file here): they do not change the speed, and
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from contextlib import nullcontext
 import statistics
 import sys
 
@@ -33,11 +36,15 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from _common import add_allocator_flag, add_timing_arguments, finish_timing_arguments, bench_model_config, seconds, set_up_host_memory, write_result
+from segment_anything.modeling.image_encoder import Attention as StockAttention
+
+from ssp_sam.attention import FusedImageEncoderAttention
 from ssp_sam.backbones.sam import SAMImageTransform, build_sam
 from ssp_sam.engine.precision import Precision, cpu_capability, cpu_has_native_bf16, resolve_precision
 from ssp_sam.predictor import resolve_device
 
 GOAL_SECONDS, GOAL_MIN_IOU = 1.5, 0.99
+STOCK = ", segment_anything attention"  # the variant with the stock module (baseline of the fused one)
 IMAGE_SIZE = (480, 640)  # (H, W), a typical COCO picture
 POINT_PROMPTS = 5  # single positive clicks on the picture's shapes and background
 
@@ -85,6 +92,21 @@ def point_masks(sam, embedding: Tensor, clicks: Tensor, input_size: tuple[int, i
     return F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)[:, 0, : input_size[0], : input_size[1]] > 0
 
 
+class StockAttentionIn:
+    """Within: the encoder's attention is segment_anything's own module again (same weights)."""
+
+    def __init__(self, encoder: torch.nn.Module) -> None:
+        self.attentions = [m for m in encoder.modules() if isinstance(m, FusedImageEncoderAttention)]
+
+    def __enter__(self) -> None:
+        for attention in self.attentions:
+            attention.__class__ = StockAttention
+
+    def __exit__(self, *exc_info) -> None:
+        for attention in self.attentions:
+            attention.__class__ = FusedImageEncoderAttention
+
+
 def mask_ious(a: Tensor, b: Tensor) -> list[float]:
     """IoU of each pair of (P, H, W) bool masks (1 when both are empty)."""
     intersection = (a & b).flatten(1).sum(-1).double()
@@ -111,17 +133,20 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{name} at {sam.image_encoder.img_size} px, one image, {device} ({capability}), {args.repeats} round(s)")
 
     embeddings: dict[str, Tensor] = {}
+    stock = StockAttentionIn(sam.image_encoder)
 
-    def encode(precision: Precision) -> None:
-        with torch.inference_mode(), precision.autocast(device):
-            embeddings[precision.name] = sam.image_encoder(pixels)
+    def encode(key: str) -> None:
+        precision = precisions[key.split(",")[0]]
+        with torch.inference_mode(), precision.autocast(device), stock if key.endswith(STOCK) else nullcontext():
+            embeddings[key] = sam.image_encoder(pixels)
 
-    for precision in precisions.values():  # warm-up: buffers, kernels
-        encode(precision)
-    times: dict[str, list[float]] = {key: [] for key in precisions}
+    variants = [*precisions, f"bf16{STOCK}"]
+    for key in variants:  # warm-up: buffers, kernels
+        encode(key)
+    times: dict[str, list[float]] = {key: [] for key in variants}
     for round_index in range(args.repeats):
-        for key, precision in precisions.items():
-            times[key].append(seconds(lambda: encode(precision), device))
+        for key in variants:
+            times[key].append(seconds(lambda: encode(key), device))
         print(f"  round {round_index + 1}/{args.repeats} done", file=sys.stderr, flush=True)
 
     reference, low_embedding = embeddings["fp32"].float(), embeddings["bf16"].float()
@@ -133,11 +158,12 @@ def main(argv: list[str] | None = None) -> None:
         for key, runs in times.items()
     ]
     speed_up = rows[0]["seconds_per_image"] / rows[1]["seconds_per_image"]
-    print(f"{'precision':<9}  {'s / image':>9}  cpu")
+    fused_speed_up = rows[2]["seconds_per_image"] / rows[1]["seconds_per_image"]
+    print(f"{'variant':<34}  {'s / image':>9}  cpu")
     for row in rows:
-        print(f"{row['precision']:<9}  {row['seconds_per_image']:>9.3f}  {row['cpu_capability']}")
+        print(f"{row['precision']:<34}  {row['seconds_per_image']:>9.3f}  {row['cpu_capability']}")
     print(
-        f"bf16 {speed_up:.2f}x fp32; embedding relative error {relative_error:.2e} (cosine {cosine:.6f}); "
+        f"bf16 {speed_up:.2f}x fp32, fused attention {fused_speed_up:.2f}x segment_anything's in bf16; embedding relative error {relative_error:.2e} (cosine {cosine:.6f}); "
         f"SAM masks of {len(ious)} point prompts, IoU bf16 vs fp32: min {min(ious):.4f}, mean {statistics.fmean(ious):.4f}"
     )
     judged = not args.quick and device.type == "cpu" and cpu_has_native_bf16()
@@ -162,13 +188,14 @@ def main(argv: list[str] | None = None) -> None:
             "bf16": vars(low),
             "point_prompts": clicks.tolist(),
             "repeats": args.repeats,
-            "statistic": "median over rounds, precisions alternated",
+            "statistic": "median over rounds, variants alternated",
             "load_average_1min_at_start": load_at_start,
         },
         device=device,
         results={
             "timings": rows,
             "bf16_speed_up": speed_up,
+            "fused_attention_speed_up_bf16": fused_speed_up,
             "embedding_relative_error": relative_error,
             "embedding_cosine": cosine,
             "mask_iou_bf16_vs_fp32": ious,
