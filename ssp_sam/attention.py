@@ -91,7 +91,6 @@ def multi_head_attention(
     return out_projection(attention, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout))
 
 
-
 def _additive_mask(key_padding_mask: Tensor | None, attn_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """One additive mask (B or 1, 1, Lq or 1, Lk) from the module's two mask conventions, or None."""
     mask = None

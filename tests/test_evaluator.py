@@ -397,6 +397,15 @@ def test_workers_are_forked_with_the_heap_released_and_objects_frozen(data_root,
     evaluate(FreezeWatching(tiny_model(), device="cpu"), dataset, progress=False, workers=0)  # no fork: nothing to do
     assert releases == [1] and frozen_while_decoding == [before] * 3
 
+    class Failing(Predictor):  # an error mid-evaluation ends the workers' context at once, not at collection
+        def predict_images(self, images, expressions):
+            raise RuntimeError("a failing forward")
+
+    with pytest.raises(RuntimeError, match="a failing forward") as caught:
+        evaluate(Failing(tiny_model(), device="cpu"), dataset, progress=False, workers=1)
+    assert caught.value is not None and gc.get_freeze_count() == before  # the traceback still holds the frames
+    assert host_memory._depth == 0
+
 def test_cached_embeddings_give_the_same_result(data_root, tmp_path, monkeypatch):
     model = tiny_model()
     dataset = load_dataset(_refer_cfg(data_root, "test", split_by="berkeley"))  # three images

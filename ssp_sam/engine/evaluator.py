@@ -30,6 +30,7 @@ single-process run.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -306,17 +307,19 @@ def evaluate(
     scorer = _TaskScorer(dataset.task, frame)
 
     bar = tqdm(total=len(my_images), desc=f"eval {dataset.name}/{dataset.split}", unit="img", disable=not progress, dynamic_ncols=True)
-    for batch in _prepared_batches(my_images, predictor.preparer, cache, int(images_per_batch), int(workers)):
-        sentences = [by_image[my_images[index]] for index, _ in batch]
-        encoded = predictor.encode_prepared([prepared for _, prepared in batch])
-        predictions = predictor.predict_images(encoded, [[sentence.expression for sentence in group] for group in sentences])
-        for group, group_predictions in zip(sentences, predictions):
-            masks: dict[str, np.ndarray] = {}
-            for sentence, prediction in zip(group, group_predictions):
-                gt_mask = _ground_truth(sentence.sample, prediction, frame, masks)
-                scorer.update(prediction, gt_mask, sentence, _group_of(sentence, group_key))
-        bar.update(len(batch))
-        bar.set_postfix(sentences=len(scorer), refresh=False)
+    batches = _prepared_batches(my_images, predictor.preparer, cache, int(images_per_batch), int(workers))
+    with closing(batches):  # an error below ends the workers' forked-memory context now, not when the generator is collected
+        for batch in batches:
+            sentences = [by_image[my_images[index]] for index, _ in batch]
+            encoded = predictor.encode_prepared([prepared for _, prepared in batch])
+            predictions = predictor.predict_images(encoded, [[sentence.expression for sentence in group] for group in sentences])
+            for group, group_predictions in zip(sentences, predictions):
+                masks: dict[str, np.ndarray] = {}
+                for sentence, prediction in zip(group, group_predictions):
+                    gt_mask = _ground_truth(sentence.sample, prediction, frame, masks)
+                    scorer.update(prediction, gt_mask, sentence, _group_of(sentence, group_key))
+            bar.update(len(batch))
+            bar.set_postfix(sentences=len(scorer), refresh=False)
     bar.close()
 
     gathered: list[Any] = [scorer.state_dicts()]
