@@ -65,3 +65,24 @@ def test_cpuinfo_flags_detect_native_bf16(monkeypatch, tmp_path):
     assert not precision_module.cpu_has_native_bf16()
     monkeypatch.setattr(precision_module, "_cpuinfo_flags", lambda: {"avx2", "amx_bf16"})
     assert precision_module.cpu_has_native_bf16()
+
+
+def test_x86_kernels_limited_to_avx2_count_as_no_native_bf16(monkeypatch):
+    """ATEN_CPU_CAPABILITY=avx2 / ONEDNN_MAX_CPU_ISA=AVX2 run an AVX2-only CPU's kernels on any x86 CPU:
+    bf16 is emulated there, so auto must pick fp32 whatever the hardware flags say."""
+    monkeypatch.setattr(precision_module.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    monkeypatch.setattr(precision_module, "_cpuinfo_flags", lambda: {"avx2", "amx_bf16", "avx512_bf16"})
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert precision_module.cpu_has_native_bf16()
+    for isa, native in (("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", True), ("AVX512_CORE_AMX", True), ("ALL", True)):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+        assert precision_module.cpu_has_native_bf16() is native, isa
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not precision_module.cpu_has_native_bf16()
+    assert resolve_precision("auto", CPU).name == "fp32"
+    monkeypatch.setattr(precision_module.platform, "machine", lambda: "aarch64")  # Arm: its own flags decide
+    assert precision_module.cpu_has_native_bf16()

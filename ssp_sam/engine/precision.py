@@ -18,6 +18,8 @@ weights stay fp32 (the optimizer's master copy) and only the matmuls run in the 
 
 from __future__ import annotations
 
+import os
+import platform
 import warnings
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -46,8 +48,25 @@ def _cpuinfo_flags() -> set[str]:
     return flags
 
 
+def _x86_kernels_limited_below_bf16() -> bool:
+    """Whether PyTorch was told to use x86 kernels without native bf16 on this process.
+
+    ``ATEN_CPU_CAPABILITY=avx2`` (or lower) and oneDNN's ``ONEDNN_MAX_CPU_ISA`` below
+    AVX512_CORE_BF16 make PyTorch run the kernels of an AVX2-only CPU on any x86 CPU: bf16 is then
+    emulated (benchmarks use this to measure what such a CPU runs), whatever the hardware has.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return False
+    if torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "NO AVX", "AVX2"):
+        return True
+    isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    return isa != "ALL" and not any(tag in isa for tag in ("BF16", "AMX", "FP16", "AVX10"))
+
+
 def cpu_has_native_bf16() -> bool:
-    """True when this CPU computes bf16 in hardware (AMX, AVX512-BF16 or Arm BF16)."""
+    """True when this CPU computes bf16 in hardware (AMX, AVX512-BF16 or Arm BF16) and PyTorch's kernels use it."""
+    if _x86_kernels_limited_below_bf16():
+        return False
     probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     if any(getattr(torch.cpu, name, lambda: False)() for name in probes):
         return True
