@@ -157,6 +157,7 @@ def test_fused_image_encoder_attention_trains_as_the_stock_module():
     for (name, p_stock), p_fused in zip(stock.named_parameters(), fused.parameters()):
         assert torch.equal(p_fused.grad, p_stock.grad), name
 
+
 def test_fused_image_encoder_attention_interpolates_relative_positions_as_sam():
     """An input grid other than the one the positions were made for (SAM resizes them: get_rel_pos)."""
     import copy
@@ -207,4 +208,3 @@ def test_build_sam_fuses_the_image_encoders_attention_and_its_output_is_sams():
         for m in attentions:  # the stock module on the same weights
             m.__class__ = Attention
         torch.testing.assert_close(fused, encoder(x), atol=1e-5, rtol=1e-4)
-

@@ -368,7 +368,6 @@ def test_several_images_per_batch_equal_one_at_a_time(data_root, monkeypatch):
         assert got.expression == row["expression"]
 
 
-
 def test_workers_are_forked_with_the_heap_released_and_objects_frozen(data_root, monkeypatch):
     """While evaluate()'s loader workers live, the parent's objects sit in the GC's permanent generation
     (no collection writes into the pages the workers share) and the free heap was given back first;
