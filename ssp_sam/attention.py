@@ -190,7 +190,7 @@ class FusedImageEncoderAttention(ImageEncoderAttention):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or self.qkv.weight.requires_grad):
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return super().forward(x)
         batch, height, width, _ = x.shape
         heads = self.num_heads
