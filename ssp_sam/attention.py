@@ -199,14 +199,11 @@ class FusedImageEncoderAttention(ImageEncoderAttention):
         if not self.use_rel_pos:
             out = F.scaled_dot_product_attention(q, k, v)  # the default scale, head_dim ** -0.5, is the module's
         else:
-            rel_h = torch.einsum(
-                "bnyxc,yic->bnyxi", q.reshape(batch, heads, height, width, head_dim),
-                get_rel_pos(height, height, self.rel_pos_h).to(q.dtype),
-            ).reshape(batch, heads, height * width, height)
-            rel_w = torch.einsum(
-                "bnyxc,xjc->bnyxj", q.reshape(batch, heads, height, width, head_dim),
-                get_rel_pos(width, width, self.rel_pos_w).to(q.dtype),
-            ).reshape(batch, heads, height * width, width)
+            q_grid = q.reshape(batch, heads, height, width, head_dim)
+            rel_h = torch.einsum("bnyxc,yic->bnyxi", q_grid, get_rel_pos(height, height, self.rel_pos_h).to(q.dtype))
+            rel_w = torch.einsum("bnyxc,xjc->bnyxj", q_grid, get_rel_pos(width, width, self.rel_pos_w).to(q.dtype))
+            rel_h = rel_h.reshape(batch, heads, height * width, height)
+            rel_w = rel_w.reshape(batch, heads, height * width, width)
             key_row = torch.eye(height, dtype=q.dtype, device=q.device).repeat_interleave(width, 0)  # (H W, H)
             key_column = torch.eye(width, dtype=q.dtype, device=q.device).repeat(height, 1)  # (H W, W)
             keys_at = (batch, heads, -1, -1)

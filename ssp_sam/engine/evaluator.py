@@ -30,7 +30,6 @@ single-process run.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -238,15 +237,11 @@ def _prepared_batches(
         _PreparedImages(paths, preparer, cache), batch_size=images_per_batch, num_workers=workers, collate_fn=list,
         prefetch_factor=2 if workers > 0 else None,
     )
-    # The workers are forked from this process: without this, every page of the kept free heap that the
-    # forward passes reuse while they live is copied on write (evaluation 3-4x slower on a 2-core CPU,
-    # benchmarks/README.md, "2026-11-30").
-    with shared_with_forked_workers(enabled=workers > 0):
-        for batch in loader:
-            for _, item in batch:
-                if isinstance(item, SSPSAMError):
-                    raise item
-            yield batch
+    for batch in loader:
+        for _, item in batch:
+            if isinstance(item, SSPSAMError):
+                raise item
+        yield batch
 
 
 def evaluate(
@@ -307,9 +302,11 @@ def evaluate(
     scorer = _TaskScorer(dataset.task, frame)
 
     bar = tqdm(total=len(my_images), desc=f"eval {dataset.name}/{dataset.split}", unit="img", disable=not progress, dynamic_ncols=True)
-    batches = _prepared_batches(my_images, predictor.preparer, cache, int(images_per_batch), int(workers))
-    with closing(batches):  # an error below ends the workers' forked-memory context now, not when the generator is collected
-        for batch in batches:
+    # The loader's workers are forked from this process: without the context, every page of the kept free
+    # heap that the forward passes reuse while they live is copied on write (evaluation 3-4x slower on a
+    # 2-core CPU, benchmarks/README.md, "2026-11-30").
+    with shared_with_forked_workers(enabled=int(workers) > 0):
+        for batch in _prepared_batches(my_images, predictor.preparer, cache, int(images_per_batch), int(workers)):
             sentences = [by_image[my_images[index]] for index, _ in batch]
             encoded = predictor.encode_prepared([prepared for _, prepared in batch])
             predictions = predictor.predict_images(encoded, [[sentence.expression for sentence in group] for group in sentences])
