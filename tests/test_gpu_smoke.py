@@ -29,7 +29,11 @@ def test_gpu_smoke_script_runs_on_cpu(tmp_path):
     assert (out / "run" / "best" / "model.safetensors").is_file()
     results = json.loads((out / "results_test.json").read_text())
     assert results["split"] == "test" and results["n_images"] == 4
-    for bench in ("bench_train_step", "bench_eval_shared", "bench_shared_encoders", "bench_sam_encoder"):
+    assert (out / "ovss_run" / "best").is_dir()
+    ovss_results = json.loads((out / "ovss_results_test.json").read_text())
+    assert ovss_results["split"] == "test" and ovss_results["n_images"] == 4 and ovss_results["protocol"] == "whole_image"
+    assert "hIoU" in ovss_results["metrics"]
+    for bench in ("bench_train_step", "bench_eval_shared", "bench_shared_encoders", "bench_sam_encoder", "bench_ovss_tspp"):
         assert json.loads((out / f"{bench}.json").read_text()), bench
 
 
