@@ -5,9 +5,11 @@ rounding), so state dicts and checkpoints are unchanged too:
 
 - ``nn.MultiheadAttention`` (open_clip's blocks, VAD's text attention, the prompt generator), through
   :func:`multi_head_attention`;
-- segment_anything's two-way ``Attention`` of the mask decoder, which spells attention out as
+- segment_anything's mask-decoder transformer: its two-way ``Attention`` spells attention out as
   ``softmax(q k^T / sqrt(d)) v`` and so materialises (B, heads, 5 + T, h w) scores in both directions
-  at every layer, through :class:`FusedTwoWayAttention` (:func:`fuse_two_way_attention`);
+  at every layer, and its image stream is a permuted view of (B, C, h, w) that every add and cast
+  walks across; through :class:`FusedTwoWayAttention`, :class:`FusedTwoWayAttentionBlock` and
+  :class:`FusedTwoWayTransformer` (:func:`fuse_two_way_attention`);
 - segment_anything's image-encoder ``Attention``, which adds decomposed relative positions to
   materialised (B heads, h w, h w) scores (4096 x 4096 per head in ViT-B's global blocks at 1024 px),
   through :class:`FusedImageEncoderAttention` (:func:`fuse_image_encoder_attention`): the relative
@@ -23,11 +25,14 @@ tensor (:func:`linear_input`).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import Attention as ImageEncoderAttention
 from segment_anything.modeling.image_encoder import get_rel_pos
 from segment_anything.modeling.transformer import Attention as TwoWayAttention
+from segment_anything.modeling.transformer import TwoWayAttentionBlock, TwoWayTransformer
 from torch import Tensor, nn
 
 from .errors import ConfigError
@@ -145,22 +150,116 @@ class FusedTwoWayAttention(TwoWayAttention):
     """
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """q: (B, Nq, C); k, v: (B, Nk, C). Returns (B, Nq, C)."""
-        q = self._separate_heads(self.q_proj(linear_input(q)), self.num_heads)
-        k = self._separate_heads(self.k_proj(linear_input(k)), self.num_heads)
-        v = self._separate_heads(self.v_proj(linear_input(v)), self.num_heads)
+        """q: (B, Nq, C); k, v: (B, Nk, C). Returns (B, Nq, C).
+
+        An input broadcast over its batch (stride 0: one image's tokens for several prompt sets) is
+        projected once and broadcast again.
+        """
+        q = self._separate_heads(_project_shared(self.q_proj, q), self.num_heads)
+        k = self._separate_heads(_project_shared(self.k_proj, k), self.num_heads)
+        v = self._separate_heads(_project_shared(self.v_proj, v), self.num_heads)
         return self.out_proj(self._recombine_heads(F.scaled_dot_product_attention(q, k, v)))
 
 
-def fuse_two_way_attention(module: nn.Module) -> nn.Module:
-    """Turn every stock two-way ``Attention`` inside ``module`` into :class:`FusedTwoWayAttention`, in place.
+class FusedTwoWayAttentionBlock(TwoWayAttentionBlock):
+    """segment_anything's ``TwoWayAttentionBlock`` with the positioned image tokens added once.
 
-    Only the class changes (the subclass adds no state), so parameters, hooks and state-dict keys
+    The stock block adds ``keys + key_pe`` twice (keys of the token-to-image attention, queries of
+    the image-to-token attention) though ``keys`` does not change in between: the same values, one
+    (B, h w, C) add fewer. Both sums are broadcast when their operands are (layer 1: one image's
+    tokens for all its prompt sets). Same parameters and state-dict keys; the same result.
+    """
+
+    def forward(self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor) -> tuple[Tensor, Tensor]:
+        """queries, query_pe: (B, T, C); keys: (B, h w, C); key_pe: (B or 1, h w, C). Returns (queries, keys)."""
+        if self.skip_first_layer_pe:
+            queries = self.self_attn(q=queries, k=queries, v=queries)
+        else:
+            q = queries + query_pe
+            queries = queries + self.self_attn(q=q, k=q, v=queries)
+        queries = self.norm1(queries)
+
+        # Read by two projections: cast for them once (inside autocast) rather than in each.
+        positioned_keys = _shared(linear_input, add_shared(keys, key_pe))
+        queries = self.norm2(queries + self.cross_attn_token_to_image(q=queries + query_pe, k=positioned_keys, v=keys))
+        queries = self.norm3(queries + self.mlp(queries))
+
+        attn_out = self.cross_attn_image_to_token(q=positioned_keys, k=queries + query_pe, v=queries)
+        keys = self.norm4(keys + attn_out)
+        return queries, keys
+
+
+class FusedTwoWayTransformer(TwoWayTransformer):
+    """segment_anything's ``TwoWayTransformer`` on contiguous (B, h w, C) image tokens.
+
+    The stock forward turns the (B, C, h, w) image embedding and positional encoding into permuted
+    views, so each add and cast of the image stream walks a tensor across its rows: on a CPU those
+    elementwise passes over (B, 4096, 256) were the largest items of SSP-SAM's evaluation. Here both
+    are laid out once (a broadcast input, one image for several prompt sets, stays broadcast). Same
+    parameters, state-dict keys and outputs (queries (B, T, C), keys (B, h w, C)).
+    """
+
+    def forward(self, image_embedding: Tensor, image_pe: Tensor, point_embedding: Tensor) -> tuple[Tensor, Tensor]:
+        """image_embedding, image_pe: (B or 1, C, h, w); point_embedding: (B, T, C)."""
+        keys = image_tokens(image_embedding)
+        key_pe = image_tokens(image_pe)
+        queries = point_embedding
+        for layer in self.layers:
+            queries, keys = layer(queries=queries, keys=keys, query_pe=point_embedding, key_pe=key_pe)
+        attn_out = self.final_attn_token_to_image(q=queries + point_embedding, k=add_shared(keys, key_pe), v=keys)
+        return self.norm_final_attn(queries + attn_out), keys
+
+
+def image_tokens(x: Tensor) -> Tensor:
+    """(B, C, h, w) -> contiguous (B, h w, C) rows; an ``x`` broadcast over its batch is laid out once."""
+    return _shared(lambda one: one.flatten(2).transpose(1, 2).contiguous(), x)
+
+
+def add_shared(a: Tensor, b: Tensor) -> Tensor:
+    """``a + b`` for (B or 1, N, C) tensors, computed once per batch when both are broadcast over it."""
+    if _broadcast_batch(a) and (b.shape[0] == 1 or _broadcast_batch(b)):
+        return _shared(lambda one: one + b[:1], a)
+    return a + b
+
+
+def _project_shared(linear: nn.Linear, x: Tensor) -> Tensor:
+    """``linear(x)`` for (B, N, C) ``x``; an ``x`` broadcast over its batch is projected once."""
+    return _shared(lambda rows: linear(linear_input(rows)), x)
+
+
+def _shared(function: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``function(x)`` for a ``function`` that treats each element of the batch (dimension 0) alone:
+    computed on one element when ``x`` broadcasts one over its batch (stride 0) and broadcast again."""
+    if _broadcast_batch(x):
+        one = function(x[:1])
+        return one.expand(x.shape[0], *one.shape[1:])
+    return function(x)
+
+
+def _broadcast_batch(x: Tensor) -> bool:
+    """Whether ``x`` repeats one element along its batch dimension without copies (an ``expand``)."""
+    return x.shape[0] > 1 and x.stride(0) == 0
+
+
+_FUSED_DECODER_CLASSES = {
+    TwoWayAttention: FusedTwoWayAttention,
+    TwoWayAttentionBlock: FusedTwoWayAttentionBlock,
+    TwoWayTransformer: FusedTwoWayTransformer,
+}
+
+
+def fuse_two_way_attention(module: nn.Module) -> nn.Module:
+    """Turn segment_anything's mask-decoder transformer inside ``module`` into the fused classes, in place.
+
+    Every stock ``Attention``, ``TwoWayAttentionBlock`` and ``TwoWayTransformer`` becomes
+    :class:`FusedTwoWayAttention`, :class:`FusedTwoWayAttentionBlock`, :class:`FusedTwoWayTransformer`.
+    Only the class changes (the subclasses add no state), so parameters, hooks and state-dict keys
     stay as they are. Returns ``module``.
     """
     for child in module.modules():
-        if type(child) is TwoWayAttention:
-            child.__class__ = FusedTwoWayAttention
+        fused = _FUSED_DECODER_CLASSES.get(type(child))
+        if fused is not None:
+            child.__class__ = fused
     return module
 
 

@@ -97,6 +97,91 @@ def test_fused_two_way_attention_equals_segment_anythings_and_build_sam_uses_it(
                                       "decoder_mlp_dim": 64, "decoder_num_heads": 2}, parts=("mask_decoder",))
     kinds = {type(m) for m in sam.mask_decoder.modules() if isinstance(m, Attention)}
     assert kinds == {FusedTwoWayAttention}
+    assert type(sam.mask_decoder.transformer).__name__ == "FusedTwoWayTransformer"
+    assert {type(layer).__name__ for layer in sam.mask_decoder.transformer.layers} == {"FusedTwoWayAttentionBlock"}
+
+
+def _two_way_transformers():
+    """segment_anything's TwoWayTransformer with only its attention fused (the reference), and fully fused."""
+    import copy
+
+    from segment_anything.modeling.transformer import Attention, TwoWayTransformer
+
+    from ssp_sam.attention import FusedTwoWayAttention, fuse_two_way_attention
+
+    torch.manual_seed(0)
+    reference = TwoWayTransformer(depth=2, embedding_dim=32, num_heads=4, mlp_dim=64)  # layer 0 skips its query PE
+    fused = fuse_two_way_attention(copy.deepcopy(reference))
+    for module in reference.modules():
+        if type(module) is Attention:
+            module.__class__ = FusedTwoWayAttention
+    return reference, fused
+
+
+@pytest.mark.parametrize("image_batch", ["one image for every prompt set", "one image per prompt set"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fused_two_way_transformer_gives_segment_anythings_result_to_the_bit(image_batch, precision):
+    """Contiguous image tokens, positioned keys added once, broadcast inputs computed once: the same
+    numbers as the stock transformer (attention fused as in the decoder), outputs and input gradients."""
+    reference, fused = _two_way_transformers()
+    pe = torch.randn(1, 32, 6, 5).expand(3, -1, -1, -1)  # SAM's dense PE, expanded over the sets
+    if image_batch == "one image for every prompt set":
+        embedding = torch.randn(1, 32, 6, 5).expand(3, -1, -1, -1)
+    else:
+        embedding = torch.randn(3, 32, 6, 5)
+    points = torch.randn(3, 7, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        expected = reference(embedding, pe, points)
+        got = fused(embedding, pe, points)
+    for mine, theirs in zip(got, expected):
+        assert mine.shape == theirs.shape and torch.equal(mine, theirs)
+    if precision == "fp32":
+        weights = [torch.randn_like(out) for out in expected]
+        grads = torch.autograd.grad(sum((o * w).sum() for o, w in zip(got, weights)), [points, *fused.parameters()])
+        reference_grads = torch.autograd.grad(
+            sum((o * w).sum() for o, w in zip(expected, weights)), [points, *reference.parameters()]
+        )
+        for mine, theirs in zip(grads, reference_grads):  # sums over a broadcast batch may add in another order
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_two_way_transformer_matches_the_unfused_module():
+    """Against segment_anything's own classes throughout (softmax spelled out): equal to float rounding."""
+    import copy
+
+    from segment_anything.modeling.transformer import TwoWayTransformer
+
+    from ssp_sam.attention import fuse_two_way_attention
+
+    torch.manual_seed(1)
+    stock = TwoWayTransformer(depth=2, embedding_dim=32, num_heads=4, mlp_dim=64)
+    fused = fuse_two_way_attention(copy.deepcopy(stock))
+    embedding, pe, points = torch.randn(2, 32, 4, 6), torch.randn(2, 32, 4, 6), torch.randn(2, 5, 32)
+    for mine, theirs in zip(fused(embedding, pe, points), stock(embedding, pe, points)):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_an_image_shared_by_prompt_sets_is_projected_once_in_the_first_layer():
+    """With one image's embedding broadcast over 3 prompt sets, the first layer's image-side
+    projections see one element; the second layer's (keys now differ per set) see all 3."""
+    _, fused = _two_way_transformers()
+    batches = {}
+
+    def record(name):
+        def hook(module, inputs):
+            batches[name] = inputs[0].shape[0]
+
+        return hook
+
+    first, second = fused.layers
+    first.cross_attn_token_to_image.k_proj.register_forward_pre_hook(record("layer 0 keys"))
+    first.cross_attn_token_to_image.v_proj.register_forward_pre_hook(record("layer 0 values"))
+    first.cross_attn_image_to_token.q_proj.register_forward_pre_hook(record("layer 0 image queries"))
+    second.cross_attn_token_to_image.k_proj.register_forward_pre_hook(record("layer 1 keys"))
+    embedding = torch.randn(1, 32, 6, 5).expand(3, -1, -1, -1)
+    queries, keys = fused(embedding, torch.randn(1, 32, 6, 5).expand(3, -1, -1, -1), torch.randn(3, 7, 32))
+    assert batches == {"layer 0 keys": 1, "layer 0 values": 1, "layer 0 image queries": 1, "layer 1 keys": 3}
+    assert queries.shape == (3, 7, 32) and keys.shape == (3, 30, 32)
 
 
 def test_linear_input_casts_and_lays_out_in_autocast_only():
