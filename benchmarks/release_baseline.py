@@ -17,9 +17,10 @@ What the release does that ours does not, and this baseline therefore does too:
   ``need_weights=True`` (``nn.MultiheadAttention``'s default, which the release keeps), so the
   head-averaged attention maps are computed and thrown away; the prompt generator is given an
   all-False key padding mask;
-- SAM's prompt encoder and stock mask decoder are called once per image (B calls, each
-  computing all four masks and the IoU head before mask 0 is kept), and each image's 256x256
-  logits are resized to 1024 and then to 512 on their own.
+- SAM's prompt encoder and stock mask decoder (segment_anything's own transformer and attention
+  classes: our models are built with the fused ones of ``ssp_sam/attention.py``) are called once per
+  image (B calls, each computing all four masks and the IoU head before mask 0 is kept), and each
+  image's 256x256 logits are resized to 1024 and then to 512 on their own.
 
 Left out, because they cost nothing measurable on a CPU and change no result: the release's box
 post-processing of each sample into SAM's frame (computed, then unused: SAM gets no box prompt),
@@ -33,10 +34,14 @@ encoder-mode prompt generator, the release's token-axis normalisation of CLIP's 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from ssp_sam.attention import FUSED_DECODER_CLASSES
 from ssp_sam.model import SSPSAM
 
 
@@ -193,16 +198,33 @@ class ReleaseComputation:
         mask_decoder = self.model.mask_head.mask_decoder
         size = self.model.sam_image_size
         masks = []
-        for image_prompts, embedding in zip(prompts, sam_embeddings):
-            sparse, dense = prompt_encoder(points=None, boxes=None, masks=None)  # (1, 0, C), no-mask (1, C, h, w)
-            sparse = torch.cat([sparse, image_prompts[None]], dim=1)
-            low_res, _ = mask_decoder(
-                image_embeddings=embedding.unsqueeze(0),
-                image_pe=prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=False,
-            )
-            full = F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)[..., :size, :size]
-            masks.append(F.interpolate(full, (size // 2, size // 2), mode="bilinear", align_corners=False).squeeze(1))
+        with segment_anythings_decoder_classes(mask_decoder):
+            for image_prompts, embedding in zip(prompts, sam_embeddings):
+                sparse, dense = prompt_encoder(points=None, boxes=None, masks=None)  # (1, 0, C), no-mask (1, C, h, w)
+                sparse = torch.cat([sparse, image_prompts[None]], dim=1)
+                low_res, _ = mask_decoder(
+                    image_embeddings=embedding.unsqueeze(0),
+                    image_pe=prompt_encoder.get_dense_pe(),
+                    sparse_prompt_embeddings=sparse,
+                    dense_prompt_embeddings=dense,
+                    multimask_output=False,
+                )
+                full = F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)[..., :size, :size]
+                masks.append(F.interpolate(full, (size // 2, size // 2), mode="bilinear", align_corners=False).squeeze(1))
         return torch.stack(masks, dim=0)
+
+
+@contextmanager
+def segment_anythings_decoder_classes(module: torch.nn.Module) -> Iterator[None]:
+    """Inside the block, the mask decoder's fused transformer classes (ssp_sam/attention.py, which our
+    models are built with) are segment_anything's own again, as in the release; restored afterwards.
+    Only classes change (the fused ones add no state), so the parameters and their gradients are shared."""
+    stock = {fused: original for original, fused in FUSED_DECODER_CLASSES.items()}
+    swapped = [(child, type(child)) for child in module.modules() if type(child) in stock]
+    for child, fused in swapped:
+        child.__class__ = stock[fused]
+    try:
+        yield
+    finally:
+        for child, fused in swapped:
+            child.__class__ = fused

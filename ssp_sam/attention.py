@@ -25,8 +25,6 @@ tensor (:func:`linear_input`).
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import Attention as ImageEncoderAttention
@@ -149,15 +147,16 @@ class FusedTwoWayAttention(TwoWayAttention):
     contiguous (the image tokens arrive as a permuted view), cast and laid out in one copy.
     """
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, q_of: Tensor | None = None, kv_of: Tensor | None = None) -> Tensor:
         """q: (B, Nq, C); k, v: (B, Nk, C). Returns (B, Nq, C).
 
-        An input broadcast over its batch (stride 0: one image's tokens for several prompt sets) is
-        projected once and broadcast again.
+        ``q_of`` / ``kv_of``: (B,) indices when q / k and v hold fewer rows than the batch (one per
+        image, shared by its prompt sets): batch element b reads row ``q_of[b]``. The rows are
+        projected once each and then gathered.
         """
-        q = self._separate_heads(_project_shared(self.q_proj, q), self.num_heads)
-        k = self._separate_heads(_project_shared(self.k_proj, k), self.num_heads)
-        v = self._separate_heads(_project_shared(self.v_proj, v), self.num_heads)
+        q = self._separate_heads(_gather(self.q_proj(linear_input(q)), q_of), self.num_heads)
+        k = self._separate_heads(_gather(self.k_proj(linear_input(k)), kv_of), self.num_heads)
+        v = self._separate_heads(_gather(self.v_proj(linear_input(v)), kv_of), self.num_heads)
         return self.out_proj(self._recombine_heads(F.scaled_dot_product_attention(q, k, v)))
 
 
@@ -166,12 +165,16 @@ class FusedTwoWayAttentionBlock(TwoWayAttentionBlock):
 
     The stock block adds ``keys + key_pe`` twice (keys of the token-to-image attention, queries of
     the image-to-token attention) though ``keys`` does not change in between: the same values, one
-    (B, h w, C) add fewer. Both sums are broadcast when their operands are (layer 1: one image's
-    tokens for all its prompt sets). Same parameters and state-dict keys; the same result.
+    (B, h w, C) add and cast fewer. With ``image_of`` the image tokens are one row per image (the
+    first block, before they depend on the prompts) and everything computed from them alone (that
+    add, its cast, three projections) runs once per image. Same parameters, state-dict keys and result.
     """
 
-    def forward(self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor) -> tuple[Tensor, Tensor]:
-        """queries, query_pe: (B, T, C); keys: (B, h w, C); key_pe: (B or 1, h w, C). Returns (queries, keys)."""
+    def forward(
+        self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor, image_of: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """queries, query_pe: (B, T, C); keys: (B, h w, C), or (U, h w, C) with ``image_of`` (B,) the
+        row of each batch element; key_pe: (1 or as keys, h w, C). Returns queries (B, T, C), keys (B, h w, C)."""
         if self.skip_first_layer_pe:
             queries = self.self_attn(q=queries, k=queries, v=queries)
         else:
@@ -180,12 +183,13 @@ class FusedTwoWayAttentionBlock(TwoWayAttentionBlock):
         queries = self.norm1(queries)
 
         # Read by two projections: cast for them once (inside autocast) rather than in each.
-        positioned_keys = _shared(linear_input, add_shared(keys, key_pe))
-        queries = self.norm2(queries + self.cross_attn_token_to_image(q=queries + query_pe, k=positioned_keys, v=keys))
+        positioned_keys = linear_input(keys + key_pe)
+        attn_out = self.cross_attn_token_to_image(q=queries + query_pe, k=positioned_keys, v=keys, kv_of=image_of)
+        queries = self.norm2(queries + attn_out)
         queries = self.norm3(queries + self.mlp(queries))
 
-        attn_out = self.cross_attn_image_to_token(q=positioned_keys, k=queries + query_pe, v=queries)
-        keys = self.norm4(keys + attn_out)
+        attn_out = self.cross_attn_image_to_token(q=positioned_keys, k=queries + query_pe, v=queries, q_of=image_of)
+        keys = self.norm4(_gather(keys, image_of) + attn_out)
         return queries, keys
 
 
@@ -195,45 +199,38 @@ class FusedTwoWayTransformer(TwoWayTransformer):
     The stock forward turns the (B, C, h, w) image embedding and positional encoding into permuted
     views, so each add and cast of the image stream walks a tensor across its rows: on a CPU those
     elementwise passes over (B, 4096, 256) were the largest items of SSP-SAM's evaluation. Here both
-    are laid out once (a broadcast input, one image for several prompt sets, stays broadcast). Same
-    parameters, state-dict keys and outputs (queries (B, T, C), keys (B, h w, C)).
+    are laid out once, and an image shared by several prompt sets (``image_of``, or an embedding
+    broadcast over the batch) is worked on once until the prompts change its tokens (first block).
+    Same parameters, state-dict keys and outputs (queries (B, T, C), keys (B, h w, C)).
     """
 
-    def forward(self, image_embedding: Tensor, image_pe: Tensor, point_embedding: Tensor) -> tuple[Tensor, Tensor]:
-        """image_embedding, image_pe: (B or 1, C, h, w); point_embedding: (B, T, C)."""
-        keys = image_tokens(image_embedding)
-        key_pe = image_tokens(image_pe)
+    def forward(
+        self, image_embedding: Tensor, image_pe: Tensor, point_embedding: Tensor, image_of: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """image_embedding: (B, C, h, w), or (U, C, h, w) with ``image_of`` (B,) the image of each
+        prompt set; image_pe: (1 or B, C, h, w), the same for all sets when ``image_of`` is given;
+        point_embedding: (B, T, C)."""
+        batch = point_embedding.shape[0]
+        if image_of is None and _broadcast_batch(image_embedding):  # one image for every set (an expand)
+            image_embedding, image_of = image_embedding[:1], torch.zeros(batch, dtype=torch.long, device=image_embedding.device)
+        if image_pe.shape[0] > 1 and (image_of is not None or _broadcast_batch(image_pe)):
+            if not _broadcast_batch(image_pe):
+                raise ValueError("image_of needs one positional encoding for all prompt sets (image_pe of batch 1)")
+            image_pe = image_pe[:1]
+        keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
+        key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
         queries = point_embedding
         for layer in self.layers:
-            queries, keys = layer(queries=queries, keys=keys, query_pe=point_embedding, key_pe=key_pe)
-        attn_out = self.final_attn_token_to_image(q=queries + point_embedding, k=add_shared(keys, key_pe), v=keys)
+            queries, keys = layer(queries=queries, keys=keys, query_pe=point_embedding, key_pe=key_pe, image_of=image_of)
+            image_of = None  # the prompts have reached every set's image tokens
+        keys = _gather(keys, image_of)
+        attn_out = self.final_attn_token_to_image(q=queries + point_embedding, k=keys + key_pe, v=keys)
         return self.norm_final_attn(queries + attn_out), keys
 
 
-def image_tokens(x: Tensor) -> Tensor:
-    """(B, C, h, w) -> contiguous (B, h w, C) rows; an ``x`` broadcast over its batch is laid out once."""
-    return _shared(lambda one: one.flatten(2).transpose(1, 2).contiguous(), x)
-
-
-def add_shared(a: Tensor, b: Tensor) -> Tensor:
-    """``a + b`` for (B or 1, N, C) tensors, computed once per batch when both are broadcast over it."""
-    if _broadcast_batch(a) and (b.shape[0] == 1 or _broadcast_batch(b)):
-        return _shared(lambda one: one + b[:1], a)
-    return a + b
-
-
-def _project_shared(linear: nn.Linear, x: Tensor) -> Tensor:
-    """``linear(x)`` for (B, N, C) ``x``; an ``x`` broadcast over its batch is projected once."""
-    return _shared(lambda rows: linear(linear_input(rows)), x)
-
-
-def _shared(function: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """``function(x)`` for a ``function`` that treats each element of the batch (dimension 0) alone:
-    computed on one element when ``x`` broadcasts one over its batch (stride 0) and broadcast again."""
-    if _broadcast_batch(x):
-        one = function(x[:1])
-        return one.expand(x.shape[0], *one.shape[1:])
-    return function(x)
+def _gather(rows: Tensor, index: Tensor | None) -> Tensor:
+    """``rows[index]`` (one row per batch element), or ``rows`` when ``index`` is None."""
+    return rows if index is None else rows.index_select(0, index)
 
 
 def _broadcast_batch(x: Tensor) -> bool:
@@ -241,7 +238,8 @@ def _broadcast_batch(x: Tensor) -> bool:
     return x.shape[0] > 1 and x.stride(0) == 0
 
 
-_FUSED_DECODER_CLASSES = {
+# segment_anything's mask-decoder classes -> the fused ones that replace them (fuse_two_way_attention).
+FUSED_DECODER_CLASSES = {
     TwoWayAttention: FusedTwoWayAttention,
     TwoWayAttentionBlock: FusedTwoWayAttentionBlock,
     TwoWayTransformer: FusedTwoWayTransformer,
@@ -257,7 +255,7 @@ def fuse_two_way_attention(module: nn.Module) -> nn.Module:
     stay as they are. Returns ``module``.
     """
     for child in module.modules():
-        fused = _FUSED_DECODER_CLASSES.get(type(child))
+        fused = FUSED_DECODER_CLASSES.get(type(child))
         if fused is not None:
             child.__class__ = fused
     return module

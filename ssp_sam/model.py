@@ -195,19 +195,27 @@ class SSPSAM(nn.Module):
         words, sentence = self.clip.encode_text(tokens)
         return TextFeatures(words=words, sentence=sentence, padding=tokens == 0)
 
-    def decode(self, image_tokens: Tensor, sam_embeddings: Optional[Tensor], text: TextFeatures) -> SSPOutput:
+    def decode(
+        self, image_tokens: Tensor, sam_embeddings: Optional[Tensor], text: TextFeatures, image_of: Optional[Tensor] = None
+    ) -> SSPOutput:
         """Everything after the frozen encoders, batched over expressions.
 
         Args:
-            image_tokens: (B, 1+N, D) CLIP-Surgery tokens; B may be 1 for K expressions of one image.
-            sam_embeddings: (B, C, h, w) SAM image embeddings; B may be 1 likewise. None: only the
-                box is computed and SAM's decoder is not run (the REC pretraining stage).
-            text: TextFeatures of K expressions (K = B, or K > 1 with B = 1).
+            image_tokens: (B, 1+N, D) CLIP-Surgery tokens; B may be 1 for K expressions of one image,
+                or U for the U images of ``image_of``.
+            sam_embeddings: (B, C, h, w) SAM image embeddings; B may be 1 or U likewise. None: only
+                the box is computed and SAM's decoder is not run (the REC pretraining stage).
+            text: TextFeatures of K expressions (K = B, or K > 1 with B = 1 or with ``image_of``).
+            image_of: (K,) long, the image (row of image_tokens and sam_embeddings) of each
+                expression; SAM's decoder then works on each image once where it can (SAMMaskHead).
         Returns:
             SSPOutput for the K pairs.
         """
         batch = text.words.shape[0]
-        image_tokens = image_tokens.expand(batch, -1, -1) if image_tokens.shape[0] == 1 else image_tokens
+        if image_of is not None:
+            image_tokens = image_tokens.index_select(0, image_of)
+        elif image_tokens.shape[0] == 1:
+            image_tokens = image_tokens.expand(batch, -1, -1)
         words = self.word_proj(text.words)
 
         if self.visual_adapter is not None:
@@ -222,7 +230,7 @@ class SSPSAM(nn.Module):
         prompts, boxes = self.prompt_generator(self.fusion(visual, phrase))
         if sam_embeddings is None:
             return SSPOutput(None, None, boxes, similarity, word_weights)
-        low_res_logits = self.mask_head(sam_embeddings, prompts)
+        low_res_logits = self.mask_head(sam_embeddings, prompts, image_of)
         mask_logits = upscale_to_padded_frame(low_res_logits, self.sam_image_size)
         return SSPOutput(low_res_logits, mask_logits, boxes, similarity, word_weights)
 

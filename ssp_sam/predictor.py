@@ -269,18 +269,18 @@ class Predictor:
             rows = owners[start : start + self.max_batch]
             first, last = rows[0], rows[-1]
             chunk_tokens = tokens[start : start + len(rows)]
-            if first == last:  # one image: its encodings are shared (expanded, not copied)
-                clip_tokens, sam_embeddings = images[first].clip_tokens, images[first].sam_embedding
-            else:
-                local = torch.tensor([row - first for row in rows], device=self.device)
-                clip_tokens = torch.cat([image.clip_tokens for image in images[first : last + 1]])[local]
-                sam_embeddings = torch.cat([image.sam_embedding for image in images[first : last + 1]])[local]
+            image_of = None  # one image: its encodings are shared by every expression
+            clip_tokens, sam_embeddings = images[first].clip_tokens, images[first].sam_embedding
+            if first != last:  # several: each image's encodings once, and the image of each expression
+                image_of = torch.tensor([row - first for row in rows], device=self.device)
+                clip_tokens = torch.cat([image.clip_tokens for image in images[first : last + 1]])
+                sam_embeddings = torch.cat([image.sam_embedding for image in images[first : last + 1]])
             with self.precision.autocast(self.device):
                 if self.text_cache is not None:
                     text = self.text_cache.encode(self.model, chunk_tokens)
                 else:
                     text = self.model.encode_text(chunk_tokens.to(self.device, non_blocking=True))
-                output = (self.compiled_decode or self.model.decode)(clip_tokens, sam_embeddings, text)
+                output = (self.compiled_decode or self.model.decode)(clip_tokens, sam_embeddings, text, image_of)
             mask_logits, boxes = output.mask_logits.float(), output.boxes.float()
             for owner in range(first, last + 1):
                 at = [offset for offset, row in enumerate(rows) if row == owner]

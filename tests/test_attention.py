@@ -293,3 +293,30 @@ def test_build_sam_fuses_the_image_encoders_attention_and_its_output_is_sams():
         for m in attentions:  # the stock module on the same weights
             m.__class__ = Attention
         torch.testing.assert_close(fused, encoder(x), atol=1e-5, rtol=1e-4)
+
+
+def test_the_release_baseline_runs_segment_anythings_own_decoder_classes(monkeypatch):
+    """benchmarks/release_baseline.py times the release's computation: SAM's stock transformer and
+    attention, not the fused classes our models are built with; the model keeps its own afterwards."""
+    import copy
+
+    from segment_anything.modeling.transformer import Attention, TwoWayAttentionBlock, TwoWayTransformer
+
+    from conftest import REPO
+    from ssp_sam.attention import FUSED_DECODER_CLASSES, fuse_two_way_attention
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from release_baseline import segment_anythings_decoder_classes
+
+    torch.manual_seed(0)
+    stock = TwoWayTransformer(depth=2, embedding_dim=32, num_heads=4, mlp_dim=64)
+    fused = fuse_two_way_attention(copy.deepcopy(stock))
+    inputs = torch.randn(2, 32, 4, 6), torch.randn(2, 32, 4, 6), torch.randn(2, 5, 32)
+    with segment_anythings_decoder_classes(fused):
+        kinds = {type(module) for module in fused.modules()}
+        inside = fused(*inputs)
+    assert kinds & set(FUSED_DECODER_CLASSES.values()) == set()
+    assert {TwoWayTransformer, TwoWayAttentionBlock, Attention} <= kinds
+    for mine, theirs in zip(inside, stock(*inputs)):
+        assert torch.equal(mine, theirs)
+    assert {type(module) for module in fused.modules()} & set(FUSED_DECODER_CLASSES) == set()

@@ -103,9 +103,9 @@ def test_many_expressions_equal_one_at_a_time_in_chunks(predictor, encoded, monk
     decode_sizes = []
     decode = model.decode
 
-    def recording_decode(image_tokens, sam_embeddings, text):
+    def recording_decode(image_tokens, sam_embeddings, text, image_of=None):
         decode_sizes.append(text.words.shape[0])
-        return decode(image_tokens, sam_embeddings, text)
+        return decode(image_tokens, sam_embeddings, text, image_of)
 
     monkeypatch.setattr(model, "decode", recording_decode)
     monkeypatch.setattr(predictor, "max_batch", 2)

@@ -317,6 +317,24 @@ def test_shared_embedding_equals_separate_calls(tiny_sam, head):
     torch.testing.assert_close(shared, native, rtol=0, atol=1e-5)
 
 
+def test_image_of_equals_each_set_with_its_own_copy_of_its_image(tiny_sam, head):
+    """Two images, five prompt sets: decoding each image once for its sets gives every set the masks
+    it gets from its image's embedding alone, and from SAM's own decoder called image by image."""
+    generator = torch.Generator().manual_seed(4)
+    embeddings = torch.randn(2, TINY_CHANNELS, TINY_SIDE, TINY_SIDE, generator=generator)
+    prompts = torch.randn(5, 6, TINY_CHANNELS, generator=generator)
+    image_of = torch.tensor([1, 0, 1, 1, 0])
+    with torch.no_grad():
+        grouped = head(embeddings, prompts, image_of)
+        copied = head(embeddings[image_of], prompts)
+        native = torch.cat([decoder_call(tiny_sam, embeddings[i : i + 1], prompts[k : k + 1]) for k, i in enumerate(image_of.tolist())])
+    assert grouped.shape == (5, 1, 64, 64)
+    torch.testing.assert_close(grouped, copied, rtol=0, atol=1e-6)
+    torch.testing.assert_close(grouped, native, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"image_of: expected a \(5,\) long tensor"):
+        head(embeddings, prompts, image_of[:4])
+
+
 def test_head_trains_decoder_only(tiny_checkpoint):
     sam = build_sam("custom", tiny_checkpoint, custom=TINY, parts=("prompt_encoder", "mask_decoder"))
     head = SAMMaskHead(sam.prompt_encoder, sam.mask_decoder)
@@ -328,7 +346,7 @@ def test_head_trains_decoder_only(tiny_checkpoint):
 
 
 def test_head_rejects_bad_shapes(head):
-    with pytest.raises(ValueError, match="2 image embeddings for 3 prompt sets"):
+    with pytest.raises(ValueError, match="2 image embeddings for 3 prompt sets: give one embedding per set, one for all, or image_of"):
         head(torch.zeros(2, TINY_CHANNELS, TINY_SIDE, TINY_SIDE), torch.zeros(3, 4, TINY_CHANNELS))
     with pytest.raises(ValueError, match="image_embeddings"):
         head(torch.zeros(1, TINY_CHANNELS, 8, 8), torch.zeros(1, 4, TINY_CHANNELS))

@@ -412,13 +412,14 @@ class SAMMaskHead(nn.Module):
 
     ``MaskDecoder.forward`` assumes one image per call (it repeats the image embedding once per
     prompt set), so this head runs the decoder's pieces itself, batched over images: the result
-    equals calling ``mask_decoder`` image by image.
+    equals calling ``mask_decoder`` image by image. Prompt sets of the same image share its
+    embedding (``image_of``): the decoder's work on the image alone is done once per image.
     """
 
     def __init__(self, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder) -> None:
         super().__init__()
         self.prompt_encoder = prompt_encoder
-        self.mask_decoder = mask_decoder
+        self.mask_decoder = fuse_two_way_attention(mask_decoder)  # image_of needs the fused transformer
         self.prompt_encoder.requires_grad_(False)
 
     @property
@@ -445,16 +446,20 @@ class SAMMaskHead(nn.Module):
         sparse, _ = self.prompt_encoder(points=(points[:, None, :], labels), boxes=None, masks=None)
         return sparse[:, 0]  # token 1 of each set is the "not a point" padding
 
-    def forward(self, image_embeddings: torch.Tensor, sparse_prompts: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, image_embeddings: torch.Tensor, sparse_prompts: torch.Tensor, image_of: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Low-resolution mask logits for each prompt set.
 
         Args:
-            image_embeddings: (B, C, h, w) from SAM's image encoder; B = 1 is shared by every
-                prompt set (expanded, not copied).
-            sparse_prompts: (B, T, C) prompt tokens, one set per image (or K sets for B = 1).
+            image_embeddings: (B, C, h, w) from SAM's image encoder, one per prompt set; or (U, C, h, w)
+                for U images with ``image_of``; or (1, C, h, w), shared by every prompt set.
+            sparse_prompts: (B, T, C) prompt tokens, one set per row.
+            image_of: (B,) long, the image (row of ``image_embeddings``) of each prompt set. A shared
+                image is decoded once until the prompts reach its tokens (the decoder's first block).
 
         Returns:
-            (B, 1, 4h, 4w) logits (K instead of B for a shared embedding).
+            (B, 1, 4h, 4w) logits.
         """
         embedding_size = tuple(self.prompt_encoder.image_embedding_size)
         channels = self.prompt_encoder.embed_dim
@@ -468,10 +473,15 @@ class SAMMaskHead(nn.Module):
                 f"sparse_prompts: expected (B, T, {channels}), got {tuple(sparse_prompts.shape)}"
             )
         num_images, num_sets = image_embeddings.shape[0], sparse_prompts.shape[0]
-        if num_images not in (1, num_sets):
+        if image_of is not None:
+            if image_of.shape != (num_sets,) or image_of.dtype != torch.long:
+                raise ValueError(f"image_of: expected a ({num_sets},) long tensor, got {tuple(image_of.shape)} {image_of.dtype}")
+        elif num_images == 1 and num_sets > 1:
+            image_of = torch.zeros(num_sets, dtype=torch.long, device=image_embeddings.device)
+        elif num_images != num_sets:
             raise ValueError(
                 f"{num_images} image embeddings for {num_sets} prompt sets: "
-                "give one embedding per set, or one for all"
+                "give one embedding per set, one for all, or image_of"
             )
 
         decoder = self.mask_decoder
@@ -480,10 +490,10 @@ class SAMMaskHead(nn.Module):
 
         # Without a mask prompt SAM adds no_mask_embed to every position of the image embedding.
         dense = self.prompt_encoder.no_mask_embed.weight.view(1, channels, 1, 1)
-        image_tokens = (image_embeddings + dense).expand(num_sets, -1, -1, -1)
-        image_pe = self.prompt_encoder.get_dense_pe().expand(num_sets, -1, -1, -1)
+        image_tokens = image_embeddings + dense
+        image_pe = self.prompt_encoder.get_dense_pe()  # (1, C, h, w), the same for every set
 
-        token_out, image_out = decoder.transformer(image_tokens, image_pe, tokens)
+        token_out, image_out = decoder.transformer(image_tokens, image_pe, tokens, image_of=image_of)
 
         # Token 0 is the IoU token; mask token 0 (index 1) is the single-mask output.
         image_out = image_out.transpose(1, 2).reshape(num_sets, channels, *embedding_size)
