@@ -358,7 +358,9 @@ def test_several_images_per_batch_equal_one_at_a_time(data_root, monkeypatch):
     single = evaluate(model, dataset, device="cpu", progress=False, images_per_batch=1)
     decoded = []
     decode = model.decode
-    monkeypatch.setattr(model, "decode", lambda tokens, sam, text: decoded.append(tokens.shape[0]) or decode(tokens, sam, text))
+    monkeypatch.setattr(
+        model, "decode", lambda tokens, sam, text, image_of=None: decoded.append(text.words.shape[0]) or decode(tokens, sam, text, image_of)
+    )
     counting = CountingPredictor(model, max_batch=4)
     batched = evaluate(counting, dataset, progress=False, images_per_batch=3, workers=1)
     assert counting.encoder_passes == 1 and decoded == [4, 1]  # one encoder call; decoder chunks span images
