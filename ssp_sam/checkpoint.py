@@ -230,18 +230,30 @@ _EMBEDDED_ENCODERS = {"clip.": ("CLIP", "model.clip_checkpoint"), "sam_image_enc
 _FINETUNED_TEXT = tuple(f"clip.clip.{name}" for name in FINETUNED_TEXT_PARAMETERS)
 
 
-def _embedded_prefixes(config: ModelConfig) -> tuple[str, ...]:
+def _finetuned_image(model: SSPSAM) -> tuple[str, ...]:
+    """Our names (prefixes) of the image-tower parameters that model.finetune_image_blocks trains."""
+    count = model.clip.finetune_image_blocks
+    if not count:
+        return ()
+    blocks = len(model.clip.clip.visual.transformer.resblocks)
+    trained = tuple(f"clip.clip.visual.transformer.resblocks.{index}." for index in range(blocks - count, blocks))
+    return (*trained, "clip.clip.visual.ln_post.", "clip.clip.visual.proj")
+
+
+def _embedded_prefixes(model: SSPSAM, config: ModelConfig) -> tuple[str, ...]:
     """Encoder prefixes whose weights a checkpoint of ours must carry.
 
     Encoders that come from a weight file named in the config are not stored (they are large and
-    the user has them); encoders without a file (our small pretrained ones) are, and so is a
-    fine-tuned text tower (its weights differ from the file's).
+    the user has them); encoders without a file (our small pretrained ones) are, and so are the
+    fine-tuned parts of CLIP (text tower, last vision blocks: their weights differ from the file's).
     """
     prefixes = []
     if config.clip_checkpoint is None:
         prefixes.append("clip.")
-    elif config.finetune_text_encoder:
-        prefixes.extend(_FINETUNED_TEXT)
+    else:
+        if config.finetune_text_encoder:
+            prefixes.extend(_FINETUNED_TEXT)
+        prefixes.extend(_finetuned_image(model))
     if config.sam_checkpoint is None:
         prefixes.append("sam_image_encoder.")
     return tuple(prefixes)
@@ -269,7 +281,7 @@ def save_checkpoint(
         if model.sam_image_encoder is None:
             raise ValueError("embed_encoders needs a model built with its SAM image encoder")
         config = replace(config, clip_checkpoint=None, sam_checkpoint=None)
-    embedded = _embedded_prefixes(config)
+    embedded = _embedded_prefixes(model, config)
     state = {
         k: v.detach().cpu().contiguous()
         for k, v in model.state_dict().items()
@@ -319,12 +331,13 @@ def read_checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def load_own_weights(model: SSPSAM, path: str | os.PathLike, text_tower_from_file: bool = False) -> None:
+def load_own_weights(model: SSPSAM, path: str | os.PathLike, finetuned_from_file: bool = False) -> None:
     """Load a checkpoint of ours into ``model``, checking every key and shape.
 
     Args:
-        text_tower_from_file: a model that fine-tunes CLIP's text tower may start from a checkpoint
-            without one (``init_checkpoint`` of a frozen-CLIP run): the tower of the CLIP file is kept.
+        finetuned_from_file: a model that fine-tunes CLIP's text tower or last vision blocks may start
+            from a checkpoint without them (``init_checkpoint`` of a frozen-CLIP run): those of the CLIP
+            file are kept.
     """
     path = Path(path)
     weights = path / WEIGHTS_FILE if path.is_dir() else path
@@ -333,16 +346,24 @@ def load_own_weights(model: SSPSAM, path: str | os.PathLike, text_tower_from_fil
     if model.sam_image_encoder is None:  # built to read cached embeddings: an embedded encoder is not needed
         state = {k: v for k, v in state.items() if not k.startswith("sam_image_encoder.")}
     expected = {k: v for k, v in model.state_dict().items()}
-    embedded = _embedded_prefixes(model.config)
-    if text_tower_from_file and not any(k.startswith(_FINETUNED_TEXT) for k in state):
-        embedded = tuple(p for p in embedded if p not in _FINETUNED_TEXT)
+    embedded = _embedded_prefixes(model, model.config)
+    finetuned = {
+        "finetune_text_encoder=true": ("text tower", _FINETUNED_TEXT, "finetune_text_encoder=false"),
+        f"finetune_image_blocks={model.clip.finetune_image_blocks}": ("image blocks", _finetuned_image(model), "finetune_image_blocks=0"),
+    }
+    for setting, (what, prefixes, frozen) in finetuned.items():
+        in_state = any(k.startswith(prefixes) for k in state)
+        if not prefixes or not set(prefixes) & set(embedded) or in_state:
+            continue
+        if finetuned_from_file:
+            embedded = tuple(p for p in embedded if p not in prefixes)
+            continue
+        raise CheckpointError(
+            f"{weights}: model.{setting}, but the checkpoint carries no fine-tuned CLIP {what} ({prefixes[0]}*): "
+            f"it was trained with a frozen CLIP; load it with model.{frozen}"
+        )
     for prefix in embedded:  # an encoder neither stored nor named by a weight file: say what to give
         if any(k.startswith(prefix) for k in expected) and not any(k.startswith(prefix) for k in state):
-            if prefix in _FINETUNED_TEXT:
-                raise CheckpointError(
-                    f"{weights}: model.finetune_text_encoder=true, but the checkpoint carries no fine-tuned CLIP text "
-                    f"tower ({prefix}*): it was trained with a frozen CLIP; load it with model.finetune_text_encoder=false"
-                )
             what, key = _EMBEDDED_ENCODERS[prefix]
             raise CheckpointError(
                 f"{weights}: the checkpoint carries no {what} and its config names no {what.split()[0]} weight file; "

@@ -88,6 +88,10 @@ class ModelConfig:
     # at train.text_encoder_lr. Not the release (its CLIP is frozen): for a text tower blind to words the task
     # needs (the ShapeWorld CLIP's "on the left" / "on the right": one sentence embedding, docs/shapeworld_model.md).
     finetune_text_encoder: bool = False
+    # Train CLIP's last N vision blocks (N >= surgery_blocks), its ln_post and visual projection with the rest at
+    # train.image_encoder_lr; 0: the image tower is frozen (the release). The frozen blocks' output is what the
+    # image-token cache keeps (ssp_sam/feature_cache.py), so the cache still serves.
+    finetune_image_blocks: int = 0
     release_quirks: bool = False  # switched on by the loader of released checkpoints
     no_target_pixels: int = 50  # a mask with fewer pixels in the padded SAM frame means "no target"
     random_encoders: bool = False  # build CLIP/SAM with random weights where no weight file is given (tests, benchmarks)
@@ -157,3 +161,8 @@ def _check(config: ModelConfig) -> None:
         raise ConfigError(f"model.adapters.text_attention_dropout: must lie in [0, 1), got {config.adapters.text_attention_dropout}")
     if config.surgery_blocks < 0:
         raise ConfigError(f"model.surgery_blocks: must be >= 0, got {config.surgery_blocks}")
+    if config.finetune_image_blocks and config.finetune_image_blocks < config.surgery_blocks:
+        raise ConfigError(
+            f"model.finetune_image_blocks: must be 0 or at least model.surgery_blocks ({config.surgery_blocks}), "
+            f"got {config.finetune_image_blocks}"
+        )

@@ -66,17 +66,22 @@ _fingerprints: "WeakKeyDictionary[CLIPSurgeryBackbone, dict[str, tuple[tuple, st
 
 
 def _tower_tensors(backbone: CLIPSurgeryBackbone, tower: str) -> list[tuple[str, Tensor]]:
-    """(name, tensor) of the CLIP state that the text or image tower reads, sorted by name."""
+    """(name, tensor) of the CLIP state that the text tower, or the frozen part of the image tower
+    (``CLIPSurgeryBackbone.frozen_image_features``), reads, sorted by name."""
     state = backbone.clip.state_dict(keep_vars=True)
     visual = tower == "image"
-    return sorted((name, tensor) for name, tensor in state.items() if name.startswith("visual.") == visual)
+    trained = {id(parameter) for parameter in backbone.finetuned_image_parameters()} if visual else set()
+    return sorted(
+        (name, tensor) for name, tensor in state.items() if name.startswith("visual.") == visual and id(tensor) not in trained
+    )
 
 
 def clip_fingerprint(backbone: CLIPSurgeryBackbone, tower: str) -> str:
     """Hex sha256 of what the ``tower`` ("text" or "image") output depends on besides its input.
 
-    Every name, dtype, shape and byte of the tower's weights, the CLIP-Surgery depth (image) or the
-    context length (text), and :data:`FORWARD_VERSION`. Computed once per backbone and weight state
+    Every name, dtype, shape and byte of the tower's weights (of the image tower: its frozen ones), the
+    CLIP-Surgery depth and the fine-tuned blocks (image) or the context length (text), and
+    :data:`FORWARD_VERSION`. Computed once per backbone and weight state
     (remembered until a tensor is replaced or modified in place, e.g. by ``load_state_dict``).
     """
     if tower not in ("text", "image"):
@@ -86,7 +91,9 @@ def clip_fingerprint(backbone: CLIPSurgeryBackbone, tower: str) -> str:
     remembered = _fingerprints.setdefault(backbone, {}).get(tower)
     if remembered is not None and remembered[0] == signature:
         return remembered[1]
-    shape_setting = backbone.surgery_blocks if tower == "image" else backbone.context_length
+    shape_setting: object = backbone.surgery_blocks if tower == "image" else backbone.context_length
+    if tower == "image" and backbone.finetune_image_blocks:  # entries are then the frozen blocks' output
+        shape_setting = f"{backbone.surgery_blocks}|frozen below the last {backbone.finetune_image_blocks}"
     digest = hashlib.sha256(f"{FORWARD_VERSION}|{tower}|{shape_setting}\n".encode())
     for name, tensor in tensors:
         flat = tensor.detach().cpu().contiguous().reshape(-1)
@@ -249,7 +256,9 @@ class ImageTokenCache(_FrozenOutputCache):
 
     ``encode(model, clip_pixels)`` equals ``model.encode_clip_image(clip_pixels)`` and runs the
     image encoder only on the inputs not seen before. It only pays where inputs repeat (see the
-    module docstring); with continuous random placement every training input is new.
+    module docstring); with continuous random placement every training input is new. With
+    ``model.finetune_image_blocks`` an entry is what the frozen blocks compute (the input of the
+    first fine-tuned block), and the fine-tuned blocks run on it at every call, with their graph.
     """
 
     tower = "image"
@@ -257,5 +266,5 @@ class ImageTokenCache(_FrozenOutputCache):
 
     def encode(self, model: SSPSAM, clip_pixels: Tensor) -> Tensor:
         """(B, 3, S, S) letterboxed, normalised pixels (CPU preferred) -> (B, 1+N, D) tokens on model.device."""
-        entries = self._rows(model, clip_pixels, lambda pixels: (model.encode_clip_image(pixels),))
-        return self._stacked(entries, 0, model.device)
+        entries = self._rows(model, clip_pixels, lambda pixels: (model.clip.frozen_image_features(pixels),))
+        return model.clip.finish_image_tokens(self._stacked(entries, 0, model.device))

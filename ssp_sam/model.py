@@ -177,9 +177,9 @@ class SSPSAM(nn.Module):
         self.mask_head.prompt_encoder.eval()
         return self
 
-    @torch.no_grad()
     def encode_clip_image(self, clip_pixels: Tensor) -> Tensor:
-        """(B, 3, S_clip, S_clip) letterboxed, normalised -> (B, 1+N, D) CLIP-Surgery tokens."""
+        """(B, 3, S_clip, S_clip) letterboxed, normalised -> (B, 1+N, D) CLIP-Surgery tokens (with a graph
+        only through fine-tuned image blocks, ``model.finetune_image_blocks``)."""
         return self.clip.encode_image(clip_pixels)
 
     @torch.no_grad()
@@ -288,7 +288,10 @@ def build_model(
     """
     require_weight_files(config, [part for part in ENCODER_WEIGHT_KEYS if part not in set(without_weight_files)])
     clip_model = build_clip_model(config.clip_arch, config.clip_checkpoint, config.clip_custom)
-    clip = CLIPSurgeryBackbone(clip_model, surgery_blocks=config.surgery_blocks, finetune_text=config.finetune_text_encoder)
+    clip = CLIPSurgeryBackbone(
+        clip_model, surgery_blocks=config.surgery_blocks, finetune_text=config.finetune_text_encoder,
+        finetune_image_blocks=config.finetune_image_blocks,
+    )
     parts = ("image_encoder", "prompt_encoder", "mask_decoder") if with_sam_image_encoder else ("prompt_encoder", "mask_decoder")
     sam = build_sam(config.sam_variant, config.sam_checkpoint, config.sam_custom, parts=parts)
     return SSPSAM(config, clip, SAMMaskHead(sam.prompt_encoder, sam.mask_decoder), sam.image_encoder)

@@ -69,10 +69,11 @@ def test_text_features_equal_the_encoder_and_only_misses_are_computed(monkeypatc
 def test_image_tokens_equal_the_encoder_and_repeat_inputs_hit(monkeypatch):
     model = tiny_model()
     cache = ImageTokenCache()
-    calls = _CountingCalls(monkeypatch, model, "encode_clip_image")
     pixels = _pixels(model, 3, seed=0)
+    expected = model.clip.encode_image(pixels)
+    calls = _CountingCalls(monkeypatch, model.clip, "frozen_image_features")
     tokens = cache.encode(model, pixels)
-    _close(tokens, model.clip.encode_image(pixels))
+    _close(tokens, expected)
     again = cache.encode(model, torch.cat([pixels[1:], _pixels(model, 1, seed=1)]))
     assert calls.batches == [3, 1]
     assert torch.equal(again[:2], tokens[1:])  # the stored tensors themselves

@@ -103,7 +103,7 @@ def test_a_frozen_clip_checkpoint_does_not_stand_in_for_a_trained_tower(clip_fil
         load_model(directory, {"finetune_text_encoder": True})
     # ...but a fine-tuning run may start from it (init_checkpoint): the tower then starts from the file.
     model = tiny_with_file(clip_file, finetune=True, seed=2)
-    load_own_weights(model, directory, text_tower_from_file=True)
+    load_own_weights(model, directory, finetuned_from_file=True)
     file_clip = build_clip_model("custom", clip_file, tiny_config().clip_custom)
     assert torch.equal(model.clip.clip.ln_final.weight, file_clip.ln_final.weight)
     assert torch.equal(model.word_proj.weight, load_file(str(directory / WEIGHTS_FILE))["word_proj.weight"])

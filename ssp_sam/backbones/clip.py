@@ -149,11 +149,15 @@ class CLIPSurgeryBackbone(nn.Module):
     the original stream, after ln_post and the visual projection.
 
     Stays in eval mode with frozen parameters, except the text tower's :data:`FINETUNED_TEXT_PARAMETERS`
-    with ``finetune_text=True`` (``model.finetune_text_encoder``, a deviation from the release's frozen
-    CLIP), which train (CLIP has no dropout, so eval mode does not change the text forward).
+    with ``finetune_text=True`` (``model.finetune_text_encoder``), and the last ``finetune_image_blocks``
+    vision blocks with ``ln_post`` and the visual projection (``model.finetune_image_blocks``), which
+    train: deviations from the release's frozen CLIP (CLIP has no dropout, so eval mode does not
+    change the forward). The image forward is then split where training starts: the frozen part
+    (:meth:`frozen_image_features`, never differentiated, what ``ImageTokenCache`` stores) and the
+    rest (:meth:`finish_image_tokens`).
     """
 
-    def __init__(self, model: CLIP, surgery_blocks: int = 6, finetune_text: bool = False) -> None:
+    def __init__(self, model: CLIP, surgery_blocks: int = 6, finetune_text: bool = False, finetune_image_blocks: int = 0) -> None:
         super().__init__()
         visual = model.visual
         if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None or visual.pool_type != "tok":
@@ -163,11 +167,19 @@ class CLIPSurgeryBackbone(nn.Module):
             raise ConfigError("CLIPSurgeryBackbone needs open_clip's default ResidualAttentionBlock in both towers")
         if not 0 <= surgery_blocks <= len(blocks):
             raise ConfigError(f"surgery_blocks={surgery_blocks} must lie in [0, {len(blocks)}] (vision blocks)")
+        if finetune_image_blocks != 0 and not surgery_blocks <= finetune_image_blocks <= len(blocks):
+            # Fewer than the dual blocks would start training between them, where the frozen part's
+            # output would be two streams; the split is kept at a single one.
+            raise ConfigError(
+                f"model.finetune_image_blocks={finetune_image_blocks}: must be 0 or lie in [surgery_blocks, vision blocks] "
+                f"= [{surgery_blocks}, {len(blocks)}]"
+            )
         self.clip = model
         self.surgery_blocks = surgery_blocks
         self.finetune_text = finetune_text
+        self.finetune_image_blocks = finetune_image_blocks
         self.clip.requires_grad_(False)
-        for parameter in self.finetuned_text_parameters():
+        for parameter in [*self.finetuned_text_parameters(), *self.finetuned_image_parameters()]:
             parameter.requires_grad_(True)
         self.train(False)
 
@@ -176,6 +188,15 @@ class CLIPSurgeryBackbone(nn.Module):
         if not self.finetune_text:
             return []
         return [p for name, p in self.clip.named_parameters() if name.startswith(FINETUNED_TEXT_PARAMETERS)]
+
+    def finetuned_image_parameters(self) -> list[nn.Parameter]:
+        """The image-tower parameters that train: the last ``finetune_image_blocks`` blocks, ``ln_post``
+        and ``proj`` (empty when ``finetune_image_blocks`` is 0)."""
+        if not self.finetune_image_blocks:
+            return []
+        visual = self.clip.visual
+        blocks = visual.transformer.resblocks[len(visual.transformer.resblocks) - self.finetune_image_blocks :]
+        return [*blocks.parameters(), *visual.ln_post.parameters(), visual.proj]
 
     def train(self, mode: bool = True) -> CLIPSurgeryBackbone:
         """CLIP is frozen in SSP-SAM (or has no dropout to switch, when its text tower trains): ignore ``mode``
@@ -208,7 +229,6 @@ class CLIPSurgeryBackbone(nn.Module):
     def context_length(self) -> int:
         return self.clip.context_length
 
-    @torch.no_grad()
     def encode_image(self, pixels: Tensor) -> Tensor:
         """CLIP-Surgery image tokens.
 
@@ -218,16 +238,37 @@ class CLIPSurgeryBackbone(nn.Module):
         Returns:
             (B, 1 + N, embed_dim): token 0 is CLIP's usual image embedding (the CLS token of the
             original stream), tokens 1..N the surgery-stream patch tokens in row-major grid order.
+            With a graph through the fine-tuned blocks only (``finetune_image_blocks``).
         """
+        return self.finish_image_tokens(self.frozen_image_features(pixels))
+
+    @torch.no_grad()
+    def frozen_image_features(self, pixels: Tensor) -> Tensor:
+        """What the frozen part of the image tower computes: the tokens themselves when the whole tower is
+        frozen, else the (B, 1 + N, width) input of the first fine-tuned block. Never differentiated."""
         size = self.image_size
         if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, size, size):
             raise ImageError(f"pixels must have shape (B, 3, {size}, {size}), got {tuple(pixels.shape)}")
+        x = self._embed_patches(pixels.to(self.clip.visual.conv1.weight.dtype))
+        if self.finetune_image_blocks:
+            blocks = self.clip.visual.transformer.resblocks
+            return self._run_plain_blocks(x, blocks[: len(blocks) - self.finetune_image_blocks])
+        return self._tokens_from(x, 0)
+
+    def finish_image_tokens(self, features: Tensor) -> Tensor:
+        """:meth:`frozen_image_features` -> the (B, 1 + N, embed_dim) tokens: the fine-tuned blocks (with a
+        graph when autograd records), or nothing when the whole tower is frozen."""
+        if not self.finetune_image_blocks:
+            return features
+        return self._tokens_from(features, len(self.clip.visual.transformer.resblocks) - self.finetune_image_blocks)
+
+    def _tokens_from(self, x: Tensor, first_block: int) -> Tensor:
+        """The tower from block ``first_block`` on (plain blocks, then the dual ones), ln_post and the
+        projection: (B, 1 + N, width) -> (B, 1 + N, embed_dim)."""
         visual = self.clip.visual
         blocks = visual.transformer.resblocks
         first_dual = len(blocks) - self.surgery_blocks
-
-        x = self._embed_patches(pixels.to(visual.conv1.weight.dtype))
-        x = self._run_plain_blocks(x, blocks[:first_dual])
+        x = self._run_plain_blocks(x, blocks[first_block:first_dual])
 
         original = x
         surgery = x

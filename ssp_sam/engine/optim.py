@@ -23,9 +23,12 @@ from ..model import SSPSAM
 SCHEDULES = ("per_epoch", "per_iteration")
 
 
-def parameter_groups(model: SSPSAM, lr: float, decoder_lr: float, weight_decay: float, text_encoder_lr: float = 0.0) -> list[dict]:
-    """Two groups: the new modules (adapters, fusion, prompt generator) and SAM's mask decoder; a third,
-    "text_encoder" at ``text_encoder_lr``, when the model fine-tunes CLIP's text tower.
+def parameter_groups(
+    model: SSPSAM, lr: float, decoder_lr: float, weight_decay: float, text_encoder_lr: float = 0.0, image_encoder_lr: float = 0.0
+) -> list[dict]:
+    """Two groups: the new modules (adapters, fusion, prompt generator) and SAM's mask decoder; then
+    "text_encoder" at ``text_encoder_lr`` when the model fine-tunes CLIP's text tower, and
+    "image_encoder" at ``image_encoder_lr`` when it fine-tunes CLIP's last vision blocks.
 
     Frozen encoders are left out entirely. The mask decoder's parameters are in their group even
     while the decoder is frozen (requires_grad False): AdamW skips parameters without gradients.
@@ -38,9 +41,12 @@ def parameter_groups(model: SSPSAM, lr: float, decoder_lr: float, weight_decay: 
         {"name": "new_modules", "params": new, "lr": lr, "weight_decay": weight_decay},
         {"name": "mask_decoder", "params": decoder, "lr": decoder_lr, "weight_decay": weight_decay},
     ]
-    text = model.clip.finetuned_text_parameters()
-    if text:
-        groups.append({"name": "text_encoder", "params": text, "lr": text_encoder_lr, "weight_decay": weight_decay})
+    for name, params, group_lr in (
+        ("text_encoder", model.clip.finetuned_text_parameters(), text_encoder_lr),
+        ("image_encoder", model.clip.finetuned_image_parameters(), image_encoder_lr),
+    ):
+        if params:
+            groups.append({"name": name, "params": params, "lr": group_lr, "weight_decay": weight_decay})
     return groups
 
 

@@ -41,6 +41,7 @@ class TrainSection:
     lr: float = number(1e-4, 0)
     decoder_lr: float = number(1e-5, 0)
     text_encoder_lr: float = number(1e-5, 0)  # CLIP's text tower, with model.finetune_text_encoder=true
+    image_encoder_lr: float = number(1e-5, 0)  # CLIP's last vision blocks, with model.finetune_image_blocks > 0
     min_lr: float = number(1e-6, 0)
     weight_decay: float = number(1e-4, 0)
     grad_clip: Optional[float] = number(0.1, 0, optional=True, above=True)  # null: no clipping

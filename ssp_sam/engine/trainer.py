@@ -190,7 +190,7 @@ class Trainer:
         # fp16 (CUDA only): the fused AdamW skips a step with inf/NaN gradients on the device, so the
         # gradient scaler never reads its found-inf flag back to the host.
         self.optimizer = torch.optim.AdamW(
-            parameter_groups(self.model, train.lr, train.decoder_lr, train.weight_decay, train.text_encoder_lr),
+            parameter_groups(self.model, train.lr, train.decoder_lr, train.weight_decay, train.text_encoder_lr, train.image_encoder_lr),
             fused=self.precision.needs_grad_scaler or None,
         )
         self.scheduler = build_schedule(
@@ -213,13 +213,13 @@ class Trainer:
 
         A checkpoint of the REC stage holds an untrained mask head (that stage runs no SAM): stage 2
         keeps the mask head of SAM's own weight file instead, as the release's stage 2 starts from
-        SAM's decoder (its pretraining never changes it). A model that fine-tunes CLIP's text tower may
-        start from a frozen-CLIP run: the tower then starts from the CLIP weight file.
+        SAM's decoder (its pretraining never changes it). A model that fine-tunes CLIP's text tower or
+        last vision blocks may start from a frozen-CLIP run: they then start from the CLIP weight file.
         """
         run = read_checkpoint_config(path).get("run") or {}
         from_rec_stage = (run.get("train") or {}).get("stage") == "rec"
         sam_head = {k: v.clone() for k, v in self.model.mask_head.state_dict().items()} if from_rec_stage else None
-        load_own_weights(self.model, path, text_tower_from_file=True)
+        load_own_weights(self.model, path, finetuned_from_file=True)
         if sam_head is not None:
             self.model.mask_head.load_state_dict(sam_head)
 
