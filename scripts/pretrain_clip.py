@@ -22,6 +22,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ssp_sam.cli import reports_errors
+from ssp_sam.engine.host_memory import keep_freed_host_memory
+from ssp_sam.engine.precision import flush_denormals
 from ssp_sam.errors import ConfigError
 from ssp_sam.predictor import resolve_device
 from ssp_sam.pretrain.clip import HELDOUT_SPLIT, CLIPPretrainSettings, finished_clip_stage, pretrain_clip
@@ -48,6 +50,10 @@ def main(cfg: DictConfig) -> None:
         raise ConfigError(f"model.clip_arch: pretraining builds a 'custom' CLIP, got {cfg.model.clip_arch!r}")
     if cfg.threads < 1:
         raise ConfigError(f"threads: must be >= 1, got {cfg.threads}")
+    device = resolve_device(cfg.device)
+    if device.type == "cpu":  # before the first parallel operation (engine/precision.py), and freed heap reused
+        flush_denormals()
+        keep_freed_host_memory()
     torch.set_num_threads(cfg.threads)
     settings = CLIPPretrainSettings(**{field.name: cfg[field.name] for field in fields(CLIPPretrainSettings)})
     clip_custom = OmegaConf.to_container(cfg.model.clip_custom, resolve=True)
@@ -67,7 +73,7 @@ def main(cfg: DictConfig) -> None:
         settings,
         out=cfg.out,
         append_period=cfg.model.append_period,
-        device=resolve_device(cfg.device),
+        device=device,
         progress=cfg.progress,
         log_dir=cfg.tensorboard,
         control=control,

@@ -20,6 +20,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ssp_sam.cli import reports_errors
+from ssp_sam.engine.host_memory import keep_freed_host_memory
+from ssp_sam.engine.precision import flush_denormals
 from ssp_sam.errors import ConfigError
 from ssp_sam.predictor import resolve_device
 from ssp_sam.pretrain.sam import HELDOUT_SPLIT, SAMPretrainSettings, finished_sam_stage, pretrain_sam
@@ -42,6 +44,10 @@ def main(cfg: DictConfig) -> None:
         raise ConfigError(f"model.sam_variant: pretraining builds a 'custom' SAM, got {cfg.model.sam_variant!r}")
     if cfg.threads < 1:
         raise ConfigError(f"threads: must be >= 1, got {cfg.threads}")
+    device = resolve_device(cfg.device)
+    if device.type == "cpu":  # before the first parallel operation (engine/precision.py), and freed heap reused
+        flush_denormals()
+        keep_freed_host_memory()
     torch.set_num_threads(cfg.threads)
     settings = SAMPretrainSettings(**{field.name: cfg[field.name] for field in fields(SAMPretrainSettings)})
     sam_custom = OmegaConf.to_container(cfg.model.sam_custom, resolve=True)
@@ -59,7 +65,7 @@ def main(cfg: DictConfig) -> None:
         sam_custom,
         settings,
         out=cfg.out,
-        device=resolve_device(cfg.device),
+        device=device,
         progress=cfg.progress,
         log_dir=cfg.tensorboard,
         control=control,

@@ -86,3 +86,21 @@ def test_x86_kernels_limited_to_avx2_count_as_no_native_bf16(monkeypatch):
     assert resolve_precision("auto", CPU).name == "fp32"
     monkeypatch.setattr(precision_module.platform, "machine", lambda: "aarch64")  # Arm: its own flags decide
     assert precision_module.cpu_has_native_bf16()
+
+
+@pytest.fixture
+def denormals_restored():
+    yield
+    torch.set_flush_denormal(False)
+
+
+def test_a_cpu_training_process_computes_denormals_as_zero(denormals_restored):
+    """Denormal floats take x86's slow microcode path (SAM pretraining 1.7x slower late in training);
+    a CPU training process flushes them, so a product below float32's normal range comes out 0."""
+    from ssp_sam.engine.distributed import start_training_process
+
+    tiny = torch.tensor([1e-30])
+    torch.set_flush_denormal(False)
+    assert (tiny * 1e-9).item() != 0.0  # representable as a denormal
+    device, _, _ = start_training_process("cpu", "fp32", seed=0)
+    assert device.type == "cpu" and (tiny * 1e-9).item() == 0.0

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from ..predictor import resolve_device
 from .host_memory import keep_freed_host_memory
-from .precision import Precision, resolve_precision
+from .precision import Precision, flush_denormals, resolve_precision
 
 
 @dataclass(frozen=True)
@@ -48,9 +48,12 @@ def start_training_process(device: str, precision: str, seed: int) -> tuple[torc
     """The device (under ``torchrun`` on CUDA: this process's GPU), precision (``train.precision``; the choice
     and its reason printed once) and process group of a training process; torch's and numpy's RNGs seeded.
 
-    On a CPU, freed host memory is kept for reuse (``host_memory.py``): large activations do not page-fault.
+    On a CPU, freed host memory is kept for reuse (``host_memory.py``): large activations do not page-fault;
+    and denormal floats are flushed (``precision.flush_denormals``).
     """
     resolved = resolve_device(device)
+    if resolved.type == "cpu":
+        flush_denormals()  # first: before any parallel operation starts OpenMP's threads
     chosen = resolve_precision(precision, resolved, key="train.precision")
     info = init_distributed(resolved)
     if resolved.type == "cuda":

@@ -18,7 +18,7 @@ from ...engine.distributed import init_distributed, shutdown_distributed
 from ...engine.host_memory import keep_freed_host_memory
 from ...engine.caching import ensure_cache
 from ...engine.config_fields import check_fields, merge_config
-from ...engine.precision import resolve_precision
+from ...engine.precision import flush_denormals, resolve_precision
 from ...engine.reporting import checkpoint_sha256, command_line
 from ...errors import ConfigError
 from ...fileio import write_json
@@ -83,6 +83,7 @@ def run_ovss_eval(cfg: DictConfig) -> None:
         precision = resolve_precision(cfg.precision, device)
         if device.type == "cpu":
             keep_freed_host_memory()
+            flush_denormals()
         loaded = load_ovss_model(cfg.checkpoint, device, overrides)
         cache = None
         if cfg.cache_dir is not None and loaded.config.uses_sam:
