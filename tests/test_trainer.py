@@ -428,11 +428,20 @@ def test_existing_run_dir_needs_resume(shapeworld_root, tmp_path):
         Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "x", tmp_path / "cache", "train.batch_size=64")))
 
 
-def test_ddp_two_processes_match_one(shapeworld_root, tmp_path):
+@pytest.mark.parametrize(
+    "extra",
+    [
+        (),
+        # CLIP's last block trained, run on image-cache hits outside DDP's forward: its gradient must still be reduced
+        ("model.finetune_image_blocks=1", "train.image_encoder_lr=1e-2", "train.image_cache_gb=0.01", "train.augment=false"),
+    ],
+    ids=["defaults", "image block trained through the image cache"],
+)
+def test_ddp_two_processes_match_one(shapeworld_root, tmp_path, extra):
     """torchrun with 2 CPU processes (gloo) gives the single-process loss curve at the same global batch."""
     cache = tmp_path / "cache"
-    single = Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "one", cache, "train.epochs=2"))).fit()
-    overrides = train_overrides(shapeworld_root, tmp_path / "two", cache, "train.epochs=2")
+    single = Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "one", cache, "train.epochs=2", *extra))).fit()
+    overrides = train_overrides(shapeworld_root, tmp_path / "two", cache, "train.epochs=2", *extra)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     process = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
