@@ -35,10 +35,9 @@ from ssp_sam.checkpoint import load_model
 from ssp_sam.cli import reports_errors
 from ssp_sam.data.registry import load_dataset
 from ssp_sam.engine.caching import dataset_image_roots, ensure_cache
-from ssp_sam.engine.distributed import DistInfo, init_distributed, shutdown_distributed
+from ssp_sam.engine.distributed import DistInfo, init_distributed, prepare_cpu_process, shutdown_distributed
 from ssp_sam.engine.evaluator import evaluate
-from ssp_sam.engine.host_memory import keep_freed_host_memory
-from ssp_sam.engine.precision import flush_denormals, resolve_precision
+from ssp_sam.engine.precision import resolve_precision
 from ssp_sam.engine.protocols import check_protocol
 from ssp_sam.engine.reporting import command_line, console_tables, write_results, write_samples
 from ssp_sam.errors import ConfigError
@@ -85,8 +84,7 @@ def main(cfg: DictConfig) -> None:
         device = _device_for(cfg.device, dist_info)
         precision = resolve_precision(cfg.precision, device)
         if device.type == "cpu":
-            keep_freed_host_memory()  # large CPU activations reuse freed memory instead of page-faulting
-            flush_denormals()
+            prepare_cpu_process()
         # With a cache, SAM's image encoder is loaded with the model only when its weights are in the
         # checkpoint (small models); from a weight file, only if the cache lacks some image of the split.
         model = load_model(checkpoint, model_config, with_sam_image_encoder=True if cfg.cache_dir is None else None, device=device)

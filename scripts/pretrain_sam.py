@@ -20,8 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ssp_sam.cli import reports_errors
-from ssp_sam.engine.host_memory import keep_freed_host_memory
-from ssp_sam.engine.precision import flush_denormals
+from ssp_sam.engine.distributed import prepare_cpu_process
 from ssp_sam.errors import ConfigError
 from ssp_sam.predictor import resolve_device
 from ssp_sam.pretrain.sam import HELDOUT_SPLIT, SAMPretrainSettings, finished_sam_stage, pretrain_sam
@@ -45,9 +44,8 @@ def main(cfg: DictConfig) -> None:
     if cfg.threads < 1:
         raise ConfigError(f"threads: must be >= 1, got {cfg.threads}")
     device = resolve_device(cfg.device)
-    if device.type == "cpu":  # before the first parallel operation (engine/precision.py), and freed heap reused
-        flush_denormals()
-        keep_freed_host_memory()
+    if device.type == "cpu":
+        prepare_cpu_process()
     torch.set_num_threads(cfg.threads)
     settings = SAMPretrainSettings(**{field.name: cfg[field.name] for field in fields(SAMPretrainSettings)})
     sam_custom = OmegaConf.to_container(cfg.model.sam_custom, resolve=True)

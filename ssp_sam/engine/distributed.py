@@ -18,6 +18,14 @@ from .host_memory import keep_freed_host_memory
 from .precision import Precision, flush_denormals, resolve_precision
 
 
+def prepare_cpu_process() -> None:
+    """What a process of ours that computes on the CPU sets first: denormal floats flushed (before any
+    parallel operation starts OpenMP's threads, ``precision.flush_denormals``) and freed host memory kept
+    for reuse, so large activations do not page-fault (``host_memory.py``)."""
+    flush_denormals()
+    keep_freed_host_memory()
+
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int = 0
@@ -48,19 +56,16 @@ def start_training_process(device: str, precision: str, seed: int) -> tuple[torc
     """The device (under ``torchrun`` on CUDA: this process's GPU), precision (``train.precision``; the choice
     and its reason printed once) and process group of a training process; torch's and numpy's RNGs seeded.
 
-    On a CPU, freed host memory is kept for reuse (``host_memory.py``): large activations do not page-fault;
-    and denormal floats are flushed (``precision.flush_denormals``).
+    On a CPU: :func:`prepare_cpu_process`.
     """
     resolved = resolve_device(device)
     if resolved.type == "cpu":
-        flush_denormals()  # first: before any parallel operation starts OpenMP's threads
+        prepare_cpu_process()
     chosen = resolve_precision(precision, resolved, key="train.precision")
     info = init_distributed(resolved)
     if resolved.type == "cuda":
         resolved = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(resolved)
-    else:
-        keep_freed_host_memory()
     if info.is_main:
         tqdm.write(f"precision: {chosen.name} ({chosen.reason})")
     torch.manual_seed(seed)

@@ -14,11 +14,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ...engine.distributed import init_distributed, shutdown_distributed
-from ...engine.host_memory import keep_freed_host_memory
+from ...engine.distributed import init_distributed, prepare_cpu_process, shutdown_distributed
 from ...engine.caching import ensure_cache
 from ...engine.config_fields import check_fields, merge_config
-from ...engine.precision import flush_denormals, resolve_precision
+from ...engine.precision import resolve_precision
 from ...engine.reporting import checkpoint_sha256, command_line
 from ...errors import ConfigError
 from ...fileio import write_json
@@ -82,8 +81,7 @@ def run_ovss_eval(cfg: DictConfig) -> None:
             device = torch.device("cuda", dist_info.local_rank)
         precision = resolve_precision(cfg.precision, device)
         if device.type == "cpu":
-            keep_freed_host_memory()
-            flush_denormals()
+            prepare_cpu_process()
         loaded = load_ovss_model(cfg.checkpoint, device, overrides)
         cache = None
         if cfg.cache_dir is not None and loaded.config.uses_sam:
