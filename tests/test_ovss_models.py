@@ -3,6 +3,7 @@ the rules each stage follows, checked against hand-worked or separately computed
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from timm.models.swin_transformer import SwinTransformerBlock
 
+from ssp_sam.attention import FUSED_DECODER_CLASSES
 from ssp_sam.errors import ConfigError, DatasetError
 from ssp_sam.ovss.build import build_ovss_model
 from ssp_sam.ovss.catseg.aggregation import ClassAggregation, GuidedSwinBlock
@@ -339,12 +341,18 @@ def test_no_surviving_proposal_leaves_catseg_unchanged():
 
 @pytest.mark.parametrize("multimask", [True, False])
 def test_proposals_per_point_follow_multimask_output(multimask):
-    """Each point gives SAM's three masks, or with multimask_output=false its single-mask output, which is
-    what ``Sam`` itself returns for that point (image embedding given, one prompt); every mask kept (no
-    filter, no NMS) lands in its own image: 2 and 3 points give 2m and 3m proposals."""
+    """Each point gives SAM's three masks, or with multimask_output=false its single-mask output, with
+    SAM's predicted IoU: what segment_anything's own decoder classes return for that point (image
+    embedding given, one prompt), although the proposer decodes points of both images in one call that
+    shares each image's embedding; every mask kept (no filter, no NMS) lands in its own image: 2 and 3
+    points give 2m and 3m proposals."""
     keep_all = {"proposals.pred_iou_thresh": -1.0e9, "proposals.stability_score_thresh": -1.0e9,
                 "proposals.box_nms_thresh": 1.0, "proposals.multimask_output": multimask}
     proposer = tiny(variant="sam_mi", **keep_all).proposer
+    stock_decoder = copy.deepcopy(proposer.mask_decoder)
+    stock_classes = {fused: stock for stock, fused in FUSED_DECODER_CLASSES.items()}
+    for module in stock_decoder.modules():
+        module.__class__ = stock_classes.get(type(module), type(module))
     images, _ = images_and_labels(batch=2)
     points = torch.tensor([[[10.0, 12.0], [40.0, 20.0], [0.0, 0.0]], [[20.0, 50.0], [33.0, 33.0], [60.0, 5.0]]])
     valid = torch.tensor([[True, True, False], [True, True, True]])
@@ -353,15 +361,21 @@ def test_proposals_per_point_follow_multimask_output(multimask):
         embeddings = proposer.embed(images)
         proposals = proposer.propose(embeddings, points, valid, 64)
         assert proposals.valid.sum(dim=1).tolist() == [2 * per_point, 3 * per_point]
-        coords = points[1, 2:] * (proposer.sam_size / 64)
-        sparse, dense = proposer.prompt_encoder(points=(coords[:, None], torch.ones(1, 1)), boxes=None, masks=None)
-        expected, _ = proposer.mask_decoder(
-            image_embeddings=embeddings[1:2], image_pe=proposer.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
-        )
-    found = [any(torch.allclose(mask, candidate, atol=1e-5) for candidate in proposals.logits[1][proposals.valid[1]])
-             for mask in expected[0]]
-    assert len(found) == per_point and all(found)
+        for image, point in ((0, 1), (1, 2)):
+            coords = points[image, point : point + 1] * (proposer.sam_size / 64)
+            sparse, dense = proposer.prompt_encoder(points=(coords[:, None], torch.ones(1, 1)), boxes=None, masks=None)
+            expected, expected_iou = stock_decoder(
+                image_embeddings=embeddings[image : image + 1], image_pe=proposer.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
+            )
+            kept = proposals.valid[image]
+            for mask, iou in zip(expected[0], expected_iou[0]):
+                matches = [
+                    index for index, candidate in enumerate(proposals.logits[image][kept])
+                    if torch.allclose(mask, candidate, atol=1e-5)
+                ]
+                assert len(matches) == 1
+                assert proposals.scores[image][kept][matches[0]] == pytest.approx(iou.item(), abs=1e-5)
 
 
 # --- sliding window ------------------------------------------------------------------------------

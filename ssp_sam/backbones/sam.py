@@ -7,7 +7,8 @@ so this module builds those modules rather than re-implementing them. What it ad
   parts a caller needs, loaded safely (``weights_only=True``) and validated key by key.
 - :class:`SAMImageTransform`: SamPredictor's resize followed by ``Sam.preprocess``, as one call.
 - :class:`SAMMaskHead`: prompt encoder + mask decoder with a batched forward (one prompt set per
-  image, or many prompt sets sharing one image).
+  image, or many prompt sets sharing one image), on :func:`decode_prompt_sets`, which the SAM-MI
+  proposer uses too.
 - The three frames a mask lives in: SAM's low-resolution logits (``4 * S / patch`` per side), the
   "padded frame" (the letterboxed ``S x S`` input at half resolution, where training losses are
   computed) and the original image.
@@ -461,44 +462,75 @@ class SAMMaskHead(nn.Module):
         Returns:
             (B, 1, 4h, 4w) logits.
         """
-        embedding_size = tuple(self.prompt_encoder.image_embedding_size)
-        channels = self.prompt_encoder.embed_dim
-        if image_embeddings.dim() != 4 or image_embeddings.shape[1:] != (channels, *embedding_size):
-            raise ValueError(
-                f"image_embeddings: expected (B, {channels}, {embedding_size[0]}, {embedding_size[1]}), "
-                f"got {tuple(image_embeddings.shape)}"
-            )
-        if sparse_prompts.dim() != 3 or sparse_prompts.shape[2] != channels:
-            raise ValueError(
-                f"sparse_prompts: expected (B, T, {channels}), got {tuple(sparse_prompts.shape)}"
-            )
-        num_images, num_sets = image_embeddings.shape[0], sparse_prompts.shape[0]
-        if image_of is not None:
-            if image_of.shape != (num_sets,) or image_of.dtype != torch.long:
-                raise ValueError(f"image_of: expected a ({num_sets},) long tensor, got {tuple(image_of.shape)} {image_of.dtype}")
-        elif num_images == 1 and num_sets > 1:
-            image_of = torch.zeros(num_sets, dtype=torch.long, device=image_embeddings.device)
-        elif num_images != num_sets:
-            raise ValueError(
-                f"{num_images} image embeddings for {num_sets} prompt sets: "
-                "give one embedding per set, one for all, or image_of"
-            )
-
-        decoder = self.mask_decoder
-        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-        tokens = torch.cat([output_tokens.expand(num_sets, -1, -1), sparse_prompts], dim=1)
-
-        # Without a mask prompt SAM adds no_mask_embed to every position of the image embedding.
-        dense = self.prompt_encoder.no_mask_embed.weight.view(1, channels, 1, 1)
-        image_tokens = image_embeddings + dense
-        image_pe = self.prompt_encoder.get_dense_pe()  # (1, C, h, w), the same for every set
-
-        token_out, image_out = decoder.transformer(image_tokens, image_pe, tokens, image_of=image_of)
-
+        token_out, upscaled = decode_prompt_sets(
+            self.prompt_encoder, self.mask_decoder, image_embeddings, sparse_prompts, image_of
+        )
         # Token 0 is the IoU token; mask token 0 (index 1) is the single-mask output.
-        image_out = image_out.transpose(1, 2).reshape(num_sets, channels, *embedding_size)
-        upscaled = decoder.output_upscaling(image_out)
-        mask_weights = decoder.output_hypernetworks_mlps[0](token_out[:, 1, :]).unsqueeze(1)
-        height, width = upscaled.shape[-2:]
+        mask_weights = self.mask_decoder.output_hypernetworks_mlps[0](token_out[:, 1, :]).unsqueeze(1)
+        num_sets, _, height, width = upscaled.shape
         logits = mask_weights @ upscaled.flatten(2)
         return logits.view(num_sets, 1, height, width)
+
+
+def decode_prompt_sets(
+    prompt_encoder: PromptEncoder,
+    mask_decoder: MaskDecoder,
+    image_embeddings: torch.Tensor,
+    sparse_prompts: torch.Tensor,
+    image_of: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """SAM's mask decoder without a mask prompt, batched over prompt sets of several images.
+
+    What ``MaskDecoder.predict_masks`` computes before its output heads, with the dense prompt SAM
+    gives when there is no mask (``no_mask_embed`` everywhere): ``MaskDecoder.forward`` takes one
+    image per call and copies its embedding once per prompt set; here each set names its image
+    (``image_of``) and the decoder's work on an image alone (its first block's projections of the
+    image tokens) runs once per image. ``mask_decoder`` must have been through
+    :func:`fuse_two_way_attention` (the stock transformer takes no ``image_of``).
+
+    Args:
+        image_embeddings: (B, C, h, w), one per prompt set; or (U, C, h, w) with ``image_of``; or
+            (1, C, h, w), shared by every prompt set.
+        sparse_prompts: (B, T, C) prompt tokens, one set per row.
+        image_of: (B,) long, the image (row of ``image_embeddings``) of each prompt set.
+
+    Returns:
+        token_out: (B, 1 + M + T, C), the IoU token, the M mask tokens, then the prompt tokens, as the
+            transformer leaves them; upscaled: (B, C / 8, 4h, 4w), the image tokens after
+            ``output_upscaling`` (a mask is a hypernetwork output of a mask token dotted with it).
+
+    Raises:
+        ValueError: shapes that do not fit the prompt encoder or each other.
+    """
+    embedding_size = tuple(prompt_encoder.image_embedding_size)
+    channels = prompt_encoder.embed_dim
+    if image_embeddings.dim() != 4 or image_embeddings.shape[1:] != (channels, *embedding_size):
+        raise ValueError(
+            f"image_embeddings: expected (B, {channels}, {embedding_size[0]}, {embedding_size[1]}), "
+            f"got {tuple(image_embeddings.shape)}"
+        )
+    if sparse_prompts.dim() != 3 or sparse_prompts.shape[2] != channels:
+        raise ValueError(f"sparse_prompts: expected (B, T, {channels}), got {tuple(sparse_prompts.shape)}")
+    num_images, num_sets = image_embeddings.shape[0], sparse_prompts.shape[0]
+    if image_of is not None:
+        if image_of.shape != (num_sets,) or image_of.dtype != torch.long:
+            raise ValueError(f"image_of: expected a ({num_sets},) long tensor, got {tuple(image_of.shape)} {image_of.dtype}")
+    elif num_images == 1 and num_sets > 1:
+        image_of = torch.zeros(num_sets, dtype=torch.long, device=image_embeddings.device)
+    elif num_images != num_sets:
+        raise ValueError(
+            f"{num_images} image embeddings for {num_sets} prompt sets: "
+            "give one embedding per set, one for all, or image_of"
+        )
+
+    output_tokens = torch.cat([mask_decoder.iou_token.weight, mask_decoder.mask_tokens.weight], dim=0)
+    tokens = torch.cat([output_tokens.expand(num_sets, -1, -1), sparse_prompts], dim=1)
+
+    # Without a mask prompt SAM adds no_mask_embed to every position of the image embedding.
+    dense = prompt_encoder.no_mask_embed.weight.view(1, channels, 1, 1)
+    image_tokens = image_embeddings + dense
+    image_pe = prompt_encoder.get_dense_pe()  # (1, C, h, w), the same for every set
+
+    token_out, image_out = mask_decoder.transformer(image_tokens, image_pe, tokens, image_of=image_of)
+    image_out = image_out.transpose(1, 2).reshape(num_sets, channels, *embedding_size)
+    return token_out, mask_decoder.output_upscaling(image_out)

@@ -22,6 +22,8 @@ from segment_anything.utils.amg import batched_mask_to_box, build_point_grid, ca
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
+from ...attention import fuse_two_way_attention
+from ...backbones.sam import decode_prompt_sets
 from ..model_config import ProposalConfig
 
 MASK_THRESHOLD = 0.0  # SAM's: a logit above it is inside the mask
@@ -65,7 +67,7 @@ class SAMProposer(nn.Module):
         super().__init__()
         self.image_encoder = sam.image_encoder
         self.prompt_encoder = sam.prompt_encoder
-        self.mask_decoder = sam.mask_decoder
+        self.mask_decoder = fuse_two_way_attention(sam.mask_decoder)  # points share their image (image_of)
         self.register_buffer("pixel_mean", sam.pixel_mean.clone(), persistent=False)
         self.register_buffer("pixel_std", sam.pixel_std.clone(), persistent=False)
         self.config = config
@@ -121,23 +123,21 @@ class SAMProposer(nn.Module):
         """SAM's masks per point (three, or one without ``multimask_output``), for points of different images
         in one decoder call.
 
-        ``MaskDecoder.forward`` repeats one image embedding for all prompts and adds the dense prompt
-        embedding to it; giving it a zero embedding and each prompt's own image embedding plus SAM's
-        no-mask embedding as the dense prompt computes exactly SAM's decoder per (image, point).
+        What ``MaskDecoder.forward`` gives each (image, point), without copying an image's embedding per
+        point: the points name their image and its first-block work runs once (:func:`decode_prompt_sets`).
+        Only the returned masks' hypernetworks run (SAM computes all four and keeps these).
 
         Returns:
             (n, m, 4h, 4w) mask logits and (n, m) predicted IoUs, m = 3 or 1.
         """
+        decoder = self.mask_decoder
         labels = torch.ones(coords.shape[0], 1, device=coords.device)
-        sparse, no_mask = self.prompt_encoder(points=(coords[:, None, :], labels), boxes=None, masks=None)
-        dense = embeddings[image_ids] + no_mask
-        masks, iou = self.mask_decoder(
-            image_embeddings=torch.zeros_like(embeddings[:1]),
-            image_pe=self.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=self.config.multimask_output,
-        )
+        sparse, _ = self.prompt_encoder(points=(coords[:, None, :], labels), boxes=None, masks=None)
+        token_out, upscaled = decode_prompt_sets(self.prompt_encoder, decoder, embeddings, sparse, image_ids)
+        outputs = range(1, decoder.num_mask_tokens) if self.config.multimask_output else range(1)
+        mask_weights = torch.stack([decoder.output_hypernetworks_mlps[i](token_out[:, 1 + i]) for i in outputs], dim=1)
+        masks = (mask_weights @ upscaled.flatten(2)).view(*mask_weights.shape[:2], *upscaled.shape[-2:])
+        iou = decoder.iou_prediction_head(token_out[:, 0])[:, outputs.start : outputs.stop]
         return masks, iou
 
 
