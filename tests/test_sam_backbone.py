@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 from segment_anything import SamPredictor, sam_model_registry
+from segment_anything.modeling.image_encoder import PatchEmbed
 
 from ssp_sam.backbones.sam import (
     SAM_VARIANTS,
+    ContiguousPatchEmbed,
     SAMImageTransform,
     SAMMaskHead,
     build_sam,
@@ -55,6 +57,26 @@ def tiny_checkpoint(tiny_state_dict, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_sam(tiny_checkpoint):
     return build_sam("custom", tiny_checkpoint, custom=TINY)
+
+
+def test_image_encoder_residual_stream_is_contiguous_and_computes_the_same(tiny_sam):
+    """segment_anything's PatchEmbed returns a permuted view, and every block's adds and norms keep that
+    strided layout (slow on a CPU); ours lays it out once. Same embedding as with the stock class."""
+    encoder = tiny_sam.image_encoder
+    assert type(encoder.patch_embed) is ContiguousPatchEmbed
+    block_outputs = []
+    hook = encoder.blocks[-1].register_forward_hook(lambda module, args, out: block_outputs.append(out.is_contiguous()))
+    images = torch.randn(2, 3, 256, 256)
+    try:
+        with torch.no_grad():
+            ours = encoder(images)
+            encoder.patch_embed.__class__ = PatchEmbed
+            stock = encoder(images)
+    finally:
+        encoder.patch_embed.__class__ = ContiguousPatchEmbed
+        hook.remove()
+    assert block_outputs == [True, False]
+    torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
