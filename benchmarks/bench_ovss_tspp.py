@@ -89,34 +89,38 @@ def picture(size: int) -> Tensor:
 
 
 class SAMCounter:
-    """Hooks on SAM's image encoder and mask decoder: runs, images encoded, decoder calls, prompts, decoder time."""
+    """Counts SAM's work in one model: image-encoder runs (a hook) and the proposer's mask-decoder calls
+    (its ``_decode``, one call per chunk of points, whatever modules it runs), prompts and time."""
 
     def __init__(self, proposer: torch.nn.Module, device: torch.device) -> None:
         self.device = device
         self.reset()
         proposer.image_encoder.register_forward_pre_hook(self._encoder)
-        proposer.mask_decoder.register_forward_pre_hook(self._decoder_start, with_kwargs=True)
-        proposer.mask_decoder.register_forward_hook(self._decoder_end)
+        decode = proposer._decode
+
+        def counted_decode(embeddings: Tensor, image_ids: Tensor, coords: Tensor):
+            self.decoder_calls += 1
+            self.prompts += coords.shape[0]
+            self._synchronize()
+            started = time.perf_counter()
+            result = decode(embeddings, image_ids, coords)
+            self._synchronize()
+            self.decoder_seconds += time.perf_counter() - started
+            return result
+
+        proposer._decode = counted_decode
 
     def reset(self) -> None:
         self.encoder_runs = self.images_encoded = self.decoder_calls = self.prompts = 0
         self.decoder_seconds = 0.0
 
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def _encoder(self, module, inputs) -> None:
         self.encoder_runs += 1
         self.images_encoded += inputs[0].shape[0]
-
-    def _decoder_start(self, module, args, kwargs) -> None:
-        self.decoder_calls += 1
-        self.prompts += kwargs["sparse_prompt_embeddings"].shape[0]
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self._started = time.perf_counter()
-
-    def _decoder_end(self, module, inputs, output) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.decoder_seconds += time.perf_counter() - self._started
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -180,6 +184,12 @@ def main(argv: list[str] | None = None) -> None:
             }
         )
     by_key = {(row["points"], row["sam_embedding"]): row for row in rows}
+    grid_prompts = by_key[("grid", "computed")]["prompts"]
+    if grid_prompts != GRID_SIDE**2:  # one image per forward: every grid point prompts SAM
+        raise SystemExit(
+            f"error: counted {grid_prompts} SAM prompts for the {GRID_SIDE}x{GRID_SIDE} grid, expected {GRID_SIDE**2}: "
+            "SAMCounter no longer sees the proposer's decoder calls, so its figures would be wrong"
+        )
     speed_up = {
         embedding: by_key[("grid", embedding)]["seconds_per_image"] / by_key[("tspp", embedding)]["seconds_per_image"]
         for embedding in ("computed", "cached")
