@@ -36,6 +36,34 @@ from torch import Tensor, nn
 from .errors import ConfigError
 
 
+def scaled_dot_product_attention(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0, scale: float | None = None
+) -> Tensor:
+    """``F.scaled_dot_product_attention``, computed in fp32 where a CPU would differentiate it in bf16.
+
+    PyTorch's CPU flash-attention kernel is slower in bf16 than in fp32 once its backward runs, at
+    every shape of these models (forward and backward, 2 cores with AMX: SAM decoder's token-to-image
+    attention, (8, 8, 133, 16) queries on 4096 keys, 153 ms in bf16 against 68 ms in fp32; its
+    image-to-token attention 111 against 61 ms; the prompt generator's self-attention over 325 tokens
+    25 against 15 ms), while its forward alone is as fast or faster in bf16. So when autograd will
+    differentiate the attention of bf16 inputs on a CPU, the inputs are cast up (exactly) and the
+    result cast back: the same attention, computed more exactly, and SSP-SAM-224's training step
+    from the caches 1.88 -> 1.55 s (benchmarks/README.md). Autocast is switched off inside, or it
+    would cast the inputs straight back to bf16 (the op is on its bf16 list). Elsewhere (inference,
+    fp32, CUDA, whose bf16 kernels are fast) the call is ``F.scaled_dot_product_attention`` unchanged.
+
+    Shapes as ``F.scaled_dot_product_attention``: q (..., Lq, E), k (..., Lk, E), v (..., Lk, Ev).
+    """
+    differentiated = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if q.dtype != torch.bfloat16 or q.device.type != "cpu" or not differentiated:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+    if attn_mask is not None and attn_mask.is_floating_point():
+        attn_mask = attn_mask.float()
+    with torch.autocast("cpu", enabled=False):
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+    return out.to(q.dtype)
+
+
 def in_projection(attention: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """q, k, v = the module's packed in-projection of query, key, value, each split into heads.
 
@@ -91,7 +119,7 @@ def multi_head_attention(
     q, k, v = in_projection(attention, query, key, value)
     mask = _additive_mask(key_padding_mask, attn_mask, q.dtype)
     dropout = attention.dropout if attention.training else 0.0
-    return out_projection(attention, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout))
+    return out_projection(attention, scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout))
 
 
 def _additive_mask(key_padding_mask: Tensor | None, attn_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -157,7 +185,7 @@ class FusedTwoWayAttention(TwoWayAttention):
         q = self._separate_heads(_gather(self.q_proj(linear_input(q)), q_of), self.num_heads)
         k = self._separate_heads(_gather(self.k_proj(linear_input(k)), kv_of), self.num_heads)
         v = self._separate_heads(_gather(self.v_proj(linear_input(v)), kv_of), self.num_heads)
-        return self.out_proj(self._recombine_heads(F.scaled_dot_product_attention(q, k, v)))
+        return self.out_proj(self._recombine_heads(scaled_dot_product_attention(q, k, v)))
 
 
 class FusedTwoWayAttentionBlock(TwoWayAttentionBlock):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ssp_sam.attention import multi_head_attention
@@ -320,3 +321,30 @@ def test_the_release_baseline_runs_segment_anythings_own_decoder_classes(monkeyp
     for mine, theirs in zip(inside, stock(*inputs)):
         assert torch.equal(mine, theirs)
     assert {type(module) for module in fused.modules()} & set(FUSED_DECODER_CLASSES) == set()
+
+
+def test_attention_differentiated_in_bf16_on_a_cpu_runs_in_fp32():
+    """Where autograd will differentiate bf16 attention on a CPU, the result and gradients are those of
+    fp32 attention on the (exactly) upcast inputs, cast back, also inside autocast, which would otherwise
+    cast the inputs back down; without gradients it is PyTorch's bf16 kernel, unchanged."""
+    from ssp_sam.attention import scaled_dot_product_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 16).bfloat16() for n in (7, 300, 300))
+    mask = torch.randn(1, 1, 7, 300).bfloat16()
+    bf16_kernel = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    inputs32 = [t.float().requires_grad_() for t in (q, k, v)]
+    fp32 = F.scaled_dot_product_attention(*inputs32, attn_mask=mask.float())
+    fp32.sum().backward()
+    assert not torch.equal(bf16_kernel, fp32.detach().bfloat16())  # the two computations are told apart
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = scaled_dot_product_attention(*leaves, attn_mask=mask)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, fp32.detach().bfloat16())
+    out.float().sum().backward()
+    for leaf, reference in zip(leaves, inputs32):
+        assert torch.equal(leaf.grad, reference.grad.bfloat16())
+
+    with torch.no_grad():
+        assert torch.equal(scaled_dot_product_attention(*leaves, attn_mask=mask), bf16_kernel)

@@ -17,12 +17,11 @@ from collections.abc import Mapping
 
 import open_clip
 import torch
-import torch.nn.functional as F
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 
-from ..attention import in_projection, multi_head_attention, out_projection
+from ..attention import in_projection, multi_head_attention, out_projection, scaled_dot_product_attention
 from ..errors import ConfigError, ExpressionError, ImageError
 from .clip_stem import ConvStem
 from .clip_weights import load_clip_weights
@@ -316,8 +315,8 @@ class CLIPSurgeryBackbone(nn.Module):
         attention = block.attn
         q, k, v = in_projection(attention, x, x, x)
         # scaled_dot_product_attention scales by head_dim ** -0.5 by default.
-        standard = F.scaled_dot_product_attention(q, k, v)
-        value_value = F.scaled_dot_product_attention(v, v, v)
+        standard = scaled_dot_product_attention(q, k, v)
+        value_value = scaled_dot_product_attention(v, v, v)
         return out_projection(attention, standard), out_projection(attention, value_value)
 
     def encode_text(self, tokens: Tensor) -> tuple[Tensor, Tensor]:

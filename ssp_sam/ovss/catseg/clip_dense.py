@@ -35,6 +35,7 @@ from open_clip.model import CLIP
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 
+from ...attention import scaled_dot_product_attention
 from ...errors import ConfigError, ImageError
 
 
@@ -198,11 +199,11 @@ class CATSegCLIP(nn.Module):
             return attention.out_proj(per_head.transpose(1, 2).reshape(x.shape[0], x.shape[1], width))
 
         v = project(attention.v_proj_weight, biases[2])
-        value_value = out(F.scaled_dot_product_attention(v, v, v))
+        value_value = out(scaled_dot_product_attention(v, v, v))
         if not standard:
             return None, value_value
         q, k = project(attention.q_proj_weight, biases[0]), project(attention.k_proj_weight, biases[1])
-        return out(F.scaled_dot_product_attention(q, k, v)), value_value
+        return out(scaled_dot_product_attention(q, k, v)), value_value
 
     @staticmethod
     def _dense_last_block(block: ResidualAttentionBlock, x: Tensor) -> Tensor:
