@@ -491,9 +491,12 @@ class SAMMaskHead(nn.Module):
             self.prompt_encoder, self.mask_decoder, image_embeddings, sparse_prompts, image_of
         )
         # Token 0 is the IoU token; mask token 0 (index 1) is the single-mask output.
-        mask_weights = self.mask_decoder.output_hypernetworks_mlps[0](token_out[:, 1, :]).unsqueeze(1)
+        mask_weights = self.mask_decoder.output_hypernetworks_mlps[0](token_out[:, 1, :])  # (B, C / 8)
         num_sets, _, height, width = upscaled.shape
-        logits = mask_weights @ upscaled.flatten(2)
+        # upscaled is channels-last (the transformer's image tokens, transposed): multiplied as its
+        # (B, 4h 4w, C / 8) rows, its gradient comes back in that layout too. A gradient in another
+        # layout than the upscaling's activations made its GELU backward 10x slower (mixed strides).
+        logits = upscaled.flatten(2).transpose(1, 2) @ mask_weights.unsqueeze(2)  # (B, 4h 4w, 1)
         return logits.view(num_sets, 1, height, width)
 
 
