@@ -84,6 +84,26 @@ def head(tiny_sam):
     return SAMMaskHead(tiny_sam.prompt_encoder, tiny_sam.mask_decoder)
 
 
+def test_mask_head_gradient_reaches_the_upscaling_in_its_own_layout(head):
+    """The upscaling runs on channels-last image tokens; its output's gradient must come back in the same
+    layout (a contiguous gradient against channels-last activations sends every elementwise backward,
+    its GELU's first, down PyTorch's slow mixed-stride path)."""
+    upscaled, gradients = [], []
+
+    def keep(module, args, output):
+        upscaled.append(output)
+        output.register_hook(gradients.append)
+
+    hook = head.mask_decoder.output_upscaling.register_forward_hook(keep)
+    try:
+        embeddings = torch.randn(2, TINY_CHANNELS, TINY_SIDE, TINY_SIDE, requires_grad=True)
+        head(embeddings, torch.randn(2, 3, TINY_CHANNELS)).square().sum().backward()
+    finally:
+        hook.remove()
+    assert not upscaled[0].is_contiguous()  # channels-last, as the test assumes
+    assert gradients[0].stride() == upscaled[0].stride()
+
+
 def assert_state_dict_equal(module, expected, prefix):
     state_dict = module.state_dict()
     expected_part = {key[len(prefix) :]: value for key, value in expected.items() if key.startswith(prefix)}
