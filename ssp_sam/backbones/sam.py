@@ -490,14 +490,7 @@ class SAMMaskHead(nn.Module):
         token_out, upscaled = decode_prompt_sets(
             self.prompt_encoder, self.mask_decoder, image_embeddings, sparse_prompts, image_of
         )
-        # Token 0 is the IoU token; mask token 0 (index 1) is the single-mask output.
-        mask_weights = self.mask_decoder.output_hypernetworks_mlps[0](token_out[:, 1, :])  # (B, C / 8)
-        num_sets, _, height, width = upscaled.shape
-        # upscaled is channels-last (the transformer's image tokens, transposed): multiplied as its
-        # (B, 4h 4w, C / 8) rows, its gradient comes back in that layout too. A gradient in another
-        # layout than the upscaling's activations made its GELU backward 10x slower (mixed strides).
-        logits = upscaled.flatten(2).transpose(1, 2) @ mask_weights.unsqueeze(2)  # (B, 4h 4w, 1)
-        return logits.view(num_sets, 1, height, width)
+        return hypernetwork_masks(self.mask_decoder, token_out, upscaled, range(1))  # the single-mask output
 
 
 def decode_prompt_sets(
@@ -562,3 +555,21 @@ def decode_prompt_sets(
     token_out, image_out = mask_decoder.transformer(image_tokens, image_pe, tokens, image_of=image_of)
     image_out = image_out.transpose(1, 2).reshape(num_sets, channels, *embedding_size)
     return token_out, mask_decoder.output_upscaling(image_out)
+
+
+def hypernetwork_masks(mask_decoder: MaskDecoder, token_out: torch.Tensor, upscaled: torch.Tensor, outputs: range) -> torch.Tensor:
+    """SAM's mask logits of the mask tokens ``outputs`` (0: the single-mask output; 1-3: the three
+    multimask outputs), from :func:`decode_prompt_sets`' results: each token's hypernetwork output
+    dotted with the upscaled image tokens. SAM computes all four and keeps some; only these run here.
+
+    ``upscaled`` is channels-last (the transformer's image tokens, transposed): multiplied as its
+    (B, 4h 4w, C / 8) rows, its gradient comes back in that layout too. A gradient in another layout
+    than the upscaling's activations made its GELU backward 10x slower (mixed strides).
+
+    Returns:
+        (B, len(outputs), 4h, 4w) logits.
+    """
+    # Token 0 is the IoU token; mask token i is token 1 + i.
+    weights = torch.stack([mask_decoder.output_hypernetworks_mlps[i](token_out[:, 1 + i]) for i in outputs], dim=2)
+    logits = upscaled.flatten(2).transpose(1, 2) @ weights  # (B, 4h 4w, m)
+    return logits.transpose(1, 2).unflatten(2, upscaled.shape[-2:])

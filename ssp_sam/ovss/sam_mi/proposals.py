@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
 from ...attention import fuse_two_way_attention
-from ...backbones.sam import decode_prompt_sets
+from ...backbones.sam import decode_prompt_sets, hypernetwork_masks
 from ..model_config import ProposalConfig
 
 MASK_THRESHOLD = 0.0  # SAM's: a logit above it is inside the mask
@@ -124,8 +124,8 @@ class SAMProposer(nn.Module):
         in one decoder call.
 
         What ``MaskDecoder.forward`` gives each (image, point), without copying an image's embedding per
-        point: the points name their image and its first-block work runs once (:func:`decode_prompt_sets`).
-        Only the returned masks' hypernetworks run (SAM computes all four and keeps these).
+        point: the points name their image and its first-block work runs once (:func:`decode_prompt_sets`,
+        :func:`hypernetwork_masks`).
 
         Returns:
             (n, m, 4h, 4w) mask logits and (n, m) predicted IoUs, m = 3 or 1.
@@ -135,8 +135,7 @@ class SAMProposer(nn.Module):
         sparse, _ = self.prompt_encoder(points=(coords[:, None, :], labels), boxes=None, masks=None)
         token_out, upscaled = decode_prompt_sets(self.prompt_encoder, decoder, embeddings, sparse, image_ids)
         outputs = range(1, decoder.num_mask_tokens) if self.config.multimask_output else range(1)
-        mask_weights = torch.stack([decoder.output_hypernetworks_mlps[i](token_out[:, 1 + i]) for i in outputs], dim=1)
-        masks = (mask_weights @ upscaled.flatten(2)).view(*mask_weights.shape[:2], *upscaled.shape[-2:])
+        masks = hypernetwork_masks(decoder, token_out, upscaled, outputs)
         iou = decoder.iou_prediction_head(token_out[:, 0])[:, outputs.start : outputs.stop]
         return masks, iou
 
