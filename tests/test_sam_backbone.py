@@ -4,11 +4,13 @@ References are segment_anything's own SamPredictor / MaskDecoder / Sam.postproce
 and values worked out by hand in the comments.
 """
 
+import copy
 import hashlib
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from segment_anything import SamPredictor, sam_model_registry
 from segment_anything.modeling.image_encoder import PatchEmbed
 
@@ -18,6 +20,7 @@ from ssp_sam.backbones.sam import (
     SAMImageTransform,
     SAMMaskHead,
     build_sam,
+    hypernetwork_masks,
     mask_to_padded_frame,
     padded_frame_to_original,
     sam_weights_fingerprint,
@@ -84,24 +87,33 @@ def head(tiny_sam):
     return SAMMaskHead(tiny_sam.prompt_encoder, tiny_sam.mask_decoder)
 
 
-def test_mask_head_gradient_reaches_the_upscaling_in_its_own_layout(head):
-    """The upscaling runs on channels-last image tokens; its output's gradient must come back in the same
-    layout (a contiguous gradient against channels-last activations sends every elementwise backward,
-    its GELU's first, down PyTorch's slow mixed-stride path)."""
-    upscaled, gradients = [], []
+def test_hypernetwork_masks_equal_the_stock_upscaling_and_product(head):
+    """hypernetwork_masks runs output_upscaling token by token (each token -> its 4x4 pixels); values and
+    gradients must be those of segment_anything's module followed by MaskDecoder.predict_masks' product."""
+    decoder = head.mask_decoder
+    h, w = 3, 5  # not square: rows and columns must not trade places
+    token_out = torch.randn(2, 1 + decoder.num_mask_tokens + 2, TINY_CHANNELS, requires_grad=True)
+    image_out = torch.randn(2, h * w, TINY_CHANNELS, requires_grad=True)
+    inputs = (token_out, image_out, *decoder.output_upscaling.parameters())
+    for outputs in (range(1), range(1, 4)):
+        ours = hypernetwork_masks(decoder, token_out, image_out, (h, w), outputs)
+        upscaled = decoder.output_upscaling(image_out.transpose(1, 2).reshape(2, TINY_CHANNELS, h, w))
+        hyper_in = torch.stack([decoder.output_hypernetworks_mlps[i](token_out[:, 1 + i]) for i in outputs], dim=1)
+        stock = (hyper_in @ upscaled.flatten(2)).view(2, len(outputs), 4 * h, 4 * w)
+        assert ours.shape == (2, len(outputs), 4 * h, 4 * w)
+        torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)
+        upstream = torch.randn_like(stock)
+        for ours_grad, stock_grad in zip(
+            torch.autograd.grad(ours, inputs, upstream), torch.autograd.grad(stock, inputs, upstream)
+        ):
+            torch.testing.assert_close(ours_grad, stock_grad, rtol=1e-4, atol=1e-5)
 
-    def keep(module, args, output):
-        upscaled.append(output)
-        output.register_hook(gradients.append)
 
-    hook = head.mask_decoder.output_upscaling.register_forward_hook(keep)
-    try:
-        embeddings = torch.randn(2, TINY_CHANNELS, TINY_SIDE, TINY_SIDE, requires_grad=True)
-        head(embeddings, torch.randn(2, 3, TINY_CHANNELS)).square().sum().backward()
-    finally:
-        hook.remove()
-    assert not upscaled[0].is_contiguous()  # channels-last, as the test assumes
-    assert gradients[0].stride() == upscaled[0].stride()
+def test_hypernetwork_masks_refuse_another_upscaling(head):
+    decoder = copy.deepcopy(head.mask_decoder)
+    decoder.output_upscaling[1] = torch.nn.BatchNorm2d(TINY_CHANNELS // 4)
+    with pytest.raises(ConfigError, match="output_upscaling"):
+        hypernetwork_masks(decoder, torch.randn(1, 6, TINY_CHANNELS), torch.randn(1, 4, TINY_CHANNELS), (2, 2), range(1))
 
 
 def assert_state_dict_equal(module, expected, prefix):
@@ -411,6 +423,28 @@ def test_constant_logits_stay_constant():
     original = padded_frame_to_original(frame, (1024, 614), (100, 60), 1024)
     assert original.shape == (2, 1, 100, 60)
     torch.testing.assert_close(original, torch.full_like(original, -3.5))
+
+
+@pytest.mark.parametrize("low_res, image_size", [(256, 1024), (16, 64), (50, 200), (7, 30)])
+def test_upscale_to_padded_frame_is_the_releases_two_bilinear_resizes(low_res, image_size):
+    logits = (4 * torch.randn(2, 3, low_res, low_res)).requires_grad_()
+    full = F.interpolate(logits, (image_size, image_size), mode="bilinear", align_corners=False)
+    expected = F.interpolate(full, (image_size // 2, image_size // 2), mode="bilinear", align_corners=False)
+    frame = upscale_to_padded_frame(logits, image_size)
+    torch.testing.assert_close(frame, expected, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn_like(frame)
+    (ours,), (stock,) = torch.autograd.grad(frame, logits, upstream), torch.autograd.grad(expected, logits, upstream)
+    torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-4)
+
+
+def test_upscale_to_padded_frame_weights_are_exact_in_bf16():
+    # S = 4 s: every weight is a multiple of 1/16, so the response to one logit (a product of two
+    # weights, a multiple of 1/256 in [0, 1]) has at most 8 significant bits and bf16 holds it exactly.
+    impulse = torch.zeros(1, 1, 16, 16)
+    impulse[0, 0, 5, 9] = 1.0
+    response = upscale_to_padded_frame(impulse, 64)
+    assert response.sum() > 0 and torch.equal(response * 256, (response * 256).round())
+    torch.testing.assert_close(upscale_to_padded_frame(impulse.bfloat16(), 64).float(), response, rtol=0, atol=0)
 
 
 def test_upscale_left_right_step():

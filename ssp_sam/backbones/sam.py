@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from functools import partial
+from functools import lru_cache, partial
 from typing import Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -35,6 +35,7 @@ from segment_anything.modeling import (
     Sam,
     TwoWayTransformer,
 )
+from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.image_encoder import PatchEmbed
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
@@ -356,15 +357,32 @@ class SAMImageTransform:
 
 
 def upscale_to_padded_frame(low_res_logits: torch.Tensor, image_size: int) -> torch.Tensor:
-    """SAM's low-resolution logits (B, 1, s, s) -> the padded frame (B, 1, S/2, S/2).
+    """SAM's low-resolution logits (B, M, s, s) -> the padded frame (B, M, S/2, S/2).
 
     As the release does it: bilinear (align_corners=False) to S x S, then bilinear to S/2 x S/2
     (256 -> 1024 -> 512 for S = 1024). The release also crops [:S, :S] in between, which is a
     no-op on an S x S map. The two steps are not the same as one direct resize; kept for parity.
+
+    Both resizes are linear and separable, so their composition is one (S/2, s) matrix R applied to
+    the rows and the columns, ``R @ logits @ R^T``: two matrix products instead of the S x S
+    intermediate and its backward (several times faster; equal to float rounding, tested against
+    ``F.interpolate``). R's entries are multiples of 1/16 for S = 4 s, exact in bf16 too.
     """
-    full = F.interpolate(low_res_logits, (image_size, image_size), mode="bilinear", align_corners=False)
-    half = image_size // 2
-    return F.interpolate(full, (half, half), mode="bilinear", align_corners=False)
+    low_res = low_res_logits.shape[-1]
+    if low_res_logits.shape[-2] != low_res:
+        raise ValueError(f"low_res_logits: expected square maps, got {tuple(low_res_logits.shape)}")
+    resize = _two_step_resize_matrix(low_res, image_size, low_res_logits.device).to(low_res_logits.dtype)
+    return resize @ low_res_logits @ resize.T
+
+
+@lru_cache(maxsize=8)
+def _two_step_resize_matrix(low_res: int, image_size: int, device: torch.device) -> torch.Tensor:
+    """The (S/2, s) matrix of :func:`upscale_to_padded_frame`'s two bilinear resizes along one axis,
+    made by ``F.interpolate`` itself (resizing the identity along that axis only), in float64."""
+    identity = torch.eye(low_res, dtype=torch.float64)[None, None]
+    full = F.interpolate(identity, (image_size, low_res), mode="bilinear", align_corners=False)
+    half = F.interpolate(full, (image_size // 2, low_res), mode="bilinear", align_corners=False)
+    return half[0, 0].to(device=device, dtype=torch.float32)
 
 
 def valid_region(frame: torch.Tensor, input_size: Tuple[int, int]) -> torch.Tensor:
@@ -487,10 +505,11 @@ class SAMMaskHead(nn.Module):
         Returns:
             (B, 1, 4h, 4w) logits.
         """
-        token_out, upscaled = decode_prompt_sets(
+        token_out, image_out = decode_prompt_sets(
             self.prompt_encoder, self.mask_decoder, image_embeddings, sparse_prompts, image_of
         )
-        return hypernetwork_masks(self.mask_decoder, token_out, upscaled, range(1))  # the single-mask output
+        embedding_size = image_embeddings.shape[-2:]
+        return hypernetwork_masks(self.mask_decoder, token_out, image_out, embedding_size, range(1))  # the single-mask output
 
 
 def decode_prompt_sets(
@@ -517,8 +536,8 @@ def decode_prompt_sets(
 
     Returns:
         token_out: (B, 1 + M + T, C), the IoU token, the M mask tokens, then the prompt tokens, as the
-            transformer leaves them; upscaled: (B, C / 8, 4h, 4w), the image tokens after
-            ``output_upscaling`` (a mask is a hypernetwork output of a mask token dotted with it).
+            transformer leaves them; image_out: (B, h w, C), its image tokens (a mask is a hypernetwork
+            output of a mask token dotted with their upscaling: :func:`hypernetwork_masks`).
 
     Raises:
         ValueError: shapes that do not fit the prompt encoder or each other.
@@ -553,23 +572,74 @@ def decode_prompt_sets(
     image_pe = prompt_encoder.get_dense_pe()  # (1, C, h, w), the same for every set
 
     token_out, image_out = mask_decoder.transformer(image_tokens, image_pe, tokens, image_of=image_of)
-    image_out = image_out.transpose(1, 2).reshape(num_sets, channels, *embedding_size)
-    return token_out, mask_decoder.output_upscaling(image_out)
+    return token_out, image_out
 
 
-def hypernetwork_masks(mask_decoder: MaskDecoder, token_out: torch.Tensor, upscaled: torch.Tensor, outputs: range) -> torch.Tensor:
+def hypernetwork_masks(
+    mask_decoder: MaskDecoder, token_out: torch.Tensor, image_out: torch.Tensor, embedding_size: Tuple[int, int], outputs: range
+) -> torch.Tensor:
     """SAM's mask logits of the mask tokens ``outputs`` (0: the single-mask output; 1-3: the three
     multimask outputs), from :func:`decode_prompt_sets`' results: each token's hypernetwork output
-    dotted with the upscaled image tokens. SAM computes all four and keeps some; only these run here.
+    dotted with the image tokens after ``output_upscaling``. SAM computes all four and keeps some;
+    only these run here.
 
-    ``upscaled`` is channels-last (the transformer's image tokens, transposed): multiplied as its
-    (B, 4h 4w, C / 8) rows, its gradient comes back in that layout too. A gradient in another layout
-    than the upscaling's activations made its GELU backward 10x slower (mixed strides).
+    ``output_upscaling`` (two 2x2 stride-2 transposed convolutions with a channel layer norm and
+    activations between) maps every image token to its own 4x4 block of output pixels, and every step
+    of it, the mask product too, is per position: it runs here on the tokens as they come (B, h w, C),
+    each transposed convolution as one matrix product onto the 2x2 sub-pixels, and only the logits,
+    C / 8 times smaller than the upscaled features, are put in image order at the end. Equal to the
+    stock module followed by the product (tested); on a CPU, oneDNN's transposed convolutions and
+    SAM's elementwise ``LayerNorm2d`` cost several times these products, and the stock path's
+    channels-last activations made their backward mix memory layouts.
+
+    Args:
+        token_out: (B, 1 + M + T, C), the transformer's tokens.
+        image_out: (B, h w, C), the transformer's image tokens, row-major over (h, w).
+        embedding_size: (h, w).
 
     Returns:
         (B, len(outputs), 4h, 4w) logits.
     """
+    first, norm, first_act, second, second_act = _stock_output_upscaling(mask_decoder)
+    sub_pixels = _transposed_conv_2x2(image_out, first)  # (B, h w, 4, C / 4), sub-pixel (i, j) of each token
+    sub_pixels = first_act(F.layer_norm(sub_pixels, norm.weight.shape, norm.weight, norm.bias, norm.eps))
+    sub_pixels = second_act(_transposed_conv_2x2(sub_pixels, second))  # (B, h w, 4, 4, C / 8): (i, j), then (k, l)
     # Token 0 is the IoU token; mask token i is token 1 + i.
     weights = torch.stack([mask_decoder.output_hypernetworks_mlps[i](token_out[:, 1 + i]) for i in outputs], dim=2)
-    logits = upscaled.flatten(2).transpose(1, 2) @ weights  # (B, 4h 4w, m)
-    return logits.transpose(1, 2).unflatten(2, upscaled.shape[-2:])
+    logits = sub_pixels.flatten(1, 3) @ weights  # (B, h w 16, m)
+    # Output pixel (4y + 2i + k, 4x + 2j + l) of token (y, x), sub-pixels (i, j) and (k, l).
+    h, w = embedding_size
+    logits = logits.view(logits.shape[0], h, w, 2, 2, 2, 2, len(outputs)).permute(0, 7, 1, 3, 5, 2, 4, 6)
+    return logits.reshape(logits.shape[0], len(outputs), 4 * h, 4 * w)
+
+
+def _stock_output_upscaling(mask_decoder: MaskDecoder) -> Tuple[nn.Module, ...]:
+    """The five layers of segment_anything's ``output_upscaling``, checked to be what
+    :func:`hypernetwork_masks` computes (stock ``MaskDecoder`` always builds them so)."""
+    layers = tuple(mask_decoder.output_upscaling)
+    convolutions_fit = len(layers) == 5 and all(
+        isinstance(layer, nn.ConvTranspose2d)
+        and layer.kernel_size == (2, 2)
+        and layer.stride == (2, 2)
+        and layer.padding == (0, 0)
+        and layer.output_padding == (0, 0)
+        and layer.dilation == (1, 1)
+        and layer.groups == 1
+        and layer.bias is not None
+        for layer in layers[::3]
+    )
+    if not convolutions_fit or not isinstance(layers[1], LayerNorm2d):
+        raise ConfigError(
+            "mask_decoder.output_upscaling: expected segment_anything's ConvTranspose2d(2, stride 2), LayerNorm2d, "
+            f"activation, ConvTranspose2d(2, stride 2), activation; got {[type(layer).__name__ for layer in layers]}"
+        )
+    return layers
+
+
+def _transposed_conv_2x2(x: torch.Tensor, convolution: nn.ConvTranspose2d) -> torch.Tensor:
+    """A 2x2 stride-2 transposed convolution, position by position: (..., C_in) -> (..., 4, C_out),
+    the four outputs of each input position in row-major sub-pixel order (i, j)."""
+    in_channels, out_channels = convolution.in_channels, convolution.out_channels
+    # weight (C_in, C_out, 2, 2): output (2y + i, 2x + j) of input (y, x) gets x @ weight[:, :, i, j].
+    weight = convolution.weight.permute(2, 3, 1, 0).reshape(4 * out_channels, in_channels)
+    return F.linear(x, weight, convolution.bias.repeat(4)).unflatten(-1, (4, out_channels))
