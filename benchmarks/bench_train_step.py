@@ -56,7 +56,7 @@ from torch import Tensor
 from _common import add_allocator_flag, add_timing_arguments, finish_timing_arguments, bench_model_config, seconds, set_up_host_memory, write_result
 from release_baseline import ReleaseComputation
 from ssp_sam.backbones.clip_tokenizer import CLIPTokenizer
-from ssp_sam.engine.optim import parameter_groups
+from ssp_sam.engine.optim import adamw, parameter_groups
 from ssp_sam.engine.precision import PRECISIONS, Precision, cpu_capability, cpu_has_native_bf16, resolve_precision
 from ssp_sam.engine.trainer import decoder_parts_never_run
 from ssp_sam.feature_cache import ImageTokenCache, TextFeatureCache
@@ -179,13 +179,12 @@ class Step:
     """One training step of one variant: forward, loss, backward, gradient clipping, AdamW."""
 
     def __init__(self, name: str, model: SSPSAM, loss: Callable[[], dict[str, Tensor]], reads_losses_back: bool,
-                 scaler: torch.amp.GradScaler | None = None) -> None:
+                 optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> None:
         self.name = name
         self.loss = loss
         self.reads_losses_back = reads_losses_back
         self.scaler = scaler
-        # As the trainer: the fused AdamW only with fp16's gradient scaler.
-        self.optimizer = torch.optim.AdamW(parameter_groups(model, LR, DECODER_LR, WEIGHT_DECAY), fused=scaler is not None or None)
+        self.optimizer = optimizer
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.logged_losses: tuple[float, float] | None = None
 
@@ -268,14 +267,17 @@ def build_steps(model: SSPSAM, batch: Batch, precisions: list[Precision], device
     release = ReleaseComputation(copy.deepcopy(model))
     for part in decoder_parts_never_run(model.mask_head.mask_decoder):
         part.requires_grad_(False)
-    steps = [Step("release (fp32)", release.model, lambda: release_loss(release, batch), reads_losses_back=True)]
+    # The release: torch's default AdamW (foreach); ours: the trainer's (fused on CPUs and CUDA).
+    release_optimizer = torch.optim.AdamW(parameter_groups(release.model, LR, DECODER_LR, WEIGHT_DECAY))
+    steps = [Step("release (fp32)", release.model, lambda: release_loss(release, batch), True, release_optimizer)]
     for precision in precisions:
         scaler = torch.amp.GradScaler(device.type) if precision.needs_grad_scaler else None
         caches = FeatureCaches(TextFeatureCache(), ImageTokenCache(), batch.tokens.cpu(), batch.clip_pixels.cpu())
         for cached in (None, caches):
             name = f"ours {precision.name}{', caches' if cached is not None else ''}"
             loss = lambda precision=precision, cached=cached: ours_loss(model, batch, precision, cached)
-            steps.append(Step(name, model, loss, reads_losses_back=False, scaler=scaler))
+            optimizer = adamw(parameter_groups(model, LR, DECODER_LR, WEIGHT_DECAY), device)
+            steps.append(Step(name, model, loss, False, optimizer, scaler))
     return steps
 
 

@@ -1,4 +1,4 @@
-"""The learning-rate schedules against values worked out by hand from the release's formula.
+"""The learning-rate schedules against values worked out by hand from the release's formula, and the optimizer.
 
 The release (train.py) builds timm's CosineLRScheduler(t_initial=epochs, lr_min=1e-6, warmup_t=5,
 warmup_lr_init=1e-6) and calls step(epoch + 1) after every epoch, so epoch e trains at
@@ -16,7 +16,7 @@ import io
 import pytest
 import torch
 
-from ssp_sam.engine.optim import build_schedule, release_epoch_lr
+from ssp_sam.engine.optim import adamw, build_schedule, release_epoch_lr
 from ssp_sam.errors import ConfigError
 
 
@@ -98,3 +98,22 @@ def test_schedule_state_resumes_and_loads_safely():
 def test_unknown_schedule_is_named():
     with pytest.raises(ConfigError, match="train.schedule.*per_epoch, per_iteration"):
         build_schedule(two_group_optimizer(), "step", epochs=8, steps_per_epoch=3, warmup_epochs=3, min_lr=1e-6)
+
+
+def test_adamw_is_fused_on_a_cpu_and_steps_as_torchs_default_adamw():
+    torch.manual_seed(0)
+    initial = [torch.randn(5, 3), torch.randn(7)]
+    runs = []
+    for make in (lambda groups: adamw(groups, torch.device("cpu")), torch.optim.AdamW):
+        params = [torch.nn.Parameter(weight.clone()) for weight in initial]
+        optimizer = make([{"params": params[:1], "lr": 1e-2, "weight_decay": 0.1}, {"params": params[1:], "lr": 1e-3}])
+        for step in range(3):
+            for index, param in enumerate(params):
+                param.grad = torch.sin(torch.arange(param.numel(), dtype=torch.float32).view_as(param) * (step + 1 + index))
+            optimizer.step()
+        runs.append((optimizer, params))
+    (fused, fused_params), (default, default_params) = runs
+    assert fused.defaults["fused"] is True and not default.defaults["fused"]
+    assert not torch.allclose(fused_params[0], initial[0])  # the weights moved
+    for ours, reference in zip(fused_params, default_params):
+        torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-7)

@@ -71,7 +71,7 @@ from .caching import dataset_image_roots, ensure_cache
 from .distributed import barrier, logged_terms, mean_across_ranks, shutdown_distributed, start_training_process
 from .evaluator import evaluate
 from .host_memory import shared_with_forked_workers
-from .optim import build_schedule, optimizer_step, parameter_groups
+from .optim import adamw, build_schedule, optimizer_step, parameter_groups
 from .rec_validation import REC_METRIC, rec_accuracy
 from .reporting import command_line, console_tables, write_results
 from .run_dir import append_log, open_run_dir, restore_trainer_state, trainer_state, truncate_log
@@ -187,11 +187,9 @@ class Trainer:
         if train.max_steps_per_epoch is not None:
             self.steps_per_epoch = min(self.steps_per_epoch, train.max_steps_per_epoch)
 
-        # fp16 (CUDA only): the fused AdamW skips a step with inf/NaN gradients on the device, so the
-        # gradient scaler never reads its found-inf flag back to the host.
-        self.optimizer = torch.optim.AdamW(
+        self.optimizer = adamw(
             parameter_groups(self.model, train.lr, train.decoder_lr, train.weight_decay, train.text_encoder_lr, train.image_encoder_lr),
-            fused=self.precision.needs_grad_scaler or None,
+            self.device,
         )
         self.scheduler = build_schedule(
             self.optimizer, train.schedule, train.epochs, self.steps_per_epoch, train.warmup_epochs, train.min_lr

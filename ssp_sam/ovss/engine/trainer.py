@@ -44,7 +44,7 @@ from ...data.training import collate
 from ...engine.caching import ensure_cache
 from ...engine.distributed import barrier, logged_terms, shutdown_distributed, start_training_process
 from ...engine.host_memory import shared_with_forked_workers
-from ...engine.optim import cosine_schedule, optimizer_step
+from ...engine.optim import adamw, cosine_schedule, optimizer_step
 from ...engine.run_dir import append_log, open_run_dir, restore_trainer_state, trainer_state, truncate_log
 from ...engine.trainer import TrainingDivergedError
 from ...errors import ConfigError
@@ -157,9 +157,9 @@ class OVSSTrainer:
         self.model.to(self.device)
         self.train_cache, self.val_cache = self._prepare_caches()
 
-        self.optimizer = torch.optim.AdamW(
+        self.optimizer = adamw(
             parameter_groups(self.model, train.lr, train.clip_lr_multiplier, train.weight_decay, train.norm_weight_decay),
-            fused=self.precision.needs_grad_scaler or None,
+            self.device,
         )
         self.scheduler = cosine_schedule(self.optimizer, train.iterations, train.warmup_iterations, train.min_lr)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision.needs_grad_scaler)
