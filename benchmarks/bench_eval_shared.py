@@ -49,7 +49,7 @@ from PIL import Image, ImageDraw
 from _common import REPO, add_allocator_flag, add_timing_arguments, finish_timing_arguments, bench_model_config, seconds, set_up_host_memory, write_result
 from release_baseline import ReleaseComputation
 from ssp_sam.backbones.clip_tokenizer import CLIPTokenizer
-from ssp_sam.backbones.sam import SAMImageTransform, padded_frame_to_original
+from ssp_sam.backbones.sam_frames import SAMImageTransform, padded_frame_to_original
 from ssp_sam.data.embedding_cache import EmbeddingCache, EncoderIdentity
 from ssp_sam.data.jsonl import read_jsonl_file
 from ssp_sam.data.records import ReferringDataset

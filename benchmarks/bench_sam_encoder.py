@@ -42,7 +42,8 @@ from segment_anything.modeling.image_encoder import Attention as StockAttention
 from segment_anything.modeling.image_encoder import PatchEmbed as StockPatchEmbed
 
 from ssp_sam.attention import FusedImageEncoderAttention
-from ssp_sam.backbones.sam import ContiguousPatchEmbed, SAMImageTransform, build_sam
+from ssp_sam.backbones.sam import ContiguousPatchEmbed, build_sam
+from ssp_sam.backbones.sam_frames import SAMImageTransform
 from ssp_sam.engine.precision import Precision, cpu_capability, cpu_has_native_bf16, resolve_precision
 from ssp_sam.predictor import resolve_device
 

@@ -25,7 +25,9 @@ from torch.nn import functional as F
 
 from .adapters import LinguisticAttentionAdapter, PatchProjection, VisualAttentionAdapter
 from .backbones.clip import CLIPSurgeryBackbone, build_clip_model
-from .backbones.sam import SAMMaskHead, build_sam, upscale_to_padded_frame
+from .backbones.sam import build_sam
+from .backbones.sam_decoder import SAMMaskHead
+from .backbones.sam_frames import upscale_to_padded_frame
 from .config import ModelConfig
 from .errors import ConfigError
 from .prompt_generator import MultimodalFusion, PromptGenerator

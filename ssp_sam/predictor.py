@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .backbones.clip_tokenizer import CLIPTokenizer
-from .backbones.sam import SAMImageTransform, padded_frame_to_original, valid_region
+from .backbones.sam_frames import SAMImageTransform, padded_frame_to_original, valid_region
 from .config import ModelConfig
 from .engine.compilation import compiled_or_eager
 from .engine.precision import Precision, resolve_precision

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from .backbones.sam import SAMImageTransform, padded_frame_to_original
+from .backbones.sam_frames import SAMImageTransform, padded_frame_to_original
 from .letterbox import Letterbox
 
 MASK_COLOUR = (255, 64, 160)

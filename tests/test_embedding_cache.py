@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 
 import fixtures_official as fx
 from conftest import REPO, run_script, tiny_model
-from ssp_sam.backbones.sam import SAMImageTransform, build_sam
+from ssp_sam.backbones.sam import build_sam
+from ssp_sam.backbones.sam_frames import SAMImageTransform
 from ssp_sam.checkpoint import save_checkpoint
 from ssp_sam.data.embedding_cache import PREFIX, EmbeddingCache, EncoderIdentity, module_fingerprint
 from ssp_sam.engine import caching

@@ -17,7 +17,8 @@ import torch
 
 from ssp_sam.backbones.clip import CLIPSurgeryBackbone, build_clip_model
 from ssp_sam.backbones.clip_tokenizer import CLIPTokenizer
-from ssp_sam.backbones.sam import SAMImageTransform, build_sam
+from ssp_sam.backbones.sam import build_sam
+from ssp_sam.backbones.sam_frames import SAMImageTransform
 from ssp_sam.data.shapeworld import generate_scene
 from ssp_sam.errors import ConfigError, SSPSAMError
 from ssp_sam.pretrain.clip import (

@@ -14,16 +14,12 @@ import torch.nn.functional as F
 from segment_anything import SamPredictor, sam_model_registry
 from segment_anything.modeling.image_encoder import PatchEmbed
 
-from ssp_sam.backbones.sam import (
-    SAM_VARIANTS,
-    ContiguousPatchEmbed,
+from ssp_sam.backbones.sam import SAM_VARIANTS, ContiguousPatchEmbed, build_sam, sam_weights_fingerprint
+from ssp_sam.backbones.sam_decoder import SAMMaskHead, hypernetwork_masks
+from ssp_sam.backbones.sam_frames import (
     SAMImageTransform,
-    SAMMaskHead,
-    build_sam,
-    hypernetwork_masks,
     mask_to_padded_frame,
     padded_frame_to_original,
-    sam_weights_fingerprint,
     upscale_to_padded_frame,
 )
 from ssp_sam.errors import CheckpointError, ConfigError, ImageError

@@ -117,7 +117,7 @@ def test_referent_weights_reach_the_sampler(shapeworld_root, tmp_path):
 
 def test_mask_targets_follow_train_mask_target(shapeworld_root, tmp_path):
     """release (the paper experiments' default): the release's GT processing; nearest: pixel-centred nearest."""
-    from ssp_sam.backbones.sam import mask_to_padded_frame
+    from ssp_sam.backbones.sam_frames import mask_to_padded_frame
     from ssp_sam.engine.protocols import release_gt_frame
 
     for target in ("release", "nearest"):

@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import nn
 
-from ..backbones.sam import SAMImageTransform
+from ..backbones.sam_frames import SAMImageTransform
 from ..errors import CacheError, ConfigError, ImageError
 
 if TYPE_CHECKING:

@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..backbones.clip_tokenizer import CLIPTokenizer
-from ..backbones.sam import mask_to_padded_frame, release_gt_frame
+from ..backbones.sam_frames import mask_to_padded_frame, release_gt_frame
 from ..errors import ConfigError, DatasetError
 from ..image_io import load_image
 from ..letterbox import fixed_placements, letterbox_image

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..backbones.sam import release_gt_frame
+from ..backbones.sam_frames import release_gt_frame
 from ..data.masks import CocoSegmentationMask, segmentation_to_rles
 from ..data.records import ReferringSample
 from ..errors import ConfigError, DatasetError

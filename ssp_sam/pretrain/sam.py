@@ -43,9 +43,9 @@ from segment_anything.modeling import PromptEncoder, Sam
 from torch import Tensor
 from tqdm import tqdm
 
-from ..backbones.sam import (
+from ..backbones.sam import build_sam
+from ..backbones.sam_frames import (
     SAMImageTransform,
-    build_sam,
     mask_to_padded_frame,
     padded_frame_to_original,
     upscale_to_padded_frame,

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
 from ...attention import fuse_two_way_attention
-from ...backbones.sam import decode_prompt_sets, hypernetwork_masks
+from ...backbones.sam_decoder import decode_prompt_sets, hypernetwork_masks
 from ..model_config import ProposalConfig
 
 MASK_THRESHOLD = 0.0  # SAM's: a logit above it is inside the mask

@@ -1,0 +1,148 @@
+"""SAM's image transform and the three frames a mask lives in.
+
+- :class:`SAMImageTransform`: SamPredictor's resize followed by ``Sam.preprocess``, as one call.
+- SAM's low-resolution logits (``4 * S / patch`` per side), the "padded frame" (the letterboxed
+  ``S x S`` input at half resolution, where training losses are computed) and the original image:
+  :func:`upscale_to_padded_frame`, :func:`padded_frame_to_original`, and the ground truth's way into
+  the padded frame (:func:`release_gt_frame`, :func:`mask_to_padded_frame`).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from ..errors import ImageError
+
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+class SAMImageTransform:
+    """SAM's input pipeline: what ``SamPredictor.set_image`` then ``Sam.preprocess`` compute.
+
+    The long side is resized to ``image_size`` by ``ResizeLongestSide`` (PIL bilinear on uint8),
+    pixels are normalised with SAM's mean / std on the 0..255 scale, and the result is padded with
+    zeros on the right and bottom to ``image_size x image_size``.
+    """
+
+    def __init__(self, image_size: int = 1024) -> None:
+        self.image_size = image_size
+        self.resize = ResizeLongestSide(image_size)
+        self.pixel_mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
+        self.pixel_std = torch.tensor(PIXEL_STD).view(3, 1, 1)
+
+    def input_size_for(self, original_size: Tuple[int, int]) -> Tuple[int, int]:
+        """(h, w) of the resized image inside the padded square, for an (H, W) original."""
+        return ResizeLongestSide.get_preprocess_shape(original_size[0], original_size[1], self.image_size)
+
+    def __call__(self, image: np.ndarray) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """uint8 RGB (H, W, 3) -> (normalised padded image (3, S, S) float32, input_size (h, w))."""
+        if not isinstance(image, np.ndarray):
+            raise ImageError(f"image: expected a uint8 RGB array (H, W, 3), got {type(image).__name__}")
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ImageError(f"image: expected a uint8 RGB array (H, W, 3), got {image.dtype} {image.shape}")
+        resized = torch.from_numpy(self.resize.apply_image(image)).permute(2, 0, 1)
+        normalised = (resized - self.pixel_mean) / self.pixel_std
+        h, w = normalised.shape[-2:]
+        padded = F.pad(normalised, (0, self.image_size - w, 0, self.image_size - h))
+        return padded, (h, w)
+
+
+def upscale_to_padded_frame(low_res_logits: torch.Tensor, image_size: int) -> torch.Tensor:
+    """SAM's low-resolution logits (B, M, s, s) -> the padded frame (B, M, S/2, S/2).
+
+    As the release does it: bilinear (align_corners=False) to S x S, then bilinear to S/2 x S/2
+    (256 -> 1024 -> 512 for S = 1024). The release also crops [:S, :S] in between, which is a
+    no-op on an S x S map. The two steps are not the same as one direct resize; kept for parity.
+
+    Both resizes are linear and separable, so their composition is one (S/2, s) matrix R applied to
+    the rows and the columns, ``R @ logits @ R^T``: two matrix products instead of the S x S
+    intermediate and its backward (several times faster; equal to float rounding, tested against
+    ``F.interpolate``). R's entries are multiples of 1/16 for S = 4 s, exact in bf16 too.
+    """
+    low_res = low_res_logits.shape[-1]
+    if low_res_logits.shape[-2] != low_res:
+        raise ValueError(f"low_res_logits: expected square maps, got {tuple(low_res_logits.shape)}")
+    resize = _two_step_resize_matrix(low_res, image_size, low_res_logits.device).to(low_res_logits.dtype)
+    return resize @ low_res_logits @ resize.T
+
+
+@lru_cache(maxsize=8)
+def _two_step_resize_matrix(low_res: int, image_size: int, device: torch.device) -> torch.Tensor:
+    """The (S/2, s) matrix of :func:`upscale_to_padded_frame`'s two bilinear resizes along one axis,
+    made by ``F.interpolate`` itself (resizing the identity along that axis only), in float64."""
+    identity = torch.eye(low_res, dtype=torch.float64)[None, None]
+    full = F.interpolate(identity, (image_size, low_res), mode="bilinear", align_corners=False)
+    half = F.interpolate(full, (image_size // 2, low_res), mode="bilinear", align_corners=False)
+    return half[0, 0].to(device=device, dtype=torch.float32)
+
+
+def valid_region(frame: torch.Tensor, input_size: Tuple[int, int]) -> torch.Tensor:
+    """The image's part (..., ceil(h/2), ceil(w/2)) of a half-resolution padded frame (..., S/2, S/2).
+
+    The resized image occupies rows [:h] and columns [:w] of the S x S input, so rows
+    [:ceil(h/2)] and columns [:ceil(w/2)] of the half-resolution frame (the last kept row or
+    column is half padding when h or w is odd).
+    """
+    return frame[..., : math.ceil(input_size[0] / 2), : math.ceil(input_size[1] / 2)]
+
+
+def padded_frame_to_original(
+    logits: torch.Tensor,
+    input_size: Tuple[int, int],
+    original_size: Tuple[int, int],
+    image_size: int,
+) -> torch.Tensor:
+    """Padded-frame logits (B, 1, S/2, S/2) -> logits on the original image (B, 1, H, W).
+
+    The image's region of the frame (:func:`valid_region`) is resized bilinearly to H x W.
+    """
+    half = image_size // 2
+    if logits.shape[-2:] != (half, half):
+        raise ValueError(f"logits: expected a padded frame {half}x{half}, got {tuple(logits.shape)}")
+    return F.interpolate(valid_region(logits, input_size), tuple(original_size), mode="bilinear", align_corners=False)
+
+
+def release_gt_frame(mask: np.ndarray, image_size: int) -> np.ndarray:
+    """A GT mask (H, W) -> bool (S/2, S/2) as the release builds it for evaluation and training.
+
+    The release (datasets/transforms.py SAMMaskResize, then datasets/dataset.py) turns the 0/1 mask
+    into a float32 PIL image (mode "F": torchvision 0.16's ``to_pil_image`` keeps float32 arrays
+    unscaled), resizes it to ResizeLongestSide's (h, w) with PIL's bilinear filter and keeps every
+    pixel > 0 (so the edges grow by up to the filter's reach), pads it with zeros to S x S
+    (bottom and right), and resizes that to S/2 x S/2 with torch's legacy "nearest" (source pixel
+    floor(2 i): the even rows and columns).
+    """
+    height, width = ResizeLongestSide.get_preprocess_shape(mask.shape[0], mask.shape[1], image_size)
+    image = Image.fromarray(np.asarray(mask, dtype=bool).astype(np.float32))  # float32 -> mode "F"
+    resized = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR)) > 0
+    padded = np.zeros((image_size, image_size), dtype=bool)
+    padded[:height, :width] = resized
+    return padded[::2, ::2]
+
+
+def mask_to_padded_frame(mask: np.ndarray, image_size: int) -> torch.Tensor:
+    """Ground-truth mask (H, W) -> 0/1 float (S/2, S/2) in the frame of :func:`upscale_to_padded_frame`.
+
+    The mask is resized to the image's input size (ResizeLongestSide's shape) by nearest
+    neighbour with pixel-centre sampling ("nearest-exact", no half-pixel shift, unlike "nearest"),
+    padded with zeros to S x S, and downsampled by 2 with the same rule (which keeps the odd
+    rows and columns: output pixel i samples input pixel 2i + 1).
+    """
+    if not isinstance(mask, np.ndarray) or mask.ndim != 2:
+        found = mask.shape if isinstance(mask, np.ndarray) else type(mask).__name__
+        raise ValueError(f"mask: expected a 2-D array (H, W), got {found}")
+    h, w = ResizeLongestSide.get_preprocess_shape(mask.shape[0], mask.shape[1], image_size)
+    mask_tensor = torch.from_numpy(mask.astype(bool)).float()[None, None]
+    resized = F.interpolate(mask_tensor, (h, w), mode="nearest-exact")
+    padded = F.pad(resized, (0, image_size - w, 0, image_size - h))
+    half = image_size // 2
+    return F.interpolate(padded, (half, half), mode="nearest-exact")[0, 0]
