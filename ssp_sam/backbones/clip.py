@@ -271,10 +271,13 @@ class CLIPSurgeryBackbone(nn.Module):
 
         original = x
         surgery = x
-        for block in blocks[first_dual:]:
-            standard_attention, value_attention = self._dual_attention(block, block.ln_1(original))
+        for index, block in enumerate(blocks[first_dual:], start=first_dual):
+            # Of the original stream only the CLS token is kept: in the last block its other rows would be
+            # computed and dropped (their MLP is ~6 % of the tower), so that block runs the CLS query alone.
+            last = index == len(blocks) - 1
+            standard_attention, value_attention = self._dual_attention(block, block.ln_1(original), cls_query_only=last)
             surgery = surgery + block.ls_1(value_attention)
-            original = original + block.ls_1(standard_attention)
+            original = (original[:, :1] if last else original) + block.ls_1(standard_attention)
             original = original + block.ls_2(block.mlp(block.ln_2(original)))
 
         tokens = torch.cat([original[:, :1], surgery[:, 1:]], dim=1)
@@ -303,19 +306,21 @@ class CLIPSurgeryBackbone(nn.Module):
         return x
 
     @staticmethod
-    def _dual_attention(block: ResidualAttentionBlock, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _dual_attention(block: ResidualAttentionBlock, x: Tensor, cls_query_only: bool = False) -> tuple[Tensor, Tensor]:
         """Standard and value-value attention of one block from the same input, both through out_proj.
 
         Args:
             x: (B, T, width) the ln_1 output.
+            cls_query_only: the standard attention for the CLS query (token 0) alone.
 
         Returns:
-            Two (B, T, width) tensors: softmax(q k^T d^-0.5) v and softmax(v v^T d^-0.5) v, per head.
+            (B, T, width) softmax(q k^T d^-0.5) v (T = 1 with ``cls_query_only``) and (B, T, width)
+            softmax(v v^T d^-0.5) v, per head.
         """
         attention = block.attn
         q, k, v = in_projection(attention, x, x, x)
         # scaled_dot_product_attention scales by head_dim ** -0.5 by default.
-        standard = scaled_dot_product_attention(q, k, v)
+        standard = scaled_dot_product_attention(q[:, :, :1] if cls_query_only else q, k, v)
         value_value = scaled_dot_product_attention(v, v, v)
         return out_projection(attention, standard), out_projection(attention, value_value)
 
