@@ -117,3 +117,26 @@ def test_adamw_is_fused_on_a_cpu_and_steps_as_torchs_default_adamw():
     assert not torch.allclose(fused_params[0], initial[0])  # the weights moved
     for ours, reference in zip(fused_params, default_params):
         torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-7)
+
+
+def test_adamw_resumes_the_state_of_torchs_default_adamw():
+    """Trainer states written before the optimizer was fused hold torch's default AdamW state: a resumed
+    run must continue it as the default AdamW would have."""
+    torch.manual_seed(0)
+    weight, gradients = torch.randn(6), [torch.randn(6) for _ in range(3)]
+    default_param, fused_param = torch.nn.Parameter(weight.clone()), torch.nn.Parameter(weight.clone())
+    default = torch.optim.AdamW([default_param], lr=1e-2, weight_decay=0.1)
+    for gradient in gradients[:2]:
+        default_param.grad = gradient.clone()
+        default.step()
+    fused_param.data.copy_(default_param.data)
+    fused = adamw([{"params": [fused_param], "lr": 1e-2, "weight_decay": 0.1}], torch.device("cpu"))
+    saved = io.BytesIO()
+    torch.save(default.state_dict(), saved)  # as a trainer state file holds it
+    saved.seek(0)
+    fused.load_state_dict(torch.load(saved, weights_only=True))
+    default_param.grad, fused_param.grad = gradients[2].clone(), gradients[2].clone()
+    default.step()
+    fused.step()
+    assert fused.state[fused_param]["step"].item() == 3
+    torch.testing.assert_close(fused_param, default_param, rtol=1e-6, atol=1e-7)
