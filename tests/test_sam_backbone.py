@@ -89,11 +89,11 @@ def test_hypernetwork_masks_equal_the_stock_upscaling_and_product(head):
     decoder = head.mask_decoder
     h, w = 3, 5  # not square: rows and columns must not trade places
     token_out = torch.randn(2, 1 + decoder.num_mask_tokens + 2, TINY_CHANNELS, requires_grad=True)
-    image_out = torch.randn(2, h * w, TINY_CHANNELS, requires_grad=True)
+    image_out = torch.randn(2, h, w, TINY_CHANNELS, requires_grad=True)
     inputs = (token_out, image_out, *decoder.output_upscaling.parameters())
     for outputs in (range(1), range(1, 4)):
-        ours = hypernetwork_masks(decoder, token_out, image_out, (h, w), outputs)
-        upscaled = decoder.output_upscaling(image_out.transpose(1, 2).reshape(2, TINY_CHANNELS, h, w))
+        ours = hypernetwork_masks(decoder, token_out, image_out, outputs)
+        upscaled = decoder.output_upscaling(image_out.permute(0, 3, 1, 2))
         hyper_in = torch.stack([decoder.output_hypernetworks_mlps[i](token_out[:, 1 + i]) for i in outputs], dim=1)
         stock = (hyper_in @ upscaled.flatten(2)).view(2, len(outputs), 4 * h, 4 * w)
         assert ours.shape == (2, len(outputs), 4 * h, 4 * w)
@@ -109,7 +109,7 @@ def test_hypernetwork_masks_refuse_another_upscaling(head):
     decoder = copy.deepcopy(head.mask_decoder)
     decoder.output_upscaling[1] = torch.nn.BatchNorm2d(TINY_CHANNELS // 4)
     with pytest.raises(ConfigError, match="output_upscaling"):
-        hypernetwork_masks(decoder, torch.randn(1, 6, TINY_CHANNELS), torch.randn(1, 4, TINY_CHANNELS), (2, 2), range(1))
+        hypernetwork_masks(decoder, torch.randn(1, 6, TINY_CHANNELS), torch.randn(1, 2, 2, TINY_CHANNELS), range(1))
 
 
 def assert_state_dict_equal(module, expected, prefix):

@@ -79,8 +79,7 @@ class SAMMaskHead(nn.Module):
         token_out, image_out = decode_prompt_sets(
             self.prompt_encoder, self.mask_decoder, image_embeddings, sparse_prompts, image_of
         )
-        embedding_size = image_embeddings.shape[-2:]
-        return hypernetwork_masks(self.mask_decoder, token_out, image_out, embedding_size, range(1))  # the single-mask output
+        return hypernetwork_masks(self.mask_decoder, token_out, image_out, range(1))  # the single-mask output
 
 
 def decode_prompt_sets(
@@ -107,8 +106,8 @@ def decode_prompt_sets(
 
     Returns:
         token_out: (B, 1 + M + T, C), the IoU token, the M mask tokens, then the prompt tokens, as the
-            transformer leaves them; image_out: (B, h w, C), its image tokens (a mask is a hypernetwork
-            output of a mask token dotted with their upscaling: :func:`hypernetwork_masks`).
+            transformer leaves them; image_out: (B, h, w, C), its image tokens on their grid (a mask is a
+            hypernetwork output of a mask token dotted with their upscaling: :func:`hypernetwork_masks`).
 
     Raises:
         ValueError: shapes that do not fit the prompt encoder or each other.
@@ -143,11 +142,11 @@ def decode_prompt_sets(
     image_pe = prompt_encoder.get_dense_pe()  # (1, C, h, w), the same for every set
 
     token_out, image_out = mask_decoder.transformer(image_tokens, image_pe, tokens, image_of=image_of)
-    return token_out, image_out
+    return token_out, image_out.view(num_sets, *embedding_size, channels)
 
 
 def hypernetwork_masks(
-    mask_decoder: MaskDecoder, token_out: torch.Tensor, image_out: torch.Tensor, embedding_size: Tuple[int, int], outputs: range
+    mask_decoder: MaskDecoder, token_out: torch.Tensor, image_out: torch.Tensor, outputs: range
 ) -> torch.Tensor:
     """SAM's mask logits of the mask tokens ``outputs`` (0: the single-mask output; 1-3: the three
     multimask outputs), from :func:`decode_prompt_sets`' results: each token's hypernetwork output
@@ -156,7 +155,7 @@ def hypernetwork_masks(
 
     ``output_upscaling`` (two 2x2 stride-2 transposed convolutions with a channel layer norm and
     activations between) maps every image token to its own 4x4 block of output pixels, and every step
-    of it, the mask product too, is per position: it runs here on the tokens as they come (B, h w, C),
+    of it, the mask product too, is per position: it runs here on the tokens as they come (B, h, w, C),
     each transposed convolution as one matrix product onto the 2x2 sub-pixels, and only the logits,
     C / 8 times smaller than the upscaled features, are put in image order at the end. Equal to the
     stock module followed by the product (tested); on a CPU, oneDNN's transposed convolutions and
@@ -165,21 +164,20 @@ def hypernetwork_masks(
 
     Args:
         token_out: (B, 1 + M + T, C), the transformer's tokens.
-        image_out: (B, h w, C), the transformer's image tokens, row-major over (h, w).
-        embedding_size: (h, w).
+        image_out: (B, h, w, C), the transformer's image tokens on their grid.
 
     Returns:
         (B, len(outputs), 4h, 4w) logits.
     """
     first, norm, first_act, second, second_act = _stock_output_upscaling(mask_decoder)
-    sub_pixels = _transposed_conv_2x2(image_out, first)  # (B, h w, 4, C / 4), sub-pixel (i, j) of each token
+    sub_pixels = _transposed_conv_2x2(image_out, first)  # (B, h, w, 4, C / 4), sub-pixel (i, j) of each token
     sub_pixels = first_act(F.layer_norm(sub_pixels, norm.weight.shape, norm.weight, norm.bias, norm.eps))
-    sub_pixels = second_act(_transposed_conv_2x2(sub_pixels, second))  # (B, h w, 4, 4, C / 8): (i, j), then (k, l)
+    sub_pixels = second_act(_transposed_conv_2x2(sub_pixels, second))  # (B, h, w, 4, 4, C / 8): (i, j), then (k, l)
     # Token 0 is the IoU token; mask token i is token 1 + i.
     weights = torch.stack([mask_decoder.output_hypernetworks_mlps[i](token_out[:, 1 + i]) for i in outputs], dim=2)
-    logits = sub_pixels.flatten(1, 3) @ weights  # (B, h w 16, m)
+    logits = sub_pixels.flatten(1, 4) @ weights  # (B, h w 16, m)
     # Output pixel (4y + 2i + k, 4x + 2j + l) of token (y, x), sub-pixels (i, j) and (k, l).
-    h, w = embedding_size
+    h, w = image_out.shape[1:3]
     logits = logits.view(logits.shape[0], h, w, 2, 2, 2, 2, len(outputs)).permute(0, 7, 1, 3, 5, 2, 4, 6)
     return logits.reshape(logits.shape[0], len(outputs), 4 * h, 4 * w)
 

@@ -135,7 +135,7 @@ class SAMProposer(nn.Module):
         sparse, _ = self.prompt_encoder(points=(coords[:, None, :], labels), boxes=None, masks=None)
         token_out, image_out = decode_prompt_sets(self.prompt_encoder, decoder, embeddings, sparse, image_ids)
         outputs = range(1, decoder.num_mask_tokens) if self.config.multimask_output else range(1)
-        masks = hypernetwork_masks(decoder, token_out, image_out, embeddings.shape[-2:], outputs)
+        masks = hypernetwork_masks(decoder, token_out, image_out, outputs)
         iou = decoder.iou_prediction_head(token_out[:, 0])[:, outputs.start : outputs.stop]
         return masks, iou
 
