@@ -20,7 +20,7 @@ import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from safetensors.torch import save_file
@@ -257,6 +257,16 @@ def _embedded_prefixes(model: SSPSAM, config: ModelConfig) -> tuple[str, ...]:
     if config.sam_checkpoint is None:
         prefixes.append("sam_image_encoder.")
     return tuple(prefixes)
+
+
+def keys_from_weight_files(model: SSPSAM, keys: Iterable[str]) -> set[str]:
+    """Those of ``keys`` whose values come from the weight files the model's config names.
+
+    They are the encoders' frozen weights that :func:`save_checkpoint` leaves out unless it embeds
+    the encoders (fine-tuned parts of CLIP and encoders without a file are always stored).
+    """
+    stored_always = _embedded_prefixes(model, model.config)
+    return {k for k in keys if k.startswith(_OPTIONAL_OURS) and not (stored_always and k.startswith(stored_always))}
 
 
 def save_checkpoint(

@@ -54,7 +54,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from ..backbones.clip_tokenizer import CLIPTokenizer
-from ..checkpoint import load_own_weights, read_checkpoint_config, save_checkpoint
+from ..checkpoint import WEIGHTS_FILE, keys_from_weight_files, load_own_weights, read_checkpoint_config, save_checkpoint
 from ..data.embedding_cache import EmbeddingCache
 from ..data.records import ReferringDataset
 from ..data.registry import load_splits
@@ -67,7 +67,9 @@ from ..losses import rec_loss, ssp_sam_loss
 from ..metrics import RELEASE_SUFFIX
 from ..model import build_model, build_sam_image_encoder
 from ..visualize import padded_prediction_overlay
+from ..weight_files import read_weights
 from .caching import dataset_image_roots, ensure_cache
+from .init_checkpoint import FrozenEncoder, describe_replaced, encoders_replaced
 from .distributed import barrier, logged_terms, mean_across_ranks, shutdown_distributed, start_training_process
 from .evaluator import evaluate
 from .host_memory import shared_with_forked_workers
@@ -80,6 +82,7 @@ from .train_config import TrainRunConfig, train_run_config_from
 # The validation metric that picks the best checkpoint of stage "res", per task (stage "rec": REC_METRIC);
 # with val.protocol=ssp_sam_release its release-arithmetic version (key + RELEASE_SUFFIX), as the release selects.
 SELECTION_METRIC = {"res": "mIoU", "gres": "gIoU", "phrasecut": "mIoU"}
+SAM_ENCODER = "sam_image_encoder."  # the state-dict prefix of SAM's image encoder in SSPSAM
 
 
 def decoder_parts_never_run(decoder: nn.Module) -> list[nn.Module]:
@@ -137,6 +140,7 @@ class Trainer:
             with_sam_image_encoder=train.save_encoders,
             without_weight_files=("sam",) if self.stage == "rec" else (),
         )
+        self._sam_encoder_from_init = False  # the init checkpoint's SAM image encoder replaced the file's
         if config.init_checkpoint:
             self._load_init_checkpoint(config.init_checkpoint)
         self.model.to(self.device)
@@ -216,10 +220,33 @@ class Trainer:
         """
         run = read_checkpoint_config(path).get("run") or {}
         from_rec_stage = (run.get("train") or {}).get("stage") == "rec"
+        self._check_init_encoders(path)
         sam_head = {k: v.clone() for k, v in self.model.mask_head.state_dict().items()} if from_rec_stage else None
         load_own_weights(self.model, path, finetuned_from_file=True)
         if sam_head is not None:
             self.model.mask_head.load_state_dict(sam_head)
+
+    def _check_init_encoders(self, path: str) -> None:
+        """Refuse, or take over, frozen encoders the init checkpoint carries that differ from the files'.
+
+        See :mod:`ssp_sam.engine.init_checkpoint`: a run that stores its encoders trains on the
+        checkpoint's and caches SAM embeddings under the encoder's own weights; any other run stops.
+        """
+        config = self.model_config
+        weights = Path(path) / WEIGHTS_FILE if Path(path).is_dir() else Path(path)
+        stored = read_weights(weights, "checkpoint")
+        current = self.model.state_dict()
+        if config.sam_checkpoint and self.model.sam_image_encoder is None and any(k.startswith(SAM_ENCODER) for k in stored):
+            current.update({SAM_ENCODER + k: v for k, v in build_sam_image_encoder(config).state_dict().items()})
+        encoders = (
+            FrozenEncoder(SAM_ENCODER, "SAM image encoder", "model.sam_checkpoint", config.sam_checkpoint, cached=True),
+            FrozenEncoder("clip.", "frozen CLIP", "model.clip_checkpoint", config.clip_checkpoint),
+        )
+        from_files = keys_from_weight_files(self.model, current)
+        replaced = encoders_replaced(path, stored, current, from_files, encoders, self.config.train.save_encoders)
+        self._sam_encoder_from_init = any(e.cached for e in replaced)
+        if replaced and self.dist.is_main:
+            print(describe_replaced(path, replaced), flush=True)
 
     def _read_datasets(self) -> dict[str, ReferringDataset]:
         """The train split, and the val and test splits when the config names them."""
@@ -236,7 +263,8 @@ class Trainer:
             encoder = partial(build_sam_image_encoder, config)
         return ensure_cache(
             self.config.cache_dir, [p for d in self.datasets.values() for p in d.image_paths()], dataset_image_roots(self.dataset_cfg),
-            encoder, config.sam_variant, config.sam_checkpoint, self.model.sam_image_size, self.device, self.dist,
+            encoder, config.sam_variant, None if self._sam_encoder_from_init else config.sam_checkpoint,
+            self.model.sam_image_size, self.device, self.dist,
             batch_size=self.config.cache_batch_size,
         )
 

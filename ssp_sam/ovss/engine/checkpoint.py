@@ -55,7 +55,7 @@ class LoadedOVSSModel:
     info: dict[str, Any]  # config.json's other entries (run config, iteration, metrics)
 
 
-def _frozen_from_files(model: OVSSModel, config: OVSSModelConfig) -> set[str]:
+def frozen_from_files(model: OVSSModel, config: OVSSModelConfig) -> set[str]:
     """State-dict keys whose values come from a weight file the config names (not stored, not required).
 
     CLIP's frozen weights when ``clip.checkpoint`` is set (its trained q/v and position embeddings are
@@ -88,7 +88,7 @@ def save_ovss_checkpoint(
         trainer_state: the trainer's resumable state (tensors and plain containers only).
     """
     config = model.config
-    left_out = set() if embed_encoders else _frozen_from_files(model, config)
+    left_out = set() if embed_encoders else frozen_from_files(model, config)
     if embed_encoders:
         config = replace(config, clip=replace(config.clip, checkpoint=None), sam=replace(config.sam, checkpoint=None))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in left_out}
@@ -123,6 +123,19 @@ def read_ovss_checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
     return stored
 
 
+def _weights_file(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path / WEIGHTS_FILE if path.is_dir() else path
+
+
+def read_ovss_weights(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The state dict of an OVSS checkpoint (directory or its model.safetensors), checked to be finite."""
+    weights = _weights_file(path)
+    state: dict[str, Tensor] = read_weights(weights, "OVSS checkpoint")
+    require_finite(state, weights)
+    return state
+
+
 def load_ovss_weights(model: OVSSModel, path: str | os.PathLike) -> None:
     """Load a checkpoint's weights into ``model``, checking every key and shape.
 
@@ -130,14 +143,12 @@ def load_ovss_weights(model: OVSSModel, path: str | os.PathLike) -> None:
     be there. A SAM-MI trained with TSPP and built with ``points=grid`` (the dense-grid ablation of the
     same weights) ignores the TSPP heads. Raises CheckpointError naming the file and the keys (or the weight file to give).
     """
-    path = Path(path)
-    weights = path / WEIGHTS_FILE if path.is_dir() else path
-    state: dict[str, Tensor] = read_weights(weights, "OVSS checkpoint")
-    require_finite(state, weights)
+    weights = _weights_file(path)
+    state = read_ovss_weights(path)
     if model.config.variant == "sam_mi" and not model.config.uses_tspp:  # a TSPP-trained SAM-MI run with the dense grid
         state = {k: v for k, v in state.items() if not k.startswith(TSPP_PREFIX)}
     expected = model.state_dict()
-    from_files = _frozen_from_files(model, model.config)
+    from_files = frozen_from_files(model, model.config)
     trained = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
     for prefix, what, key in ((CLIP_PREFIX, "CLIP", "clip"), (SAM_PREFIX, "SAM", "sam")):
         frozen = [k for k in expected if k.startswith(prefix) and k not in trained and k not in from_files]

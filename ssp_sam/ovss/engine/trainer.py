@@ -42,6 +42,7 @@ from tqdm import tqdm
 from ...data.embedding_cache import EmbeddingCache
 from ...data.training import collate
 from ...engine.caching import ensure_cache
+from ...engine.init_checkpoint import FrozenEncoder, describe_replaced, encoders_replaced
 from ...engine.distributed import barrier, logged_terms, shutdown_distributed, start_training_process
 from ...engine.host_memory import shared_with_forked_workers
 from ...engine.optim import adamw, cosine_schedule, optimizer_step
@@ -52,7 +53,7 @@ from ..build import build_ovss_model
 from ..data import IGNORE_INDEX, load_ovss_dataset
 from ..data.dataset import SemSegDataset
 from ..model import OVSSModel
-from .checkpoint import load_ovss_weights, save_ovss_checkpoint
+from .checkpoint import SAM_PREFIX, frozen_from_files, load_ovss_weights, read_ovss_weights, save_ovss_checkpoint
 from .data import IterationBatchSampler, TrainingCrops
 from .evaluator import evaluate_ovss
 from .train_config import OVSSTrainRunConfig, ovss_train_config_from
@@ -150,7 +151,9 @@ class OVSSTrainer:
             raise ConfigError(f"train.batch_size={train.batch_size} is larger than the training set ({len(self.train_set)} images)")
 
         self.model = build_ovss_model(config.ovss_model)
+        self._sam_encoder_from_init = False  # the init checkpoint's SAM image encoder replaced the file's
         if config.init_checkpoint:
+            self._check_init_encoders(config.init_checkpoint)
             load_ovss_weights(self.model, config.init_checkpoint)
         for parameter in parameters_never_used(self.model, len(self.class_names)):
             parameter.requires_grad_(False)
@@ -194,6 +197,30 @@ class OVSSTrainer:
     def _dataset(self, split: str) -> SemSegDataset:
         return load_ovss_dataset(self.config.dataset_config(split))
 
+    def _check_init_encoders(self, path: str) -> None:
+        """Refuse, or take over, frozen encoders the init checkpoint carries that differ from the files'.
+
+        See :mod:`ssp_sam.engine.init_checkpoint`: a run that stores its encoders trains on the
+        checkpoint's and caches SAM embeddings under the encoder's own weights; any other run stops.
+        """
+        sam, clip = self.config.ovss_model.sam, self.config.ovss_model.clip
+        encoders = (
+            FrozenEncoder(SAM_PREFIX + "image_encoder.", "SAM image encoder", "ovss_model.sam.checkpoint", sam.checkpoint, cached=True),
+            FrozenEncoder(
+                (SAM_PREFIX + "prompt_encoder.", SAM_PREFIX + "mask_decoder."), "SAM prompt encoder and mask decoder",
+                "ovss_model.sam.checkpoint", sam.checkpoint,
+            ),
+            FrozenEncoder("catseg.clip.", "frozen CLIP", "ovss_model.clip.checkpoint", clip.checkpoint),
+        )
+        stored = read_ovss_weights(path)
+        replaced = encoders_replaced(
+            path, stored, self.model.state_dict(), frozen_from_files(self.model, self.config.ovss_model), encoders,
+            self.config.train.save_encoders,
+        )
+        self._sam_encoder_from_init = any(e.cached for e in replaced)
+        if replaced and self.dist.is_main:
+            print(describe_replaced(path, replaced), flush=True)
+
     def _prepare_caches(self) -> tuple[EmbeddingCache | None, EmbeddingCache | None]:
         """The SAM embedding cache for training (SAM-MI, whole images) and validation (SAM variants, no sliding window)."""
         config = self.config
@@ -213,7 +240,8 @@ class OVSSTrainer:
         proposer = self.model.proposer
         cache = ensure_cache(
             config.cache_dir, images, [Path(str(config.dataset_config(config.train.split)["root"]))], proposer.image_encoder, model_config.sam.variant,
-            model_config.sam.checkpoint, proposer.sam_size, self.device, self.dist, config.cache_batch_size,
+            None if self._sam_encoder_from_init else model_config.sam.checkpoint, proposer.sam_size, self.device, self.dist,
+            config.cache_batch_size,
         )
         return (cache if for_train else None), (cache if for_val else None)
 

@@ -1,0 +1,82 @@
+"""Starting a run from a checkpoint (``init_checkpoint``) that carries its own frozen encoders.
+
+A self-contained checkpoint (``train.save_encoders=true``: our small ShapeWorld models) stores the
+frozen CLIP and SAM it was trained with. A new run built from weight files (``model.clip_checkpoint``,
+``model.sam_checkpoint``) and started from it loads those stored encoders over the files' ones; if
+they differ (the files were remade, or belong to another model), two things would go silently wrong:
+
+- the SAM embedding cache is keyed by the weight file's sha256, so embeddings of the file's encoder
+  would feed a mask decoder trained on the checkpoint's, and embeddings the run computes with the
+  checkpoint's encoder would be filed under the file's key, poisoning the cache for every later run;
+- a run that does not store its encoders (``train.save_encoders=false``) writes checkpoints that name
+  the files in place of the encoders it trained with, so they would not hold the model it trained.
+
+:func:`encoders_replaced` finds such encoders; a run that stores its encoders trains on the
+checkpoint's (the model being continued) and keys its SAM cache by the encoder's own weights, any
+other run is refused with an error naming the file and the two ways out.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Collection, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class FrozenEncoder:
+    """A frozen encoder whose weights come from a weight file the config names."""
+
+    prefix: str | tuple[str, ...]  # its state-dict prefix(es) in the model
+    what: str  # "SAM image encoder", for messages
+    key: str  # the config key naming its file, e.g. "model.sam_checkpoint"
+    file: str | None  # that file (None: not from a file, never replaced)
+    cached: bool = False  # its outputs are cached under the weight file's fingerprint (SAM's image encoder)
+
+
+def encoders_replaced(
+    checkpoint: str | os.PathLike,
+    stored: Mapping[str, Tensor],
+    current: Mapping[str, Tensor],
+    from_files: Collection[str],
+    encoders: Sequence[FrozenEncoder],
+    save_encoders: bool,
+) -> list[FrozenEncoder]:
+    """The file-built encoders whose weights the init checkpoint replaces with different ones.
+
+    Args:
+        checkpoint: the init checkpoint, for messages.
+        stored: its state dict.
+        current: the model's state dict as built from the weight files, before loading the checkpoint
+            (SAM's image encoder included even when the model reads cached embeddings).
+        from_files: the keys whose values come from weight files (a run's checkpoints do not store them
+            unless it stores its encoders).
+        encoders: the encoders to report, by prefix.
+        save_encoders: whether the run stores its encoders in its checkpoints.
+
+    Raises:
+        ConfigError: an encoder is replaced and the run does not store its encoders.
+    """
+    differing = [k for k in from_files if k in stored and k in current and not torch.equal(stored[k], current[k])]
+    replaced = [e for e in encoders if e.file is not None and any(k.startswith(e.prefix) for k in differing)]
+    if replaced and not save_encoders:
+        encoder = replaced[0]
+        raise ConfigError(
+            f"init_checkpoint={checkpoint}: its {encoder.what} differs from the one of {encoder.key}={encoder.file}. "
+            f"This run would train on the checkpoint's but write checkpoints that name {encoder.key} in its place; "
+            f"give {encoder.key} the file the checkpoint was trained with, or set train.save_encoders=true to train "
+            f"on the checkpoint's encoders and store them"
+        )
+    return replaced
+
+
+def describe_replaced(checkpoint: str | os.PathLike, replaced: Sequence[FrozenEncoder]) -> str:
+    """One line for the log: which encoders the run takes from the checkpoint instead of the files."""
+    named = ", ".join(f"{e.what} (not {e.key}={e.file})" for e in replaced)
+    cache = "; its embeddings are cached under the encoder's own weights" if any(e.cached for e in replaced) else ""
+    return f"init_checkpoint={checkpoint}: training on its own {named}, stored in this run's checkpoints{cache}"

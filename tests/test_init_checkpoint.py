@@ -1,0 +1,111 @@
+"""init_checkpoint from a self-contained checkpoint whose frozen encoders differ from the configured weight files.
+
+The run must not mix them silently: SAM embeddings of the file's encoder must not feed a decoder trained on the
+checkpoint's (nor may the checkpoint's encoder write entries under the file's key), and a run that stores only
+what trains must not write checkpoints that name the file in place of the encoders it trained with.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ssp_sam.backbones.clip import build_clip_model
+from ssp_sam.backbones.sam import build_sam
+from ssp_sam.engine.trainer import Trainer
+from ssp_sam.errors import ConfigError
+from ssp_sam.ovss.engine.trainer import OVSSTrainer
+from ssp_sam.pretrain.clip import save_clip_checkpoint
+
+from conftest import REPO, tiny_config
+from test_ovss_engine import bands, tiny_run  # noqa: F401 (fixture)
+from test_trainer import compose_train, shapeworld_root, train_overrides  # noqa: F401 (fixture)
+
+
+def write_sam_file(path: Path, custom, seed: int) -> Path:
+    """Random SAM weights of the given custom sizes in Meta's flat .pth layout."""
+    torch.manual_seed(seed)
+    state = build_sam("custom", custom=dict(custom)).state_dict()
+    torch.save({k: v + 0.05 * torch.randn_like(v) for k, v in state.items()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sam_files(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("sam")
+    custom = tiny_config().sam_custom
+    return write_sam_file(folder / "sam_a.pth", custom, 1), write_sam_file(folder / "sam_b.pth", custom, 2)
+
+
+def test_ssp_run_trains_on_the_checkpoints_sam_encoder_and_caches_it_apart(shapeworld_root, sam_files, tmp_path):
+    sam_a, sam_b = sam_files
+    cache = tmp_path / "cache"
+    stored = ("train.epochs=1", "train.save_encoders=true")
+
+    def trainer(name: str, sam: Path, *extra: str) -> Trainer:
+        return Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / name, cache, f"model.sam_checkpoint={sam}", *extra)))
+
+    run_a = trainer("a", sam_a, *stored)
+    run_a.fit()
+    run_b = trainer("b", sam_b, *stored)  # fills the cache with sam_b's embeddings, under sam_b's key
+    image = run_a.datasets["train"].image_paths()[0]
+    of_a, of_b = run_a.cache.get(image), run_b.cache.get(image)
+    assert (of_a - of_b).abs().max() > 0.1
+
+    # Started from run a (which stored sam_a's encoder) with model.sam_checkpoint=sam_b: sam_a's embeddings.
+    started = trainer("c", sam_b, *stored, f"init_checkpoint={tmp_path / 'a' / 'last'}")
+    assert torch.allclose(started.cache.get(image), of_a, atol=1e-5)
+    assert torch.equal(started.model.sam_image_encoder.pos_embed, run_a.model.sam_image_encoder.pos_embed)
+    assert torch.equal(trainer("b2", sam_b, *stored).cache.get(image), of_b)  # sam_b's entries were not overwritten
+
+    # A run that would not store the encoders: refused, naming the file and the ways out.
+    with pytest.raises(ConfigError, match=rf"SAM image encoder differs from the one of model.sam_checkpoint={sam_b}.*save_encoders=true"):
+        trainer("d", sam_b, "train.epochs=1", f"init_checkpoint={tmp_path / 'a' / 'last'}")
+
+    # Started from a checkpoint of the same file: the file's cache serves, nothing is recomputed.
+    same = trainer("e", sam_a, *stored, f"init_checkpoint={tmp_path / 'a' / 'last'}")
+    assert same.cache.last_build.computed == 0 and torch.equal(same.cache.get(image), of_a)
+
+
+def test_ssp_run_refuses_another_frozen_clip_it_would_not_store(shapeworld_root, tmp_path):
+    clip_files = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        clip_files.append(tmp_path / f"clip{seed}.pt")
+        save_clip_checkpoint(build_clip_model("custom", None, tiny_config().clip_custom), clip_files[-1])
+    cache = tmp_path / "cache"
+    first = Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "a", cache, f"model.clip_checkpoint={clip_files[0]}",
+                                                  "train.epochs=1", "train.save_encoders=true")))
+    first.fit()
+    start = f"init_checkpoint={tmp_path / 'a' / 'last'}"
+    with pytest.raises(ConfigError, match=rf"frozen CLIP differs from the one of model.clip_checkpoint={clip_files[1]}"):
+        Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "b", cache, f"model.clip_checkpoint={clip_files[1]}", "train.epochs=1", start)))
+    # The file it was trained with: accepted without storing the encoders.
+    Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "c", cache, f"model.clip_checkpoint={clip_files[0]}", "train.epochs=1", start)))
+
+
+def test_ovss_run_trains_on_the_checkpoints_sam_encoder_and_caches_it_apart(bands, tmp_path):
+    custom = OmegaConf.load(REPO / "configs" / "ovss_model" / "tiny.yaml").sam.custom
+    sam_a, sam_b = write_sam_file(tmp_path / "sam_a.pth", custom, 1), write_sam_file(tmp_path / "sam_b.pth", custom, 2)
+    cache = tmp_path / "cache"
+    common = ("train.crop=none", "train.iterations=1", "train.save_every=1", f"cache_dir={cache}")
+    stored = (*common, "train.save_encoders=true")
+
+    def trainer(name: str, sam: Path, *extra: str) -> OVSSTrainer:
+        return OVSSTrainer(tiny_run(bands, tmp_path / name, f"ovss_model.sam.checkpoint={sam}", *extra))
+
+    run_a = trainer("a", sam_a, *stored)
+    run_a.fit()
+    run_b = trainer("b", sam_b, *stored)
+    image = run_a.train_set.samples[0].image_path
+    of_a, of_b = run_a.train_cache.get(image), run_b.train_cache.get(image)
+    assert (of_a - of_b).abs().max() > 0.1
+
+    started = trainer("c", sam_b, *stored, f"init_checkpoint={tmp_path / 'a' / 'last'}")
+    assert torch.allclose(started.train_cache.get(image), of_a, atol=1e-5)
+    assert torch.equal(trainer("b2", sam_b, *stored).train_cache.get(image), of_b)
+    with pytest.raises(ConfigError, match=rf"SAM image encoder differs from the one of ovss_model.sam.checkpoint={sam_b}"):
+        trainer("d", sam_b, *common, f"init_checkpoint={tmp_path / 'a' / 'last'}")
