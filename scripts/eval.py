@@ -77,6 +77,12 @@ def main(cfg: DictConfig) -> None:
         dataset_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"dataset config cannot be resolved ({exc})") from None
+    if cfg.checkpoint is None and not str(dataset_cfg.get("name", "")).startswith("shapeworld"):
+        # The default stands in for a forgotten checkpoint= only where it means something.
+        raise ConfigError(
+            f"checkpoint: not given, and the default (the shipped ShapeWorld model, {DEFAULT_CHECKPOINT}) knows "
+            f"ShapeWorld scenes only; give checkpoint=... to evaluate on {dataset_cfg.get('name')}"
+        )
     dataset = load_dataset(dataset_cfg)  # before the model: a wrong split or path fails fast
 
     dist_info = init_distributed(resolve_device(cfg.device))

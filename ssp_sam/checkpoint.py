@@ -30,7 +30,7 @@ from .backbones.clip import FINETUNED_TEXT_PARAMETERS
 from .config import RELEASE_PRESETS, ModelConfig, model_config_from
 from .errors import CheckpointError
 from .fileio import atomic_directory
-from .model import SSPSAM, build_model, require_weight_files
+from .model import SSPSAM, build_model, build_sam_image_encoder, require_weight_files
 from .state_dicts import mismatch_report
 from .weight_files import describe_weights, read_weights, require_finite
 
@@ -69,7 +69,8 @@ RELEASE_KEY_MAP: tuple[tuple[str, str], ...] = (
 
 # Parameters our model has that the release file does not need to provide: SAM's image encoder
 # (the official test script loads it from SAM's own file) and CLIP.
-_OPTIONAL_OURS = ("sam_image_encoder.", "clip.")
+SAM_ENCODER_PREFIX = "sam_image_encoder."  # the state-dict prefix of SAM's image encoder in SSPSAM
+_OPTIONAL_OURS = (SAM_ENCODER_PREFIX, "clip.")
 
 
 def map_release_key(key: str) -> str | None:
@@ -215,7 +216,7 @@ def load_release_weights(model: SSPSAM, state: Mapping[str, Tensor], source: str
     """
     mapped = map_release_state_dict(state, source)
     if model.sam_image_encoder is None:
-        mapped = {k: v for k, v in mapped.items() if not k.startswith("sam_image_encoder.")}
+        mapped = {k: v for k, v in mapped.items() if not k.startswith(SAM_ENCODER_PREFIX)}
     require_finite({key: value for key, value in state.items() if map_release_key(key) in mapped}, source)
     check_state_dict(model.state_dict(), mapped, source, optional=_OPTIONAL_OURS)
     model.load_state_dict(mapped, strict=False)
@@ -225,7 +226,7 @@ def load_release_weights(model: SSPSAM, state: Mapping[str, Tensor], source: str
 
 
 # Prefix of an encoder a checkpoint of ours may embed -> (its name, the config key of its weight file).
-_EMBEDDED_ENCODERS = {"clip.": ("CLIP", "model.clip_checkpoint"), "sam_image_encoder.": ("SAM image encoder", "model.sam_checkpoint")}
+_EMBEDDED_ENCODERS = {"clip.": ("CLIP", "model.clip_checkpoint"), SAM_ENCODER_PREFIX: ("SAM image encoder", "model.sam_checkpoint")}
 # Our names of the text-tower parameters that model.finetune_text_encoder trains.
 _FINETUNED_TEXT = tuple(f"clip.clip.{name}" for name in FINETUNED_TEXT_PARAMETERS)
 
@@ -255,7 +256,7 @@ def _embedded_prefixes(model: SSPSAM, config: ModelConfig) -> tuple[str, ...]:
             prefixes.extend(_FINETUNED_TEXT)
         prefixes.extend(_finetuned_image(model))
     if config.sam_checkpoint is None:
-        prefixes.append("sam_image_encoder.")
+        prefixes.append(SAM_ENCODER_PREFIX)
     return tuple(prefixes)
 
 
@@ -341,6 +342,23 @@ def read_checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
+def _require_file_sam_encoder(embedded: Mapping[str, Tensor], config: ModelConfig, weights: Path) -> None:
+    """A model reading cached embeddings of ``config.sam_checkpoint``'s encoder must have been trained on it.
+
+    Reached when a checkpoint that carries its own SAM image encoder (a self-contained small model) is
+    loaded with a SAM weight file named in its place: the cache would hand its decoder the embeddings of
+    that file's encoder, silently, if the two differed.
+    """
+    from_file = build_sam_image_encoder(config).state_dict()
+    names = {key: key[len(SAM_ENCODER_PREFIX):] for key in embedded}
+    if any(name not in from_file or not torch.equal(embedded[key], from_file[name]) for key, name in names.items()):
+        raise CheckpointError(
+            f"{weights}: the checkpoint carries its own SAM image encoder, which differs from the one of "
+            f"model.sam_checkpoint={config.sam_checkpoint}, whose (cached) embeddings its mask decoder would be "
+            "given; leave model.sam_checkpoint unset to use the checkpoint's encoder, or give the file it was trained with"
+        )
+
+
 def load_own_weights(model: SSPSAM, path: str | os.PathLike, finetuned_from_file: bool = False) -> None:
     """Load a checkpoint of ours into ``model``, checking every key and shape.
 
@@ -354,7 +372,10 @@ def load_own_weights(model: SSPSAM, path: str | os.PathLike, finetuned_from_file
     state = read_weights(weights, "checkpoint")
     require_finite(state, weights)
     if model.sam_image_encoder is None:  # built to read cached embeddings: an embedded encoder is not needed
-        state = {k: v for k, v in state.items() if not k.startswith("sam_image_encoder.")}
+        embedded_sam = {k: v for k, v in state.items() if k.startswith(SAM_ENCODER_PREFIX)}
+        state = {k: v for k, v in state.items() if k not in embedded_sam}
+        if embedded_sam and model.config.sam_checkpoint is not None:
+            _require_file_sam_encoder(embedded_sam, model.config, weights)
     expected = {k: v for k, v in model.state_dict().items()}
     embedded = _embedded_prefixes(model, model.config)
     finetuned = {

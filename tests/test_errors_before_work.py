@@ -61,6 +61,9 @@ def _cases(folder: Path) -> dict[str, tuple[str, tuple[str, ...], str]]:
             "predict.py", (*predict[1:3], f"checkpoint={folder / 'tiny'}", f"image={folder / 'strip.png'}", f"out_dir={folder / 'out'}"),
             f"{folder / 'strip.png'}: a 8000x1 image is too elongated"),
         "eval metrics_out under a file": ("eval.py", (*evaluate, f"metrics_out={under_file}"), f"metrics_out={under_file}: {file} is a file"),
+        "eval without checkpoint off ShapeWorld": (
+            "eval.py", ("dataset=refcoco", f"dataset.root={nowhere}", "device=cpu"),
+            "checkpoint: not given, and the default (the shipped ShapeWorld model"),
         "eval samples_out is a directory": ("eval.py", (*evaluate, f"samples_out={folder / 'a_dir'}"), f"samples_out={folder / 'a_dir'}: is a directory"),
         "table --out-md under a file": ("make_table.py", (str(folder / "missing.json"), "--out-md", str(under_file)), f"--out-md={under_file}: {file} is a file"),
         "table unknown --metric": ("make_table.py", (str(results), "--metric", "mIOU"), "--metric mIOU: not a metric of these results; they have mIoU, oIoU"),

@@ -1,8 +1,9 @@
-"""init_checkpoint from a self-contained checkpoint whose frozen encoders differ from the configured weight files.
+"""A self-contained checkpoint whose frozen encoders differ from the configured weight files.
 
-The run must not mix them silently: SAM embeddings of the file's encoder must not feed a decoder trained on the
+As init_checkpoint, the run must not mix them silently: SAM embeddings of the file's encoder must not feed a decoder trained on the
 checkpoint's (nor may the checkpoint's encoder write entries under the file's key), and a run that stores only
-what trains must not write checkpoints that name the file in place of the encoders it trained with.
+what trains must not write checkpoints that name the file in place of the encoders it trained with. Loaded for
+evaluation from cached embeddings with a SAM file named in place of its own encoder, it must be that encoder.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from omegaconf import OmegaConf
 from ssp_sam.backbones.clip import build_clip_model
 from ssp_sam.backbones.sam import build_sam
 from ssp_sam.engine.trainer import Trainer
-from ssp_sam.errors import ConfigError
+from ssp_sam.checkpoint import load_model, save_checkpoint
+from ssp_sam.errors import CheckpointError, ConfigError
+from ssp_sam.model import build_model
+from ssp_sam.ovss.engine.checkpoint import load_ovss_model
 from ssp_sam.ovss.engine.trainer import OVSSTrainer
 from ssp_sam.pretrain.clip import save_clip_checkpoint
 
@@ -104,8 +108,31 @@ def test_ovss_run_trains_on_the_checkpoints_sam_encoder_and_caches_it_apart(band
     of_a, of_b = run_a.train_cache.get(image), run_b.train_cache.get(image)
     assert (of_a - of_b).abs().max() > 0.1
 
-    started = trainer("c", sam_b, *stored, f"init_checkpoint={tmp_path / 'a' / 'last'}")
+    two_steps = (f"init_checkpoint={tmp_path / 'a' / 'last'}", "train.iterations=2")
+    started = trainer("c", sam_b, *stored, *two_steps, "train.max_minutes=1e-9")  # stops after its first iteration
     assert torch.allclose(started.train_cache.get(image), of_a, atol=1e-5)
     assert torch.equal(trainer("b2", sam_b, *stored).train_cache.get(image), of_b)
     with pytest.raises(ConfigError, match=rf"SAM image encoder differs from the one of ovss_model.sam.checkpoint={sam_b}"):
         trainer("d", sam_b, *common, f"init_checkpoint={tmp_path / 'a' / 'last'}")
+    assert not started.fit().finished
+    resumed = trainer("c", sam_b, *stored, *two_steps, "resume=true")  # its last/ stores the checkpoint's SAM
+    assert torch.allclose(resumed.train_cache.get(image), of_a, atol=1e-5)
+    assert resumed.fit().finished
+
+    # Loaded for evaluation with a SAM file named in place of its own encoder: only the same encoder will do.
+    with pytest.raises(CheckpointError, match=rf"own SAM image encoder, which differs from the one of ovss_model.sam.checkpoint={sam_b}"):
+        load_ovss_model(tmp_path / "a" / "last", overrides={"sam": {"checkpoint": str(sam_b)}})
+    assert load_ovss_model(tmp_path / "a" / "last", overrides={"sam": {"checkpoint": str(sam_a)}}).model is not None
+
+
+def test_loading_for_cached_embeddings_refuses_a_sam_file_other_than_the_checkpoints_encoder(sam_files, tmp_path):
+    sam_a, sam_b = sam_files
+    torch.manual_seed(0)
+    model = build_model(tiny_config(sam_checkpoint=str(sam_a)), with_sam_image_encoder=True)
+    directory = save_checkpoint(model, tmp_path / "self_contained", embed_encoders=True)
+    with pytest.raises(CheckpointError, match=rf"own SAM image encoder, which differs from the one of model.sam_checkpoint={sam_b}"):
+        load_model(directory, {"sam_checkpoint": str(sam_b)}, with_sam_image_encoder=None)
+    loaded = load_model(directory, {"sam_checkpoint": str(sam_a)}, with_sam_image_encoder=None)  # the same weights: fine
+    assert loaded.sam_image_encoder is None
+    assert torch.equal(loaded.mask_head.mask_decoder.iou_token.weight, model.mask_head.mask_decoder.iou_token.weight)
+    assert load_model(directory, with_sam_image_encoder=None).sam_image_encoder is not None  # no file named: its own

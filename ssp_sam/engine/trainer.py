@@ -54,7 +54,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from ..backbones.clip_tokenizer import CLIPTokenizer
-from ..checkpoint import WEIGHTS_FILE, keys_from_weight_files, load_own_weights, read_checkpoint_config, save_checkpoint
+from ..checkpoint import SAM_ENCODER_PREFIX, WEIGHTS_FILE, keys_from_weight_files, load_own_weights, read_checkpoint_config, save_checkpoint
 from ..data.embedding_cache import EmbeddingCache
 from ..data.records import ReferringDataset
 from ..data.registry import load_splits
@@ -82,7 +82,6 @@ from .train_config import TrainRunConfig, train_run_config_from
 # The validation metric that picks the best checkpoint of stage "res", per task (stage "rec": REC_METRIC);
 # with val.protocol=ssp_sam_release its release-arithmetic version (key + RELEASE_SUFFIX), as the release selects.
 SELECTION_METRIC = {"res": "mIoU", "gres": "gIoU", "phrasecut": "mIoU"}
-SAM_ENCODER = "sam_image_encoder."  # the state-dict prefix of SAM's image encoder in SSPSAM
 
 
 def decoder_parts_never_run(decoder: nn.Module) -> list[nn.Module]:
@@ -236,10 +235,10 @@ class Trainer:
         weights = Path(path) / WEIGHTS_FILE if Path(path).is_dir() else Path(path)
         stored = read_weights(weights, "checkpoint")
         current = self.model.state_dict()
-        if config.sam_checkpoint and self.model.sam_image_encoder is None and any(k.startswith(SAM_ENCODER) for k in stored):
-            current.update({SAM_ENCODER + k: v for k, v in build_sam_image_encoder(config).state_dict().items()})
+        if config.sam_checkpoint and self.model.sam_image_encoder is None and any(k.startswith(SAM_ENCODER_PREFIX) for k in stored):
+            current.update({SAM_ENCODER_PREFIX + k: v for k, v in build_sam_image_encoder(config).state_dict().items()})
         encoders = (
-            FrozenEncoder(SAM_ENCODER, "SAM image encoder", "model.sam_checkpoint", config.sam_checkpoint, cached=True),
+            FrozenEncoder(SAM_ENCODER_PREFIX, "SAM image encoder", "model.sam_checkpoint", config.sam_checkpoint, cached=True),
             FrozenEncoder("clip.", "frozen CLIP", "model.clip_checkpoint", config.clip_checkpoint),
         )
         from_files = keys_from_weight_files(self.model, current)

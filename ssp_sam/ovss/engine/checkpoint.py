@@ -42,6 +42,7 @@ FORMAT = "ssp_sam.ovss"
 
 CLIP_PREFIX = "catseg.clip.clip."
 SAM_PREFIX = "proposer."
+SAM_ENCODER_PREFIX = SAM_PREFIX + "image_encoder."
 TSPP_PREFIX = "tspp."
 
 
@@ -136,12 +137,18 @@ def read_ovss_weights(path: str | os.PathLike) -> dict[str, Tensor]:
     return state
 
 
-def load_ovss_weights(model: OVSSModel, path: str | os.PathLike) -> None:
+def load_ovss_weights(model: OVSSModel, path: str | os.PathLike, stored_sam_encoder: bool = False) -> None:
     """Load a checkpoint's weights into ``model``, checking every key and shape.
 
     Keys that come from a weight file named by the model's config may be absent; every other key must
     be there. A SAM-MI trained with TSPP and built with ``points=grid`` (the dense-grid ablation of the
     same weights) ignores the TSPP heads. Raises CheckpointError naming the file and the keys (or the weight file to give).
+
+    A checkpoint that carries its own SAM image encoder (a self-contained small model) loaded with a SAM
+    weight file named in its place must carry that file's encoder: SAM embeddings are cached under the
+    file's fingerprint, so another encoder's outputs would silently stand in for its own. Only
+    ``stored_sam_encoder=True`` (a trainer that stores its encoders and keys its cache by their weights,
+    ``ssp_sam.engine.init_checkpoint``) takes the checkpoint's encoder over the file's.
     """
     weights = _weights_file(path)
     state = read_ovss_weights(path)
@@ -160,6 +167,15 @@ def load_ovss_weights(model: OVSSModel, path: str | os.PathLike) -> None:
     report = mismatch_report(state, expected, required=lambda k: k not in from_files)
     if report:
         raise CheckpointError(f"{weights}: checkpoint does not fit this model; {report}")
+    sam_file = model.config.sam.checkpoint
+    if sam_file is not None and not stored_sam_encoder and any(
+        k.startswith(SAM_ENCODER_PREFIX) and not torch.equal(v, expected[k]) for k, v in state.items()
+    ):
+        raise CheckpointError(
+            f"{weights}: the checkpoint carries its own SAM image encoder, which differs from the one of "
+            f"ovss_model.sam.checkpoint={sam_file}, whose (cached) embeddings the model would be given; leave "
+            "ovss_model.sam.checkpoint unset to use the checkpoint's encoder, or give the file it was trained with"
+        )
     model.load_state_dict(state, strict=False)
 
 

@@ -53,7 +53,7 @@ from ..build import build_ovss_model
 from ..data import IGNORE_INDEX, load_ovss_dataset
 from ..data.dataset import SemSegDataset
 from ..model import OVSSModel
-from .checkpoint import SAM_PREFIX, frozen_from_files, load_ovss_weights, read_ovss_weights, save_ovss_checkpoint
+from .checkpoint import SAM_ENCODER_PREFIX, SAM_PREFIX, frozen_from_files, load_ovss_weights, read_ovss_weights, save_ovss_checkpoint
 from .data import IterationBatchSampler, TrainingCrops
 from .evaluator import evaluate_ovss
 from .train_config import OVSSTrainRunConfig, ovss_train_config_from
@@ -154,7 +154,7 @@ class OVSSTrainer:
         self._sam_encoder_from_init = False  # the init checkpoint's SAM image encoder replaced the file's
         if config.init_checkpoint:
             self._check_init_encoders(config.init_checkpoint)
-            load_ovss_weights(self.model, config.init_checkpoint)
+            load_ovss_weights(self.model, config.init_checkpoint, stored_sam_encoder=self._sam_encoder_from_init)
         for parameter in parameters_never_used(self.model, len(self.class_names)):
             parameter.requires_grad_(False)
         self.model.to(self.device)
@@ -205,7 +205,7 @@ class OVSSTrainer:
         """
         sam, clip = self.config.ovss_model.sam, self.config.ovss_model.clip
         encoders = (
-            FrozenEncoder(SAM_PREFIX + "image_encoder.", "SAM image encoder", "ovss_model.sam.checkpoint", sam.checkpoint, cached=True),
+            FrozenEncoder(SAM_ENCODER_PREFIX, "SAM image encoder", "ovss_model.sam.checkpoint", sam.checkpoint, cached=True),
             FrozenEncoder(
                 (SAM_PREFIX + "prompt_encoder.", SAM_PREFIX + "mask_decoder."), "SAM prompt encoder and mask decoder",
                 "ovss_model.sam.checkpoint", sam.checkpoint,
@@ -249,7 +249,7 @@ class OVSSTrainer:
         last = open_run_dir(self.run_dir, self.config.resume, self.dist, self.config)
         if last is None:
             return
-        load_ovss_weights(self.model, last)
+        load_ovss_weights(self.model, last, stored_sam_encoder=self._sam_encoder_from_init)
         state = restore_trainer_state(last, self.optimizer, self.scheduler, self.scaler)
         self.iteration = int(state["iteration"])
         self.best_metric = state.get("best_metric")
