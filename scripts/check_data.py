@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from ssp_sam.data.masks import read_image_size
 from ssp_sam.data.records import ReferringDataset
-from ssp_sam.data.registry import read_splits
+from ssp_sam.data.registry import chosen_split, read_splits
 from ssp_sam.errors import ConfigError, DatasetError, ImageError, SSPSAMError
 from ssp_sam.image_io import load_image
 from ssp_sam.ovss.data.check import check_ovss_dataset
@@ -163,7 +163,7 @@ def run(cfg: DictConfig) -> int:
         return EXIT_PROBLEMS
     for name, dataset in splits.items():
         print(f"  split {name}: {len(dataset)} referents, {dataset.num_sentences()} sentences, {len(dataset.image_ids())} images")
-    chosen = list(splits) if cfg.all_splits else [dataset_cfg.split]
+    chosen = list(splits) if cfg.all_splits else [chosen_split(dataset_cfg)]
     unknown = [split for split in chosen if split not in splits]
     if unknown:
         raise ConfigError(f"dataset.split={unknown[0]} is not in the files; available splits: {', '.join(splits)}")

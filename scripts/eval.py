@@ -57,6 +57,13 @@ def _device_for(requested: str, dist_info: DistInfo) -> torch.device:
     return device
 
 
+def cache_dtype_for(cache_dtype: str, precision) -> str:
+    """``cache_dtype=auto`` uses cached entries of any dtype; an fp32 evaluation reads fp32 entries only
+    (others are recomputed), so that ``precision=fp32`` gives fp32 numbers and not those of bf16 embeddings
+    cached by an earlier bf16 run."""
+    return "fp32" if cache_dtype == "auto" and precision.name == "fp32" else cache_dtype
+
+
 @hydra.main(config_path="../configs", config_name="eval_ovss" if wants_ovss(sys.argv[1:]) else "eval", version_base="1.3")
 @reports_errors
 def main(cfg: DictConfig) -> None:
@@ -84,6 +91,7 @@ def main(cfg: DictConfig) -> None:
             f"ShapeWorld scenes only; give checkpoint=... to evaluate on {dataset_cfg.get('name')}"
         )
     dataset = load_dataset(dataset_cfg)  # before the model: a wrong split or path fails fast
+    dataset_cfg["split"] = dataset.split  # as the reader named it (a JSONL file given by path: its name)
 
     dist_info = init_distributed(resolve_device(cfg.device))
     try:
@@ -100,7 +108,7 @@ def main(cfg: DictConfig) -> None:
             cache = ensure_cache(
                 cfg.cache_dir, dataset.image_paths(), dataset_image_roots(dataset_cfg), encoder, model.config.sam_variant,
                 model.config.sam_checkpoint, model.sam_image_size, device, dist_info, int(cfg.cache_batch_size),
-                str(cfg.cache_dtype), bool(cfg.progress),
+                cache_dtype_for(str(cfg.cache_dtype), precision), bool(cfg.progress),
             )
         if dist_info.is_main:
             print(f"precision: {precision.name} ({precision.reason})")

@@ -28,11 +28,12 @@ from torch import Tensor
 
 from .backbones.clip import FINETUNED_TEXT_PARAMETERS
 from .config import RELEASE_PRESETS, ModelConfig, model_config_from
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .fileio import atomic_directory
 from .model import SSPSAM, build_model, build_sam_image_encoder, require_weight_files
-from .state_dicts import mismatch_report
+from .state_dicts import differs_under, mismatch_report
 from .weight_files import describe_weights, read_weights, require_finite
+from .weight_identity import check_weight_files, weight_file_record
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -260,6 +261,11 @@ def _embedded_prefixes(model: SSPSAM, config: ModelConfig) -> tuple[str, ...]:
     return tuple(prefixes)
 
 
+def weight_files_of(config: ModelConfig) -> dict[str, str | None]:
+    """``{config key: path}`` of the weight files the model's frozen encoders come from (None: none)."""
+    return {"model.clip_checkpoint": config.clip_checkpoint, "model.sam_checkpoint": config.sam_checkpoint}
+
+
 def keys_from_weight_files(model: SSPSAM, keys: Iterable[str]) -> set[str]:
     """Those of ``keys`` whose values come from the weight files the model's config names.
 
@@ -300,7 +306,8 @@ def save_checkpoint(
     }
     with atomic_directory(directory) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "ssp_sam"})
-        (tmp / CONFIG_FILE).write_text(json.dumps({"model": config.to_dict(), **(extra or {})}, indent=2) + "\n")
+        record = {"model": config.to_dict(), "weight_files": weight_file_record(weight_files_of(config)), **(extra or {})}
+        (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
         if trainer_state is not None:
             torch.save(dict(trainer_state), tmp / TRAINER_STATE_FILE)
     return directory
@@ -342,40 +349,49 @@ def read_checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def _require_file_sam_encoder(embedded: Mapping[str, Tensor], config: ModelConfig, weights: Path) -> None:
-    """A model reading cached embeddings of ``config.sam_checkpoint``'s encoder must have been trained on it.
+def stored_sam_encoder_differs(model: SSPSAM, state: Mapping[str, Tensor]) -> bool:
+    """Whether ``state`` carries SAM image-encoder weights that differ from those ``model`` would use.
 
-    Reached when a checkpoint that carries its own SAM image encoder (a self-contained small model) is
-    loaded with a SAM weight file named in its place: the cache would hand its decoder the embeddings of
-    that file's encoder, silently, if the two differed.
+    The reference is the model's own encoder as it stands, or, for a model built to read cached
+    embeddings (no encoder), the encoder of its ``sam_checkpoint`` file, built only when ``state``
+    carries encoder weights at all (our self-contained small models; release files and checkpoints of
+    models with a SAM file do not).
     """
-    from_file = build_sam_image_encoder(config).state_dict()
-    names = {key: key[len(SAM_ENCODER_PREFIX):] for key in embedded}
-    if any(name not in from_file or not torch.equal(embedded[key], from_file[name]) for key, name in names.items()):
-        raise CheckpointError(
-            f"{weights}: the checkpoint carries its own SAM image encoder, which differs from the one of "
-            f"model.sam_checkpoint={config.sam_checkpoint}, whose (cached) embeddings its mask decoder would be "
-            "given; leave model.sam_checkpoint unset to use the checkpoint's encoder, or give the file it was trained with"
-        )
+    if not any(k.startswith(SAM_ENCODER_PREFIX) for k in state):
+        return False
+    encoder = model.sam_image_encoder if model.sam_image_encoder is not None else build_sam_image_encoder(model.config)
+    return differs_under(state, encoder.state_dict(prefix=SAM_ENCODER_PREFIX), SAM_ENCODER_PREFIX)
 
 
-def load_own_weights(model: SSPSAM, path: str | os.PathLike, finetuned_from_file: bool = False) -> None:
+def load_own_weights(
+    model: SSPSAM, path: str | os.PathLike, finetuned_from_file: bool = False, stored_sam_encoder: bool = False
+) -> None:
     """Load a checkpoint of ours into ``model``, checking every key and shape.
+
+    A checkpoint that carries its own SAM image encoder (a self-contained small model), loaded with a
+    SAM weight file named in its place, must carry that file's encoder: SAM embeddings are cached under
+    the file's fingerprint, so another encoder's would silently stand in for its own.
 
     Args:
         finetuned_from_file: a model that fine-tunes CLIP's text tower or last vision blocks may start
             from a checkpoint without them (``init_checkpoint`` of a frozen-CLIP run): those of the CLIP
             file are kept.
+        stored_sam_encoder: take the checkpoint's SAM image encoder over the file's (a trainer that
+            stores its encoders and caches embeddings under their own weights,
+            ``ssp_sam.engine.init_checkpoint``).
     """
     path = Path(path)
     weights = path / WEIGHTS_FILE if path.is_dir() else path
     state = read_weights(weights, "checkpoint")
     require_finite(state, weights)
+    if model.config.sam_checkpoint is not None and not stored_sam_encoder and stored_sam_encoder_differs(model, state):
+        raise CheckpointError(
+            f"{weights}: the checkpoint carries its own SAM image encoder, which differs from the one of "
+            f"model.sam_checkpoint={model.config.sam_checkpoint}, whose (cached) embeddings its mask decoder would be "
+            "given; leave model.sam_checkpoint unset to use the checkpoint's encoder, or give the file it was trained with"
+        )
     if model.sam_image_encoder is None:  # built to read cached embeddings: an embedded encoder is not needed
-        embedded_sam = {k: v for k, v in state.items() if k.startswith(SAM_ENCODER_PREFIX)}
-        state = {k: v for k, v in state.items() if k not in embedded_sam}
-        if embedded_sam and model.config.sam_checkpoint is not None:
-            _require_file_sam_encoder(embedded_sam, model.config, weights)
+        state = {k: v for k, v in state.items() if not k.startswith(SAM_ENCODER_PREFIX)}
     expected = {k: v for k, v in model.state_dict().items()}
     embedded = _embedded_prefixes(model, model.config)
     finetuned = {
@@ -424,8 +440,10 @@ def load_model(
     """
     path = Path(checkpoint)
     if is_own_checkpoint(path):
-        stored = read_checkpoint_config(path)["model"]
-        config = model_config_from(stored, **(_as_overrides(model_config)))
+        stored = read_checkpoint_config(path)
+        config = model_config_from(stored["model"], **(_as_overrides(model_config)))
+        _refuse_changed_settings(model_config_from(stored["model"]), config, path)
+        check_weight_files(stored.get("weight_files"), weight_files_of(config), path)
         # Encoders without a weight file are stored in the checkpoint (load_own_weights checks).
         model = build_model(
             config,
@@ -453,6 +471,38 @@ def load_model(
         model = build_model(replace(config, release_quirks=True), with_sam_image_encoder=with_encoder, without_weight_files=("clip", "sam"))
         load_release_weights(model, state, str(path))
     return model.to(device).eval()
+
+
+# Settings of our checkpoints that a caller may give: where the frozen weights now are, the no-target
+# threshold (an inference setting), and what would train (the loaded weights are the same either way).
+OVERRIDABLE_SETTINGS = ("clip_checkpoint", "sam_checkpoint", "no_target_pixels", "finetune_text_encoder", "finetune_image_blocks")
+
+
+def _flat(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, Mapping):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _refuse_changed_settings(stored: ModelConfig, given: ModelConfig, path: Path) -> None:
+    """A checkpoint of ours defines its model: other settings given for it (``model=<preset>`` on the
+    command line brings a whole preset) would change what it computes without any shape error
+    (``append_period``, ``prompt_generator.positions_in_values``, the adapters' switches), so they are refused."""
+    before, after = _flat(stored.to_dict()), _flat(given.to_dict())
+    changed = [
+        f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
+        for key in sorted(set(before) | set(after))
+        if key.split(".")[0] not in OVERRIDABLE_SETTINGS + ("random_encoders",) and before.get(key) != after.get(key)
+    ]
+    if changed:
+        raise ConfigError(
+            f"{path}: model settings differ from the checkpoint's own config.json ({'; '.join(changed)}); a checkpoint "
+            f"of ours defines its model, so give only {', '.join(OVERRIDABLE_SETTINGS)} (not model=<preset>)"
+        )
 
 
 def _wants_sam_image_encoder(requested: bool | None, config: ModelConfig) -> bool:

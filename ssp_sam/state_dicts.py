@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Mapping, Optional
 
+import torch
 from torch import Tensor
 
 SHOWN = 5
@@ -54,3 +55,8 @@ def mismatch_report(
     if unexpected:
         problems.append(f"unexpected keys: {_listed(unexpected, limit)}")
     return "; ".join(problems) or None
+
+
+def differs_under(stored: Mapping[str, Tensor], current: Mapping[str, Tensor], prefix: str | tuple[str, ...]) -> bool:
+    """Whether ``stored`` holds a value under ``prefix`` that ``current`` lacks or holds differently."""
+    return any(k.startswith(prefix) and (k not in current or not torch.equal(v, current[k])) for k, v in stored.items())

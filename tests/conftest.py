@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ from ssp_sam.model import SSPSAM, build_model
 REPO = Path(__file__).resolve().parents[1]
 
 torch.set_num_threads(1)  # pytest-xdist runs two workers on two cores
+# Weight-file hashes are remembered here, not in the user's ~/.cache (ssp_sam/weight_identity.py).
+os.environ.setdefault("SSP_SAM_CACHE_HOME", tempfile.mkdtemp(prefix="ssp_sam_tests_"))
 
 
 def tiny_config(**overrides) -> ModelConfig:

@@ -23,7 +23,7 @@ from ssp_sam.checkpoint import (
     save_checkpoint,
 )
 from ssp_sam.config import model_config_from
-from ssp_sam.errors import CheckpointError
+from ssp_sam.errors import CheckpointError, ConfigError
 from ssp_sam.model import build_model
 
 from conftest import tiny_model
@@ -237,3 +237,14 @@ def test_corrupt_own_checkpoint(tmp_path):
     (directory / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
         load_model(directory)
+
+
+def test_own_checkpoint_refuses_settings_that_change_what_it_computes(tmp_path):
+    """model=<preset> (or a single key) on one of our checkpoints: only weight-file paths, the no-target threshold
+    and what would train may differ from its config.json; the rest would change its output with no shape error."""
+    directory = save_checkpoint(tiny_model(), tmp_path / "ckpt")
+    stored = json.loads((directory / "config.json").read_text())["model"]
+    assert load_model(directory, dict(stored)).config == model_config_from(stored)  # the same settings again: fine
+    assert load_model(directory, {"no_target_pixels": 3}).config.no_target_pixels == 3
+    with pytest.raises(ConfigError, match=r"append_period: True -> False; prompt_generator.positions_in_values: False -> True"):
+        load_model(directory, {"append_period": False, "prompt_generator": {"positions_in_values": True}})

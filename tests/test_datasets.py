@@ -320,6 +320,8 @@ def test_jsonl_config_with_explicit_path(tmp_path):
     dataset = load_dataset(_dataset_cfg("jsonl", tmp_path, path=fixture.folder / "train.jsonl", split="train"))
     assert (dataset.name, dataset.split, len(dataset)) == ("jsonl", "train", 2)
     assert load_dataset(_dataset_cfg("jsonl", tmp_path, folder="mine")).split == "val"
+    # A file given without split= is named by the file, not by a default that would label test numbers "val".
+    assert load_dataset(_dataset_cfg("jsonl", tmp_path, path=fixture.folder / "train.jsonl")).split == "train"
 
 
 # ---- merged REC set and the registry ---------------------------------------------------------------
@@ -446,7 +448,8 @@ def test_every_dataset_config_composes(tmp_path, name):
     cfg = _dataset_cfg(name, tmp_path)
     keys = {"name", "format", "root", "folder", "image_root", "split", "split_by", "task"}
     assert keys <= set(cfg.keys()) and cfg.root == str(tmp_path)
-    assert cfg.split == ("test" if name == "phrasecut" else "train" if name.startswith("merged_rec") else "val")
+    # jsonl: null, so that a file given by path is named by the file (load_dataset reads a folder's val).
+    assert cfg.split == ("test" if name == "phrasecut" else "train" if name.startswith("merged_rec") else None if name == "jsonl" else "val")
     if cfg.image_root is not None:
         assert cfg.image_root.startswith(str(tmp_path))
 

@@ -546,6 +546,29 @@ def test_eval_from_a_complete_cache_never_builds_sam_image_encoder(data_root, tm
     assert second_metrics == first_metrics
 
 
+def test_an_fp32_evaluation_does_not_read_bf16_cached_embeddings(data_root, tmp_path, monkeypatch, capsys):
+    """cache_dtype=auto uses entries of any dtype, except under precision=fp32: bf16 entries cached by an earlier
+    bf16 run are recomputed, so the fp32 numbers are those of fp32 embeddings (those of evaluating without a cache)."""
+    sam_file = tmp_path / "sam_tiny.pth"
+    random_model = tiny_model(seed=3)
+    torch.save({**{f"image_encoder.{k}": v for k, v in random_model.sam_image_encoder.state_dict().items()},
+                **{k.removeprefix("mask_head."): v for k, v in random_model.mask_head.state_dict(prefix="mask_head.").items()}},
+               sam_file)
+    checkpoint = save_checkpoint(tiny_model(sam_checkpoint=str(sam_file)), tmp_path / "ckpt")
+    monkeypatch.chdir(tmp_path)
+    common = (f"dataset.root={data_root}", "dataset.split=val", f"checkpoint={checkpoint}", f"cache_dir={tmp_path / 'cache'}",
+              "device=cpu", "progress=false")
+    results = {}
+    for run, extra in (("bf16 run", ("precision=bf16", "cache_dtype=bf16")), ("fp32 run", ("precision=fp32",)), ("no cache", ())):
+        out = tmp_path / f"{run}.json"
+        args = (*common, f"metrics_out={out}", *extra) if run != "no cache" else (
+            *(a for a in common if not a.startswith("cache_dir")), f"metrics_out={out}", "precision=fp32")
+        status, stderr = _run_eval_in_process(monkeypatch, capsys, *args)
+        assert status == 0, stderr
+        results[run] = json.loads(out.read_text())["metrics"]
+    assert results["fp32 run"] == pytest.approx(results["no cache"], abs=1e-12)
+
+
 def test_eval_script_unknown_split_lists_the_available_ones(data_root, tiny_checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     status, stderr = _run_eval_in_process(

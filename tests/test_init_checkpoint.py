@@ -74,6 +74,37 @@ def test_ssp_run_trains_on_the_checkpoints_sam_encoder_and_caches_it_apart(shape
     assert same.cache.last_build.computed == 0 and torch.equal(same.cache.get(image), of_a)
 
 
+def test_ssp_resume_keeps_the_sam_encoder_the_run_stored(shapeworld_root, sam_files, tmp_path, capsys):
+    """A stopped run resumed after its SAM file was rewritten (a pretraining writes there), or resumed without
+    repeating the init_checkpoint its encoder came from: the run goes on with the encoder it stored, and reads
+    that encoder's embeddings, not the file's."""
+    sam_a, sam_b = sam_files
+    sam_file = tmp_path / "sam.pth"
+    sam_file.write_bytes(sam_a.read_bytes())
+    cache = tmp_path / "cache"
+    stored = ("train.epochs=2", "train.save_encoders=true", f"model.sam_checkpoint={sam_file}")
+
+    def trainer(name: str, *extra: str) -> Trainer:
+        return Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / name, cache, *stored, *extra)))
+
+    first = trainer("run", "train.max_minutes=1e-9")
+    assert first.fit() is not None and (tmp_path / "run" / "last").is_dir()
+    image = first.datasets["train"].image_paths()[0]
+    of_a = first.cache.get(image)
+    sam_file.write_bytes(sam_b.read_bytes())  # the file is rewritten while the run is stopped
+    capsys.readouterr()
+    resumed = trainer("run", "resume=true")
+    assert "resuming on the SAM image encoder the run stored" in capsys.readouterr().out
+    assert torch.allclose(resumed.cache.get(image), of_a, atol=1e-5)
+    assert torch.equal(resumed.model.sam_image_encoder.pos_embed, first.model.sam_image_encoder.pos_embed)
+
+    # Started from run "run" with the (rewritten) file, stopped, resumed without init_checkpoint.
+    start = f"init_checkpoint={tmp_path / 'run' / 'last'}"
+    trainer("cont", start, "train.max_minutes=1e-9").fit()
+    continued = trainer("cont", "resume=true")
+    assert torch.allclose(continued.cache.get(image), of_a, atol=1e-5)
+
+
 def test_ssp_run_refuses_another_frozen_clip_it_would_not_store(shapeworld_root, tmp_path):
     clip_files = []
     for seed in (1, 2):
@@ -115,7 +146,7 @@ def test_ovss_run_trains_on_the_checkpoints_sam_encoder_and_caches_it_apart(band
     with pytest.raises(ConfigError, match=rf"SAM image encoder differs from the one of ovss_model.sam.checkpoint={sam_b}"):
         trainer("d", sam_b, *common, f"init_checkpoint={tmp_path / 'a' / 'last'}")
     assert not started.fit().finished
-    resumed = trainer("c", sam_b, *stored, *two_steps, "resume=true")  # its last/ stores the checkpoint's SAM
+    resumed = trainer("c", sam_b, *stored, "train.iterations=2", "resume=true")  # without init_checkpoint: its last/ stores sam_a's
     assert torch.allclose(resumed.train_cache.get(image), of_a, atol=1e-5)
     assert resumed.fit().finished
 
@@ -125,13 +156,14 @@ def test_ovss_run_trains_on_the_checkpoints_sam_encoder_and_caches_it_apart(band
     assert load_ovss_model(tmp_path / "a" / "last", overrides={"sam": {"checkpoint": str(sam_a)}}).model is not None
 
 
-def test_loading_for_cached_embeddings_refuses_a_sam_file_other_than_the_checkpoints_encoder(sam_files, tmp_path):
+def test_loading_refuses_a_sam_file_other_than_the_checkpoints_own_encoder(sam_files, tmp_path):
     sam_a, sam_b = sam_files
     torch.manual_seed(0)
     model = build_model(tiny_config(sam_checkpoint=str(sam_a)), with_sam_image_encoder=True)
     directory = save_checkpoint(model, tmp_path / "self_contained", embed_encoders=True)
-    with pytest.raises(CheckpointError, match=rf"own SAM image encoder, which differs from the one of model.sam_checkpoint={sam_b}"):
-        load_model(directory, {"sam_checkpoint": str(sam_b)}, with_sam_image_encoder=None)
+    for with_encoder in (None, True):  # reading cached embeddings, or computing them (scripts/cache_embeddings.py)
+        with pytest.raises(CheckpointError, match=rf"own SAM image encoder, which differs from the one of model.sam_checkpoint={sam_b}"):
+            load_model(directory, {"sam_checkpoint": str(sam_b)}, with_sam_image_encoder=with_encoder)
     loaded = load_model(directory, {"sam_checkpoint": str(sam_a)}, with_sam_image_encoder=None)  # the same weights: fine
     assert loaded.sam_image_encoder is None
     assert torch.equal(loaded.mask_head.mask_decoder.iou_token.weight, model.mask_head.mask_decoder.iou_token.weight)

@@ -212,5 +212,14 @@ def load_dataset(cfg: Mapping) -> ReferringDataset:
         DatasetError: missing or malformed files, or a split not in the files (the message lists
             the splits found).
     """
-    split = _get(cfg, "split")
+    split = chosen_split(cfg)
     return _read(cfg, [split])[split]
+
+
+def chosen_split(cfg: Mapping) -> str:
+    """``cfg["split"]``; for JSON Lines, when null, the file's name (path=.../test.jsonl: "test"), or "val"
+    for a folder, so that a file given by path is never labelled by a default split name."""
+    split = _get(cfg, "split", required=False)
+    if split is None and cfg.get("format") == "jsonl":
+        split = Path(str(cfg["path"])).stem if cfg.get("path") is not None else "val"
+    return str(split) if split is not None else _get(cfg, "split")  # a ConfigError naming the key

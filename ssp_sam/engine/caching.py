@@ -27,16 +27,12 @@ a killed writer never stops the others, and the same command run again completes
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import json
 import os
 import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,56 +45,19 @@ from ..backbones.sam import sam_weights_fingerprint
 from ..data.embedding_cache import ABSENT, EmbeddingCache, EncoderIdentity, Slot, module_fingerprint, storage_dtype
 from ..errors import CacheError, ConfigError, ImageError
 from .precision import resolve_precision
-from ..fileio import write_json
 from ..image_io import load_image
+from ..weight_identity import remembered_sha256
 from .distributed import DistInfo
 
 STALL_TIMEOUT = 300.0  # seconds without a new entry from the other writers before taking over
 VERIFY_MODES = ("quick", "full")
 
 
-@contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    """Hold an flock on ``path`` (the OS releases it if the holder dies); no lock where it cannot be created."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError:  # a read-only cache: nothing will be written, so nothing to serialise
-        yield
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def remembered_fingerprint(weights: str | os.PathLike, cache_root: str | os.PathLike) -> str:
-    """sha256 of a SAM weight file, hashed once and remembered in ``<cache_root>/fingerprints/``.
-
-    The memo is keyed by the file's absolute path, size and mtime, so ranks and later runs read 64
-    hex digits instead of hashing 2.5 GB again; a lock makes concurrent first callers hash it once.
-    """
-    path = os.path.abspath(weights)
-    memo = Path(cache_root) / "fingerprints" / f"{hashlib.sha1(os.fsencode(path)).hexdigest()[:16]}.json"
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return sam_weights_fingerprint(path)  # raises the CheckpointError that names the file
-    identity = {"path": path, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    with _exclusive_lock(memo.with_suffix(".lock")):
-        try:
-            remembered = json.loads(memo.read_text())
-            if {key: remembered.get(key) for key in identity} == identity and isinstance(remembered.get("sha256"), str):
-                return remembered["sha256"]
-        except (OSError, ValueError, AttributeError):
-            pass  # no memo yet, or a damaged one
-        digest = sam_weights_fingerprint(path)
-        try:
-            write_json(memo, {**identity, "sha256": digest})
-        except OSError:
-            pass  # a read-only cache: hashed again next time
-        return digest
+    """sha256 of a SAM weight file, hashed once and remembered in ``<cache_root>/fingerprints/``
+    (:func:`ssp_sam.weight_identity.remembered_sha256`): ranks and later runs read 64 hex digits
+    instead of hashing 2.5 GB again."""
+    return remembered_sha256(weights, Path(cache_root) / "fingerprints", hash_file=sam_weights_fingerprint)
 
 
 @dataclass

@@ -13,7 +13,8 @@ they differ (the files were remade, or belong to another model), two things woul
 
 :func:`encoders_replaced` finds such encoders; a run that stores its encoders trains on the
 checkpoint's (the model being continued) and keys its SAM cache by the encoder's own weights, any
-other run is refused with an error naming the file and the two ways out.
+other run is refused with an error naming the file and the two ways out. A resumed run likewise keeps
+the SAM image encoder its ``last/`` stored (:func:`describe_resumed`), the file's or not.
 """
 
 from __future__ import annotations
@@ -80,3 +81,11 @@ def describe_replaced(checkpoint: str | os.PathLike, replaced: Sequence[FrozenEn
     named = ", ".join(f"{e.what} (not {e.key}={e.file})" for e in replaced)
     cache = "; its embeddings are cached under the encoder's own weights" if any(e.cached for e in replaced) else ""
     return f"init_checkpoint={checkpoint}: training on its own {named}, stored in this run's checkpoints{cache}"
+
+
+def describe_resumed(last: str | os.PathLike, key: str, file: str) -> str:
+    """One line for the log: a resumed run keeps the SAM image encoder it stored, not the file's."""
+    return (
+        f"{last}: resuming on the SAM image encoder the run stored, not the one of {key}={file}; "
+        "its embeddings are cached under its own weights"
+    )

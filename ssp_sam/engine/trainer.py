@@ -54,7 +54,10 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from ..backbones.clip_tokenizer import CLIPTokenizer
-from ..checkpoint import SAM_ENCODER_PREFIX, WEIGHTS_FILE, keys_from_weight_files, load_own_weights, read_checkpoint_config, save_checkpoint
+from ..checkpoint import (
+    SAM_ENCODER_PREFIX, WEIGHTS_FILE, keys_from_weight_files, load_own_weights, read_checkpoint_config, save_checkpoint,
+    stored_sam_encoder_differs, weight_files_of,
+)
 from ..data.embedding_cache import EmbeddingCache
 from ..data.records import ReferringDataset
 from ..data.registry import load_splits
@@ -68,8 +71,9 @@ from ..metrics import RELEASE_SUFFIX
 from ..model import build_model, build_sam_image_encoder
 from ..visualize import padded_prediction_overlay
 from ..weight_files import read_weights
+from ..weight_identity import check_weight_files
 from .caching import dataset_image_roots, ensure_cache
-from .init_checkpoint import FrozenEncoder, describe_replaced, encoders_replaced
+from .init_checkpoint import FrozenEncoder, describe_replaced, describe_resumed, encoders_replaced
 from .distributed import barrier, logged_terms, mean_across_ranks, shutdown_distributed, start_training_process
 from .evaluator import evaluate
 from .host_memory import shared_with_forked_workers
@@ -139,9 +143,14 @@ class Trainer:
             with_sam_image_encoder=train.save_encoders,
             without_weight_files=("sam",) if self.stage == "rec" else (),
         )
-        self._sam_encoder_from_init = False  # the init checkpoint's SAM image encoder replaced the file's
+        # Set when the SAM image encoder in the model is not the file's (taken from init_checkpoint, or from the
+        # run's own last/): its embeddings are then cached under its own weights, not under the file's.
+        self._sam_encoder_from_checkpoint = False
         if config.init_checkpoint:
             self._load_init_checkpoint(config.init_checkpoint)
+        self._last = open_run_dir(self.run_dir, config.resume, self.dist, config)  # before the cache: see above
+        if self._last is not None:
+            self._load_resumed_weights(self._last)
         self.model.to(self.device)
 
         self.dataset_cfg = config.dataset
@@ -203,7 +212,8 @@ class Trainer:
         self.writer = None
         self._ddp: Optional[DistributedDataParallel] = None
         self._ddp_trainable: Optional[tuple[bool, ...]] = None
-        self._resume_or_check_run_dir()
+        if self._last is not None:
+            self._restore_trainer_state(self._last)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -221,7 +231,7 @@ class Trainer:
         from_rec_stage = (run.get("train") or {}).get("stage") == "rec"
         self._check_init_encoders(path)
         sam_head = {k: v.clone() for k, v in self.model.mask_head.state_dict().items()} if from_rec_stage else None
-        load_own_weights(self.model, path, finetuned_from_file=True)
+        load_own_weights(self.model, path, finetuned_from_file=True, stored_sam_encoder=self._sam_encoder_from_checkpoint)
         if sam_head is not None:
             self.model.mask_head.load_state_dict(sam_head)
 
@@ -243,7 +253,7 @@ class Trainer:
         )
         from_files = keys_from_weight_files(self.model, current)
         replaced = encoders_replaced(path, stored, current, from_files, encoders, self.config.train.save_encoders)
-        self._sam_encoder_from_init = any(e.cached for e in replaced)
+        self._sam_encoder_from_checkpoint = any(e.cached for e in replaced)
         if replaced and self.dist.is_main:
             print(describe_replaced(path, replaced), flush=True)
 
@@ -262,16 +272,31 @@ class Trainer:
             encoder = partial(build_sam_image_encoder, config)
         return ensure_cache(
             self.config.cache_dir, [p for d in self.datasets.values() for p in d.image_paths()], dataset_image_roots(self.dataset_cfg),
-            encoder, config.sam_variant, None if self._sam_encoder_from_init else config.sam_checkpoint,
+            encoder, config.sam_variant, None if self._sam_encoder_from_checkpoint else config.sam_checkpoint,
             self.model.sam_image_size, self.device, self.dist,
             batch_size=self.config.cache_batch_size,
         )
 
-    def _resume_or_check_run_dir(self) -> None:
-        last = open_run_dir(self.run_dir, self.config.resume, self.dist, self.config)
-        if last is None:
-            return
-        load_own_weights(self.model, last)
+    def _load_resumed_weights(self, last: Path) -> None:
+        """The weights of the run's ``last/``, before the SAM embedding cache is opened.
+
+        The weight files the run reads its frozen encoders from must hold what it trained with (they may
+        have moved: only their contents are compared, :mod:`ssp_sam.weight_identity`).
+        A run that stores its encoders keeps the SAM image encoder it trained on even if it is not the
+        file's (it started from another model's, or the file changed since, e.g. a pretraining rewrote
+        it): its embeddings are then cached under the encoder's own weights, as when the run started.
+        """
+        config = self.model_config
+        check_weight_files(read_checkpoint_config(last).get("weight_files"), weight_files_of(config), last)
+        if self.model.sam_image_encoder is not None and config.sam_checkpoint is not None:
+            if stored_sam_encoder_differs(self.model, read_weights(last / WEIGHTS_FILE, "checkpoint")):
+                self._sam_encoder_from_checkpoint = True
+                if self.dist.is_main:
+                    print(describe_resumed(last, "model.sam_checkpoint", config.sam_checkpoint), flush=True)
+        load_own_weights(self.model, last, stored_sam_encoder=self._sam_encoder_from_checkpoint)
+
+    def _restore_trainer_state(self, last: Path) -> None:
+        """Optimizer, schedule, gradient scaler, RNG and progress from ``last/`` (its weights are loaded already)."""
         state = restore_trainer_state(last, self.optimizer, self.scheduler, self.scaler)
         self.start_epoch = int(state["epoch"]) + 1
         self.best_metric = state.get("best_metric")

@@ -32,8 +32,9 @@ from torch import Tensor
 from ...checkpoint import CONFIG_FILE, TRAINER_STATE_FILE, WEIGHTS_FILE, read_config_file
 from ...errors import CheckpointError
 from ...fileio import atomic_directory
-from ...state_dicts import mismatch_report
+from ...state_dicts import differs_under, mismatch_report
 from ...weight_files import read_weights, require_finite
+from ...weight_identity import check_weight_files, weight_file_record
 from ..build import build_ovss_model
 from ..model import OVSSModel
 from ..model_config import OVSSModelConfig, ovss_config_from
@@ -54,6 +55,11 @@ class LoadedOVSSModel:
     config: OVSSModelConfig  # as built (stored config + overrides)
     class_names: tuple[str, ...]  # the vocabulary it was trained on (a default; any list can be prompted)
     info: dict[str, Any]  # config.json's other entries (run config, iteration, metrics)
+
+
+def weight_files_of(config: OVSSModelConfig) -> dict[str, str | None]:
+    """``{config key: path}`` of the weight files the frozen CLIP and SAM come from (None: none)."""
+    return {"ovss_model.clip.checkpoint": config.clip.checkpoint, "ovss_model.sam.checkpoint": config.sam.checkpoint}
 
 
 def frozen_from_files(model: OVSSModel, config: OVSSModelConfig) -> set[str]:
@@ -93,7 +99,10 @@ def save_ovss_checkpoint(
     if embed_encoders:
         config = replace(config, clip=replace(config.clip, checkpoint=None), sam=replace(config.sam, checkpoint=None))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in left_out}
-    stored = {"format": FORMAT, "ovss_model": config.to_dict(), "class_names": list(class_names), **(extra or {})}
+    stored = {
+        "format": FORMAT, "ovss_model": config.to_dict(), "class_names": list(class_names),
+        "weight_files": weight_file_record(weight_files_of(config)), **(extra or {}),
+    }
     with atomic_directory(directory) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
         (tmp / CONFIG_FILE).write_text(json.dumps(stored, indent=2) + "\n")
@@ -168,9 +177,7 @@ def load_ovss_weights(model: OVSSModel, path: str | os.PathLike, stored_sam_enco
     if report:
         raise CheckpointError(f"{weights}: checkpoint does not fit this model; {report}")
     sam_file = model.config.sam.checkpoint
-    if sam_file is not None and not stored_sam_encoder and any(
-        k.startswith(SAM_ENCODER_PREFIX) and not torch.equal(v, expected[k]) for k, v in state.items()
-    ):
+    if sam_file is not None and not stored_sam_encoder and differs_under(state, expected, SAM_ENCODER_PREFIX):
         raise CheckpointError(
             f"{weights}: the checkpoint carries its own SAM image encoder, which differs from the one of "
             f"ovss_model.sam.checkpoint={sam_file}, whose (cached) embeddings the model would be given; leave "
@@ -196,6 +203,7 @@ def load_ovss_model(
     """
     stored = read_ovss_checkpoint_config(path)
     config = ovss_config_from(stored["ovss_model"], **dict(overrides or {}))
+    check_weight_files(stored.get("weight_files"), weight_files_of(config), path)
     # Encoders without a weight file are built empty and filled from the checkpoint (load_ovss_weights checks).
     model = build_ovss_model(replace(config, random_encoders=True))
     model.config = config

@@ -42,18 +42,23 @@ from tqdm import tqdm
 from ...data.embedding_cache import EmbeddingCache
 from ...data.training import collate
 from ...engine.caching import ensure_cache
-from ...engine.init_checkpoint import FrozenEncoder, describe_replaced, encoders_replaced
+from ...engine.init_checkpoint import FrozenEncoder, describe_replaced, describe_resumed, encoders_replaced
 from ...engine.distributed import barrier, logged_terms, shutdown_distributed, start_training_process
 from ...engine.host_memory import shared_with_forked_workers
 from ...engine.optim import adamw, cosine_schedule, optimizer_step
 from ...engine.run_dir import append_log, open_run_dir, restore_trainer_state, trainer_state, truncate_log
 from ...engine.trainer import TrainingDivergedError
 from ...errors import ConfigError
+from ...state_dicts import differs_under
+from ...weight_identity import check_weight_files
 from ..build import build_ovss_model
 from ..data import IGNORE_INDEX, load_ovss_dataset
 from ..data.dataset import SemSegDataset
 from ..model import OVSSModel
-from .checkpoint import SAM_ENCODER_PREFIX, SAM_PREFIX, frozen_from_files, load_ovss_weights, read_ovss_weights, save_ovss_checkpoint
+from .checkpoint import (
+    SAM_ENCODER_PREFIX, SAM_PREFIX, frozen_from_files, load_ovss_weights, read_ovss_checkpoint_config, read_ovss_weights,
+    save_ovss_checkpoint, weight_files_of,
+)
 from .data import IterationBatchSampler, TrainingCrops
 from .evaluator import evaluate_ovss
 from .train_config import OVSSTrainRunConfig, ovss_train_config_from
@@ -151,10 +156,15 @@ class OVSSTrainer:
             raise ConfigError(f"train.batch_size={train.batch_size} is larger than the training set ({len(self.train_set)} images)")
 
         self.model = build_ovss_model(config.ovss_model)
-        self._sam_encoder_from_init = False  # the init checkpoint's SAM image encoder replaced the file's
+        # Set when the SAM image encoder in the model is not the file's (taken from init_checkpoint, or from the
+        # run's own last/): its embeddings are then cached under its own weights, not under the file's.
+        self._sam_encoder_from_checkpoint = False
         if config.init_checkpoint:
             self._check_init_encoders(config.init_checkpoint)
-            load_ovss_weights(self.model, config.init_checkpoint, stored_sam_encoder=self._sam_encoder_from_init)
+            load_ovss_weights(self.model, config.init_checkpoint, stored_sam_encoder=self._sam_encoder_from_checkpoint)
+        self._last = open_run_dir(self.run_dir, config.resume, self.dist, config)  # before the caches: see above
+        if self._last is not None:
+            self._load_resumed_weights(self._last)
         for parameter in parameters_never_used(self.model, len(self.class_names)):
             parameter.requires_grad_(False)
         self.model.to(self.device)
@@ -171,7 +181,8 @@ class OVSSTrainer:
         self._proposals_checked = False
         self._proposal_check_from = 0
         self.writer: Optional[SummaryWriter] = None
-        self._resume_or_check_run_dir()
+        if self._last is not None:
+            self._restore_trainer_state(self._last)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -217,7 +228,7 @@ class OVSSTrainer:
             path, stored, self.model.state_dict(), frozen_from_files(self.model, self.config.ovss_model), encoders,
             self.config.train.save_encoders,
         )
-        self._sam_encoder_from_init = any(e.cached for e in replaced)
+        self._sam_encoder_from_checkpoint = any(e.cached for e in replaced)
         if replaced and self.dist.is_main:
             print(describe_replaced(path, replaced), flush=True)
 
@@ -240,16 +251,29 @@ class OVSSTrainer:
         proposer = self.model.proposer
         cache = ensure_cache(
             config.cache_dir, images, [Path(str(config.dataset_config(config.train.split)["root"]))], proposer.image_encoder, model_config.sam.variant,
-            None if self._sam_encoder_from_init else model_config.sam.checkpoint, proposer.sam_size, self.device, self.dist,
+            None if self._sam_encoder_from_checkpoint else model_config.sam.checkpoint, proposer.sam_size, self.device, self.dist,
             config.cache_batch_size,
         )
         return (cache if for_train else None), (cache if for_val else None)
 
-    def _resume_or_check_run_dir(self) -> None:
-        last = open_run_dir(self.run_dir, self.config.resume, self.dist, self.config)
-        if last is None:
-            return
-        load_ovss_weights(self.model, last, stored_sam_encoder=self._sam_encoder_from_init)
+    def _load_resumed_weights(self, last: Path) -> None:
+        """The weights of the run's ``last/``, before the SAM embedding caches are opened.
+
+        The weight files the run reads its frozen encoders from must hold what it trained with (moved is
+        fine: contents are compared, :mod:`ssp_sam.weight_identity`). A run that stored its encoders keeps
+        the SAM image encoder it trained on even if it is not the file's (it started from another model's):
+        its embeddings are then cached under the encoder's own weights, as when the run started.
+        """
+        check_weight_files(read_ovss_checkpoint_config(last).get("weight_files"), weight_files_of(self.config.ovss_model), last)
+        sam_file = self.config.ovss_model.sam.checkpoint
+        if sam_file is not None and differs_under(read_ovss_weights(last), self.model.state_dict(), SAM_ENCODER_PREFIX):
+            self._sam_encoder_from_checkpoint = True
+            if self.dist.is_main:
+                print(describe_resumed(last, "ovss_model.sam.checkpoint", sam_file), flush=True)
+        load_ovss_weights(self.model, last, stored_sam_encoder=self._sam_encoder_from_checkpoint)
+
+    def _restore_trainer_state(self, last: Path) -> None:
+        """Optimizer, schedule, gradient scaler, RNG and progress from ``last/`` (its weights are loaded already)."""
         state = restore_trainer_state(last, self.optimizer, self.scheduler, self.scaler)
         self.iteration = int(state["iteration"])
         self.best_metric = state.get("best_metric")
