@@ -34,7 +34,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ssp_sam.checkpoint import load_model
 from ssp_sam.cli import reports_errors
 from ssp_sam.data.registry import load_dataset
-from ssp_sam.engine.caching import dataset_image_roots, ensure_cache
+from ssp_sam.engine.caching import dataset_image_roots, ensure_cache, evaluation_cache_dtype
 from ssp_sam.engine.distributed import DistInfo, init_distributed, prepare_cpu_process, shutdown_distributed
 from ssp_sam.engine.evaluator import evaluate
 from ssp_sam.engine.precision import resolve_precision
@@ -55,13 +55,6 @@ def _device_for(requested: str, dist_info: DistInfo) -> torch.device:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
-
-
-def cache_dtype_for(cache_dtype: str, precision) -> str:
-    """``cache_dtype=auto`` uses cached entries of any dtype; an fp32 evaluation reads fp32 entries only
-    (others are recomputed), so that ``precision=fp32`` gives fp32 numbers and not those of bf16 embeddings
-    cached by an earlier bf16 run."""
-    return "fp32" if cache_dtype == "auto" and precision.name == "fp32" else cache_dtype
 
 
 @hydra.main(config_path="../configs", config_name="eval_ovss" if wants_ovss(sys.argv[1:]) else "eval", version_base="1.3")
@@ -108,7 +101,7 @@ def main(cfg: DictConfig) -> None:
             cache = ensure_cache(
                 cfg.cache_dir, dataset.image_paths(), dataset_image_roots(dataset_cfg), encoder, model.config.sam_variant,
                 model.config.sam_checkpoint, model.sam_image_size, device, dist_info, int(cfg.cache_batch_size),
-                cache_dtype_for(str(cfg.cache_dtype), precision), bool(cfg.progress),
+                evaluation_cache_dtype(str(cfg.cache_dtype), precision), bool(cfg.progress),
             )
         if dist_info.is_main:
             print(f"precision: {precision.name} ({precision.reason})")

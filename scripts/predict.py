@@ -18,6 +18,8 @@ and writes ``label_map.png``, ``overlay.png`` (with a legend), ``mask_NN_<class>
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -56,6 +58,9 @@ def main(cfg: DictConfig) -> None:
     if cfg.checkpoint is None and model_config is not None:
         raise ConfigError("checkpoint: give the checkpoint that goes with model=... (our directory or a released .pth)")
     image = load_image(cfg.image, exif_orientation=True)  # a bad file fails before the model is loaded
+    if cfg.checkpoint is None:  # the demo's model: say so, a photo is not what it knows
+        print("checkpoint: not given, using the shipped ShapeWorld model (trained on synthetic shape scenes only; "
+              "give checkpoint=... for real images)", file=sys.stderr)
     predictor = Predictor.from_checkpoint(cfg.checkpoint, model_config, device=cfg.device)
     predictions = predictor.predict(cfg.image, expressions)  # by path: errors name the file
 

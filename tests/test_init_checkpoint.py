@@ -82,7 +82,7 @@ def test_ssp_resume_keeps_the_sam_encoder_the_run_stored(shapeworld_root, sam_fi
     sam_file = tmp_path / "sam.pth"
     sam_file.write_bytes(sam_a.read_bytes())
     cache = tmp_path / "cache"
-    stored = ("train.epochs=2", "train.save_encoders=true", f"model.sam_checkpoint={sam_file}")
+    stored = ("train.epochs=2", "train.save_encoders=true", f"model.sam_checkpoint={sam_file}", "test.split=val")
 
     def trainer(name: str, *extra: str) -> Trainer:
         return Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / name, cache, *stored, *extra)))
@@ -97,6 +97,7 @@ def test_ssp_resume_keeps_the_sam_encoder_the_run_stored(shapeworld_root, sam_fi
     assert "resuming on the SAM image encoder the run stored" in capsys.readouterr().out
     assert torch.allclose(resumed.cache.get(image), of_a, atol=1e-5)
     assert torch.equal(resumed.model.sam_image_encoder.pos_embed, first.model.sam_image_encoder.pos_embed)
+    assert resumed.fit().finished and resumed.test() is not None  # best/ holds the stored encoder too
 
     # Started from run "run" with the (rewritten) file, stopped, resumed without init_checkpoint.
     start = f"init_checkpoint={tmp_path / 'run' / 'last'}"

@@ -56,6 +56,7 @@ def test_predict_writes_masks_overlays_and_summary(scene, tmp_path):
     out_dir = tmp_path / "preds"
     result = run_script("predict.py", *_predict_args(scene, out_dir))
     assert result.returncode == 0, result.stderr
+    assert "shipped ShapeWorld model" not in result.stderr
     expected_files = {f"{i:02d}_{kind}.png" for i in range(len(EXPRESSIONS)) for kind in ("mask", "overlay")}
     assert {p.name for p in out_dir.iterdir()} == expected_files | {"summary.json", "predictions.jsonl"}
 
@@ -192,3 +193,10 @@ def test_a_new_export_replaces_the_previous_one_and_nothing_else(tmp_path):
     ]
     assert [p["expression"] for p in summary["predictions"]] == ["d"]
     assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 1
+
+
+def test_predict_without_checkpoint_says_it_runs_the_shipped_shapeworld_model(scene, tmp_path):
+    """The default model knows synthetic shape scenes only: a user's photo gets masks, and a line saying whose."""
+    result = run_script("predict.py", *_predict_args(scene, tmp_path / "preds", "checkpoint=null"))
+    assert result.returncode == 0, result.stderr
+    assert "checkpoint: not given, using the shipped ShapeWorld model" in result.stderr

@@ -518,6 +518,7 @@ def test_best_checkpoint_is_evaluated_on_the_test_split(shapeworld_root, tmp_pat
     assert path.name == "results_shapeworld_val.json"
     assert record["label"] == "variant_x" and record["split"] == "val" and record["dataset"] == "shapeworld"
     assert 0.0 <= record["metrics"]["mIoU"] <= 1.0 and record["n_images"] == 2
+    assert record["protocol"] == cfg.val.protocol == "ssp_sam_release"  # as validation compares masks (the recipe's)
 
 
 @pytest.mark.parametrize("protocol, selection", [("ssp_sam_release", "mIoU (SSP-SAM release)"), ("standard", "mIoU")])

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from ..backbones.sam import sam_weights_fingerprint
 from ..data.embedding_cache import ABSENT, EmbeddingCache, EncoderIdentity, Slot, module_fingerprint, storage_dtype
 from ..errors import CacheError, ConfigError, ImageError
-from .precision import resolve_precision
+from .precision import Precision, resolve_precision
 from ..image_io import load_image
 from ..weight_identity import remembered_sha256
 from .distributed import DistInfo
@@ -58,6 +58,13 @@ def remembered_fingerprint(weights: str | os.PathLike, cache_root: str | os.Path
     (:func:`ssp_sam.weight_identity.remembered_sha256`): ranks and later runs read 64 hex digits
     instead of hashing 2.5 GB again."""
     return remembered_sha256(weights, Path(cache_root) / "fingerprints", hash_file=sam_weights_fingerprint)
+
+
+def evaluation_cache_dtype(cache_dtype: str, precision: Precision) -> str:
+    """The cache dtype an evaluation asks for: ``auto`` uses entries of any dtype, except that an fp32
+    evaluation reads fp32 entries only (others are recomputed), so that ``precision=fp32`` gives fp32
+    numbers and not those of bf16 embeddings cached by an earlier bf16 run."""
+    return "fp32" if cache_dtype == "auto" and precision.name == "fp32" else cache_dtype
 
 
 @dataclass

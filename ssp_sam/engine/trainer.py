@@ -527,15 +527,18 @@ class Trainer:
     def test(self) -> Optional[Path]:
         """Evaluate the best checkpoint on ``test.split`` and write the results JSON into the run directory.
 
-        Returns the JSON's path (None without a test split, and on ranks other than 0).
+        Masks are compared as validation compares them (``val.protocol``: the release's evaluator by
+        default, as the tables the recipe reproduces), in fp32. Returns the JSON's path (None without a
+        test split, and on ranks other than 0).
         """
         if "test" not in self.datasets:
             return None
-        load_own_weights(self.model, self.run_dir / "best")
+        load_own_weights(self.model, self.run_dir / "best", stored_sam_encoder=self._sam_encoder_from_checkpoint)
         self.model.eval()
         dataset = self.datasets["test"]
         result = evaluate(
-            self.model, dataset, cache=self.cache, device=self.device, max_batch=self.config.val.max_batch, progress=self.dist.is_main
+            self.model, dataset, cache=self.cache, device=self.device, max_batch=self.config.val.max_batch,
+            progress=self.dist.is_main, protocol=self.config.val.protocol,
         )
         if not self.dist.is_main:
             return None
