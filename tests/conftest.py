@@ -12,6 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from ssp_sam.backbones.sam import build_sam
 from ssp_sam.config import ModelConfig, model_config_from
 from ssp_sam.model import SSPSAM, build_model
 
@@ -51,3 +52,11 @@ def run_script(script: str, *args: str, cwd: Path | None = None) -> subprocess.C
         env=env,
         timeout=600,
     )
+
+
+def write_sam_file(path: Path, custom, seed: int) -> Path:
+    """Random SAM weights of the given custom sizes in Meta's flat .pth layout (every tensor perturbed)."""
+    torch.manual_seed(seed)
+    state = build_sam("custom", custom=dict(custom)).state_dict()
+    torch.save({k: v + 0.05 * torch.randn_like(v) for k, v in state.items()}, path)
+    return path

@@ -1,9 +1,10 @@
 """A self-contained checkpoint whose frozen encoders differ from the configured weight files.
 
-As init_checkpoint, the run must not mix them silently: SAM embeddings of the file's encoder must not feed a decoder trained on the
-checkpoint's (nor may the checkpoint's encoder write entries under the file's key), and a run that stores only
-what trains must not write checkpoints that name the file in place of the encoders it trained with. Loaded for
-evaluation from cached embeddings with a SAM file named in place of its own encoder, it must be that encoder.
+As init_checkpoint, the run must not mix them silently: SAM embeddings of the file's encoder must not feed a
+decoder trained on the checkpoint's (nor may the checkpoint's encoder write entries under the file's key), and a
+run that stores only what trains must not write checkpoints that name the file in place of the encoders it
+trained with. A resumed run keeps the encoder it stored. Loaded with a SAM file named in place of its own
+encoder, it must be that encoder.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import torch
 from omegaconf import OmegaConf
 
 from ssp_sam.backbones.clip import build_clip_model
-from ssp_sam.backbones.sam import build_sam
 from ssp_sam.engine.trainer import Trainer
 from ssp_sam.checkpoint import load_model, save_checkpoint
 from ssp_sam.errors import CheckpointError, ConfigError
@@ -24,17 +24,9 @@ from ssp_sam.ovss.engine.checkpoint import load_ovss_model
 from ssp_sam.ovss.engine.trainer import OVSSTrainer
 from ssp_sam.pretrain.clip import save_clip_checkpoint
 
-from conftest import REPO, tiny_config
+from conftest import REPO, tiny_config, write_sam_file
 from test_ovss_engine import bands, tiny_run  # noqa: F401 (fixture)
 from test_trainer import compose_train, shapeworld_root, train_overrides  # noqa: F401 (fixture)
-
-
-def write_sam_file(path: Path, custom, seed: int) -> Path:
-    """Random SAM weights of the given custom sizes in Meta's flat .pth layout."""
-    torch.manual_seed(seed)
-    state = build_sam("custom", custom=dict(custom)).state_dict()
-    torch.save({k: v + 0.05 * torch.randn_like(v) for k, v in state.items()}, path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ssp_sam.backbones.sam import build_sam
 from ssp_sam.checkpoint import CONFIG_FILE, load_model, save_checkpoint
 from ssp_sam.engine.trainer import Trainer
 from ssp_sam.errors import CheckpointError
@@ -25,20 +24,13 @@ from ssp_sam.ovss.engine.checkpoint import load_ovss_model, save_ovss_checkpoint
 from ssp_sam.ovss.model_config import ovss_config_from
 from ssp_sam.weight_identity import remembered_sha256
 
-from conftest import REPO, tiny_config
+from conftest import REPO, tiny_config, write_sam_file
 from test_trainer import compose_train, shapeworld_root, train_overrides  # noqa: F401 (fixture)
-
-
-def write_sam(path: Path, custom, seed: int) -> Path:
-    torch.manual_seed(seed)
-    state = build_sam("custom", custom=dict(custom)).state_dict()
-    torch.save({k: v + 0.05 * torch.randn_like(v) for k, v in state.items()}, path)
-    return path
 
 
 def test_a_checkpoint_refuses_a_sam_file_whose_weights_changed(tmp_path):
     custom = tiny_config().sam_custom
-    sam = write_sam(tmp_path / "sam.pth", custom, 1)
+    sam = write_sam_file(tmp_path / "sam.pth", custom, 1)
     model = build_model(tiny_config(sam_checkpoint=str(sam)), with_sam_image_encoder=False)
     directory = save_checkpoint(model, tmp_path / "ckpt")
     record = json.loads((directory / CONFIG_FILE).read_text())["weight_files"]
@@ -49,7 +41,7 @@ def test_a_checkpoint_refuses_a_sam_file_whose_weights_changed(tmp_path):
     shutil.copy(sam, moved)
     assert load_model(directory, {"sam_checkpoint": str(moved)}, with_sam_image_encoder=False) is not None  # same contents
 
-    write_sam(sam, custom, 2)  # rewritten in place, same size
+    write_sam_file(sam, custom, 2)  # rewritten in place, same size
     with pytest.raises(CheckpointError, match=rf"trained with model.sam_checkpoint={sam} .*but model.sam_checkpoint={sam} holds other weights"):
         load_model(directory, with_sam_image_encoder=False)
 
@@ -72,20 +64,20 @@ def test_the_hash_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
 
 def test_resume_refuses_a_sam_file_whose_weights_changed(shapeworld_root, tmp_path):
     custom = tiny_config().sam_custom
-    sam = write_sam(tmp_path / "sam.pth", custom, 1)
+    sam = write_sam_file(tmp_path / "sam.pth", custom, 1)
     overrides = train_overrides(shapeworld_root, tmp_path / "run", tmp_path / "cache", "train.epochs=2", f"model.sam_checkpoint={sam}")
     Trainer(compose_train([*overrides, "train.max_minutes=1e-9"])).fit()
-    write_sam(sam, custom, 2)
+    write_sam_file(sam, custom, 2)
     with pytest.raises(CheckpointError, match="holds other weights"):
         Trainer(compose_train([*overrides, "resume=true"]))
 
 
 def test_an_ovss_checkpoint_refuses_a_sam_file_whose_weights_changed(tmp_path):
     stored = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "ovss_model" / "tiny.yaml"))
-    sam = write_sam(tmp_path / "sam.pth", stored["sam"]["custom"], 1)
+    sam = write_sam_file(tmp_path / "sam.pth", stored["sam"]["custom"], 1)
     config = ovss_config_from(stored, sam={**stored["sam"], "checkpoint": str(sam)})
     directory = save_ovss_checkpoint(build_ovss_model(config), tmp_path / "ovss", ["red", "blue"])
     assert load_ovss_model(directory).config.sam.checkpoint == str(sam)
-    write_sam(sam, stored["sam"]["custom"], 2)
+    write_sam_file(sam, stored["sam"]["custom"], 2)
     with pytest.raises(CheckpointError, match=rf"trained with ovss_model.sam.checkpoint={sam} .*holds other weights"):
         load_ovss_model(directory)
