@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from ssp_sam.checkpoint import CONFIG_FILE, load_model, save_checkpoint
