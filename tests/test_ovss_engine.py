@@ -247,6 +247,7 @@ def test_scores_of_a_hand_made_two_image_split(tmp_path, workers):
     iou = [3 / 5, 13 / 18, 5 / 8]  # TP / (GT + PRED - TP): 3/(4+4-3), 13/(16+15-13), 5/(6+7-5)
     expected = {
         "mIoU": sum(iou) / 3,
+        "mIoU (GT classes)": sum(iou) / 3,  # every class is in the GT here
         "fwIoU": (iou[0] * 4 + iou[1] * 16 + iou[2] * 6) / 26,
         "pAcc": 21 / 26,
         "mACC": (3 / 4 + 13 / 16 + 5 / 6) / 3,

@@ -4,7 +4,11 @@ Per dataset, a K x K confusion matrix counts every pixel whose GT is not the ign
 ``counts[g, p]`` = pixels of GT class g predicted as class p. Per class c, with TP_c = counts[c, c],
 GT_c = row sum, PRED_c = column sum: IoU_c = TP_c / (GT_c + PRED_c - TP_c).
 
-- mIoU: mean IoU_c over the classes with GT_c + PRED_c > 0 (a class predicted but absent counts 0).
+- mIoU: mean IoU_c over the classes with GT_c + PRED_c > 0 (a class predicted but absent counts 0),
+  as metrics.md and detectron2 0.6 define it. "mIoU (GT classes)": over the classes with GT_c > 0 only,
+  as detectron2's ``SemSegEvaluator`` has computed it since 2022-07 (the version CAT-Seg installs from
+  git), for comparing with numbers published that way: the two differ where a class is predicted but
+  absent from every GT image, which is rare with a dataset's 20-150 classes and common with 459-847.
 - fwIoU: sum of IoU_c * GT_c / sum(GT) (classes absent from the GT weigh 0).
 - pAcc: sum(TP) / sum(GT). mACC: mean of TP_c / GT_c over the classes with GT_c > 0.
 - PAS-20b: predictions of any class at or beyond ``background_from`` (20) count as background
@@ -126,6 +130,7 @@ def scores_from_counts(counts: torch.Tensor, unseen: Sequence[int] = ()) -> dict
     present = gt > 0
     scores = {
         "mIoU": float(iou[scored].mean()),
+        "mIoU (GT classes)": float(iou[present].mean()),
         "fwIoU": float((iou[present] * gt[present]).sum() / total),
         "pAcc": float(tp.sum() / total),
         "mACC": float((tp[present] / gt[present]).mean()),
