@@ -320,7 +320,7 @@ def _mask_counts(pred_mask: Mask, gt_mask: Mask) -> tuple[int, int, bool, int]:
 class GRESMetrics(_PerSampleMetrics):
     """Generalized RES, the gRefCOCO protocol as ReLA computes it: gIoU, cIoU, N-acc, T-acc and Pr@X.
 
-    A sample is no-target when its GT mask is empty. ``update`` takes the predicted mask and the
+    A sample is no-target when its annotation says so (else when its GT mask is empty). ``update`` takes the predicted mask and the
     model's no-target decision (SSP-SAM has no no-target head: its decision is an almost empty
     mask, ``Prediction.no_target``). Per sample, as ReLA's evaluator:
 
@@ -342,12 +342,18 @@ class GRESMetrics(_PerSampleMetrics):
         pred_no_target: bool,
         group: str | None = None,
         sample_id: str | int | None = None,
+        gt_no_target: bool | None = None,
     ) -> None:
+        """Score one sample. ``gt_no_target``: the annotation's own no-target flag, which decides the
+        sample's kind as ReLA's evaluator does (its ``empty`` flag): a tiny target whose mask rasterises
+        to no pixel in the evaluation frame stays a target. None: an empty ``gt_mask`` means no target."""
         if isinstance(pred_no_target, torch.Tensor) and pred_no_target.numel() == 1:
             pred_no_target = pred_no_target.item()
         if not isinstance(pred_no_target, (bool, np.bool_)):
             raise ValueError(f"pred_no_target must be a bool, got {pred_no_target!r}")
         intersection, union, target, _ = _mask_counts(pred_mask, gt_mask)
+        if gt_no_target is not None:
+            target = not gt_no_target
         self._append(group, sample_id, I=intersection, U=union, target=target, pred_no_target=bool(pred_no_target))
 
     def _scored(self, rows: dict[str, list]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -234,6 +234,17 @@ def test_gres_every_case_of_the_protocol():
     assert [row["IoU"] for row in metrics.per_sample()] == [1.0, 0.5, 0.0, 0.0]
 
 
+def test_gres_sample_kind_comes_from_the_annotation_as_in_rela():
+    # A target too small to cover a pixel of the evaluation frame (its mask is empty there): ReLA reads the
+    # annotation's no-target flag, so it stays a target (score 0 whatever is answered), not a no-target (score 1).
+    by_mask, by_flag = GRESMetrics(), GRESMetrics()
+    by_mask.update(EMPTY, EMPTY, True)
+    by_flag.update(EMPTY, EMPTY, True, gt_no_target=False)
+    assert (by_mask.compute()["gIoU"], by_mask.compute()["N-acc"]) == (1.0, 1.0)
+    flagged = by_flag.compute()
+    assert (flagged["gIoU"], flagged["n_target"], flagged["T-acc"]) == (0.0, 1, 0.0) and "N-acc" not in flagged
+
+
 def test_gres_target_called_no_target_keeps_its_union():
     # A target sample whose mask overlaps the GT but which the model called "no target" (ReLA's false positive):
     # pred 2 px inside gt 4 px -> I = 0 (not 2), U = 4: with a correct target (I = U = 2) cIoU = (2 + 0) / (2 + 4)

@@ -121,7 +121,7 @@ class _TaskScorer:
         pred_mask, pred_no_target = self.protocol.prediction(prediction)
         standard = self.states[0]
         if self.task == "gres":
-            standard.update(pred_mask, gt_mask, pred_no_target, group=group, sample_id=position)
+            standard.update(pred_mask, gt_mask, pred_no_target, group=group, sample_id=position, gt_no_target=sentence.sample.no_target)
         elif self.task == "res":
             standard.update(pred_mask, gt_mask, prediction.box, sentence.sample.union_box_xyxy(), group=group, sample_id=position)
         else:
