@@ -121,6 +121,7 @@ def test_release_protocol_table_shows_the_release_numbers():
     assert cells["RefCOCO val"] == "55.00"
     assert dict(zip(*_markdown_rows(make_tables(results, metric="REC-acc", compact=True)[0])))["RefCOCO val"] == "80.00"
     assert markdown.startswith("Protocol: ssp_sam_release (metrics.md); cells are the release's own arithmetic")
+    assert "its N-acc also counts targets scored IoU 1 and is not ReLA's N-acc" in markdown.splitlines()[0]
     assert latex.startswith("% Protocol: ssp_sam_release")
 
 

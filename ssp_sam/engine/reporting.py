@@ -323,7 +323,10 @@ def _protocol_note(protocol: str) -> str:
     """One line saying which protocol a table's numbers come from."""
     note = f"Protocol: {protocol} (metrics.md)"
     if protocol == "ssp_sam_release":
-        note += f"; cells are the release's own arithmetic (keys ending in '{RELEASE_SUFFIX.strip()}') where it differs"
+        note += (
+            f"; cells are the release's own arithmetic (keys ending in '{RELEASE_SUFFIX.strip()}') where it differs: "
+            "its N-acc also counts targets scored IoU 1 and is not ReLA's N-acc (the results JSON holds both)"
+        )
     return note
 
 
