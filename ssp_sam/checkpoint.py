@@ -359,12 +359,22 @@ def stored_sam_encoder_differs(model: SSPSAM, state: Mapping[str, Tensor]) -> bo
     """
     if not any(k.startswith(SAM_ENCODER_PREFIX) for k in state):
         return False
+    return differs_under(state, sam_encoder_state(model), SAM_ENCODER_PREFIX)
+
+
+def sam_encoder_state(model: SSPSAM) -> dict[str, Tensor]:
+    """The SAM image-encoder weights ``model`` uses, under our state-dict names: its own encoder, or for a
+    model built to read cached embeddings (none), that of its ``sam_checkpoint`` file."""
     encoder = model.sam_image_encoder if model.sam_image_encoder is not None else build_sam_image_encoder(model.config)
-    return differs_under(state, encoder.state_dict(prefix=SAM_ENCODER_PREFIX), SAM_ENCODER_PREFIX)
+    return encoder.state_dict(prefix=SAM_ENCODER_PREFIX)
 
 
 def load_own_weights(
-    model: SSPSAM, path: str | os.PathLike, finetuned_from_file: bool = False, stored_sam_encoder: bool = False
+    model: SSPSAM,
+    path: str | os.PathLike,
+    finetuned_from_file: bool = False,
+    sam_encoder_checked: bool = False,
+    state: Mapping[str, Tensor] | None = None,
 ) -> None:
     """Load a checkpoint of ours into ``model``, checking every key and shape.
 
@@ -376,15 +386,17 @@ def load_own_weights(
         finetuned_from_file: a model that fine-tunes CLIP's text tower or last vision blocks may start
             from a checkpoint without them (``init_checkpoint`` of a frozen-CLIP run): those of the CLIP
             file are kept.
-        stored_sam_encoder: take the checkpoint's SAM image encoder over the file's (a trainer that
-            stores its encoders and caches embeddings under their own weights,
-            ``ssp_sam.engine.init_checkpoint``).
+        sam_encoder_checked: the caller has compared the checkpoint's SAM image encoder with the file's
+            and takes the checkpoint's (a trainer, which caches embeddings under the encoder's own
+            weights when they differ, ``ssp_sam.engine.init_checkpoint``): not compared again.
+        state: the checkpoint's weights if the caller has read them already (read from ``path`` otherwise).
     """
     path = Path(path)
     weights = path / WEIGHTS_FILE if path.is_dir() else path
-    state = read_weights(weights, "checkpoint")
+    if state is None:
+        state = read_weights(weights, "checkpoint")
     require_finite(state, weights)
-    if model.config.sam_checkpoint is not None and not stored_sam_encoder and stored_sam_encoder_differs(model, state):
+    if model.config.sam_checkpoint is not None and not sam_encoder_checked and stored_sam_encoder_differs(model, state):
         raise CheckpointError(
             f"{weights}: the checkpoint carries its own SAM image encoder, which differs from the one of "
             f"model.sam_checkpoint={model.config.sam_checkpoint}, whose (cached) embeddings its mask decoder would be "

@@ -51,11 +51,12 @@ def exclusive_lock(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _hash_weights(path: str) -> str:
+def hash_weights_file(path: str | os.PathLike, what: str = "weights", chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a weight file, read in chunks; a CheckpointError naming an unreadable file."""
     try:
-        return file_sha256(path)
+        return file_sha256(path, chunk_bytes)
     except OSError as error:
-        raise CheckpointError(f"{path}: cannot read weights ({error.strerror or error})") from error
+        raise CheckpointError(f"{os.fspath(path)}: cannot read {what} ({error.strerror or error})") from error
 
 
 def remembered_sha256(
@@ -67,7 +68,7 @@ def remembered_sha256(
     digits instead of hashing gigabytes again; a lock makes concurrent first callers hash it once.
     ``hash_file`` (default: sha256 in chunks, a CheckpointError naming an unreadable file) computes it.
     """
-    hash_file = hash_file or _hash_weights
+    hash_file = hash_file or hash_weights_file
     absolute = os.path.abspath(path)
     memo = Path(memo_dir or default_memo_dir()) / f"{hashlib.sha1(os.fsencode(absolute)).hexdigest()[:16]}.json"
     try:

@@ -30,9 +30,9 @@ from torch import nn
 
 from ..attention import fuse_image_encoder_attention, fuse_two_way_attention
 from ..errors import CheckpointError, ConfigError
-from ..fileio import file_sha256
 from ..state_dicts import mismatch_report
 from ..weight_files import describe_weights, read_weights, require_finite
+from ..weight_identity import hash_weights_file
 from .sam_frames import PIXEL_MEAN, PIXEL_STD
 
 SAM_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
@@ -305,7 +305,4 @@ def build_sam(
 
 def sam_weights_fingerprint(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
     """Hex sha256 of a weights file, read in chunks; keys the embedding cache to the encoder weights."""
-    try:
-        return file_sha256(path, chunk_bytes)
-    except OSError as error:
-        raise CheckpointError(f"{os.fspath(path)}: cannot read SAM weights ({error.strerror or error})") from error
+    return hash_weights_file(path, "SAM weights", chunk_bytes)

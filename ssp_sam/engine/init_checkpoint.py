@@ -23,10 +23,10 @@ import os
 from dataclasses import dataclass
 from typing import Collection, Mapping, Sequence
 
-import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..state_dicts import differs_under
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,8 @@ def encoders_replaced(
     Raises:
         ConfigError: an encoder is replaced and the run does not store its encoders.
     """
-    differing = [k for k in from_files if k in stored and k in current and not torch.equal(stored[k], current[k])]
-    replaced = [e for e in encoders if e.file is not None and any(k.startswith(e.prefix) for k in differing)]
+    comparable = {k: v for k, v in stored.items() if k in from_files and k in current}
+    replaced = [e for e in encoders if e.file is not None and differs_under(comparable, current, e.prefix)]
     if replaced and not save_encoders:
         encoder = replaced[0]
         raise ConfigError(

@@ -56,7 +56,7 @@ from tqdm import tqdm
 from ..backbones.clip_tokenizer import CLIPTokenizer
 from ..checkpoint import (
     SAM_ENCODER_PREFIX, WEIGHTS_FILE, keys_from_weight_files, load_own_weights, read_checkpoint_config, save_checkpoint,
-    stored_sam_encoder_differs, weight_files_of,
+    sam_encoder_state, stored_sam_encoder_differs, weight_files_of,
 )
 from ..data.embedding_cache import EmbeddingCache
 from ..data.records import ReferringDataset
@@ -229,24 +229,25 @@ class Trainer:
         """
         run = read_checkpoint_config(path).get("run") or {}
         from_rec_stage = (run.get("train") or {}).get("stage") == "rec"
-        self._check_init_encoders(path)
+        stored = self._check_init_encoders(path)
         sam_head = {k: v.clone() for k, v in self.model.mask_head.state_dict().items()} if from_rec_stage else None
-        load_own_weights(self.model, path, finetuned_from_file=True, stored_sam_encoder=self._sam_encoder_from_checkpoint)
+        load_own_weights(self.model, path, finetuned_from_file=True, sam_encoder_checked=True, state=stored)
         if sam_head is not None:
             self.model.mask_head.load_state_dict(sam_head)
 
-    def _check_init_encoders(self, path: str) -> None:
+    def _check_init_encoders(self, path: str) -> dict[str, Tensor]:
         """Refuse, or take over, frozen encoders the init checkpoint carries that differ from the files'.
 
         See :mod:`ssp_sam.engine.init_checkpoint`: a run that stores its encoders trains on the
         checkpoint's and caches SAM embeddings under the encoder's own weights; any other run stops.
+        Returns the checkpoint's weights (read once, loaded by the caller).
         """
         config = self.model_config
         weights = Path(path) / WEIGHTS_FILE if Path(path).is_dir() else Path(path)
         stored = read_weights(weights, "checkpoint")
         current = self.model.state_dict()
         if config.sam_checkpoint and self.model.sam_image_encoder is None and any(k.startswith(SAM_ENCODER_PREFIX) for k in stored):
-            current.update({SAM_ENCODER_PREFIX + k: v for k, v in build_sam_image_encoder(config).state_dict().items()})
+            current.update(sam_encoder_state(self.model))  # the file's encoder, which the cache would serve
         encoders = (
             FrozenEncoder(SAM_ENCODER_PREFIX, "SAM image encoder", "model.sam_checkpoint", config.sam_checkpoint, cached=True),
             FrozenEncoder("clip.", "frozen CLIP", "model.clip_checkpoint", config.clip_checkpoint),
@@ -256,6 +257,7 @@ class Trainer:
         self._sam_encoder_from_checkpoint = any(e.cached for e in replaced)
         if replaced and self.dist.is_main:
             print(describe_replaced(path, replaced), flush=True)
+        return stored
 
     def _read_datasets(self) -> dict[str, ReferringDataset]:
         """The train split, and the val and test splits when the config names them."""
@@ -288,12 +290,13 @@ class Trainer:
         """
         config = self.model_config
         check_weight_files(read_checkpoint_config(last).get("weight_files"), weight_files_of(config), last)
-        if self.model.sam_image_encoder is not None and config.sam_checkpoint is not None:
-            if stored_sam_encoder_differs(self.model, read_weights(last / WEIGHTS_FILE, "checkpoint")):
-                self._sam_encoder_from_checkpoint = True
-                if self.dist.is_main:
-                    print(describe_resumed(last, "model.sam_checkpoint", config.sam_checkpoint), flush=True)
-        load_own_weights(self.model, last, stored_sam_encoder=self._sam_encoder_from_checkpoint)
+        state = read_weights(last / WEIGHTS_FILE, "checkpoint")
+        checked = self.model.sam_image_encoder is not None and config.sam_checkpoint is not None
+        if checked and stored_sam_encoder_differs(self.model, state):
+            self._sam_encoder_from_checkpoint = True
+            if self.dist.is_main:
+                print(describe_resumed(last, "model.sam_checkpoint", config.sam_checkpoint), flush=True)
+        load_own_weights(self.model, last, sam_encoder_checked=checked, state=state)
 
     def _restore_trainer_state(self, last: Path) -> None:
         """Optimizer, schedule, gradient scaler, RNG and progress from ``last/`` (its weights are loaded already)."""
@@ -533,7 +536,7 @@ class Trainer:
         """
         if "test" not in self.datasets:
             return None
-        load_own_weights(self.model, self.run_dir / "best", stored_sam_encoder=self._sam_encoder_from_checkpoint)
+        load_own_weights(self.model, self.run_dir / "best", sam_encoder_checked=self._sam_encoder_from_checkpoint)
         self.model.eval()
         dataset = self.datasets["test"]
         result = evaluate(

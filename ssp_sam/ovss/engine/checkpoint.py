@@ -146,7 +146,9 @@ def read_ovss_weights(path: str | os.PathLike) -> dict[str, Tensor]:
     return state
 
 
-def load_ovss_weights(model: OVSSModel, path: str | os.PathLike, stored_sam_encoder: bool = False) -> None:
+def load_ovss_weights(
+    model: OVSSModel, path: str | os.PathLike, sam_encoder_checked: bool = False, state: Mapping[str, Tensor] | None = None
+) -> None:
     """Load a checkpoint's weights into ``model``, checking every key and shape.
 
     Keys that come from a weight file named by the model's config may be absent; every other key must
@@ -155,12 +157,13 @@ def load_ovss_weights(model: OVSSModel, path: str | os.PathLike, stored_sam_enco
 
     A checkpoint that carries its own SAM image encoder (a self-contained small model) loaded with a SAM
     weight file named in its place must carry that file's encoder: SAM embeddings are cached under the
-    file's fingerprint, so another encoder's outputs would silently stand in for its own. Only
-    ``stored_sam_encoder=True`` (a trainer that stores its encoders and keys its cache by their weights,
-    ``ssp_sam.engine.init_checkpoint``) takes the checkpoint's encoder over the file's.
+    file's fingerprint, so another encoder's outputs would silently stand in for its own. With
+    ``sam_encoder_checked=True`` the caller has compared the two and takes the checkpoint's (a trainer,
+    which caches embeddings under the encoder's own weights when they differ,
+    ``ssp_sam.engine.init_checkpoint``). ``state``: the weights if the caller has read them already.
     """
     weights = _weights_file(path)
-    state = read_ovss_weights(path)
+    state = read_ovss_weights(path) if state is None else dict(state)
     if model.config.variant == "sam_mi" and not model.config.uses_tspp:  # a TSPP-trained SAM-MI run with the dense grid
         state = {k: v for k, v in state.items() if not k.startswith(TSPP_PREFIX)}
     expected = model.state_dict()
@@ -177,7 +180,7 @@ def load_ovss_weights(model: OVSSModel, path: str | os.PathLike, stored_sam_enco
     if report:
         raise CheckpointError(f"{weights}: checkpoint does not fit this model; {report}")
     sam_file = model.config.sam.checkpoint
-    if sam_file is not None and not stored_sam_encoder and differs_under(state, expected, SAM_ENCODER_PREFIX):
+    if sam_file is not None and not sam_encoder_checked and differs_under(state, expected, SAM_ENCODER_PREFIX):
         raise CheckpointError(
             f"{weights}: the checkpoint carries its own SAM image encoder, which differs from the one of "
             f"ovss_model.sam.checkpoint={sam_file}, whose (cached) embeddings the model would be given; leave "

@@ -160,8 +160,8 @@ class OVSSTrainer:
         # run's own last/): its embeddings are then cached under its own weights, not under the file's.
         self._sam_encoder_from_checkpoint = False
         if config.init_checkpoint:
-            self._check_init_encoders(config.init_checkpoint)
-            load_ovss_weights(self.model, config.init_checkpoint, stored_sam_encoder=self._sam_encoder_from_checkpoint)
+            stored = self._check_init_encoders(config.init_checkpoint)
+            load_ovss_weights(self.model, config.init_checkpoint, sam_encoder_checked=True, state=stored)
         self._last = open_run_dir(self.run_dir, config.resume, self.dist, config)  # before the caches: see above
         if self._last is not None:
             self._load_resumed_weights(self._last)
@@ -208,11 +208,12 @@ class OVSSTrainer:
     def _dataset(self, split: str) -> SemSegDataset:
         return load_ovss_dataset(self.config.dataset_config(split))
 
-    def _check_init_encoders(self, path: str) -> None:
+    def _check_init_encoders(self, path: str) -> dict[str, Tensor]:
         """Refuse, or take over, frozen encoders the init checkpoint carries that differ from the files'.
 
         See :mod:`ssp_sam.engine.init_checkpoint`: a run that stores its encoders trains on the
         checkpoint's and caches SAM embeddings under the encoder's own weights; any other run stops.
+        Returns the checkpoint's weights (read once, loaded by the caller).
         """
         sam, clip = self.config.ovss_model.sam, self.config.ovss_model.clip
         encoders = (
@@ -231,6 +232,7 @@ class OVSSTrainer:
         self._sam_encoder_from_checkpoint = any(e.cached for e in replaced)
         if replaced and self.dist.is_main:
             print(describe_replaced(path, replaced), flush=True)
+        return stored
 
     def _prepare_caches(self) -> tuple[EmbeddingCache | None, EmbeddingCache | None]:
         """The SAM embedding cache for training (SAM-MI, whole images) and validation (SAM variants, no sliding window)."""
@@ -266,11 +268,12 @@ class OVSSTrainer:
         """
         check_weight_files(read_ovss_checkpoint_config(last).get("weight_files"), weight_files_of(self.config.ovss_model), last)
         sam_file = self.config.ovss_model.sam.checkpoint
-        if sam_file is not None and differs_under(read_ovss_weights(last), self.model.state_dict(), SAM_ENCODER_PREFIX):
+        state = read_ovss_weights(last)
+        if sam_file is not None and differs_under(state, self.model.state_dict(), SAM_ENCODER_PREFIX):
             self._sam_encoder_from_checkpoint = True
             if self.dist.is_main:
                 print(describe_resumed(last, "ovss_model.sam.checkpoint", sam_file), flush=True)
-        load_ovss_weights(self.model, last, stored_sam_encoder=self._sam_encoder_from_checkpoint)
+        load_ovss_weights(self.model, last, sam_encoder_checked=True, state=state)
 
     def _restore_trainer_state(self, last: Path) -> None:
         """Optimizer, schedule, gradient scaler, RNG and progress from ``last/`` (its weights are loaded already)."""
