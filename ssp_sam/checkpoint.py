@@ -342,10 +342,19 @@ def read_config_file(path: str | os.PathLike) -> tuple[Path, Any]:
 
 
 def read_checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The config.json of a checkpoint of ours (directory or its model.safetensors)."""
+    """The config.json of a checkpoint of ours (directory or its model.safetensors).
+
+    Checkpoints written before ``model.mask_target`` existed recorded the mask target in their run's
+    ``train`` section (the trainer's choice then), or were trained on the release's when they name none:
+    the model section is completed from there, so their masks go back to the image where they were drawn.
+    """
     config_path, config = read_config_file(path)
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise CheckpointError(f"{config_path}: no 'model' section")
+    if "mask_target" not in config["model"]:
+        run = config.get("run")
+        train = run.get("train") if isinstance(run, dict) else None
+        config["model"]["mask_target"] = train.get("mask_target", "release") if isinstance(train, dict) else "release"
     return config
 
 

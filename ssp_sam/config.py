@@ -13,6 +13,7 @@ from typing import Any, Mapping, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .backbones.sam_frames import MASK_TARGETS
 from .errors import ConfigError
 
 
@@ -94,6 +95,10 @@ class ModelConfig:
     finetune_image_blocks: int = 0
     release_quirks: bool = False  # switched on by the loader of released checkpoints
     no_target_pixels: int = 50  # a mask with fewer pixels in the padded SAM frame means "no target"
+    # How training put GT masks into SAM's padded frame (ssp_sam/backbones/sam_frames.py, MASK_TARGETS):
+    # "release" (its processing) or "nearest" (frame pixel i = image pixel 2i + 1). It fixes where the
+    # trained model draws its masks, so predictions are mapped back to the image by the same rule.
+    mask_target: str = "release"
     random_encoders: bool = False  # build CLIP/SAM with random weights where no weight file is given (tests, benchmarks)
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,6 +164,8 @@ def _check(config: ModelConfig) -> None:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
     if not 0.0 <= config.adapters.text_attention_dropout < 1.0:
         raise ConfigError(f"model.adapters.text_attention_dropout: must lie in [0, 1), got {config.adapters.text_attention_dropout}")
+    if config.mask_target not in MASK_TARGETS:
+        raise ConfigError(f"model.mask_target: must be one of {', '.join(MASK_TARGETS)}, got {config.mask_target!r}")
     if config.surgery_blocks < 0:
         raise ConfigError(f"model.surgery_blocks: must be >= 0, got {config.surgery_blocks}")
     if config.finetune_image_blocks and config.finetune_image_blocks < config.surgery_blocks:

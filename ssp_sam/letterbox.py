@@ -1,7 +1,9 @@
 """The letterbox that puts an image into CLIP's square, and the box and mask conversions between the frames.
 
-Long side to the CLIP size (bicubic, antialiased), CLIP's mean / std, zero padding after normalising;
-centred at test time, at uniform random integer offsets in training (or one of K fixed placements).
+As the release's ``RandomResize`` / ``ToTensor`` / ``NormalizeAndPad`` (torchvision 0.16 on PIL images):
+long side to the CLIP size with PIL's bilinear filter on the uint8 image, CLIP's mean / std, zero
+padding after normalising; centred at test time, at uniform random integer offsets in training (or
+one of K fixed placements). Boxes scale by each axis's own ratio after rounding the resized size.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
 from .errors import ConfigError, ImageError
@@ -23,16 +26,28 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class Letterbox:
     """Where an image went inside CLIP's size x size square.
 
-    The image was resized by ``scale`` = size / max(H, W) to ``width`` x ``height`` pixels and pasted
-    with its top-left corner at (``offset_x``, ``offset_y``).
+    The ``original_width`` x ``original_height`` image was resized to ``width`` x ``height`` pixels (its
+    long side to ``size``, the other rounded) and pasted with its top-left corner at (``offset_x``,
+    ``offset_y``).
     """
 
-    scale: float
     offset_x: int
     offset_y: int
     width: int
     height: int
     size: int
+    original_width: int
+    original_height: int
+
+    @property
+    def scale_x(self) -> float:
+        """Horizontal resize ratio, after rounding the resized width (the release's ``ratio_w``)."""
+        return self.width / self.original_width
+
+    @property
+    def scale_y(self) -> float:
+        """Vertical resize ratio, after rounding the resized height (the release's ``ratio_h``)."""
+        return self.height / self.original_height
 
     def box_to_image(self, boxes_cxcywh_norm: Tensor) -> Tensor:
         """(..., 4) cx, cy, w, h normalised to the square -> (..., 4) x1, y1, x2, y2 in original-image pixels.
@@ -40,19 +55,19 @@ class Letterbox:
         Boxes are not clipped to the image (a prediction may reach into the padding).
         """
         center_x, center_y, box_width, box_height = (boxes_cxcywh_norm * self.size).unbind(-1)
-        x1 = (center_x - box_width / 2 - self.offset_x) / self.scale
-        y1 = (center_y - box_height / 2 - self.offset_y) / self.scale
-        x2 = (center_x + box_width / 2 - self.offset_x) / self.scale
-        y2 = (center_y + box_height / 2 - self.offset_y) / self.scale
+        x1 = (center_x - box_width / 2 - self.offset_x) / self.scale_x
+        y1 = (center_y - box_height / 2 - self.offset_y) / self.scale_y
+        x2 = (center_x + box_width / 2 - self.offset_x) / self.scale_x
+        y2 = (center_y + box_height / 2 - self.offset_y) / self.scale_y
         return torch.stack([x1, y1, x2, y2], dim=-1)
 
     def box_from_image(self, boxes_xyxy: Tensor) -> Tensor:
         """(..., 4) x1, y1, x2, y2 in original-image pixels -> (..., 4) cx, cy, w, h normalised to the square."""
         x1, y1, x2, y2 = boxes_xyxy.to(torch.float32).unbind(-1)
-        x1 = x1 * self.scale + self.offset_x
-        x2 = x2 * self.scale + self.offset_x
-        y1 = y1 * self.scale + self.offset_y
-        y2 = y2 * self.scale + self.offset_y
+        x1 = x1 * self.scale_x + self.offset_x
+        x2 = x2 * self.scale_x + self.offset_x
+        y1 = y1 * self.scale_y + self.offset_y
+        y2 = y2 * self.scale_y + self.offset_y
         return torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], dim=-1) / self.size
 
 
@@ -80,9 +95,9 @@ def letterbox_image(
         raise ImageError(f"image must be a uint8 (H, W, 3) array, got {description}")
     box = _place(image.shape[0], image.shape[1], size, placement, generator)
 
-    pixels = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0).to(torch.float32)
-    pixels = F.interpolate(pixels, size=(box.height, box.width), mode="bicubic", antialias=True, align_corners=False)
-    pixels = pixels.clamp(0.0, 255.0)[0] / 255.0
+    if (box.height, box.width) != image.shape[:2]:  # PIL's bilinear filter (antialiased when shrinking), as the release
+        image = np.asarray(Image.fromarray(image).resize((box.width, box.height), Image.Resampling.BILINEAR))
+    pixels = torch.tensor(image, dtype=torch.float32).permute(2, 0, 1) / 255.0  # torchvision's to_tensor
     mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
     std = torch.tensor(CLIP_STD).view(3, 1, 1)
 
@@ -113,7 +128,7 @@ def fixed_placements(height: int, width: int, size: int, count: int) -> list[tup
 def letterbox_mask(mask: np.ndarray, box: Letterbox) -> Tensor:
     """A (H, W) bool mask of the original image -> (size, size) float 0/1 in the square (nearest, zero padding).
 
-    Uses "nearest-exact" (pixel-centre) sampling so the mask stays aligned with the bicubic image.
+    Uses "nearest-exact" (pixel-centre) sampling so the mask stays aligned with the resized image.
     """
     if not isinstance(mask, np.ndarray) or mask.ndim != 2:
         description = f"shape {mask.shape}" if isinstance(mask, np.ndarray) else type(mask).__name__
@@ -158,10 +173,11 @@ def _place(
     else:
         raise ConfigError(f"placement must be 'center', 'random' or (offset_x, offset_y), got {placement!r}")
     return Letterbox(
-        scale=size / max(height, width),
         offset_x=offset_x,
         offset_y=offset_y,
         width=new_width,
         height=new_height,
         size=size,
+        original_width=width,
+        original_height=height,
     )

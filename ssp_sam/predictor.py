@@ -293,7 +293,9 @@ class Predictor:
 
     def _predictions(self, image: EncodedImage, texts: Sequence[str], mask_logits: Tensor, boxes: Tensor) -> list[Prediction]:
         """Predictions of K expressions of one image from their (K, 1, S/2, S/2) logits and (K, 4) boxes."""
-        logits = padded_frame_to_original(mask_logits, image.input_size, image.original_size, self.model.sam_image_size)[:, 0]
+        logits = padded_frame_to_original(
+            mask_logits, image.input_size, image.original_size, self.model.sam_image_size, self.model.config.mask_target
+        )[:, 0]
         logits = logits.cpu()
         boxes = image.letterbox.box_to_image(boxes.cpu())
         padded_logits = mask_logits[:, 0].cpu()

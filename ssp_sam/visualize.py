@@ -76,7 +76,13 @@ def contact_sheet(pictures: Sequence[Image.Image], gap: int = 4) -> Image.Image:
 
 
 def padded_prediction_overlay(
-    image: np.ndarray, padded_logits: Tensor, box_cxcywh: Tensor, letterbox: Letterbox, sam_image_size: int, caption: str | None = None
+    image: np.ndarray,
+    padded_logits: Tensor,
+    box_cxcywh: Tensor,
+    letterbox: Letterbox,
+    sam_image_size: int,
+    mask_target: str,
+    caption: str | None = None,
 ) -> Image.Image:
     """:func:`overlay` of a raw model output: mask logits in SAM's padded frame, the box in CLIP's square.
 
@@ -84,9 +90,10 @@ def padded_prediction_overlay(
         image: (H, W, 3) uint8, the picture the model saw.
         padded_logits: (S/2, S/2) mask logits in SAM's padded frame (S = ``sam_image_size``).
         box_cxcywh: (4,) the REC box, normalised to CLIP's square, where ``letterbox`` placed the image.
+        mask_target: the model's ``mask_target``, which says where its frame pixels lie in the image.
     """
     input_size = SAMImageTransform(sam_image_size).input_size_for(image.shape[:2])
-    logits = padded_frame_to_original(padded_logits[None, None].float(), input_size, image.shape[:2], sam_image_size)
+    logits = padded_frame_to_original(padded_logits[None, None].float(), input_size, image.shape[:2], sam_image_size, mask_target)
     return overlay(image, (logits[0, 0] > 0).numpy(), letterbox.box_to_image(box_cxcywh.float()).numpy(), caption)
 
 

@@ -239,6 +239,22 @@ def test_corrupt_own_checkpoint(tmp_path):
         load_model(directory)
 
 
+def test_mask_target_of_checkpoints_written_before_the_model_kept_it(tmp_path):
+    """Older checkpoints named the mask target in their run's train section (or not at all: the release's);
+    the model takes it from there, since it says where the model draws its masks. A given one must agree."""
+    directory = save_checkpoint(tiny_model(), tmp_path / "ckpt")
+    config = json.loads((directory / "config.json").read_text())
+    assert config["model"]["mask_target"] == "release"
+    del config["model"]["mask_target"]
+    (directory / "config.json").write_text(json.dumps(config))
+    assert load_model(directory).config.mask_target == "release"
+    config["run"] = {"train": {"mask_target": "nearest"}}
+    (directory / "config.json").write_text(json.dumps(config))
+    assert load_model(directory).config.mask_target == "nearest"
+    with pytest.raises(ConfigError, match=r"mask_target: 'nearest' -> 'release'"):
+        load_model(directory, {"mask_target": "release"})
+
+
 def test_own_checkpoint_refuses_settings_that_change_what_it_computes(tmp_path):
     """model=<preset> (or a single key) on one of our checkpoints: only weight-file paths, the no-target threshold
     and what would train may differ from its config.json; the rest would change its output with no shape error."""

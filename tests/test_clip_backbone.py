@@ -15,6 +15,7 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ssp_sam.backbones.clip import CLIPSurgeryBackbone, build_clip_model
 from ssp_sam.backbones.clip_tokenizer import CLIPTokenizer, ExpressionTruncatedWarning
@@ -503,7 +504,7 @@ def test_tall_image_is_centred_with_zero_padding():
     image[:] = colour
     pixels, box = letterbox_image(image, 32)
     # scale 32 / 100: 100 x 50 -> 32 x 16, placed 8 pixels from the left.
-    assert box == Letterbox(scale=0.32, offset_x=8, offset_y=0, width=16, height=32, size=32)
+    assert box == Letterbox(offset_x=8, offset_y=0, width=16, height=32, size=32, original_width=50, original_height=100)
     assert pixels.shape == (3, 32, 32) and pixels.dtype == torch.float32
     assert torch.equal(pixels[:, :, :8], torch.zeros(3, 32, 8))
     assert torch.equal(pixels[:, :, 24:], torch.zeros(3, 32, 8))
@@ -542,8 +543,29 @@ def test_random_and_explicit_placement():
         letterbox_image(image, 32, "middle")
 
 
+def test_letterbox_resizes_as_the_release_does():
+    """The release: torchvision 0.16's F.resize on the PIL image (PIL's bilinear filter on uint8), ToTensor
+    (/ 255), CLIP's mean / std, then zero padding; here written out with PIL by hand."""
+    image = np.random.default_rng(5).integers(0, 256, size=(427, 640, 3), dtype=np.uint8)
+    pixels, box = letterbox_image(image, 224)
+    assert (box.width, box.height, box.offset_x, box.offset_y) == (224, 149, 0, 37)  # round(427 * 0.35) = 149
+    resized = np.asarray(Image.fromarray(image).resize((224, 149), Image.BILINEAR), dtype=np.float32) / 255
+    expected = (torch.from_numpy(resized).permute(2, 0, 1) - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+    torch.testing.assert_close(pixels[:, 37:186], expected, rtol=0, atol=1e-6)
+    assert not pixels[:, :37].any() and not pixels[:, 186:].any()
+
+
+def test_boxes_scale_by_each_axis_after_rounding():
+    """As the release's RandomResize: ratio_w = new_w / w and ratio_h = new_h / h, the resized size rounded
+    (427 x 640 at 224: 149 / 427 = 0.34895 vertically, 224 / 640 = 0.35 horizontally)."""
+    _, box = letterbox_image(np.zeros((427, 640, 3), dtype=np.uint8), 224, "center")
+    whole = box.box_from_image(torch.tensor([0.0, 0.0, 640.0, 427.0]))
+    torch.testing.assert_close(whole, torch.tensor([112.0, 37 + 149 / 2, 224.0, 149.0]) / 224, rtol=0, atol=1e-6)
+    torch.testing.assert_close(box.box_to_image(whole), torch.tensor([0.0, 0.0, 640.0, 427.0]), rtol=0, atol=1e-4)
+
+
 def test_box_conversions():
-    box = Letterbox(scale=0.32, offset_x=8, offset_y=0, width=16, height=32, size=32)
+    box = Letterbox(offset_x=8, offset_y=0, width=16, height=32, size=32, original_width=50, original_height=100)
     # Square box (cx 16, cy 16, w 8, h 16) px = x 12..20, y 8..24 -> original ((x - 8) / 0.32, y / 0.32).
     square_box = torch.tensor([0.5, 0.5, 0.25, 0.5])
     torch.testing.assert_close(box.box_to_image(square_box), torch.tensor([12.5, 25.0, 37.5, 75.0]))

@@ -409,6 +409,18 @@ def test_rec_json_bad_entries_and_box_format(tmp_path):
     assert "image_roots has: coco, flickr, referit, vg" in message and "train entry 3: refs must be" in message
 
 
+def test_merged_rec_words_are_counted_on_the_sentence_as_written(tmp_path):
+    """The release splits the raw sentence at single spaces: a trailing space makes a 40-word sentence 41."""
+    fx.write_rec_json(tmp_path)
+    data = json.loads((tmp_path / "anns" / "merge.json").read_text())
+    sentence_ids = lambda: [s.sample_id for s in load_dataset(_dataset_cfg("merged_rec", tmp_path))]
+    assert sentence_ids() == fx.REC_JSON_SENTENCE_SAMPLES
+    (entry,) = [entry for entry in data["train"] if fx.WORDS_40 in entry["refs"]]
+    entry["refs"][entry["refs"].index(fx.WORDS_40)] = fx.WORDS_40 + " "
+    (tmp_path / "anns" / "merge.json").write_text(json.dumps(data))
+    assert sentence_ids() == [sample for sample in fx.REC_JSON_SENTENCE_SAMPLES if sample != "3#0"]
+
+
 def test_merged_rec_config_is_one_sample_per_sentence_of_at_most_40_words(tmp_path):
     fx.write_rec_json(tmp_path)
     cfg = _dataset_cfg("merged_rec", tmp_path)

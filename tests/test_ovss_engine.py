@@ -80,10 +80,11 @@ def test_training_lowers_the_loss_on_a_fixed_batch(bands, tmp_path):
 
 
 def test_a_stopped_and_resumed_run_equals_an_uninterrupted_one(bands, tmp_path):
-    common = ("train.iterations=3", "train.batch_size=2", "train.save_every=3")  # random crops + flips, 2 batches per epoch
+    # random crops + flips, 2 batches per epoch; the clock is read at the end of each log window (one iteration here)
+    common = ("train.iterations=3", "train.batch_size=2", "train.save_every=3", "train.log_every=1")
     whole = OVSSTrainer(tiny_run(bands, tmp_path / "whole", *common)).fit()
     stopped = OVSSTrainer(tiny_run(bands, tmp_path / "parts", *common, "train.max_minutes=1e-9")).fit()
-    assert not stopped.finished and stopped.iteration == 1  # stopped at the first iteration boundary, last/ saved
+    assert not stopped.finished and stopped.iteration == 1  # stopped at the first log window, last/ saved
     with pytest.raises(ConfigError, match=r"ovss_model.tspp.loss_weight: 1.0 -> 2.0"):  # another recipe: not this run
         OVSSTrainer(tiny_run(bands, tmp_path / "parts", *common, "resume=true", "ovss_model.tspp.loss_weight=2.0"))
     resumed = OVSSTrainer(tiny_run(bands, tmp_path / "parts", *common, "resume=true")).fit()

@@ -169,7 +169,7 @@ def test_precomputed_sam_embedding_skips_sam_encoder(predictor, encoded, image):
 
 def test_outputs_at_original_resolution_and_box_in_image_pixels(predictor, encoded):
     # CLIP letterbox (32): scale 32/61, content 19 x 32 (37 * 32/61 = 19.4), offsets x 0, y (32 - 19) // 2 = 6.
-    letterbox = Letterbox(scale=32 / 61, offset_x=0, offset_y=6, width=32, height=19, size=32)
+    letterbox = Letterbox(offset_x=0, offset_y=6, width=32, height=19, size=32, original_width=61, original_height=37)
     # SAM (64): 61 -> 64, 37 -> int(37 * 64/61 + 0.5) = 39 rows; half frame keeps ceil(39/2) = 20 rows, 32 columns.
     assert encoded.letterbox == letterbox
     assert encoded.input_size == (39, 64) and tuple(encoded.original_size) == (HEIGHT, WIDTH)
@@ -183,7 +183,8 @@ def test_outputs_at_original_resolution_and_box_in_image_pixels(predictor, encod
         np.testing.assert_allclose(prediction.logits, expected_logits[index, 0].numpy(), atol=1e-6)
         np.testing.assert_array_equal(prediction.mask, prediction.logits > 0)
         cx, cy, w, h = (raw.boxes[index] * 32).tolist()
-        by_hand = [(cx - w / 2) * 61 / 32, (cy - h / 2 - 6) * 61 / 32, (cx + w / 2) * 61 / 32, (cy + h / 2 - 6) * 61 / 32]
+        # each axis by its own ratio after rounding, as the release: x 61 / 32, y 37 / 19
+        by_hand = [(cx - w / 2) * 61 / 32, (cy - h / 2 - 6) * 37 / 19, (cx + w / 2) * 61 / 32, (cy + h / 2 - 6) * 37 / 19]
         np.testing.assert_allclose(prediction.box, by_hand, atol=1e-4)
         np.testing.assert_allclose(prediction.box, letterbox.box_to_image(raw.boxes[index]).numpy(), atol=1e-4)
         inside = torch.from_numpy(prediction.logits[prediction.mask])

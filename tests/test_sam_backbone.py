@@ -502,6 +502,38 @@ def test_mask_to_padded_frame_by_hand():
     np.testing.assert_array_equal(frame.numpy(), expected)
 
 
+def test_nearest_target_frames_go_back_where_they_were_sampled_by_hand():
+    # 8x8 image, S = 8: frame 4x4, identity resize. Frame rows 0, 10, 20, 30 down a column.
+    frame = torch.tensor([0.0, 10.0, 20.0, 30.0])[:, None].repeat(1, 4)[None, None]
+    # mask_to_padded_frame took frame row i from image row 2i + 1: read back from there, linearly in
+    # between (row 2 lies halfway between rows 1 and 3), clamped at the ends.
+    nearest = padded_frame_to_original(frame, (8, 8), (8, 8), 8, "nearest")[0, 0, :, 0]
+    assert nearest.tolist() == [0.0, 0.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0]
+    # The release's mapping puts frame row i at image coordinate 2i + 1 (between rows 2i and 2i + 1).
+    release = padded_frame_to_original(frame, (8, 8), (8, 8), 8, "release")[0, 0, :, 0]
+    assert release.tolist() == [0.0, 2.5, 7.5, 12.5, 17.5, 22.5, 27.5, 30.0]
+    with pytest.raises(ValueError, match="mask_target"):
+        padded_frame_to_original(frame, (8, 8), (8, 8), 8, "bilinear")
+
+
+def test_nearest_target_masks_come_back_in_place():
+    # A GT mask through mask_to_padded_frame and back ("a perfect answer" of a model trained on it) lies
+    # where the GT is with the nearest mapping; the release's mapping shifts it by half a pixel (discs of
+    # ShapeWorld's smallest radius, 12 px, at several sub-pixel centres; and a letterboxed 300x200 image).
+    yy, xx = np.mgrid[:256, :256]
+    for size, crop in ((256, (256, 256)), (256, (300, 200))):
+        ious = {"release": [], "nearest": []}
+        for cx in (100.0, 100.3, 100.6, 100.9):
+            mask = ((xx + 0.5 - cx) ** 2 + (yy + 0.5 - cx - 0.4) ** 2 <= 144)
+            mask = np.pad(mask, ((0, max(0, crop[0] - 256)), (0, 0)))[: crop[0], : crop[1]]
+            input_size = SAMImageTransform(size).input_size_for(mask.shape)
+            logits = (2 * mask_to_padded_frame(mask, size) - 1)[None, None]
+            for target in ious:
+                back = padded_frame_to_original(logits, input_size, mask.shape, size, target)[0, 0].numpy() > 0
+                ious[target].append((back & mask).sum() / (back | mask).sum())
+        assert np.mean(ious["nearest"]) > np.mean(ious["release"]) + 0.01, ious
+
+
 def test_mask_round_trip_iou():
     mask = np.zeros((97, 143), dtype=bool)
     mask[10:80, 20:130] = True

@@ -24,6 +24,7 @@ from ssp_sam.data.records import ReferringDataset
 from ssp_sam.data.registry import load_dataset
 from ssp_sam.data.shapeworld import generate_dataset
 from ssp_sam.engine import trainer as trainer_module
+from ssp_sam.engine.distributed import seed_rank_rngs
 from ssp_sam.engine.rec_validation import rec_accuracy
 from ssp_sam.config import ModelConfig
 from ssp_sam.engine.precision import resolve_precision
@@ -115,13 +116,15 @@ def test_referent_weights_reach_the_sampler(shapeworld_root, tmp_path):
         assert (weighted > 1.0) == location
 
 
-def test_mask_targets_follow_train_mask_target(shapeworld_root, tmp_path):
-    """release (the paper experiments' default): the release's GT processing; nearest: pixel-centred nearest."""
+def test_mask_targets_follow_model_mask_target(shapeworld_root, tmp_path):
+    """release (the paper experiments' default): the release's GT processing; nearest: pixel-centred nearest.
+    The model keeps its target, so that its checkpoint's masks are mapped back where they were drawn."""
     from ssp_sam.backbones.sam_frames import mask_to_padded_frame
     from ssp_sam.engine.protocols import release_gt_frame
 
     for target in ("release", "nearest"):
-        trainer = Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / target, tmp_path / "cache", f"train.mask_target={target}")))
+        trainer = Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / target, tmp_path / "cache", f"model.mask_target={target}")))
+        assert trainer.model.config.mask_target == target
         size = trainer.model.sam_image_size
         trainer.train_set.cache = None  # only the masks are looked at
         for index in range(2):
@@ -130,8 +133,55 @@ def test_mask_targets_follow_train_mask_target(shapeworld_root, tmp_path):
             assert torch.equal(trainer.train_set[0, index]["mask"], expected)
     # The two differ on these masks (the release's bilinear resize grows the edges), so the test can tell them apart.
     assert not torch.equal(torch.from_numpy(release_gt_frame(gt, size)).float(), mask_to_padded_frame(gt, size))
-    with pytest.raises(ConfigError, match="train.mask_target"):
-        Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "x", tmp_path / "cache", "train.mask_target=bicubic")))
+    with pytest.raises(ConfigError, match="model.mask_target: must be one of release, nearest, got 'bicubic'"):
+        Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "x", tmp_path / "cache", "model.mask_target=bicubic")))
+    with pytest.raises(ConfigError, match="train.mask_target: now model.mask_target"):
+        Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "x", tmp_path / "cache", "+train.mask_target=nearest")))
+
+
+def test_a_run_killed_while_saving_resumes_with_best_matching_last(shapeworld_root, tmp_path, monkeypatch):
+    """Killed between the two checkpoint saves of an epoch that improved: the resumed run must end with best/
+    holding the epoch that last/'s best_metric names (saving last/ first left best/ one improvement behind)."""
+    scores = {0: 0.3, 1: 0.5, 2: 0.4}  # validation score (the selection metric) per epoch
+    monkeypatch.setattr(Trainer, "validate", lambda self, epoch: {self._selection_metric(): scores[epoch]})
+    real_save, saves = Trainer._save, []
+
+    class Killed(BaseException):
+        pass
+
+    def save_then_die(self, name, epoch, metrics):
+        saves.append((name, epoch))
+        if saves.count(("best", 1)) + saves.count(("last", 1)) == 2:  # the second save of epoch 1
+            raise Killed
+        return real_save(self, name, epoch, metrics)
+
+    overrides = train_overrides(shapeworld_root, tmp_path / "run", tmp_path / "cache", "val.split=val", "train.max_steps_per_epoch=1")
+    monkeypatch.setattr(Trainer, "_save", save_then_die)
+    with pytest.raises(Killed):
+        Trainer(compose_train(overrides)).fit()
+    monkeypatch.setattr(Trainer, "_save", real_save)
+    result = Trainer(compose_train([*overrides, "resume=true"])).fit()
+    best = json.loads((tmp_path / "run" / "best" / "config.json").read_text())
+    assert result.best_metric == 0.5 and (best["epoch"], list(best["metrics"].values())) == (1, [0.5])
+
+
+def test_each_rank_and_epoch_draws_its_own_dropout_masks():
+    """One RNG stream on every rank would give rank r's j-th sample rank 0's j-th dropout mask (the release
+    seeds seed + rank); seeding by (seed, epoch, rank) also replays a resumed epoch without stored RNG state."""
+    def mask(step: int, rank: int) -> tuple[float, ...]:
+        seed_rank_rngs(3407, step, rank)
+        return tuple(torch.nn.functional.dropout(torch.ones(64), 0.5).tolist())
+
+    drawn = {(step, rank): mask(step, rank) for step in (0, 1) for rank in (0, 1)}
+    assert len(set(drawn.values())) == 4
+    assert mask(1, 1) == drawn[1, 1]
+
+
+def test_trainer_seeds_every_epoch_by_its_rank(shapeworld_root, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(trainer_module, "seed_rank_rngs", lambda *args: calls.append(args))
+    Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "run", tmp_path / "cache", "train.epochs=2", "seed=5"))).fit()
+    assert calls == [(5, 0, 0), (5, 1, 0)]
 
 
 def test_decoder_frozen_then_trained(shapeworld_root, tmp_path):
@@ -489,6 +539,18 @@ def test_typed_defaults_are_those_of_train_yaml():
     assert (config.train, config.val, config.test) == (default.train, default.val, default.test)
     assert (config.seed, config.resume, config.device, config.cache_batch_size) == (default.seed, default.resume, default.device, default.cache_batch_size)
     assert isinstance(config.model, ModelConfig) and isinstance(config.train.lr, float) and config.train.precision == "auto"
+
+
+@pytest.mark.parametrize("experiment, rec_run", [("refcoco_224", "rec_pretrain_224"), ("grefcoco_336", "rec_pretrain_336"), ("refcocog_336", "rec_pretrain_336")])
+def test_paper_stage_two_experiments_require_a_starting_point(experiment, rec_run, tmp_path):
+    """The release starts stage 2 from its REC pretraining: left out, the run would silently start from
+    random new modules, so the experiments make the choice a required key (null: start from scratch)."""
+    overrides = [f"experiment={experiment}", f"run_dir={tmp_path / 'run'}"]
+    with pytest.raises(ConfigError, match=rf"init_checkpoint: .*init_checkpoint=runs/{rec_run}/last.* or init_checkpoint=null"):
+        train_run_config_from(compose_train(overrides))
+    assert train_run_config_from(compose_train([*overrides, "init_checkpoint=null"])).init_checkpoint is None
+    chosen = train_run_config_from(compose_train([*overrides, f"init_checkpoint=runs/{rec_run}/last"]))
+    assert chosen.init_checkpoint == f"runs/{rec_run}/last"
 
 
 def test_precision_choice_is_printed_once(shapeworld_root, tmp_path, capsys):

@@ -69,7 +69,7 @@ def _sample(entry: Any, index: int, *, name: str, image_roots: Mapping[str, Path
         sample_id=str(index),
         image_id=entry.get("iid"),
         image_path=Path(image_roots[source]) / _image_file(entry, label),
-        expressions=tuple(r.strip() for r in refs),
+        expressions=tuple(refs),  # as written: the release counts words on the raw text (sentence_samples.word_count)
         sentence_ids=tuple(range(len(refs))),
         ann_ids=(),
         boxes_xyxy=(box,),

@@ -44,8 +44,9 @@ def release_mask_target(mask: np.ndarray, sam_image_size: int) -> Tensor:
     return torch.from_numpy(release_gt_frame(mask, sam_image_size)).float()
 
 
-# train.mask_target: how a GT mask (H, W) bool becomes the (S/2, S/2) float target of the mask losses.
-MASK_TARGETS: dict[str, Callable[[np.ndarray, int], Tensor]] = {"release": release_mask_target, "nearest": mask_to_padded_frame}
+# model.mask_target (one of sam_frames.MASK_TARGETS): how a GT mask (H, W) bool becomes the (S/2, S/2)
+# float target of the mask losses.
+MASK_TARGET_BUILDERS: dict[str, Callable[[np.ndarray, int], Tensor]] = {"release": release_mask_target, "nearest": mask_to_padded_frame}
 
 
 def check_expression_weights(
@@ -104,7 +105,7 @@ class ReferringTrainingSet(Dataset):
             run SAM).
         mask: (S/2, S/2) float 0/1 GT in the padded SAM frame (all zero for no-target), made by
             ``mask_frame(mask (H, W) bool, S)``: pixel-centred nearest by default, the release's
-            own processing when the trainer says so (``train.mask_target``); absent when
+            own processing when the trainer says so (``model.mask_target``); absent when
             ``need_masks`` is False (the REC stage trains on boxes only).
         box: (4,) GT (cx, cy, w, h) normalised to the CLIP square; for no-target the letterbox's
             top-left corner (offset_x / S_clip, offset_y / S_clip, 0, 0), as the release.

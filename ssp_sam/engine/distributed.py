@@ -54,7 +54,8 @@ def init_distributed(device: torch.device) -> DistInfo:
 
 def start_training_process(device: str, precision: str, seed: int) -> tuple[torch.device, Precision, DistInfo]:
     """The device (under ``torchrun`` on CUDA: this process's GPU), precision (``train.precision``; the choice
-    and its reason printed once) and process group of a training process; torch's and numpy's RNGs seeded.
+    and its reason printed once) and process group of a training process; torch's and numpy's RNGs seeded
+    (per rank: :func:`seed_rank_rngs`; the trainers seed again at every epoch or iteration).
 
     On a CPU: :func:`prepare_cpu_process`.
     """
@@ -68,9 +69,20 @@ def start_training_process(device: str, precision: str, seed: int) -> tuple[torc
         torch.cuda.set_device(resolved)
     if info.is_main:
         tqdm.write(f"precision: {chosen.name} ({chosen.reason})")
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
+    seed_rank_rngs(seed, 0, info.rank)
     return resolved, chosen, info
+
+
+def seed_rank_rngs(seed: int, step: int, rank: int) -> None:
+    """Seed torch's and numpy's global RNGs for one epoch (or iteration) ``step`` of process ``rank``.
+
+    Each rank draws its own dropout masks (one stream on every rank would repeat rank 0's masks on
+    the other ranks' samples: the release seeds ``seed + rank``), and a resumed run draws what the
+    uninterrupted one did from ``step`` on without storing any RNG state.
+    """
+    torch_seed, numpy_seed = np.random.SeedSequence([seed, step, rank]).generate_state(2)
+    torch.manual_seed(int(torch_seed))
+    np.random.seed(int(numpy_seed))
 
 
 def shutdown_distributed() -> None:

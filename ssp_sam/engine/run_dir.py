@@ -140,13 +140,13 @@ def open_run_dir(run_dir: Path, resume: bool, dist: DistInfo, config: Any = None
 
 
 def trainer_state(optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler, **progress: Any) -> dict[str, Any]:
-    """What ``last/`` keeps beside the weights (``trainer_state.pt``): optimizer, schedule, gradient scaler,
-    torch's RNG and the run's ``progress`` (epoch or iteration, best metric). Tensors and plain containers only."""
+    """What ``last/`` keeps beside the weights (``trainer_state.pt``): optimizer, schedule, gradient scaler
+    and the run's ``progress`` (epoch or iteration, best metric). Tensors and plain containers only. (No RNG
+    state: the trainers seed every epoch or iteration from the run's seed, ``distributed.seed_rank_rngs``.)"""
     return {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
         **progress,
     }
 
@@ -158,7 +158,6 @@ def restore_trainer_state(last: Path, optimizer: torch.optim.Optimizer, schedule
     scheduler.load_state_dict(state["scheduler"])
     if state["scaler"]:  # empty when the interrupted run used no gradient scaler
         scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["torch_rng"])
     return state
 
 

@@ -19,7 +19,7 @@ from typing import Any, Dict, Mapping, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import model_config_from
-from ..data.training import MASK_TARGETS, check_expression_weights
+from ..data.training import check_expression_weights
 from ..errors import ConfigError
 from ..outputs import check_output_dir
 from .config_fields import MISSING, check_fields, choice, lookup, merge_config, number
@@ -28,6 +28,7 @@ from .precision import PRECISIONS
 from .protocols import PROTOCOLS
 
 STAGES = ("rec", "res")
+REQUIRED = "<required>"  # an experiment's value for a key the command line must give (OmegaConf's "???" does not override)
 
 
 @dataclass
@@ -54,7 +55,6 @@ class TrainSection:
     # 0: the release's uniform random letterbox offsets; K: one of K fixed offsets per image, so the
     # frozen CLIP image tokens repeat and can be cached (image_cache_gb); a deviation from the release.
     clip_placements: int = number(0, 0)
-    mask_target: str = choice("release", tuple(MASK_TARGETS))
     expression_weights: Optional[Dict[str, float]] = None
     expression_weight_key: str = "kind"
     # {value: weight}: an epoch draws its referents (with replacement) by the mean weight of their
@@ -120,6 +120,8 @@ class TrainRunConfig:
 RENAMED = {
     "train.amp": "train.amp: replaced by train.precision=auto|fp32|bf16|fp16 (amp=false is precision=fp32; "
     "amp=auto was bf16/fp16 on CUDA and fp32 on a CPU; precision=auto also takes bf16 on native-bf16 CPUs)",
+    "train.mask_target": "train.mask_target: now model.mask_target (where the trained model draws its masks in "
+    "SAM's padded frame, which prediction needs to map them back, so the checkpoint keeps it)",
 }
 
 
@@ -132,6 +134,14 @@ def train_run_config_from(cfg: Mapping | DictConfig) -> TrainRunConfig:
             cannot run).
     """
     raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    if raw.get("init_checkpoint") == REQUIRED:
+        model_name = str((raw.get("model") or {}).get("name", ""))
+        rec_run = f"runs/rec_pretrain_{model_name[-3:]}" if model_name in ("ssp_sam_224", "ssp_sam_336") else "runs/<REC pretraining run>"
+        raise ConfigError(
+            "init_checkpoint: this experiment must say where stage 2 starts: the REC pretraining's last/ "
+            f"(init_checkpoint={rec_run}/last, as the release starts from its checkpoint0020) or "
+            "init_checkpoint=null (CLIP's and SAM's weights alone)"
+        )
     for key, message in RENAMED.items():
         if lookup(raw, key) is not MISSING:
             raise ConfigError(message)

@@ -61,7 +61,7 @@ from ..checkpoint import (
 from ..data.embedding_cache import EmbeddingCache
 from ..data.records import ReferringDataset
 from ..data.registry import load_splits
-from ..data.training import MASK_TARGETS, EpochBatchSampler, ReferringTrainingSet, collate, referent_weights
+from ..data.training import MASK_TARGET_BUILDERS, EpochBatchSampler, ReferringTrainingSet, collate, referent_weights
 from ..errors import ConfigError, SSPSAMError
 from ..feature_cache import ImageTokenCache, TextFeatureCache
 from ..image_io import load_image
@@ -74,7 +74,7 @@ from ..weight_files import read_weights
 from ..weight_identity import check_weight_files
 from .caching import dataset_image_roots, ensure_cache
 from .init_checkpoint import FrozenEncoder, describe_replaced, describe_resumed, encoders_replaced
-from .distributed import barrier, logged_terms, mean_across_ranks, shutdown_distributed, start_training_process
+from .distributed import barrier, logged_terms, mean_across_ranks, seed_rank_rngs, shutdown_distributed, start_training_process
 from .evaluator import evaluate
 from .host_memory import shared_with_forked_workers
 from .optim import adamw, build_schedule, optimizer_step, parameter_groups
@@ -175,7 +175,7 @@ class Trainer:
             need_masks=self.stage == "res",
             expression_weights=train.expression_weights,
             expression_weight_key=train.expression_weight_key,
-            mask_frame=MASK_TARGETS[train.mask_target],
+            mask_frame=MASK_TARGET_BUILDERS[self.model_config.mask_target],
         )
         if train.batch_size > len(self.train_set):
             raise ConfigError(f"train.batch_size={train.batch_size} is larger than the training set ({len(self.train_set)} referents)")
@@ -358,6 +358,7 @@ class Trainer:
         self.model.train()
         self._set_decoder_trainable(epoch)
         self.sampler.set_epoch(epoch)
+        seed_rank_rngs(self.config.seed, epoch, self.dist.rank)
         model = self._forward_model()
         losses: list[float] = []
         window: list[tuple[int, dict[str, float], dict[str, Tensor]]] = []  # (step, its lrs, its loss terms on the device)
@@ -458,7 +459,9 @@ class Trainer:
             output = self.model(clip_pixels, self.tokenizer(captions).to(self.device), embeddings)
         logits, boxes = output.mask_logits[:, 0].float().cpu(), output.boxes.float().cpu()
         for index, (image, (_, letterbox), caption) in enumerate(zip(images, letterboxed, captions)):
-            picture = padded_prediction_overlay(image, logits[index], boxes[index], letterbox, self.model.sam_image_size, caption)
+            picture = padded_prediction_overlay(
+                image, logits[index], boxes[index], letterbox, self.model.sam_image_size, self.model_config.mask_target, caption
+            )
             self.writer.add_image(f"val/overlay_{index}", np.asarray(picture), step, dataformats="HWC")
 
     def _selection_metric(self) -> str:
@@ -498,9 +501,11 @@ class Trainer:
                     improved = selection in metrics and (self.best_metric is None or metrics[selection] >= self.best_metric)
                     if improved:
                         self.best_metric = metrics[selection]
-                    self._save("last", epoch, metrics)
+                    # best/ first: a run killed between the two saves resumes from the previous last/ and
+                    # redoes this epoch, where last/ first would leave best/ older than last/'s best_metric.
                     if improved or "val" not in self.datasets:
                         self._save("best", epoch, metrics)
+                    self._save("last", epoch, metrics)
                     barrier(self.dist)
                     if self.dist.is_main:
                         shown = f", val {selection} {metrics[selection]:.4f}" if selection in metrics else ""

@@ -378,9 +378,13 @@ def point_prompt_miou(segment: PointSegmenter, scenes: Iterable[Scene]) -> tuple
 class SAMPointSegmenter:
     """A :data:`PointSegmenter` backed by a SAM: one click per mask, with the training prompt layout."""
 
-    def __init__(self, sam: Sam, point_slots: int) -> None:
+    def __init__(self, sam: Sam, point_slots: int, mask_target: str = "release") -> None:
+        """``mask_target``: where the SAM draws its padded-frame masks (``sam_frames.MASK_TARGETS``): "nearest"
+        for a SAM trained with ``loss_frame="padded"`` (its targets come from ``mask_to_padded_frame``),
+        "release" for ``loss_frame="image"`` (its loss already saw the logits mapped back that way)."""
         self.sam = sam
         self.point_slots = point_slots
+        self.mask_target = mask_target
         self.transform = SAMImageTransform(sam.prompt_encoder.input_image_size[0])
 
     @torch.no_grad()
@@ -395,7 +399,7 @@ class SAMPointSegmenter:
         prompts = PromptBatch.clicks(coords, labels).resized(self.transform, image.shape[:2]).to(device)
         low_res, _ = predict_masks(self.sam, pixels[None].to(device), prompts)
         padded = upscale_to_padded_frame(low_res, self.transform.image_size)
-        logits = padded_frame_to_original(padded, input_size, image.shape[:2], self.transform.image_size)
+        logits = padded_frame_to_original(padded, input_size, image.shape[:2], self.transform.image_size, self.mask_target)
         return (logits[:, 0] > 0).cpu().numpy()
 
 
@@ -496,7 +500,8 @@ def pretrain_sam(
     scenes = heldout_scenes(settings.seed, settings.eval_scenes)
     if progress:
         scenes = tqdm(scenes, desc="held-out mIoU", leave=False)
-    miou, instances = point_prompt_miou(SAMPointSegmenter(sam, settings.point_slots), scenes)
+    mask_target = "nearest" if settings.loss_frame == "padded" else "release"
+    miou, instances = point_prompt_miou(SAMPointSegmenter(sam, settings.point_slots, mask_target), scenes)
     if writer is not None:
         writer.add_scalar("sam/heldout_miou", miou, settings.steps)
         writer.close()

@@ -43,7 +43,7 @@ from ...data.embedding_cache import EmbeddingCache
 from ...data.training import collate
 from ...engine.caching import ensure_cache
 from ...engine.init_checkpoint import FrozenEncoder, describe_replaced, describe_resumed, encoders_replaced
-from ...engine.distributed import barrier, logged_terms, shutdown_distributed, start_training_process
+from ...engine.distributed import barrier, logged_terms, mean_across_ranks, seed_rank_rngs, shutdown_distributed, start_training_process
 from ...engine.host_memory import shared_with_forked_workers
 from ...engine.optim import adamw, cosine_schedule, optimizer_step
 from ...engine.run_dir import append_log, open_run_dir, restore_trainer_state, trainer_state, truncate_log
@@ -285,6 +285,14 @@ class OVSSTrainer:
 
     # ------------------------------------------------------------------------------------ steps
 
+    def _time_is_up(self, started: float) -> bool:
+        """Whether ``train.max_minutes`` of wall time have passed since ``started``, on the ranks' mean clock."""
+        limit = self.config.train.max_minutes
+        if limit is None:
+            return False
+        elapsed = mean_across_ranks(torch.tensor([time.monotonic() - started], device=self.device), self.dist)
+        return float(elapsed) >= 60 * limit
+
     def _train_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Forward, loss, backward, clipping, optimizer and schedule step. No host sync; returns the detached loss terms."""
         self.model.train()
@@ -396,13 +404,17 @@ class OVSSTrainer:
             with shared_with_forked_workers(enabled=self.loader.num_workers > 0):
                 for batch in self.loader:
                     lrs = {f"lr/{group['name']}": group["lr"] for group in self.optimizer.param_groups}
+                    seed_rank_rngs(self.config.seed, self.iteration, self.dist.rank)
                     window.append((self.iteration, lrs, self._train_step(batch)))
                     self.iteration += 1
                     progress.update(1)
                     done = self.iteration == train.iterations
-                    out_of_time = train.max_minutes is not None and time.monotonic() - started >= 60 * train.max_minutes
                     validate = self.val_set is not None and (self.iteration % self.config.val.every == 0 or done)
-                    save = self.iteration % train.save_every == 0 or done or out_of_time
+                    save = self.iteration % train.save_every == 0 or done
+                    # The clock is read where every rank is at the same iteration anyway (a full log window, a
+                    # validation or a save) and decided on the ranks' mean, so that all ranks stop together.
+                    out_of_time = (len(window) == train.log_every or validate or save) and not done and self._time_is_up(started)
+                    save = save or out_of_time
                     if len(window) == train.log_every or validate or save:
                         losses += self._log_window(window, progress)  # before anything of the window is saved
                         window = []
