@@ -96,8 +96,9 @@ class ModelConfig:
     release_quirks: bool = False  # switched on by the loader of released checkpoints
     no_target_pixels: int = 50  # a mask with fewer pixels in the padded SAM frame means "no target"
     # How training put GT masks into SAM's padded frame (ssp_sam/backbones/sam_frames.py, MASK_TARGETS):
-    # "release" (its processing) or "nearest" (frame pixel i = image pixel 2i + 1). It fixes where the
-    # trained model draws its masks, so predictions are mapped back to the image by the same rule.
+    # "release" (its processing), "nearest" (frame pixel i = image pixel 2i + 1) or "area" (the fraction
+    # of each frame pixel covered). It fixes where the trained model draws its masks, so predictions
+    # are mapped back to the image by the same rule.
     mask_target: str = "release"
     random_encoders: bool = False  # build CLIP/SAM with random weights where no weight file is given (tests, benchmarks)
 

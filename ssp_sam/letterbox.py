@@ -50,16 +50,18 @@ class Letterbox:
         return self.height / self.original_height
 
     def box_to_image(self, boxes_cxcywh_norm: Tensor) -> Tensor:
-        """(..., 4) cx, cy, w, h normalised to the square -> (..., 4) x1, y1, x2, y2 in original-image pixels.
-
-        Boxes are not clipped to the image (a prediction may reach into the padding).
+        """(..., 4) cx, cy, w, h normalised to the square -> (..., 4) x1, y1, x2, y2 in original-image pixels,
+        clipped to the image ([0, W] x [0, H]: a prediction may reach into the padding), as the release's
+        ``PostProcess`` returns its boxes and scores them.
         """
         center_x, center_y, box_width, box_height = (boxes_cxcywh_norm * self.size).unbind(-1)
         x1 = (center_x - box_width / 2 - self.offset_x) / self.scale_x
         y1 = (center_y - box_height / 2 - self.offset_y) / self.scale_y
         x2 = (center_x + box_width / 2 - self.offset_x) / self.scale_x
         y2 = (center_y + box_height / 2 - self.offset_y) / self.scale_y
-        return torch.stack([x1, y1, x2, y2], dim=-1)
+        xs = torch.stack([x1, x2], dim=-1).clamp(0, self.original_width)
+        ys = torch.stack([y1, y2], dim=-1).clamp(0, self.original_height)
+        return torch.stack([xs[..., 0], ys[..., 0], xs[..., 1], ys[..., 1]], dim=-1)
 
     def box_from_image(self, boxes_xyxy: Tensor) -> Tensor:
         """(..., 4) x1, y1, x2, y2 in original-image pixels -> (..., 4) cx, cy, w, h normalised to the square."""

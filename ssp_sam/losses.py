@@ -31,7 +31,7 @@ def dice_loss(logits: Tensor, targets: Tensor) -> Tensor:
 
     Args:
         logits: (B, H, W) or (B, 1, H, W) mask logits.
-        targets: same shape, values in {0, 1}.
+        targets: same shape, values in {0, 1} (or coverages in [0, 1]: ``model.mask_target=area``).
     Returns:
         scalar: the sum over the B masks (divide by the sample count yourself).
     """

@@ -570,8 +570,16 @@ def test_box_conversions():
     square_box = torch.tensor([0.5, 0.5, 0.25, 0.5])
     torch.testing.assert_close(box.box_to_image(square_box), torch.tensor([12.5, 25.0, 37.5, 75.0]))
     torch.testing.assert_close(box.box_from_image(torch.tensor([12.5, 25.0, 37.5, 75.0])), square_box)
-    boxes = torch.rand(5, 3, 4)
-    torch.testing.assert_close(box.box_from_image(box.box_to_image(boxes)), boxes)
+    corners = torch.rand(5, 3, 2, 2).sort(dim=2).values * torch.tensor([50.0, 100.0])  # boxes inside the 50 x 100 image
+    inside = corners.flatten(-2)  # x1, y1, x2, y2
+    torch.testing.assert_close(box.box_to_image(box.box_from_image(inside)), inside, rtol=0, atol=1e-4)
+
+
+def test_predicted_boxes_are_clipped_to_the_image():
+    """As the release's PostProcess: a box reaching into the letterbox padding ends at the image's edge
+    (100 x 200 at 224: content 224 x 112 at offset_y 56; (0.5, 0.5, 0.9, 0.9) spans y -40 .. 140)."""
+    _, box = letterbox_image(np.zeros((100, 200, 3), dtype=np.uint8), 224)
+    torch.testing.assert_close(box.box_to_image(torch.tensor([0.5, 0.5, 0.9, 0.9])), torch.tensor([10.0, 0.0, 190.0, 100.0]), rtol=0, atol=1e-3)
 
 
 def test_letterbox_mask():

@@ -62,17 +62,39 @@ def test_columns_follow_the_paper_then_other_datasets():
 
 def test_metric_choice_applies_to_res_columns_only():
     markdown, _ = make_tables(RESULTS, metric="oIoU")
+    assert markdown.splitlines()[0] == "Protocol: standard (metrics.md); RES and PhraseCut cells: oIoU"
     header, ours, _ = _markdown_rows(markdown)
     cells = dict(zip(header, ours))
     assert (cells["RefCOCO val"], cells["PhraseCut test"], cells["RefCOCO+ testA"]) == ("75.00", "50.00", "-")
     assert cells["gRefCOCO testB N-acc"] == "12.35"
 
 
+def test_splits_the_paper_does_not_print_get_their_own_columns():
+    """A result of a paper dataset's other split (PhraseCut val, refclef_unc testA) is shown after that
+    dataset's paper splits, never dropped."""
+    results = [_result("phrasecut", "val", {"mIoU": 0.3}, task="phrasecut"), _result("refclef_unc", "testA", {"mIoU": 0.2}),
+               _result("refcoco", "val", {"mIoU": 0.5})]
+    header, ours = _markdown_rows(make_tables(results)[0])
+    assert header[header.index("ReferIt test") + 1] == "ReferIt testA" and header[-1] == "PhraseCut val"
+    cells = dict(zip(header, ours))
+    assert (cells["PhraseCut val"], cells["ReferIt testA"], cells["RefCOCO val"]) == ("30.00", "20.00", "50.00")
+
+
+def test_one_label_for_two_checkpoints_is_refused():
+    """Rows are keyed by label, which defaults to the model's name: two checkpoints of one architecture
+    would share a row."""
+    first = {**_result("refcoco", "val", {"mIoU": 0.5}), "checkpoint": "runs/a/best", "checkpoint_sha256": "aa"}
+    second = {**_result("refcoco", "testA", {"mIoU": 0.6}), "checkpoint": "runs/b/best", "checkpoint_sha256": "bb"}
+    with pytest.raises(ValueError, match=r"run 'ours' names two checkpoints \(runs/a/best .*runs/b/best .*own label="):
+        make_tables([first, second])
+    assert "60.00" in make_tables([first, {**second, "checkpoint_sha256": "aa"}])[0]
+
+
 def test_latex_layout_and_escaping():
     results = [_result("refcoco", "val", {"mIoU": 0.5}, label="run_1 & 50% #2"), _result("grefcoco", "val", {"gIoU": 0.25}, task="gres")]
     _, latex = make_tables(results)
     note, *lines = latex.splitlines()
-    assert note == "% Protocol: standard (metrics.md)"
+    assert note == "% Protocol: standard (metrics.md); RES and PhraseCut cells: mIoU"
     assert lines[0] == r"\begin{tabular}{l" + "c" * (len(PAPER_HEADER) - 1) + "}"
     assert lines[2].startswith(r"Model & \multicolumn{3}{c}{RefCOCO} & \multicolumn{3}{c}{RefCOCO+} & \multicolumn{2}{c}{RefCOCOg} & ReferIt")
     assert r"\multicolumn{9}{c}{gRefCOCO} & PhraseCut \\" in lines[2]
@@ -120,7 +142,7 @@ def test_release_protocol_table_shows_the_release_numbers():
     assert (cells["gRefCOCO val gIoU"], cells["gRefCOCO val cIoU"], cells["gRefCOCO val N-acc"]) == ("60.00", "70.00", "75.00")
     assert cells["RefCOCO val"] == "55.00"
     assert dict(zip(*_markdown_rows(make_tables(results, metric="REC-acc", compact=True)[0])))["RefCOCO val"] == "80.00"
-    assert markdown.startswith("Protocol: ssp_sam_release (metrics.md); cells are the release's own arithmetic")
+    assert markdown.startswith("Protocol: ssp_sam_release (metrics.md); RES and PhraseCut cells: mIoU; cells are the release's own arithmetic")
     assert "its N-acc also counts targets scored IoU 1 and is not ReLA's N-acc" in markdown.splitlines()[0]
     assert latex.startswith("% Protocol: ssp_sam_release")
 

@@ -27,7 +27,8 @@ from ssp_sam.engine.precision import Precision
 from ssp_sam.errors import CheckpointError, ConfigError
 from ssp_sam.ovss.data import load_ovss_dataset
 from ssp_sam.ovss.engine.checkpoint import load_ovss_model, save_ovss_checkpoint
-from ssp_sam.ovss.engine.data import IterationBatchSampler
+from ssp_sam.ovss.engine.data import IterationBatchSampler, TrainingCrops
+from ssp_sam.ovss.resize import shortest_edge_size
 from ssp_sam.ovss.engine.evaluator import evaluate_ovss
 from ssp_sam.ovss.engine.train_config import OVSSEvalSection, ovss_train_config_from, settled_eval_section
 from ssp_sam.ovss.engine.trainer import PROPOSAL_CHECK_ITERATIONS, OVSSTrainer
@@ -59,6 +60,22 @@ def tiny_run(root: Path, run_dir: Path, *overrides: str):
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train_ovss", ["experiment=ovss_tiny", f"ovss_dataset.root={root}", f"run_dir={run_dir}", *overrides])
     return cfg
+
+
+def test_training_crops_follow_catsegs_mapper(tmp_path):
+    """detectron2's MAX_SIZE_TRAIN default (1333; CAT-Seg's configs keep it) caps the long side, and a resized
+    image smaller than the crop is padded with 128, its label with the ignore value (CAT-Seg's mapper)."""
+    write_bands(tmp_path, "train", 1, seed=3, height=24, width=96)  # 1:4, so 384 x 1536 would pass the cap
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        coco = ovss_train_config_from(compose("train_ovss", ["experiment=ovss_coco_vitb16_384", f"run_dir={tmp_path / 'coco'}"]))
+    assert (coco.train.short_side, coco.train.max_size, coco.train.precision) == (384, 1333, "fp32")  # fp32: CAT-Seg has no AMP
+    assert shortest_edge_size(384, 1536, 384, coco.train.max_size) == (333, 1333)
+    dataset = load_ovss_dataset(ovss_train_config_from(tiny_run(tmp_path, tmp_path / "run")).dataset_config("train"))
+    crops = TrainingCrops(dataset, 384, "random", 384, coco.train.max_size, False, seed=0)  # CAT-Seg's 384 crops
+    item = crops[0, 0]
+    assert item["image"].shape == (3, 384, 384)
+    assert torch.all(item["image"][:, 333:] == 128) and torch.all(item["label"][333:] == -1)
+    assert not torch.all(item["image"][:, :333] == 128)
 
 
 def test_training_lowers_the_loss_on_a_fixed_batch(bands, tmp_path):

@@ -157,6 +157,23 @@ def test_class_aggregation_is_permutation_equivariant():
         assert not torch.allclose(out[:, :, 0], out[:, :, 1])  # the classes do differ
 
 
+def test_class_aggregation_pools_as_catseg_trains_and_tests():
+    """CAT-Seg trains with POOLING_SIZES [2, 2] and evaluates with [1, 1] (its eval.sh): test_pooling in eval mode."""
+    torch.manual_seed(0)
+    x, guidance = torch.randn(2, 8, 5, 4, 4), torch.randn(2, 5, 6)
+    both = ClassAggregation(8, 6, num_heads=2, pooling=(2, 2), test_pooling=(1, 1))
+    pooled, unpooled = ClassAggregation(8, 6, num_heads=2, pooling=(2, 2)), ClassAggregation(8, 6, num_heads=2, pooling=(1, 1))
+    pooled.load_state_dict(both.state_dict())
+    unpooled.load_state_dict(both.state_dict())  # no weights depend on the pooling
+    with torch.no_grad():
+        assert torch.equal(both.train()(x, guidance), pooled(x, guidance))
+        assert torch.equal(both.eval()(x, guidance), unpooled(x, guidance))
+        assert not torch.allclose(pooled(x, guidance), unpooled(x, guidance))
+    assert ovss_config_from({"name": "x"}).aggregator.test_pooling is None  # ShapeWorld's: evaluated as trained
+    with pytest.raises(ConfigError, match=r"ovss_model.aggregator.test_pooling: needs two entries"):
+        ovss_config_from({"aggregator": {"test_pooling": [1]}})
+
+
 def test_whole_model_is_equivariant_to_the_class_order():
     model = tiny(variant="catseg").eval()
     images, _ = images_and_labels(batch=1)
@@ -379,6 +396,25 @@ def test_proposals_per_point_follow_multimask_output(multimask):
 
 
 # --- sliding window ------------------------------------------------------------------------------
+
+
+def test_sliding_window_first_resizes_as_detectron2s_test_mapper():
+    """CAT-Seg's configs resize the image to short side 640 (long side at most 2560, PIL bilinear: antialiased)
+    before its sliding window resizes to 640 x 640 and to the 384 global view; the output is at the image's size."""
+    image = torch.rand(3, 1536, 2048) * 255
+    seen = []
+
+    def record(crops):
+        seen.append(crops)
+        return torch.zeros(crops.shape[0], 1, 384, 384)
+
+    out = sliding_window_inference(record, image, window=384, overlap=0.333, out_size=640)
+    assert out.shape == (1, 1536, 2048)
+    mapped = F.interpolate(image[None], size=(640, 853), mode="bilinear", align_corners=False, antialias=True)  # 1536 -> 640
+    global_view = F.interpolate(mapped, size=(384, 384), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(seen[0][-1], global_view, rtol=0, atol=1e-3)
+    skipped = F.interpolate(image[None], size=(384, 384), mode="bilinear", align_corners=False)[0]  # the old, aliased path
+    assert (seen[0][-1] - skipped).abs().mean() > 10
 
 
 def test_sliding_window_averages_as_computed_by_hand():

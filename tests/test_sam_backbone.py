@@ -18,6 +18,7 @@ from ssp_sam.backbones.sam import SAM_VARIANTS, ContiguousPatchEmbed, build_sam,
 from ssp_sam.backbones.sam_decoder import SAMMaskHead, hypernetwork_masks
 from ssp_sam.backbones.sam_frames import (
     SAMImageTransform,
+    mask_to_area_frame,
     mask_to_padded_frame,
     padded_frame_to_original,
     upscale_to_padded_frame,
@@ -532,6 +533,32 @@ def test_nearest_target_masks_come_back_in_place():
                 back = padded_frame_to_original(logits, input_size, mask.shape, size, target)[0, 0].numpy() > 0
                 ious[target].append((back & mask).sum() / (back | mask).sum())
         assert np.mean(ious["nearest"]) > np.mean(ious["release"]) + 0.01, ious
+
+
+def test_area_target_by_hand():
+    # 4x4 mask at S = 4 (no resize): each 2x2 block's covered fraction; a 3x2 letterboxed mask at S = 6
+    # is resized to 6x4 (each pixel doubled), padded to 6x6 and averaged.
+    mask = np.array([[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]], dtype=bool)
+    assert mask_to_area_frame(mask, 4).tolist() == [[0.75, 0.0], [0.0, 1.0]]
+    small = np.array([[1, 0], [0, 0], [1, 1]], dtype=bool)
+    frame = mask_to_area_frame(small, 6)
+    assert frame.shape == (3, 3) and frame[:, 2].tolist() == [0.0, 0.0, 0.0]  # the padding
+    assert frame[:, :2].tolist() == [[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]]
+
+
+def test_area_target_answered_by_its_logits_gives_the_mask_back():
+    # The coverage's logits through the release's mapping (which "area" uses) are the disc itself; the
+    # binary "nearest" sample caps the same disc near 0.94.
+    yy, xx = np.mgrid[:256, :256]
+    mask = (xx + 0.5 - 100.3) ** 2 + (yy + 0.5 - 100.7) ** 2 <= 144
+    coverage = mask_to_area_frame(mask, 256)
+    assert set(coverage.unique().tolist()) > {0.0, 1.0}  # edges are fractions
+    logits = torch.logit(coverage.clamp(0.02, 0.98))[None, None]
+    back = padded_frame_to_original(logits, (256, 256), (256, 256), 256, "area")[0, 0].numpy() > 0
+    assert (back == mask).all()
+    nearest = padded_frame_to_original((2 * mask_to_padded_frame(mask, 256) - 1)[None, None], (256, 256), (256, 256), 256, "nearest")
+    binary = nearest[0, 0].numpy() > 0
+    assert (binary & mask).sum() / (binary | mask).sum() < 0.96
 
 
 def test_mask_round_trip_iou():

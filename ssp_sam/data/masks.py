@@ -4,8 +4,11 @@ Loading RefCOCO's train split must not rasterise 40 000 masks up front, so a sam
 "target" object that knows how to draw its referent on an (H, W) canvas. Two kinds live here:
 
 - :class:`CocoSegmentationMask`: the union of COCO-style segmentations (polygons, uncompressed RLE
-  as used by crowd annotations, compressed RLE, a list of RLEs as in refclef), rasterised by pycocotools exactly as the COCO and
-  REFER APIs do (``frPyObjects`` + ``merge`` + ``decode``).
+  as used by crowd annotations, compressed RLE, a list of RLEs as in refclef), rasterised by pycocotools
+  (``frPyObjects`` + ``merge`` + ``decode``) as the COCO API does. REFER's ``getMask`` sums the decoded
+  parts instead; the SSP-SAM release and ReLA keep every pixel > 0 of that sum (the union, as here),
+  LAVT only pixels equal to 1, so pixels where two polygons of one annotation overlap are background
+  in LAVT's ground truth (rare: most annotations' polygons do not overlap).
 - :class:`PngMask`: a binary mask image on disk (any non-zero pixel is foreground).
 
 Both return ``np.ndarray`` of dtype bool and shape (H, W) from ``decode(height, width)``.

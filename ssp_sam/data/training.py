@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..backbones.clip_tokenizer import CLIPTokenizer
-from ..backbones.sam_frames import mask_to_padded_frame, release_gt_frame
+from ..backbones.sam_frames import mask_to_area_frame, mask_to_padded_frame, release_gt_frame
 from ..errors import ConfigError, DatasetError
 from ..image_io import load_image
 from ..letterbox import fixed_placements, letterbox_image
@@ -46,7 +46,9 @@ def release_mask_target(mask: np.ndarray, sam_image_size: int) -> Tensor:
 
 # model.mask_target (one of sam_frames.MASK_TARGETS): how a GT mask (H, W) bool becomes the (S/2, S/2)
 # float target of the mask losses.
-MASK_TARGET_BUILDERS: dict[str, Callable[[np.ndarray, int], Tensor]] = {"release": release_mask_target, "nearest": mask_to_padded_frame}
+MASK_TARGET_BUILDERS: dict[str, Callable[[np.ndarray, int], Tensor]] = {
+    "release": release_mask_target, "nearest": mask_to_padded_frame, "area": mask_to_area_frame,
+}
 
 
 def check_expression_weights(
@@ -103,7 +105,8 @@ class ReferringTrainingSet(Dataset):
         sam_embedding: (C, h, w) cached SAM embedding of the image in the cache's storage dtype
             (fp32, fp16 or bf16); absent without a cache (the REC pretraining stage, which does not
             run SAM).
-        mask: (S/2, S/2) float 0/1 GT in the padded SAM frame (all zero for no-target), made by
+        mask: (S/2, S/2) float GT in the padded SAM frame, 0/1 (the "area" target: coverage in [0, 1];
+            all zero for no-target), made by
             ``mask_frame(mask (H, W) bool, S)``: pixel-centred nearest by default, the release's
             own processing when the trainer says so (``model.mask_target``); absent when
             ``need_masks`` is False (the REC stage trains on boxes only).

@@ -55,7 +55,8 @@ def init_distributed(device: torch.device) -> DistInfo:
 def start_training_process(device: str, precision: str, seed: int) -> tuple[torch.device, Precision, DistInfo]:
     """The device (under ``torchrun`` on CUDA: this process's GPU), precision (``train.precision``; the choice
     and its reason printed once) and process group of a training process; torch's and numpy's RNGs seeded
-    (per rank: :func:`seed_rank_rngs`; the trainers seed again at every epoch or iteration).
+    with ``seed`` alike on every rank, so that every rank builds the same model (random new modules,
+    random test encoders); the trainers seed per rank at every epoch or iteration (:func:`seed_rank_rngs`).
 
     On a CPU: :func:`prepare_cpu_process`.
     """
@@ -69,7 +70,8 @@ def start_training_process(device: str, precision: str, seed: int) -> tuple[torc
         torch.cuda.set_device(resolved)
     if info.is_main:
         tqdm.write(f"precision: {chosen.name} ({chosen.reason})")
-    seed_rank_rngs(seed, 0, info.rank)
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
     return resolved, chosen, info
 
 

@@ -63,9 +63,7 @@ def rec_accuracy(
         image_index = torch.repeat_interleave(torch.arange(len(chunk)), counts).to(device)
         boxes = model.decode(image_tokens[image_index], None, model.encode_text(tokens)).boxes.float().cpu()
         for sample, (_, letterbox), predicted in zip(chunk, placed, boxes.split(counts.tolist())):
-            height, width = sample.image_size
-            in_image = letterbox.box_to_image(predicted).clamp(min=0)
-            in_image = torch.minimum(in_image, torch.tensor([width, height, width, height], dtype=in_image.dtype))
+            in_image = letterbox.box_to_image(predicted)  # clipped to the image, as the release scores it
             gt = torch.tensor([sample.union_box_xyxy()], dtype=in_image.dtype)
             ious = torch.nan_to_num(box_iou(in_image, gt)[:, 0].double(), nan=0.0)
             totals += torch.tensor([(ious >= REC_IOU_THRESHOLD).double().mean(), ious.mean(), 1.0, len(ious)], dtype=torch.float64)

@@ -191,10 +191,14 @@ def _split_rank(split: str) -> tuple[int, str]:
 
 
 def _layout(results: Sequence[Mapping[str, Any]], metric: str) -> tuple[list[_Column], dict[str, str]]:
-    """Every column, and dataset name -> the title of its column group."""
+    """Every column, and dataset name -> the title of its column group. A paper dataset's splits the
+    paper does not print (RefCOCO train, PhraseCut val, refclef_unc's testA ...) follow its paper splits,
+    so that no result given is left out."""
     columns: list[_Column] = []
     group_of: dict[str, str] = {}
     for title, names, splits in PAPER_LAYOUT:
+        extra = {record["split"] for record in results if record["dataset"] in names} - {split for split, _ in splits}
+        splits = (*splits, *((split, split) for split in sorted(extra, key=_split_rank)))
         columns += _group_columns(title, splits, title == "gRefCOCO", metric)
         group_of.update({name: title for name in names})
     others: dict[str, tuple[bool, set[str]]] = {}
@@ -241,8 +245,16 @@ def _table_cells(results: Sequence[Mapping[str, Any]], metric: str) -> tuple[str
     protocol = _table_protocol(results)
     columns, group_of = _layout(results, metric)
     metrics_at: dict[str, dict[tuple[str, str], Mapping[str, Any]]] = {}
+    checkpoint_of: dict[str, Mapping[str, Any]] = {}  # label -> its first record that names a checkpoint
     for record in results:
         label, cell = _row_label(record), (group_of[record["dataset"]], record["split"])
+        if record.get("checkpoint_sha256"):
+            first = checkpoint_of.setdefault(label, record)
+            if first["checkpoint_sha256"] != record["checkpoint_sha256"]:
+                raise ValueError(
+                    f"run {label!r} names two checkpoints ({first.get('checkpoint')} for {first['dataset']} {first['split']}, "
+                    f"{record.get('checkpoint')} for {record['dataset']} {record['split']}): give each evaluation its own label="
+                )
         row = metrics_at.setdefault(label, {})
         if cell in row:
             raise ValueError(f"run {label!r} has two results for {cell[0]} {cell[1]}")
@@ -319,9 +331,9 @@ def _latex(columns: Sequence[_Column], rows: Mapping[str, Sequence[str]]) -> str
     return "\n".join(lines) + "\n"
 
 
-def _protocol_note(protocol: str) -> str:
-    """One line saying which protocol a table's numbers come from."""
-    note = f"Protocol: {protocol} (metrics.md)"
+def _protocol_note(protocol: str, metric: str) -> str:
+    """One line saying which protocol a table's numbers come from, and which metric its RES cells show."""
+    note = f"Protocol: {protocol} (metrics.md); RES and PhraseCut cells: {metric}"
     if protocol == "ssp_sam_release":
         note += (
             f"; cells are the release's own arithmetic (keys ending in '{RELEASE_SUFFIX.strip()}') where it differs: "
@@ -342,8 +354,8 @@ def make_tables(results: Sequence[Mapping[str, Any]], metric: str = "mIoU", comp
     (a LaTeX comment there).
 
     Raises:
-        ValueError: a record lacks a required key, the records are of different protocols, or
-            one run has two results for one cell.
+        ValueError: a record lacks a required key, the records are of different protocols, one
+            run has two results for one cell, or one label names two different checkpoints.
     """
     protocol, columns, rows = _table_cells(results, metric)
     if compact:
@@ -351,5 +363,5 @@ def make_tables(results: Sequence[Mapping[str, Any]], metric: str = "mIoU", comp
         keep = [i for i, c in enumerate(columns) if c.group in filled_groups]
         columns = [columns[i] for i in keep]
         rows = {label: [cells[i] for i in keep] for label, cells in rows.items()}
-    note = _protocol_note(protocol)
+    note = _protocol_note(protocol, metric)
     return f"{note}\n\n{_markdown(columns, rows)}", f"% {note}\n{_latex(columns, rows)}"

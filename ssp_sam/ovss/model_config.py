@@ -59,6 +59,9 @@ class AggregatorConfig:
     num_heads: int = 4
     window_size: int = 12  # Swin window of the spatial aggregation (on the 24x24 cost maps: 2x2 windows)
     pooling: List[int] = field(default_factory=lambda: [2, 2])  # average pooling inside class aggregation
+    # ... in eval mode: CAT-Seg trains with [2, 2] and evaluates with [1, 1] (its eval.sh sets
+    # POOLING_SIZES "[1,1]"); null: the training pooling (the ShapeWorld models). No weights depend on it.
+    test_pooling: Optional[List[int]] = None
     text_guidance_dim: int = 128
     appearance_guidance_dim: int = 128
     decoder_dims: List[int] = field(default_factory=lambda: [64, 32])
@@ -217,8 +220,9 @@ def _check(config: OVSSModelConfig) -> None:
         raise ConfigError("ovss_model: clip.guidance_layers and aggregator.decoder_dims need two entries (two x2 decoder blocks)")
     if len(aggregator.decoder_guidance_dims) != 2 or len(aggregator.decoder_guidance_proj_dims) != 2:
         raise ConfigError("ovss_model.aggregator: decoder_guidance_dims and decoder_guidance_proj_dims need two entries")
-    if len(aggregator.pooling) != 2:
-        raise ConfigError(f"ovss_model.aggregator.pooling: needs two entries (h, w), got {aggregator.pooling}")
+    for key, pooling in (("pooling", aggregator.pooling), ("test_pooling", aggregator.test_pooling or [1, 1])):
+        if len(pooling) != 2 or min(pooling) < 1:
+            raise ConfigError(f"ovss_model.aggregator.{key}: needs two entries (h, w) >= 1, got {pooling}")
     if aggregator.hidden_dim % aggregator.num_heads:
         raise ConfigError(
             f"ovss_model.aggregator.hidden_dim: {aggregator.hidden_dim} is not a multiple of num_heads {aggregator.num_heads}"

@@ -47,9 +47,9 @@ from ..predictor import resolve_device
 from ..visualize import class_colours, label_overlay
 from .data.classes import check_class_names, first_synonym
 from .engine.checkpoint import load_ovss_model, read_ovss_checkpoint_config
-from .engine.data import resize_image
 from .model import OVSSModel
-from .sliding_window import default_out_size, resize_probabilities, sliding_window_inference
+from .resize import resize_image, resize_probabilities
+from .sliding_window import default_out_size, sliding_window_inference
 
 # The ShapeWorld SAM-MI the README's demo uses once it is shipped (issue 14, item 5); scripts/predict.py
 # takes it when classes=[...] is given without a checkpoint.

@@ -1,6 +1,8 @@
 """CAT-Seg's sliding-window inference (``CATSeg.inference_sliding_window``) as a model-agnostic function.
 
-The image is resized (bilinear, aspect ratio not kept) to ``out_size``, cut into ``window`` x ``window``
+The image first goes through detectron2's test-time resize as CAT-Seg configures it (short side to
+``out_size``, 640, long side at most ``TEST_MAX_SIZE``; antialiased), is then resized (bilinear, aspect
+ratio not kept) to ``out_size``, cut into ``window`` x ``window``
 crops with stride ``int(window * (1 - overlap))`` (384 and 0.333 over 640: 2 x 2 crops at 0 and 256),
 plus the whole image resized to one window (the global view). All crops go through the model in one
 batch; the crops' probabilities are averaged where they overlap (fold / fold of ones), averaged 1:1 with
@@ -16,6 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, ImageError
+from .resize import resize_image, resize_probabilities, shortest_edge_size
+
+TEST_MAX_SIZE = 2560  # detectron2's INPUT.MAX_SIZE_TEST in CAT-Seg's configs (MIN_SIZE_TEST is 640 = out_size)
 
 
 def window_stride(window: int, overlap: float) -> int:
@@ -46,13 +51,6 @@ def check_sliding_window(window: int, overlap: float, out_size: int) -> None:
         )
 
 
-def resize_probabilities(probabilities: Tensor, size: tuple[int, int]) -> Tensor:
-    """(T, h, w) -> (T, H, W) bilinear (the way back from the model's square input); unchanged at the same size."""
-    if tuple(probabilities.shape[-2:]) == tuple(size):
-        return probabilities
-    return F.interpolate(probabilities[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
-
-
 def sliding_window_inference(
     predict: Callable[[Tensor], Tensor],
     image: Tensor,
@@ -76,9 +74,12 @@ def sliding_window_inference(
     unfold = nn.Unfold(kernel_size=window, stride=stride)
     fold = nn.Fold((out_size, out_size), kernel_size=window, stride=stride)
 
-    resized = F.interpolate(image[None].float(), size=(out_size, out_size), mode="bilinear", align_corners=False)
+    # detectron2's test mapper first (CAT-Seg's configs: short side MIN_SIZE_TEST = 640 = out_size, long side
+    # at most MAX_SIZE_TEST), antialiased as its PIL resize is; then CAT-Seg's own resizes, without antialiasing.
+    prepared = resize_image(image, shortest_edge_size(image.shape[1], image.shape[2], out_size, TEST_MAX_SIZE))[None]
+    resized = F.interpolate(prepared, size=(out_size, out_size), mode="bilinear", align_corners=False)
     crops = unfold(resized)[0].T.reshape(-1, 3, window, window)
-    global_view = F.interpolate(image[None].float(), size=(window, window), mode="bilinear", align_corners=False)
+    global_view = F.interpolate(prepared, size=(window, window), mode="bilinear", align_corners=False)
     probabilities = predict(torch.cat([crops, global_view], dim=0))
 
     tiles = probabilities[:-1].flatten(1).T  # (T * window^2, crops): fold's unbatched layout

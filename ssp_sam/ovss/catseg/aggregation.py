@@ -115,7 +115,7 @@ def linear_attention(queries: Tensor, keys: Tensor, values: Tensor, eps: float =
 class ClassAggregation(nn.Module):
     """Linear attention across the classes at every (pooled) position, guided by the class text embeddings.
 
-    The cost embedding is average-pooled (``pooling``) to save compute, attended across classes
+    The cost embedding is average-pooled (``pooling``; ``test_pooling`` in eval mode) to save compute, attended across classes
     (queries and keys from [x, text guidance], values from x; pre-norm, then a ReLU MLP), upsampled back
     bilinearly and added to the input. With ``pad_to`` the class axis is padded with one learned token
     (and one learned guidance vector) up to ``pad_to`` classes, as CAT-Seg does, so the attention always
@@ -124,10 +124,14 @@ class ClassAggregation(nn.Module):
     ``forward(x, text_guidance)``: x (B, C, T, H, W), text_guidance (B, T, G) -> (B, C, T, H, W).
     """
 
-    def __init__(self, dim: int, guidance_dim: int, num_heads: int, pooling: tuple[int, int], pad_to: int = 0) -> None:
+    def __init__(
+        self, dim: int, guidance_dim: int, num_heads: int, pooling: tuple[int, int], pad_to: int = 0,
+        test_pooling: tuple[int, int] | None = None,
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.pool = nn.AvgPool2d(tuple(pooling))
+        self.test_pool = self.pool if test_pooling is None else nn.AvgPool2d(tuple(test_pooling))
         self.norm1 = nn.LayerNorm(dim)
         self.q = nn.Linear(dim + guidance_dim, dim)
         self.k = nn.Linear(dim + guidance_dim, dim)
@@ -141,7 +145,8 @@ class ClassAggregation(nn.Module):
 
     def forward(self, x: Tensor, text_guidance: Tensor) -> Tensor:
         batch, channels, classes, height, width = x.shape
-        pooled = self.pool(x.transpose(1, 2).reshape(batch * classes, channels, height, width))
+        pool = self.pool if self.training else self.test_pool
+        pooled = pool(x.transpose(1, 2).reshape(batch * classes, channels, height, width))
         pooled_h, pooled_w = pooled.shape[-2:]
         tokens = pooled.view(batch, classes, channels, pooled_h * pooled_w).permute(0, 3, 1, 2)  # (B, HW, T, C)
         guidance = text_guidance[:, None].expand(-1, pooled_h * pooled_w, -1, -1)
@@ -181,10 +186,11 @@ class AggregationLayer(nn.Module):
         window_size: int,
         pooling: tuple[int, int],
         pad_to: int,
+        test_pooling: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.spatial = SpatialAggregation(dim, appearance_dim, resolution, num_heads, window_size)
-        self.classes = ClassAggregation(dim, text_dim, num_heads, pooling, pad_to)
+        self.classes = ClassAggregation(dim, text_dim, num_heads, pooling, pad_to, test_pooling)
 
     def forward(self, x: Tensor, appearance_guidance: Tensor, text_guidance: Tensor) -> Tensor:
         return self.classes(self.spatial(x, appearance_guidance), text_guidance)

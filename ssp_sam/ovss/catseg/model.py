@@ -99,6 +99,7 @@ class CATSeg(nn.Module):
                 agg.window_size,
                 tuple(agg.pooling),
                 agg.max_classes if agg.pad_classes else 0,
+                None if agg.test_pooling is None else tuple(agg.test_pooling),
             )
             for _ in range(agg.num_layers)
         ])

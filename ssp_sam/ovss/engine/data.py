@@ -32,28 +32,7 @@ from ...data.embedding_cache import EmbeddingCache
 from ...data.training import EpochBatchSampler
 from ...errors import DatasetError
 from ..data.dataset import IGNORE_INDEX, SemSegDataset
-
-
-def resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
-    """(3, H, W) uint8 or float -> (3, h, w) float, bilinear with antialiasing; unchanged values when the size is the same."""
-    if tuple(image.shape[-2:]) == tuple(size):
-        return image.float()
-    return F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False, antialias=True)[0]
-
-
-def resize_label(label: Tensor, size: tuple[int, int]) -> Tensor:
-    """(H, W) int64 -> (h, w) by nearest neighbour (detectron2's label resize)."""
-    if tuple(label.shape) == tuple(size):
-        return label
-    return F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].long()
-
-
-def shortest_edge_size(height: int, width: int, short_side: int, max_size: int) -> tuple[int, int]:
-    """detectron2's ``ResizeShortestEdge.get_output_shape``: short side to ``short_side``, long side at most ``max_size``."""
-    scale = short_side / min(height, width)
-    if max(height, width) * scale > max_size:
-        scale = max_size / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+from ..resize import resize_image, resize_label, shortest_edge_size
 
 
 @dataclass
@@ -108,7 +87,8 @@ class TrainingCrops(torch.utils.data.Dataset):
         if self.flip and rng.random() < 0.5:
             image, label = image.flip(-1), label.flip(-1)
         pad = (0, self.image_size - crop_w, 0, self.image_size - crop_h)
-        return {"image": F.pad(image, pad, value=0.0), "label": F.pad(label, pad, value=IGNORE_INDEX)}
+        # CAT-Seg's mapper pads the image with 128 (and the label with the ignore value) up to the crop
+        return {"image": F.pad(image, pad, value=128.0), "label": F.pad(label, pad, value=IGNORE_INDEX)}
 
 
 class IterationBatchSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):

@@ -31,8 +31,9 @@ from ...engine.host_memory import shared_with_forked_workers
 from ...engine.precision import Precision
 from ..data.dataset import SemSegDataset
 from ..model import OVSSModel
-from ..sliding_window import resize_probabilities, sliding_window_inference
-from .data import EvaluationImages, as_list, resize_image
+from ..resize import resize_image, resize_probabilities
+from ..sliding_window import sliding_window_inference
+from .data import EvaluationImages, as_list
 from .train_config import OVSSEvalSection, settled_eval_section
 
 

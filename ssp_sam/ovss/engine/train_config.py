@@ -51,7 +51,7 @@ class OVSSTrainSection:
     # the cached SAM embedding of a square image is that of the model's input).
     crop: str = choice("random", CROPS)
     short_side: int = number(384, 1)
-    max_size: int = number(2048, 1)
+    max_size: int = number(1333, 1)  # detectron2's INPUT.MAX_SIZE_TRAIN, which CAT-Seg's configs leave at its default
     flip: bool = True
     log_every: int = number(20, 1)  # steps between host syncs of the losses (logs, NaN check)
     save_every: int = number(5000, 1)  # iterations between last/ checkpoints (and at the end)
