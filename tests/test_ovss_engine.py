@@ -324,7 +324,8 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 def test_eval_script_scores_sliding_windows_as_a_plain_computation(bands, tiny_checkpoint, tmp_path):
     """scripts/eval.py on an OVSS checkpoint with CAT-Seg's sliding window over 80x96 images (window 64, stride 32
-    over the image resized to 96: 4 crops + the global view); the results JSON against crops predicted one by one."""
+    over the image resized to short side 96 and then to 96 x 96: 4 crops + the global view); the results JSON against
+    crops predicted one by one."""
     write_bands(bands, "wide", 2, seed=5, height=80, width=96)
     out = tmp_path / "results.json"
     done = run_script(
@@ -342,6 +343,8 @@ def test_eval_script_scores_sliding_windows_as_a_plain_computation(bands, tiny_c
         text = model.encode_classes(["red", "blue", "green"])
         for index in range(2):
             image = torch.from_numpy(np.array(Image.open(bands / "images" / "wide" / f"{index:03d}.png"))).permute(2, 0, 1).float()
+            # detectron2's test resize first: short side 80 -> 96 (out_size), 96 x 115.2 -> 96 x 115, antialiased
+            image = torch.nn.functional.interpolate(image[None], size=(96, 115), mode="bilinear", align_corners=False, antialias=True)[0]
             resized = torch.nn.functional.interpolate(image[None], size=(96, 96), mode="bilinear", align_corners=False)
             summed, count = torch.zeros(3, 96, 96), torch.zeros(96, 96)
             for top in (0, 32):

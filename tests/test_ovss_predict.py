@@ -48,7 +48,8 @@ def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
 def reference_probabilities(model, image: np.ndarray, names: list[str], sliding: bool) -> Tensor:
     """(T, H, W), written out plainly: CAT-Seg's sliding window as loops over crop offsets, each crop alone.
 
-    Sliding: the image resized to window + stride (64 + 42 for the tiny model), the window at every offset
+    Sliding: the image first resized as detectron2's test mapper does (short side to window + stride, 64 + 42
+    = 106 for the tiny model: 45 x 70 -> 106 x 165, antialiased), then to 106 x 106, the window at every offset
     0, stride, ... in both axes, probabilities summed and divided by how many crops cover a pixel, averaged
     1:1 with the whole image seen at window size, then resized to the image. Whole: resized to the window
     with antialiasing (downscaling averages, as the evaluator's resize does), probabilities resized back.
@@ -60,9 +61,11 @@ def reference_probabilities(model, image: np.ndarray, names: list[str], sliding:
     if not sliding:  # the evaluator's whole-image protocol: an antialiased resize (as PIL's) to the window
         square = F.interpolate(pixels, size=(window, window), mode="bilinear", align_corners=False, antialias=True)
         return _resize(model.predict(square, text), (height, width))[0]
-    global_view = model.predict(_resize(pixels, (window, window)), text)
     stride = int(window * (1 - 0.333))
     side = window + stride
+    assert (height, width, side) == (45, 70, 106)
+    pixels = F.interpolate(pixels, size=(106, 165), mode="bilinear", align_corners=False, antialias=True)
+    global_view = model.predict(_resize(pixels, (window, window)), text)
     resized = _resize(pixels, (side, side))
     total, covered = torch.zeros(len(names), side, side), torch.zeros(side, side)
     for top in range(0, side - window + 1, stride):

@@ -133,7 +133,7 @@ def test_mask_targets_follow_model_mask_target(shapeworld_root, tmp_path):
             assert torch.equal(trainer.train_set[0, index]["mask"], expected)
     # The two differ on these masks (the release's bilinear resize grows the edges), so the test can tell them apart.
     assert not torch.equal(torch.from_numpy(release_gt_frame(gt, size)).float(), mask_to_padded_frame(gt, size))
-    with pytest.raises(ConfigError, match="model.mask_target: must be one of release, nearest, got 'bicubic'"):
+    with pytest.raises(ConfigError, match="model.mask_target: must be one of release, nearest, area, got 'bicubic'"):
         Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "x", tmp_path / "cache", "model.mask_target=bicubic")))
     with pytest.raises(ConfigError, match="train.mask_target: now model.mask_target"):
         Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "x", tmp_path / "cache", "+train.mask_target=nearest")))
