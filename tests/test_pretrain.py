@@ -173,6 +173,24 @@ def test_sam_point_segmenter_gives_one_image_sized_mask_per_click(sam_run):
     assert masks.shape == (len(scene.objects), 256, 256) and masks.dtype == bool
 
 
+@pytest.mark.parametrize("loss_frame, mask_target", [("padded", "nearest"), ("image", "release")])
+def test_heldout_masks_are_read_back_where_the_loss_put_them(loss_frame, mask_target, monkeypatch):
+    """A padded-frame loss trains on mask_to_padded_frame's samples (frame pixel i = image pixel 2i + 1): the
+    held-out figure maps its masks back by that rule; the image-frame loss saw the release's mapping."""
+    import ssp_sam.pretrain.sam as sam_module
+
+    used = []
+    real = sam_module.SAMPointSegmenter
+    monkeypatch.setattr(sam_module, "SAMPointSegmenter", lambda sam, slots, target: used.append(target) or real(sam, slots, target))
+    settings = replace(TINY_SAM_SETTINGS, steps=1, eval_scenes=1, loss_frame=loss_frame)
+    pretrain_sam(TINY_SAM, settings, progress=False)
+    assert used == [mask_target]
+    sam = build_sam("custom", custom=TINY_SAM)
+    scene = generate_scene(3, "val", 0)
+    shifted = [real(sam, 2, target)(scene.image, centre_clicks(scene)) for target in ("release", "nearest")]
+    assert not np.array_equal(*shifted)  # the two rules do place the masks differently
+
+
 def test_heldout_miou_is_one_for_a_perfect_predictor_and_zero_for_an_empty_one():
     scenes = [generate_scene(7, "val", index) for index in range(3)]
     by_image = {id(scene.image): scene for scene in scenes}
