@@ -351,11 +351,18 @@ def read_checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
     config_path, config = read_config_file(path)
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise CheckpointError(f"{config_path}: no 'model' section")
-    if "mask_target" not in config["model"]:
-        run = config.get("run")
-        train = run.get("train") if isinstance(run, dict) else None
-        config["model"]["mask_target"] = train.get("mask_target", "release") if isinstance(train, dict) else "release"
+    config["model"].setdefault("mask_target", stored_mask_target(config))
     return config
+
+
+def stored_mask_target(config: Mapping[str, Any]) -> str:
+    """The ``model.mask_target`` a checkpoint's config.json stands for: its model section's, else (written
+    before the model kept it) its run's ``train.mask_target``, else the release's (the only target then)."""
+    model, run = config.get("model"), config.get("run")
+    if isinstance(model, Mapping) and "mask_target" in model:
+        return model["mask_target"]
+    train = run.get("train") if isinstance(run, Mapping) else None
+    return train.get("mask_target", "release") if isinstance(train, Mapping) else "release"
 
 
 def stored_sam_encoder_differs(model: SSPSAM, state: Mapping[str, Tensor]) -> bool:

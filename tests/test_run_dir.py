@@ -113,3 +113,20 @@ def test_resume_ignores_settings_newer_than_the_run(shapeworld_root, tmp_path):
     del stored["run"]["train"]["referent_weights"], stored["run"]["model"]["prompt_generator"]["positions_in_values"]
     config_path.write_text(json.dumps(stored))
     assert Trainer(compose_train([*overrides, "resume=true"])).start_epoch == 1
+
+
+def test_resume_reads_the_mask_target_of_a_run_from_before_the_model_kept_it(shapeworld_root, tmp_path):
+    """Runs written before model.mask_target named it train.mask_target: resuming compares against that."""
+    run = tmp_path / "run"
+    overrides = train_overrides(shapeworld_root, run, tmp_path / "cache", "model.mask_target=nearest")
+    first = Trainer(compose_train(overrides))
+    first.train_one_epoch(0)
+    first._save("last", 0, {})
+    config_path = run / "last" / "config.json"
+    stored = json.loads(config_path.read_text())
+    del stored["run"]["model"]["mask_target"], stored["model"]["mask_target"]
+    stored["run"]["train"]["mask_target"] = "nearest"
+    config_path.write_text(json.dumps(stored))
+    assert Trainer(compose_train([*overrides, "resume=true"])).start_epoch == 1
+    with pytest.raises(ConfigError, match=r"model.mask_target: 'nearest' -> 'area'"):
+        Trainer(compose_train([*train_overrides(shapeworld_root, run, tmp_path / "cache", "model.mask_target=area"), "resume=true"]))

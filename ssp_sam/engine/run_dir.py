@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import read_config_file, read_trainer_state
+from ..checkpoint import read_config_file, read_trainer_state, stored_mask_target
 from ..errors import ConfigError
 from ..fileio import INCOMPLETE, atomic_path, recover_directory
 from .config_fields import MISSING, lookup
@@ -94,9 +94,12 @@ def check_resumed_settings(last: Path, config: Any, notes: bool = True) -> None:
     config_path, stored = read_config_file(last)
     if not isinstance(stored, Mapping) or not isinstance(stored.get("run"), Mapping):
         raise ConfigError(f"{config_path}: no 'run' section, so the run's settings cannot be checked before resuming it")
+    run = dict(stored["run"])
+    if isinstance(run.get("model"), Mapping):  # a run of before model.mask_target: its train.mask_target
+        run["model"] = {**run["model"], "mask_target": stored_mask_target({"model": run["model"], "run": run})}
     changed = {}
     for key, value in _settings(config).items():
-        before = lookup(stored["run"], key)  # MISSING: a key newer than the run
+        before = lookup(run, key)  # MISSING: a key newer than the run
         if before is not MISSING and before != value and not _under(key, RESUME_FREE_SETTINGS):
             changed[key] = (before, value)
     for key in [key for key in changed if _under(key, RESUME_PATH_SETTINGS)]:
