@@ -4,7 +4,8 @@
 - SAM's low-resolution logits (``4 * S / patch`` per side), the "padded frame" (the letterboxed
   ``S x S`` input at half resolution, where training losses are computed) and the original image:
   :func:`upscale_to_padded_frame`, :func:`padded_frame_to_original`, and the ground truth's way into
-  the padded frame (:func:`release_gt_frame`, :func:`mask_to_padded_frame`).
+  the padded frame, one per training target (``MASK_TARGET_BUILDERS``: :func:`release_gt_frame`,
+  :func:`mask_to_padded_frame`, :func:`mask_to_area_frame`), whose choice the mapping back follows.
 """
 
 from __future__ import annotations
@@ -93,14 +94,6 @@ def valid_region(frame: torch.Tensor, input_size: Tuple[int, int]) -> torch.Tens
     column is half padding when h or w is odd).
     """
     return frame[..., : math.ceil(input_size[0] / 2), : math.ceil(input_size[1] / 2)]
-
-
-# How a training target puts a GT mask into the padded frame, which fixes where the frame pixels of
-# a model trained on it lie in the image, and so how its logits go back to the image
-# (:func:`padded_frame_to_original`): "release" (:func:`release_gt_frame`, the release's processing),
-# "nearest" (:func:`mask_to_padded_frame`, frame pixel i = resized-image pixel 2i + 1), "area"
-# (:func:`mask_to_area_frame`, frame pixel i = the fraction of resized pixels 2i and 2i + 1 covered).
-MASK_TARGETS = ("release", "nearest", "area")
 
 
 def padded_frame_to_original(
@@ -219,3 +212,17 @@ def mask_to_area_frame(mask: np.ndarray, image_size: int) -> torch.Tensor:
         coverage = F.interpolate(coverage, (h, w), mode="area")
     padded = F.pad(coverage, (0, image_size - w, 0, image_size - h))
     return F.avg_pool2d(padded, 2)[0, 0]
+
+
+def release_mask_target(mask: np.ndarray, image_size: int) -> torch.Tensor:
+    """The release's training target: :func:`release_gt_frame` as 0/1 float (S/2, S/2)."""
+    return torch.from_numpy(release_gt_frame(mask, image_size)).float()
+
+
+# model.mask_target: how a training target puts a GT mask (H, W) bool into the padded frame as the
+# (S/2, S/2) float target of the mask losses, which fixes where the frame pixels of a model trained on
+# it lie in the image, and so how its logits go back to the image (:func:`padded_frame_to_original`):
+# "release" (the release's processing), "nearest" (frame pixel i = resized-image pixel 2i + 1), "area"
+# (frame pixel i = the fraction of resized pixels 2i and 2i + 1 covered).
+MASK_TARGET_BUILDERS = {"release": release_mask_target, "nearest": mask_to_padded_frame, "area": mask_to_area_frame}
+MASK_TARGETS = tuple(MASK_TARGET_BUILDERS)

@@ -31,24 +31,12 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..backbones.clip_tokenizer import CLIPTokenizer
-from ..backbones.sam_frames import mask_to_area_frame, mask_to_padded_frame, release_gt_frame
+from ..backbones.sam_frames import mask_to_padded_frame
 from ..errors import ConfigError, DatasetError
 from ..image_io import load_image
 from ..letterbox import fixed_placements, letterbox_image
 from .embedding_cache import EmbeddingCache
 from .records import ReferringDataset, ReferringSample
-
-
-def release_mask_target(mask: np.ndarray, sam_image_size: int) -> Tensor:
-    """The release's training target: its GT processing (``backbones.sam.release_gt_frame``) as 0/1 float (S/2, S/2)."""
-    return torch.from_numpy(release_gt_frame(mask, sam_image_size)).float()
-
-
-# model.mask_target (one of sam_frames.MASK_TARGETS): how a GT mask (H, W) bool becomes the (S/2, S/2)
-# float target of the mask losses.
-MASK_TARGET_BUILDERS: dict[str, Callable[[np.ndarray, int], Tensor]] = {
-    "release": release_mask_target, "nearest": mask_to_padded_frame, "area": mask_to_area_frame,
-}
 
 
 def check_expression_weights(

@@ -96,7 +96,7 @@ def check_resumed_settings(last: Path, config: Any, notes: bool = True) -> None:
         raise ConfigError(f"{config_path}: no 'run' section, so the run's settings cannot be checked before resuming it")
     run = dict(stored["run"])
     if isinstance(run.get("model"), Mapping):  # a run of before model.mask_target: its train.mask_target
-        run["model"] = {**run["model"], "mask_target": stored_mask_target({"model": run["model"], "run": run})}
+        run["model"] = {**run["model"], "mask_target": stored_mask_target(stored)}
     changed = {}
     for key, value in _settings(config).items():
         before = lookup(run, key)  # MISSING: a key newer than the run

@@ -54,6 +54,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from ..backbones.clip_tokenizer import CLIPTokenizer
+from ..backbones.sam_frames import MASK_TARGET_BUILDERS
 from ..checkpoint import (
     SAM_ENCODER_PREFIX, WEIGHTS_FILE, keys_from_weight_files, load_own_weights, read_checkpoint_config, save_checkpoint,
     sam_encoder_state, stored_sam_encoder_differs, weight_files_of,
@@ -61,7 +62,7 @@ from ..checkpoint import (
 from ..data.embedding_cache import EmbeddingCache
 from ..data.records import ReferringDataset
 from ..data.registry import load_splits
-from ..data.training import MASK_TARGET_BUILDERS, EpochBatchSampler, ReferringTrainingSet, collate, referent_weights
+from ..data.training import EpochBatchSampler, ReferringTrainingSet, collate, referent_weights
 from ..errors import ConfigError, SSPSAMError
 from ..feature_cache import ImageTokenCache, TextFeatureCache
 from ..image_io import load_image
