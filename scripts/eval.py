@@ -34,7 +34,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ssp_sam.checkpoint import load_model
 from ssp_sam.cli import reports_errors
 from ssp_sam.data.registry import load_dataset
-from ssp_sam.engine.caching import dataset_image_roots, ensure_cache, evaluation_cache_dtype
+from ssp_sam.engine.caching import cache_dtype_for, dataset_image_roots, ensure_cache
 from ssp_sam.engine.distributed import DistInfo, init_distributed, prepare_cpu_process, shutdown_distributed
 from ssp_sam.engine.evaluator import evaluate
 from ssp_sam.engine.precision import resolve_precision
@@ -101,7 +101,7 @@ def main(cfg: DictConfig) -> None:
             cache = ensure_cache(
                 cfg.cache_dir, dataset.image_paths(), dataset_image_roots(dataset_cfg), encoder, model.config.sam_variant,
                 model.config.sam_checkpoint, model.sam_image_size, device, dist_info, int(cfg.cache_batch_size),
-                evaluation_cache_dtype(str(cfg.cache_dtype), precision), bool(cfg.progress),
+                cache_dtype_for(str(cfg.cache_dtype), precision), bool(cfg.progress),
             )
         if dist_info.is_main:
             print(f"precision: {precision.name} ({precision.reason})")

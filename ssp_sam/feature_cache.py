@@ -81,15 +81,18 @@ def clip_fingerprint(backbone: CLIPSurgeryBackbone, tower: str) -> str:
 
     Every name, dtype, shape and byte of the tower's weights (of the image tower: its frozen ones), the
     CLIP-Surgery depth and the fine-tuned blocks (image) or the context length (text), and
-    :data:`FORWARD_VERSION`. Computed once per backbone and weight state
-    (remembered until a tensor is replaced or modified in place, e.g. by ``load_state_dict``).
+    :data:`FORWARD_VERSION`. Computed once per backbone and weight state while no tensor of the tower
+    requires grad (remembered until a tensor is replaced or modified in place, e.g. by ``load_state_dict``);
+    a tower with trainable tensors is hashed at every call, since an optimizer may change them in place
+    without bumping their version (torch's fused AdamW does).
     """
     if tower not in ("text", "image"):
         raise ValueError(f"tower must be 'text' or 'image', got {tower!r}")
     tensors = _tower_tensors(backbone, tower)
     signature = tuple((name, tensor.data_ptr(), tensor._version, tensor.device) for name, tensor in tensors)
+    trainable = any(tensor.requires_grad for _, tensor in tensors)
     remembered = _fingerprints.setdefault(backbone, {}).get(tower)
-    if remembered is not None and remembered[0] == signature:
+    if remembered is not None and remembered[0] == signature and not trainable:
         return remembered[1]
     shape_setting: object = backbone.surgery_blocks if tower == "image" else backbone.context_length
     if tower == "image" and backbone.finetune_image_blocks:  # entries are then the frozen blocks' output
@@ -100,7 +103,8 @@ def clip_fingerprint(backbone: CLIPSurgeryBackbone, tower: str) -> str:
         digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}\n".encode())
         digest.update(flat.view(torch.uint8).numpy())
     fingerprint = digest.hexdigest()
-    _fingerprints[backbone][tower] = (signature, fingerprint)
+    if not trainable:
+        _fingerprints[backbone][tower] = (signature, fingerprint)
     return fingerprint
 
 

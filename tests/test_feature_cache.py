@@ -112,6 +112,24 @@ def test_other_clip_weights_or_precision_are_other_entries():
     assert cache.misses == 3
 
 
+def test_a_trainable_tower_changed_by_a_fused_optimizer_is_other_entries():
+    """torch's fused AdamW (the trainers') writes the weights in place without bumping their version: a tower
+    with trainable tensors must not be recognised by version alone."""
+    model = tiny_model()
+    weights = [model.clip.clip.text_projection]
+    weights[0].requires_grad_(True)
+    optimizer = torch.optim.AdamW(weights, lr=0.1, fused=True)
+    cache, tokens = TextFeatureCache(), _tokens([[500]])
+    before = cache.encode(model, tokens).sentence
+    version = weights[0]._version
+    weights[0].grad = torch.ones_like(weights[0])
+    optimizer.step()
+    assert weights[0]._version == version  # what the memo used to trust
+    after = cache.encode(model, tokens).sentence
+    assert cache.misses == 2 and not torch.allclose(after, before)
+    _close(after, model.encode_text(tokens.to(model.device)).sentence.detach())
+
+
 def test_memory_is_bounded_least_recently_used_first():
     model = tiny_model()
     entry_bytes = 77 * model.clip.text_width * 4 + model.clip.embed_dim * 4

@@ -295,6 +295,44 @@ def test_checkpoints_round_trip_with_their_vocabulary(tmp_path):
         load_ovss_model(tmp_path / "ckpt", overrides={"variant": "catseg"})  # no DMI channels in CAT-Seg's decoder
 
 
+def test_unseen_names_are_left_out_of_training_unless_asked(tmp_path):
+    """train.vocabulary=seen (inductive zero-shot): the unseen names are not in the training vocabulary, labels
+    are renumbered onto the seen names and an unseen class's pixels ignored; =all keeps every name as a
+    negative; a run stored before the key trained with all of them, so resuming it with the default is refused."""
+    write_bands(tmp_path, "train", 2, seed=0)
+    (tmp_path / "classes.json").write_text(json.dumps({"classes": ["red", "blue", "green"], "unseen_classes": ["blue"]}))
+    raw = load_ovss_dataset({
+        "name": "bands", "root": str(tmp_path), "split": "train", "image_dir": "images/train",
+        "label_dir": "labels/train", "image_ext": ".png", "label_ext": ".png", "classes": "classes.json", "ignore_value": 255,
+    })
+    renumbered = raw.without_unseen()
+    assert renumbered.class_names == ("red", "green") and raw.class_names == ("red", "blue", "green")
+    file_label = np.array(Image.open(tmp_path / "labels" / "train" / "000.png")).astype(np.int64)
+    expected = np.select([file_label == 0, file_label == 2], [0, 1], default=-1)  # blue (1) and 255 ignored
+    assert (file_label == 1).any() and np.array_equal(renumbered[0]["label"].numpy(), expected)
+    assert np.array_equal(raw[0]["label"].numpy(), np.where(file_label == 255, -1, file_label))
+
+    common = ("train.crop=none", "train.batch_size=2", "train.iterations=1", "train.save_every=1")
+    seen = OVSSTrainer(tiny_run(tmp_path, tmp_path / "seen", *common))
+    assert seen.class_names == ("red", "green")
+    seen.fit()
+    assert load_ovss_model(tmp_path / "seen" / "last").class_names == ("red", "green")
+    every = OVSSTrainer(tiny_run(tmp_path, tmp_path / "all", *common, "train.vocabulary=all"))
+    assert every.class_names == ("red", "blue", "green")
+    every.fit()
+    config = tmp_path / "all" / "last" / "config.json"
+    stored = json.loads(config.read_text())
+    del stored["run"]["train"]["vocabulary"]  # as saved before the key existed
+    config.write_text(json.dumps(stored))
+    with pytest.raises(ConfigError, match=r"train.vocabulary: 'all' -> 'seen'"):
+        OVSSTrainer(tiny_run(tmp_path, tmp_path / "all", *common, "resume=true"))
+
+
+def test_a_zero_shot_selection_metric_needs_unseen_classes_before_training(bands, tmp_path):
+    with pytest.raises(ConfigError, match="val.metric=mIoU seen: the validation split train names no unseen classes"):
+        OVSSTrainer(tiny_run(bands, tmp_path / "run", "val.split=train", "val.metric=mIoU seen"))
+
+
 def plain_confusion(predicted: list[np.ndarray], labels: list[np.ndarray], classes: int) -> np.ndarray:
     confusion = np.zeros((classes, classes), np.int64)
     for p, gt in zip(predicted, labels):

@@ -407,6 +407,20 @@ def test_sam_embeddings_travel_in_their_storage_dtype(shapeworld_root, tmp_path)
     assert all(torch.equal(from_half[k], from_float[k]) for k in from_half)
 
 
+@pytest.mark.parametrize("precision, stored", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_sam_embeddings_are_cached_in_the_training_precision(shapeworld_root, tmp_path, monkeypatch, precision, stored):
+    """On a machine where precision=auto means bf16 (made so here), an fp32 training fills and reads fp32
+    entries, as the release computes them, and a bf16 one bf16 entries."""
+    import ssp_sam.engine.caching as caching
+    from ssp_sam.engine.precision import Precision
+
+    monkeypatch.setattr(caching, "resolve_precision", lambda name, device: Precision("bf16", "native bf16 (test)"))
+    trainer = Trainer(compose_train(train_overrides(
+        shapeworld_root, tmp_path / "run", tmp_path / "cache", f"train.precision={precision}",
+    )))
+    assert trainer.cache.get(trainer.train_set.dataset[0].image_path, dtype=None).dtype == stored
+
+
 def test_validation_overlays_match_the_predictor(shapeworld_root, tmp_path):
     """The trainer draws its overlays from one batched forward of the model (no Predictor); the pictures
     are those of the Predictor's masks and boxes for the same sentences."""

@@ -60,10 +60,11 @@ def remembered_fingerprint(weights: str | os.PathLike, cache_root: str | os.Path
     return remembered_sha256(weights, Path(cache_root) / "fingerprints", hash_file=sam_weights_fingerprint)
 
 
-def evaluation_cache_dtype(cache_dtype: str, precision: Precision) -> str:
-    """The cache dtype an evaluation asks for: ``auto`` uses entries of any dtype, except that an fp32
-    evaluation reads fp32 entries only (others are recomputed), so that ``precision=fp32`` gives fp32
-    numbers and not those of bf16 embeddings cached by an earlier bf16 run."""
+def cache_dtype_for(cache_dtype: str, precision: Precision) -> str:
+    """The cache dtype a run (evaluation or training) asks for: ``auto`` uses entries of any dtype, except
+    that an fp32 run reads and writes fp32 entries only (others are recomputed), so that ``precision=fp32``
+    gives fp32 numbers and not those of bf16 embeddings cached by an earlier bf16 run or by ``auto``'s
+    choice on a native-bf16 machine."""
     return "fp32" if cache_dtype == "auto" and precision.name == "fp32" else cache_dtype
 
 

@@ -55,6 +55,12 @@ RESUME_FREE_SETTINGS = (
     "train.workers", "train.log_every", "train.max_minutes", "train.save_every", "train.text_cache_gb",
     "train.image_cache_gb", "val.max_batch", "val.overlays", "test", "eval",
 )
+# Keys added after runs were stored without them, whose default is not what those runs did: the value
+# a run that lacks the key trained with (compared on resume as if stored). Other new keys default to the
+# old behaviour and are not compared.
+BEHAVIOUR_BEFORE_KEY = {
+    "train.vocabulary": "all",  # OVSS: every class name was a negative in training until 2026-11-30
+}
 # Paths, free likewise (the same files on another machine), but each change is printed.
 RESUME_PATH_SETTINGS = (
     "model.clip_checkpoint", "model.sam_checkpoint", "dataset.root", "dataset.image_root",
@@ -86,7 +92,8 @@ def check_resumed_settings(last: Path, config: Any, notes: bool = True) -> None:
 
     ``config`` is the resumed run's config (the dataclass whose ``to_dict()`` every checkpoint
     stores as ``run``). A key absent from the stored run is newer than the run and not compared
-    (new keys default to the old behaviour). Prints a note per changed path (``notes``: on one rank only).
+    (new keys default to the old behaviour), unless ``BEHAVIOUR_BEFORE_KEY`` says what the run did
+    without it. Prints a note per changed path (``notes``: on one rank only).
 
     Raises:
         ConfigError: naming every other changed key with the run's and the new value.
@@ -100,6 +107,8 @@ def check_resumed_settings(last: Path, config: Any, notes: bool = True) -> None:
     changed = {}
     for key, value in _settings(config).items():
         before = lookup(run, key)  # MISSING: a key newer than the run
+        if before is MISSING:
+            before = BEHAVIOUR_BEFORE_KEY.get(key, MISSING)
         if before is not MISSING and before != value and not _under(key, RESUME_FREE_SETTINGS):
             changed[key] = (before, value)
     for key in [key for key in changed if _under(key, RESUME_PATH_SETTINGS)]:

@@ -73,7 +73,7 @@ from ..model import build_model, build_sam_image_encoder
 from ..visualize import padded_prediction_overlay
 from ..weight_files import read_weights
 from ..weight_identity import check_weight_files
-from .caching import dataset_image_roots, ensure_cache
+from .caching import cache_dtype_for, dataset_image_roots, ensure_cache
 from .init_checkpoint import FrozenEncoder, describe_replaced, describe_resumed, encoders_replaced
 from .distributed import barrier, logged_terms, mean_across_ranks, seed_rank_rngs, shutdown_distributed, start_training_process
 from .evaluator import evaluate
@@ -158,11 +158,13 @@ class Trainer:
         self.datasets = self._read_datasets()
         self.cache = self._prepare_cache() if self.stage == "res" else None
         self.tokenizer = CLIPTokenizer(self.model.clip.context_length, self.model_config.append_period)
-        # CLIP is frozen: a sentence's text features are computed at its first visit only. A text tower that
-        # trains is run at every training step (a cached entry would carry no graph); validation still uses
-        # the cache, whose entries are keyed by the tower's current weights.
-        self.text_cache = TextFeatureCache(max_bytes=int(train.text_cache_gb * 2**30)) if train.text_cache_gb > 0 else None
-        self.train_text_cache = None if self.model_config.finetune_text_encoder else self.text_cache
+        # A frozen text tower's features are computed at a sentence's first visit only. A tower that trains
+        # has no run-long cache: it runs at every training step (a cached entry would carry no graph), and
+        # each validation fills a cache of its own (evaluate's default), since the weights move in between.
+        frozen_text = not self.model_config.finetune_text_encoder
+        self.text_cache = (
+            TextFeatureCache(max_bytes=int(train.text_cache_gb * 2**30)) if train.text_cache_gb > 0 and frozen_text else None
+        )
         self.image_cache = ImageTokenCache(max_bytes=int(train.image_cache_gb * 2**30)) if train.image_cache_gb > 0 else None
         self.train_set = ReferringTrainingSet(
             self.datasets["train"],
@@ -277,7 +279,7 @@ class Trainer:
             self.config.cache_dir, [p for d in self.datasets.values() for p in d.image_paths()], dataset_image_roots(self.dataset_cfg),
             encoder, config.sam_variant, None if self._sam_encoder_from_checkpoint else config.sam_checkpoint,
             self.model.sam_image_size, self.device, self.dist,
-            batch_size=self.config.cache_batch_size,
+            batch_size=self.config.cache_batch_size, dtype=cache_dtype_for("auto", self.precision),
         )
 
     def _load_resumed_weights(self, last: Path) -> None:
@@ -409,13 +411,13 @@ class Trainer:
         for the device. Returns the loss terms (0-dim, detached, on the device).
         """
         tokens, clip_pixels = batch["tokens"], batch["clip_pixels"]  # on the CPU: the caches key them without a device sync
-        keyed = {"tokens": self.train_text_cache, "clip_pixels": self.image_cache}  # what a cache encodes from the CPU copy
+        keyed = {"tokens": self.text_cache, "clip_pixels": self.image_cache}  # what a cache encodes from the CPU copy
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if keyed.get(k) is None}
         sam_embedding = batch.get("sam_embedding")
         if sam_embedding is not None:
             sam_embedding = sam_embedding.float()  # stored as fp16/bf16/fp32 in the cache, converted here
         with self.precision.autocast(self.device):
-            text = self.train_text_cache.encode(self.model, tokens) if self.train_text_cache is not None else batch["tokens"]
+            text = self.text_cache.encode(self.model, tokens) if self.text_cache is not None else batch["tokens"]
             image = self.image_cache.encode(self.model, clip_pixels) if self.image_cache is not None else batch["clip_pixels"]
             output = model(image, text, sam_embedding)
         if self.stage == "rec":

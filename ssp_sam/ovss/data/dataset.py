@@ -147,6 +147,26 @@ class SemSegDataset(torch.utils.data.Dataset):
         self.background_from = background_from
         self.unseen_classes = tuple(unseen_classes)
         self.samples = tuple(SemSegSample(image, label, self.class_names, self.ignore_value) for image, label in pairs)
+        # Label value -> the value items carry (IGNORE_INDEX: not scored); None: the file's values
+        self._label_lookup: np.ndarray | None = None
+
+    def without_unseen(self) -> SemSegDataset:
+        """This split with its unseen classes' names left out, for training in the inductive zero-shot
+        protocol: ``class_names`` keeps the seen names in their order, items' labels are renumbered onto
+        them and an unseen class's pixels are ignored (ShapeWorld-OVSS's training split has none: the
+        ignore is the rule for lists that name unseen classes of a split that shows them). ``self`` when
+        nothing is unseen."""
+        if not self.unseen_classes:
+            return self
+        if self.background_from is not None:
+            raise DatasetError(f"dataset {self.name}: unseen classes together with background_from are not supported")
+        seen = tuple(name for name in self.class_names if name not in self.unseen_classes)
+        lookup = np.full(len(self.class_names), IGNORE_INDEX, dtype=np.int64)
+        lookup[[self.class_names.index(name) for name in seen]] = np.arange(len(seen))
+        dataset = SemSegDataset(self.name, self.split, [], seen, self.ignore_value)
+        dataset.samples = self.samples  # their files index the whole list; __getitem__ renumbers
+        dataset._label_lookup = lookup
+        return dataset
 
     @property
     def label_class_names(self) -> tuple[str, ...]:
@@ -174,7 +194,8 @@ class SemSegDataset(torch.utils.data.Dataset):
                 image_size = read_image_size(sample.image_path)
             except ImageError as exc:
                 raise DatasetError(str(exc)) from exc
-        return read_label_map(sample.label_path, self.ignore_value, len(self.label_class_names), image_size)
+        values = len(self.label_class_names) if self._label_lookup is None else len(self._label_lookup)
+        return read_label_map(sample.label_path, self.ignore_value, values, image_size)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
@@ -184,6 +205,9 @@ class SemSegDataset(torch.utils.data.Dataset):
             raise DatasetError(str(exc)) from exc
         labels = self.read_label(index, image.shape[:2])
         labels[labels == self.ignore_value] = IGNORE_INDEX
+        if self._label_lookup is not None:
+            labelled = labels != IGNORE_INDEX
+            labels[labelled] = self._label_lookup[labels[labelled]]
         return {
             "image": torch.from_numpy(image).permute(2, 0, 1).contiguous(),
             "label": torch.from_numpy(labels),

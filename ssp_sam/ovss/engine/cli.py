@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ...engine.distributed import init_distributed, prepare_cpu_process, shutdown_distributed
-from ...engine.caching import ensure_cache, evaluation_cache_dtype
+from ...engine.caching import ensure_cache, cache_dtype_for
 from ...engine.config_fields import check_fields, merge_config
 from ...engine.precision import resolve_precision
 from ...engine.reporting import checkpoint_sha256, command_line
@@ -89,7 +89,7 @@ def run_ovss_eval(cfg: DictConfig) -> None:
             cache = ensure_cache(
                 cfg.cache_dir, [s.image_path for s in dataset.samples[: cfg.max_images]], [Path(str(dataset_cfg["root"]))],
                 proposer.image_encoder, loaded.config.sam.variant, loaded.config.sam.checkpoint, proposer.sam_size, device,
-                dist_info, int(cfg.cache_batch_size), evaluation_cache_dtype("auto", precision), progress=bool(cfg.progress),
+                dist_info, int(cfg.cache_batch_size), cache_dtype_for("auto", precision), progress=bool(cfg.progress),
             )
         if dist_info.is_main:
             print(f"precision: {precision.name} ({precision.reason})")

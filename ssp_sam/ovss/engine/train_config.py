@@ -27,7 +27,14 @@ from ..model_config import ovss_config_from
 from ..sliding_window import check_sliding_window, default_out_size
 
 CROPS = ("random", "none")
-SELECTION_METRICS = ("mIoU", "mIoU unseen", "hIoU", "fwIoU", "pAcc", "mACC")
+SELECTION_METRICS = ("mIoU", "mIoU seen", "mIoU unseen", "hIoU", "fwIoU", "pAcc", "mACC")
+ZERO_SHOT_METRICS = ("mIoU seen", "mIoU unseen", "hIoU")  # only of a split that names unseen classes
+# What a training image's classes are scored against, for a class list with held-out (unseen) classes:
+# seen: the unseen names are left out of training and any pixel of theirs is ignored (the inductive
+# zero-shot protocol: a model meets an unseen name first at test time); all: every name of the list is a
+# negative for each training pixel (transductive: the unseen names are known, their pixels not).
+# The same for a class list without unseen classes.
+VOCABULARIES = ("seen", "all")
 
 
 @dataclass
@@ -57,6 +64,7 @@ class OVSSTrainSection:
     save_every: int = number(5000, 1)  # iterations between last/ checkpoints (and at the end)
     max_minutes: Optional[float] = number(None, 0, optional=True, above=True)  # stop (state saved, exit 3) after this long
     save_encoders: bool = False  # embed the frozen CLIP and SAM in the checkpoints (self-contained small models)
+    vocabulary: str = choice("seen", VOCABULARIES)  # see VOCABULARIES above
 
 
 @dataclass

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from ...data.embedding_cache import EmbeddingCache
 from ...data.training import collate
-from ...engine.caching import ensure_cache
+from ...engine.caching import cache_dtype_for, ensure_cache
 from ...engine.init_checkpoint import FrozenEncoder, describe_replaced, describe_resumed, encoders_replaced
 from ...engine.distributed import barrier, logged_terms, mean_across_ranks, seed_rank_rngs, shutdown_distributed, start_training_process
 from ...engine.host_memory import shared_with_forked_workers
@@ -61,7 +61,7 @@ from .checkpoint import (
 )
 from .data import IterationBatchSampler, TrainingCrops
 from .evaluator import evaluate_ovss
-from .train_config import OVSSTrainRunConfig, ovss_train_config_from
+from .train_config import ZERO_SHOT_METRICS, OVSSTrainRunConfig, ovss_train_config_from
 
 # Iterations of one invocation (a stage) in which SAM must keep at least one mask (OVSSTrainer._check_proposals).
 PROPOSAL_CHECK_ITERATIONS = 100
@@ -148,7 +148,14 @@ class OVSSTrainer:
         self.run_dir = Path(config.run_dir)
 
         self.train_set = self._dataset(train.split)
+        if train.vocabulary == "seen" and self.train_set.unseen_classes:
+            self.train_set = self.train_set.without_unseen()
+            if self.dist.is_main:
+                print(f"training vocabulary: the {len(self.train_set.class_names)} seen class names "
+                      f"(the list's unseen ones left out: train.vocabulary=seen)", flush=True)
         self.val_set = self._dataset(config.val.split) if config.val.split else None
+        if self.val_set is not None and config.val.metric in ZERO_SHOT_METRICS and not self.val_set.unseen_classes:
+            raise ConfigError(f"val.metric={config.val.metric}: the validation split {config.val.split} names no unseen classes")
         self.class_names = self.train_set.class_names
         if train.batch_size % self.dist.world_size:
             raise ConfigError(f"train.batch_size={train.batch_size} is not divisible by the {self.dist.world_size} processes")
@@ -254,7 +261,7 @@ class OVSSTrainer:
         cache = ensure_cache(
             config.cache_dir, images, [Path(str(config.dataset_config(config.train.split)["root"]))], proposer.image_encoder, model_config.sam.variant,
             None if self._sam_encoder_from_checkpoint else model_config.sam.checkpoint, proposer.sam_size, self.device, self.dist,
-            config.cache_batch_size,
+            config.cache_batch_size, cache_dtype_for("auto", self.precision),
         )
         return (cache if for_train else None), (cache if for_val else None)
 
