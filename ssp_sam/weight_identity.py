@@ -8,8 +8,8 @@ sha256 beside its path (:func:`weight_file_record`), and loading checks the file
 them (:func:`check_weight_files`): a moved or copied file passes, changed weights stop with an error
 naming the file.
 
-Hashing a 2.5 GB file takes seconds, so each hash is remembered per (absolute path, size, mtime) in a
-memo directory (:func:`remembered_sha256`): ``$SSP_SAM_CACHE_HOME``, else ``$XDG_CACHE_HOME/ssp_sam``,
+Hashing a 2.5 GB file takes seconds, so each hash is remembered per (absolute path, size, mtime, inode,
+change time) in a memo directory (:func:`remembered_sha256`): ``$SSP_SAM_CACHE_HOME``, else ``$XDG_CACHE_HOME/ssp_sam``,
 else ``~/.cache/ssp_sam``, under ``fingerprints/``; the SAM embedding cache keeps its own memo.
 """
 
@@ -64,7 +64,7 @@ def remembered_sha256(
 ) -> str:
     """sha256 of a weight file, hashed once and remembered in ``memo_dir`` (default :func:`default_memo_dir`).
 
-    The memo is keyed by the file's absolute path, size and mtime, so ranks and later runs read 64 hex
+    The memo is keyed by the file's absolute path, size, mtime, inode and change time, so ranks and later runs read 64 hex
     digits instead of hashing gigabytes again; a lock makes concurrent first callers hash it once.
     ``hash_file`` (default: sha256 in chunks, a CheckpointError naming an unreadable file) computes it.
     """
@@ -75,7 +75,12 @@ def remembered_sha256(
         stat = os.stat(absolute)
     except OSError:
         return hash_file(absolute)  # raises the error that names the file
-    identity = {"path": absolute, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    # Size and mtime alone can stay the same for other contents (a re-pointed symlink, an archive's
+    # normalised timestamps): the inode and its change time, which no copy or extraction carries over, too.
+    identity = {
+        "path": absolute, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+        "inode": stat.st_ino, "device": stat.st_dev, "ctime_ns": stat.st_ctime_ns,
+    }
     with exclusive_lock(memo.with_suffix(".lock")):
         try:
             remembered = json.loads(memo.read_text())

@@ -115,6 +115,28 @@ def test_resume_ignores_settings_newer_than_the_run(shapeworld_root, tmp_path):
     assert Trainer(compose_train([*overrides, "resume=true"])).start_epoch == 1
 
 
+def test_resume_compares_a_key_newer_than_the_run_with_what_the_run_did_without_it(shapeworld_root, tmp_path):
+    """VAD's text-attention dropout came in at 0.1 where runs before it had none, and the per-epoch schedule
+    replaced the smooth one: a run stored without those keys resumes only with its own behaviour."""
+    run = tmp_path / "run"
+    overrides = train_overrides(
+        shapeworld_root, run, tmp_path / "cache", "model.adapters.text_attention_dropout=0.1", "train.schedule=per_epoch",
+    )
+    first = Trainer(compose_train(overrides))
+    first.train_one_epoch(0)
+    first._save("last", 0, {})
+    config_path = run / "last" / "config.json"
+    stored = json.loads(config_path.read_text())
+    del stored["run"]["model"]["adapters"]["text_attention_dropout"], stored["run"]["train"]["schedule"]
+    config_path.write_text(json.dumps(stored))
+    with pytest.raises(ConfigError, match=r"train.schedule: 'per_iteration' -> 'per_epoch'; model.adapters.text_attention_dropout: 0.0 -> 0.1"):
+        Trainer(compose_train([*overrides, "resume=true"]))
+    own = train_overrides(
+        shapeworld_root, run, tmp_path / "cache", "model.adapters.text_attention_dropout=0.0", "train.schedule=per_iteration",
+    )
+    assert Trainer(compose_train([*own, "resume=true"])).start_epoch == 1
+
+
 def test_resume_reads_the_mask_target_of_a_run_from_before_the_model_kept_it(shapeworld_root, tmp_path):
     """Runs written before model.mask_target named it train.mask_target: resuming compares against that."""
     run = tmp_path / "run"

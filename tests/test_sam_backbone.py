@@ -434,6 +434,20 @@ def test_upscale_to_padded_frame_is_the_releases_two_bilinear_resizes(low_res, i
     torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-4)
 
 
+def test_resampling_matrices_first_made_in_inference_mode_still_train():
+    """The matrices are remembered: made first under torch.inference_mode (a prediction), they must still
+    serve a later training step (a notebook that predicts, then fine-tunes)."""
+    sizes = (13, 29)  # sizes no other test uses, so the first call here is the one that makes them
+    with torch.inference_mode():
+        upscale_to_padded_frame(torch.zeros(1, 1, sizes[0], sizes[0]), 4 * sizes[0])
+        padded_frame_to_original(torch.zeros(1, 1, sizes[1], sizes[1]), (2 * sizes[1], 2 * sizes[1]), (31, 33), 2 * sizes[1], "nearest")
+    logits = torch.randn(1, 1, sizes[0], sizes[0], requires_grad=True)
+    upscale_to_padded_frame(logits, 4 * sizes[0]).sum().backward()
+    frame = torch.randn(1, 1, sizes[1], sizes[1], requires_grad=True)
+    padded_frame_to_original(frame, (2 * sizes[1], 2 * sizes[1]), (31, 33), 2 * sizes[1], "nearest").sum().backward()
+    assert logits.grad is not None and frame.grad is not None
+
+
 def test_upscale_to_padded_frame_weights_are_exact_in_bf16():
     # S = 4 s: every weight is a multiple of 1/16, so the response to one logit (a product of two
     # weights, a multiple of 1/256 in [0, 1]) has at most 8 significant bits and bf16 holds it exactly.

@@ -446,6 +446,9 @@ def test_dataset_with_mirrors_adds_the_mirrored_training_scenes_only(tmp_path):
     assert len({ref["ref_id"] for ref in refs}) == len(refs)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["mirrors"] == ["h", "v"] and manifest["tasks"]["gres"]["counts"]["train"]["images"] == 9
+    assert manifest["off_spec"] == ["top-bottom mirrors draw triangles and stars pointing down (ShapeWorld-Ref v1 draws them pointing up)"]
+    generate_dataset(tmp_path / "h", "res", {"train": 1}, seed=2, progress=False, mirrors=["h"])
+    assert "off_spec" not in json.loads((tmp_path / "h" / "manifest.json").read_text())  # left-right stays within the spec
     with pytest.raises(ConfigError, match="mirrors"):  # the same OUT with other mirrors is another dataset
         generate_dataset(tmp_path, "gres", {"train": 3, "val": 1}, seed=2, progress=False, mirrors=["h"])
     with pytest.raises(ConfigError, match="mirrors"):

@@ -30,7 +30,7 @@ from ssp_sam.config import ModelConfig
 from ssp_sam.engine.precision import resolve_precision
 from ssp_sam.engine.train_config import TrainRunConfig, train_run_config_from
 from ssp_sam.engine.trainer import Trainer, TrainingDivergedError, epoch_would_overrun
-from ssp_sam.errors import ConfigError
+from ssp_sam.errors import ConfigError, DatasetError
 from ssp_sam.model import SSPOutput
 
 from conftest import REPO, run_script
@@ -544,6 +544,17 @@ def test_bad_options_are_named_before_any_work(tmp_path, override, message):
     with pytest.raises(ConfigError) as error:
         Trainer(cfg)
     assert str(error.value).startswith(message), str(error.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.batch_size=1000", "train.batch_size=1000 is larger than the training set"),
+    ("train.expression_weights={Z: 2.0}", "train.expression_weights"),
+])
+def test_settings_the_data_refutes_stop_before_the_sam_cache_fill(shapeworld_root, tmp_path, monkeypatch, override, message):
+    """The SAM embedding cache fill is the long work before training (hours of ViT-H for RefCOCO)."""
+    monkeypatch.setattr(Trainer, "_prepare_cache", lambda self: pytest.fail("the cache was filled before the check"))
+    with pytest.raises((ConfigError, DatasetError), match=message):
+        Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "run", tmp_path / "cache", override)))
 
 
 def test_typed_defaults_are_those_of_train_yaml():

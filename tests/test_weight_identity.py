@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -59,6 +60,22 @@ def test_the_hash_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
     assert remembered_sha256(weights, memo, counting) == hashlib.sha256(b"a" * 1000).hexdigest() and len(hashed) == 1
     weights.write_bytes(b"b" * 1001)
     assert remembered_sha256(weights, memo, counting) == hashlib.sha256(b"b" * 1001).hexdigest() and len(hashed) == 2
+
+
+def test_a_repointed_link_with_the_same_size_and_mtime_is_hashed_again(tmp_path):
+    """Size and mtime can repeat for other contents (an archive's normalised timestamps): the memo must not
+    hand out the first file's hash for the second."""
+    first, second, link = tmp_path / "first.pth", tmp_path / "second.pth", tmp_path / "sam.pth"
+    first.write_bytes(b"a" * 1000)
+    second.write_bytes(b"b" * 1000)
+    for path in (first, second):
+        os.utime(path, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
+    link.symlink_to(first)
+    memo = tmp_path / "memo"
+    assert remembered_sha256(link, memo) == hashlib.sha256(b"a" * 1000).hexdigest()
+    link.unlink()
+    link.symlink_to(second)
+    assert remembered_sha256(link, memo) == hashlib.sha256(b"b" * 1000).hexdigest()
 
 
 def test_resume_refuses_a_sam_file_whose_weights_changed(shapeworld_root, tmp_path):

@@ -79,11 +79,14 @@ def upscale_to_padded_frame(low_res_logits: torch.Tensor, image_size: int) -> to
 @lru_cache(maxsize=8)
 def _two_step_resize_matrix(low_res: int, image_size: int, device: torch.device) -> torch.Tensor:
     """The (S/2, s) matrix of :func:`upscale_to_padded_frame`'s two bilinear resizes along one axis,
-    made by ``F.interpolate`` itself (resizing the identity along that axis only), in float64."""
-    identity = torch.eye(low_res, dtype=torch.float64)[None, None]
-    full = F.interpolate(identity, (image_size, low_res), mode="bilinear", align_corners=False)
-    half = F.interpolate(full, (image_size // 2, low_res), mode="bilinear", align_corners=False)
-    return half[0, 0].to(device=device, dtype=torch.float32)
+    made by ``F.interpolate`` itself (resizing the identity along that axis only), in float64.
+    Remembered, so made outside inference mode: a first call under ``torch.inference_mode`` must not
+    hand later training calls a tensor autograd cannot save."""
+    with torch.inference_mode(False):
+        identity = torch.eye(low_res, dtype=torch.float64)[None, None]
+        full = F.interpolate(identity, (image_size, low_res), mode="bilinear", align_corners=False)
+        half = F.interpolate(full, (image_size // 2, low_res), mode="bilinear", align_corners=False)
+        return half[0, 0].to(device=device, dtype=torch.float32)
 
 
 def valid_region(frame: torch.Tensor, input_size: Tuple[int, int]) -> torch.Tensor:
@@ -138,18 +141,19 @@ def _nearest_target_resampling(original: int, resized: int, frame: int, device: 
     original coordinate (2i + 1.5) * original / resized. Original pixel k (centre k + 0.5) therefore
     reads frame position s = ((k + 0.5) * resized / original - 1.5) / 2, linearly between its two
     neighbouring frame pixels and clamped to the frame's first and last pixel, as bilinear
-    ``F.interpolate`` clamps.
+    ``F.interpolate`` clamps. Made outside inference mode, as :func:`_two_step_resize_matrix`.
     """
-    position = ((torch.arange(original, dtype=torch.float64) + 0.5) * resized / original - 1.5) / 2
-    position = position.clamp(0, frame - 1)
-    below = position.floor().long().clamp(max=frame - 1)
-    above = (below + 1).clamp(max=frame - 1)
-    weight_above = position - below
-    matrix = torch.zeros(original, frame, dtype=torch.float64)
-    rows = torch.arange(original)
-    matrix[rows, below] += 1 - weight_above
-    matrix[rows, above] += weight_above
-    return matrix.to(device=device, dtype=torch.float32)
+    with torch.inference_mode(False):
+        position = ((torch.arange(original, dtype=torch.float64) + 0.5) * resized / original - 1.5) / 2
+        position = position.clamp(0, frame - 1)
+        below = position.floor().long().clamp(max=frame - 1)
+        above = (below + 1).clamp(max=frame - 1)
+        weight_above = position - below
+        matrix = torch.zeros(original, frame, dtype=torch.float64)
+        rows = torch.arange(original)
+        matrix[rows, below] += 1 - weight_above
+        matrix[rows, above] += weight_above
+        return matrix.to(device=device, dtype=torch.float32)
 
 
 def release_gt_frame(mask: np.ndarray, image_size: int) -> np.ndarray:

@@ -59,6 +59,8 @@ RESUME_FREE_SETTINGS = (
 # a run that lacks the key trained with (compared on resume as if stored). Other new keys default to the
 # old behaviour and are not compared.
 BEHAVIOUR_BEFORE_KEY = {
+    "model.adapters.text_attention_dropout": 0.0,  # VAD's text-attention dropout came in on 2026-11-28 (7ee4a69)
+    "train.schedule": "per_iteration",  # the smooth cosine, before the release's per-epoch one (41eb4bc)
     "train.vocabulary": "all",  # OVSS: every class name was a negative in training until 2026-11-30
 }
 # Paths, free likewise (the same files on another machine), but each change is printed.

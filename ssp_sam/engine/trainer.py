@@ -156,7 +156,6 @@ class Trainer:
 
         self.dataset_cfg = config.dataset
         self.datasets = self._read_datasets()
-        self.cache = self._prepare_cache() if self.stage == "res" else None
         self.tokenizer = CLIPTokenizer(self.model.clip.context_length, self.model_config.append_period)
         # A frozen text tower's features are computed at a sentence's first visit only. A tower that trains
         # has no run-long cache: it runs at every training step (a cached entry would carry no graph), and
@@ -168,7 +167,7 @@ class Trainer:
         self.image_cache = ImageTokenCache(max_bytes=int(train.image_cache_gb * 2**30)) if train.image_cache_gb > 0 else None
         self.train_set = ReferringTrainingSet(
             self.datasets["train"],
-            self.cache,
+            None,  # the SAM embedding cache, given below once every setting has been checked
             self.model.clip.image_size,
             self.model.sam_image_size,
             self.tokenizer,
@@ -187,6 +186,9 @@ class Trainer:
         weights = None
         if train.referent_weights:
             weights = referent_weights(self.datasets["train"], train.referent_weights, train.expression_weight_key)
+        # The cache fill is the long work before training (hours of ViT-H for RefCOCO): after the checks above
+        self.cache = self._prepare_cache() if self.stage == "res" else None
+        self.train_set.cache = self.cache
         self.sampler = EpochBatchSampler(
             len(self.train_set), train.batch_size, config.seed, self.dist.rank, self.dist.world_size, weights
         )

@@ -239,7 +239,8 @@ def generate_dataset(
     images are omitted). ``workers`` > 0 uses that many processes; the files are identical either way.
     ``mirrors`` ("h", "v"): the training split also gets each scene's left-right / top-bottom mirror
     image, its sentences reworded ("left" <-> "right", ...; same targets), so that every spatial
-    sentence comes with its counterpart; the other splits are never mirrored.
+    sentence comes with its counterpart; the other splits are never mirrored. A top-bottom mirror is
+    outside the spec (its triangles and stars point down), which the manifest's "off_spec" says.
     """
     task = check_task(task)
     out, counts, seed, workers, mirrors, tasks = check_generation_arguments(out, n_images, seed, workers, mirrors)
@@ -290,14 +291,22 @@ def generate_dataset(
     return out
 
 
+# What a mirror axis draws that the spec does not: the spec's triangles and stars point up (shapeworld.md);
+# reflected top-bottom they point down. Left-right mirrors stay within the spec.
+OFF_SPEC_MIRRORS = {"v": "top-bottom mirrors draw triangles and stars pointing down (ShapeWorld-Ref v1 draws them pointing up)"}
+
+
 def write_manifest(path: Path, seed: int, counts: dict[str, int], tasks: dict, mirrors: Sequence[str] = ()) -> None:
-    """The OUT/manifest.json shared by every task written into OUT (written last); "mirrors" only when some."""
+    """The OUT/manifest.json shared by every task written into OUT (written last); "mirrors" only when some,
+    and "off_spec" saying what of the training split lies outside the spec's distribution, when anything."""
+    off_spec = [OFF_SPEC_MIRRORS[axis] for axis in mirrors if axis in OFF_SPEC_MIRRORS]
     manifest = {
         "spec_version": SPEC_VERSION,
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
         "n_images": counts,
         **({"mirrors": list(mirrors)} if mirrors else {}),
+        **({"off_spec": off_spec} if off_spec else {}),
         "tasks": dict(sorted(tasks.items())),
     }
     _write_json(path, manifest, indent=2)
