@@ -33,6 +33,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ssp_sam.checkpoint import load_model
 from ssp_sam.cli import reports_errors
+from ssp_sam.config import model_overrides_added
 from ssp_sam.data.registry import load_dataset
 from ssp_sam.engine.caching import cache_dtype_for, dataset_image_roots, ensure_cache
 from ssp_sam.engine.distributed import DistInfo, init_distributed, prepare_cpu_process, shutdown_distributed
@@ -40,7 +41,7 @@ from ssp_sam.engine.evaluator import evaluate
 from ssp_sam.engine.precision import resolve_precision
 from ssp_sam.engine.protocols import check_protocol
 from ssp_sam.engine.reporting import command_line, console_tables, write_results, write_samples
-from ssp_sam.errors import ConfigError
+from ssp_sam.errors import ConfigError, first_line
 from ssp_sam.model import build_sam_image_encoder
 from ssp_sam.outputs import check_output_file
 from ssp_sam.ovss.engine.cli import run_ovss_eval, stored_config_overrides, wants_ovss
@@ -76,7 +77,7 @@ def main(cfg: DictConfig) -> None:
     try:
         dataset_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"dataset config cannot be resolved ({exc})") from None
+        raise ConfigError(f"{exc.full_key or 'dataset'}: cannot be resolved ({first_line(exc)})") from None
     if cfg.checkpoint is None and not str(dataset_cfg.get("name", "")).startswith("shapeworld"):
         # The default stands in for a forgotten checkpoint= only where it means something.
         raise ConfigError(
@@ -128,4 +129,6 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     if wants_ovss(sys.argv[1:]):
         sys.argv[1:] = stored_config_overrides(sys.argv[1:])
+    else:
+        sys.argv[1:] = model_overrides_added(sys.argv[1:])  # model.no_target_pixels=N without model=<preset>
     main()

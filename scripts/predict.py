@@ -24,6 +24,7 @@ import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ssp_sam.cli import reports_errors
+from ssp_sam.config import model_overrides_added
 from ssp_sam.errors import ConfigError, ExpressionError
 from ssp_sam.export import write_predictions
 from ssp_sam.image_io import load_image
@@ -92,4 +93,5 @@ def _predict_ovss(cfg: DictConfig, checkpoint) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = model_overrides_added(sys.argv[1:])  # model.no_target_pixels=N without model=<preset>
     main()

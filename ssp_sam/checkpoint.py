@@ -209,13 +209,23 @@ def map_release_state_dict(state: Mapping[str, Tensor], source: str) -> dict[str
 def load_release_weights(model: SSPSAM, state: Mapping[str, Tensor], source: str) -> None:
     """Load a released SSP-SAM state dict (see :func:`read_release_file`) into ``model``.
 
-    SAM's image encoder is taken from the file when the model has one and the file carries it.
+    SAM's image encoder is taken from the file when the model has one and the file carries it (the
+    release's train.py saves the whole model). A file that carries one, loaded with a SAM weight file
+    named too, must carry that file's encoder: a model built to read cached embeddings drops the file's
+    encoder and its cache is filled from (and keyed by) the weight file's, so with two different encoders
+    the masks would depend on whether a cache is used.
 
     Raises:
-        CheckpointError: naming the file and the missing / unexpected / mis-shaped keys, or the
-            first loaded tensor holding NaN or Inf.
+        CheckpointError: naming the file and the missing / unexpected / mis-shaped keys, the first
+            loaded tensor holding NaN or Inf, or a SAM image encoder other than model.sam_checkpoint's.
     """
     mapped = map_release_state_dict(state, source)
+    if model.config.sam_checkpoint is not None and stored_sam_encoder_differs(model, mapped):
+        raise CheckpointError(
+            f"{source}: the release file carries its own SAM image encoder (sam.image_encoder.*), which differs from "
+            f"the one of model.sam_checkpoint={model.config.sam_checkpoint}; leave model.sam_checkpoint unset to use "
+            "the file's encoder, or give the SAM file it was trained with"
+        )
     if model.sam_image_encoder is None:
         mapped = {k: v for k, v in mapped.items() if not k.startswith(SAM_ENCODER_PREFIX)}
     require_finite({key: value for key, value in state.items() if map_release_key(key) in mapped}, source)
@@ -332,6 +342,12 @@ def read_config_file(path: str | os.PathLike) -> tuple[Path, Any]:
     """
     path = Path(path)
     _require_file(path)
+    if not is_own_checkpoint(path):  # a .pth beside no config.json of its own: say what it is, not what is missing
+        raise CheckpointError(
+            f"{path}: not a checkpoint of ours (a directory holding {WEIGHTS_FILE} and {CONFIG_FILE}); a released "
+            "SSP-SAM .pth is read only by evaluation and prediction (checkpoint=...): a training run cannot start "
+            "from one (init_checkpoint takes a run's last/ or best/)"
+        )
     config_path = (path if path.is_dir() else path.parent) / CONFIG_FILE
     if not config_path.is_file():
         raise CheckpointError(f"{config_path}: config file of the checkpoint not found")
@@ -341,28 +357,50 @@ def read_config_file(path: str | os.PathLike) -> tuple[Path, Any]:
         raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
 
 
+# Adapter keys that came in with commit 7ee4a69 (2026-11-28), which also changed what adapters.linguistic=false
+# computes (the phrase became the L2-normalised CLIP sentence embedding, as the release's w/o-LAD model; it was
+# the raw one): a stored config with none of them was written before.
+_ADAPTER_KEYS_OF_7EE4A69 = ("dim", "gaussian", "text_attention_dropout")
+
+
 def read_checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
     """The config.json of a checkpoint of ours (directory or its model.safetensors).
 
-    Checkpoints written before ``model.mask_target`` existed recorded the mask target in their run's
-    ``train`` section (the trainer's choice then), or were trained on the release's when they name none:
-    the model section is completed from there, so their masks go back to the image where they were drawn.
+    Checkpoints written before ``model.mask_target`` existed get it from :func:`stored_mask_target`, so their
+    masks go back to the image where they were drawn. A w/o-LAD checkpoint (``adapters.linguistic=false``)
+    written before 7ee4a69 is refused: its weights fit today's model, which would compute another phrase.
+
+    Raises:
+        CheckpointError: the config is missing or unreadable, has no model section, or is such a w/o-LAD one.
     """
     config_path, config = read_config_file(path)
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise CheckpointError(f"{config_path}: no 'model' section")
+    adapters = config["model"].get("adapters")
+    before_7ee4a69 = isinstance(adapters, Mapping) and not any(key in adapters for key in _ADAPTER_KEYS_OF_7EE4A69)
+    if before_7ee4a69 and adapters.get("linguistic") is False:
+        raise CheckpointError(
+            f"{config_path}: a w/o-LAD model (adapters.linguistic=false) written before 2026-11-28 (no adapters.dim, gaussian "
+            "or text_attention_dropout): it was trained on the raw CLIP sentence embedding as its phrase, which this code "
+            "no longer computes (now the L2-normalised one, as the release's w/o-LAD model); retrain it"
+        )
     config["model"].setdefault("mask_target", stored_mask_target(config))
     return config
 
 
 def stored_mask_target(config: Mapping[str, Any]) -> str:
-    """The ``model.mask_target`` a checkpoint's config.json stands for: its model section's, else (written
-    before the model kept it) its run's ``train.mask_target``, else the release's (the only target then)."""
+    """The ``model.mask_target`` a checkpoint's config.json stands for, i.e. what its training did.
+
+    Its model section's; else (written before the model kept it) its run's ``train.mask_target``; else, for a
+    run of a trainer older than that key (before 162683b), the trainer's only target then,
+    ``mask_to_padded_frame``: today's "nearest"; a config without a run section was not written by the
+    trainer (e.g. a converted release file) and stands for the release's.
+    """
     model, run = config.get("model"), config.get("run")
     if isinstance(model, Mapping) and "mask_target" in model:
         return model["mask_target"]
     train = run.get("train") if isinstance(run, Mapping) else None
-    return train.get("mask_target", "release") if isinstance(train, Mapping) else "release"
+    return train.get("mask_target", "nearest") if isinstance(train, Mapping) else "release"
 
 
 def stored_sam_encoder_differs(model: SSPSAM, state: Mapping[str, Tensor]) -> bool:
@@ -460,8 +498,8 @@ def load_model(
     Args:
         checkpoint: our checkpoint directory (or its model.safetensors), or a released .pth.
         model_config: for our checkpoints, optional overrides of the stored config (e.g. new
-            encoder weight paths); for released ones, the model config (CLIP/SAM weight paths).
-            If None for a released file, the preset (224 or 336) is chosen from its shapes.
+            encoder weight paths); for released ones, overrides of the preset (224 or 336) its
+            shapes tell (CLIP/SAM weight paths), or that preset in full.
         with_sam_image_encoder: build SAM's image encoder (True) or not (False, for cached
             embeddings); None: only when no SAM weight file is named, i.e. when its weights can
             only come from ``checkpoint`` itself.
@@ -483,13 +521,12 @@ def load_model(
         release = read_release_file(path)
         state = release.state
         preset = release_preset(state, str(path))
-        if model_config is None:
-            model_config = RELEASE_PRESETS[preset]
-        config = model_config if isinstance(model_config, ModelConfig) else model_config_from(model_config)
+        config = model_config_from(RELEASE_PRESETS[preset], **_as_overrides(model_config))
         if config.name in RELEASE_PRESETS and config.name != preset:
             raise CheckpointError(
                 f"{path}: this is an {preset} release checkpoint{release.trained_with} but the model config is {config.name}"
             )
+        _refuse_settings_of_another_model(config, preset, path)
         with_encoder = _wants_sam_image_encoder(with_sam_image_encoder, config)
         carries_sam_encoder = any(key.startswith("sam.image_encoder.") for key in state)
         require_weight_files(config, ["clip"], reason=f" ({path} carries no CLIP: a release file's encoder.* entries are dropped)")
@@ -516,20 +553,47 @@ def _flat(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _changed_settings(before: ModelConfig, after: ModelConfig, free: tuple[str, ...]) -> list[str]:
+    """``"key: old -> new"`` for every setting that differs, but for those under the top-level keys ``free``."""
+    old, new = _flat(before.to_dict()), _flat(after.to_dict())
+    return [
+        f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        for key in sorted(set(old) | set(new))
+        if key.split(".")[0] not in free and old.get(key) != new.get(key)
+    ]
+
+
 def _refuse_changed_settings(stored: ModelConfig, given: ModelConfig, path: Path) -> None:
     """A checkpoint of ours defines its model: other settings given for it (``model=<preset>`` on the
     command line brings a whole preset) would change what it computes without any shape error
     (``append_period``, ``prompt_generator.positions_in_values``, the adapters' switches), so they are refused."""
-    before, after = _flat(stored.to_dict()), _flat(given.to_dict())
-    changed = [
-        f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
-        for key in sorted(set(before) | set(after))
-        if key.split(".")[0] not in OVERRIDABLE_SETTINGS + ("random_encoders",) and before.get(key) != after.get(key)
-    ]
+    changed = _changed_settings(stored, given, OVERRIDABLE_SETTINGS + ("random_encoders",))
     if changed:
         raise ConfigError(
             f"{path}: model settings differ from the checkpoint's own config.json ({'; '.join(changed)}); a checkpoint "
             f"of ours defines its model, so give only {', '.join(OVERRIDABLE_SETTINGS)} (not model=<preset>)"
+        )
+
+
+# Settings of a stand-in encoder (clip_arch=custom, sam_variant=custom: tests and benchmarks), free for a release
+# file: a small encoder's sizes, and how many of its blocks run CLIP-Surgery, cannot be the preset's.
+_STAND_IN_SETTINGS = {"clip_arch": ("clip_arch", "clip_custom", "surgery_blocks"), "sam_variant": ("sam_variant", "sam_custom")}
+
+
+def _refuse_settings_of_another_model(given: ModelConfig, preset: str, path: Path) -> None:
+    """A released file holds the weights of its preset's model: like a checkpoint of ours, it defines every
+    setting but those of :data:`OVERRIDABLE_SETTINGS` (``release_quirks`` is set by the loader), and other
+    values (``mask_target``, ``append_period``, ``surgery_blocks``, ...) would change what it computes
+    without any shape error. Stand-in encoders may differ in their own sizes and give the model a name."""
+    free = OVERRIDABLE_SETTINGS + ("random_encoders", "release_quirks")
+    for key, settings in _STAND_IN_SETTINGS.items():
+        if getattr(given, key) == "custom":
+            free += (*settings, "name")
+    changed = _changed_settings(model_config_from(RELEASE_PRESETS[preset]), given, free)
+    if changed:
+        raise ConfigError(
+            f"{path}: model settings differ from those of the {preset} release ({'; '.join(changed)}); a released "
+            f"checkpoint defines its model, so give only {', '.join(OVERRIDABLE_SETTINGS)} (with model={preset} or without model=)"
         )
 
 

@@ -8,13 +8,13 @@ wrong types; :func:`model_config_from` turns those failures into :class:`ConfigE
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .backbones.sam_frames import MASK_TARGETS
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 
 
 @dataclass
@@ -114,6 +114,17 @@ RELEASE_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def model_overrides_added(argv: Sequence[str]) -> list[str]:
+    """``argv`` with every ``model.<key>=value`` made ``++model.<key>=value`` (scripts/eval.py, predict.py).
+
+    Their configs name no model (a checkpoint of ours carries its config, a release file's preset is told by
+    its shapes), so without ``model=<preset>`` Hydra's struct mode refuses ``model.no_target_pixels=3`` as an
+    unknown key; ``++`` adds or replaces it either way, so one setting is given as the README writes it. The
+    keys are checked against :class:`ModelConfig` when the model loads.
+    """
+    return [f"++{argument}" if argument.startswith("model.") else argument for argument in argv]
+
+
 def model_config_from(source: Mapping | DictConfig | ModelConfig | None = None, **overrides: Any) -> ModelConfig:
     """Validate ``source`` (a mapping, DictConfig or ModelConfig) plus ``overrides`` into a ModelConfig.
 
@@ -136,7 +147,8 @@ def merge_typed(schema: type, source: Any, overrides: Mapping[str, Any], label: 
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
-        raise ConfigError(f"{label}: invalid key {key!r}: {getattr(exc, 'msg', exc)}") from None
+        # OmegaConf's message goes on with "full_key: ..." and "object_type=..." lines: the key is named already.
+        raise ConfigError(f"{label}: invalid key {key!r}: {first_line(exc)}") from None
 
 
 def _check(config: ModelConfig) -> None:
@@ -160,6 +172,9 @@ def _check(config: ModelConfig) -> None:
         ("model.prompt_generator.depth", config.prompt_generator.depth),
         ("model.adapters.mlp_layers", config.adapters.mlp_layers),
         ("model.adapters.dim", 1 if config.adapters.dim is None else config.adapters.dim),
+        # Fewer mask pixels than this mean "no target": below 1 no mask could say so (GRES N-acc would be 0 by
+        # construction, and the release protocol's counts fail after a whole training epoch).
+        ("model.no_target_pixels", config.no_target_pixels),
     ):
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")

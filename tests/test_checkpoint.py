@@ -21,7 +21,9 @@ from ssp_sam.checkpoint import (
     read_release_file,
     release_preset,
     save_checkpoint,
+    stored_mask_target,
 )
+from ssp_sam.backbones.sam import build_sam
 from ssp_sam.config import model_config_from
 from ssp_sam.errors import CheckpointError, ConfigError
 from ssp_sam.model import build_model
@@ -264,3 +266,107 @@ def test_own_checkpoint_refuses_settings_that_change_what_it_computes(tmp_path):
     assert load_model(directory, {"no_target_pixels": 3}).config.no_target_pixels == 3
     with pytest.raises(ConfigError, match=r"append_period: True -> False; prompt_generator.positions_in_values: False -> True"):
         load_model(directory, {"append_period": False, "prompt_generator": {"positions_in_values": True}})
+
+
+def test_mask_target_of_a_run_from_before_train_mask_target(tmp_path):
+    """Until train.mask_target came in (162683b) the trainer always trained on mask_to_padded_frame, today's
+    "nearest": a run's checkpoint of that time (its run.train names no target, as the shipped model of a6cc457)
+    is read back as nearest. A config without a run section was not written by a trainer: the release's."""
+    directory = save_checkpoint(tiny_model(), tmp_path / "ckpt")
+    config = json.loads((directory / "config.json").read_text())
+    del config["model"]["mask_target"]
+    config["run"] = {"train": {  # the train section of a6cc457's shipped model, as stored
+        "stage": "res", "split": "train", "epochs": 30, "batch_size": 16, "lr": 0.0002, "decoder_lr": 2e-05, "min_lr": 1e-06,
+        "weight_decay": 0.0001, "grad_clip": 1.0, "warmup_epochs": 1, "decoder_freeze_epochs": 2, "amp": "auto", "workers": 1,
+        "augment": True, "log_every": 10, "max_steps_per_epoch": None, "save_encoders": True,
+    }}
+    (directory / "config.json").write_text(json.dumps(config))
+    assert stored_mask_target(config) == "nearest"
+    assert load_model(directory).config.mask_target == "nearest"
+    with pytest.raises(ConfigError, match=r"mask_target: 'nearest' -> 'release'"):
+        load_model(directory, {"mask_target": "release"})
+    assert stored_mask_target({"model": {}}) == "release"
+
+
+@pytest.mark.parametrize(
+    "setting, change",
+    [
+        ({"mask_target": "nearest"}, "mask_target: 'release' -> 'nearest'"),
+        ({"append_period": False}, "append_period: True -> False"),
+        ({"prompt_generator": {"positions_in_values": True}}, "prompt_generator.positions_in_values: False -> True"),
+        ({"name": "ssp_sam_224", "mask_target": "area"}, "mask_target: 'release' -> 'area'"),
+    ],
+)
+def test_release_file_refuses_settings_that_change_what_it_computes(tmp_path, setting, change):
+    """A released file defines its model as one of ours does: a setting that changes what it computes without any
+    shape error is refused in one line naming it; the weight files, no_target_pixels and stand-in encoders are not."""
+    path = tmp_path / "ssp_sam_224.pth"
+    write_release_checkpoint(path)
+    with pytest.raises(ConfigError) as error:
+        load_model(path, {**RELEASE_LIKE, **setting}, with_sam_image_encoder=False)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"{path}: model settings differ from those of the ssp_sam_224 release")
+    assert f"({change})" in message
+    assert load_model(path, {**RELEASE_LIKE, "no_target_pixels": 3}, with_sam_image_encoder=False).config.no_target_pixels == 3
+
+
+def test_release_file_refuses_surgery_blocks_other_than_its_own(tmp_path):
+    """Surgery on the last 6 CLIP blocks is SSP-SAM's (only a stand-in CLIP may have another count); refused before any
+    encoder is built."""
+    path = tmp_path / "ssp_sam_224.pth"
+    write_release_checkpoint(path)
+    with pytest.raises(ConfigError, match=r"\(surgery_blocks: 6 -> 0\)"):
+        load_model(path, {"random_encoders": True, "surgery_blocks": 0}, with_sam_image_encoder=False)
+
+
+def test_release_files_sam_encoder_must_be_that_of_model_sam_checkpoint(tmp_path):
+    """The release's train.py saves SAM's image encoder too. Named with a SAM file holding another encoder, a model
+    computing embeddings would use the release file's and one reading cached embeddings (eval.py cache_dir=) the SAM
+    file's: refused both ways. The same encoder loads both ways; without a SAM file the release file's is used."""
+    sam_custom = {
+        "encoder_embed_dim": 16, "encoder_depth": 1, "encoder_num_heads": 1, "encoder_global_attn_indexes": [0],
+        "image_size": 1024, "patch_size": 16, "window_size": 4, "prompt_embed_dim": 256,
+    }
+    config = dict(RELEASE_LIKE, sam_variant="custom", sam_custom=sam_custom)
+    torch.manual_seed(0)
+    sam = build_sam("custom", custom=sam_custom).state_dict()
+    encoder = {k: torch.randn_like(v) for k, v in sam.items() if k.startswith("image_encoder.")}
+    path = tmp_path / "with_encoder.pth"
+    write_release_checkpoint(path, mutate=lambda s: s.update({f"sam.{k}": v for k, v in encoder.items()}))
+    same, other = tmp_path / "same_sam.pth", tmp_path / "other_sam.pth"
+    torch.save({**sam, **encoder}, same)
+    torch.save(sam, other)
+    for with_encoder in (True, None):
+        with pytest.raises(CheckpointError) as error:
+            load_model(path, dict(config, sam_checkpoint=str(other)), with_sam_image_encoder=with_encoder)
+        message = str(error.value)
+        assert "\n" not in message
+        assert message.startswith(f"{path}: the release file carries its own SAM image encoder (sam.image_encoder.*), which differs")
+        assert f"model.sam_checkpoint={other}" in message
+        loaded = load_model(path, dict(config, sam_checkpoint=str(same)), with_sam_image_encoder=with_encoder)
+        assert (loaded.sam_image_encoder is None) == (with_encoder is None)
+    own = load_model(path, config, with_sam_image_encoder=None).sam_image_encoder  # no SAM file: the release file's
+    assert torch.equal(own.patch_embed.proj.weight, encoder["image_encoder.patch_embed.proj.weight"])
+
+
+def test_w_o_lad_checkpoint_from_before_its_phrase_changed_is_refused(tmp_path):
+    """7ee4a69 made adapters.linguistic=false use the L2-normalised CLIP sentence as the phrase (it was the raw one)
+    and added adapters.dim, gaussian and text_attention_dropout: a w/o-LAD config without them was trained on the
+    other phrase, which its weights fit silently. Refused naming the file; one of after 7ee4a69 loads."""
+    directory = save_checkpoint(tiny_model(**{"adapters.linguistic": False}), tmp_path / "no_lad")
+    assert load_model(directory).linguistic_adapter is None
+    config = json.loads((directory / "config.json").read_text())
+    for key in ("dim", "gaussian", "text_attention_dropout"):
+        del config["model"]["adapters"][key]
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as error:
+        load_model(directory)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"{directory / 'config.json'}: a w/o-LAD model (adapters.linguistic=false)")
+    assert "raw CLIP sentence embedding" in message
+    full = save_checkpoint(tiny_model(), tmp_path / "full")  # the full model of that time: its phrase did not change
+    config = json.loads((full / "config.json").read_text())
+    for key in ("dim", "gaussian", "text_attention_dropout"):
+        del config["model"]["adapters"][key]
+    (full / "config.json").write_text(json.dumps(config))
+    assert load_model(full).linguistic_adapter is not None

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from ssp_sam.checkpoint import save_checkpoint
+from ssp_sam.config import model_config_from
 from ssp_sam.data.shapeworld import generate_dataset
 from ssp_sam.engine.train_config import train_run_config_from
 from ssp_sam.errors import ConfigError
@@ -177,3 +178,48 @@ def test_check_data_reports_every_problem_in_one_run(tmp_path):
     assert "shapeworld_val_000002.png" in problems[0] and "missing" in problems[0]
     assert f"unreadable or truncated: {truncated}" in problems[1]
     assert problems[2].endswith(f"outside their image (cropped when decoded): instances.json annotation {first['id']}")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"no_target_pixels": 0}, "model.no_target_pixels: must be >= 1, got 0"),
+        ({"no_target_pixels": -7}, "model.no_target_pixels: must be >= 1, got -7"),
+        ({"no_target_pixels": 0.5}, "model config: invalid key 'no_target_pixels': Value '0.5' of type 'float' could not be converted to Integer"),
+        ({"adapters": {"dim": "abc"}}, "model config: invalid key 'adapters.dim': Value 'abc' of type 'str' could not be converted to Integer"),
+        ({"adapters": {"typo": 1}}, "model config: invalid key 'adapters.typo': Key 'typo' not in 'AdapterConfig'"),
+    ],
+)
+def test_bad_model_values_are_one_line_naming_the_key(overrides, message):
+    """A no-target threshold below 1 makes "no target" impossible (GRES N-acc 0 by construction, exit 0), so it is
+    refused like any wrong type or unknown key: one line naming the key, without OmegaConf's full_key lines."""
+    with pytest.raises(ConfigError) as error:
+        model_config_from(None, **overrides)
+    assert str(error.value) == message
+
+
+@pytest.fixture(scope="module")
+def tiny_eval(tmp_path_factory) -> tuple[str, ...]:
+    """eval.py's arguments for the tiny model on two ShapeWorld scenes."""
+    folder = tmp_path_factory.mktemp("eval")
+    generate_dataset(folder / "data", "res", {"val": 2}, seed=1, progress=False)
+    save_checkpoint(tiny_model(), folder / "tiny")
+    return ("dataset=shapeworld", f"dataset.root={folder / 'data'}", "dataset.split=val", f"checkpoint={folder / 'tiny'}",
+            "device=cpu", "progress=false", "workers=0")
+
+
+def test_eval_unresolvable_dataset_value_is_one_line_naming_it(tiny_eval):
+    result = run_script("eval.py", *tiny_eval, "dataset.root=${oc.env:SSP_SAM_TEST_UNSET_VARIABLE}")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith("error: dataset.root: cannot be resolved (") and "SSP_SAM_TEST_UNSET_VARIABLE" in lines[0], lines[0]
+
+
+def test_eval_takes_one_model_setting_without_a_preset(tiny_eval):
+    """model.no_target_pixels=N alone (no model=<preset>), as the README documents: it reaches the checkpoint's model
+    config (a bad value is refused there in one line) and a good one evaluates, where Hydra refused the key."""
+    result = run_script("eval.py", *tiny_eval, "model.no_target_pixels=0")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and lines == ["error: model.no_target_pixels: must be >= 1, got 0"], result.stderr[-2000:]
+    result = run_script("eval.py", *tiny_eval, "model.no_target_pixels=3")
+    assert result.returncode == 0 and "shapeworld val" in result.stdout, result.stderr[-2000:]

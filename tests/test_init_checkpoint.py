@@ -161,3 +161,17 @@ def test_loading_refuses_a_sam_file_other_than_the_checkpoints_own_encoder(sam_f
     assert loaded.sam_image_encoder is None
     assert torch.equal(loaded.mask_head.mask_decoder.iou_token.weight, model.mask_head.mask_decoder.iou_token.weight)
     assert load_model(directory, with_sam_image_encoder=None).sam_image_encoder is not None  # no file named: its own
+
+
+def test_a_release_file_as_init_checkpoint_is_named_and_refused(shapeworld_root, tmp_path):
+    """init_checkpoint=<released .pth>: the run cannot start from it (the trainer reads checkpoints of ours), and the
+    one line says so naming that file, not a config.json beside it that nobody meant."""
+    from test_checkpoint import write_release_checkpoint
+
+    release = tmp_path / "ssp_sam_224.pth"
+    write_release_checkpoint(release)
+    with pytest.raises(CheckpointError) as error:
+        Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "run", tmp_path / "cache", f"init_checkpoint={release}")))
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"{release}: not a checkpoint of ours")
+    assert "a training run cannot start from one" in message and "config.json: config file" not in message

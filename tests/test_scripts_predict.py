@@ -200,3 +200,18 @@ def test_predict_without_checkpoint_says_it_runs_the_shipped_shapeworld_model(sc
     result = run_script("predict.py", *_predict_args(scene, tmp_path / "preds", "checkpoint=null"))
     assert result.returncode == 0, result.stderr
     assert "checkpoint: not given, using the shipped ShapeWorld model" in result.stderr
+
+
+def test_predict_takes_one_model_setting_without_a_preset(scene, tmp_path):
+    """model.no_target_pixels=N alone (no model=<preset>), as the README documents: the masks of about half the
+    picture are "no target" under a threshold larger than the frame; a setting the checkpoint defines is refused in
+    one line naming it (both were Hydra's multi-line "Key 'model' is not in struct" with exit 1)."""
+    out_dir = tmp_path / "preds"
+    result = run_script("predict.py", *_predict_args(scene, out_dir), "model.no_target_pixels=100000")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert [entry["no_target"] for entry in summary["predictions"]] == [True] * len(EXPRESSIONS)
+    result = run_script("predict.py", *_predict_args(scene, tmp_path / "refused"), "model.append_period=false")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert "model settings differ from the checkpoint's own config.json (append_period: True -> False)" in lines[0]
