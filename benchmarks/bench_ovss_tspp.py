@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with torch.inference_mode():
         text = tspp_model.encode_classes(names)
-        embedding = tspp_model.proposer.embed(image)  # the cache's entry for this image
+        embedding = tspp_model.proposer.embed(image)  # what the OVSS cache stores for an image whose model input this is
         runs = {
             (name, cached): (lambda m=model, c=cached: m.predict(image, text, embedding if c else None))
             for name, model in models.items()

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ssp_sam.cli import reports_errors
 from ssp_sam.engine.host_memory import shared_with_forked_workers
 from ssp_sam.engine.reporting import command_line
-from ssp_sam.errors import ConfigError
+from ssp_sam.errors import ConfigError, first_line
 from ssp_sam.fileio import write_json
 from ssp_sam.outputs import check_output_file
 from ssp_sam.ovss.build import build_ovss_model
@@ -46,7 +46,7 @@ def main(cfg: DictConfig) -> None:
         model_cfg = OmegaConf.to_container(cfg.ovss_model, resolve=True)
         dataset_cfg = OmegaConf.to_container(cfg.ovss_dataset, resolve=True)
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"config cannot be resolved ({exc})") from None
+        raise ConfigError(f"{exc.full_key or 'config'}: cannot be resolved ({first_line(exc)})") from None
     config = ovss_config_from(model_cfg, variant="catseg")  # the cost volume is CAT-Seg's: no SAM
     dataset = load_ovss_dataset(dataset_cfg)
     device = resolve_device(cfg.device)

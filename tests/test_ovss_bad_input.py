@@ -82,6 +82,10 @@ def runs(tmp_path_factory):
             "train.py", "experiment=ovss_tiny", f"ovss_dataset.root={training}", f"run_dir={folder / 'run'}",
             "train.workers=2", "val.split=null",
         ),
+        "eval unresolvable": (
+            "eval.py", f"checkpoint={folder / 'checkpoint'}", "ovss_dataset=semseg",
+            "ovss_dataset.root=${oc.env:SSP_SAM_TEST_UNSET_VARIABLE}", "device=cpu",
+        ),
     }  # fmt: skip
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = dict(zip(commands, pool.map(lambda command: run_script(*command), commands.values())))
@@ -105,6 +109,11 @@ def test_eval_label_values_beyond_the_classes_name_the_file(runs):
     label = runs["eval_data"] / "labels" / "b.png"
     assert line == f"error: {label}: label values 7 are outside the 3 classes (0..2) and not the ignore value 255"
     assert not (runs["folder"] / "metrics.json").exists()
+
+
+def test_eval_with_an_unresolvable_value_names_it_in_one_line(runs):
+    line = _one_error_line(runs["results"]["eval unresolvable"])
+    assert line.startswith("error: ovss_dataset.root: cannot be resolved (") and "SSP_SAM_TEST_UNSET_VARIABLE" in line, line
 
 
 def test_training_label_of_another_size_names_the_file(runs):

@@ -278,6 +278,67 @@ def test_scores_of_a_hand_made_two_image_split(tmp_path, workers):
     assert result.n_images == 2 and result.sam_prompts_per_image is None
 
 
+class RedIsClassOne(torch.nn.Module):
+    """A CAT-Seg stand-in with an 8 x 8 input: class 1 where the red channel is above 128, class 0 elsewhere."""
+
+    image_size = 8
+
+    def encode_classes(self, names):
+        return torch.zeros(len(names), 1, 1)
+
+    def costs(self, images, text):
+        return SimpleNamespace(images=images, selected=None)
+
+    def decode(self, state):
+        red = state.images[:, :1] > 128
+        return torch.where(torch.cat([~red, red], dim=1), 10.0, -10.0)
+
+
+class WholeViewMask(torch.nn.Module):
+    """A SAM stand-in whose grid gives one mask, covering all of whatever view it is shown."""
+
+    def embed(self, images):
+        return images
+
+    def propose(self, embeddings, points, valid, image_size):
+        from ssp_sam.ovss.sam_mi.proposals import Proposals
+
+        batch = embeddings.shape[0]
+        ones = torch.ones(batch, 1)
+        return Proposals(torch.ones(batch, 1, 4, 4), ones.bool(), ones, valid.sum(dim=1))
+
+
+def test_sam_vote_with_the_sliding_window_votes_once_on_the_whole_image(tmp_path):
+    """CAT-Seg + SAM vote under the sliding window (a 12 x 12 image, windows of 8 at stride 4 and the global view):
+    the top-left 7 x 7 is not red (CAT-Seg's class 0), the rest red (class 1). SAM's one mask of the whole image
+    holds a red majority, so every pixel is voted class 1. Voted per view instead, the top-left window (49 of its
+    64 pixels not red) votes class 0 and its corner, in no other window, averages to a 0.5 / 0.5 tie with the
+    global view's class 1; SAM also ran on 5 views instead of once."""
+    from ssp_sam.ovss.sam_vote import CATSegSAMVote
+
+    for folder in ("images", "labels"):
+        (tmp_path / folder).mkdir()
+    image = np.zeros((12, 12, 3), np.uint8)
+    image[..., 0] = 230
+    image[:7, :7, 0] = 20
+    Image.fromarray(image).save(tmp_path / "images" / "0.png")
+    Image.fromarray(np.ones((12, 12), np.uint8)).save(tmp_path / "labels" / "0.png")
+    (tmp_path / "classes.json").write_text(json.dumps(["other", "red"]))
+    dataset = load_ovss_dataset({
+        "name": "red", "root": str(tmp_path), "split": "val", "image_dir": "images", "label_dir": "labels",
+        "image_ext": ".png", "label_ext": ".png", "classes": "classes.json", "ignore_value": 255,
+    })
+    model = CATSegSAMVote(RedIsClassOne(), WholeViewMask(), SimpleNamespace(proposals=SimpleNamespace(grid_side=2)))
+    options = OVSSEvalSection(sliding_window=True, overlap=0.5)  # window 8 (the model's), out_size 12 = 8 + stride 4
+    result = evaluate_ovss(model, dataset, options, torch.device("cpu"), Precision("fp32", "test"), progress=False, workers=0)
+    assert result.metrics["pAcc"] == 1.0
+    assert result.sam_prompts_per_image == 4 and result.sam_masks_per_image == 1  # SAM's 2 x 2 grid, once per image
+    from ssp_sam.ovss.predict import OVSSPredictor
+
+    predicted = OVSSPredictor(model, inference="sliding", overlap=0.5).predict(image, ["other", "red"])  # scripts/predict.py's
+    assert predicted.inference == "sliding" and (predicted.label_map == 1).all()
+
+
 def test_checkpoints_round_trip_with_their_vocabulary(tmp_path):
     cfg = ovss_train_config_from(tiny_run(Path("/unused"), tmp_path / "run"))
     torch.manual_seed(0)
@@ -451,6 +512,52 @@ def test_cached_sam_embeddings_score_as_sam_computed_live(bands, tiny_checkpoint
                          Precision("fp32", "test"), workers=0, progress=False)
     assert cached["metrics"] == pytest.approx(live.metrics, abs=1e-6)
     assert cached["sam_prompts_per_image"] == pytest.approx(live.sam_prompts_per_image)
+
+
+def test_cached_sam_embeddings_are_the_models_own_for_any_image_size(tiny_checkpoint, tmp_path):
+    """An 80x96 image (not square: the model's 64 x 64 input squashes it) and a 48x48 one (square, not the input's
+    side): scripts/eval.py with cache_dir caches SAM's embedding of the model's own input, so the entries equal
+    ``proposer.embed`` of the image resized to 64 x 64, the model's output with them equals its output computing
+    SAM itself, and the script's metrics equal those of an evaluation without the cache."""
+    from ssp_sam.engine.caching import ensure_cache
+    from ssp_sam.ovss.resize import resize_image
+
+    for split, side in (("wide", (80, 96)), ("small", (48, 48))):
+        write_bands(tmp_path / split, "x", 1, seed=len(split), height=side[0], width=side[1])
+    for folder in ("images", "labels"):
+        (tmp_path / folder).mkdir()
+        for index, split in enumerate(("wide", "small")):
+            (tmp_path / split / folder / "x" / "000.png").rename(tmp_path / folder / f"{index}.png")
+    (tmp_path / "classes.json").write_text(json.dumps(["red", "blue", "green"]))
+    out = tmp_path / "cached.json"
+    done = run_script(
+        "eval.py", f"checkpoint={tiny_checkpoint}", "ovss_dataset=semseg", f"ovss_dataset.root={tmp_path}", "ovss_dataset.split=odd",
+        "ovss_dataset.image_dir=images", "ovss_dataset.label_dir=labels", "ovss_dataset.image_ext=.png",
+        "ovss_dataset.classes=classes.json", "eval.sliding_window=false", "workers=0", "precision=fp32", "threads=1",
+        f"cache_dir={tmp_path / 'cache'}", f"metrics_out={out}",
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    cached = json.loads(out.read_text())
+    assert cached["sam_embeddings_cached"] is True
+    model = load_ovss_model(tiny_checkpoint).model
+    dataset = load_ovss_dataset({
+        "name": "semseg", "root": str(tmp_path), "split": "odd", "image_dir": "images", "label_dir": "labels",
+        "image_ext": ".png", "label_ext": ".png", "classes": "classes.json", "ignore_value": 255,
+    })
+    paths = [sample.image_path for sample in dataset.samples]
+    proposer = model.proposer
+    cache = ensure_cache(tmp_path / "cache", paths, [tmp_path], proposer.image_encoder, "custom", None, proposer.sam_size,
+                         torch.device("cpu"), dtype="fp32", progress=False, model_input_size=model.image_size)
+    assert cache.last_build.computed == 0  # the script's entries, found under the model's input size
+    with torch.no_grad():
+        inputs = torch.stack([resize_image(dataset[index]["image"], (64, 64)) for index in range(2)])
+        entries = torch.stack([cache.get(path) for path in paths])
+        assert torch.allclose(entries, proposer.embed(inputs), atol=1e-5)
+        text = model.encode_classes(["red", "blue", "green"])
+        assert torch.allclose(model.predict(inputs, text, entries), model.predict(inputs, text), atol=1e-5)
+    live = evaluate_ovss(model, dataset, OVSSEvalSection(sliding_window=False), torch.device("cpu"),
+                         Precision("fp32", "test"), workers=0, progress=False)
+    assert cached["metrics"] == pytest.approx(live.metrics, abs=1e-6)
 
 
 def test_eval_script_takes_stored_model_overrides_as_written(bands, tiny_checkpoint, tmp_path):

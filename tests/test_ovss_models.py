@@ -299,6 +299,32 @@ def test_tspp_samplers_on_a_hand_built_map():
     assert valid.sum().item() == 3  # only three peaks reach min_probability
 
 
+@pytest.mark.parametrize("sampler", ["class_peaks", "global_peaks"])
+def test_tspp_plateau_gives_one_peak_and_leaves_the_budget_to_other_classes(sampler):
+    """The audit's case: class 0 a flat 4x4 plateau at 0.9, class 1 one peak at 0.5, budget 3. Of equal values
+    within a window only the first (lowest flat index) is a peak, so the plateau gives one point (its top-left
+    cell) and class 1's peak gets the second; the third slot stays empty (no other peak)."""
+    point_map = torch.zeros(1, 2, 8, 8)
+    point_map[0, 0, 2:6, 2:6] = 0.9
+    point_map[0, 1, 7, 0] = 0.5
+    config = TSPPConfig(sampler=sampler, budget=3, upsample=1, nms_kernel=3, min_probability=0.1)
+    points, valid = sample_points(point_map, 64, config)
+    assert valid.tolist() == [[True, True, False]]
+    assert points[0, :2].tolist() == [[20.0, 20.0], [4.0, 60.0]]  # cells (row 2, col 2) and (row 7, col 0), 8 px each
+
+
+def test_tspp_gives_the_first_pass_to_one_best_peak_per_class():
+    """Two separate peaks of class 0 tie at its maximum: only the first (lowest flat index) gets the "best peak
+    first" rank, so class 1's weaker peak comes before class 0's second one."""
+    point_map = torch.zeros(1, 2, 8, 8)
+    point_map[0, 0, 0, 0] = 0.9
+    point_map[0, 0, 6, 6] = 0.9
+    point_map[0, 1, 0, 6] = 0.3
+    points, valid = sample_points(point_map, 64, TSPPConfig(budget=2, upsample=1, nms_kernel=3, min_probability=0.1))
+    assert valid.tolist() == [[True, True]]
+    assert points[0].tolist() == [[4.0, 4.0], [52.0, 4.0]]
+
+
 # --- SMAgg and the vote baseline ------------------------------------------------------------------
 
 

@@ -16,6 +16,9 @@ What an entry is valid for, and why nothing stale is ever read:
 - The folder name hashes what the embedding depends on besides the image: the SAM variant, the
   fingerprint of its weights (sha256 of the weight file, or of the encoder's state dict) and the
   preprocessing (input size S, pixel mean and std, resize rule). Other weights: another folder.
+  The OVSS models embed their own input, the image squashed to their input square (``model_input_size``,
+  :class:`ssp_sam.ovss.sam_mi.proposals.ModelInputTransform`), not SSP-SAM's letterboxed image: their
+  entries have another resize rule, hence a folder of their own per model input size.
 - The file name hashes the image's key (its path relative to its dataset's image root, so a moved
   dataset keeps its cache) with the image file's size and modification time (ns). An image
   rewritten in place (same name, new pixels) gets a new file name: its old embedding can no longer
@@ -67,6 +70,7 @@ STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bf
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 RESIZE_RULE = "ResizeLongestSide (PIL bilinear on uint8), zero padding right and bottom"
+MODEL_INPUT_RESIZE_RULE = "to model_input_size squared, then to image_size squared (float bilinear, antialiased, both)"
 TEMPORARY_MAX_AGE = 3600.0  # seconds; older temporary files belong to dead writers
 FILL_HINT = "scripts/cache_embeddings.py for this dataset (its defaults suffice), or re-running this command, computes it"
 ABSENT = "absent"
@@ -93,11 +97,14 @@ class EncoderIdentity:
     variant: str  # vit_b | vit_l | vit_h | custom
     weights: str  # sha256 of the weight file, or module_fingerprint of the encoder
     image_size: int  # SAM's input side S
+    # None: SSP-SAM's input (RESIZE_RULE); an OVSS model's input side: the image resized to it squared first
+    # (MODEL_INPUT_RESIZE_RULE), as the model does, so its entries never mix with SSP-SAM's of the same image
+    model_input_size: int | None = None
 
     def describe(self) -> dict:
-        """Stored in every entry header and hashed into the folder name."""
+        """Stored in every entry header and hashed into the folder name (SSP-SAM's keys as they always were)."""
         transform = SAMImageTransform(self.image_size)
-        return {
+        described = {
             "variant": self.variant,
             "weights": self.weights,
             "image_size": self.image_size,
@@ -105,6 +112,9 @@ class EncoderIdentity:
             "pixel_std": transform.pixel_std.flatten().tolist(),
             "resize": RESIZE_RULE,
         }
+        if self.model_input_size is not None:
+            described.update(resize=MODEL_INPUT_RESIZE_RULE, model_input_size=self.model_input_size)
+        return described
 
     @property
     def folder_name(self) -> str:
@@ -161,7 +171,12 @@ class EmbeddingCache:
         self.image_roots = tuple(sorted({os.path.abspath(r) for r in image_roots}, key=len, reverse=True))
         self.dtype = dtype
         self.read_only = not _writable(self.root) if read_only is None else read_only
-        self.transform = SAMImageTransform(encoder.image_size)
+        if encoder.model_input_size is None:
+            self.transform = SAMImageTransform(encoder.image_size)
+        else:  # the OVSS models' own preprocessing, with the models (imported here: ssp_sam.data does not need them)
+            from ..ovss.sam_mi.proposals import ModelInputTransform
+
+            self.transform = ModelInputTransform(encoder.model_input_size, encoder.image_size)
         self._expected = encoder.describe()
         self.last_build: BuildSummary | None = None  # set by ensure_cache
 

@@ -42,7 +42,7 @@ from typing import Any
 
 from omegaconf.errors import OmegaConfBaseException
 
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 from .grefcoco import read_grefcoco
 from .jsonl import read_jsonl, read_jsonl_file
 from .phrasecut import read_phrasecut
@@ -60,7 +60,7 @@ def _get(cfg: Mapping, key: str, default: Any = None, *, required: bool = True) 
     try:
         value = cfg[key] if key in cfg else None
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"dataset config: key '{key}' cannot be resolved ({exc})") from exc
+        raise ConfigError(f"dataset config: key '{key}' cannot be resolved ({first_line(exc)})") from None
     if value is None:
         if required:
             raise ConfigError(f"{_describe(cfg)}: missing key '{key}'")
@@ -136,7 +136,7 @@ def _read_merged(cfg: Mapping, name: str, task: str, splits: Splits) -> dict[str
         try:
             source_cfg = {**inherited, **{key: source[key] for key in source}}
         except OmegaConfBaseException as exc:
-            raise ConfigError(f"dataset config {name!r}: a source cannot be resolved ({exc})") from exc
+            raise ConfigError(f"dataset config {name!r}: a source cannot be resolved ({first_line(exc)})") from None
         source_split = _get(source_cfg, "split")
         if exclude_eval_images:
             source_splits = read_splits(source_cfg)

@@ -257,6 +257,7 @@ def ensure_cache(
     verify: str = "quick",
     threads: int = 4,
     stall_timeout: float = STALL_TIMEOUT,
+    model_input_size: int | None = None,
 ) -> EmbeddingCache:
     """Compute the embeddings the cache lacks, this rank's share first, and open the cache.
 
@@ -275,6 +276,9 @@ def ensure_cache(
             or "fp32" | "fp16" | "bf16" (entries of another dtype are recomputed).
         verify: "quick" (headers) or "full" (also payload checksums) for the entries present.
         stall_timeout: seconds without progress from the other writers before taking over.
+        model_input_size: an OVSS model's input side: each entry is SAM's embedding of the image resized to it
+            squared, exactly what the model computes itself (``ModelInputTransform``), in a folder of its own;
+            None: SSP-SAM's input (the image's long side to SAM's, padded).
 
     Returns:
         The cache; ``cache.last_build`` sums up this rank's work (``cached`` counts every image
@@ -285,7 +289,8 @@ def ensure_cache(
     if sam_checkpoint is None and not isinstance(image_encoder, nn.Module):
         image_encoder = image_encoder()  # its weights are the fingerprint
     fingerprint = remembered_fingerprint(sam_checkpoint, root) if sam_checkpoint is not None else module_fingerprint(image_encoder)
-    cache = EmbeddingCache(root, EncoderIdentity(sam_variant, fingerprint, image_size), image_roots, storage_dtype(dtype))
+    identity = EncoderIdentity(sam_variant, fingerprint, image_size, model_input_size)
+    cache = EmbeddingCache(root, identity, image_roots, storage_dtype(dtype))
     images = list(dict.fromkeys(Path(path) for path in image_paths))
     missing = cache.missing(images, full=verify == "full")
     built: list[nn.Module] = []

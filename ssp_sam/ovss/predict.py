@@ -49,6 +49,7 @@ from .data.classes import check_class_names, first_synonym
 from .engine.checkpoint import load_ovss_model, read_ovss_checkpoint_config
 from .model import OVSSModel
 from .resize import resize_image, resize_probabilities
+from .sam_vote import CATSegSAMVote
 from .sliding_window import default_out_size, sliding_window_inference
 
 # The ShapeWorld SAM-MI the README's demo uses once it is shipped (issue 14, item 5); scripts/predict.py
@@ -169,6 +170,10 @@ class OVSSPredictor:
             with self.precision.autocast(self.device):
                 return self.model.predict(images, text).float()
 
+        if mode == "sliding" and isinstance(self.model, CATSegSAMVote):  # one vote per image (sam_vote.py)
+            return self.model.sliding_window_vote(
+                pixels, text, self.window, self.overlap, self.sliding_size(), lambda: self.precision.autocast(self.device)
+            )[0]
         if mode == "sliding":
             return sliding_window_inference(predict, pixels, self.window, self.overlap, self.sliding_size())
         # As the evaluator's whole-image protocol: antialiased resize to the square, bilinear back.

@@ -19,7 +19,7 @@ from ...engine.caching import ensure_cache, cache_dtype_for
 from ...engine.config_fields import check_fields, merge_config
 from ...engine.precision import resolve_precision
 from ...engine.reporting import checkpoint_sha256, command_line
-from ...errors import ConfigError
+from ...errors import ConfigError, first_line
 from ...fileio import write_json
 from ...outputs import check_output_file
 from ...predictor import resolve_device
@@ -64,7 +64,7 @@ def run_ovss_eval(cfg: DictConfig) -> None:
         overrides = OmegaConf.to_container(cfg.ovss_model, resolve=True) or {}
         options_raw = OmegaConf.to_container(cfg.eval, resolve=True)
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"config cannot be resolved ({exc})") from None
+        raise ConfigError(f"{exc.full_key or 'config'}: cannot be resolved ({first_line(exc)})") from None
     for key, least in (("workers", 0), ("cache_batch_size", 1)):
         if not isinstance(cfg[key], int) or cfg[key] < least:
             raise ConfigError(f"{key}: must be an integer >= {least}, got {cfg[key]!r}")
@@ -90,6 +90,7 @@ def run_ovss_eval(cfg: DictConfig) -> None:
                 cfg.cache_dir, [s.image_path for s in dataset.samples[: cfg.max_images]], [Path(str(dataset_cfg["root"]))],
                 proposer.image_encoder, loaded.config.sam.variant, loaded.config.sam.checkpoint, proposer.sam_size, device,
                 dist_info, int(cfg.cache_batch_size), cache_dtype_for("auto", precision), progress=bool(cfg.progress),
+                model_input_size=loaded.model.image_size,
             )
         if dist_info.is_main:
             print(f"precision: {precision.name} ({precision.reason})")

@@ -30,7 +30,6 @@ from torch import Tensor
 
 from ...data.embedding_cache import EmbeddingCache
 from ...data.training import EpochBatchSampler
-from ...errors import DatasetError
 from ..data.dataset import IGNORE_INDEX, SemSegDataset
 from ..resize import resize_image, resize_label, shortest_edge_size
 
@@ -47,13 +46,14 @@ class TrainingCrops(torch.utils.data.Dataset):
     max_size: int
     flip: bool
     seed: int  # the run's seed
-    # SAM embeddings of whole images (only with crop="none"; the images must be square, so that SAM's
-    # embedding of the image is that of the model's input)
+    # SAM embeddings of the model's input (only with crop="none"): an OVSS cache (ensure_cache's
+    # model_input_size = image_size), whose entries embed the image resized to the square as below
     cache: EmbeddingCache | None = None
 
     def __post_init__(self) -> None:
         if self.cache is not None and self.crop != "none":
             raise ValueError("cached SAM embeddings are of whole images: they need crop='none'")
+        check_model_input_cache(self.cache, self.image_size)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -68,13 +68,7 @@ class TrainingCrops(torch.utils.data.Dataset):
         else:
             out = self._random_crop(image, label, np.random.default_rng([self.seed, epoch, index]))
         if self.cache is not None:
-            path = self.dataset.samples[index].image_path
-            if image.shape[1] != image.shape[2]:
-                raise DatasetError(
-                    f"{path}: {image.shape[2]}x{image.shape[1]} is not square; cached SAM embeddings (cache_dir) "
-                    "stand for the model's input only for square images (give cache_dir=null)"
-                )
-            out["sam_embedding"] = self.cache.get(path)
+            out["sam_embedding"] = self.cache.get(self.dataset.samples[index].image_path)
         return out
 
     def _random_crop(self, image: Tensor, label: Tensor, rng: np.random.Generator) -> dict[str, Tensor]:
@@ -133,13 +127,18 @@ class EvaluationImages(torch.utils.data.Dataset):
     def __getitem__(self, position: int) -> dict[str, Any]:
         item = self.dataset[self.indices[position]]
         if self.cache is not None:
-            path = self.dataset.samples[item["index"]].image_path
-            if item["image"].shape[1] != item["image"].shape[2]:
-                raise DatasetError(
-                    f"{path}: not square; cached SAM embeddings (cache_dir) stand for the model's input only for square images"
-                )
-            item["sam_embedding"] = self.cache.get(path)
+            item["sam_embedding"] = self.cache.get(self.dataset.samples[item["index"]].image_path)
         return item
+
+
+def check_model_input_cache(cache: EmbeddingCache | None, image_size: int) -> None:
+    """Refuse a cache whose entries are not SAM's embeddings of this model's input (an SSP-SAM cache, or one
+    for another input size): the model would be given embeddings it does not compute itself."""
+    if cache is not None and cache.encoder.model_input_size != image_size:
+        raise ValueError(
+            f"{cache.folder}: SAM embeddings of model input {cache.encoder.model_input_size}, but the model's input is "
+            f"{image_size} (open the cache with ensure_cache(..., model_input_size={image_size}))"
+        )
 
 
 def as_list(items: list[dict[str, Any]]) -> list[dict[str, Any]]:

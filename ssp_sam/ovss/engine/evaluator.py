@@ -5,9 +5,11 @@ image's own size (bilinear) before the argmax, as CAT-Seg's ``sem_seg_postproces
 
 - ``sliding_window=true`` (CAT-Seg's inference for large images): the image resized to ``out_size``,
   windows of ``window`` with ``overlap``, plus the whole image as one window; one forward per image for
-  all of them (:func:`ssp_sam.ovss.sliding_window.sliding_window_inference`).
+  all of them (:func:`ssp_sam.ovss.sliding_window.sliding_window_inference`). CAT-Seg + SAM vote votes
+  once, on that averaged prediction, with SAM's masks of the whole image (``ssp_sam/ovss/sam_vote.py``).
 - ``sliding_window=false``: the whole image resized to the input square, ``batch_size`` images per
-  forward. Only here can SAM's image embedding come from the cache (whole square images).
+  forward. Only here can SAM's image embedding come from the cache, whose OVSS entries embed exactly
+  this input (the image resized to the square, any size or aspect ratio: ``ssp_sam/engine/caching.py``).
 
 The class embeddings of the dataset's vocabulary are computed once. Scores accumulate on the device
 (no host sync per image); under DDP each rank scores every N-th image and the counts are summed.
@@ -32,8 +34,10 @@ from ...engine.precision import Precision
 from ..data.dataset import SemSegDataset
 from ..model import OVSSModel
 from ..resize import resize_image, resize_probabilities
+from ..sam_mi.proposals import Proposals
+from ..sam_vote import CATSegSAMVote
 from ..sliding_window import sliding_window_inference
-from .data import EvaluationImages, as_list
+from .data import EvaluationImages, as_list, check_model_input_cache
 from .train_config import OVSSEvalSection, settled_eval_section
 
 
@@ -64,10 +68,27 @@ class _Predictor:
             output = self.model(images, self.text, sam_embeddings)
             probabilities = self.model.probabilities(output)
         if output.proposals is not None:
-            self.uses_sam = True
-            self.prompts += output.proposals.num_prompts.sum()
-            self.masks += output.proposals.valid.sum()
+            self._count(output.proposals)
         return probabilities.float()
+
+    def sliding_window(self, image: Tensor, options: OVSSEvalSection) -> Tensor:
+        """(3, H, W) on 0..255 -> (T, H, W) float32 probabilities by CAT-Seg's sliding window.
+
+        CAT-Seg + SAM vote votes once per image, as the baseline is defined: its views are CAT-Seg's alone,
+        then SAM's masks of the whole image vote on the averaged prediction (``CATSegSAMVote.vote_on_image``).
+        """
+        if not isinstance(self.model, CATSegSAMVote):
+            return sliding_window_inference(self, image, options.window, options.overlap, options.out_size)
+        voted, proposals = self.model.sliding_window_vote(
+            image, self.text, options.window, options.overlap, options.out_size, lambda: self.precision.autocast(self.device)
+        )
+        self._count(proposals)
+        return voted
+
+    def _count(self, proposals: Proposals) -> None:
+        self.uses_sam = True
+        self.prompts += proposals.num_prompts.sum()
+        self.masks += proposals.valid.sum()
 
 
 @torch.no_grad()
@@ -88,13 +109,15 @@ def evaluate_ovss(
     Args:
         options: sliding window or whole images, and batch size (``eval:`` of the configs; window and out_size
             null: their defaults for this model, :func:`settled_eval_section`).
-        cache: SAM embeddings of whole images (only without the sliding window; square images).
+        cache: SAM embeddings of the model's input (only without the sliding window): an OVSS cache,
+            ``ensure_cache(..., model_input_size=model.image_size)``.
         max_images: score the first n images only (validation during training).
     """
     if cache is not None and options.sliding_window:
         raise ValueError("cached SAM embeddings are of whole images: they need sliding_window=false")
     model.eval()
     size = model.image_size
+    check_model_input_cache(cache, size)
     options = settled_eval_section(options, size)
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
     indices = list(range(count))[dist_info.rank :: dist_info.world_size]
@@ -111,10 +134,7 @@ def evaluate_ovss(
     with bar, shared_with_forked_workers(enabled=workers > 0):  # the workers are forked from here: see its docstring
         for batch in loader:
             if options.sliding_window:
-                image = batch[0]["image"].to(device)
-                probabilities = [
-                    sliding_window_inference(predictor, image.float(), options.window, options.overlap, options.out_size)
-                ]
+                probabilities = [predictor.sliding_window(batch[0]["image"].to(device).float(), options)]
             else:
                 inputs = torch.stack([resize_image(item["image"].to(device), (size, size)) for item in batch])
                 embeddings = torch.stack([item["sam_embedding"] for item in batch]).to(device) if cache is not None else None

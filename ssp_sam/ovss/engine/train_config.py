@@ -55,7 +55,7 @@ class OVSSTrainSection:
     workers: int = number(4, 0)
     # random: CAT-Seg's training crops (short side -> short_side, at most max_size long, a random
     # image_size square, horizontal flip); none: the whole image resized to image_size (no augmentation:
-    # the cached SAM embedding of a square image is that of the model's input).
+    # the cached SAM embedding is that of the model's input, ensure_cache's model_input_size).
     crop: str = choice("random", CROPS)
     short_side: int = number(384, 1)
     max_size: int = number(1333, 1)  # detectron2's INPUT.MAX_SIZE_TRAIN, which CAT-Seg's configs leave at its default

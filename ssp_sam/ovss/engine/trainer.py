@@ -5,7 +5,7 @@ embeddings (CLIP's text tower trains its q/v, so they are recomputed every step,
 model on a batch of crops, its loss (CAT-Seg's per-class BCE, + TSPP's for SAM-MI), AdamW, gradient
 clipping over the whole model, the cosine schedule stepped once per iteration. SAM is frozen; SAM-MI
 runs it on every crop (its image embedding computed once per crop and shared by TSPP's proposals and
-DMI), or reads the embedding from the cache (``cache_dir`` with ``train.crop=none``: whole square images).
+DMI), or reads the embedding from the cache (``cache_dir`` with ``train.crop=none``: of the whole image resized).
 
 As the SSP-SAM trainer (``ssp_sam/engine/trainer.py``): the loss terms stay on the device and are read
 back once per ``train.log_every`` steps (a NaN/Inf stops the run before anything of that window is
@@ -261,7 +261,7 @@ class OVSSTrainer:
         cache = ensure_cache(
             config.cache_dir, images, [Path(str(config.dataset_config(config.train.split)["root"]))], proposer.image_encoder, model_config.sam.variant,
             None if self._sam_encoder_from_checkpoint else model_config.sam.checkpoint, proposer.sam_size, self.device, self.dist,
-            config.cache_batch_size, cache_dtype_for("auto", self.precision),
+            config.cache_batch_size, cache_dtype_for("auto", self.precision), model_input_size=self.model.image_size,
         )
         return (cache if for_train else None), (cache if for_val else None)
 

@@ -13,6 +13,9 @@ The paper reports two linear projection heads on the cost maps and ~96% fewer pr
   best peak above all other peaks, so each likely class gets a point before any class gets a second
   one (rare classes are prompted); ``global_peaks`` takes the peaks of the maximum over classes
   (one ranking for the whole image). Either way at most ``budget`` points, one per cell, at cell centres.
+  Ties (our choice, the paper has none): of equal values within a neighbourhood only the lowest flat
+  index (row-major) is a peak, so a flat plateau gives one point; a class's best-peak rank goes to its
+  first maximum only; equal priorities are taken in flat-index order.
   At inference ``test_budget`` / ``test_min_probability`` replace them where given (``at_inference``).
 """
 
@@ -70,15 +73,39 @@ def sample_points(point_map: Tensor, image_size: int, config: TSPPConfig) -> tup
     if config.sampler == "global_peaks":
         probability = probability.amax(dim=1, keepdim=True)
     pooled = F.max_pool2d(probability, config.nms_kernel, stride=1, padding=config.nms_kernel // 2)
-    is_peak = (probability == pooled) & (probability >= config.min_probability)
+    is_peak = (probability == pooled) & _first_of_equals(probability, config.nms_kernel) & (probability >= config.min_probability)
     priority = torch.where(is_peak, probability, torch.full_like(probability, -1.0))
-    if config.sampler == "class_peaks":
-        best = priority.flatten(2).amax(dim=-1)[:, :, None, None]
-        priority = priority + ((priority == best) & (priority >= 0)).float()  # each class's best peak first
+    if config.sampler == "class_peaks":  # each class's best peak first: one per class, the lowest flat index among equals
+        flat = priority.flatten(2)
+        best = flat.argmax(dim=-1, keepdim=True)  # argmax gives the first of equal maxima
+        bonus = torch.zeros_like(flat).scatter_(-1, best, (flat.gather(-1, best) >= 0).float())
+        priority = priority + bonus.view_as(priority)
     per_cell = priority.amax(dim=1).flatten(1)  # (B, H'W'): one point per cell
     height, width = probability.shape[-2:]
-    top = per_cell.topk(min(config.budget, per_cell.shape[1]), dim=1)
-    rows = torch.div(top.indices, width, rounding_mode="floor")
-    cols = top.indices % width
+    # a stable sort rather than topk: equal priorities in flat-index order (topk leaves their order unspecified)
+    top = per_cell.sort(dim=1, descending=True, stable=True)
+    count = min(config.budget, per_cell.shape[1])
+    indices, values = top.indices[:, :count], top.values[:, :count]
+    rows = torch.div(indices, width, rounding_mode="floor")
+    cols = indices % width
     points = torch.stack([(cols + 0.5) * (image_size / width), (rows + 0.5) * (image_size / height)], dim=-1)
-    return points, top.values >= 0
+    return points, values >= 0
+
+
+def _first_of_equals(probability: Tensor, kernel: int) -> Tensor:
+    """(B, K, H, W) bool: False where the cell's ``kernel`` x ``kernel`` window holds the same value at a lower
+    flat index (a row above, or to the left on the same row).
+
+    Max-pool NMS alone keeps every cell of a flat plateau (each equals its window's maximum), so one class
+    could spend the whole budget on neighbouring cells; with this, of equal values within a window only the
+    first (lowest flat index) is a peak. Inputs without such ties keep exactly their peaks.
+    """
+    radius = kernel // 2
+    height, width = probability.shape[-2:]
+    padded = F.pad(probability, (radius, radius, radius, radius), value=float("nan"))  # NaN equals nothing
+    first = torch.ones_like(probability, dtype=torch.bool)
+    for dy in range(-radius, 1):
+        for dx in range(-radius, radius + 1 if dy < 0 else 0):
+            earlier = padded[..., radius + dy : radius + dy + height, radius + dx : radius + dx + width]
+            first &= earlier != probability
+    return first
