@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def write_dataset(folder: Path, name: str, n_images: int, seed: int) -> ReferringDataset:
-    """``n_images`` pictures with 8 shapes each and ``<folder>/<name>.jsonl``, one line per shape."""
+    """``n_images`` pictures with 8 shapes each and ``<folder>/<name>.jsonl``, one line (a distinct sentence) per shape."""
     rng = np.random.default_rng(seed)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     (folder / "masks").mkdir(exist_ok=True)
@@ -118,9 +118,10 @@ def write_dataset(folder: Path, name: str, n_images: int, seed: int) -> Referrin
             mask.save(folder / mask_name)
             side = "left" if cell % 4 < 2 else "right"
             row = "top" if cell < 4 else "bottom"
-            lines.append(
-                {"image": f"images/{name}_{image_index}.png", "expression": f"the {color} {shape} at the {row} {side}", "mask": mask_name}
-            )
+            # the picture's number keeps every sentence distinct, as in a real split: evaluate()'s text cache would
+            # otherwise skip the text tower for repeats that the per-sample path runs again
+            expression = f"the {color} {shape} at the {row} {side} of picture {image_index + 1}"
+            lines.append({"image": f"images/{name}_{image_index}.png", "expression": expression, "mask": mask_name})
         picture.save(folder / f"images/{name}_{image_index}.png")
     path = folder / f"{name}.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))

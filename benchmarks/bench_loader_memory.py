@@ -120,8 +120,13 @@ def process_tree_pss(pid: int) -> dict[int, int]:
     return usage
 
 
-def run_and_sample(command: list[str], log_path: Path) -> dict:
-    """Run ``command``, summing its process tree's PSS every SAMPLE_INTERVAL_S; the peak and its breakdown."""
+def run_and_sample(command: list[str], log_path: Path, processes: int = 1) -> dict:
+    """Run ``command``, summing its process tree's PSS every SAMPLE_INTERVAL_S; the peak and its breakdown.
+
+    The peak is taken over the samples in which at least ``processes`` processes are alive (the trainer and
+    its data-loader workers): a peak reached before the workers start, or after they stop, says nothing
+    about what they cost, and a worker count judged on it would pass or fail by accident.
+    """
     peak_total, at_peak, most_processes, samples = 0, {}, 0, 0
     started = time.perf_counter()
     with open(log_path, "w") as log:
@@ -129,7 +134,7 @@ def run_and_sample(command: list[str], log_path: Path) -> dict:
         while process.poll() is None:
             usage = process_tree_pss(process.pid)
             total = sum(usage.values())
-            if total > peak_total:
+            if len(usage) >= processes and total > peak_total:
                 peak_total, at_peak = total, usage
             most_processes = max(most_processes, len(usage))
             samples += 1
@@ -137,6 +142,8 @@ def run_and_sample(command: list[str], log_path: Path) -> dict:
     if process.returncode != 0:
         tail = "\n".join(log_path.read_text().splitlines()[-15:])
         raise RuntimeError(f"{' '.join(command)} failed with exit code {process.returncode}:\n{tail}")
+    if not at_peak:
+        raise RuntimeError(f"{' '.join(command)}: never sampled with {processes} processes alive (a run too short to judge)")
     return {
         "peak_total_pss_bytes": peak_total,
         "main_pss_at_peak_bytes": at_peak.get(process.pid, 0),
@@ -156,7 +163,7 @@ def train_overrides(work: Path, run_name: str, workers: int, steps: int, batch_s
         "model=shapeworld",
         "model.clip_checkpoint=null",
         "model.sam_checkpoint=null",
-        "model.random_encoders=true",
+        "++model.random_encoders=true",  # not a key of configs/model/shapeworld.yaml: added
         "dataset=shapeworld",
         f"dataset.root={work / 'data'}",
         f"cache_dir={work / 'cache'}",
@@ -287,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
         for workers in args.workers:
             overrides = train_overrides(work, f"run_{workers}", workers, args.steps, args.batch_size, args.epochs)
             command = [sys.executable, "scripts/train.py", *overrides]
-            runs[workers] = run_and_sample(command, work / f"run_{workers}.log")
+            runs[workers] = run_and_sample(command, work / f"run_{workers}.log", processes=1 + workers)
             print(f"  {workers} workers done", file=sys.stderr, flush=True)
         cache_folders = [path.name for path in (work / "cache").iterdir() if path.is_dir()]
     if len(cache_folders) != 1:

@@ -37,7 +37,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor
 
-from _common import REPO, add_timing_arguments, finish_timing_arguments, seconds, write_result
+from _common import REPO, add_allocator_flag, add_timing_arguments, finish_timing_arguments, seconds, set_up_host_memory, write_result
 from ssp_sam.ovss.build import build_ovss_model
 from ssp_sam.ovss.data.classes import shipped_class_names
 from ssp_sam.ovss.model_config import OVSSModelConfig, ovss_config_from
@@ -54,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", choices=MODELS, default="vitb16_384", help="configs/ovss_model/<model>.yaml, random weights")
     parser.add_argument("--num-classes", type=int, default=150, help="the first N class names of ADE20K-150")
     parser.set_defaults(repeats=None)  # 3, or 1 with --quick, unless given
+    add_allocator_flag(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.model, args.num_classes = "tiny", 8
@@ -126,6 +127,7 @@ class SAMCounter:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = resolve_device(args.device)
+    host_memory = set_up_host_memory(device, args.default_allocator)
     load_at_start = round(os.getloadavg()[0], 2)
     torch.manual_seed(0)
     config = bench_config(args.model)
@@ -232,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         goal=f"SAM-MI with TSPP at least {GOAL_SPEED_UP:g}x faster per image than with the {GRID_SIDE}x{GRID_SIDE} grid; SAM's image embedding computed once per image",
         goal_met=met if judged else None,
         setup={
+            "host_memory": host_memory,
             "model": f"configs/ovss_model/{args.model}.yaml, random weights",
             "image_size": config.image_size,
             "num_classes": len(names),

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from _common import REPO, add_timing_arguments, finish_timing_arguments, seconds, write_result
+from _common import REPO, add_allocator_flag, add_timing_arguments, finish_timing_arguments, seconds, set_up_host_memory, write_result
 from ssp_sam.config import model_config_from
 from ssp_sam.model import build_model
 from ssp_sam.predictor import Predictor, resolve_device
@@ -65,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("vit_b", "vit_l", "vit_h", "custom"),
         help="SAM image encoder; custom = the tiny SAM of configs/model/tiny.yaml",
     )
+    add_allocator_flag(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.sam_variant, args.repeats = "custom", 1
@@ -129,6 +130,7 @@ def print_table(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = resolve_device(args.device)
+    host_memory = set_up_host_memory(device, args.default_allocator)
     predictor = build_predictor(args.sam_variant, device)
     image = np.random.default_rng(0).integers(0, 256, (*IMAGE_SIZE, 3), dtype=np.uint8)
     print(f"SSP-SAM-224, SAM {args.sam_variant} ({predictor.model.sam_image_size} px), {device}, {args.repeats} repeat(s)")
@@ -145,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         goal=f"at K={GOAL_COUNT}, separate / shared time per expression >= {GOAL_RATIO:g}",
         goal_met=goal_met,
         setup={
+            "host_memory": host_memory,
             "model": "ssp_sam_224 (random weights)",
             "sam_variant": args.sam_variant,
             "sam_image_size": predictor.model.sam_image_size,

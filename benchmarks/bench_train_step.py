@@ -100,7 +100,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.repeats = 1
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
-    args.precision = list(dict.fromkeys(args.precision))
     return finish_timing_arguments(parser, args)
 
 
@@ -267,7 +266,7 @@ def build_steps(model: SSPSAM, batch: Batch, precisions: list[Precision], device
     release = ReleaseComputation(copy.deepcopy(model))
     for part in decoder_parts_never_run(model.mask_head.mask_decoder):
         part.requires_grad_(False)
-    # The release: torch's default AdamW (foreach); ours: the trainer's (fused on CPUs and CUDA).
+    # The release: torch's default AdamW (on a CPU its per-tensor loop); ours: the trainer's (fused on CPUs and CUDA).
     release_optimizer = torch.optim.AdamW(parameter_groups(release.model, LR, DECODER_LR, WEIGHT_DECAY))
     steps = [Step("release (fp32)", release.model, lambda: release_loss(release, batch), True, release_optimizer)]
     for precision in precisions:
@@ -299,12 +298,14 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(args.device)
     host_memory = set_up_host_memory(device, args.default_allocator)
     capability = cpu_capability() if device.type == "cpu" else f"CUDA ({torch.cuda.get_device_name(device)})"
-    precisions = [resolve_precision(name, device, key="--precision") for name in args.precision]
+    # Distinct by what they resolve to: "auto fp32" on an AVX2-only CPU is fp32 once, not two fp32 variants
+    resolved = {name: resolve_precision(name, device, key="--precision") for name in dict.fromkeys(args.precision)}
+    precisions = list({precision.name: precision for precision in resolved.values()}.values())
     model = build_bench_model(args.quick, device)
     batch = random_batch(model, args.batch_size, device)
     model_name = "tiny" if args.quick else "SSP-SAM-224 (SAM ViT-B decoder)"
     print(f"{model_name}, batch {args.batch_size}, mask decoder trainable, {device} ({capability}), {args.repeats} repeat(s)")
-    for requested, precision in zip(args.precision, precisions):
+    for requested, precision in resolved.items():
         print(f"  --precision {requested}: {precision.name} ({precision.reason})")
 
     check = check_equivalence(model, ReleaseComputation(model), batch)

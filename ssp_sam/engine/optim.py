@@ -53,12 +53,12 @@ def parameter_groups(
 def adamw(groups: list[dict], device: torch.device) -> torch.optim.AdamW:
     """AdamW over ``groups``, fused (one kernel over all tensors of a group) on CPUs and CUDA.
 
-    Why fused: PyTorch's default (foreach) AdamW runs a dozen tensor-list operations per step; the
-    fused kernel reads every weight once. SSP-SAM-224's 17.6 M trainable weights, one step on 2 CPU
+    Why fused: PyTorch's default AdamW (tensor-list operations on CUDA, a loop over the tensors on a CPU)
+    reads and writes every weight a dozen times per step; the fused kernel reads each once. SSP-SAM-224's 17.6 M trainable weights, one step on 2 CPU
     cores: 70 -> 20 ms with AVX-512, 140 -> 60 ms with AVX2 kernels (benchmarks/README.md), about 3 %
     of a training step from cached embeddings. With fp16's gradient scaler it also takes the found-inf
     flag on the device, so the scaler never reads it back to the host. Same update rule (a step equal
-    to the foreach one to float rounding, tested).
+    to the default one to float rounding, tested).
     """
     return torch.optim.AdamW(groups, fused=device.type in ("cpu", "cuda") or None)
 
