@@ -8,7 +8,8 @@ Writes a plain open_clip state dict (loadable with ``build_clip_model("custom", 
 a line giving the held-out figures. A stage state "{out}.resume" is saved every ``save_every`` steps;
 ``resume=true`` continues from it exactly, or, when ``out`` already holds the finished result of the
 same configuration, prints its figures and does nothing else. Stopped by ``stop_after_steps`` /
-``max_minutes`` before the end, it saves the state and exits with status 3 (``out`` not written).
+``max_minutes`` before the end, it saves the state (none when no step was done) and exits with
+status 3 (``out`` not written).
 Bad arguments print one line naming them and exit with code 2. Recipe and numbers: docs/pretraining.md.
 """
 
@@ -26,9 +27,9 @@ from ssp_sam.engine.distributed import prepare_cpu_process
 from ssp_sam.errors import ConfigError
 from ssp_sam.predictor import resolve_device
 from ssp_sam.pretrain.clip import HELDOUT_SPLIT, CLIPPretrainSettings, finished_clip_stage, pretrain_clip
-from ssp_sam.pretrain.stage import StageControl
+from ssp_sam.pretrain.stage import StageControl, stopped_state
 
-EXIT_STOPPED = 3  # stopped before the last step; the state is saved, resume=true continues
+EXIT_STOPPED = 3  # stopped before the last step; the state (if a step was done) is saved, resume=true continues
 
 
 def heldout_line(held: dict, settings: CLIPPretrainSettings) -> str:
@@ -47,8 +48,8 @@ def heldout_line(held: dict, settings: CLIPPretrainSettings) -> str:
 def main(cfg: DictConfig) -> None:
     if cfg.model.clip_arch != "custom":
         raise ConfigError(f"model.clip_arch: pretraining builds a 'custom' CLIP, got {cfg.model.clip_arch!r}")
-    if cfg.threads < 1:
-        raise ConfigError(f"threads: must be >= 1, got {cfg.threads}")
+    if isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int) or cfg.threads < 1:
+        raise ConfigError(f"threads={cfg.threads}: must be an integer >= 1")
     device = resolve_device(cfg.device)
     if device.type == "cpu":
         prepare_cpu_process()
@@ -77,10 +78,8 @@ def main(cfg: DictConfig) -> None:
         control=control,
     )
     if not result.finished:
-        print(
-            f"CLIP pretraining stopped after {len(result.losses)} of {settings.steps} steps "
-            f"({result.seconds / 60:.1f} min this session); state saved to {control.state_path}: rerun with resume=true"
-        )
+        print(f"CLIP pretraining stopped after {len(result.losses)} of {settings.steps} steps ({result.seconds / 60:.1f} min this session); "
+              + stopped_state(result.state_saved, control))
         sys.exit(EXIT_STOPPED)
     print(
         f"CLIP pretrained: {settings.steps} steps, final loss {result.losses[-1]:.4f}, "

@@ -24,9 +24,9 @@ from ssp_sam.engine.distributed import prepare_cpu_process
 from ssp_sam.errors import ConfigError
 from ssp_sam.predictor import resolve_device
 from ssp_sam.pretrain.sam import HELDOUT_SPLIT, SAMPretrainSettings, finished_sam_stage, pretrain_sam
-from ssp_sam.pretrain.stage import StageControl
+from ssp_sam.pretrain.stage import StageControl, stopped_state
 
-EXIT_STOPPED = 3  # stopped before the last step; the state is saved, resume=true continues
+EXIT_STOPPED = 3  # stopped before the last step; the state (if a step was done) is saved, resume=true continues
 
 
 def heldout_line(miou: float, instances: int, settings: SAMPretrainSettings) -> str:
@@ -41,8 +41,8 @@ def heldout_line(miou: float, instances: int, settings: SAMPretrainSettings) -> 
 def main(cfg: DictConfig) -> None:
     if cfg.model.sam_variant != "custom":
         raise ConfigError(f"model.sam_variant: pretraining builds a 'custom' SAM, got {cfg.model.sam_variant!r}")
-    if cfg.threads < 1:
-        raise ConfigError(f"threads: must be >= 1, got {cfg.threads}")
+    if isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int) or cfg.threads < 1:
+        raise ConfigError(f"threads={cfg.threads}: must be an integer >= 1")
     device = resolve_device(cfg.device)
     if device.type == "cpu":
         prepare_cpu_process()
@@ -69,10 +69,8 @@ def main(cfg: DictConfig) -> None:
         control=control,
     )
     if not result.finished:
-        print(
-            f"SAM pretraining stopped after {len(result.losses)} of {settings.steps} steps "
-            f"({result.seconds / 60:.1f} min this session); state saved to {control.state_path}: rerun with resume=true"
-        )
+        print(f"SAM pretraining stopped after {len(result.losses)} of {settings.steps} steps ({result.seconds / 60:.1f} min this session); "
+              + stopped_state(result.state_saved, control))
         sys.exit(EXIT_STOPPED)
     print(
         f"SAM pretrained: {settings.steps} steps, final loss {result.losses[-1]:.4f}, "

@@ -12,8 +12,8 @@
 #   5. copy the best checkpoint (encoders embedded) to checkpoints/shapeworld_default
 # Times on this 2-core machine: docs/shapeworld_model.md, "How it was made".
 # Every stage can be stopped and continued: rerun the script and finished stages are skipped (a
-# pretraining is finished when its weights and their report "{out}.json" exist for the same config and
-# the weights load; see docs/pretraining.md, "Stages"), an interrupted pretraining resumes exactly
+# pretraining is finished when its weights and their report "{out}.json" exist for the same config, the
+# report names the weights' sha256 and the weights load; see docs/pretraining.md, "Stages"), an interrupted pretraining resumes exactly
 # from its last saved state, SSP-SAM training from its last finished epoch; a stage left half-done
 # with other settings is refused, naming them, never continued with the new ones. STAGE_MINUTES=N (default
 # 55) stops a pretraining after N minutes, and SSP-SAM training before an epoch that would end past N
@@ -34,19 +34,36 @@ esac
 # Skipped when data/shapeworld_train already holds exactly this data set; data of another generator
 # version, seed or size there stops the recipe with a message naming it (never trained on instead).
 "$python" scripts/make_shapeworld.py task=gres out=data/shapeworld_train n_images='{train: 3000, val: 100, test: 200}' seed=7 skip_existing=true
+# Every stage (the pretrainings, then the SSP-SAM training) runs as a background job that the script waits
+# for: bash runs a trap only after a foreground command ends, but interrupts `wait` at once. So Ctrl-C or
+# a TERM to the script ends the running stages (each keeps its last saved state: rerun to continue) and
+# the script, with status 130 / 143, instead of going on after them (or, without a trap, leaving a stage
+# running with no script around it). A non-interactive shell starts background jobs with SIGINT ignored:
+# the trap sends them TERM.
+stage_pids=()
+stop_stages() {
+  trap - INT TERM
+  kill "${stage_pids[@]}" 2>/dev/null || true
+  wait
+  echo "stopped: the running stages were ended (their states are kept); rerun this script to continue" >&2
+  exit "$1"
+}
+trap 'stop_stages 130' INT
+trap 'stop_stages 143' TERM
 if [ "$side_by_side" = 1 ]; then
   # Both pretraining configs use threads=1, so the two stages share the two cores side by side (about
   # 90 min on this machine instead of 145 one after the other). The SAM's progress goes to a log file,
-  # the CLIP's to the terminal. A non-interactive shell starts background jobs with SIGINT ignored,
-  # hence the trap: Ctrl-C stops both.
+  # the CLIP's to the terminal.
   mkdir -p runs/logs
   sam_log="runs/logs/$sam_config.log"
   echo "SAM pretraining runs beside the CLIP's; its progress: $sam_log"
   "$python" scripts/pretrain_sam.py --config-name "$sam_config" resume=true max_minutes="$minutes" >"$sam_log" 2>&1 &
   sam_pid=$!
-  trap 'kill "$sam_pid" 2>/dev/null || true' INT TERM
+  "$python" scripts/pretrain_clip.py --config-name "$clip_config" resume=true max_minutes="$minutes" &
+  clip_pid=$!
+  stage_pids=("$sam_pid" "$clip_pid")
   clip_status=0
-  "$python" scripts/pretrain_clip.py --config-name "$clip_config" resume=true max_minutes="$minutes" || clip_status=$?
+  wait "$clip_pid" || clip_status=$?
   sam_status=0
   wait "$sam_pid" || sam_status=$?
   trap - INT TERM
@@ -58,15 +75,25 @@ if [ "$side_by_side" = 1 ]; then
     echo "pretraining stopped after $minutes minutes with its state saved: rerun this script to continue"; exit 3
   fi
 else
-  "$python" scripts/pretrain_sam.py --config-name "$sam_config" resume=true max_minutes="$minutes"
-  "$python" scripts/pretrain_clip.py --config-name "$clip_config" resume=true max_minutes="$minutes"
+  "$python" scripts/pretrain_sam.py --config-name "$sam_config" resume=true max_minutes="$minutes" &
+  stage_pids=("$!")
+  wait "$!"  # under set -e a failed or stopped (3) stage ends the script with its status
+  "$python" scripts/pretrain_clip.py --config-name "$clip_config" resume=true max_minutes="$minutes" &
+  stage_pids=("$!")
+  wait "$!"
+  trap - INT TERM
 fi
 
 # SSP-SAM training: resumed when runs/$run_name/last exists (a finished run then trains no epoch, and a
 # run of other settings there is refused by name: move it away to train the current recipe), else started.
 resume=false
 if [ -d "runs/$run_name/last" ]; then resume=true; fi
-"$python" scripts/train.py experiment="$experiment" name="$run_name" train.max_minutes="$minutes" resume="$resume" "$@"
+trap 'stop_stages 130' INT
+trap 'stop_stages 143' TERM
+"$python" scripts/train.py experiment="$experiment" name="$run_name" train.max_minutes="$minutes" resume="$resume" "$@" &
+stage_pids=("$!")
+wait "$!"  # under set -e a failed or stopped (3) training ends the script with its status
+trap - INT TERM
 
 # Ship: the new directory is put in place by renames, so a kill leaves the old or the new model.
 rm -rf checkpoints/.shapeworld_default.new checkpoints/.shapeworld_default.old

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -21,6 +24,7 @@ from ssp_sam.backbones.sam import build_sam
 from ssp_sam.backbones.sam_frames import SAMImageTransform
 from ssp_sam.data.shapeworld import generate_scene
 from ssp_sam.errors import ConfigError, SSPSAMError
+from ssp_sam.fileio import file_sha256
 from ssp_sam.pretrain.clip import (
     BACKGROUND_CLASS,
     DENSE_CLASS_NAMES,
@@ -53,6 +57,7 @@ from ssp_sam.pretrain.sam import (
     ScenePool,
     centre_clicks,
     embed_prompts,
+    finished_sam_stage,
     point_prompt_miou,
     pretrain_sam,
     sample_prompt,
@@ -60,7 +65,7 @@ from ssp_sam.pretrain.sam import (
 )
 from ssp_sam.pretrain.stage import StageControl, run_steps
 
-from conftest import run_script
+from conftest import run_script, write_sam_file
 
 TINY_SAM = {
     "encoder_embed_dim": 32,
@@ -627,3 +632,161 @@ def test_sincos_position_start_is_the_2d_sine_cosine_code_of_each_patch():
     torch.testing.assert_close(positions[1 + row * 4 + column], expected)
     with pytest.raises(ConfigError, match="position_init"):
         CLIPPretrainSettings(position_init="learned")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage files and settings: reports tied to their weights, refusals before any work, kill leftovers
+# ---------------------------------------------------------------------------------------------------
+
+ONE_STEP_SAM = replace(TINY_SAM_SETTINGS, steps=1, eval_scenes=0)
+TINY_CLIP_ARGS = (*(f"model.clip_custom.{key}={value}" for key, value in TINY_CLIP.items()), "model.surgery_blocks=1",
+                  "steps=2", "eval_scenes=1", "warmup_steps=1", "threads=1", "progress=false")
+TINY_SAM_ARGS = (*(f"model.sam_custom.{key}={value}" for key, value in TINY_SAM.items()),
+                 "steps=2", "batch_size=2", "prompts_per_image=2", "pool_size=4", "eval_scenes=0", "warmup_steps=1",
+                 "threads=1", "progress=false")
+
+
+def test_a_death_between_new_weights_and_their_report_leaves_no_finished_stage(tmp_path, monkeypatch):
+    """The old report is deleted before the weights are replaced: a run that dies once its new weights are
+    in place (here: its report cannot be written) must not leave the previous recipe's report beside them,
+    which would pass them off as that recipe's finished output."""
+    import ssp_sam.pretrain.stage as stage
+
+    out = tmp_path / "sam.pth"
+    pretrain_sam(TINY_SAM, ONE_STEP_SAM, out=out, progress=False)
+    assert finished_sam_stage(out, TINY_SAM, ONE_STEP_SAM) is not None
+    first_weights = out.read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(stage, "write_json", full_disk)
+    with pytest.raises(OSError, match="no space left"):
+        pretrain_sam(TINY_SAM, replace(ONE_STEP_SAM, lr=1e-2), out=out, progress=False)
+    assert out.read_bytes() != first_weights and not (tmp_path / "sam.pth.json").exists()
+    assert finished_sam_stage(out, TINY_SAM, ONE_STEP_SAM) is None
+
+
+def test_a_report_counts_only_for_the_weights_it_was_written_for(tmp_path, capsys):
+    """The report holds its weights' sha256: other weights under it (loadable, same architecture) are not a
+    finished stage, and one note says why. A report from before the sha256 was recorded counts only when it
+    is not older than the weights (the code of that time wrote the report after its weights)."""
+    out = tmp_path / "sam.pth"
+    report_file = tmp_path / "sam.pth.json"
+    pretrain_sam(TINY_SAM, ONE_STEP_SAM, out=out, progress=False)
+    report = json.loads(report_file.read_text())
+    assert report["sha256"] == file_sha256(out)
+    write_sam_file(out, TINY_SAM, seed=1)
+    capsys.readouterr()
+    assert finished_sam_stage(out, TINY_SAM, ONE_STEP_SAM) is None
+    notes = capsys.readouterr().err.splitlines()
+    assert len(notes) == 1 and notes[0].startswith(f"note: {report_file} was written for other weights"), notes
+
+    del report["sha256"]
+    report_file.write_text(json.dumps(report))
+    written = out.stat().st_mtime_ns
+    os.utime(report_file, ns=(written - 10**9, written - 10**9))
+    assert finished_sam_stage(out, TINY_SAM, ONE_STEP_SAM) is None
+    assert "is older than the weights" in capsys.readouterr().err
+    os.utime(report_file, ns=(written, written))
+    assert finished_sam_stage(out, TINY_SAM, ONE_STEP_SAM) is not None
+
+
+def test_a_rewritten_init_checkpoint_makes_another_stage(clip_run, tmp_path, monkeypatch):
+    """init_checkpoint counts by its contents: a state started from other bytes under the same path is
+    refused (before the scene pool is built), and a finished stage is no longer finished."""
+    import ssp_sam.pretrain.clip as clip_module
+
+    init = tmp_path / "init.pt"
+    shutil.copy(clip_run[2], init)
+
+    def rewrite_init(seed):
+        torch.manual_seed(seed)
+        torch.save(build_clip_model("custom", custom=TINY_CLIP).state_dict(), tmp_path / "new.pt")
+        os.replace(tmp_path / "new.pt", init)
+
+    settings = replace(TINY_CLIP_SETTINGS, steps=2, eval_scenes=1, init_checkpoint=str(init))
+    out = tmp_path / "clip.pt"
+    pretrain_clip(TINY_CLIP, 1, settings, out=out, progress=False, control=StageControl.beside(out, stop_after_steps=1))
+    rewrite_init(0)
+    with monkeypatch.context() as patch:
+        patch.setattr(clip_module, "grounding_scenes", lambda *args, **kwargs: pytest.fail("scene pool built first"))
+        with pytest.raises(ConfigError, match=r"clip.pt.resume: the stage was started with other settings \(init_checkpoint_sha256: "):
+            pretrain_clip(TINY_CLIP, 1, settings, out=out, progress=False, control=StageControl.beside(out, resume=True))
+    pretrain_clip(TINY_CLIP, 1, settings, out=out, progress=False)
+    assert finished_clip_stage(out, TINY_CLIP, 1, settings, True) is not None
+    rewrite_init(1)
+    assert finished_clip_stage(out, TINY_CLIP, 1, settings, True) is None
+
+
+def test_a_state_of_other_settings_or_an_unreadable_one_is_refused_before_the_scene_pool(tmp_path, monkeypatch):
+    import ssp_sam.pretrain.sam as sam_module
+
+    out = tmp_path / "sam.pth"
+    settings = replace(ONE_STEP_SAM, steps=2)
+    pretrain_sam(TINY_SAM, settings, out=out, progress=False, control=StageControl.beside(out, stop_after_steps=1))
+    monkeypatch.setattr(sam_module.ScenePool, "generate", lambda *args, **kwargs: pytest.fail("scene pool built first"))
+    resume = StageControl.beside(out, resume=True)
+    with pytest.raises(ConfigError, match=r"sam.pth.resume: the stage was started with other settings \(settings.lr: "):
+        pretrain_sam(TINY_SAM, replace(settings, lr=1e-2), out=out, progress=False, control=resume)
+    (tmp_path / "sam.pth.resume").write_bytes(b"half a file")
+    with pytest.raises(SSPSAMError, match=r"sam.pth.resume: not a readable torch checkpoint"):
+        pretrain_sam(TINY_SAM, settings, out=out, progress=False, control=resume)
+
+
+@pytest.mark.parametrize("settings, change, message", [
+    (TINY_CLIP_SETTINGS, {"grad_clip": -1.0}, "grad_clip=-1.0: must be a number > 0"),  # gradient ascent
+    (TINY_CLIP_SETTINGS, {"lr": -1.0}, "lr=-1.0: must be a number >= 0"),
+    (TINY_CLIP_SETTINGS, {"min_lr": -1.0}, "min_lr=-1.0: must be a number >= 0"),
+    (TINY_CLIP_SETTINGS, {"weight_decay": -0.05}, "weight_decay=-0.05: must be a number >= 0"),
+    (TINY_CLIP_SETTINGS, {"steps": "abc"}, "steps=abc: must be an integer >= 1"),
+    (TINY_CLIP_SETTINGS, {"batch_size": 13}, "batch_size=13: must be <= pool_size=12"),
+    (TINY_CLIP_SETTINGS, {"partial_descriptions": "false"}, "partial_descriptions=false: must be true or false"),
+    (TINY_SAM_SETTINGS, {"focal_weight": -20.0}, "focal_weight=-20.0: must be a number >= 0"),
+    (TINY_SAM_SETTINGS, {"iou_weight": -1.0}, "iou_weight=-1.0: must be a number >= 0"),
+    (TINY_SAM_SETTINGS, {"grad_clip": 0.0}, "grad_clip=0.0: must be a number > 0"),
+    (TINY_SAM_SETTINGS, {"prompts_per_image": "abc"}, "prompts_per_image=abc: must be an integer >= 1"),
+    (StageControl(), {"max_minutes": "abc"}, "max_minutes=abc: must be a number > 0 (or null)"),
+    (StageControl(), {"save_every": 2.5}, "save_every=2.5: must be an integer >= 1"),
+])
+def test_settings_that_reverse_or_break_training_are_refused_by_key(settings, change, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        replace(settings, **change)
+
+
+@pytest.mark.parametrize("script, extra, message", [
+    ("pretrain_clip.py", ("threads=abc",), "threads=abc: must be an integer >= 1"),
+    # The default pool of 3000 scenes would take minutes to build: refused before it.
+    ("pretrain_clip.py", ("batch_size=3001",), "batch_size=3001: must be <= pool_size=3000"),
+    ("pretrain_clip.py", ("batch_size=3", "pool_size=4", "out={tmp}"), "out={tmp}: is a directory"),
+    ("pretrain_sam.py", ("focal_weight=-20",), "focal_weight=-20: must be a number >= 0"),
+])
+def test_pretraining_scripts_refuse_bad_settings_in_one_line(tmp_path, script, extra, message):
+    base = TINY_CLIP_ARGS if script == "pretrain_clip.py" else TINY_SAM_ARGS
+    extra = tuple(arg.format(tmp=tmp_path) for arg in extra)
+    result = run_script(script, *base, f"out={tmp_path / 'weights.pt'}", *extra)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith(f"error: {message.format(tmp=tmp_path)}"), lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stage_deletes_its_own_unfinished_saves_and_claims_no_state_it_did_not_save(tmp_path):
+    """A kill during a save leaves atomic_path's temporary file: the next start of the stage deletes those of
+    its output, report and state (and no other file). stop_after_steps=0 on a fresh stage saves nothing."""
+    out = tmp_path / "sam.pth"
+    own = [".sam.pth.k3j_9x2a.tmp", ".sam.pth.resume.0abcdefg.tmp", ".sam.pth.json.zz12yy34.tmp"]
+    others = [".sam.pth.x.k3j_9x2a.tmp", "sam.pth.k3j_9x2a.tmp", ".other.pth.k3j_9x2a.tmp", ".sam.pth.k3j_9x2a.new"]
+    for name in own + others:
+        (tmp_path / name).write_bytes(b"half a file")
+    _, result = pretrain_sam(TINY_SAM, ONE_STEP_SAM, out=out, progress=False, control=StageControl.beside(out, stop_after_steps=0))
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(others)
+    assert not result.finished and not result.state_saved and result.losses == []
+
+
+def test_sam_script_stopped_before_its_first_step_says_no_state_was_saved(tmp_path):
+    out = tmp_path / "sam.pth"
+    result = run_script("pretrain_sam.py", *TINY_SAM_ARGS, f"out={out}", "stop_after_steps=0")
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "stopped after 0 of 2 steps" in result.stdout and "no step was done and no state saved" in result.stdout
+    assert "state saved to" not in result.stdout and list(tmp_path.iterdir()) == []

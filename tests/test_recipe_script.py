@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -136,3 +138,62 @@ def test_training_resumes_the_run_it_finds_and_starts_one_otherwise(tmp_path):
     started, resumed = [call.split() for call in calls.read_text().splitlines() if call.startswith("training")]
     assert "resume=true" not in started and "train.epochs=2" in started and "name=shapeworld_default_v2" in started
     assert "resume=true" in resumed and "train.epochs=2" in resumed
+
+
+# Stages that run until they are killed: each writes its process id, then becomes `sleep` (the pretrainings,
+# or with FAKE_FINISHED_PRETRAINING the training, the pretrainings then finishing at once).
+SLEEPING_STAGES = """#!/usr/bin/env bash
+case "$*" in
+  *pretrain_sam.py*|*pretrain_clip.py*)
+    if [ -n "$FAKE_FINISHED_PRETRAINING" ]; then exit 0; fi
+    echo "$$" >> "$FAKE_STAGES"; exec sleep 120 ;;
+  *train.py*) if [ -n "$FAKE_FINISHED_PRETRAINING" ]; then echo "$$" >> "$FAKE_STAGES"; exec sleep 120; fi
+    echo "ran $*" >> "$FAKE_CALLS"; exit 0 ;;
+  *make_shapeworld.py*) exit 0 ;;
+  *) echo "ran $*" >> "$FAKE_CALLS"; exit 0 ;;
+esac
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("recipe, stages, training", [("v2", 2, False), ("v1", 1, False), ("v2", 1, True)])
+def test_term_stops_the_running_stages_and_the_script(tmp_path, recipe, stages, training):
+    """bash runs a trap only after a foreground command ends: with a stage in the foreground a TERM waited for
+    that stage (an hour) and the script then went on to training. The stages run in the background and the
+    script waits for them, so a TERM ends the running stages and the script at once, with status 143."""
+    checkout, venv = make_checkout(tmp_path)
+    (venv / "bin" / "python").write_text(SLEEPING_STAGES)
+    started, calls = tmp_path / "stages.txt", tmp_path / "calls.txt"
+    env = {**os.environ, "SSP_SAM_VENV": str(venv), "FAKE_STAGES": str(started), "FAKE_CALLS": str(calls), "RECIPE": recipe}
+    if training:  # the pretrainings finish, the training stage is the one running
+        env["FAKE_FINISHED_PRETRAINING"] = "1"
+    script = subprocess.Popen(["bash", str(checkout / "scripts" / "train_default_model.sh")], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 30
+        while len(pids) < stages and time.monotonic() < deadline:
+            time.sleep(0.05)
+            pids = [int(line) for line in started.read_text().split()] if started.exists() else []
+        assert len(pids) == stages, "the stages did not start"
+        script.send_signal(signal.SIGTERM)
+        _, stderr = script.communicate(timeout=10)
+        assert script.returncode == 143, stderr
+        assert "rerun this script to continue" in stderr
+        assert not any(alive(pid) for pid in pids)  # ended and reaped by the script, not left running
+        assert not calls.exists()  # neither the next stage nor training started, nor shipping
+        assert not (checkout / "checkpoints" / "shapeworld_default").exists()
+    finally:
+        for pid in pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if script.poll() is None:
+            script.kill()
+            script.communicate()

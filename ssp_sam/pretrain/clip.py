@@ -54,11 +54,13 @@ from ..backbones.clip import CLIPSurgeryBackbone, build_clip_model
 from ..backbones.clip_tokenizer import CLIPTokenizer
 from ..data.shapeworld import COLORS, SHAPES, SIZE_RADII, Scene, generate_refs, generate_scene
 from ..data.shapeworld.expressions import mirror_text
+from ..engine.config_fields import number
 from ..engine.optim import cosine_schedule
 from ..errors import ConfigError
 from ..fileio import atomic_path
 from ..letterbox import letterbox_image, letterbox_mask
-from .stage import StageControl, finished_report, remove_state, run_steps, write_report
+from ..weight_identity import hash_weights_file, remembered_sha256
+from .stage import StageControl, check_settings, finish_stage, finished_report, prepare_stage_files, read_state, run_steps
 
 TRAIN_SPLIT = "train"
 HELDOUT_SPLIT = "val"
@@ -89,34 +91,39 @@ _surgery_image_forward = inspect.unwrap(CLIPSurgeryBackbone.encode_image)
 
 @dataclass(frozen=True)
 class CLIPPretrainSettings:
-    """Hyper-parameters of :func:`pretrain_clip` (configs/pretrain_clip.yaml gives the defaults used)."""
+    """Hyper-parameters of :func:`pretrain_clip` (configs/pretrain_clip.yaml gives the defaults used).
 
-    steps: int = 900
-    batch_size: int = 32  # scenes per step
-    expressions_per_scene: int = 3  # GRES expressions drawn per scene and step (fewer if the scene has fewer)
-    lr: float = 2e-3
-    min_lr: float = 1e-5
-    weight_decay: float = 0.05
-    warmup_steps: int = 45
-    grad_clip: float = 1.0
-    seed: int = 1000
-    pool_size: int = 3000  # training scenes generated once and reused
-    eval_scenes: int = 300  # held-out scenes for the final accuracies
-    dense_weight: float = 0.0  # weight of dense_loss (0: region-caption contrast only, the shipped recipe)
+    Each number has its range (:func:`~ssp_sam.pretrain.stage.check_settings`, one error naming the key):
+    a negative learning rate, weight decay or loss weight, or a clip norm <= 0, would train the model
+    away from its objective with no error. A zero learning rate trains nothing and is allowed.
+    """
+
+    steps: int = number(900, 1)
+    batch_size: int = number(32, 1)  # scenes per step, drawn from the pool without replacement
+    expressions_per_scene: int = number(3, 0)  # GRES expressions drawn per scene and step (fewer if the scene has fewer)
+    lr: float = number(2e-3, 0)
+    min_lr: float = number(1e-5, 0)
+    weight_decay: float = number(0.05, 0)
+    warmup_steps: int = number(45, 0)
+    grad_clip: float = number(1.0, 0, above=True)  # gradient norm clipped to this (always on)
+    seed: int = number(1000, 0)
+    pool_size: int = number(3000, 1)  # training scenes generated once and reused
+    eval_scenes: int = number(300, 0)  # held-out scenes for the final accuracies
+    dense_weight: float = number(0.0, 0)  # weight of dense_loss (0: region-caption contrast only, the shipped recipe)
     position_init: str = "random"  # vision position embeddings at the start: one of POSITION_INITS
     partial_descriptions: bool = False  # also train on PARTIAL_DESCRIPTIONS ("the circle", "the red circle", ...)
-    side_weight: float = 0.0  # weight of side_loss (each drawn L / R expression against its side-swapped twin; 0: off)
+    side_weight: float = number(0.0, 0)  # weight of side_loss (each drawn L / R expression against its side-swapped twin; 0: off)
     init_checkpoint: Optional[str] = None  # start from these open_clip weights (same clip_custom) instead of from scratch
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "pool_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("expressions_per_scene", "warmup_steps", "eval_scenes", "seed", "dense_weight", "side_weight"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        check_settings(self)
         if self.position_init not in POSITION_INITS:
             raise ConfigError(f"position_init: expected one of {', '.join(POSITION_INITS)}, got {self.position_init!r}")
+        if self.batch_size > self.pool_size:
+            # Checked here, not when the first step draws its batch after the pool has been generated.
+            raise ConfigError(
+                f"batch_size={self.batch_size}: must be <= pool_size={self.pool_size} (a step draws distinct scenes of the pool)"
+            )
 
 
 @dataclass
@@ -124,7 +131,8 @@ class CLIPPretrainResult:
     losses: list[float]  # training loss of every step done (all steps when finished)
     heldout: dict[str, float]  # evaluate_grounding() on the held-out scenes; empty when not finished
     seconds: float  # wall time of this session (scene generation, training, evaluation, saving)
-    finished: bool = True  # False: stopped early (stop_after_steps / max_minutes), state saved to resume
+    finished: bool = True  # False: stopped early (stop_after_steps / max_minutes)
+    state_saved: bool = False  # stopped early and the stage state holds every step done (resume=true continues)
 
 
 def attribute_code(size: str, color: str, shape: str) -> int:
@@ -528,10 +536,21 @@ LATER_SETTINGS_OFF = {"side_weight": 0.0, "init_checkpoint": None}
 
 
 def clip_stage_identity(clip_custom: Mapping, surgery_blocks: int, settings: CLIPPretrainSettings, append_period: bool) -> dict:
-    """What a CLIP pretraining's output depends on: a finished stage is reused only for the same."""
+    """What a CLIP pretraining's output depends on: a finished stage is reused, and a state resumed, only
+    for the same. A start from ``init_checkpoint`` depends on the file's contents, not its path (the path
+    outlives its contents: a pretraining rewrites its output in place), hence its sha256.
+
+    Raises:
+        CheckpointError: ``init_checkpoint`` cannot be read (named).
+    """
     recorded = {key: value for key, value in asdict(settings).items() if LATER_SETTINGS_OFF.get(key, ...) != value}
-    return {"clip_custom": dict(clip_custom), "surgery_blocks": surgery_blocks, "append_period": append_period,
-            "settings": recorded}
+    identity = {"clip_custom": dict(clip_custom), "surgery_blocks": surgery_blocks, "append_period": append_period,
+                "settings": recorded}
+    if settings.init_checkpoint is not None:
+        identity["init_checkpoint_sha256"] = remembered_sha256(
+            settings.init_checkpoint, hash_file=lambda path: hash_weights_file(path, "init_checkpoint")
+        )
+    return identity
 
 
 def finished_clip_stage(
@@ -591,6 +610,10 @@ def pretrain_clip(
     """
     started = time.perf_counter()
     control = control or StageControl()
+    # Everything that can refuse the stage comes before the minutes of scene generation.
+    prepare_stage_files(out, control)
+    identity = clip_stage_identity(clip_custom, surgery_blocks, settings, append_period)
+    state = read_state(control, identity, settings.steps)
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     model = build_clip_model("custom", checkpoint=settings.init_checkpoint, custom=clip_custom).to(device)
@@ -632,14 +655,15 @@ def pretrain_clip(
             writer.add_scalar("clip/lr", schedule.get_last_lr()[0], step)
         return terms["loss"].item()
 
-    identity = clip_stage_identity(clip_custom, surgery_blocks, settings, append_period)
-    done = run_steps(settings.steps, train_step, model, optimizer, schedule, rng, control, "CLIP pretraining", progress, identity)
+    done = run_steps(
+        settings.steps, train_step, model, optimizer, schedule, rng, control, "CLIP pretraining", progress, identity, state
+    )
     model.eval()
     model.requires_grad_(False)
     if not done.finished:
         if writer is not None:
             writer.close()
-        return model, CLIPPretrainResult(done.losses, {}, time.perf_counter() - started, finished=False)
+        return model, CLIPPretrainResult(done.losses, {}, time.perf_counter() - started, finished=False, state_saved=done.state_saved)
 
     heldout_pool = grounding_scenes(
         settings.seed, HELDOUT_SPLIT, settings.eval_scenes, "res", tokenizer, image_size, patch_size, progress=progress
@@ -650,9 +674,8 @@ def pretrain_clip(
             writer.add_scalar(f"clip/heldout_{name}", value, settings.steps)
         writer.close()
     if out is not None:
-        save_clip_checkpoint(model, out)
-        write_report(out, identity, {"final_loss": done.losses[-1], "heldout": heldout})
-        remove_state(control)
+        finish_stage(out, lambda path: save_clip_checkpoint(model, path), identity,
+                     {"final_loss": done.losses[-1], "heldout": heldout}, control)
     return model, CLIPPretrainResult(done.losses, heldout, time.perf_counter() - started)
 
 

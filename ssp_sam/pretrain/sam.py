@@ -51,11 +51,12 @@ from ..backbones.sam_frames import (
     upscale_to_padded_frame,
 )
 from ..data.shapeworld import Scene, generate_scene
+from ..engine.config_fields import number
 from ..engine.optim import cosine_schedule
 from ..errors import ConfigError
 from ..fileio import atomic_path
 from ..losses import dice_loss, focal_loss
-from .stage import StageControl, finished_report, remove_state, run_steps, write_report
+from .stage import StageControl, check_settings, finish_stage, finished_report, prepare_stage_files, read_state, run_steps
 
 TRAIN_SPLIT = "train"
 HELDOUT_SPLIT = "val"
@@ -70,36 +71,36 @@ PointSegmenter = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 @dataclass(frozen=True)
 class SAMPretrainSettings:
-    """Hyper-parameters of :func:`pretrain_sam` (configs/pretrain_sam.yaml gives the defaults used)."""
+    """Hyper-parameters of :func:`pretrain_sam` (configs/pretrain_sam.yaml gives the defaults used).
 
-    steps: int = 900
-    batch_size: int = 8  # images per step
-    prompts_per_image: int = 8  # instances prompted per image (drawn with replacement)
-    lr: float = 3e-3
-    min_lr: float = 1e-5
-    weight_decay: float = 0.05
-    warmup_steps: int = 40
-    grad_clip: float = 1.0
-    seed: int = 1000
-    pool_size: int = 2000  # training scenes generated once and reused
-    eval_scenes: int = 200  # held-out scenes for the final mIoU
-    box_probability: float = 0.25
-    max_positive_points: int = 3
-    max_negative_points: int = 2
-    focal_weight: float = 20.0
-    dice_weight: float = 1.0
-    iou_weight: float = 1.0
+    Each number has its range (:func:`~ssp_sam.pretrain.stage.check_settings`, one error naming the key):
+    a negative learning rate, weight decay or loss weight, or a clip norm <= 0, would train the model
+    away from its objective with no error. A zero learning rate trains nothing and is allowed.
+    """
+
+    steps: int = number(900, 1)
+    batch_size: int = number(8, 1)  # images per step
+    prompts_per_image: int = number(8, 1)  # instances prompted per image (drawn with replacement)
+    lr: float = number(3e-3, 0)
+    min_lr: float = number(1e-5, 0)
+    weight_decay: float = number(0.05, 0)
+    warmup_steps: int = number(40, 0)
+    grad_clip: float = number(1.0, 0, above=True)  # gradient norm clipped to this (always on)
+    seed: int = number(1000, 0)
+    pool_size: int = number(2000, 1)  # training scenes generated once and reused (drawn with replacement)
+    eval_scenes: int = number(200, 0)  # held-out scenes for the final mIoU
+    box_probability: float = number(0.25, 0)  # at most 1
+    max_positive_points: int = number(3, 1)
+    max_negative_points: int = number(2, 0)
+    focal_weight: float = number(20.0, 0)
+    dice_weight: float = number(1.0, 0)
+    iou_weight: float = number(1.0, 0)
     loss_frame: str = "padded"  # one of LOSS_FRAMES
 
     def __post_init__(self) -> None:
         if self.loss_frame not in LOSS_FRAMES:
             raise ConfigError(f"loss_frame: expected one of {', '.join(LOSS_FRAMES)}, got {self.loss_frame!r}")
-        for name in ("steps", "batch_size", "prompts_per_image", "pool_size", "max_positive_points"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_scenes", "max_negative_points", "seed"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        check_settings(self)
         if not 0.0 <= self.box_probability <= 1.0:
             raise ConfigError(f"box_probability: must lie in [0, 1], got {self.box_probability}")
 
@@ -115,7 +116,8 @@ class SAMPretrainResult:
     heldout_miou: float  # mean IoU over the held-out instances, one click at each centre (nan if not finished)
     heldout_instances: int
     seconds: float  # wall time of this session (scene generation, training, evaluation, saving)
-    finished: bool = True  # False: stopped early (stop_after_steps / max_minutes), state saved to resume
+    finished: bool = True  # False: stopped early (stop_after_steps / max_minutes)
+    state_saved: bool = False  # stopped early and the stage state holds every step done (resume=true continues)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -143,8 +145,8 @@ class ScenePool:
         images, labels, counts = [], [], []
         for scene in scenes:
             label_map = np.zeros(scene.image.shape[:2], dtype=np.uint8)
-            for number, obj in enumerate(scene.objects, start=1):
-                label_map[obj.mask] = number
+            for label, obj in enumerate(scene.objects, start=1):
+                label_map[obj.mask] = label
             images.append(scene.image)
             labels.append(label_map)
             counts.append(len(scene.objects))
@@ -250,8 +252,8 @@ def sample_training_batch(
         image_pixels, _ = transform(image)
         pixels.append(image_pixels)
         objects = rng.integers(1, pool.object_counts[scene_index] + 1, size=settings.prompts_per_image)
-        for number in objects:
-            mask = label_map == number
+        for label in objects:
+            mask = label_map == label
             point_coords, point_labels, box = sample_prompt(mask, rng, settings)
             coords.append(point_coords)
             labels.append(point_labels)
@@ -459,6 +461,10 @@ def pretrain_sam(
     """
     started = time.perf_counter()
     control = control or StageControl()
+    # Everything that can refuse the stage comes before the minutes of scene generation.
+    prepare_stage_files(out, control)
+    identity = sam_stage_identity(sam_custom, settings)
+    state = read_state(control, identity, settings.steps)
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     sam = build_sam("custom", custom=sam_custom).to(device).train()
@@ -489,13 +495,14 @@ def pretrain_sam(
             writer.add_scalar("sam/lr", schedule.get_last_lr()[0], step)
         return terms["loss"].item()
 
-    identity = sam_stage_identity(sam_custom, settings)
-    done = run_steps(settings.steps, train_step, sam, optimizer, schedule, rng, control, "SAM pretraining", progress, identity)
+    done = run_steps(settings.steps, train_step, sam, optimizer, schedule, rng, control, "SAM pretraining", progress, identity, state)
     sam.eval()
     if not done.finished:
         if writer is not None:
             writer.close()
-        return sam, SAMPretrainResult(done.losses, float("nan"), 0, time.perf_counter() - started, finished=False)
+        return sam, SAMPretrainResult(
+            done.losses, float("nan"), 0, time.perf_counter() - started, finished=False, state_saved=done.state_saved
+        )
 
     scenes = heldout_scenes(settings.seed, settings.eval_scenes)
     if progress:
@@ -506,10 +513,8 @@ def pretrain_sam(
         writer.add_scalar("sam/heldout_miou", miou, settings.steps)
         writer.close()
     if out is not None:
-        save_sam_checkpoint(sam, out)
         results = {"final_loss": done.losses[-1], "heldout_miou": miou, "heldout_instances": instances}
-        write_report(out, identity, results)
-        remove_state(control)
+        finish_stage(out, lambda path: save_sam_checkpoint(sam, path), identity, results, control)
     return sam, SAMPretrainResult(done.losses, miou, instances, time.perf_counter() - started)
 
 

@@ -8,35 +8,90 @@ either pretraining and keeps a *stage state* beside the output file:
   batches and prompts, torch's CPU RNG, the number of finished steps and every step's loss. The
   training scenes are not saved: they are a pure function of the seed and are generated again.
 - when: every ``save_every`` steps and whenever the loop stops early (``stop_after_steps`` reached,
-  ``max_minutes`` used up). Written atomically (temporary file + rename), so a kill at any moment
-  leaves the previous complete state; resuming from it replays the steps after it with the same
-  random draws, so N steps in one go and N/2 + stop + N/2 give bit-equal weights (same thread count
-  and machine).
-- how it ends: when all steps are done the caller evaluates, writes its output file (atomically)
-  and then removes the state (:func:`remove_state`). A stage is *finished* when its output exists
-  and validates; the state file alone is never read by the next stage.
+  ``max_minutes`` used up) with steps done since the last save. Written atomically (temporary file +
+  rename), so a kill at any moment leaves the previous complete state; resuming from it replays the
+  steps after it with the same random draws, so N steps in one go and N/2 + stop + N/2 give
+  bit-equal weights (same thread count and machine).
+- how it ends: when all steps are done the caller evaluates and :func:`finish_stage` writes the
+  output file and its report (each atomically) and removes the state. A stage is *finished* when its
+  report names this stage and the sha256 of the output file beside it, and the output validates
+  (:func:`finished_report`); the state file alone is never read by the next stage.
+- before any slow set-up (the scene pool) the caller checks where it will write
+  (:func:`prepare_stage_files`, which also deletes this stage's own unfinished temporary files left by
+  a kill during a save) and reads the state to resume (:func:`read_state`), so that a state of other
+  settings or an unreadable one is refused at once.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+import typing
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
+from glob import escape
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, get_type_hints
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..engine.config_fields import check_fields, number
 from ..errors import ConfigError, SSPSAMError, first_line
-from ..fileio import atomic_path, write_json
+from ..fileio import INCOMPLETE, atomic_path, file_sha256, write_json
+from ..outputs import check_output_file
 from ..weight_files import read_weights
 
 STATE_SUFFIX = ".resume"  # the stage state lives at "{out}.resume"
+STATE_KEYS = ("model", "optimizer", "schedule", "numpy_rng", "torch_rng", "losses")  # what save_state writes besides the identity
+
+
+def _wanted(kind: Any, spec: Mapping[str, Any]) -> str:
+    """What a field takes, in config_fields' words ("an integer >= 1 (or null)")."""
+    if kind is bool:
+        return "true or false"
+    if kind is str:
+        return "a string"
+    if kind is Path:
+        return "a path"
+    wanted = "an integer" if kind is int else "a number"
+    if "minimum" in spec:
+        wanted += f" {'>' if spec['above'] else '>='} {spec['minimum']:g}"
+    return wanted + (" (or null)" if spec.get("optional") else "")
+
+
+def check_settings(settings: Any) -> None:
+    """Types and ranges of a settings dataclass whose numeric fields are ``config_fields.number``s.
+
+    The values come straight from the command line (``steps=abc`` is the string "abc"), so each must
+    first have its field's type: else a comparison raises a TypeError, or a string such as "false"
+    is truthy. The ranges are the trainer's check (``check_fields``); they keep out what would train
+    backwards or not at all (a negative learning rate or loss weight is gradient ascent).
+
+    Raises:
+        ConfigError: one line naming the first bad field and its value (``lr=abc: must be a number >= 0``).
+    """
+    hints = get_type_hints(type(settings))
+    for item in fields(settings):
+        value, kind = getattr(settings, item.name), hints[item.name]
+        optional = typing.get_origin(kind) is typing.Union and type(None) in typing.get_args(kind)
+        if optional:
+            kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+            if value is None:
+                continue
+        if kind is float:
+            right_type = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif kind is int:
+            right_type = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            right_type = isinstance(value, kind)
+        if not right_type:
+            raise ConfigError(f"{item.name}={value}: must be {_wanted(kind, {**item.metadata, 'optional': optional})}")
+    check_fields("", settings, asdict(settings))
 
 
 @dataclass(frozen=True)
@@ -48,24 +103,19 @@ class StageControl:
     resume: continue from ``state_path`` if it exists (else start afresh).
     save_every: steps between two state saves (a kill loses at most this many steps).
     stop_after_steps: stop, state saved, once this many steps (counted from the stage's start, not
-        this session's) are done; None: run to the end.
+        this session's) are done (0 on a fresh stage: no step, nothing saved); None: run to the end.
     max_minutes: stop, state saved, after the step during which this much wall time (this session)
         has passed; None: no limit.
     """
 
     state_path: Optional[Path] = None
     resume: bool = False
-    save_every: int = 100
-    stop_after_steps: Optional[int] = None
-    max_minutes: Optional[float] = None
+    save_every: int = number(100, 1)
+    stop_after_steps: Optional[int] = number(None, 0, optional=True)
+    max_minutes: Optional[float] = number(None, 0, optional=True, above=True)
 
     def __post_init__(self) -> None:
-        if self.save_every < 1:
-            raise ConfigError(f"save_every: must be >= 1, got {self.save_every}")
-        if self.stop_after_steps is not None and self.stop_after_steps < 0:
-            raise ConfigError(f"stop_after_steps: must be >= 0 or null, got {self.stop_after_steps}")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise ConfigError(f"max_minutes: must be > 0 or null, got {self.max_minutes}")
+        check_settings(self)
         if self.resume and self.state_path is None:
             raise ConfigError("resume=true needs a stage state file (an output path)")
 
@@ -77,10 +127,12 @@ class StageControl:
 
 @dataclass
 class StageProgress:
-    """What :func:`run_steps` leaves: every step's loss so far and whether all steps are done."""
+    """What :func:`run_steps` leaves: every step's loss so far, whether all steps are done and, when
+    not, whether the state file holds them (no step done, or no state path: nothing was saved)."""
 
     losses: list[float]
     finished: bool
+    state_saved: bool = False
 
 
 def save_state(
@@ -115,22 +167,37 @@ def _changed_settings(saved: Mapping, now: Mapping, prefix: str = "") -> list[st
     return changes
 
 
-def load_state(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule, rng: np.random.Generator,
-    identity: Optional[Mapping] = None,
-) -> list[float]:
-    """Restore everything :func:`save_state` wrote, in place; returns the losses of the steps done.
+def read_state(control: StageControl, identity: Optional[Mapping], total_steps: int) -> Optional[dict]:
+    """The state to resume from (``control.resume`` and the file exists), checked, or None (start afresh).
 
-    Raises ConfigError when the state was saved by a stage of another ``identity`` (other settings:
-    resuming would mix two recipes in one output), naming what changed."""
+    Called before the stage's slow set-up (generating the scene pool takes minutes), so that a state
+    that cannot be resumed is refused at once. Raises ConfigError (CheckpointError for a file that is
+    no torch file) when the state was saved by a stage of another ``identity`` (other settings:
+    resuming would mix two recipes in one output), naming what changed, when it is not a stage state,
+    or when it holds more steps than ``total_steps``."""
+    if not (control.resume and control.state_path is not None and control.state_path.exists()):
+        return None
+    path = control.state_path
     state = read_weights(path, "pretraining stage state")
-    saved_identity = state.get("identity") if isinstance(state, Mapping) else None
+    if not isinstance(state, Mapping) or any(key not in state for key in STATE_KEYS) or not isinstance(state["losses"], list):
+        raise ConfigError(f"{path}: not the state of a pretraining stage; delete it or run with resume=false")
+    saved_identity = state.get("identity")
     if identity is not None and saved_identity is not None and saved_identity != _as_json(identity):
         changed = "; ".join(_changed_settings(saved_identity, _as_json(identity)))
         raise ConfigError(
             f"{path}: the stage was started with other settings ({changed}); resume with its settings, "
             f"or delete the file (or run with resume=false) to start the stage again"
         )
+    if len(state["losses"]) > total_steps:
+        raise ConfigError(f"{path}: holds {len(state['losses'])} steps, more than steps={total_steps}")
+    return dict(state)
+
+
+def restore_state(
+    state: Mapping, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule, rng: np.random.Generator
+) -> list[float]:
+    """Put everything :func:`save_state` wrote (as :func:`read_state` returned it) back, in place; returns
+    the losses of the steps done."""
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -161,23 +228,26 @@ def run_steps(
     description: str,
     progress: bool = True,
     identity: Optional[Mapping] = None,
+    state: Optional[Mapping] = None,
 ) -> StageProgress:
     """Run ``step(index)`` (one optimizer step, returning its loss) for the steps not yet done.
 
     With ``control.resume`` and an existing state file, the model, optimizer, schedule and both
-    RNGs are restored first and the loop continues after the last saved step. ``identity`` (what
-    the stage's output depends on, as in its report) is saved with the state, and a resume with
-    another one is refused.
+    RNGs are restored first and the loop continues after the last saved step. ``state``: that file as
+    :func:`read_state` already returned it (the stages read it before their slow set-up); None: read
+    here. ``identity`` (what the stage's output depends on, as in its report) is saved with the state,
+    and a resume with another one is refused.
     """
+    if state is None:
+        state = read_state(control, identity, total_steps)
     losses: list[float] = []
-    if control.resume and control.state_path.exists():
-        losses = load_state(control.state_path, model, optimizer, schedule, rng, identity)
-        if len(losses) > total_steps:
-            raise ConfigError(f"{control.state_path}: holds {len(losses)} steps, more than steps={total_steps}")
+    state_holds = None  # how many steps the state file holds (None: no file of this stage's run)
+    if state is not None:
+        losses = restore_state(state, control.state_path, model, optimizer, schedule, rng)
+        state_holds = len(losses)
     started = time.perf_counter()
     bar = tqdm(total=total_steps, initial=len(losses), desc=description, disable=not progress)
     stop_at = total_steps if control.stop_after_steps is None else min(total_steps, control.stop_after_steps)
-    saved_at = len(losses)
     while len(losses) < stop_at:
         losses.append(step(len(losses)))
         bar.update(1)
@@ -185,14 +255,52 @@ def run_steps(
         out_of_time = control.max_minutes is not None and time.perf_counter() - started >= 60 * control.max_minutes
         if control.state_path is not None and (len(losses) % control.save_every == 0 or out_of_time):
             save_state(control.state_path, model, optimizer, schedule, rng, losses, identity)
-            saved_at = len(losses)
+            state_holds = len(losses)
         if out_of_time:
             break
     bar.close()
     finished = len(losses) == total_steps
-    if not finished and control.state_path is not None and saved_at != len(losses):
+    # Stopped before the end: save what was done. No step done on a fresh start: nothing to save (a
+    # rerun starts the same way), and the caller must not claim a state.
+    if not finished and control.state_path is not None and losses and state_holds != len(losses):
         save_state(control.state_path, model, optimizer, schedule, rng, losses, identity)
-    return StageProgress(losses, finished)
+        state_holds = len(losses)
+    return StageProgress(losses, finished, state_saved=state_holds is not None and state_holds == len(losses))
+
+
+def stopped_state(state_saved: bool, control: StageControl) -> str:
+    """How a stage stopped before its end can go on, for the scripts' last line: it names a state file
+    only when one holds the steps done."""
+    if state_saved:
+        return f"state saved to {control.state_path}: rerun with resume=true"
+    if control.state_path is None:
+        return "no state saved (out=null: nothing is written)"
+    return "no step was done and no state saved"
+
+
+def prepare_stage_files(out: str | os.PathLike | None, control: StageControl) -> None:
+    """Check, before any work, that the stage can write its output, report and state, and delete the
+    unfinished temporary files of its own earlier saves.
+
+    A stage learns that ``out`` is a directory only when it saves, after all its training; and a
+    kill during a save leaves ``fileio.atomic_path``'s temporary ``.{name}.<8 characters>.tmp`` beside
+    the file for good (megabytes each), as the SSP-SAM trainer's run directory repair also deletes its
+    own (``engine/run_dir.py``). Only those names of the output, its report and its state are touched.
+
+    Raises:
+        ConfigError: naming ``out`` when one of the three paths cannot be written.
+    """
+    paths = [] if out is None else [Path(out), report_path(out)]
+    if control.state_path is not None:
+        paths.append(control.state_path)
+    for path in paths:
+        check_output_file(path, "out")
+    for path in paths:
+        prefix = f".{path.name}."
+        for entry in path.parent.glob(f"{escape(prefix)}*{INCOMPLETE}"):
+            token = entry.name[len(prefix) : -len(INCOMPLETE)]
+            if token and "." not in token and entry.is_file() and not entry.is_symlink():
+                entry.unlink(missing_ok=True)
 
 
 def report_path(out: str | os.PathLike) -> Path:
@@ -201,23 +309,64 @@ def report_path(out: str | os.PathLike) -> Path:
 
 
 def write_report(out: str | os.PathLike, identity: Mapping, results: Mapping) -> None:
-    """Write the report of a finished stage, atomically, after its output file."""
-    write_json(report_path(out), {"identity": _as_json(identity), "results": _as_json(results)})
+    """Write the report of a finished stage, atomically, after its output file, with the output's
+    sha256: the report vouches for those bytes only (:func:`finished_report`)."""
+    write_json(report_path(out), {"identity": _as_json(identity), "sha256": file_sha256(out), "results": _as_json(results)})
+
+
+def finish_stage(
+    out: str | os.PathLike, save: Callable[[Path], None], identity: Mapping, results: Mapping, control: StageControl
+) -> None:
+    """Write a finished stage's output with ``save(out)``, then its report, then delete its state.
+
+    The old report goes first: a death after the new weights are in place but before their report
+    is written must not leave the previous run's report beside them, which would pass the new
+    weights off as the old settings' finished output.
+    """
+    report_path(out).unlink(missing_ok=True)
+    save(Path(out))
+    write_report(out, identity, results)
+    remove_state(control)
+
+
+def _report_vouches_for(saved: Mapping, out: Path, report: Path) -> bool:
+    """Whether the report ``saved`` was written for the bytes ``out`` holds now; prints a note when not.
+
+    Reports hold the sha256 of their output. A report written before they did has none; the code
+    that wrote it saved the weights first and the report after them, so such a report is taken only
+    when it is not older than the weights (replaced weights beside a stale report are newer than it).
+    """
+    recorded = saved.get("sha256")
+    if recorded is None:
+        if report.stat().st_mtime_ns >= out.stat().st_mtime_ns:
+            return True
+        reason = "is older than the weights (they were replaced after it was written)"
+    elif file_sha256(out) == recorded:
+        return True
+    else:
+        reason = "was written for other weights (sha256 differs)"
+    print(f"note: {report} {reason}: {out} is not taken as this stage's finished output; the stage runs", file=sys.stderr)
+    return False
 
 
 def finished_report(out: str | os.PathLike, identity: Mapping, validate: Callable[[Path], object]) -> Optional[dict]:
     """The results of a finished stage, or None when the stage has to run (again).
 
     Finished means: the output and its report exist, the report was written for this ``identity``
-    (architecture and every training setting) and the output passes ``validate`` (e.g. loads into
-    the architecture; it raises on a bad file).
+    (architecture and every training setting) and for the bytes the output holds (its sha256), and
+    the output passes ``validate`` (e.g. loads into the architecture; it raises on a bad file).
+    Weights that do not match their report are not finished (a note says so): the stage then runs as
+    usual, resuming only a state of this identity, and writes its own output and report; that is
+    safe, whereas refusing would leave the user to delete a file the stage owns.
     """
     out, report = Path(out), report_path(out)
     if not (out.is_file() and report.is_file()):
         return None
     try:
         saved = json.loads(report.read_text())
-        if saved.get("identity") != _as_json(identity):
+        if not isinstance(saved, dict) or saved.get("identity") != _as_json(identity) or "results" not in saved:
+            return None
+        if not _report_vouches_for(saved, out, report):
             return None
         validate(out)
     except (OSError, ValueError, SSPSAMError):
