@@ -4,7 +4,9 @@ The training configs (SSP-SAM's ``train_config.py``, OVSS's ``ovss/engine/train_
 dataclasses whose numeric fields carry their range (:func:`number`) and whose named options carry their
 choices (:func:`choice`). :func:`merge_config` merges a composed config into such a dataclass through
 OmegaConf's structured configs (an unknown key or a value of the wrong type fails there);
-:func:`check_fields` then checks ranges and choices. Every failure is one :class:`ConfigError` naming
+:func:`check_fields` then checks ranges and choices. A dataclass built straight from command-line values,
+with no structured config between (the pretraining settings), checks their types with
+:func:`check_field_types` first. Every failure is one :class:`ConfigError` naming
 the key and the value given (``train.batch_size=0: must be an integer >= 1``).
 """
 
@@ -12,7 +14,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import field, fields
-from typing import Any, Mapping, Optional, TypeVar, get_type_hints
+from pathlib import Path
+from typing import Any, Mapping, Optional, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -87,6 +90,37 @@ def merge_config(root: type[T], sections: Mapping, raw: Mapping, options: str, p
         if isinstance(exc, ConfigKeyError):
             raise ConfigError(f"{key}: not {options}") from None
         raise ConfigError(f"{given}: {str(getattr(exc, 'msg', exc)).splitlines()[0]}") from None
+
+
+_KIND_WORDS = {bool: "true or false", str: "a string", Path: "a path", int: "an integer", float: "a number"}
+
+
+def check_field_types(section: Any) -> None:
+    """Each field of dataclass ``section`` holds a value of its declared type, in :func:`check_fields`' words.
+
+    For values straight from the command line (``steps=abc`` is the string "abc"), where no structured
+    config typed them: without this a range comparison raises a TypeError, and a string such as "false"
+    is truthy. A bool is not a number here, nor an int a bool.
+
+    Raises:
+        ConfigError: one line naming the first field of the wrong type and its value (``lr=abc: must be a number >= 0``).
+    """
+    types = get_type_hints(type(section))
+    for item in fields(section):
+        value, kind = getattr(section, item.name), types[item.name]
+        optional = get_origin(kind) is Union and type(None) in get_args(kind)
+        if optional:
+            kind = next(arg for arg in get_args(kind) if arg is not type(None))
+            if value is None:
+                continue
+        if kind in (int, float):
+            right_type = isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
+        else:
+            right_type = isinstance(value, kind)
+        if not right_type:
+            spec = {**item.metadata, "optional": optional}
+            wanted = _wanted(spec, kind) if "minimum" in spec else _KIND_WORDS.get(kind, f"a {getattr(kind, '__name__', kind)}")
+            raise ConfigError(f"{item.name}={value}: must be {wanted}")
 
 
 def check_fields(prefix: str, section: Any, raw: Mapping) -> None:

@@ -28,19 +28,18 @@ import json
 import os
 import sys
 import time
-import typing
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from glob import escape
 from pathlib import Path
-from typing import Any, Optional, get_type_hints
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..engine.config_fields import check_fields, number
+from ..engine.config_fields import check_field_types, check_fields, number
 from ..errors import ConfigError, SSPSAMError, first_line
 from ..fileio import INCOMPLETE, atomic_path, file_sha256, write_json
 from ..outputs import check_output_file
@@ -50,47 +49,18 @@ STATE_SUFFIX = ".resume"  # the stage state lives at "{out}.resume"
 STATE_KEYS = ("model", "optimizer", "schedule", "numpy_rng", "torch_rng", "losses")  # what save_state writes besides the identity
 
 
-def _wanted(kind: Any, spec: Mapping[str, Any]) -> str:
-    """What a field takes, in config_fields' words ("an integer >= 1 (or null)")."""
-    if kind is bool:
-        return "true or false"
-    if kind is str:
-        return "a string"
-    if kind is Path:
-        return "a path"
-    wanted = "an integer" if kind is int else "a number"
-    if "minimum" in spec:
-        wanted += f" {'>' if spec['above'] else '>='} {spec['minimum']:g}"
-    return wanted + (" (or null)" if spec.get("optional") else "")
-
-
 def check_settings(settings: Any) -> None:
     """Types and ranges of a settings dataclass whose numeric fields are ``config_fields.number``s.
 
-    The values come straight from the command line (``steps=abc`` is the string "abc"), so each must
-    first have its field's type: else a comparison raises a TypeError, or a string such as "false"
-    is truthy. The ranges are the trainer's check (``check_fields``); they keep out what would train
-    backwards or not at all (a negative learning rate or loss weight is gradient ascent).
+    The values come straight from the command line, so their types are checked first
+    (``config_fields.check_field_types``); the ranges are the trainer's check (``check_fields``), which
+    keeps out what would train backwards or not at all (a negative learning rate or loss weight is
+    gradient ascent).
 
     Raises:
         ConfigError: one line naming the first bad field and its value (``lr=abc: must be a number >= 0``).
     """
-    hints = get_type_hints(type(settings))
-    for item in fields(settings):
-        value, kind = getattr(settings, item.name), hints[item.name]
-        optional = typing.get_origin(kind) is typing.Union and type(None) in typing.get_args(kind)
-        if optional:
-            kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
-            if value is None:
-                continue
-        if kind is float:
-            right_type = isinstance(value, (int, float)) and not isinstance(value, bool)
-        elif kind is int:
-            right_type = isinstance(value, int) and not isinstance(value, bool)
-        else:
-            right_type = isinstance(value, kind)
-        if not right_type:
-            raise ConfigError(f"{item.name}={value}: must be {_wanted(kind, {**item.metadata, 'optional': optional})}")
+    check_field_types(settings)
     check_fields("", settings, asdict(settings))
 
 
