@@ -199,14 +199,29 @@ class _FrozenOutputCache:
     tower: str
     names: tuple[str, ...]
 
-    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, directory: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self, max_bytes: int = DEFAULT_MAX_BYTES, directory: str | os.PathLike | None = None, weights_fixed: bool = False
+    ) -> None:
+        """``weights_fixed``: the caller promises that no CLIP weight changes while this cache lives (one
+        evaluation of a model whose tower trains): the weights are then hashed once per backbone instead of at
+        every call, which a tower with trainable tensors otherwise needs (see :func:`clip_fingerprint`)."""
         self.store = _EntryStore(self.tower, self.names, max_bytes, directory)
         self.hits = 0
         self.misses = 0
+        self._fixed_fingerprints: "WeakKeyDictionary[CLIPSurgeryBackbone, str] | None" = (
+            WeakKeyDictionary() if weights_fixed else None
+        )
+
+    def _weights_fingerprint(self, backbone: CLIPSurgeryBackbone) -> str:
+        if self._fixed_fingerprints is None:
+            return clip_fingerprint(backbone, self.tower)
+        if backbone not in self._fixed_fingerprints:
+            self._fixed_fingerprints[backbone] = clip_fingerprint(backbone, self.tower)
+        return self._fixed_fingerprints[backbone]
 
     def _rows(self, model: SSPSAM, inputs: Tensor, compute: Callable[[Tensor], Entry]) -> list[Entry]:
         """The entry of every row of ``inputs`` (CPU tensors), computing the distinct misses at once."""
-        fingerprint = f"{clip_fingerprint(model.clip, self.tower)}-{autocast_state(model.device)}"
+        fingerprint = f"{self._weights_fingerprint(model.clip)}-{autocast_state(model.device)}"
         keys = input_keys(inputs.cpu())
         entries: list[Optional[Entry]] = [self.store.get(fingerprint, key) for key in keys]
         first_row_of: dict[str, int] = {}

@@ -130,6 +130,28 @@ def test_a_trainable_tower_changed_by_a_fused_optimizer_is_other_entries():
     _close(after, model.encode_text(tokens.to(model.device)).sentence.detach())
 
 
+def test_a_cache_with_fixed_weights_hashes_a_trainable_tower_once(monkeypatch):
+    """One evaluation of a model whose text tower trains: its weights cannot change during the call, so the
+    evaluator's own cache hashes them once, where a training cache rehashes them at every call."""
+    import ssp_sam.feature_cache as feature_cache
+
+    model = tiny_model()
+    model.clip.clip.text_projection.requires_grad_(True)
+    hashed: list[str] = []
+
+    def counted(backbone, tower):
+        hashed.append(tower)
+        return clip_fingerprint(backbone, tower)
+
+    monkeypatch.setattr(feature_cache, "clip_fingerprint", counted)
+    fixed, training = TextFeatureCache(weights_fixed=True), TextFeatureCache()
+    for batch in ([[500]], [[600]], [[500], [700]]):
+        fixed_features = fixed.encode(model, _tokens(batch))
+        _close(fixed_features.sentence, training.encode(model, _tokens(batch)).sentence)
+    assert len(hashed) == 1 + 3  # the fixed cache once, the training cache at each of its 3 calls
+    assert (fixed.hits, fixed.misses) == (1, 3)
+
+
 def test_memory_is_bounded_least_recently_used_first():
     model = tiny_model()
     entry_bytes = 77 * model.clip.text_width * 4 + model.clip.embed_dim * 4

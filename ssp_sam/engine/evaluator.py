@@ -278,7 +278,8 @@ def evaluate(
         workers: data-loader processes reading images and cached embeddings ahead (0: none).
         precision: auto | fp32 | bf16 | fp16 (``ssp_sam.engine.precision.resolve_precision``).
         text_cache / image_cache: frozen-feature caches (``ssp_sam.feature_cache``); a new text
-            cache for this call when None (sentences repeat within a split), no image cache.
+            cache for this call when None (sentences repeat within a split; the weights are fixed during
+            the call, so a text tower that trains is hashed once, not per batch), no image cache.
         compile: ``torch.compile`` the decoder where it can (:class:`Predictor`).
 
     Raises:
@@ -293,7 +294,7 @@ def evaluate(
         raise ConfigError(f"images_per_batch must be >= 1 and workers >= 0, got {images_per_batch} and {workers}")
     predictor = model if isinstance(model, Predictor) else Predictor(
         model, device=device, max_batch=max_batch, precision=precision,
-        text_cache=text_cache if text_cache is not None else TextFeatureCache(), image_cache=image_cache, compile=compile,
+        text_cache=text_cache if text_cache is not None else TextFeatureCache(weights_fixed=True), image_cache=image_cache, compile=compile,
     )
     frame = make_protocol(protocol, predictor.model.sam_image_size, predictor.model.config.no_target_pixels)
     by_image = _sentences_by_image(dataset)
