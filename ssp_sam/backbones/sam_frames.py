@@ -1,6 +1,8 @@
 """SAM's image transform and the three frames a mask lives in.
 
 - :class:`SAMImageTransform`: SamPredictor's resize followed by ``Sam.preprocess``, as one call.
+- The OVSS models' way in: :func:`resize_image` (their input square), :func:`sam_input` (that square
+  to SAM's input) and :class:`ModelInputTransform` (both, as the OVSS embedding cache's preprocessing).
 - SAM's low-resolution logits (``4 * S / patch`` per side), the "padded frame" (the letterboxed
   ``S x S`` input at half resolution, where training losses are computed) and the original image:
   :func:`upscale_to_padded_frame`, :func:`padded_frame_to_original`, and the ground truth's way into
@@ -55,6 +57,45 @@ class SAMImageTransform:
         h, w = normalised.shape[-2:]
         padded = F.pad(normalised, (0, self.image_size - w, 0, self.image_size - h))
         return padded, (h, w)
+
+
+def resize_image(image: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """(3, H, W) uint8 or float -> (3, h, w) float, bilinear with antialiasing; unchanged values when the size
+    is the same. The OVSS models' resize of an image to their input (detectron2's, as CAT-Seg's pipeline does)."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image.float()
+    return F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def sam_input(images: torch.Tensor, sam_size: int, pixel_mean: torch.Tensor, pixel_std: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) RGB on 0..255 -> (B, 3, sam_size, sam_size) SAM's encoder input as the OVSS models give it:
+    bilinear (antialiased) to SAM's side, then SAM's normalisation ((3, 1, 1) mean and std)."""
+    size = (sam_size, sam_size)
+    resized = F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+    return (resized - pixel_mean) / pixel_std
+
+
+class ModelInputTransform:
+    """The OVSS cache's preprocessing: uint8 RGB (H, W, 3) -> ((3, sam_size, sam_size) SAM's encoder input,
+    (sam_size, sam_size)), called as :class:`SAMImageTransform` (SSP-SAM's) is.
+
+    Why not SAM's own transform (long side to SAM's, aspect kept, padded): the OVSS models never show SAM
+    the image file, but their input, the image resized to ``model_input_size`` squared (training with
+    ``crop=none``, evaluation without the sliding window), which ``SAMProposer.embed`` resizes to SAM's
+    side by :func:`sam_input`. Cached entries computed this way are what the model computes itself, for any
+    image size or aspect.
+    """
+
+    def __init__(self, model_input_size: int, sam_size: int) -> None:
+        self.model_input_size = model_input_size
+        self.sam_size = sam_size
+        self.pixel_mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
+        self.pixel_std = torch.tensor(PIXEL_STD).view(3, 1, 1)
+
+    def __call__(self, image: np.ndarray) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        side = self.model_input_size
+        square = resize_image(torch.from_numpy(image).permute(2, 0, 1), (side, side))
+        return sam_input(square[None], self.sam_size, self.pixel_mean, self.pixel_std)[0], (self.sam_size, self.sam_size)
 
 
 def upscale_to_padded_frame(low_res_logits: torch.Tensor, image_size: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ What an entry is valid for, and why nothing stale is ever read:
   fingerprint of its weights (sha256 of the weight file, or of the encoder's state dict) and the
   preprocessing (input size S, pixel mean and std, resize rule). Other weights: another folder.
   The OVSS models embed their own input, the image squashed to their input square (``model_input_size``,
-  :class:`ssp_sam.ovss.sam_mi.proposals.ModelInputTransform`), not SSP-SAM's letterboxed image: their
+  :class:`ssp_sam.backbones.sam_frames.ModelInputTransform`), not SSP-SAM's letterboxed image: their
   entries have another resize rule, hence a folder of their own per model input size.
 - The file name hashes the image's key (its path relative to its dataset's image root, so a moved
   dataset keeps its cache) with the image file's size and modification time (ns). An image
@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import nn
 
-from ..backbones.sam_frames import SAMImageTransform
+from ..backbones.sam_frames import ModelInputTransform, SAMImageTransform
 from ..errors import CacheError, ConfigError, ImageError
 
 if TYPE_CHECKING:
@@ -173,9 +173,7 @@ class EmbeddingCache:
         self.read_only = not _writable(self.root) if read_only is None else read_only
         if encoder.model_input_size is None:
             self.transform = SAMImageTransform(encoder.image_size)
-        else:  # the OVSS models' own preprocessing, with the models (imported here: ssp_sam.data does not need them)
-            from ..ovss.sam_mi.proposals import ModelInputTransform
-
+        else:  # the OVSS models' own preprocessing
             self.transform = ModelInputTransform(encoder.model_input_size, encoder.image_size)
         self._expected = encoder.describe()
         self.last_build: BuildSummary | None = None  # set by ensure_cache

@@ -2,7 +2,8 @@
 
 - :func:`shortest_edge_size`: detectron2's ``ResizeShortestEdge`` output shape (training crops, and
   the test-time resize before the sliding window).
-- :func:`resize_image`, :func:`resize_label`: bilinear (antialiased) images, nearest-neighbour labels.
+- :func:`resize_image` (defined beside SAM's input transforms, ``ssp_sam.backbones.sam_frames``, which
+  the OVSS embedding cache shares), :func:`resize_label`: bilinear (antialiased) images, nearest-neighbour labels.
 - :func:`resize_probabilities`: the model's square output back to an image's size.
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..backbones.sam_frames import resize_image  # noqa: F401 (re-exported: the OVSS pipeline's image resize)
+
 
 def shortest_edge_size(height: int, width: int, short_side: int, max_size: int) -> tuple[int, int]:
     """detectron2's ``ResizeShortestEdge.get_output_shape``: short side to ``short_side``, long side at most ``max_size``."""
@@ -18,13 +21,6 @@ def shortest_edge_size(height: int, width: int, short_side: int, max_size: int) 
     if max(height, width) * scale > max_size:
         scale = max_size / max(height, width)
     return int(height * scale + 0.5), int(width * scale + 0.5)
-
-
-def resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
-    """(3, H, W) uint8 or float -> (3, h, w) float, bilinear with antialiasing; unchanged values when the size is the same."""
-    if tuple(image.shape[-2:]) == tuple(size):
-        return image.float()
-    return F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False, antialias=True)[0]
 
 
 def resize_label(label: Tensor, size: tuple[int, int]) -> Tensor:

@@ -10,15 +10,15 @@ The stability score and boxes are computed on SAM's low-resolution logits (4x th
 Images are square (the OVSS models run on square crops), so SAM's resize fills its whole input frame
 and a low-resolution mask covers exactly the image.
 
-:class:`ModelInputTransform` is the OVSS embedding cache's preprocessing: from an image file's pixels,
-exactly what :meth:`SAMProposer.embed` gives SAM's encoder for the model's own input of that image.
+SAM's input is :func:`ssp_sam.backbones.sam_frames.sam_input`, the function the OVSS embedding cache's
+preprocessing (:class:`~ssp_sam.backbones.sam_frames.ModelInputTransform`) also uses, so cached entries
+are exactly what :meth:`SAMProposer.embed` computes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
@@ -28,9 +28,8 @@ from torchvision.ops import batched_nms
 
 from ...attention import fuse_two_way_attention
 from ...backbones.sam_decoder import decode_prompt_sets, hypernetwork_masks
-from ...backbones.sam_frames import PIXEL_MEAN, PIXEL_STD
+from ...backbones.sam_frames import sam_input
 from ..model_config import ProposalConfig
-from ..resize import resize_image
 
 MASK_THRESHOLD = 0.0  # SAM's: a logit above it is inside the mask
 
@@ -58,35 +57,6 @@ class Proposals:
         else:
             masks = F.adaptive_avg_pool2d((self.logits > MASK_THRESHOLD).float(), (size, size))
         return masks * self.valid[:, :, None, None]
-
-
-def sam_input(images: Tensor, sam_size: int, pixel_mean: Tensor, pixel_std: Tensor) -> Tensor:
-    """(B, 3, S, S) RGB on 0..255 -> (B, 3, sam_size, sam_size) SAM's encoder input: bilinear (antialiased)
-    to SAM's side, then SAM's normalisation ((3, 1, 1) mean and std)."""
-    size = (sam_size, sam_size)
-    resized = F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
-    return (resized - pixel_mean) / pixel_std
-
-
-class ModelInputTransform:
-    """The OVSS cache's preprocessing: uint8 RGB (H, W, 3) -> ((3, sam_size, sam_size) SAM's encoder input,
-    (sam_size, sam_size)), called as :class:`~ssp_sam.backbones.sam_frames.SAMImageTransform` (SSP-SAM's) is.
-
-    Why not SAM's own transform (long side to SAM's, aspect kept, padded): the OVSS models never show SAM
-    the image file, but their input, the image resized to ``model_input_size`` squared (training with
-    ``crop=none``, evaluation without the sliding window), which :meth:`SAMProposer.embed` resizes to SAM's
-    side. Cached entries computed this way are what the model computes itself, for any image size or aspect.
-    """
-
-    def __init__(self, model_input_size: int, sam_size: int) -> None:
-        self.model_input_size = model_input_size
-        self.sam_size = sam_size
-        self.pixel_mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
-        self.pixel_std = torch.tensor(PIXEL_STD).view(3, 1, 1)
-
-    def __call__(self, image: np.ndarray) -> tuple[Tensor, tuple[int, int]]:
-        square = resize_image(torch.from_numpy(image).permute(2, 0, 1), (self.model_input_size, self.model_input_size))
-        return sam_input(square[None], self.sam_size, self.pixel_mean, self.pixel_std)[0], (self.sam_size, self.sam_size)
 
 
 def grid_points(side: int, image_size: int, batch: int, device: torch.device) -> Tensor:
