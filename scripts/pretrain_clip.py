@@ -15,21 +15,13 @@ Bad arguments print one line naming them and exit with code 2. Recipe and number
 
 from __future__ import annotations
 
-import sys
-from dataclasses import fields
-
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ssp_sam.cli import reports_errors
-from ssp_sam.engine.distributed import prepare_cpu_process
 from ssp_sam.errors import ConfigError
-from ssp_sam.predictor import resolve_device
 from ssp_sam.pretrain.clip import HELDOUT_SPLIT, CLIPPretrainSettings, finished_clip_stage, pretrain_clip
-from ssp_sam.pretrain.stage import StageControl, stopped_state
-
-EXIT_STOPPED = 3  # stopped before the last step; the state (if a step was done) is saved, resume=true continues
+from ssp_sam.pretrain.script import end_stage, start_stage
 
 
 def heldout_line(held: dict, settings: CLIPPretrainSettings) -> str:
@@ -48,18 +40,8 @@ def heldout_line(held: dict, settings: CLIPPretrainSettings) -> str:
 def main(cfg: DictConfig) -> None:
     if cfg.model.clip_arch != "custom":
         raise ConfigError(f"model.clip_arch: pretraining builds a 'custom' CLIP, got {cfg.model.clip_arch!r}")
-    if isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int) or cfg.threads < 1:
-        raise ConfigError(f"threads={cfg.threads}: must be an integer >= 1")
-    device = resolve_device(cfg.device)
-    if device.type == "cpu":
-        prepare_cpu_process()
-    torch.set_num_threads(cfg.threads)
-    settings = CLIPPretrainSettings(**{field.name: cfg[field.name] for field in fields(CLIPPretrainSettings)})
+    device, settings, control = start_stage(cfg, CLIPPretrainSettings)
     clip_custom = OmegaConf.to_container(cfg.model.clip_custom, resolve=True)
-    control = StageControl.beside(
-        cfg.out, resume=cfg.resume, save_every=cfg.save_every, stop_after_steps=cfg.stop_after_steps,
-        max_minutes=cfg.max_minutes,
-    )
     if cfg.resume and cfg.out is not None:
         report = finished_clip_stage(cfg.out, clip_custom, cfg.model.surgery_blocks, settings, cfg.model.append_period)
         if report is not None:
@@ -77,14 +59,7 @@ def main(cfg: DictConfig) -> None:
         log_dir=cfg.tensorboard,
         control=control,
     )
-    if not result.finished:
-        print(f"CLIP pretraining stopped after {len(result.losses)} of {settings.steps} steps ({result.seconds / 60:.1f} min this session); "
-              + stopped_state(result.state_saved, control))
-        sys.exit(EXIT_STOPPED)
-    print(
-        f"CLIP pretrained: {settings.steps} steps, final loss {result.losses[-1]:.4f}, "
-        f"{result.seconds / 60:.1f} min this session; weights written to {cfg.out}"
-    )
+    end_stage("CLIP", result, settings.steps, control, cfg.out)
     print(heldout_line(result.heldout, settings))
 
 

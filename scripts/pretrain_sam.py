@@ -12,21 +12,13 @@ Bad arguments print one line naming them and exit with code 2. Recipe and number
 
 from __future__ import annotations
 
-import sys
-from dataclasses import fields
-
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ssp_sam.cli import reports_errors
-from ssp_sam.engine.distributed import prepare_cpu_process
 from ssp_sam.errors import ConfigError
-from ssp_sam.predictor import resolve_device
 from ssp_sam.pretrain.sam import HELDOUT_SPLIT, SAMPretrainSettings, finished_sam_stage, pretrain_sam
-from ssp_sam.pretrain.stage import StageControl, stopped_state
-
-EXIT_STOPPED = 3  # stopped before the last step; the state (if a step was done) is saved, resume=true continues
+from ssp_sam.pretrain.script import end_stage, start_stage
 
 
 def heldout_line(miou: float, instances: int, settings: SAMPretrainSettings) -> str:
@@ -41,18 +33,8 @@ def heldout_line(miou: float, instances: int, settings: SAMPretrainSettings) -> 
 def main(cfg: DictConfig) -> None:
     if cfg.model.sam_variant != "custom":
         raise ConfigError(f"model.sam_variant: pretraining builds a 'custom' SAM, got {cfg.model.sam_variant!r}")
-    if isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int) or cfg.threads < 1:
-        raise ConfigError(f"threads={cfg.threads}: must be an integer >= 1")
-    device = resolve_device(cfg.device)
-    if device.type == "cpu":
-        prepare_cpu_process()
-    torch.set_num_threads(cfg.threads)
-    settings = SAMPretrainSettings(**{field.name: cfg[field.name] for field in fields(SAMPretrainSettings)})
+    device, settings, control = start_stage(cfg, SAMPretrainSettings)
     sam_custom = OmegaConf.to_container(cfg.model.sam_custom, resolve=True)
-    control = StageControl.beside(
-        cfg.out, resume=cfg.resume, save_every=cfg.save_every, stop_after_steps=cfg.stop_after_steps,
-        max_minutes=cfg.max_minutes,
-    )
     if cfg.resume and cfg.out is not None:
         report = finished_sam_stage(cfg.out, sam_custom, settings)
         if report is not None:
@@ -68,14 +50,7 @@ def main(cfg: DictConfig) -> None:
         log_dir=cfg.tensorboard,
         control=control,
     )
-    if not result.finished:
-        print(f"SAM pretraining stopped after {len(result.losses)} of {settings.steps} steps ({result.seconds / 60:.1f} min this session); "
-              + stopped_state(result.state_saved, control))
-        sys.exit(EXIT_STOPPED)
-    print(
-        f"SAM pretrained: {settings.steps} steps, final loss {result.losses[-1]:.4f}, "
-        f"{result.seconds / 60:.1f} min this session; weights written to {cfg.out}"
-    )
+    end_stage("SAM", result, settings.steps, control, cfg.out)
     print(heldout_line(result.heldout_miou, result.heldout_instances, settings))
 
 

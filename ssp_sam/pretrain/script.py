@@ -1,0 +1,65 @@
+"""What scripts/pretrain_clip.py and scripts/pretrain_sam.py share: their start and their last line.
+
+Both scripts read their settings from the Hydra config's keys of the same names, run one resumable
+stage (:mod:`ssp_sam.pretrain.stage`) and end with one line saying what was done: a stage stopped
+before its last step exits with :data:`EXIT_STOPPED`.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import fields
+from typing import Any, Protocol, TypeVar
+
+import torch
+
+from ..engine.distributed import prepare_cpu_process
+from ..errors import ConfigError
+from ..predictor import resolve_device
+from .stage import StageControl, stopped_state
+
+EXIT_STOPPED = 3  # stopped before the last step; the state (if a step was done) is saved, resume=true continues
+
+Settings = TypeVar("Settings")
+
+
+class StageResult(Protocol):
+    losses: list[float]
+    seconds: float
+    finished: bool
+    state_saved: bool
+
+
+def start_stage(cfg: Any, settings_type: type[Settings]) -> tuple[torch.device, Settings, StageControl]:
+    """Checks ``cfg.threads``, chooses ``cfg.device`` (preparing a CPU process) and sets the thread count,
+    then builds the settings from ``cfg``'s keys named as ``settings_type``'s fields (typed and ranged
+    there) and the stage control beside ``cfg.out``, all before any slow work.
+
+    Raises:
+        ConfigError: a bad ``threads``, device or setting (one line naming the key).
+    """
+    if isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int) or cfg.threads < 1:
+        raise ConfigError(f"threads={cfg.threads}: must be an integer >= 1")
+    device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        prepare_cpu_process()
+    torch.set_num_threads(cfg.threads)
+    settings = settings_type(**{field.name: cfg[field.name] for field in fields(settings_type)})
+    control = StageControl.beside(
+        cfg.out, resume=cfg.resume, save_every=cfg.save_every, stop_after_steps=cfg.stop_after_steps,
+        max_minutes=cfg.max_minutes,
+    )
+    return device, settings, control
+
+
+def end_stage(name: str, result: StageResult, steps: int, control: StageControl, out: Any) -> None:
+    """Prints the stage's last line ("{name} pretrained: ..."); a stage stopped before its last step
+    says how it can go on and exits with :data:`EXIT_STOPPED`."""
+    if not result.finished:
+        print(f"{name} pretraining stopped after {len(result.losses)} of {steps} steps ({result.seconds / 60:.1f} min this session); "
+              + stopped_state(result.state_saved, control))
+        sys.exit(EXIT_STOPPED)
+    print(
+        f"{name} pretrained: {steps} steps, final loss {result.losses[-1]:.4f}, "
+        f"{result.seconds / 60:.1f} min this session; weights written to {out}"
+    )
