@@ -348,6 +348,21 @@ def test_smagg_assigns_by_the_chosen_criterion_and_merges_per_class():
     assert merged[0, 2].tolist() == [[0, 0, 0, 0], [0, 0, 1, 1]]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("criterion", ["majority_vote", "mean_cost"])
+def test_smagg_counts_in_fp32_under_autocast(dtype, criterion):
+    """A mask of 2001 pixels of class 1 and 2000 of class 0: bf16 sums (8 significant bits) tie and
+    hand it to class 0; fp16 sums of 80000 + 70000 overflow. The assignment must be fp32's."""
+    for first, second in ((2000, 2001), (70000, 80000)):
+        pixels = first + second
+        scores = torch.zeros(1, 2, 1, pixels)
+        scores[0, 0, 0, :first], scores[0, 1, 0, :first] = 0.9, 0.1
+        scores[0, 0, 0, first:], scores[0, 1, 0, first:] = 0.1, 0.9
+        masks, valid = torch.ones(1, 1, 1, pixels), torch.tensor([[True]])
+        with torch.autocast("cpu", dtype=dtype):
+            assert assign_proposals(masks, valid, scores, criterion).tolist() == [[1]]
+
+
 def test_majority_vote_baseline_on_a_hand_built_example():
     probabilities = torch.zeros(1, 2, 2, 4)
     probabilities[0, 0] = torch.tensor([[0.9, 0.8, 0.2, 0.1], [0.6, 0.3, 0.4, 0.5]])

@@ -30,15 +30,20 @@ def assign_proposals(masks: Tensor, valid: Tensor, class_scores: Tensor, criteri
 
     Returns:
         (B, M) class index, -1 for padding proposals.
+
+    Sums and votes are taken in fp32 whatever autocast is in force: bf16 keeps 8 significant bits, so a
+    vote of 2001 pixels against 2000 would tie and go to the lower class index (fp16 overflows at 65504).
     """
-    if criterion == "mean_cost":
-        area = masks.flatten(2).sum(dim=-1).clamp(min=1e-6)
-        per_class = torch.einsum("bmhw,bthw->bmt", masks, class_scores.to(masks.dtype)) / area[..., None]
-    elif criterion == "majority_vote":
-        winners = F.one_hot(class_scores.argmax(dim=1), class_scores.shape[1]).to(masks.dtype)  # (B, H, W, T)
-        per_class = torch.einsum("bmhw,bhwt->bmt", masks, winners)
-    else:
+    if criterion not in ("mean_cost", "majority_vote"):
         raise ValueError(f"unknown SMAgg criterion {criterion!r}")
+    with torch.autocast(masks.device.type, enabled=False):
+        masks = masks.float()
+        if criterion == "mean_cost":
+            area = masks.flatten(2).sum(dim=-1).clamp(min=1e-6)
+            per_class = torch.einsum("bmhw,bthw->bmt", masks, class_scores.float()) / area[..., None]
+        else:
+            winners = F.one_hot(class_scores.argmax(dim=1), class_scores.shape[1]).float()  # (B, H, W, T)
+            per_class = torch.einsum("bmhw,bhwt->bmt", masks, winners)
     return torch.where(valid, per_class.argmax(dim=-1), torch.full_like(valid, -1, dtype=torch.long))
 
 
