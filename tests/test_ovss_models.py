@@ -313,6 +313,15 @@ def test_tspp_plateau_gives_one_peak_and_leaves_the_budget_to_other_classes(samp
     assert points[0, :2].tolist() == [[20.0, 20.0], [4.0, 60.0]]  # cells (row 2, col 2) and (row 7, col 0), 8 px each
 
 
+def test_tspp_keeps_a_peak_whose_equal_neighbour_is_no_peak():
+    """Kernel 5 on the row 0.9, .1, .5, .1, .5, .1, ...: the 0.5 at x=2 is no peak (0.9 lies in its window), so it
+    must not suppress the equal 0.5 at x=4, the maximum of its own window (an audit's case: it did)."""
+    point_map = torch.zeros(1, 1, 8, 8)
+    point_map[0, 0, 0] = torch.tensor([0.9, 0.1, 0.5, 0.1, 0.5, 0.1, 0.1, 0.1])
+    points, valid = sample_points(point_map, 64, TSPPConfig(budget=4, upsample=1, nms_kernel=5, min_probability=0.2))
+    assert points[0][valid[0]].tolist() == [[4.0, 4.0], [36.0, 4.0]]  # x=0 and x=4, 8 px cells
+
+
 def test_tspp_gives_the_first_pass_to_one_best_peak_per_class():
     """Two separate peaks of class 0 tie at its maximum: only the first (lowest flat index) gets the "best peak
     first" rank, so class 1's weaker peak comes before class 0's second one."""

@@ -73,7 +73,7 @@ def sample_points(point_map: Tensor, image_size: int, config: TSPPConfig) -> tup
     if config.sampler == "global_peaks":
         probability = probability.amax(dim=1, keepdim=True)
     pooled = F.max_pool2d(probability, config.nms_kernel, stride=1, padding=config.nms_kernel // 2)
-    is_peak = (probability == pooled) & _first_of_equals(probability, config.nms_kernel) & (probability >= config.min_probability)
+    is_peak = (probability == pooled) & _first_of_equals(probability, pooled, config.nms_kernel) & (probability >= config.min_probability)
     priority = torch.where(is_peak, probability, torch.full_like(probability, -1.0))
     if config.sampler == "class_peaks":  # each class's best peak first: one per class, the lowest flat index among equals
         flat = priority.flatten(2)
@@ -92,20 +92,24 @@ def sample_points(point_map: Tensor, image_size: int, config: TSPPConfig) -> tup
     return points, values >= 0
 
 
-def _first_of_equals(probability: Tensor, kernel: int) -> Tensor:
-    """(B, K, H, W) bool: False where the cell's ``kernel`` x ``kernel`` window holds the same value at a lower
-    flat index (a row above, or to the left on the same row).
+def _first_of_equals(probability: Tensor, pooled: Tensor, kernel: int) -> Tensor:
+    """(B, K, H, W) bool: False where the cell's ``kernel`` x ``kernel`` window holds, at a lower flat index (a row
+    above, or to the left on the same row), a cell of the same value that is itself a max-pool peak (equal to
+    ``pooled``, its window's maximum).
 
     Max-pool NMS alone keeps every cell of a flat plateau (each equals its window's maximum), so one class
-    could spend the whole budget on neighbouring cells; with this, of equal values within a window only the
-    first (lowest flat index) is a peak. Inputs without such ties keep exactly their peaks.
+    could spend the whole budget on neighbouring cells; with this, of equal peaks within a window only the
+    first (lowest flat index) is kept. An equal value that is not a peak (a larger cell lies in its own window)
+    suppresses nothing, so inputs without tied peaks keep exactly their peaks.
     """
     radius = kernel // 2
     height, width = probability.shape[-2:]
-    padded = F.pad(probability, (radius, radius, radius, radius), value=float("nan"))  # NaN equals nothing
+    pad = (radius, radius, radius, radius)
+    # NaN equals nothing; the padded cells are no peaks
+    padded = F.pad(torch.where(probability == pooled, probability, float("nan")), pad, value=float("nan"))
     first = torch.ones_like(probability, dtype=torch.bool)
     for dy in range(-radius, 1):
         for dx in range(-radius, radius + 1 if dy < 0 else 0):
-            earlier = padded[..., radius + dy : radius + dy + height, radius + dx : radius + dx + width]
-            first &= earlier != probability
+            earlier_peak = padded[..., radius + dy : radius + dy + height, radius + dx : radius + dx + width]
+            first &= earlier_peak != probability
     return first
