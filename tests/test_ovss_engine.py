@@ -394,6 +394,48 @@ def test_a_zero_shot_selection_metric_needs_unseen_classes_before_training(bands
         OVSSTrainer(tiny_run(bands, tmp_path / "run", "val.split=train", "val.metric=mIoU seen"))
 
 
+def test_inductive_validation_scores_the_seen_vocabulary_on_seen_pixels(tmp_path, monkeypatch):
+    """train.vocabulary=seen: validation (which picks best/) prompts the seen names only and does not score an
+    unseen class's pixels, so how unseen objects are labelled cannot steer selection; its "mIoU seen" is that
+    mIoU, and a selection metric of the unseen classes is refused before training."""
+    import ssp_sam.ovss.engine.trainer as trainer_module
+
+    write_bands(tmp_path, "train", 2, seed=0)
+    (tmp_path / "classes.json").write_text(json.dumps({"classes": ["red", "blue", "green"], "unseen_classes": ["blue"]}))
+    common = ("train.crop=none", "train.batch_size=2", "train.iterations=1", "val.split=train", "val.every=1")
+    with pytest.raises(ConfigError, match="val.metric=hIoU: with train.vocabulary=seen"):
+        OVSSTrainer(tiny_run(tmp_path, tmp_path / "refused", *common, "val.metric=hIoU"))
+
+    scored = []
+
+    def spy(model, dataset, *args, **kwargs):
+        scored.append((dataset.class_names, dataset[0]["label"].numpy()))
+        return evaluate_ovss(model, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "evaluate_ovss", spy)
+    trainer = OVSSTrainer(tiny_run(tmp_path, tmp_path / "seen", *common, "val.metric=mIoU seen"))
+    metrics = trainer.validate()
+    file_label = np.array(Image.open(tmp_path / "labels" / "train" / "000.png")).astype(np.int64)
+    names, label = scored[0]
+    assert names == ("red", "green")
+    assert np.array_equal(label, np.select([file_label == 0, file_label == 2], [0, 1], default=-1))  # blue not scored
+    assert metrics["mIoU seen"] == metrics["mIoU"] and "mIoU unseen" not in metrics
+
+
+def test_an_unseen_selection_metric_needs_unseen_pixels_among_the_validated_images(tmp_path):
+    """hIoU of a split whose validated images show no unseen class would be missing at the first validation,
+    after the work before it: refused before training."""
+    write_bands(tmp_path, "train", 2, seed=0)
+    classes = {"classes": ["red", "blue", "green", "purple"], "unseen_classes": ["purple"]}  # no purple pixel
+    (tmp_path / "classes.json").write_text(json.dumps(classes))
+    overrides = ("train.vocabulary=all", "val.split=train", "val.metric=hIoU")
+    with pytest.raises(ConfigError, match="val.metric=hIoU: none of the 2 validated images of train shows an unseen class"):
+        OVSSTrainer(tiny_run(tmp_path, tmp_path / "run", *overrides))
+    classes["unseen_classes"] = ["blue"]
+    (tmp_path / "classes.json").write_text(json.dumps(classes))
+    assert OVSSTrainer(tiny_run(tmp_path, tmp_path / "run", *overrides)).val_set.unseen_classes == ("blue",)
+
+
 def plain_confusion(predicted: list[np.ndarray], labels: list[np.ndarray], classes: int) -> np.ndarray:
     confusion = np.zeros((classes, classes), np.int64)
     for p, gt in zip(predicted, labels):

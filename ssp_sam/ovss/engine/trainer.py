@@ -156,6 +156,19 @@ class OVSSTrainer:
         self.val_set = self._dataset(config.val.split) if config.val.split else None
         if self.val_set is not None and config.val.metric in ZERO_SHOT_METRICS and not self.val_set.unseen_classes:
             raise ConfigError(f"val.metric={config.val.metric}: the validation split {config.val.split} names no unseen classes")
+        # Inductive: validation, which picks best/, sees the seen vocabulary only, with the unseen classes'
+        # pixels not scored. Scored with all names, a seen class's IoU would also count the unseen objects
+        # labelled with it (and its pixels labelled with an unseen name), so selection would reward telling
+        # unseen objects apart using their ground truth. Its "mIoU seen" is then this mIoU.
+        self._val_seen_only = train.vocabulary == "seen" and self.val_set is not None and bool(self.val_set.unseen_classes)
+        if self._val_seen_only:
+            if config.val.metric in ("mIoU unseen", "hIoU"):
+                raise ConfigError(
+                    f"val.metric={config.val.metric}: with train.vocabulary=seen (inductive) validation scores the seen "
+                    f"classes only; choose best/ by 'mIoU seen' (or train.vocabulary=all for the transductive setting)"
+                )
+            self.val_set = self.val_set.without_unseen()
+        self._check_unseen_in_validation()
         self.class_names = self.train_set.class_names
         if train.batch_size % self.dist.world_size:
             raise ConfigError(f"train.batch_size={train.batch_size} is not divisible by the {self.dist.world_size} processes")
@@ -214,6 +227,20 @@ class OVSSTrainer:
 
     def _dataset(self, split: str) -> SemSegDataset:
         return load_ovss_dataset(self.config.dataset_config(split))
+
+    def _check_unseen_in_validation(self) -> None:
+        """A ``val.metric`` of the unseen classes needs unseen pixels among the validated images: checked on their
+        label maps now, not at the first validation (which runs before that iteration's save)."""
+        val = self.config.val
+        if self.val_set is None or val.metric not in ("mIoU unseen", "hIoU"):
+            return
+        unseen = np.asarray(self.val_set.unseen_indices)
+        images = len(self.val_set) if val.max_images is None else min(val.max_images, len(self.val_set))
+        if not any(np.isin(self.val_set.read_label(index), unseen).any() for index in range(images)):
+            raise ConfigError(
+                f"val.metric={val.metric}: none of the {images} validated images of {val.split} shows an unseen class "
+                f"({', '.join(self.val_set.unseen_classes)}); choose another metric or more val.max_images"
+            )
 
     def _check_init_encoders(self, path: str) -> dict[str, Tensor]:
         """Refuse, or take over, frozen encoders the init checkpoint carries that differ from the files'.
@@ -378,6 +405,8 @@ class OVSSTrainer:
             progress=self.dist.is_main, max_images=self.config.val.max_images, workers=min(self.config.train.workers, 2),
         )
         metrics = result.metrics
+        if self._val_seen_only:  # the seen vocabulary on the seen classes' pixels: all of it is "seen"
+            metrics["mIoU seen"] = metrics["mIoU"]
         if self.writer is not None:
             for key, value in metrics.items():
                 self.writer.add_scalar(f"val/{key}", value, self.iteration)
