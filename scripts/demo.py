@@ -12,11 +12,17 @@
    skipped when it is absent): segments a fresh ShapeWorld-OVSS scene into its classes, one of
    them never seen in training, plus one class that is not in the picture, and writes the label map,
    the overlay with its legend and the per-class masks to <out>/ovss/.
+
+Before any work, ``--out`` and the checkpoint are checked. Each run replaces ``<out>/data`` with a fresh
+split, but only a ``data`` folder the demo made (it holds the demo's ``DEMO_MARK`` file): ``--out .``
+in a repository whose ``data/`` holds training sets stops with an error, and deletes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -24,13 +30,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ssp_sam.cli import reports_errors
 from ssp_sam.data.registry import load_dataset
 from ssp_sam.data.shapeworld import UNSEEN_CLASSES, dataset_config, generate_dataset, generate_scene
+from ssp_sam.data.shapeworld.dataset import DATASET_DIRS
 from ssp_sam.engine.evaluator import evaluate
 from ssp_sam.engine.reporting import command_line, console_tables, make_tables, write_results
-from ssp_sam.errors import SSPSAMError
+from ssp_sam.errors import ConfigError
 from ssp_sam.export import save_png, write_predictions
+from ssp_sam.fileio import write_json
 from ssp_sam.image_io import load_image
+from ssp_sam.outputs import check_output_dir
 from ssp_sam.ovss.engine.checkpoint import is_ovss_checkpoint, read_ovss_checkpoint_config
 from ssp_sam.ovss.predict import DEFAULT_OVSS_CHECKPOINT, predict_to_folder
 from ssp_sam.predictor import DEFAULT_CHECKPOINT, Predictor
@@ -38,6 +48,52 @@ from ssp_sam.visualize import contact_sheet, overlay
 
 # Seeds of the shipped model's training data are listed in docs/shapeworld_model.md; this one is not among them.
 DEMO_SEED = 20261122
+
+
+# Written into <out>/data before the split is generated: the folder is the demo's to replace. A run
+# replaces no folder without it, since <out>/data may be someone's training data (--out . in the repository).
+DEMO_MARK = "made_by_scripts_demo.json"
+
+
+def _made_by_an_earlier_demo(data: Path) -> bool:
+    """A ``data`` folder a demo from before ``DEMO_MARK`` left: nothing but what the ShapeWorld generator
+    writes (images, manifest, the RES and GRES folders), made with the demo's seed and a test split only."""
+    if not {path.name for path in data.iterdir()} <= {"images", "manifest.json", *DATASET_DIRS.values()}:
+        return False
+    try:
+        manifest = json.loads((data / "manifest.json").read_text())
+        return manifest["seed"] == DEMO_SEED and set(manifest["n_images"]) == {"test"}
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def check_demo_data(data: Path) -> bool:
+    """Whether ``data`` holds an earlier demo's split that a new run replaces (False: nothing there).
+
+    Raises:
+        ConfigError: ``data`` exists and is not the demo's (a file, a link, or a folder without
+            ``DEMO_MARK`` that is not an earlier demo's split): the demo never deletes it.
+    """
+    if not os.path.lexists(data):
+        return False
+    if data.is_symlink() or not data.is_dir():
+        raise ConfigError(f"--out: {data} exists and is not a folder the demo made (a {'link' if data.is_symlink() else 'file'}); "
+                          f"the demo deletes nothing of yours: give another --out")
+    if (data / DEMO_MARK).is_file() or not any(data.iterdir()) or _made_by_an_earlier_demo(data):
+        return True  # the demo's (an empty folder holds nothing to lose either)
+    raise ConfigError(f"--out: {data} exists and was not made by the demo (it has no {DEMO_MARK}); the demo replaces only "
+                      f"its own data folder and deletes nothing of yours: give another --out, or remove {data} yourself")
+
+
+def fresh_demo_data(data: Path) -> None:
+    """Make ``data`` an empty folder marked as the demo's, replacing an earlier demo's (never anything else,
+    see :func:`check_demo_data`). The mark is written before the split, so an interrupted run's folder is
+    still recognised and replaced by the next."""
+    if check_demo_data(data):
+        shutil.rmtree(data)
+    data.mkdir(parents=True)
+    write_json(data / DEMO_MARK, {"made_by": "scripts/demo.py", "seed": DEMO_SEED,
+                                  "note": "this folder is deleted and made afresh by every run of scripts/demo.py"})
 
 
 KIND_ORDER = ("A", "L", "R", "M", "N")  # attribute, location, relation, multi-target, no-target
@@ -117,6 +173,7 @@ def ovss_example(out_dir: Path, checkpoint: Path, device: str = "auto") -> dict 
     return summary
 
 
+@reports_errors
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("demo_out"))
@@ -126,14 +183,20 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
+    # Everything that can be wrong with the arguments is found before anything is deleted or computed.
+    check_output_dir(args.out, "--out")
+    if args.n_images < 1:
+        raise ConfigError(f"--n-images: give at least 1 image, got {args.n_images}")
     data = args.out / "data"
-    shutil.rmtree(data, ignore_errors=True)
+    check_demo_data(data)
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)  # a missing or wrong checkpoint stops here
+
+    fresh_demo_data(data)
     print(f"[1/4] generating a fresh ShapeWorld-Ref test split ({args.n_images} images, seed {DEMO_SEED})")
     for task in ("res", "gres"):
         generate_dataset(data, task, {"test": args.n_images}, seed=DEMO_SEED)
 
     print(f"[2/4] evaluating {args.checkpoint}")
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
     records, gres_dataset = [], None
     for task in ("res", "gres"):
         config = dataset_config(data, task)
@@ -160,8 +223,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except SSPSAMError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main())

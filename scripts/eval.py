@@ -28,6 +28,7 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -67,8 +68,9 @@ def main(cfg: DictConfig) -> None:
     check_output_file(cfg.metrics_out, "metrics_out")  # before the evaluation, not after it
     check_output_file(cfg.samples_out, "samples_out")
     model_config = OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") is not None else None
-    if cfg.checkpoint is None and model_config is not None:
-        raise ConfigError("checkpoint: give the checkpoint that goes with model=... (our directory or a released .pth)")
+    preset = HydraConfig.get().runtime.choices.get("model")  # model=<preset>; model.<key>=v alone changes the checkpoint's config
+    if cfg.checkpoint is None and preset is not None:
+        raise ConfigError(f"checkpoint: give the checkpoint that goes with model={preset} (our directory or a released .pth)")
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint is not None else DEFAULT_CHECKPOINT
     protocol = check_protocol(cfg.protocol)
     for key, least in (("images_per_batch", 1), ("workers", 0), ("max_batch", 1)):

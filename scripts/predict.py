@@ -21,6 +21,7 @@ from __future__ import annotations
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ssp_sam.cli import reports_errors
@@ -31,20 +32,33 @@ from ssp_sam.image_io import load_image
 from ssp_sam.outputs import check_output_dir
 from ssp_sam.ovss.engine.checkpoint import is_ovss_checkpoint, read_ovss_checkpoint_config
 from ssp_sam.ovss.predict import DEFAULT_OVSS_CHECKPOINT, predict_to_folder
-from ssp_sam.predictor import Predictor
+from ssp_sam.predictor import Predictor, resolve_device
 
 
 def _expressions(value) -> list[str]:
+    """The expressions as given; anything but text (Hydra reads null, true, 1.5, [a, b] unquoted as such) is refused."""
     if isinstance(value, str):
         return [value]
     if isinstance(value, (list, ListConfig)):
-        return [str(v) if not isinstance(v, str) else v for v in value]
-    raise ExpressionError(f"expressions: expected a list of strings, got {value!r}")
+        for index, item in enumerate(value):
+            if not isinstance(item, str):
+                shown = OmegaConf.to_container(item) if isinstance(item, (ListConfig, DictConfig)) else item
+                raise ExpressionError(
+                    f"expressions: item {index} is {shown!r}, not text (unquoted, Hydra reads null, true, numbers and "
+                    f"[...] as such); put each expression in double quotes, e.g. 'expressions=[\"2 apples\", \"a, b\"]'"
+                )
+        if len(value) == 0:
+            raise ExpressionError("expressions: give at least one expression")
+        return list(value)
+    shown = OmegaConf.to_container(value) if isinstance(value, DictConfig) else value
+    raise ExpressionError(f"expressions: expected a list of strings, got {shown!r}")
 
 
 @hydra.main(config_path="../configs", config_name="predict", version_base="1.3")
 @reports_errors
 def main(cfg: DictConfig) -> None:
+    check_output_dir(cfg.out_dir, "out_dir", required=True)  # null or empty: refused before any model loads
+    resolve_device(cfg.device)  # mps, meta, a missing GPU: refused before the model loads
     if cfg.checkpoint is not None and is_ovss_checkpoint(cfg.checkpoint):
         return _predict_ovss(cfg, cfg.checkpoint)
     if cfg.checkpoint is None and cfg.classes is not None and is_ovss_checkpoint(DEFAULT_OVSS_CHECKPOINT):
@@ -53,11 +67,11 @@ def main(cfg: DictConfig) -> None:
         if cfg.checkpoint is None:
             raise ConfigError("classes: segmenting classes needs an OVSS checkpoint (checkpoint=<a directory of an ovss_* run>)")
         read_ovss_checkpoint_config(cfg.checkpoint)  # says why it is none: not found, no config.json, another format
-    check_output_dir(cfg.out_dir, "out_dir")
     expressions = _expressions(cfg.expressions)
     model_config = OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") is not None else None
-    if cfg.checkpoint is None and model_config is not None:
-        raise ConfigError("checkpoint: give the checkpoint that goes with model=... (our directory or a released .pth)")
+    preset = HydraConfig.get().runtime.choices.get("model")  # model=<preset>; model.<key>=v alone changes the checkpoint's config
+    if cfg.checkpoint is None and preset is not None:
+        raise ConfigError(f"checkpoint: give the checkpoint that goes with model={preset} (our directory or a released .pth)")
     image = load_image(cfg.image, exif_orientation=True)  # a bad file fails before the model is loaded
     if cfg.checkpoint is None:  # the demo's model: say so, a photo is not what it knows
         print("checkpoint: not given, using the shipped ShapeWorld model (trained on synthetic shape scenes only; "

@@ -92,12 +92,14 @@ def load_image(source: ImageLike, name: str | None = None, exif_orientation: boo
             False keeps the stored pixels (dataset images, whose annotations use them).
 
     Raises:
-        ImageError: the file is missing, empty, not an image, corrupt, too large to decode safely,
-            or the array has a bad shape.
+        ImageError: the file is missing (or a directory), empty, not an image, corrupt, too large to
+            decode safely, or the array has a bad shape.
     """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         label = name or str(path)
+        if path.is_dir():  # "not found" would send the user looking for a file that is there, as a folder
+            raise ImageError(f"{label}: is a directory, not an image file")
         if not path.is_file():
             raise ImageError(f"{label}: image file not found")
         if path.stat().st_size == 0:

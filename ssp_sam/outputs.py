@@ -45,8 +45,15 @@ def check_output_file(path: str | os.PathLike | None, key: str) -> None:
     _check_creatable_under(path, key)
 
 
-def check_output_dir(path: str | os.PathLike | None, key: str) -> None:
-    """Raise ConfigError unless ``path`` is, or can be made, a writable directory (None: no output)."""
+def check_output_dir(path: str | os.PathLike | None, key: str, required: bool = False) -> None:
+    """Raise ConfigError unless ``path`` is, or can be made, a writable directory (None: no output).
+
+    Args:
+        required: the caller always writes there, so None and an empty path (which would mean the
+            current directory) are refused too.
+    """
+    if required and (path is None or not str(path).strip()):
+        raise ConfigError(f"{key}: give the folder to write into (got {'null' if path is None else 'an empty path'})")
     if path is None:
         return
     path = Path(path)

@@ -67,8 +67,9 @@ class ImagePreparer:
         Args:
             sam_embedding: (C, h, w) or (1, C, h, w) SAM embedding of this image from a cache; SAM's
                 input is only made when it is not given.
-            exif_orientation: turn a photo as its EXIF tag says (what :meth:`Predictor.predict` does
-                with a path or PIL image); False reads the stored pixels, as dataset annotations need.
+            exif_orientation: turn a photo as its EXIF tag says (what :meth:`Predictor.predict` and
+                :meth:`Predictor.encode_image` do with a path or PIL image); False (the default here:
+                the evaluator's data loaders) reads the stored pixels, as dataset annotations need.
 
         Raises:
             ImageError: unreadable, or so elongated that SAM's resize would leave its short side
@@ -133,10 +134,11 @@ class Prediction:
 
 
 def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
-    """"auto"/None -> CUDA when available, else CPU.
+    """"auto"/None -> CUDA when available, else CPU; otherwise "cpu", "cuda" or "cuda:N".
 
     Raises:
-        ConfigError: not a device name, or a CUDA device this machine does not have.
+        ConfigError: not a device name, a device type this code does not run on (mps, meta, xpu, ...),
+            or a CUDA device this machine does not have.
     """
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -144,6 +146,8 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
         resolved = torch.device(device)
     except (RuntimeError, TypeError):
         raise ConfigError(f"device: {device!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device: {device!r} is not supported here (auto, cpu, cuda, cuda:N)")
     if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
         raise ConfigError(f"device: {device!r} is not available here ({torch.cuda.device_count()} CUDA devices)")
     return resolved
@@ -195,16 +199,19 @@ class Predictor:
         """Load our checkpoint or a released one (``None``: the shipped ShapeWorld model)."""
         from .checkpoint import load_model
 
+        device = resolve_device(device)  # a wrong device fails before the model is read
         return cls(load_model(checkpoint or DEFAULT_CHECKPOINT, model_config), device=device)
 
     @torch.no_grad()
     def encode_image(
-        self, image: ImageLike, sam_embedding: Tensor | None = None, exif_orientation: bool = False
+        self, image: ImageLike, sam_embedding: Tensor | None = None, exif_orientation: bool = True
     ) -> EncodedImage:
         """Run the frozen image encoders once on ``image`` (path, PIL image or array).
 
-        ``sam_embedding`` and ``exif_orientation`` as for :class:`ImagePreparer`, whose ImageError
-        this raises.
+        A path or PIL image is turned as its EXIF orientation says, as :meth:`predict` turns it, so
+        ``predict(encode_image(image), ...)`` and ``predict(image, ...)`` give the same masks;
+        ``exif_orientation=False`` reads the stored pixels (dataset images, as annotated).
+        ``sam_embedding`` as for :class:`ImagePreparer`, whose ImageError this raises.
         """
         return self.encode_prepared([self.preparer(image, sam_embedding, exif_orientation)])[0]
 
@@ -245,7 +252,7 @@ class Predictor:
         if len(expressions) == 0:
             raise ExpressionError("expressions: give at least one expression")
         tokens = self.tokenizer(expressions)  # bad expressions fail before the costly image encoding
-        encoded = image if isinstance(image, EncodedImage) else self.encode_image(image, exif_orientation=True)
+        encoded = image if isinstance(image, EncodedImage) else self.encode_image(image)
         return self._predict_tokenized([encoded], [expressions], tokens)[0]
 
     @torch.no_grad()

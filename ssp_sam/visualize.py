@@ -23,17 +23,20 @@ def overlay(
     box_xyxy: np.ndarray | None = None,
     caption: str | None = None,
     alpha: float = 0.5,
+    no_target: bool = False,
 ) -> Image.Image:
     """Blend ``mask`` (H, W bool) over ``image`` (H, W, 3 uint8), outline the box, add a caption.
 
-    The caption is drawn on a dark band under the picture so it never hides the mask.
+    The caption is drawn on a dark band under the picture so it never hides the mask. A no-target
+    answer (``no_target=True``) gets no box: the REC head outputs a box for every sentence, and
+    outlining it (often [0, 0, 0, 0], a mark in the corner) would show a target the answer denies.
     """
     base = image.astype(np.float32)
     tint = np.asarray(MASK_COLOUR, dtype=np.float32)
     blended = np.where(mask[..., None], (1 - alpha) * base + alpha * tint, base)
     canvas = Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
-    if box_xyxy is not None and np.all(np.isfinite(box_xyxy)):
+    if box_xyxy is not None and not no_target and np.all(np.isfinite(box_xyxy)):
         x0, y0, x1, y1 = (float(v) for v in box_xyxy)
         draw.rectangle([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)], outline=BOX_COLOUR, width=2)
     if caption:

@@ -103,6 +103,12 @@ def test_missing_file_is_named(tmp_path):
         load_image(path)
 
 
+def test_directory_is_called_a_directory_not_a_missing_file(tmp_path):
+    (tmp_path / "photos.png").mkdir()
+    with pytest.raises(ImageError, match=re.escape(str(tmp_path / "photos.png")) + ": is a directory, not an image file"):
+        load_image(tmp_path / "photos.png")
+
+
 def test_zero_byte_file_is_named(tmp_path):
     path = tmp_path / "empty.png"
     path.write_bytes(b"")

@@ -247,8 +247,23 @@ def test_photos_are_turned_as_their_exif_orientation_says(predictor, image, tmp_
         (from_shown,) = predictor.predict(shown, EXPRESSIONS[:1])
         assert from_photo.mask.shape == (WIDTH, HEIGHT)
         np.testing.assert_allclose(from_photo.logits, from_shown.logits, atol=LOGIT_ATOL)
-    stored = predictor.encode_image(tmp_path / "photo.png")  # datasets: the stored pixels, as annotated
+    stored = predictor.encode_image(tmp_path / "photo.png", exif_orientation=False)  # datasets: the stored pixels
     assert stored.original_size == (HEIGHT, WIDTH)
+
+
+def test_encode_image_turns_photos_as_predict_does(predictor, image, tmp_path):
+    """The README's reuse of the encoder outputs, predict(encode_image(photo)), gives predict(photo)'s masks on a photo
+    with an EXIF orientation tag (encode_image read the stored pixels: a turned mask of the other shape, IoU 0)."""
+    picture = Image.fromarray(image)
+    exif = picture.getexif()
+    exif[0x0112] = 6
+    picture.save(tmp_path / "photo.png", exif=exif)
+    for source in (tmp_path / "photo.png", Image.open(tmp_path / "photo.png")):
+        (direct,) = predictor.predict(source, EXPRESSIONS[:1])
+        (reused,) = predictor.predict(predictor.encode_image(source), EXPRESSIONS[:1])
+        assert reused.mask.shape == direct.mask.shape == (WIDTH, HEIGHT)
+        np.testing.assert_allclose(reused.logits, direct.logits, atol=LOGIT_ATOL)
+        np.testing.assert_allclose(reused.box, direct.box, atol=1e-4)
 
 
 @pytest.mark.parametrize("height, width", [(1, 8000), (8000, 1), (1, 129)])
@@ -333,3 +348,12 @@ def test_device_names():
     missing = f"cuda:{torch.cuda.device_count()}"
     with pytest.raises(ConfigError, match=f"device: '{missing}' is not available"):
         resolve_device(missing)
+
+
+@pytest.mark.parametrize("device", ["mps", "meta", "xpu", torch.device("meta")])
+def test_device_types_this_code_does_not_run_on_are_refused_before_the_model_loads(device, tmp_path):
+    """mps, meta, ... were accepted and failed later in a long traceback (meta: empty tensors, then numpy)."""
+    with pytest.raises(ConfigError, match=r"^device: .* is not supported here \(auto, cpu, cuda, cuda:N\)$"):
+        resolve_device(device)
+    with pytest.raises(ConfigError, match="^device: "):  # not the missing checkpoint: the device is checked first
+        Predictor.from_checkpoint(tmp_path / "no_checkpoint", device=device)

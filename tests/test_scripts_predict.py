@@ -1,4 +1,5 @@
-"""scripts/predict.py and scripts/info.py as a user runs them (subprocesses): outputs, counts, one-line errors."""
+"""scripts/predict.py and scripts/info.py (and eval.py's model settings) as a user runs them (subprocesses): outputs,
+counts, one-line errors."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from ssp_sam.checkpoint import save_checkpoint
+from ssp_sam.data.shapeworld import generate_dataset
 from ssp_sam.export import write_predictions
 from ssp_sam.predictor import Prediction
 from ssp_sam.visualize import MASK_COLOUR
@@ -131,6 +133,15 @@ def _bad_inputs(folder: Path) -> dict[str, tuple[tuple[str, ...], str]]:
         "blank expression": (('expressions=[" "]',), "expression 0"),
         "SAM weights as checkpoint": ((f"checkpoint={sam_style}",), f"{sam_style}: not an SSP-SAM release checkpoint"),
         "missing checkpoint dir": ((f"checkpoint={folder / 'no_such_run'}",), f"{folder / 'no_such_run'}: checkpoint not found"),
+        # Hydra reads these unquoted as null, a bool, a number, a list: they were segmented as 'None', 'True', ...
+        "null expression": (("expressions=[null]",), "expressions: item 0 is None, not text"),
+        "boolean expression": (("expressions=[the red circle, true, 2.5]",), "expressions: item 1 is True, not text"),
+        "list expression": (("expressions=[[a, b]]",), "expressions: item 0 is ['a', 'b'], not text"),
+        # null: a TypeError traceback after the model ran; empty: written into the current directory
+        "null out_dir": (("out_dir=null",), "out_dir: give the folder to write into (got null)"),
+        "empty out_dir": (("out_dir=",), "out_dir: give the folder to write into (got an empty path)"),
+        "mps device": (("device=mps",), "device: 'mps' is not supported here"),
+        "preset without checkpoint": (("model=tiny", "checkpoint=null"), "checkpoint: give the checkpoint that goes with model=tiny"),
     }
 
 
@@ -144,28 +155,34 @@ def bad_runs(scene, tmp_path_factory):
     def run(item):
         name, (overrides, _) = item
         out_dir = folder / ("out_" + name.replace(" ", "_"))
-        return name, out_dir, run_script("predict.py", *_predict_args(scene, out_dir, *overrides))
+        cwd = folder / ("cwd_" + name.replace(" ", "_"))  # out_dir= (empty) wrote here
+        cwd.mkdir()
+        return name, out_dir, cwd, run_script("predict.py", *_predict_args(scene, out_dir, *overrides), cwd=cwd)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return {name: (cases[name][1], out_dir, result) for name, out_dir, result in pool.map(run, cases.items())}
+        return {name: (cases[name][1], out_dir, cwd, result) for name, out_dir, cwd, result in pool.map(run, cases.items())}
 
 
 @pytest.mark.parametrize(
     "case",
-    ["missing image", "zero-byte image", "not an image", "blank expression", "SAM weights as checkpoint", "missing checkpoint dir"],
-)
+    [
+        "missing image", "zero-byte image", "not an image", "blank expression", "SAM weights as checkpoint",
+        "missing checkpoint dir", "null expression", "boolean expression", "list expression",
+        "null out_dir", "empty out_dir", "mps device", "preset without checkpoint",
+    ],
+)  # fmt: skip
 def test_predict_bad_input_is_one_line_error(bad_runs, case):
-    expected, out_dir, result = bad_runs[case]
+    expected, out_dir, cwd, result = bad_runs[case]
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("checkpoint: not given")]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert expected in lines[0]
-    assert not out_dir.exists()
+    assert not out_dir.exists() and not any(cwd.iterdir())
 
 
 def test_predict_unknown_config_key_is_hydras_error(bad_runs):
-    _, out_dir, result = bad_runs["unknown key"]
+    _, out_dir, _, result = bad_runs["unknown key"]
     assert result.returncode != 0
     assert "Traceback" not in result.stderr and "'foo'" in result.stderr
     assert not out_dir.exists()
@@ -215,3 +232,31 @@ def test_predict_takes_one_model_setting_without_a_preset(scene, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
     assert "model settings differ from the checkpoint's own config.json (append_period: True -> False)" in lines[0]
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools under numpy 2
+def test_predict_takes_one_model_setting_for_the_shipped_model(scene, tmp_path):
+    """model.no_target_pixels=N without checkpoint= applies to the shipped model (it was refused with "give the
+    checkpoint that goes with model=..."); model=<preset> without checkpoint= stays refused (bad_runs)."""
+    out_dir = tmp_path / "preds"
+    overrides = ("checkpoint=null", "expressions=[the red circle]", "model.no_target_pixels=1000000")
+    result = run_script("predict.py", *_predict_args(scene, out_dir, *overrides))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "using the shipped ShapeWorld model" in result.stderr
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert [entry["no_target"] for entry in summary["predictions"]] == [True]
+
+
+def test_eval_takes_one_model_setting_for_the_shipped_model(tmp_path):
+    """eval.py as predict.py: model.<key>=v without checkpoint= reaches the shipped model's config (a bad value is
+    refused there, naming the key), while model=<preset> without checkpoint= is refused naming the preset."""
+    generate_dataset(tmp_path / "data", "res", {"val": 1}, seed=1, progress=False)
+    common = ("dataset=shapeworld", f"dataset.root={tmp_path / 'data'}", "dataset.split=val", "device=cpu", "progress=false", "workers=0")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        setting, preset = pool.map(lambda extra: run_script("eval.py", *common, extra), ("model.no_target_pixels=0", "model=tiny"))
+    assert setting.returncode == 2, setting.stderr[-2000:]
+    assert setting.stderr.strip().splitlines() == ["error: model.no_target_pixels: must be >= 1, got 0"]
+    assert preset.returncode == 2, preset.stderr[-2000:]
+    assert preset.stderr.strip().splitlines() == [
+        "error: checkpoint: give the checkpoint that goes with model=tiny (our directory or a released .pth)"
+    ]

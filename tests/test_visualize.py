@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ssp_sam.visualize import CAPTION_LINE, MASK_COLOUR, contact_sheet, overlay, wrap_caption
+from ssp_sam.visualize import BOX_COLOUR, CAPTION_LINE, MASK_COLOUR, contact_sheet, overlay, wrap_caption
 
 
 def _width(text: str) -> float:
@@ -47,3 +47,14 @@ def test_contact_sheet_places_pictures_left_to_right_top_aligned():
     assert (sheet[:20, :10] == (255, 0, 0)).all() and (sheet[20:, :10] == 0).all()  # the shorter one: black below
     assert (sheet[:, 10:13] == 0).all()  # the gap
     assert (sheet[:, 13:] == (0, 255, 0)).all()
+
+
+def test_a_no_target_answer_gets_no_box():
+    """The REC head's box of a no-target answer (here [0, 0, 0, 0]) is not drawn: the picture stays as it was."""
+    image = np.full((32, 48, 3), 40, np.uint8)
+    empty = np.zeros((32, 48), bool)
+    for box in (np.zeros(4, np.float32), np.array([5, 6, 30, 20], np.float32)):
+        picture = np.asarray(overlay(image, empty, box, no_target=True))
+        assert np.array_equal(picture, image)
+    drawn = np.asarray(overlay(image, empty, np.array([5, 6, 30, 20], np.float32)))  # a target's box is outlined
+    assert (drawn[6, 5:31] == BOX_COLOUR).all() and (drawn[10, 10] == 40).all()

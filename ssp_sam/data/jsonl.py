@@ -1,4 +1,4 @@
-"""Users' own data in the simple JSON Lines format of formats.md (one sample a line).
+"""Users' own data in a simple JSON Lines format (one sample a line; the README's datasets section).
 
 A line::
 
@@ -8,8 +8,11 @@ A line::
      "polygons": [[x1, y1, x2, y2, ...], ...],              # COCO-style flat polygons
      "boxes": [[x, y, w, h], ...]}      # optional
 
-Relative paths are relative to the JSONL file's folder. At most one of mask / rle / polygons may be
-given. A line with none of them and no boxes is a no-target sample (empty mask); a line with boxes
+Relative paths are relative to the JSONL file's folder. Masks and boxes are in the image file's
+stored pixel frame, as every dataset image is read (an EXIF orientation tag is not applied): the
+``predictions.jsonl`` of :func:`ssp_sam.export.write_predictions` turns a photo's masks back into
+that frame, so read back they lie on the pixels they were predicted on. At most one of mask / rle /
+polygons may be given. A line with none of them and no boxes is a no-target sample (empty mask); a line with boxes
 only is a box-only (REC) sample whose mask is unavailable. An optional "id" becomes the sample id
 (default: the line number); every other unknown key is passed to ``meta``.
 
