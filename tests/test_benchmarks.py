@@ -18,3 +18,18 @@ def test_loader_memory_runs_are_training_configs_with_random_encoders(tmp_path):
     config = train_run_config_from(compose_train(bench_loader_memory.train_overrides(tmp_path, "run", 2, 4, 8, epochs=2)))
     assert config.model.random_encoders and config.model.clip_checkpoint is None and config.model.sam_checkpoint is None
     assert (config.train.workers, config.train.epochs, config.train.max_steps_per_epoch, config.train.batch_size) == (2, 2, 4, 8)
+
+
+def test_loader_memory_verdict_needs_a_margin_beyond_the_run_to_run_spread():
+    """Peaks of two runs per count: medians 1050 / 1155 / 1245 MiB, spreads 100 / 10 / 10 MiB. Each worker beyond 2
+    adds (1245 - 1155) / 2 = 45 MiB, with a noise of max(10, 10) / 2 = 5 MiB: a bound of 60 is met, 30 is exceeded,
+    and 48 (a margin of 3) says nothing either way."""
+    mib = 2**20
+    peaks = {0: (1000, 1100), 2: (1150, 1160), 4: (1240, 1250)}
+    runs = {workers: [{"peak_total_pss_bytes": peak * mib} for peak in values] for workers, values in peaks.items()}
+    rows = {row["workers"]: row for row in bench_loader_memory.summarize(runs, 60 * mib)}
+    assert rows[4]["growth_per_added_worker_bytes"] == 45 * mib and rows[4]["noise_per_worker_bytes"] == 5 * mib
+    assert rows[2]["growth_over_0_workers_bytes"] == 105 * mib and rows[0]["peak_spread_bytes"] == 100 * mib
+    assert rows[4]["within_bound"] is True and rows[2]["within_bound"] is None  # 2: the reference, not judged
+    assert bench_loader_memory.summarize(runs, 30 * mib)[2]["within_bound"] is False
+    assert bench_loader_memory.summarize(runs, 48 * mib)[2]["within_bound"] is None
