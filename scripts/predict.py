@@ -91,12 +91,15 @@ def _predict_ovss(cfg: DictConfig, checkpoint) -> None:
         raise ConfigError("expressions: an OVSS checkpoint segments classes; give classes=[...] instead")
     if cfg.get("model") is not None:
         raise ConfigError("model: for an OVSS checkpoint change its model config with ovss.model={...}")
+    if cfg.ovss.model is not None and not isinstance(cfg.ovss.model, DictConfig):
+        raise ConfigError(f"ovss.model: expected changes to the model config such as '{{points: grid}}', got {cfg.ovss.model!r}")
+    model_changes = OmegaConf.to_container(cfg.ovss.model, resolve=True) if cfg.ovss.model is not None else {}
     classes = cfg.classes
     if isinstance(classes, ListConfig):
         classes = [v if isinstance(v, str) or v is None else str(v) for v in classes]  # Hydra reads [1, 2] as numbers
     summary = predict_to_folder(
         checkpoint, cfg.image, classes, cfg.out_dir, cfg.device,
-        cfg.ovss.inference, cfg.ovss.overlap, cfg.ovss.none_below, OmegaConf.to_container(cfg.ovss.model, resolve=True),
+        cfg.ovss.inference, cfg.ovss.overlap, cfg.ovss.none_below, model_changes,
         cfg.ovss.precision,
     )  # fmt: skip
     for entry in summary["classes"]:

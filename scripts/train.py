@@ -5,7 +5,7 @@
     # stage 2, per dataset, from the REC stage's last epoch as the release does:
     torchrun --nproc_per_node=8 scripts/train.py experiment=refcoco_224 init_checkpoint=runs/rec_pretrain_224/last \
         model.clip_checkpoint=... model.sam_checkpoint=...
-    python scripts/train.py experiment=refcoco_224 resume=true      # continue an interrupted run
+    python scripts/train.py experiment=refcoco_224 init_checkpoint=runs/rec_pretrain_224/last resume=true   # continue an interrupted run
 
 ``train.max_minutes=M`` stops before an epoch that would end past M minutes (``last/`` saved) with exit status 3;
 ``resume=true`` continues.
