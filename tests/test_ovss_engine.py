@@ -655,6 +655,44 @@ def test_checkpoints_leave_out_encoders_their_weight_files_hold(tmp_path):
         load_ovss_model(tmp_path / "ckpt")
 
 
+def test_sam_mi_started_from_a_catseg_checkpoint_predicts_as_that_catseg(bands, tmp_path):
+    """init_checkpoint= a CAT-Seg run for a SAM-MI run: CAT-Seg's weights taken over, the decoder's mask channels
+    and DMI's output maps at zero, so before any step the SAM-MI's logits are the CAT-Seg's."""
+    from ssp_sam.backbones.clip import build_clip_model
+    from ssp_sam.backbones.sam import build_sam
+    from ssp_sam.ovss.build import build_ovss_model
+
+    cfg = ovss_train_config_from(tiny_run(bands, tmp_path / "run")).ovss_model
+    torch.manual_seed(3)
+    torch.save(build_clip_model(cfg.clip.arch, None, cfg.clip.custom).state_dict(), tmp_path / "clip.pt")
+    torch.save(build_sam(cfg.sam.variant, None, cfg.sam.custom).state_dict(), tmp_path / "sam.pth")
+    files = [f"ovss_model.clip.checkpoint={tmp_path / 'clip.pt'}", f"ovss_model.sam.checkpoint={tmp_path / 'sam.pth'}",
+             "ovss_model.random_encoders=false"]
+    base_cfg = ovss_train_config_from(tiny_run(bands, tmp_path / "base", *files, "ovss_model.variant=catseg")).ovss_model
+    catseg = build_ovss_model(base_cfg).eval()
+    with torch.no_grad():
+        for parameter in catseg.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter) * 0.05)  # "trained": far from a fresh build
+    save_ovss_checkpoint(catseg, tmp_path / "catseg", ["red", "blue", "green"])
+
+    trainer = OVSSTrainer(tiny_run(bands, tmp_path / "run", *files, f"init_checkpoint={tmp_path / 'catseg'}"))
+    sam_mi = trainer.model.eval()
+    assert sam_mi.config.variant == "sam_mi" and sam_mi.low_frequency is not None and sam_mi.tspp is not None
+    for block, base_block in zip(sam_mi.catseg.decoder.blocks, catseg.catseg.decoder.blocks):
+        widened, base = block.conv[0].weight, base_block.conv[0].weight
+        assert widened.shape[1] == base.shape[1] + block.extra_channels
+        assert torch.equal(widened[:, : base.shape[1]], base) and not widened[:, base.shape[1] :].any()
+    assert all(not layer.out.weight.any() and not layer.out.bias.any() for layer in sam_mi.low_frequency)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(4)) * 255
+    with torch.no_grad():
+        text = catseg.encode_classes(["red", "blue", "green"])
+        expected = catseg(images, text).logits
+        output = sam_mi(images, text)
+    assert output.proposals is not None and output.proposals.valid.any()  # SAM's masks were injected, at zero weight
+    torch.testing.assert_close(output.logits, expected, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

@@ -36,6 +36,7 @@ from ...state_dicts import differs_under, mismatch_report
 from ...weight_files import read_weights, require_finite
 from ...weight_identity import check_weight_files, weight_file_record
 from ..build import build_ovss_model
+from ..catseg.decoder import UpBlock
 from ..model import OVSSModel
 from ..model_config import OVSSModelConfig, ovss_config_from
 
@@ -45,6 +46,8 @@ CLIP_PREFIX = "catseg.clip.clip."
 SAM_PREFIX = "proposer."
 SAM_ENCODER_PREFIX = SAM_PREFIX + "image_encoder."
 TSPP_PREFIX = "tspp."
+SAM_MI_OWN_PREFIXES = ("low_frequency.", TSPP_PREFIX)  # SAM-MI's modules beside CAT-Seg's (DMI's low frequency, TSPP)
+CATSEG_BASES = ("catseg", "catseg_sam_vote")  # variants whose trained weights are CAT-Seg's alone
 
 
 @dataclass
@@ -144,6 +147,29 @@ def read_ovss_weights(path: str | os.PathLike) -> dict[str, Tensor]:
     state: dict[str, Tensor] = read_weights(weights, "OVSS checkpoint")
     require_finite(state, weights)
     return state
+
+
+def sam_mi_start_from_catseg(state: Mapping[str, Tensor], model: OVSSModel) -> dict[str, Tensor]:
+    """A trained CAT-Seg's weights (``state``) completed into the start of ``model``, a SAM-MI on that CAT-Seg.
+
+    SAM-MI adds SAM's masks to CAT-Seg through parts whose outputs start at zero (DMI's low-frequency
+    maps and the decoder's extra mask channels, ``sam_mi/dmi.py``), so a SAM-MI holding a CAT-Seg's weights
+    and its own parts as initialised computes exactly that CAT-Seg's logits: training from there measures
+    what the masks add to a converged CAT-Seg. Returned: ``state`` with SAM-MI's own modules (DMI,
+    TSPP) taken from ``model`` and each decoder block's first convolution widened by the model's
+    (zero) weights of the mask channels. Any other difference is left to :func:`load_ovss_weights`'s check.
+    """
+    own = model.state_dict()
+    grown = dict(state)
+    for name, module in model.named_modules():
+        key = f"{name}.conv.0.weight"
+        if not (isinstance(module, UpBlock) and module.extra_channels and key in grown):
+            continue
+        base, widened = grown[key], own[key]
+        if base.shape[1] + module.extra_channels == widened.shape[1] and (base.shape[0], *base.shape[2:]) == (widened.shape[0], *widened.shape[2:]):
+            grown[key] = torch.cat([base.to(widened.dtype), widened[:, base.shape[1] :]], dim=1)
+    grown.update({key: value for key, value in own.items() if key.startswith(SAM_MI_OWN_PREFIXES) and key not in grown})
+    return grown
 
 
 def load_ovss_weights(

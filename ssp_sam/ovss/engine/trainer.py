@@ -56,8 +56,8 @@ from ..data import IGNORE_INDEX, load_ovss_dataset
 from ..data.dataset import SemSegDataset
 from ..model import OVSSModel
 from .checkpoint import (
-    SAM_ENCODER_PREFIX, SAM_PREFIX, frozen_from_files, load_ovss_weights, read_ovss_checkpoint_config, read_ovss_weights,
-    save_ovss_checkpoint, weight_files_of,
+    CATSEG_BASES, SAM_ENCODER_PREFIX, SAM_PREFIX, frozen_from_files, load_ovss_weights, read_ovss_checkpoint_config,
+    read_ovss_weights, sam_mi_start_from_catseg, save_ovss_checkpoint, weight_files_of,
 )
 from .data import IterationBatchSampler, TrainingCrops
 from .evaluator import evaluate_ovss
@@ -181,6 +181,8 @@ class OVSSTrainer:
         self._sam_encoder_from_checkpoint = False
         if config.init_checkpoint:
             stored = self._check_init_encoders(config.init_checkpoint)
+            if self._starts_sam_mi_from_catseg(config.init_checkpoint):
+                stored = sam_mi_start_from_catseg(stored, self.model)
             load_ovss_weights(self.model, config.init_checkpoint, sam_encoder_checked=True, state=stored)
         self._last = open_run_dir(self.run_dir, config.resume, self.dist, config)  # before the caches: see above
         if self._last is not None:
@@ -241,6 +243,19 @@ class OVSSTrainer:
                 f"val.metric={val.metric}: none of the {images} validated images of {val.split} shows an unseen class "
                 f"({', '.join(self.val_set.unseen_classes)}); choose another metric or more val.max_images"
             )
+
+    def _starts_sam_mi_from_catseg(self, path: str) -> bool:
+        """True (and said) when this SAM-MI run starts from a CAT-Seg checkpoint (:func:`sam_mi_start_from_catseg`)."""
+        base = read_ovss_checkpoint_config(path)["ovss_model"].get("variant")
+        if self.config.ovss_model.variant != "sam_mi" or base not in CATSEG_BASES:
+            return False
+        if self.dist.is_main:
+            print(
+                f"init_checkpoint={path}: a {base} checkpoint; SAM-MI's own parts (DMI, TSPP) start as initialised, "
+                "so training starts from that CAT-Seg's predictions",
+                flush=True,
+            )
+        return True
 
     def _check_init_encoders(self, path: str) -> dict[str, Tensor]:
         """Refuse, or take over, frozen encoders the init checkpoint carries that differ from the files'.
