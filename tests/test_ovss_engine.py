@@ -26,7 +26,7 @@ from conftest import REPO, run_script
 from ssp_sam.engine.precision import Precision
 from ssp_sam.errors import CheckpointError, ConfigError
 from ssp_sam.ovss.data import load_ovss_dataset
-from ssp_sam.ovss.engine.checkpoint import load_ovss_model, save_ovss_checkpoint
+from ssp_sam.ovss.engine.checkpoint import default_class_names, load_ovss_model, save_ovss_checkpoint
 from ssp_sam.ovss.engine.data import IterationBatchSampler, TrainingCrops
 from ssp_sam.ovss.resize import shortest_edge_size
 from ssp_sam.ovss.engine.evaluator import evaluate_ovss
@@ -359,7 +359,8 @@ def test_checkpoints_round_trip_with_their_vocabulary(tmp_path):
 def test_unseen_names_are_left_out_of_training_unless_asked(tmp_path):
     """train.vocabulary=seen (inductive zero-shot): the unseen names are not in the training vocabulary, labels
     are renumbered onto the seen names and an unseen class's pixels ignored; =all keeps every name as a
-    negative; a run stored before the key trained with all of them, so resuming it with the default is refused."""
+    negative; a run stored before the key trained with all of them, so resuming it with the default is refused.
+    predict.py's default classes are the dataset's whole list (its training vocabulary before that was stored)."""
     write_bands(tmp_path, "train", 2, seed=0)
     (tmp_path / "classes.json").write_text(json.dumps({"classes": ["red", "blue", "green"], "unseen_classes": ["blue"]}))
     raw = load_ovss_dataset({
@@ -378,13 +379,18 @@ def test_unseen_names_are_left_out_of_training_unless_asked(tmp_path):
     assert seen.class_names == ("red", "green")
     seen.fit()
     assert load_ovss_model(tmp_path / "seen" / "last").class_names == ("red", "green")
+    # predict.py without classes= segments into the dataset's list, the held-out name included
+    assert default_class_names(tmp_path / "seen" / "last") == ("red", "blue", "green")
     every = OVSSTrainer(tiny_run(tmp_path, tmp_path / "all", *common, "train.vocabulary=all"))
     assert every.class_names == ("red", "blue", "green")
     every.fit()
     config = tmp_path / "all" / "last" / "config.json"
     stored = json.loads(config.read_text())
     del stored["run"]["train"]["vocabulary"]  # as saved before the key existed
+    del stored["dataset_class_names"]
+    stored["class_names"] = ["red", "green"]  # as a checkpoint before dataset_class_names: its vocabulary is the default
     config.write_text(json.dumps(stored))
+    assert default_class_names(tmp_path / "all" / "last") == ("red", "green")
     with pytest.raises(ConfigError, match=r"train.vocabulary: 'all' -> 'seen'"):
         OVSSTrainer(tiny_run(tmp_path, tmp_path / "all", *common, "resume=true"))
 

@@ -46,7 +46,7 @@ from ..outputs import check_output_dir
 from ..predictor import resolve_device
 from ..visualize import class_colours, label_overlay
 from .data.classes import check_class_names, first_synonym
-from .engine.checkpoint import load_ovss_model, read_ovss_checkpoint_config
+from .engine.checkpoint import default_class_names, load_ovss_model
 from .model import OVSSModel
 from .resize import resize_image, resize_probabilities
 from .sam_vote import CATSegSAMVote
@@ -292,7 +292,8 @@ def predict_to_folder(
     """``scripts/predict.py`` with an OVSS checkpoint: every input checked, then the model loaded and run, then the files written.
 
     Args:
-        class_names: the classes to segment; None: the vocabulary the checkpoint was trained on.
+        class_names: the classes to segment; None: the class list of the dataset the checkpoint was trained on
+            (:func:`~ssp_sam.ovss.engine.checkpoint.default_class_names`: with any names held out of training).
         overrides: changes to the stored model config (:func:`~ssp_sam.ovss.engine.checkpoint.load_ovss_model`).
 
     Returns:
@@ -300,7 +301,7 @@ def predict_to_folder(
     """
     check_output_dir(out_dir, "out_dir")
     if class_names is None:
-        class_names = read_ovss_checkpoint_config(checkpoint).get("class_names")
+        class_names = default_class_names(checkpoint)
         if not class_names:
             raise ConfigError(f"classes: {checkpoint} stores no class list; give classes=[...]")
     names = check_user_classes(class_names)

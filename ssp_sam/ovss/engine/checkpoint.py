@@ -4,7 +4,8 @@ A checkpoint is a directory, as for SSP-SAM (``ssp_sam/checkpoint.py``)::
 
     <dir>/model.safetensors   the weights (see below what is left out)
     <dir>/config.json         {"format": "ssp_sam.ovss", "ovss_model": the OVSSModelConfig,
-                               "class_names": the training vocabulary, + the run's entries}
+                               "class_names": the training vocabulary, + the run's entries
+                               (a training run's: "dataset_class_names", its dataset's whole list)}
     <dir>/trainer_state.pt    training runs' last/ only: optimizer, schedule, RNG, iteration
                               (tensors and plain containers: loads with weights_only=True)
 
@@ -134,6 +135,19 @@ def read_ovss_checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(stored, dict) or stored.get("format") != FORMAT or not isinstance(stored.get("ovss_model"), dict):
         raise CheckpointError(f"{config_path}: not an OVSS checkpoint (no 'format': '{FORMAT}' with an 'ovss_model' section)")
     return stored
+
+
+def default_class_names(path: str | os.PathLike) -> tuple[str, ...]:
+    """The classes a checkpoint segments into when none are given: its training dataset's whole list.
+
+    For a run trained inductively (``train.vocabulary=seen``) that is the training vocabulary plus the
+    names held out of it, in the dataset's order: defaulting to the training vocabulary alone would label
+    every unseen object with a seen name. Checkpoints from before 2026-12-01 store the training vocabulary
+    only (``class_names``), which is then the answer. Empty when neither is stored.
+    """
+    stored = read_ovss_checkpoint_config(path)
+    names = stored.get("dataset_class_names") or stored.get("class_names") or ()
+    return tuple(str(name) for name in names)
 
 
 def _weights_file(path: str | os.PathLike) -> Path:

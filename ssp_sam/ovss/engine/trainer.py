@@ -148,6 +148,7 @@ class OVSSTrainer:
         self.run_dir = Path(config.run_dir)
 
         self.train_set = self._dataset(train.split)
+        self.dataset_class_names = self.train_set.class_names  # stored: what predict.py segments into by default
         if train.vocabulary == "seen" and self.train_set.unseen_classes:
             self.train_set = self.train_set.without_unseen()
             if self.dist.is_main:
@@ -406,7 +407,10 @@ class OVSSTrainer:
         state = None
         if name == "last":
             state = trainer_state(self.optimizer, self.scheduler, self.scaler, iteration=self.iteration, best_metric=self.best_metric)
-        extra = {"run": self.config.to_dict(), "iteration": self.iteration, "metrics": dict(metrics)}
+        extra = {
+            "run": self.config.to_dict(), "iteration": self.iteration, "metrics": dict(metrics),
+            "dataset_class_names": list(self.dataset_class_names),
+        }
         save_ovss_checkpoint(
             self.model, self.run_dir / name, self.class_names, extra, embed_encoders=self.config.train.save_encoders, trainer_state=state
         )
