@@ -28,12 +28,11 @@ from pathlib import Path
 
 import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ssp_sam.checkpoint import load_model
-from ssp_sam.cli import reports_errors
+from ssp_sam.cli import model_settings, reports_errors
 from ssp_sam.config import model_overrides_added
 from ssp_sam.data.registry import load_dataset
 from ssp_sam.engine.caching import cache_dtype_for, dataset_image_roots, ensure_cache
@@ -67,10 +66,7 @@ def main(cfg: DictConfig) -> None:
         return
     check_output_file(cfg.metrics_out, "metrics_out")  # before the evaluation, not after it
     check_output_file(cfg.samples_out, "samples_out")
-    model_config = OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") is not None else None
-    preset = HydraConfig.get().runtime.choices.get("model")  # model=<preset>; model.<key>=v alone changes the checkpoint's config
-    if cfg.checkpoint is None and preset is not None:
-        raise ConfigError(f"checkpoint: give the checkpoint that goes with model={preset} (our directory or a released .pth)")
+    model_config = model_settings(cfg)  # model.<key>=v changes the checkpoint's config
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint is not None else DEFAULT_CHECKPOINT
     protocol = check_protocol(cfg.protocol)
     for key, least in (("images_per_batch", 1), ("workers", 0), ("max_batch", 1)):

@@ -21,10 +21,9 @@ from __future__ import annotations
 import sys
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ssp_sam.cli import reports_errors
+from ssp_sam.cli import model_settings, reports_errors
 from ssp_sam.config import model_overrides_added
 from ssp_sam.errors import ConfigError, ExpressionError
 from ssp_sam.export import write_predictions
@@ -68,10 +67,7 @@ def main(cfg: DictConfig) -> None:
             raise ConfigError("classes: segmenting classes needs an OVSS checkpoint (checkpoint=<a directory of an ovss_* run>)")
         read_ovss_checkpoint_config(cfg.checkpoint)  # says why it is none: not found, no config.json, another format
     expressions = _expressions(cfg.expressions)
-    model_config = OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") is not None else None
-    preset = HydraConfig.get().runtime.choices.get("model")  # model=<preset>; model.<key>=v alone changes the checkpoint's config
-    if cfg.checkpoint is None and preset is not None:
-        raise ConfigError(f"checkpoint: give the checkpoint that goes with model={preset} (our directory or a released .pth)")
+    model_config = model_settings(cfg)  # model.<key>=v changes the checkpoint's config
     image = load_image(cfg.image, exif_orientation=True)  # a bad file fails before the model is loaded
     if cfg.checkpoint is None:  # the demo's model: say so, a photo is not what it knows
         print("checkpoint: not given, using the shipped ShapeWorld model (trained on synthetic shape scenes only; "

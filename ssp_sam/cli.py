@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Callable, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from .errors import SSPSAMError, user_message
+from .errors import ConfigError, SSPSAMError, user_message
 
 T = TypeVar("T")
 
@@ -40,3 +41,18 @@ def reports_errors(main: Callable[..., T]) -> Callable[..., T]:
             fail("interrupted", code=130)
 
     return wrapper
+
+
+def model_settings(cfg: DictConfig) -> Optional[dict[str, Any]]:
+    """The command line's model settings of scripts/eval.py and predict.py (None: none given).
+
+    ``model.<key>=v`` alone changes the loaded checkpoint's config (the shipped model's without
+    ``checkpoint=``); ``model=<preset>`` names an architecture whose weights only a checkpoint holds, so
+    it is refused without ``checkpoint=`` instead of being applied to the shipped model.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    preset = HydraConfig.get().runtime.choices.get("model")
+    if cfg.checkpoint is None and preset is not None:
+        raise ConfigError(f"checkpoint: give the checkpoint that goes with model={preset} (our directory or a released .pth)")
+    return OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") is not None else None
