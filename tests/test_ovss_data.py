@@ -195,8 +195,11 @@ def test_check_data_reports_every_ovss_problem(tmp_path, capsys):
     _write_pair(base / folders[0] / "good.jpg", base / folders[1] / "good.png", np.array([[1, 255]], np.uint8))
     _write_pair(base / folders[0] / "big.jpg", base / folders[1] / "big.png", np.array([[1, 150]], np.uint8))
     _write_pair(base / folders[0] / "size.jpg", base / folders[1] / "size.png", np.zeros((2, 2), np.uint8), image_size=(2, 5))
+    _write_pair(base / folders[0] / "orphan.jpg", base / folders[1] / "orphan.png", np.zeros((1, 2), np.uint8))
+    (base / folders[0] / "orphan.jpg").unlink()  # a label without its image: named, and the others still checked
     result = _check_data("ovss_dataset=ade20k_150", f"ovss_dataset.root={tmp_path}")
     assert result.returncode == 1, result.stderr
+    assert "1 label files without their image" in result.stdout and "orphan.png has no image" in result.stdout
     assert "2 of 3 label maps unusable" in result.stdout
     assert "big.png: label values 150 are outside the 150 classes" in result.stdout
     assert "size.png: label map is 2x2 (HxW) but its image is 2x5" in result.stdout
@@ -211,6 +214,22 @@ def test_check_data_reports_every_ovss_problem(tmp_path, capsys):
     empty.write_text("[]")
     assert script.main(["ovss_dataset=ade20k_150", f"ovss_dataset.root={tmp_path}", f"ovss_dataset.classes={empty}"]) == 1
     assert f"{empty}: empty class list" in capsys.readouterr().out
+
+
+def test_check_data_flags_voc20b_read_from_a_folder_without_background(tmp_path, capsys):
+    """PAS-20b scores background as a class: its labels are CAT-Seg's annotations_detectron2_bg; VOC-20's folder
+    (no background value) reads without error but would score every image without its background."""
+    base = tmp_path / "VOCdevkit/VOC2012"
+    _write_pair(base / "JPEGImages/a.jpg", base / "annotations_detectron2/val/a.png", np.array([[0, 19, 255]], np.uint8))
+    _write_pair(base / "JPEGImages/a.jpg", base / "annotations_detectron2_bg/val/a.png", np.array([[0, 19, 20]], np.uint8))
+    spec = importlib.util.spec_from_file_location("check_data_script", REPO / "scripts" / "check_data.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["ovss_dataset=voc20b", f"ovss_dataset.root={tmp_path}"]) == 0
+    assert "no label map has the background value" not in capsys.readouterr().out
+    wrong = "ovss_dataset.label_dir=VOCdevkit/VOC2012/annotations_detectron2/val"
+    assert script.main(["ovss_dataset=voc20b", f"ovss_dataset.root={tmp_path}", wrong]) == 1
+    assert "no label map has the background value 20 (background_from)" in capsys.readouterr().out
 
 
 # ---- ShapeWorld-OVSS -----------------------------------------------------------------------------

@@ -89,11 +89,17 @@ def read_label_map(path: Path, ignore_value: int, num_classes: int, image_size: 
     return labels
 
 
-def pair_files(image_dir: Path, label_dir: Path, image_ext: str, label_ext: str) -> list[tuple[Path, Path]]:
+def pair_files(
+    image_dir: Path, label_dir: Path, image_ext: str, label_ext: str, orphans: list[str] | None = None
+) -> list[tuple[Path, Path]]:
     """(image, label) pairs, one per label file in ``label_dir`` (sorted), the image by the same stem.
 
+    ``orphans``: given (check_data.py), a label without its image is described there and left out
+    instead of stopping the whole split, so the other pairs can still be checked.
+
     Raises:
-        DatasetError: a folder is missing, there is no label file, or labels have no image (all listed).
+        DatasetError: a folder is missing, there is no label file, or labels have no image (all listed;
+            with ``orphans`` only when no label has one).
     """
     missing = [f"{folder}: {what} folder not found" for folder, what in ((image_dir, "image"), (label_dir, "label")) if not folder.is_dir()]
     if missing:
@@ -108,8 +114,12 @@ def pair_files(image_dir: Path, label_dir: Path, image_ext: str, label_ext: str)
         image_name = name[: -len(label_ext)] + image_ext
         if image_name not in images:
             problems.add(f"{name} has no image {image_dir / image_name}")
-        pairs.append((image_dir / image_name, label_dir / name))
-    problems.raise_if_any()
+        else:
+            pairs.append((image_dir / image_name, label_dir / name))
+    if orphans is None or not pairs:
+        problems.raise_if_any()
+    else:
+        orphans.extend(f"{label_dir}: {message}" for message in problems.messages)
     return pairs
 
 

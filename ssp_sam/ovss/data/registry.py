@@ -33,8 +33,8 @@ def _int(cfg: Mapping, key: str, default: int | None = None, required: bool = Tr
     return value
 
 
-def load_ovss_dataset(cfg: Mapping) -> SemSegDataset:
-    """The split described by ``cfg`` (see the module docstring).
+def load_ovss_dataset(cfg: Mapping, orphans: list[str] | None = None) -> SemSegDataset:
+    """The split described by ``cfg`` (see the module docstring). ``orphans``: see :func:`pair_files`.
 
     Raises:
         ConfigError: a missing or malformed key.
@@ -52,6 +52,7 @@ def load_ovss_dataset(cfg: Mapping) -> SemSegDataset:
         root / str(config_value(cfg, "label_dir")),
         str(config_value(cfg, "image_ext")),
         str(config_value(cfg, "label_ext")),
+        orphans,
     )
     return SemSegDataset(
         name=str(config_value(cfg, "name")),
