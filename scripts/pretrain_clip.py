@@ -20,18 +20,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from ssp_sam.cli import reports_errors
 from ssp_sam.errors import ConfigError
-from ssp_sam.pretrain.clip import HELDOUT_SPLIT, CLIPPretrainSettings, finished_clip_stage, pretrain_clip
-from ssp_sam.pretrain.script import end_stage, start_stage
+from ssp_sam.backbones.clip import build_clip_model
+from ssp_sam.pretrain.clip import HELDOUT_SPLIT, CLIPPretrainSettings, finished_clip_stage, heldout_figures, pretrain_clip
+from ssp_sam.pretrain.script import TEST_SPLIT, end_stage, start_stage, test_seed_of
 
 
-def heldout_line(held: dict, settings: CLIPPretrainSettings) -> str:
+def heldout_line(held: dict, scenes: int, split: str, seed: int) -> str:
     return (
-        f"held-out accuracy ({settings.eval_scenes} {HELDOUT_SPLIT} scenes, seed {settings.seed}): "
+        f"held-out accuracy ({scenes} {split} scenes, seed {seed}): "
         f"expression->object {held['expression_all']:.3f} (A {held['expression_A']:.3f}, "
         f"L {held['expression_L']:.3f}, R {held['expression_R']:.3f}), pointing {held['pointing']:.3f}, "
         f"object->description {held['description']:.3f} (colour {held['color']:.3f}, "
-        f"shape {held['shape']:.3f}, size {held['size']:.3f}), dense labelling mIoU {held['dense_miou']:.3f} "
-        f"(object classes {held['dense_miou_objects']:.3f})"
+        f"shape {held['shape']:.3f}, size {held['size']:.3f}), dense labelling mIoU "
+        + (f"on object patches {held['dense_miou_covered']:.3f} (all patches " if "dense_miou_covered" in held else "(all patches ")
+        + f"{held['dense_miou']:.3f}, object classes {held['dense_miou_objects']:.3f})"  # reports before 2026-12-01 lack the first
     )
 
 
@@ -41,14 +43,20 @@ def main(cfg: DictConfig) -> None:
     if cfg.model.clip_arch != "custom":
         raise ConfigError(f"model.clip_arch: pretraining builds a 'custom' CLIP, got {cfg.model.clip_arch!r}")
     device, settings, control = start_stage(cfg, CLIPPretrainSettings)
+    test_seed = test_seed_of(cfg)
     clip_custom = OmegaConf.to_container(cfg.model.clip_custom, resolve=True)
+    blocks, period = cfg.model.surgery_blocks, cfg.model.append_period
     if cfg.resume and cfg.out is not None:
-        report = finished_clip_stage(cfg.out, clip_custom, cfg.model.surgery_blocks, settings, cfg.model.append_period)
+        report = finished_clip_stage(cfg.out, clip_custom, blocks, settings, period)
         if report is not None:
             print(f"CLIP pretraining already finished: {cfg.out} (final loss {report['final_loss']:.4f})")
-            print(heldout_line(report["heldout"], settings))
+            print(heldout_line(report["heldout"], settings.eval_scenes, HELDOUT_SPLIT, settings.seed))
+            if test_seed is not None:
+                model = build_clip_model("custom", checkpoint=cfg.out, custom=clip_custom).to(device)
+                test = heldout_figures(model, blocks, period, test_seed, TEST_SPLIT, settings.eval_scenes, cfg.progress)
+                print(heldout_line(test, settings.eval_scenes, TEST_SPLIT, test_seed))
             return
-    _, result = pretrain_clip(
+    model, result = pretrain_clip(
         clip_custom,
         cfg.model.surgery_blocks,
         settings,
@@ -60,7 +68,10 @@ def main(cfg: DictConfig) -> None:
         control=control,
     )
     end_stage("CLIP", result, settings.steps, control, cfg.out)
-    print(heldout_line(result.heldout, settings))
+    print(heldout_line(result.heldout, settings.eval_scenes, HELDOUT_SPLIT, settings.seed))
+    if test_seed is not None:
+        test = heldout_figures(model, blocks, period, test_seed, TEST_SPLIT, settings.eval_scenes, cfg.progress)
+        print(heldout_line(test, settings.eval_scenes, TEST_SPLIT, test_seed))
 
 
 if __name__ == "__main__":

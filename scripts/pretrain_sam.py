@@ -17,14 +17,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from ssp_sam.cli import reports_errors
 from ssp_sam.errors import ConfigError
-from ssp_sam.pretrain.sam import HELDOUT_SPLIT, SAMPretrainSettings, finished_sam_stage, pretrain_sam
-from ssp_sam.pretrain.script import end_stage, start_stage
+from ssp_sam.backbones.sam import build_sam
+from ssp_sam.pretrain.sam import HELDOUT_SPLIT, SAMPretrainSettings, finished_sam_stage, heldout_miou, pretrain_sam
+from ssp_sam.pretrain.script import TEST_SPLIT, end_stage, start_stage, test_seed_of
 
 
-def heldout_line(miou: float, instances: int, settings: SAMPretrainSettings) -> str:
+def heldout_line(miou: float, instances: int, scenes: int, split: str, seed: int) -> str:
     return (
         f"held-out point-prompt mIoU {miou:.4f} over {instances} instances "
-        f"({settings.eval_scenes} {HELDOUT_SPLIT} scenes, seed {settings.seed}, one click at each centre)"
+        f"({scenes} {split} scenes, seed {seed}, one click at each centre)"
     )
 
 
@@ -34,14 +35,19 @@ def main(cfg: DictConfig) -> None:
     if cfg.model.sam_variant != "custom":
         raise ConfigError(f"model.sam_variant: pretraining builds a 'custom' SAM, got {cfg.model.sam_variant!r}")
     device, settings, control = start_stage(cfg, SAMPretrainSettings)
+    test_seed = test_seed_of(cfg)
     sam_custom = OmegaConf.to_container(cfg.model.sam_custom, resolve=True)
     if cfg.resume and cfg.out is not None:
         report = finished_sam_stage(cfg.out, sam_custom, settings)
         if report is not None:
             print(f"SAM pretraining already finished: {cfg.out} (final loss {report['final_loss']:.4f})")
-            print(heldout_line(report["heldout_miou"], report["heldout_instances"], settings))
+            print(heldout_line(report["heldout_miou"], report["heldout_instances"], settings.eval_scenes, HELDOUT_SPLIT, settings.seed))
+            if test_seed is not None:
+                sam = build_sam("custom", checkpoint=cfg.out, custom=sam_custom).to(device).eval()
+                test = heldout_miou(sam, settings, test_seed, TEST_SPLIT, settings.eval_scenes, cfg.progress)
+                print(heldout_line(*test, settings.eval_scenes, TEST_SPLIT, test_seed))
             return
-    _, result = pretrain_sam(
+    sam, result = pretrain_sam(
         sam_custom,
         settings,
         out=cfg.out,
@@ -51,7 +57,10 @@ def main(cfg: DictConfig) -> None:
         control=control,
     )
     end_stage("SAM", result, settings.steps, control, cfg.out)
-    print(heldout_line(result.heldout_miou, result.heldout_instances, settings))
+    print(heldout_line(result.heldout_miou, result.heldout_instances, settings.eval_scenes, HELDOUT_SPLIT, settings.seed))
+    if test_seed is not None:
+        test = heldout_miou(sam, settings, test_seed, TEST_SPLIT, settings.eval_scenes, cfg.progress)
+        print(heldout_line(*test, settings.eval_scenes, TEST_SPLIT, test_seed))
 
 
 if __name__ == "__main__":

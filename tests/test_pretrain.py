@@ -38,6 +38,7 @@ from ssp_sam.pretrain.clip import (
     dense_class,
     description_matches,
     dense_labelling,
+    on_object_patches,
     dense_loss,
     finished_clip_stage,
     masked_info_nce,
@@ -515,11 +516,20 @@ def test_dense_labelling_of_a_hand_built_scene():
     assert miou_from_confusion(confusion, [0, 1]) == pytest.approx(0.5)
     # A class that occurs nowhere does not count.
     assert miou_from_confusion(torch.tensor([[2, 0], [0, 0]])) == pytest.approx(1.0)
+    # Issue 13's figure, "on the patches objects cover": only patch 0 (mostly circle) is scored; the square
+    # predicted on background patches 1 and 3 is no false positive there, so the object classes' mean is 1.
+    covered = confusion_counts(*on_object_patches(predicted, truth, background=2), 3)
+    assert covered.tolist() == [[1, 0, 0], [0, 0, 0], [0, 0, 0]]
+    assert miou_from_confusion(covered, [0, 1]) == pytest.approx(1.0)
+    # An object patch labelled background counts against its object (recall), not for the background.
+    missed = confusion_counts(*on_object_patches(torch.tensor([2, 0]), torch.tensor([0, 0]), background=2), 3)
+    assert miou_from_confusion(missed, [0, 1]) == pytest.approx(0.5)
 
 
 def test_clip_pretraining_reports_dense_labelling(clip_run):
     _, result, out = clip_run
     assert 0.0 <= result.heldout["dense_miou"] <= 1.0 and 0.0 <= result.heldout["dense_miou_objects"] <= 1.0
+    assert 0.0 <= result.heldout["dense_miou_covered"] <= 1.0
     # The finished stage is recognised (same config, weights load) and holds the printed figures.
     report = finished_clip_stage(out, TINY_CLIP, 1, TINY_CLIP_SETTINGS, True)
     assert report is not None and report["heldout"] == pytest.approx(result.heldout, nan_ok=True)
@@ -612,10 +622,20 @@ def test_clip_script_stops_resumes_and_skips_a_finished_stage(tmp_path):
     assert "stopped after 1 of 2 steps" in stopped.stdout and not out.exists()
     finished = run_script("pretrain_clip.py", *args, "resume=true")
     assert finished.returncode == 0, finished.stderr
-    assert out.exists() and "dense labelling mIoU" in finished.stdout
+    assert out.exists() and "dense labelling mIoU on object patches" in finished.stdout
+    # the training seed's val scenes, then issue 13's held-out figures on a fresh seed's test scenes
+    assert "(1 val scenes, seed 1000)" in finished.stdout.splitlines()[-2]
+    assert "(1 test scenes, seed 4242)" in finished.stdout.splitlines()[-1]
     again = run_script("pretrain_clip.py", *args, "resume=true")
     assert again.returncode == 0 and "already finished" in again.stdout
-    assert again.stdout.splitlines()[-1] == finished.stdout.splitlines()[-1]  # the same held-out line
+    assert again.stdout.splitlines()[-2:] == finished.stdout.splitlines()[-2:]  # the same held-out lines
+    # a report written before the object-patch figure existed still reads (that figure left out)
+    report = json.loads(out.with_name(out.name + ".json").read_text())
+    del report["results"]["heldout"]["dense_miou_covered"]
+    out.with_name(out.name + ".json").write_text(json.dumps(report))
+    old = run_script("pretrain_clip.py", *args, "resume=true")
+    assert old.returncode == 0 and "already finished" in old.stdout, old.stderr[-2000:]
+    assert "on object patches" not in old.stdout.splitlines()[-2] and "on object patches" in old.stdout.splitlines()[-1]
 
 
 def test_sincos_position_start_is_the_2d_sine_cosine_code_of_each_patch():
@@ -760,6 +780,8 @@ def test_settings_that_reverse_or_break_training_are_refused_by_key(settings, ch
     ("pretrain_clip.py", ("batch_size=3001",), "batch_size=3001: must be <= pool_size=3000"),
     ("pretrain_clip.py", ("batch_size=3", "pool_size=4", "out={tmp}"), "out={tmp}: is a directory"),
     ("pretrain_sam.py", ("focal_weight=-20",), "focal_weight=-20: must be a number >= 0"),
+    ("pretrain_sam.py", ("seed=7", "test_seed=7"), "test_seed=7: must differ from seed=7"),
+    ("pretrain_clip.py", ("test_seed=-1",), "test_seed=-1: must be an integer >= 0 or null"),
 ])
 def test_pretraining_scripts_refuse_bad_settings_in_one_line(tmp_path, script, extra, message):
     base = TINY_CLIP_ARGS if script == "pretrain_clip.py" else TINY_SAM_ARGS

@@ -405,9 +405,20 @@ class SAMPointSegmenter:
         return (logits[:, 0] > 0).cpu().numpy()
 
 
-def heldout_scenes(seed: int, count: int) -> list[Scene]:
-    """The held-out scenes: split "val" of the training seed (a random stream disjoint from "train")."""
-    return [generate_scene(seed, HELDOUT_SPLIT, index) for index in range(count)]
+def heldout_miou(
+    sam: Sam, settings: SAMPretrainSettings, seed: int, split: str, count: int, progress: bool = False
+) -> tuple[float, int]:
+    """One click at each object's centre of ``count`` scenes ``generate_scene(seed, split, i)``: (mIoU, instances).
+
+    The pretraining reports it on the "val" split of its training seed (a random stream disjoint from
+    "train", but the one its design choices were made on); ``scripts/pretrain_sam.py`` also on the
+    "test" split of a fresh seed (``test_seed``), issue 13's held-out figure.
+    """
+    scenes: Iterable[Scene] = (generate_scene(seed, split, index) for index in range(count))
+    if progress:
+        scenes = tqdm(scenes, total=count, desc=f"held-out mIoU ({split}, seed {seed})", leave=False)
+    mask_target = "nearest" if settings.loss_frame == "padded" else "release"
+    return point_prompt_miou(SAMPointSegmenter(sam, settings.point_slots, mask_target), scenes)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -504,11 +515,7 @@ def pretrain_sam(
             done.losses, float("nan"), 0, time.perf_counter() - started, finished=False, state_saved=done.state_saved
         )
 
-    scenes = heldout_scenes(settings.seed, settings.eval_scenes)
-    if progress:
-        scenes = tqdm(scenes, desc="held-out mIoU", leave=False)
-    mask_target = "nearest" if settings.loss_frame == "padded" else "release"
-    miou, instances = point_prompt_miou(SAMPointSegmenter(sam, settings.point_slots, mask_target), scenes)
+    miou, instances = heldout_miou(sam, settings, settings.seed, HELDOUT_SPLIT, settings.eval_scenes, progress)
     if writer is not None:
         writer.add_scalar("sam/heldout_miou", miou, settings.steps)
         writer.close()

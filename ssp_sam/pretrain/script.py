@@ -52,6 +52,26 @@ def start_stage(cfg: Any, settings_type: type[Settings]) -> tuple[torch.device, 
     return device, settings, control
 
 
+TEST_SPLIT = "test"  # the split of the fresh seed (test_seed) the issue's held-out figures are scored on
+
+
+def test_seed_of(cfg: Any) -> int | None:
+    """``cfg.test_seed``, checked before the stage starts: a fresh seed for the held-out figures (its
+    "test" split), or None (only the training seed's "val" split is reported).
+
+    Raises:
+        ConfigError: not an integer >= 0, or the training seed itself (not fresh).
+    """
+    seed = cfg.get("test_seed")
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"test_seed={seed}: must be an integer >= 0 or null")
+    if seed == cfg.seed:
+        raise ConfigError(f"test_seed={seed}: must differ from seed={cfg.seed} (a fresh seed's scenes, not the training seed's)")
+    return seed
+
+
 def end_stage(name: str, result: StageResult, steps: int, control: StageControl, out: Any) -> None:
     """Prints the stage's last line ("{name} pretrained: ..."); a stage stopped before its last step
     says how it can go on and exits with :data:`EXIT_STOPPED`."""
