@@ -22,7 +22,7 @@ from ssp_sam.cli import reports_errors
 from ssp_sam.errors import ConfigError
 from ssp_sam.backbones.clip import build_clip_model
 from ssp_sam.pretrain.clip import HELDOUT_SPLIT, CLIPPretrainSettings, finished_clip_stage, heldout_figures, pretrain_clip
-from ssp_sam.pretrain.script import TEST_SPLIT, end_stage, start_stage, test_seed_of
+from ssp_sam.pretrain.script import TEST_SPLIT, end_stage, fresh_test_seed, start_stage
 
 
 def heldout_line(held: dict, scenes: int, split: str, seed: int) -> str:
@@ -43,7 +43,7 @@ def main(cfg: DictConfig) -> None:
     if cfg.model.clip_arch != "custom":
         raise ConfigError(f"model.clip_arch: pretraining builds a 'custom' CLIP, got {cfg.model.clip_arch!r}")
     device, settings, control = start_stage(cfg, CLIPPretrainSettings)
-    test_seed = test_seed_of(cfg)
+    test_seed = fresh_test_seed(cfg)
     clip_custom = OmegaConf.to_container(cfg.model.clip_custom, resolve=True)
     blocks, period = cfg.model.surgery_blocks, cfg.model.append_period
     if cfg.resume and cfg.out is not None:

@@ -19,7 +19,7 @@ from ssp_sam.cli import reports_errors
 from ssp_sam.errors import ConfigError
 from ssp_sam.backbones.sam import build_sam
 from ssp_sam.pretrain.sam import HELDOUT_SPLIT, SAMPretrainSettings, finished_sam_stage, heldout_miou, pretrain_sam
-from ssp_sam.pretrain.script import TEST_SPLIT, end_stage, start_stage, test_seed_of
+from ssp_sam.pretrain.script import TEST_SPLIT, end_stage, fresh_test_seed, start_stage
 
 
 def heldout_line(miou: float, instances: int, scenes: int, split: str, seed: int) -> str:
@@ -35,7 +35,7 @@ def main(cfg: DictConfig) -> None:
     if cfg.model.sam_variant != "custom":
         raise ConfigError(f"model.sam_variant: pretraining builds a 'custom' SAM, got {cfg.model.sam_variant!r}")
     device, settings, control = start_stage(cfg, SAMPretrainSettings)
-    test_seed = test_seed_of(cfg)
+    test_seed = fresh_test_seed(cfg)
     sam_custom = OmegaConf.to_container(cfg.model.sam_custom, resolve=True)
     if cfg.resume and cfg.out is not None:
         report = finished_sam_stage(cfg.out, sam_custom, settings)

@@ -489,7 +489,7 @@ def evaluate_grounding(
       ``dense_miou_objects`` the same mean over the 48 object classes only (background left out).
     - ``dense_miou_covered``: issue 13's figure, "mIoU on the patches objects cover": the same labelling
       (background still a candidate name) scored only on the patches whose largest share is an object's,
-      mean over the 48 object classes. Higher than ``dense_miou``: background patches labelled as an
+      mean over the 48 object classes. Usually above ``dense_miou``: background patches labelled as an
       object, and objects' slivers on background patches, are left out.
     """
     device = backbone.clip.logit_scale.device

@@ -55,7 +55,7 @@ def start_stage(cfg: Any, settings_type: type[Settings]) -> tuple[torch.device, 
 TEST_SPLIT = "test"  # the split of the fresh seed (test_seed) the issue's held-out figures are scored on
 
 
-def test_seed_of(cfg: Any) -> int | None:
+def fresh_test_seed(cfg: Any) -> int | None:
     """``cfg.test_seed``, checked before the stage starts: a fresh seed for the held-out figures (its
     "test" split), or None (only the training seed's "val" split is reported).
 
