@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import Counter
 
 import hydra
+import numpy as np
 from omegaconf import DictConfig
 from tqdm import tqdm
 
@@ -85,7 +86,8 @@ def main(cfg: DictConfig) -> None:
             predictions = predictor.predict(predictor.encode_image(scene.image), [e.text for e in expressions])
             object_masks = [obj.mask for obj in scene.objects]
             for expression, prediction in zip(expressions, predictions):
-                covered = covered_objects(prediction.mask, object_masks, float(cfg.min_coverage))
+                answer = np.zeros_like(prediction.mask) if prediction.no_target else prediction.mask  # as the evaluator reads it
+                covered = covered_objects(answer, object_masks, float(cfg.min_coverage))
                 outcome = grounding_outcome(covered, expression.targets)
                 counts.setdefault(expression.kind, Counter())[outcome] += 1
                 if expression.kind == "L":

@@ -21,12 +21,17 @@ def _box_mask(x0: int, x1: int) -> np.ndarray:
     return mask
 
 
-def test_an_object_is_covered_when_more_than_half_of_it_is_in_the_mask():
+def test_an_object_is_covered_when_more_than_half_of_it_is_in_the_mask_or_of_the_mask_on_it():
     objects = [_box_mask(0, 4), _box_mask(6, 10)]  # 16 px each
     assert covered_objects(_box_mask(0, 3), objects) == (0,)  # 12 of 16 px
-    assert covered_objects(_box_mask(0, 2), objects) == ()  # exactly half is not more than half
+    assert covered_objects(_box_mask(0, 2) | _box_mask(4, 6), objects) == ()  # half the object, half the mask: not more
     assert covered_objects(_box_mask(1, 9), objects) == (0, 1)  # 12 and 12 of 16
     assert covered_objects(_box_mask(0, 2), objects, min_coverage=0.25) == (0,)
+    # A mask lying mostly on an object it covers less than half of still picks that object out.
+    large, small = _box_mask(0, 10), _box_mask(0, 1)  # 40 px and 4 px
+    assert covered_objects(_box_mask(2, 5), [large, small]) == (0,)  # 12 of 40 px, but all 12 mask pixels
+    assert covered_objects(_box_mask(0, 3), [large, small]) == (0, 1)  # the small one whole, 12 of 12 px on the large
+    assert covered_objects(np.zeros((4, 10), dtype=bool), [large, small]) == ()
 
 
 @pytest.mark.parametrize(

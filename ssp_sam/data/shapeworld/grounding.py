@@ -2,8 +2,8 @@
 
 IoU alone cannot tell a mask of the wrong object from a mask of the right object together with its
 look-alikes. Since a ShapeWorld scene knows every object's exact mask, each prediction is reduced
-to the set of objects it *covers* (more than half of the object's pixels inside the mask) and
-compared with the expression's targets.
+to the set of objects it *covers* (more than half of the object's pixels inside the mask, or more
+than half of the mask's pixels on the object) and compared with the expression's targets.
 """
 
 from __future__ import annotations
@@ -44,17 +44,24 @@ def location_error(covered: Sequence[int], candidates: Sequence[int]) -> str | N
 
 
 def covered_objects(mask: np.ndarray, object_masks: Sequence[np.ndarray], min_coverage: float = 0.5) -> tuple[int, ...]:
-    """Indices of the objects of which more than ``min_coverage`` of the pixels lie inside ``mask``.
+    """Indices of the objects the mask picks out: more than ``min_coverage`` of the object's pixels lie
+    inside ``mask``, or more than ``min_coverage`` of the mask's pixels lie on the object.
+
+    The second rule counts a mask drawn mostly on a large object it covers less than half of (e.g. the
+    wrong, larger square for "the leftmost small square"), which the first alone would call "nothing",
+    or leave out beside a covered target.
 
     Args:
-        mask: (H, W) bool prediction.
+        mask: (H, W) bool prediction (empty for a no-target answer).
         object_masks: (H, W) bool masks of the scene's objects (non-empty).
     """
-    return tuple(
-        index
-        for index, object_mask in enumerate(object_masks)
-        if np.logical_and(mask, object_mask).sum() > min_coverage * object_mask.sum()
-    )
+    area = mask.sum()
+    covered = []
+    for index, object_mask in enumerate(object_masks):
+        inside = np.logical_and(mask, object_mask).sum()
+        if inside > min_coverage * object_mask.sum() or (area and inside > min_coverage * area):
+            covered.append(index)
+    return tuple(covered)
 
 
 def grounding_outcome(covered: Sequence[int], targets: Sequence[int]) -> str:
