@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -379,18 +380,22 @@ def test_unseen_names_are_left_out_of_training_unless_asked(tmp_path):
     assert seen.class_names == ("red", "green")
     seen.fit()
     assert load_ovss_model(tmp_path / "seen" / "last").class_names == ("red", "green")
-    # predict.py without classes= segments into the dataset's list, the held-out name included
+    # predict.py without classes= segments into the dataset's list, the held-out name included; a checkpoint
+    # written before that list was stored: into its training vocabulary
     assert default_class_names(tmp_path / "seen" / "last") == ("red", "blue", "green")
+    legacy = tmp_path / "legacy"
+    shutil.copytree(tmp_path / "seen" / "last", legacy)
+    stored = json.loads((legacy / "config.json").read_text())
+    del stored["dataset_class_names"]
+    (legacy / "config.json").write_text(json.dumps(stored))
+    assert default_class_names(legacy) == ("red", "green")
     every = OVSSTrainer(tiny_run(tmp_path, tmp_path / "all", *common, "train.vocabulary=all"))
     assert every.class_names == ("red", "blue", "green")
     every.fit()
     config = tmp_path / "all" / "last" / "config.json"
     stored = json.loads(config.read_text())
     del stored["run"]["train"]["vocabulary"]  # as saved before the key existed
-    del stored["dataset_class_names"]
-    stored["class_names"] = ["red", "green"]  # as a checkpoint before dataset_class_names: its vocabulary is the default
     config.write_text(json.dumps(stored))
-    assert default_class_names(tmp_path / "all" / "last") == ("red", "green")
     with pytest.raises(ConfigError, match=r"train.vocabulary: 'all' -> 'seen'"):
         OVSSTrainer(tiny_run(tmp_path, tmp_path / "all", *common, "resume=true"))
 
