@@ -22,7 +22,7 @@ from ssp_sam.cli import reports_errors
 from ssp_sam.errors import ConfigError
 from ssp_sam.backbones.clip import build_clip_model
 from ssp_sam.pretrain.clip import HELDOUT_SPLIT, CLIPPretrainSettings, finished_clip_stage, heldout_figures, pretrain_clip
-from ssp_sam.pretrain.script import TEST_SPLIT, end_stage, fresh_test_seed, start_stage
+from ssp_sam.pretrain.script import TEST_SPLIT, end_stage, fresh_seed_figures, fresh_test_seed, start_stage
 
 
 def heldout_line(held: dict, scenes: int, split: str, seed: int) -> str:
@@ -52,8 +52,11 @@ def main(cfg: DictConfig) -> None:
             print(f"CLIP pretraining already finished: {cfg.out} (final loss {report['final_loss']:.4f})")
             print(heldout_line(report["heldout"], settings.eval_scenes, HELDOUT_SPLIT, settings.seed))
             if test_seed is not None:
-                model = build_clip_model("custom", checkpoint=cfg.out, custom=clip_custom).to(device)
-                test = heldout_figures(model, blocks, period, test_seed, TEST_SPLIT, settings.eval_scenes, cfg.progress)
+                def score() -> dict[str, float]:
+                    model = build_clip_model("custom", checkpoint=cfg.out, custom=clip_custom).to(device)
+                    return heldout_figures(model, blocks, period, test_seed, TEST_SPLIT, settings.eval_scenes, cfg.progress)
+
+                test = fresh_seed_figures(cfg.out, report, test_seed, settings.eval_scenes, score)
                 print(heldout_line(test, settings.eval_scenes, TEST_SPLIT, test_seed))
             return
     model, result = pretrain_clip(
@@ -70,7 +73,10 @@ def main(cfg: DictConfig) -> None:
     end_stage("CLIP", result, settings.steps, control, cfg.out)
     print(heldout_line(result.heldout, settings.eval_scenes, HELDOUT_SPLIT, settings.seed))
     if test_seed is not None:
-        test = heldout_figures(model, blocks, period, test_seed, TEST_SPLIT, settings.eval_scenes, cfg.progress)
+        test = fresh_seed_figures(
+            cfg.out, None, test_seed, settings.eval_scenes,
+            lambda: heldout_figures(model, blocks, period, test_seed, TEST_SPLIT, settings.eval_scenes, cfg.progress),
+        )
         print(heldout_line(test, settings.eval_scenes, TEST_SPLIT, test_seed))
 
 

@@ -19,7 +19,7 @@ from ssp_sam.cli import reports_errors
 from ssp_sam.errors import ConfigError
 from ssp_sam.backbones.sam import build_sam
 from ssp_sam.pretrain.sam import HELDOUT_SPLIT, SAMPretrainSettings, finished_sam_stage, heldout_miou, pretrain_sam
-from ssp_sam.pretrain.script import TEST_SPLIT, end_stage, fresh_test_seed, start_stage
+from ssp_sam.pretrain.script import TEST_SPLIT, end_stage, fresh_seed_figures, fresh_test_seed, start_stage
 
 
 def heldout_line(miou: float, instances: int, scenes: int, split: str, seed: int) -> str:
@@ -43,8 +43,11 @@ def main(cfg: DictConfig) -> None:
             print(f"SAM pretraining already finished: {cfg.out} (final loss {report['final_loss']:.4f})")
             print(heldout_line(report["heldout_miou"], report["heldout_instances"], settings.eval_scenes, HELDOUT_SPLIT, settings.seed))
             if test_seed is not None:
-                sam = build_sam("custom", checkpoint=cfg.out, custom=sam_custom).to(device).eval()
-                test = heldout_miou(sam, settings, test_seed, TEST_SPLIT, settings.eval_scenes, cfg.progress)
+                def score() -> tuple[float, int]:
+                    sam = build_sam("custom", checkpoint=cfg.out, custom=sam_custom).to(device).eval()
+                    return heldout_miou(sam, settings, test_seed, TEST_SPLIT, settings.eval_scenes, cfg.progress)
+
+                test = fresh_seed_figures(cfg.out, report, test_seed, settings.eval_scenes, score)
                 print(heldout_line(*test, settings.eval_scenes, TEST_SPLIT, test_seed))
             return
     sam, result = pretrain_sam(
@@ -59,7 +62,10 @@ def main(cfg: DictConfig) -> None:
     end_stage("SAM", result, settings.steps, control, cfg.out)
     print(heldout_line(result.heldout_miou, result.heldout_instances, settings.eval_scenes, HELDOUT_SPLIT, settings.seed))
     if test_seed is not None:
-        test = heldout_miou(sam, settings, test_seed, TEST_SPLIT, settings.eval_scenes, cfg.progress)
+        test = fresh_seed_figures(
+            cfg.out, None, test_seed, settings.eval_scenes,
+            lambda: heldout_miou(sam, settings, test_seed, TEST_SPLIT, settings.eval_scenes, cfg.progress),
+        )
         print(heldout_line(*test, settings.eval_scenes, TEST_SPLIT, test_seed))
 
 

@@ -88,6 +88,25 @@ def test_x86_kernels_limited_to_avx2_count_as_no_native_bf16(monkeypatch):
     assert precision_module.cpu_has_native_bf16()
 
 
+def test_amx_is_told_apart_from_avx512_bf16(monkeypatch):
+    """Native bf16 without AMX runs PyTorch's CPU flash attention at fp32's speed, so the fused image-encoder
+    attention asks for AMX itself: from torch's probe or the kernel's flags, and not when oneDNN is limited
+    below AMX; the benchmarks' CPU column says which."""
+    monkeypatch.setattr(precision_module.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(precision_module, "_cpuinfo_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert precision_module.cpu_has_native_bf16() and not precision_module.cpu_has_amx()
+    assert precision_module.cpu_capability() == "AVX512, native bf16 (no AMX)"
+    monkeypatch.setattr(precision_module, "_cpuinfo_flags", lambda: frozenset({"avx512_bf16", "amx_tile", "amx_bf16"}))
+    assert precision_module.cpu_has_amx() and precision_module.cpu_capability() == "AVX512, native bf16 (AMX)"
+    for isa, amx in (("AVX512_CORE_BF16", False), ("AVX2", False), ("AVX512_CORE_AMX", True), ("ALL", True)):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+        assert precision_module.cpu_has_amx() is amx, isa
+
+
 @pytest.fixture
 def denormals_restored():
     yield

@@ -629,6 +629,19 @@ def test_clip_script_stops_resumes_and_skips_a_finished_stage(tmp_path):
     again = run_script("pretrain_clip.py", *args, "resume=true")
     assert again.returncode == 0 and "already finished" in again.stdout
     assert again.stdout.splitlines()[-2:] == finished.stdout.splitlines()[-2:]  # the same held-out lines
+    # the fresh seed's figures are remembered in the report: a rerun prints them without scoring again,
+    # another test_seed is scored (and remembered in their place)
+    report_file = out.with_name(out.name + ".json")
+    report = json.loads(report_file.read_text())
+    assert report["results"]["fresh_seed"]["scored_on"] == {"seed": 4242, "split": "test", "scenes": 1, "version": 1}
+    report["results"]["fresh_seed"]["figures"]["shape"] = 0.123
+    report_file.write_text(json.dumps(report))
+    remembered = run_script("pretrain_clip.py", *args, "resume=true")
+    assert remembered.returncode == 0 and "shape 0.123" in remembered.stdout.splitlines()[-1]
+    other_seed = run_script("pretrain_clip.py", *args, "resume=true", "test_seed=4243")
+    assert other_seed.returncode == 0 and "(1 test scenes, seed 4243)" in other_seed.stdout.splitlines()[-1]
+    assert "shape 0.123" not in other_seed.stdout.splitlines()[-1]
+    assert json.loads(report_file.read_text())["results"]["fresh_seed"]["scored_on"]["seed"] == 4243
     # a report written before the object-patch figure existed still reads (that figure left out)
     report = json.loads(out.with_name(out.name + ".json").read_text())
     del report["results"]["heldout"]["dense_miou_covered"]
@@ -804,6 +817,25 @@ def test_a_stage_deletes_its_own_unfinished_saves_and_claims_no_state_it_did_not
     _, result = pretrain_sam(TINY_SAM, ONE_STEP_SAM, out=out, progress=False, control=StageControl.beside(out, stop_after_steps=0))
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(others)
     assert not result.finished and not result.state_saved and result.losses == []
+
+
+def test_sam_script_remembers_the_fresh_seed_figure_of_a_finished_stage(tmp_path):
+    """A finished SAM stage scored on the fresh seed once: the rerun (resume=true) prints the same lines,
+    the fresh seed's from the report ((mIoU, instances) read back from JSON)."""
+    out = tmp_path / "sam.pth"
+    args = (*TINY_SAM_ARGS, "eval_scenes=1", f"out={out}")
+    finished = run_script("pretrain_sam.py", *args)
+    assert finished.returncode == 0, finished.stderr
+    report_file = out.with_name(out.name + ".json")
+    report = json.loads(report_file.read_text())
+    miou, instances = report["results"]["fresh_seed"]["figures"]
+    assert f"mIoU {miou:.4f} over {instances} instances (1 test scenes, seed 4242" in finished.stdout.splitlines()[-1]
+    report["results"]["fresh_seed"]["figures"] = [0.5, 99]
+    report_file.write_text(json.dumps(report))
+    again = run_script("pretrain_sam.py", *args, "resume=true")
+    assert again.returncode == 0 and "already finished" in again.stdout
+    assert again.stdout.splitlines()[-2] == finished.stdout.splitlines()[-2]
+    assert "mIoU 0.5000 over 99 instances (1 test scenes, seed 4242" in again.stdout.splitlines()[-1]
 
 
 def test_sam_script_stopped_before_its_first_step_says_no_state_was_saved(tmp_path):

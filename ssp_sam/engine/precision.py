@@ -18,6 +18,7 @@ weights stay fp32 (the optimizer's master copy) and only the matmuls run in the 
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import warnings
@@ -35,17 +36,19 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")
 
 
-def _cpuinfo_flags() -> set[str]:
+@functools.cache
+def _cpuinfo_flags() -> frozenset[str]:
+    """The CPU's flags as the kernel lists them (read once: attention modules ask at every call)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return frozenset()
     flags: set[str] = set()
     for line in text.splitlines():
         name, _, value = line.partition(":")
         if name.strip() in ("flags", "Features"):
             flags.update(value.split())
-    return flags
+    return frozenset(flags)
 
 
 def _x86_kernels_limited_below_bf16() -> bool:
@@ -73,10 +76,30 @@ def cpu_has_native_bf16() -> bool:
     return bool(_cpuinfo_flags() & set(_NATIVE_BF16_FLAGS))
 
 
+def cpu_has_amx() -> bool:
+    """True when this CPU has AMX tiles and PyTorch's kernels may use them.
+
+    Native bf16 is not one speed: PyTorch's CPU flash-attention kernel packs its bf16 blocks for AMX
+    and runs them several times faster than fp32 there, but without AMX (AVX512-BF16 alone) it runs
+    bf16 at fp32's speed, slower than the same attention spelt out in bf16 matrix products
+    (:class:`ssp_sam.attention.FusedImageEncoderAttention` chooses by this; benchmarks/README.md).
+    """
+    if _x86_kernels_limited_below_bf16():
+        return False
+    isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    if isa != "ALL" and "AMX" not in isa:
+        return False
+    if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        return True
+    return "amx_bf16" in _cpuinfo_flags()
+
+
 def cpu_capability() -> str:
     """A short description of the CPU's vector units, printed beside benchmark rows."""
     kind = torch.backends.cpu.get_cpu_capability()
-    return f"{kind}, native bf16" if cpu_has_native_bf16() else f"{kind}, no native bf16"
+    if not cpu_has_native_bf16():
+        return f"{kind}, no native bf16"
+    return f"{kind}, native bf16 (AMX)" if cpu_has_amx() else f"{kind}, native bf16 (no AMX)"
 
 
 @dataclass(frozen=True)

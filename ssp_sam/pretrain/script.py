@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import sys
 from dataclasses import fields
-from typing import Any, Protocol, TypeVar
+from typing import Any, Callable, Mapping, Optional, Protocol, TypeVar
 
 import torch
 
 from ..engine.distributed import prepare_cpu_process
 from ..errors import ConfigError
 from ..predictor import resolve_device
-from .stage import StageControl, stopped_state
+from .stage import StageControl, add_to_report, stopped_state
 
 EXIT_STOPPED = 3  # stopped before the last step; the state (if a step was done) is saved, resume=true continues
 
@@ -70,6 +70,33 @@ def fresh_test_seed(cfg: Any) -> int | None:
     if seed == cfg.seed:
         raise ConfigError(f"test_seed={seed}: must differ from seed={cfg.seed} (a fresh seed's scenes, not the training seed's)")
     return seed
+
+
+# Bump when what the held-out figures measure changes: figures remembered under another version are
+# computed again.
+FRESH_SEED_FIGURES_VERSION = 1
+
+
+def fresh_seed_figures(
+    out: Any, results: Optional[Mapping], test_seed: int, scenes: int, score: Callable[[], Any]
+) -> Any:
+    """The held-out figures on the "test" split of ``test_seed``: ``score()``, remembered in the stage's
+    report so that rerunning a finished stage (every rerun of ``scripts/train_default_model.sh``) does
+    not score the same weights again (20-45 s each).
+
+    ``results`` is the finished stage's report as read by the finished-stage check (None right after a
+    run, which just wrote it); figures remembered there for the same seed, split, scene count and
+    :data:`FRESH_SEED_FIGURES_VERSION` are returned as they are (JSON: tuples read back as lists).
+    ``out`` None: nothing is written.
+    """
+    scored_on = {"seed": test_seed, "split": TEST_SPLIT, "scenes": scenes, "version": FRESH_SEED_FIGURES_VERSION}
+    remembered = (results or {}).get("fresh_seed")
+    if isinstance(remembered, dict) and remembered.get("scored_on") == scored_on:
+        return remembered["figures"]
+    figures = score()
+    if out is not None:
+        add_to_report(out, "fresh_seed", {"scored_on": scored_on, "figures": figures})
+    return figures
 
 
 def end_stage(name: str, result: StageResult, steps: int, control: StageControl, out: Any) -> None:

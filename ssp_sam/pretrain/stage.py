@@ -284,6 +284,16 @@ def write_report(out: str | os.PathLike, identity: Mapping, results: Mapping) ->
     write_json(report_path(out), {"identity": _as_json(identity), "sha256": file_sha256(out), "results": _as_json(results)})
 
 
+def add_to_report(out: str | os.PathLike, key: str, value: Any) -> None:
+    """Add ``results[key] = value`` to the report of a finished stage, atomically: figures computed
+    after the report was written (the held-out figures on a fresh seed). The report still vouches for
+    the same output bytes."""
+    path = report_path(out)
+    saved = json.loads(path.read_text())
+    saved["results"][key] = _as_json({key: value})[key]
+    write_json(path, saved)
+
+
 def finish_stage(
     out: str | os.PathLike, save: Callable[[Path], None], identity: Mapping, results: Mapping, control: StageControl
 ) -> None:
