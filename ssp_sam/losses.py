@@ -52,7 +52,9 @@ def box_losses(pred_cxcywh: Tensor, target_cxcywh: Tensor) -> tuple[Tensor, Tens
     """L1 on (cx, cy, w, h) and GIoU loss on the corresponding corners, each summed over the batch.
 
     Args:
-        pred_cxcywh, target_cxcywh: (B, 4) normalised boxes. A no-target sample's target is (0, 0, 0, 0).
+        pred_cxcywh, target_cxcywh: (B, 4) normalised boxes. A no-target sample's target is the
+            release's: its (0, 0, 0, 0) box moved by the letterbox offset, (offset_x / S, offset_y / S, 0, 0)
+            (``ssp_sam/data/training.py``).
     """
     l1 = (pred_cxcywh - target_cxcywh).abs().sum()
     pred_xyxy = box_convert(pred_cxcywh, "cxcywh", "xyxy")
