@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from conftest import REPO, run_script
-from ssp_sam.engine.reporting import latex_escape, make_tables
+from ssp_sam.engine.reporting import MISSING, latex_escape, make_tables
 
 PAPER_HEADER = (
     ["Model", "RefCOCO val", "RefCOCO testA", "RefCOCO testB", "RefCOCO+ val", "RefCOCO+ testA", "RefCOCO+ testB",
@@ -139,8 +139,15 @@ def test_release_protocol_table_shows_the_release_numbers():
     markdown, latex = make_tables(results, compact=True)
     header, row = _markdown_rows(markdown)
     cells = dict(zip(header, row))
-    assert (cells["gRefCOCO val gIoU"], cells["gRefCOCO val cIoU"], cells["gRefCOCO val N-acc"]) == ("60.00", "70.00", "75.00")
+    # GRES columns say whose arithmetic they show (metrics.md: "under names that say so")
+    release = " (SSP-SAM release)"
+    assert (cells[f"gRefCOCO val gIoU{release}"], cells[f"gRefCOCO val cIoU{release}"], cells[f"gRefCOCO val N-acc{release}"]) == ("60.00", "70.00", "75.00")
     assert cells["RefCOCO val"] == "55.00"
+    # a result without the release's number shows none, never the standard one under the release's name
+    lacking = [_result("grefcoco", "val", {key: value for key, value in metrics.items() if key != "cIoU (SSP-SAM release)"},
+                       task="gres", protocol="ssp_sam_release")]
+    cells = dict(zip(*_markdown_rows(make_tables(lacking, compact=True)[0])))
+    assert cells[f"gRefCOCO val cIoU{release}"] == MISSING and cells[f"gRefCOCO val gIoU{release}"] == "60.00"
     assert dict(zip(*_markdown_rows(make_tables(results, metric="REC-acc", compact=True)[0])))["RefCOCO val"] == "80.00"
     assert markdown.startswith("Protocol: ssp_sam_release (metrics.md); RES and PhraseCut cells: mIoU; cells are the release's own arithmetic")
     assert "its N-acc also counts targets scored IoU 1 and is not ReLA's N-acc" in markdown.splitlines()[0]

@@ -16,7 +16,7 @@ import os
 import shlex
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -230,10 +230,20 @@ def _table_protocol(results: Sequence[Mapping[str, Any]]) -> str:
     return next(iter(first_of))
 
 
+_RELEASE_KEYS = frozenset((*RELEASE_RES_KEYS, *RELEASE_GRES_KEYS))
+
+
+def _shows_release_arithmetic(metric: str, protocol: str) -> bool:
+    """Whether a column of ``metric`` shows the release's own number (as its paper prints it): under
+    ssp_sam_release, for every metric the release computes (not REC-acc)."""
+    return protocol == "ssp_sam_release" and f"{metric}{RELEASE_SUFFIX}" in _RELEASE_KEYS
+
+
 def _cell_value(metrics: Mapping[str, Any], metric: str, protocol: str) -> Any:
-    """A column's value: under ssp_sam_release the release's own number (as its paper prints it) where there is one."""
-    if protocol == "ssp_sam_release" and f"{metric}{RELEASE_SUFFIX}" in metrics:
-        return metrics[f"{metric}{RELEASE_SUFFIX}"]
+    """A column's value: the release's own number where the column shows it (missing if a result lacks
+    it: never the standard number under the release's name), else the metric itself."""
+    if _shows_release_arithmetic(metric, protocol):
+        return metrics.get(f"{metric}{RELEASE_SUFFIX}")
     return metrics.get(metric)
 
 
@@ -244,6 +254,12 @@ def _table_cells(results: Sequence[Mapping[str, Any]], metric: str) -> tuple[str
         check_results(record)
     protocol = _table_protocol(results)
     columns, group_of = _layout(results, metric)
+    # GRES columns name their metric: under the release's arithmetic with the name that says so (metrics.md)
+    columns = [
+        replace(column, metric_title=f"{column.metric_title}{RELEASE_SUFFIX}")
+        if column.metric_title and _shows_release_arithmetic(column.metric, protocol) else column
+        for column in columns
+    ]
     metrics_at: dict[str, dict[tuple[str, str], Mapping[str, Any]]] = {}
     checkpoint_of: dict[str, Mapping[str, Any]] = {}  # label -> its first record that names a checkpoint
     for record in results:
