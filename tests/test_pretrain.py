@@ -44,6 +44,7 @@ from ssp_sam.pretrain.clip import (
     masked_info_nce,
     miou_from_confusion,
     patch_class_shares,
+    patch_embeddings,
     pool_regions,
     pretrain_clip,
     side_loss,
@@ -294,6 +295,23 @@ def test_clip_pretraining_lowers_the_loss(clip_run):
     assert last < 0.8 * first
     for key in ("expression_all", "pointing", "description", "color", "shape", "size"):
         assert 0.0 <= result.heldout[key] <= 1.0
+
+
+def test_clip_pretraining_differentiates_the_image_tower():
+    """The pretraining's image forward records the whole tower, although SSP-SAM's keeps its frozen part out
+    of autograd: from 2026-11-30 to 2026-12-01 it went through that forward, the image tower never trained
+    and the recipe's CLIP learnt shape to 0.28 instead of 0.99. Every vision weight the patch tokens depend
+    on gets a gradient (the last block's MLP feeds only the CLS token, which the pretraining does not use)."""
+    torch.manual_seed(0)
+    model = build_clip_model("custom", custom={**TINY_CLIP, "stem": "conv"})
+    backbone = CLIPSurgeryBackbone(model, surgery_blocks=1)
+    model.requires_grad_(True)  # as pretrain_clip does
+    patch_embeddings(backbone, torch.randn(2, 3, 32, 32)).square().sum().backward()
+    last = len(model.visual.transformer.resblocks) - 1
+    cls_only = (f"transformer.resblocks.{last}.ln_2.", f"transformer.resblocks.{last}.mlp.")
+    without = [name for name, p in model.visual.named_parameters() if not name.startswith(cls_only) and (p.grad is None or not p.grad.any())]
+    assert without == []
+    assert any(name.startswith("conv1.") for name, _ in model.visual.named_parameters())  # the stem is among them
 
 
 def test_clip_file_loads_as_the_trained_model(clip_run):

@@ -241,18 +241,28 @@ class CLIPSurgeryBackbone(nn.Module):
         """
         return self.finish_image_tokens(self.frozen_image_features(pixels))
 
+    def image_tokens(self, pixels: Tensor) -> Tensor:
+        """The whole image tower as :meth:`encode_image` computes it, differentiated wherever autograd
+        records and the parameters require it: what pretraining (``ssp_sam/pretrain/clip.py``) trains,
+        where SSP-SAM's forward keeps the frozen part out of autograd. (B, 3, S, S) -> (B, 1 + N, embed_dim)."""
+        return self._tokens_from(self._patch_tokens(pixels), 0)
+
     @torch.no_grad()
     def frozen_image_features(self, pixels: Tensor) -> Tensor:
         """What the frozen part of the image tower computes: the tokens themselves when the whole tower is
         frozen, else the (B, 1 + N, width) input of the first fine-tuned block. Never differentiated."""
-        size = self.image_size
-        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, size, size):
-            raise ImageError(f"pixels must have shape (B, 3, {size}, {size}), got {tuple(pixels.shape)}")
-        x = self._embed_patches(pixels.to(self.clip.visual.conv1.weight.dtype))
+        x = self._patch_tokens(pixels)
         if self.finetune_image_blocks:
             blocks = self.clip.visual.transformer.resblocks
             return self._run_plain_blocks(x, blocks[: len(blocks) - self.finetune_image_blocks])
         return self._tokens_from(x, 0)
+
+    def _patch_tokens(self, pixels: Tensor) -> Tensor:
+        """(B, 3, S, S) checked, then the stem, class token and positions: (B, 1 + N, width)."""
+        size = self.image_size
+        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, size, size):
+            raise ImageError(f"pixels must have shape (B, 3, {size}, {size}), got {tuple(pixels.shape)}")
+        return self._embed_patches(pixels.to(self.clip.visual.conv1.weight.dtype))
 
     def finish_image_tokens(self, features: Tensor) -> Tensor:
         """:meth:`frozen_image_features` -> the (B, 1 + N, embed_dim) tokens: the fine-tuned blocks (with a

@@ -35,7 +35,6 @@ i < ``pool_size``, made once at the start; held-out: the "val" split of the same
 
 from __future__ import annotations
 
-import inspect
 import os
 import time
 from collections.abc import Sequence
@@ -82,11 +81,6 @@ BACKGROUND_CLASS = len(DENSE_CLASS_NAMES) - 1
 # Vision position embeddings at the start of pretraining: open_clip's random ones, or 2-D sine-cosine
 # codes (start_with_sincos_positions).
 POSITION_INITS = ("random", "sincos")
-
-# CLIPSurgeryBackbone's image forward runs under @torch.no_grad because SSP-SAM keeps CLIP's image tower
-# frozen. Pretraining needs gradients through exactly the same forward pass, so it calls the undecorated
-# function (the text forward has no decorator: its graph follows its parameters' requires_grad).
-_surgery_image_forward = inspect.unwrap(CLIPSurgeryBackbone.encode_image)
 
 
 @dataclass(frozen=True)
@@ -356,8 +350,12 @@ def sentence_embeddings(backbone: CLIPSurgeryBackbone, tokens: Tensor) -> Tensor
 
 
 def patch_embeddings(backbone: CLIPSurgeryBackbone, pixels: Tensor) -> Tensor:
-    """CLIP-Surgery patch tokens (B, N, D) from letterboxed pixels (B, 3, S, S), with gradients."""
-    return _surgery_image_forward(backbone, pixels)[:, 1:]
+    """CLIP-Surgery patch tokens (B, N, D) from letterboxed pixels (B, 3, S, S), with gradients.
+
+    ``image_tokens``, not ``encode_image``: SSP-SAM's image forward keeps its frozen part out of
+    autograd, which here would leave the whole image tower untrained (it did from 2026-11-30 to
+    2026-12-01: the recipe's CLIP then learnt shape to 0.28 instead of 0.99)."""
+    return backbone.image_tokens(pixels)[:, 1:]
 
 
 def masked_info_nce(logits: Tensor, positives: Tensor, valid: Tensor) -> Tensor:
