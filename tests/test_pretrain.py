@@ -61,6 +61,7 @@ from ssp_sam.pretrain.sam import (
     embed_prompts,
     finished_sam_stage,
     point_prompt_miou,
+    predict_masks,
     pretrain_sam,
     sample_prompt,
     sample_training_batch,
@@ -151,6 +152,22 @@ def test_image_frame_targets_are_the_full_masks_the_padded_frame_subsamples():
     assert set(full.unique().tolist()) == {0.0, 1.0} and (full.flatten(1).sum(1) > 0).all()  # every prompted instance is visible
     with pytest.raises(ConfigError, match="loss_frame: expected one of padded, image"):
         replace(TINY_SAM_SETTINGS, loss_frame="full")
+
+
+def test_sam_pretraining_differentiates_its_image_encoder():
+    """Pretraining trains SAM's image encoder through the same encoder inference uses, whose fused attention
+    keeps autograd out only where nothing trains: one click's mask loss reaches every encoder weight and the
+    prompt encoder's point embeddings."""
+    torch.manual_seed(0)
+    sam = build_sam("custom", custom=TINY_SAM)
+    sam.requires_grad_(True)
+    size = sam.image_encoder.img_size
+    prompts = PromptBatch.clicks(np.array([[[size / 3, size / 2]], [[size / 2, size / 4]]]), np.array([[1], [1]]))
+    logits, ious = predict_masks(sam, torch.randn(1, 3, size, size), prompts)
+    (logits.square().mean() + ious.square().mean()).backward()
+    without = [name for name, p in sam.image_encoder.named_parameters() if p.grad is None or not p.grad.any()]
+    assert without == []
+    assert sam.prompt_encoder.point_embeddings[1].weight.grad.any()  # the positive click's embedding
 
 
 def test_sam_pretraining_is_deterministic():
