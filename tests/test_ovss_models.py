@@ -21,7 +21,7 @@ from ssp_sam.ovss.catseg.aggregation import ClassAggregation, GuidedSwinBlock
 from ssp_sam.ovss.catseg.cost import cost_volume, gather_classes, scatter_classes, select_classes
 from ssp_sam.ovss.model_config import TSPPConfig, ovss_config_from
 from ssp_sam.ovss.prompts import class_prompts, load_templates
-from ssp_sam.ovss.sam_mi.smagg import assign_proposals, merge_by_class
+from ssp_sam.ovss.sam_mi.smagg import assign_proposals, assign_with_confidence, merge_by_class
 from ssp_sam.ovss.sam_mi.tspp import sample_points
 from ssp_sam.ovss.sam_vote import vote_in_masks
 from ssp_sam.ovss.sliding_window import sliding_window_inference
@@ -355,6 +355,52 @@ def test_smagg_assigns_by_the_chosen_criterion_and_merges_per_class():
     assert merged[0, 0].sum() == 0
     assert merged[0, 1].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]  # the union of proposals 0 and 1
     assert merged[0, 2].tolist() == [[0, 0, 0, 0], [0, 0, 1, 1]]
+
+
+def test_gated_smagg_weights_each_proposal_by_its_assignments_confidence():
+    """The example above: proposal 0's mean scores are 0.45 / 0.6 / 0 (classes 0 / 1 / 2), so at
+    temperature 0.1 class 1 wins with probability e^6 / (e^4.5 + e^6 + 1) = 0.8171; proposal 1's
+    0 / 0.7 / 0 give e^7 / (e^7 + 2) = 0.9982; proposal 2's 0 / 0 / 0.4 give e^4 / (e^4 + 2) = 0.9647.
+    By votes proposal 0 goes to class 0 with 3 of its 4 pixels: 0.75. The class mask of class 1 is the
+    union of 0.8171 x proposal 0 and 0.9982 x proposal 1; a padding proposal has confidence 0."""
+    masks = torch.zeros(1, 3, 2, 4)
+    masks[0, 0, 0, :] = 1
+    masks[0, 1, 1, :2] = 1
+    masks[0, 2, 1, 2:] = 1
+    scores = torch.zeros(1, 3, 2, 4)
+    scores[0, 0, 0] = torch.tensor([0.6, 0.6, 0.6, 0.0])
+    scores[0, 1, 0] = torch.tensor([0.5, 0.5, 0.5, 0.9])
+    scores[0, 1, 1, :2] = 0.7
+    scores[0, 2, 1, 2:] = 0.4
+    valid = torch.tensor([[True, True, True]])
+    e = math.exp
+    expected = [torch.tensor(value) for value in (e(6) / (e(4.5) + e(6) + 1), e(7) / (e(7) + 2), e(4) / (e(4) + 2))]
+    assignment, confidence = assign_with_confidence(masks, valid, scores, "mean_cost", 0.1)
+    assert assignment.tolist() == [[1, 1, 2]]
+    torch.testing.assert_close(confidence[0], torch.stack(expected))
+    assignment, confidence = assign_with_confidence(masks, valid, scores, "majority_vote", 0.1)
+    assert assignment.tolist() == [[0, 1, 2]] and confidence[0, 0].item() == pytest.approx(0.75)
+    assert assign_with_confidence(masks, torch.tensor([[True, False, True]]), scores, "mean_cost", 0.1)[1][0, 1] == 0
+    merged = merge_by_class(masks, torch.tensor([[1, 1, 2]]), 3, torch.stack(expected)[None])
+    torch.testing.assert_close(merged[0, 1], torch.stack([expected[0].expand(4), torch.stack([expected[1]] * 2 + [torch.tensor(0.0)] * 2)]))
+    assert merged[0, 0].sum() == 0
+
+
+def test_gated_smagg_is_a_switch_of_the_model():
+    """smagg.confidence=gated: the same assignment, every class mask at most the binary one and above 0 where it is."""
+    binary, gated = tiny(variant="sam_mi").eval(), tiny(variant="sam_mi", **{"smagg.confidence": "gated", "smagg.temperature": 0.05}).eval()
+    gated.load_state_dict(binary.state_dict())
+    images, _ = images_and_labels()
+    with torch.no_grad():
+        text = binary.encode_classes(CLASSES)
+        state = binary.catseg.costs(images, text)
+        proposals = binary(images, text).proposals
+        hard, soft = binary.class_masks(state, proposals), gated.class_masks(state, proposals)
+    assert hard.any() and ((soft > 0) == (hard > 0)).all() and (soft <= hard).all() and (soft < hard).any()
+    with pytest.raises(ConfigError, match="ovss_model.smagg.confidence: must be one of none, gated, got 'soft'"):
+        tiny(variant="sam_mi", **{"smagg.confidence": "soft"})
+    with pytest.raises(ConfigError, match="ovss_model.smagg.temperature=0.0: must be > 0"):
+        tiny(variant="sam_mi", **{"smagg.temperature": 0.0})
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

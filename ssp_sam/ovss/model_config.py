@@ -24,6 +24,7 @@ IGNORE_RULES = ("negative", "excluded")
 POINT_SOURCES = ("tspp", "grid")
 SAMPLERS = ("class_peaks", "global_peaks")
 CRITERIA = ("mean_cost", "majority_vote")
+CONFIDENCE_RULES = ("none", "gated")
 
 
 @dataclass
@@ -122,6 +123,10 @@ class TSPPConfig:
 @dataclass
 class SMAggConfig:
     criterion: str = "mean_cost"  # mean_cost: class of highest mean cost inside the mask | majority_vote: of the per-pixel argmax
+    # none: binary class masks (the paper's union) | gated: each proposal enters its class mask weighted by
+    # the confidence of its assignment (ssp_sam/ovss/sam_mi/smagg.py), so DMI gets less of an unsure one
+    confidence: str = "none"
+    temperature: float = 0.01  # gated mean_cost: softmax over the classes' mean costs (cosines) at this temperature
 
 
 @dataclass
@@ -188,6 +193,9 @@ def _check(config: OVSSModelConfig) -> None:
     _one_of("aggregator.ignore_pixels", config.aggregator.ignore_pixels, IGNORE_RULES)
     _one_of("tspp.sampler", config.tspp.sampler, SAMPLERS)
     _one_of("smagg.criterion", config.smagg.criterion, CRITERIA)
+    _one_of("smagg.confidence", config.smagg.confidence, CONFIDENCE_RULES)
+    if not config.smagg.temperature > 0:
+        raise ConfigError(f"ovss_model.smagg.temperature={config.smagg.temperature}: must be > 0")
     if config.clip.arch == "custom" and not config.clip.custom:
         raise ConfigError("ovss_model.clip.custom: required when ovss_model.clip.arch=custom")
     if config.sam.variant == "custom" and not config.sam.custom:

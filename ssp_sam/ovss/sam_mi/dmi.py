@@ -47,7 +47,7 @@ class LowFrequencyInjection(nn.Module):
 
 
 def high_frequency_maps(class_masks: Tensor, size: int) -> Tensor:
-    """(B, K, Hm, Wm) binary class masks -> (B, K, 2, size, size): the mask (area fraction) and its edges."""
+    """(B, K, Hm, Wm) class masks in [0, 1] -> (B, K, 2, size, size): the mask (area fraction) and its edges."""
     masks = F.adaptive_avg_pool2d(class_masks, (size, size)) if size < class_masks.shape[-1] else (
         F.interpolate(class_masks, size=(size, size), mode="nearest")
     )

@@ -20,7 +20,7 @@ from ..model import OVSSModel, OVSSOutput
 from ..model_config import OVSSModelConfig
 from .dmi import LowFrequencyInjection, high_frequency_maps
 from .proposals import Proposals, SAMProposer, grid_points
-from .smagg import assign_proposals, merge_by_class
+from .smagg import assign_proposals, assign_with_confidence, merge_by_class
 from .tspp import TSPPHeads, sample_points
 
 
@@ -68,11 +68,19 @@ class SAMMI(OVSSModel):
         return OVSSOutput(logits=logits, selected=state.selected, tspp=tspp, proposals=proposals)
 
     def class_masks(self, state: CostState, proposals: Proposals) -> Tensor:
-        """SMAgg: (B, K, Hm, Wm) binary class masks of the aggregated classes (SAM's low resolution)."""
+        """SMAgg: (B, K, Hm, Wm) class masks of the aggregated classes (SAM's low resolution): binary, or
+        with ``smagg.confidence="gated"`` each proposal's part scaled by its assignment's confidence."""
         grid = state.cost.shape[-1]
         scores = gather_classes(state.cost.mean(dim=1), state.selected, dim=1)  # (B, K, g, g)
-        assignment = assign_proposals(proposals.masks(grid), proposals.valid, scores, self.config.smagg.criterion)
-        return merge_by_class(proposals.masks(proposals.logits.shape[-1]), assignment, scores.shape[1])
+        smagg = self.config.smagg
+        weights = None
+        if smagg.confidence == "gated":
+            assignment, weights = assign_with_confidence(
+                proposals.masks(grid), proposals.valid, scores, smagg.criterion, smagg.temperature
+            )
+        else:
+            assignment = assign_proposals(proposals.masks(grid), proposals.valid, scores, smagg.criterion)
+        return merge_by_class(proposals.masks(proposals.logits.shape[-1]), assignment, scores.shape[1], weights)
 
     def loss(self, output: OVSSOutput, labels: Tensor, ignore_index: int = 255) -> dict[str, Tensor]:
         """{"loss", "seg", and with TSPP "tspp"}: loss = seg + tspp.loss_weight * tspp."""
