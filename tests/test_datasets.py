@@ -141,9 +141,21 @@ def test_referit_experiments_use_the_berkeley_splits():
 
 def test_unknown_split_lists_available_splits(coco_root):
     with pytest.raises(DatasetError) as error:
-        _refer(coco_root, splits=["test"])
+        _refer(coco_root, splits=["testC"])
     message = str(error.value)
-    assert "'test'" in message and all(split in message for split in ("train", "val", "testA", "testB"))
+    assert "'testC'" in message and all(split in message for split in ("train", "val", "testA", "testB"))
+
+
+def test_test_splits_are_read_as_refer_reads_them(coco_root):
+    """REFER's getRefIds: "testA" takes every test label containing A ("we also consider testAB, testBC, ...")
+    and "test" every test label (refclef's unc refs carry such labels); other splits their own label."""
+    refs = fx.refer_refs("unc")
+    refs[3]["split"], refs[5]["split"] = "testAB", "testBC"  # refs: train 0 1, val 2, testA 4, testAB 3, testBC 5
+    (coco_root / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
+    datasets = _refer(coco_root, splits=["testA", "testB", "testC", "test", "val", "testAB"])
+    ids = {split: sorted(s.sample_id for s in d) for split, d in datasets.items()}
+    assert ids == {"testA": ["3", "4"], "testB": ["3", "5"], "testC": ["5"], "test": ["3", "4", "5"], "val": ["2"], "testAB": ["3"]}
+    assert sorted(_refer(coco_root)) == ["testA", "testAB", "testBC", "train", "val"]  # all splits: the labels, each once
 
 
 def test_missing_files_are_named(coco_root):

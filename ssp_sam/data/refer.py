@@ -241,18 +241,36 @@ def build_splits(
             problems.add(f"entry {index}: not a ref with a 'split'")
             continue
         refs_by_split.setdefault(ref["split"], []).append(ref)
+    labels = list(refs_by_split)
+    # Requested splits are read as REFER's getRefIds reads them (a test split also takes the refs of the
+    # composite labels that contain it); all splits (None) are the labels found, each once.
+    members = {label: [label] for label in labels}
+    if splits is not None:
+        members = {split: found for split in {*labels, *splits} if (found := refer_split_labels(split, labels))}
     datasets = {}
-    for split in select_splits(splits, list(refs_by_split), str(source)):
+    for split in select_splits(splits, list(members), str(source)):
         samples = [
             _sample_from_ref(
                 ref, instances, name=name, image_root=image_root, ref_keys=ref_keys, read_targets=read_targets,
                 problems=problems, skip_crowd=skip_crowd, crowd_in_boxes=crowd_in_boxes,
             )
-            for ref in refs_by_split[split]
+            for label in members[split]
+            for ref in refs_by_split[label]
         ]
         datasets[split] = ReferringDataset(name, split, task, [sample for sample in samples if sample is not None])
     problems.raise_if_any()
     return datasets
+
+
+def refer_split_labels(split: str, labels: Sequence[str]) -> list[str]:
+    """The refs files' split labels that make up ``split``, as REFER's ``getRefIds`` selects them:
+    "testA" / "testB" / "testC" take every test label containing that letter ("we also consider testAB,
+    testBC, ..."), "test" every test label, any other split its own label. Labels in file order."""
+    if split in ("testA", "testB", "testC"):
+        return [label for label in labels if label.startswith("test") and split[-1] in label[len("test"):]]
+    if split == "test":
+        return [label for label in labels if label.startswith("test")]
+    return [split] if split in labels else []
 
 
 def _single_target(ref: dict, problems: ProblemLog, label: str):
