@@ -320,9 +320,8 @@ class FusedImageEncoderAttention(ImageEncoderAttention):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
-            return super().forward(x)
-        if not _folded_kernel_pays(x):
+        differentiated = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if differentiated or not _folded_kernel_pays(x):
             return super().forward(x)
         batch, height, width, _ = x.shape
         heads = self.num_heads

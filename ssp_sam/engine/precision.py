@@ -51,6 +51,11 @@ def _cpuinfo_flags() -> frozenset[str]:
     return frozenset(flags)
 
 
+def _onednn_max_isa() -> str:
+    """oneDNN's instruction-set limit for this process, upper case ("ALL": none)."""
+    return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+
+
 def _x86_kernels_limited_below_bf16() -> bool:
     """Whether PyTorch was told to use x86 kernels without native bf16 on this process.
 
@@ -62,7 +67,7 @@ def _x86_kernels_limited_below_bf16() -> bool:
         return False
     if torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "NO AVX", "AVX2"):
         return True
-    isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    isa = _onednn_max_isa()
     return isa != "ALL" and not any(tag in isa for tag in ("BF16", "AMX", "FP16", "AVX10"))
 
 
@@ -86,7 +91,7 @@ def cpu_has_amx() -> bool:
     """
     if _x86_kernels_limited_below_bf16():
         return False
-    isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    isa = _onednn_max_isa()
     if isa != "ALL" and "AMX" not in isa:
         return False
     if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
