@@ -149,43 +149,47 @@ def padded_frame_to_original(
 ) -> torch.Tensor:
     """Padded-frame logits (B, 1, S/2, S/2) -> logits on the original image (B, 1, H, W).
 
-    The image's region of the frame (:func:`valid_region`) is resized bilinearly to H x W, placing
-    each frame pixel where the training target of the model put it (``mask_target``):
+    The image's region of the frame (:func:`valid_region`) is resampled bilinearly to H x W, placing
+    each frame pixel where the training target of the model put it (``mask_target``) in the resized
+    (h, w) image, which spans exactly the original image:
 
-    - "release" and "area": the release's mapping, ``F.interpolate`` (align_corners=False), which puts
-      frame pixel i at resized-image coordinate 2i + 1, between the two pixels it halves (where the
-      area target's 2 x 2 block is centred).
+    - "release" and "area": frame pixel i at resized-image coordinate 2i + 1, between the two pixels
+      it halves (where the area target's 2 x 2 block is centred): for even h and w this is the
+      release's bilinear ``F.interpolate`` (align_corners=False) of the region to H x W. For odd h
+      the region's last row is half padding, and resizing the whole region to H rows would stretch
+      h + 1 resized pixels over the image (a mask shrunk by h / (h + 1) towards the top left; about
+      half of COCO's images have an odd h at 1024); reading positions instead keeps it in place.
     - "nearest": :func:`mask_to_padded_frame` took frame pixel i from resized-image pixel 2i + 1,
       centred at 2i + 1.5: half a resized pixel further on in x and y. A model trained on it draws
-      its masks there, so they are read back from there (:func:`_nearest_target_resampling`); the
-      release's mapping would shift them by half a pixel up and left, which on ShapeWorld's
-      128-pixel frames costs about two points of mIoU.
+      its masks there, so they are read back from there; the release's mapping would shift them by
+      half a pixel up and left, which on ShapeWorld's 128-pixel frames costs about two points of mIoU.
     """
     half = image_size // 2
     if logits.shape[-2:] != (half, half):
         raise ValueError(f"logits: expected a padded frame {half}x{half}, got {tuple(logits.shape)}")
-    region = valid_region(logits, input_size)
-    if mask_target in ("release", "area"):
-        return F.interpolate(region, tuple(original_size), mode="bilinear", align_corners=False)
-    if mask_target != "nearest":
+    if mask_target not in MASK_TARGET_CENTRES:
         raise ValueError(f"mask_target: expected one of {', '.join(MASK_TARGETS)}, got {mask_target!r}")
-    rows = _nearest_target_resampling(original_size[0], input_size[0], region.shape[-2], logits.device)
-    columns = _nearest_target_resampling(original_size[1], input_size[1], region.shape[-1], logits.device)
+    centre = MASK_TARGET_CENTRES[mask_target]
+    region = valid_region(logits, input_size)
+    rows = _frame_resampling(original_size[0], input_size[0], region.shape[-2], centre, logits.device)
+    columns = _frame_resampling(original_size[1], input_size[1], region.shape[-1], centre, logits.device)
     return rows.to(logits.dtype) @ region @ columns.to(logits.dtype).T
 
 
 @lru_cache(maxsize=16)
-def _nearest_target_resampling(original: int, resized: int, frame: int, device: torch.device) -> torch.Tensor:
-    """The (original, frame) matrix that reads a "nearest"-target frame back along one axis.
+def _frame_resampling(original: int, resized: int, frame: int, centre: float, device: torch.device) -> torch.Tensor:
+    """The (original, frame) matrix that reads a padded frame back along one axis.
 
-    Frame pixel i was sampled from resized pixel 2i + 1, centred at resized coordinate 2i + 1.5, i.e.
-    original coordinate (2i + 1.5) * original / resized. Original pixel k (centre k + 0.5) therefore
-    reads frame position s = ((k + 0.5) * resized / original - 1.5) / 2, linearly between its two
+    Frame pixel i lies at resized coordinate 2i + ``centre``, i.e. original coordinate
+    (2i + centre) * original / resized. Original pixel k (centre k + 0.5) therefore reads frame
+    position s = ((k + 0.5) * resized / original - centre) / 2, linearly between its two
     neighbouring frame pixels and clamped to the frame's first and last pixel, as bilinear
-    ``F.interpolate`` clamps. Made outside inference mode, as :func:`_two_step_resize_matrix`.
+    ``F.interpolate`` clamps (with centre 1 and an even ``resized`` this is ``F.interpolate`` of the
+    ``resized / 2`` frame pixels to ``original``). Made outside inference mode, as
+    :func:`_two_step_resize_matrix`.
     """
     with torch.inference_mode(False):
-        position = ((torch.arange(original, dtype=torch.float64) + 0.5) * resized / original - 1.5) / 2
+        position = ((torch.arange(original, dtype=torch.float64) + 0.5) * resized / original - centre) / 2
         position = position.clamp(0, frame - 1)
         below = position.floor().long().clamp(max=frame - 1)
         above = (below + 1).clamp(max=frame - 1)
@@ -271,3 +275,5 @@ def release_mask_target(mask: np.ndarray, image_size: int) -> torch.Tensor:
 # (frame pixel i = the fraction of resized pixels 2i and 2i + 1 covered).
 MASK_TARGET_BUILDERS = {"release": release_mask_target, "nearest": mask_to_padded_frame, "area": mask_to_area_frame}
 MASK_TARGETS = tuple(MASK_TARGET_BUILDERS)
+# Where each target puts frame pixel i in the resized image: at coordinate 2i + centre.
+MASK_TARGET_CENTRES = {"release": 1.0, "nearest": 1.5, "area": 1.0}
