@@ -8,6 +8,8 @@ T = prompt tokens (128), C = prompt width (SAM's 256).
 
 from __future__ import annotations
 
+import copy
+
 import math
 from typing import Literal
 
@@ -143,8 +145,10 @@ class PromptGenerator(nn.Module):
             self.init_patch_positions(grid_sincos_embedding(num_visual_tokens, dim))
         elif position_init != "random":
             raise ValueError(f"position_init must be 'random' or 'sincos', got {position_init!r}")
-        layer = PostNormEncoderLayer if mode == "encoder" else PostNormDecoderLayer
-        self.layers = nn.ModuleList(layer(dim, num_heads, ffn_dim, dropout) for _ in range(depth))
+        # Copies of one layer, as the release's DETR-style _get_clones makes them: their matrices are drawn
+        # again below (encoder mode, as the release), their biases start equal in every layer.
+        layer = (PostNormEncoderLayer if mode == "encoder" else PostNormDecoderLayer)(dim, num_heads, ffn_dim, dropout)
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(depth))
         if mode == "encoder":
             for parameter in self.layers.parameters():
                 if parameter.dim() > 1:

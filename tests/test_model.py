@@ -231,6 +231,20 @@ def test_prompt_generator_weights_start_xavier_uniform_as_the_release():
     assert float(decoder.layers[0].linear2.weight.detach().abs().max()) <= 1 / math.sqrt(2048)
 
 
+@pytest.mark.parametrize("mode", ["encoder", "decoder"])
+def test_prompt_generator_layers_start_as_copies_of_one_layer(mode):
+    """The release clones one layer (DETR's _get_clones; nn.TransformerDecoder for its decoder ablation):
+    the feed-forward biases start equal in every layer; encoder mode then draws each matrix again."""
+    torch.manual_seed(0)
+    generator = PromptGenerator(dim=16, num_prompt_tokens=2, num_visual_tokens=4, depth=3, num_heads=2, ffn_dim=32, mode=mode)
+    first, *others = generator.layers
+    for layer in others:
+        assert torch.equal(layer.linear1.bias, first.linear1.bias) and torch.equal(layer.linear2.bias, first.linear2.bias)
+        assert first.linear1.bias.abs().max() > 0  # PyTorch's default bias draw, not zeros
+        if mode == "encoder":
+            assert not torch.equal(layer.linear1.weight, first.linear1.weight)
+
+
 def test_sincos_position_init_codes_rows_and_columns():
     """Patch rows of pos_embed hold 2-D sine-cosine codes (hand-computed); the other rows stay N(0, 1)."""
     torch.manual_seed(0)
