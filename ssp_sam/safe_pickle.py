@@ -25,6 +25,7 @@ import math
 import os
 import pickle
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,12 +197,29 @@ def _archive_prefix(archive: zipfile.ZipFile) -> str | None:
     return script[0] if len(script) == 1 else None
 
 
-def is_torchscript_archive(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a TorchScript archive (as written by ``torch.jit.save``)."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return _archive_prefix(archive) is not None
+# What zipfile raises on a damaged archive directory (found by corrupting torch.save files' central
+# directories byte by byte): BadZipFile mostly, UnicodeDecodeError (a ValueError) for a name flagged UTF-8
+# that is not, NotImplementedError for a garbled "version needed", OSError for a seek before the start.
+_DAMAGED_ZIP_ERRORS = (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, OverflowError)
+
+
+def is_torchscript_archive(path: str | os.PathLike, what: str = "weight file") -> bool:
+    """Whether ``path`` is a TorchScript archive (as written by ``torch.jit.save``).
+
+    A zip whose directory cannot be read is refused here rather than answered False: ``torch.load``'s
+    own reader tolerates some such damage and would load what it still finds (or say nothing useful),
+    and a file damaged in one place is not trusted in the others.
+
+    Raises:
+        CheckpointError: "<file>: not a readable <what> (damaged zip archive: ...)".
+    """
+    try:
+        if not zipfile.is_zipfile(path):  # reads the end record, which can itself be damaged
+            return False
+        with zipfile.ZipFile(path) as archive:
+            return _archive_prefix(archive) is not None
+    except _DAMAGED_ZIP_ERRORS as error:
+        raise CheckpointError(f"{path}: not a readable {what} (damaged zip archive: {first_line(error)})") from None
 
 
 @dataclass(frozen=True)
@@ -288,5 +306,6 @@ def read_torchscript_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
             f"{path}: refused, {error} (weight files may hold only tensors and plain containers; nothing was run)"
         ) from None
     except (pickle.UnpicklingError, zipfile.BadZipFile, SyntaxError, ValueError, TypeError, KeyError,
-            AttributeError, IndexError, EOFError, RecursionError, UnicodeDecodeError, RuntimeError) as error:
+            AttributeError, IndexError, EOFError, RecursionError, UnicodeDecodeError, RuntimeError, OSError,
+            zlib.error) as error:  # zlib.error: a record whose damaged header says it is deflated
         raise CheckpointError(f"{path}: not a readable TorchScript archive ({first_line(error)})") from None

@@ -67,7 +67,7 @@ def read_weights(
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as error:
             raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(error)})") from None
-    if is_torchscript_archive(path):
+    if is_torchscript_archive(path, what):  # refuses a zip whose directory is damaged
         return read_torchscript_state_dict(path)
     try:
         with torch.serialization.safe_globals(list(allowed_classes)):

@@ -55,7 +55,7 @@ def read_clip_state_dict(path: Path) -> tuple[dict[str, Tensor], str]:
     loaded = read_weights(path, "CLIP checkpoint")
     if path.suffix == ".safetensors":
         file_format = "a safetensors file"
-    elif is_torchscript_archive(path):
+    elif is_torchscript_archive(path, "CLIP checkpoint"):
         file_format = "a TorchScript archive (OpenAI's format)"
     elif isinstance(loaded, Mapping) and "state_dict" in loaded:
         file_format = "an open_clip training checkpoint"
