@@ -33,7 +33,7 @@ from .fileio import atomic_directory
 from .model import SSPSAM, build_model, build_sam_image_encoder, require_weight_files
 from .state_dicts import differs_under, mismatch_report
 from .weight_files import describe_weights, read_weights, require_finite
-from .weight_identity import check_weight_files, weight_file_record
+from .weight_identity import check_release_weight_files, check_weight_files, weight_file_record
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -503,10 +503,19 @@ def load_model(
         with_sam_image_encoder: build SAM's image encoder (True) or not (False, for cached
             embeddings); None: only when no SAM weight file is named, i.e. when its weights can
             only come from ``checkpoint`` itself.
+
+    A released checkpoint given CLIP or SAM files other than the published ones it was trained with
+    loads with a warning on stderr (:func:`ssp_sam.weight_identity.check_release_weight_files`).
+
+    Raises:
+        CheckpointError: an unreadable checkpoint or weight file, one that does not fit, or a checkpoint
+            of the REC pretraining stage (:func:`refuse_rec_stage_checkpoint`), whose masks are random.
+        ConfigError: model settings the checkpoint defines otherwise.
     """
     path = Path(checkpoint)
     if is_own_checkpoint(path):
         stored = read_checkpoint_config(path)
+        refuse_rec_stage_checkpoint(stored, path)
         config = model_config_from(stored["model"], **(_as_overrides(model_config)))
         _refuse_changed_settings(model_config_from(stored["model"]), config, path)
         check_weight_files(stored.get("weight_files"), weight_files_of(config), path)
@@ -535,7 +544,32 @@ def load_model(
         # Both checked just above, with the reason a release file cannot provide them.
         model = build_model(replace(config, release_quirks=True), with_sam_image_encoder=with_encoder, without_weight_files=("clip", "sam"))
         load_release_weights(model, state, str(path))
+        check_release_weight_files(preset, weight_files_of(config), path)  # warns; after the files loaded
     return model.to(device).eval()
+
+
+def refuse_rec_stage_checkpoint(stored: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Refuse a checkpoint of the REC pretraining stage (its run's ``train.stage`` is "rec") for making masks.
+
+    That stage never runs SAM (``ssp_sam.engine.trainer``: no SAM weights are loaded and the loss has box
+    terms only), so the mask decoder and prompt encoder it stores (``mask_head.*``) are their random
+    initialisation: its masks would be noise with exit status 0, and a SAM file named for it
+    (``model.sam_checkpoint``) would not help, the checkpoint's decoder being loaded over the file's. Stage 2
+    starts from it through the trainer's ``init_checkpoint``, which reads it without :func:`load_model`.
+
+    Raises:
+        CheckpointError: naming the checkpoint, why, and what to do instead.
+    """
+    run = stored.get("run")
+    train = run.get("train") if isinstance(run, Mapping) else None
+    if not (isinstance(train, Mapping) and train.get("stage") == "rec"):
+        return
+    raise CheckpointError(
+        f"{path}: a stage-1 (REC pretraining, run.train.stage=rec) checkpoint, whose mask decoder was never trained "
+        "(that stage runs no SAM), so its masks would be random, with or without model.sam_checkpoint; train stage 2 "
+        f"from it (scripts/train.py train.stage=res init_checkpoint={path}). Its boxes were scored by the REC stage's "
+        f"validation (REC-acc in its {CONFIG_FILE} metrics and the run's train_log.jsonl); no script evaluates boxes alone"
+    )
 
 
 # Settings of our checkpoints that a caller may give: where the frozen weights now are, the no-target

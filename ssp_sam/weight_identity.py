@@ -10,7 +10,12 @@ naming the file.
 
 Hashing a 2.5 GB file takes seconds, so each hash is remembered per (absolute path, size, mtime, inode,
 change time) in a memo directory (:func:`remembered_sha256`): ``$SSP_SAM_CACHE_HOME``, else ``$XDG_CACHE_HOME/ssp_sam``,
-else ``~/.cache/ssp_sam``, under ``fingerprints/``; the SAM embedding cache keeps its own memo.
+else ``~/.cache/ssp_sam``, under ``fingerprints/``; the SAM embedding cache keeps its own memo. The default hashing
+reads a file once for both digests anything here compares (sha256, and md5, which Meta publishes SAM's files by), so
+each version of a file is read once whichever is asked for first.
+
+Released SSP-SAM checkpoints record no digest of their encoders' files, but the release names them: OpenAI's CLIP
+and Meta's SAM ViT-H, published with digests. :func:`check_release_weight_files` warns when the files given differ.
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ import fcntl
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CheckpointError
-from .fileio import file_sha256, write_json
+from .fileio import write_json
 
 
 def default_memo_dir() -> Path:
@@ -51,12 +58,28 @@ def exclusive_lock(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def hash_weights_file(path: str | os.PathLike, what: str = "weights", chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a weight file, read in chunks; a CheckpointError naming an unreadable file."""
+# The digests the default hashing computes in its one pass over a file (see the module docstring).
+DIGESTS = ("sha256", "md5")
+
+
+def hash_weights_file_digests(
+    path: str | os.PathLike, what: str = "weights", chunk_bytes: int = 1 << 20, algorithms: tuple[str, ...] = DIGESTS
+) -> dict[str, str]:
+    """Hex digests (``algorithms``) of a weight file, read once in chunks; a CheckpointError naming an unreadable file."""
+    digests = {name: hashlib.new(name) for name in algorithms}
     try:
-        return file_sha256(path, chunk_bytes)
+        with open(path, "rb") as file:
+            for chunk in iter(lambda: file.read(chunk_bytes), b""):
+                for digest in digests.values():
+                    digest.update(chunk)
     except OSError as error:
         raise CheckpointError(f"{os.fspath(path)}: cannot read {what} ({error.strerror or error})") from error
+    return {name: digest.hexdigest() for name, digest in digests.items()}
+
+
+def hash_weights_file(path: str | os.PathLike, what: str = "weights", chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a weight file, read in chunks; a CheckpointError naming an unreadable file."""
+    return hash_weights_file_digests(path, what, chunk_bytes, ("sha256",))["sha256"]
 
 
 def remembered_sha256(
@@ -66,15 +89,32 @@ def remembered_sha256(
 
     The memo is keyed by the file's absolute path, size, mtime, inode and change time, so ranks and later runs read 64 hex
     digits instead of hashing gigabytes again; a lock makes concurrent first callers hash it once.
-    ``hash_file`` (default: sha256 in chunks, a CheckpointError naming an unreadable file) computes it.
+    ``hash_file`` (default: every digest of :data:`DIGESTS` in one pass, a CheckpointError naming an unreadable
+    file) computes it; one given computes the sha256 alone, and only that is remembered.
     """
-    hash_file = hash_file or hash_weights_file
+    hashes = (lambda file: {"sha256": hash_file(file)}) if hash_file is not None else None
+    return remembered_digest(path, "sha256", memo_dir, hashes)
+
+
+def remembered_digest(
+    path: str | os.PathLike,
+    algorithm: str,
+    memo_dir: str | os.PathLike | None = None,
+    hash_file: Callable[[str], Mapping[str, str]] | None = None,
+) -> str:
+    """A digest (one of :data:`DIGESTS`) of a weight file, remembered as :func:`remembered_sha256` remembers the sha256.
+
+    The memo of a file version holds every digest computed for it, so a digest asked for after another was
+    remembered costs one more pass only when the other came from a ``hash_file`` that computed it alone.
+    ``hash_file`` returns ``{algorithm: hex digest}`` (default :func:`hash_weights_file_digests`).
+    """
+    hash_file = hash_file or hash_weights_file_digests
     absolute = os.path.abspath(path)
     memo = Path(memo_dir or default_memo_dir()) / f"{hashlib.sha1(os.fsencode(absolute)).hexdigest()[:16]}.json"
     try:
         stat = os.stat(absolute)
     except OSError:
-        return hash_file(absolute)  # raises the error that names the file
+        return hash_file(absolute)[algorithm]  # raises the error that names the file
     # Size and mtime alone can stay the same for other contents (a re-pointed symlink, an archive's
     # normalised timestamps): the inode and its change time, which no copy or extraction carries over, too.
     identity = {
@@ -82,18 +122,21 @@ def remembered_sha256(
         "inode": stat.st_ino, "device": stat.st_dev, "ctime_ns": stat.st_ctime_ns,
     }
     with exclusive_lock(memo.with_suffix(".lock")):
+        known: dict[str, str] = {}
         try:
             remembered = json.loads(memo.read_text())
-            if {key: remembered.get(key) for key in identity} == identity and isinstance(remembered.get("sha256"), str):
-                return remembered["sha256"]
-        except (OSError, ValueError, AttributeError):
+            if {key: remembered.get(key) for key in identity} == identity:
+                known = {name: remembered[name] for name in DIGESTS if isinstance(remembered.get(name), str)}
+        except (OSError, ValueError, AttributeError, TypeError):
             pass  # no memo yet, or a damaged one
-        digest = hash_file(absolute)
+        if algorithm in known:
+            return known[algorithm]
+        known.update(hash_file(absolute))
         try:
-            write_json(memo, {**identity, "sha256": digest})
+            write_json(memo, {**identity, **known})
         except OSError:
             pass  # a read-only memo: hashed again next time
-        return digest
+        return known[algorithm]
 
 
 def weight_file_record(files: Mapping[str, str | None]) -> dict[str, dict[str, str]]:
@@ -127,3 +170,72 @@ def check_weight_files(recorded: object, files: Mapping[str, str | None], checkp
                 f"{checkpoint}: trained with {key}={entry.get('path')} (sha256 {entry['sha256'][:12]}...), but "
                 f"{key}={path} holds other weights (sha256 {digest[:12]}...); give the file it was trained with"
             )
+
+
+# ----------------------------------------------------------------------------- the weights of the release
+
+
+@dataclass(frozen=True)
+class PublishedWeights:
+    """A weight file as its authors publish it: what it is, and its digest ("sha256" or "md5", full hex)."""
+
+    name: str
+    algorithm: str
+    digest: str
+
+
+# The files SSP-SAM's released checkpoints were trained with (configs/model/ssp_sam_*.yaml), by preset and config key.
+# OpenAI's download URLs carry the file's sha256 in their path (openai/CLIP clip/clip.py: ``expected_sha256 =
+# url.split("/")[-2]``, then checked with hashlib.sha256; the same URLs in open_clip's pretrained.py). Meta's SAM
+# file names carry the first 6 hex digits of the file's md5: its full md5, 4b8939a88964f0f4ff5f5b2642c598a6 for
+# sam_vit_h_4b8939.pth, is what independent downloaders check with hashlib.md5 (and is an md5, not a sha256, prefix).
+_SAM_VIT_H = PublishedWeights("Meta's SAM ViT-H (sam_vit_h_4b8939.pth)", "md5", "4b8939a88964f0f4ff5f5b2642c598a6")
+RELEASE_WEIGHT_FILES: dict[str, dict[str, PublishedWeights]] = {
+    "ssp_sam_224": {
+        "model.clip_checkpoint": PublishedWeights(
+            "OpenAI's CLIP ViT-B/16 (ViT-B-16.pt)", "sha256",
+            "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f",
+        ),
+        "model.sam_checkpoint": _SAM_VIT_H,
+    },
+    "ssp_sam_336": {
+        "model.clip_checkpoint": PublishedWeights(
+            "OpenAI's CLIP ViT-L/14@336px (ViT-L-14-336px.pt)", "sha256",
+            "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02",
+        ),
+        "model.sam_checkpoint": _SAM_VIT_H,
+    },
+}
+
+
+def check_release_weight_files(preset: str, files: Mapping[str, str | None], checkpoint: str | os.PathLike) -> list[str]:
+    """Warn about each weight file that is not the published one a released checkpoint was trained with.
+
+    A CLIP or SAM of the right shapes but other weights (a LAION CLIP under OpenAI's key names, another SAM
+    fine-tune) loads without any error and gives other masks. It is a warning, not an error: a user may
+    pair a release with other encoders on purpose, and a file converted to another format (safetensors, a
+    state dict) holds the same weights under another digest. One line on stderr per file, naming it.
+
+    Args:
+        preset: the release's preset ("ssp_sam_224" / "ssp_sam_336"); others have nothing to compare.
+        files: ``{config key: path}`` of the files the model was built from (None, or a missing file: skipped).
+        checkpoint: the released checkpoint, named in the warning.
+
+    Returns:
+        The warnings printed (empty when every file is the published one).
+    """
+    lines = []
+    for key, published in RELEASE_WEIGHT_FILES.get(preset, {}).items():
+        path = files.get(key)
+        if path is None or not os.path.isfile(path):
+            continue
+        if remembered_digest(path, published.algorithm) == published.digest:
+            continue
+        lines.append(
+            f"warning: {key}={path} is not {published.name}, which {Path(checkpoint).name} ({preset} release) was "
+            f"trained with ({published.algorithm} differs from the published {published.digest[:12]}...): its masks "
+            "may be wrong (a conversion of that file to another format also differs; then ignore this)"
+        )
+    for line in lines:
+        print(line, file=sys.stderr)
+    return lines
