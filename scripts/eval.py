@@ -13,7 +13,12 @@ are compared (metrics.md): ``standard`` (original resolution, the default), ``ss
 tables) or ``rela`` (ReLA's 480x480 gRefCOCO evaluation); the results JSON names it.
 ``images_per_batch`` images share each encoder call and their sentences the decoder calls;
 ``workers`` processes read images and cached embeddings ahead; ``precision`` (auto | fp32 | bf16 |
-fp16) is printed once and recorded in the results JSON.
+fp16) is printed once and recorded in the results JSON. ``group_key`` (auto: "kind" where the sentences
+carry it) breaks the metrics down by a per-sentence key; a key given that no sentence carries is refused.
+Every option is checked (type, range, choices; an unknown key such as ``+protocl=rela`` is refused) before
+the dataset is read, used by this run or not; ``metrics_out`` and ``samples_out`` must be two files. The
+checkpoint's sha256 (and its weight files') is taken when it is loaded: a checkpoint replaced while it loads
+(a training saving ``last/``) stops the run instead of recording another epoch's identity.
 An OVSS checkpoint (or ovss_dataset=...) is evaluated by ssp_sam/ovss/engine/cli.py instead
 (configs/eval_ovss.yaml: mIoU, fwIoU, pAcc, mACC, seen / unseen / hIoU, SAM prompts and seconds per image).
 Errors in the user's input (unknown split, missing files, bad checkpoint) end in one ``error:``
@@ -31,16 +36,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ssp_sam.checkpoint import load_model
+from ssp_sam.checkpoint import load_model, weight_files_of
 from ssp_sam.cli import model_settings, reports_errors
 from ssp_sam.config import model_overrides_added
 from ssp_sam.data.registry import load_dataset
 from ssp_sam.engine.caching import cache_dtype_for, dataset_image_roots, ensure_cache
 from ssp_sam.engine.distributed import DistInfo, init_distributed, prepare_cpu_process, shutdown_distributed
-from ssp_sam.engine.evaluator import evaluate
+from ssp_sam.engine.evaluator import eval_run_config_from, evaluate, resolve_group_key
 from ssp_sam.engine.precision import resolve_precision
-from ssp_sam.engine.protocols import check_protocol
-from ssp_sam.engine.reporting import command_line, console_tables, write_results, write_samples
+from ssp_sam.engine.reporting import CheckpointWatch, check_distinct_outputs, command_line, console_tables, write_results, write_samples
 from ssp_sam.errors import ConfigError, first_line
 from ssp_sam.model import build_sam_image_encoder
 from ssp_sam.outputs import check_output_file
@@ -64,19 +68,18 @@ def main(cfg: DictConfig) -> None:
     if "ovss_dataset" in cfg:
         run_ovss_eval(cfg)
         return
-    check_output_file(cfg.metrics_out, "metrics_out")  # before the evaluation, not after it
-    check_output_file(cfg.samples_out, "samples_out")
+    options = eval_run_config_from(cfg)  # every option typed and in range, unknown keys refused
+    check_output_file(options.metrics_out, "metrics_out")  # before the evaluation, not after it
+    check_output_file(options.samples_out, "samples_out")
+    check_distinct_outputs({"metrics_out": options.metrics_out, "samples_out": options.samples_out})
     model_config = model_settings(cfg)  # model.<key>=v changes the checkpoint's config
-    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint is not None else DEFAULT_CHECKPOINT
-    protocol = check_protocol(cfg.protocol)
-    for key, least in (("images_per_batch", 1), ("workers", 0), ("max_batch", 1)):
-        if not isinstance(cfg[key], int) or cfg[key] < least:
-            raise ConfigError(f"{key}: must be an integer >= {least}, got {cfg[key]!r}")
+    checkpoint = Path(options.checkpoint) if options.checkpoint is not None else DEFAULT_CHECKPOINT
+    protocol = options.protocol
     try:
         dataset_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{exc.full_key or 'dataset'}: cannot be resolved ({first_line(exc)})") from None
-    if cfg.checkpoint is None and not str(dataset_cfg.get("name", "")).startswith("shapeworld"):
+    if options.checkpoint is None and not str(dataset_cfg.get("name", "")).startswith("shapeworld"):
         # The default stands in for a forgotten checkpoint= only where it means something.
         raise ConfigError(
             f"checkpoint: not given, and the default (the shipped ShapeWorld model, {DEFAULT_CHECKPOINT}) knows "
@@ -84,30 +87,34 @@ def main(cfg: DictConfig) -> None:
         )
     dataset = load_dataset(dataset_cfg)  # before the model: a wrong split or path fails fast
     dataset_cfg["split"] = dataset.split  # as the reader named it (a JSONL file given by path: its name)
+    group_key = resolve_group_key(dataset, options.group_key)  # a misspelt key, before the model loads
 
-    dist_info = init_distributed(resolve_device(cfg.device))
+    dist_info = init_distributed(resolve_device(options.device))
     try:
-        device = _device_for(cfg.device, dist_info)
-        precision = resolve_precision(cfg.precision, device)
+        device = _device_for(options.device, dist_info)
+        precision = resolve_precision(options.precision, device)
         if device.type == "cpu":
             prepare_cpu_process()
         # With a cache, SAM's image encoder is loaded with the model only when its weights are in the
         # checkpoint (small models); from a weight file, only if the cache lacks some image of the split.
-        model = load_model(checkpoint, model_config, with_sam_image_encoder=True if cfg.cache_dir is None else None, device=device)
-        cache = None
-        if cfg.cache_dir is not None:
+        watch = CheckpointWatch(checkpoint)  # the identity of the weights loaded, not of the file at the end
+        model = load_model(checkpoint, model_config, with_sam_image_encoder=True if options.cache_dir is None else None, device=device)
+        identity = watch.identity(weight_files_of(model.config))
+        cache, cache_dtype = None, None
+        if options.cache_dir is not None:
             encoder = model.sam_image_encoder if model.sam_image_encoder is not None else partial(build_sam_image_encoder, model.config)
+            cache_dtype = cache_dtype_for(options.cache_dtype, precision)
             cache = ensure_cache(
-                cfg.cache_dir, dataset.image_paths(), dataset_image_roots(dataset_cfg), encoder, model.config.sam_variant,
-                model.config.sam_checkpoint, model.sam_image_size, device, dist_info, int(cfg.cache_batch_size),
-                cache_dtype_for(str(cfg.cache_dtype), precision), bool(cfg.progress),
+                options.cache_dir, dataset.image_paths(), dataset_image_roots(dataset_cfg), encoder, model.config.sam_variant,
+                model.config.sam_checkpoint, model.sam_image_size, device, dist_info, options.cache_batch_size,
+                cache_dtype, options.progress,
             )
         if dist_info.is_main:
             print(f"precision: {precision.name} ({precision.reason})")
         result = evaluate(
-            model, dataset, cache=cache, device=device, max_batch=int(cfg.max_batch),
-            progress=bool(cfg.progress) and dist_info.is_main, group_key=cfg.group_key, protocol=protocol,
-            images_per_batch=int(cfg.images_per_batch), workers=int(cfg.workers), precision=precision, compile=bool(cfg.compile),
+            model, dataset, cache=cache, device=device, max_batch=options.max_batch,
+            progress=options.progress and dist_info.is_main, group_key=group_key, protocol=protocol,
+            images_per_batch=options.images_per_batch, workers=options.workers, precision=precision, compile=options.compile,
         )
     finally:
         shutdown_distributed()
@@ -116,12 +123,15 @@ def main(cfg: DictConfig) -> None:
 
     print(f"{dataset.name} {dataset.split} ({dataset.task}, protocol {protocol}): {result.n_images} images, {result.n_samples} sentences")
     print(console_tables(result))
-    if cfg.metrics_out is not None:
-        write_results(cfg.metrics_out, result, dataset_cfg, model.config.name, checkpoint, command_line(), label=cfg.label)
-        print(f"wrote {cfg.metrics_out}")
-    if cfg.samples_out is not None:
-        write_samples(cfg.samples_out, result)
-        print(f"wrote {cfg.samples_out} ({result.n_samples} sentences)")
+    if options.metrics_out is not None:
+        write_results(
+            options.metrics_out, result, dataset_cfg, model.config.name, checkpoint, command_line(), label=options.label,
+            identity=identity, cache_dtype=cache_dtype,
+        )
+        print(f"wrote {options.metrics_out}")
+    if options.samples_out is not None:
+        write_samples(options.samples_out, result)
+        print(f"wrote {options.samples_out} ({result.n_samples} sentences)")
 
 
 if __name__ == "__main__":

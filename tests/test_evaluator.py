@@ -26,6 +26,8 @@ import torch.multiprocessing as mp
 
 import fixtures_official as fx
 import ssp_sam
+import ssp_sam.checkpoint
+import ssp_sam.engine.evaluator
 import ssp_sam.model
 from conftest import REPO, run_script, tiny_model
 from ssp_sam.checkpoint import WEIGHTS_FILE, load_model, save_checkpoint
@@ -483,13 +485,21 @@ def test_eval_script_writes_results_json(data_root, tiny_checkpoint, tmp_path):
     assert "mIoU" in completed.stdout and "REC-acc" in completed.stdout
     record = json.loads(out.read_text())
 
-    assert list(record) == ["metrics", "by_group", "dataset", "split", "task", "protocol", "precision", "model", "label", "checkpoint",
-                            "checkpoint_sha256", "n_images", "n_samples", "command", "created", "ssp_sam_version"]
+    assert list(record) == ["metrics", "by_group", "group_key", "dataset", "split", "task", "protocol", "precision", "model", "label",
+                            "checkpoint", "checkpoint_sha256", "weight_files", "model_config", "data", "n_images", "n_samples",
+                            "cache_dtype", "command", "created", "ssp_sam_version"]
     assert list(record["metrics"]) == ["n_samples", "mIoU", "oIoU", "Pr@0.5", "Pr@0.6", "Pr@0.7", "Pr@0.8", "Pr@0.9", "REC-acc"]
     assert (record["dataset"], record["split"], record["task"], record["protocol"], record["model"], record["label"]) == (
         "refcoco", "val", "res", "standard", "tiny", "tiny run")
     assert record["precision"] == "fp32" and "precision: fp32 (precision=fp32 as configured)" in completed.stdout
-    assert (record["n_images"], record["n_samples"], record["by_group"]) == (1, 5, {})
+    # unc val: image 102, refs 2 and 3 with 3 + 2 sentences, none carrying "kind" (group_key=auto: no breakdown)
+    assert (record["n_images"], record["n_samples"], record["by_group"], record["group_key"]) == (1, 5, {}, None)
+    data = record["data"]
+    assert (data["root"], data["folder"], data["split_by"], data["format"], data["n_referents"]) == (str(data_root), "refcoco", "unc", "refer", 2)
+    assert len(data["sha256"]) == 64
+    # the tiny model's random encoders come from no weight file; its settings as configs/model/tiny.yaml has them
+    assert record["weight_files"] == {} and record["model_config"]["name"] == "tiny" and record["model_config"]["no_target_pixels"] == 2
+    assert record["cache_dtype"] == "fp32"  # cache_dtype=auto under precision=fp32
     assert record["checkpoint"] == str(tiny_checkpoint)
     assert record["checkpoint_sha256"] == hashlib.sha256((tiny_checkpoint / WEIGHTS_FILE).read_bytes()).hexdigest()
     assert shlex.split(record["command"]) == [sys.executable, str(REPO / "scripts" / "eval.py"), *args]
@@ -624,6 +634,180 @@ def test_eval_script_unknown_protocol_is_one_line(data_root, tiny_checkpoint, tm
         monkeypatch, capsys, f"dataset.root={data_root}", f"checkpoint={tiny_checkpoint}", "protocol=release")
     assert status == 2
     assert stderr.strip() == "error: protocol: unknown protocol 'release'; expected one of standard, ssp_sam_release, rela"
+
+
+# ---- what a results file identifies, and options checked before any work ---------------------------
+
+
+def test_group_key_named_must_be_carried_by_some_sentence(data_root):
+    """auto: "kind" where the sentences carry it, no breakdown elsewhere; a key given by name that no sentence
+    carries (a typo) is refused with the keys they do carry, instead of silently giving no breakdown."""
+    stub = StubPredictor(RES_VAL_ANSWERS)
+    val = load_dataset(_refer_cfg(data_root, "val"))  # no sentence of unc val carries a key
+    assert evaluate(stub, val, progress=False, group_key="auto").by_group == {}
+    with pytest.raises(ConfigError, match=r"^group_key=kind: no sentence of refcoco val carries it \(they carry no per-sentence keys\)"):
+        evaluate(stub, val, progress=False, group_key="kind")
+    gres = load_dataset(_grefcoco_cfg(data_root, "val"))  # sentences of kinds A and N
+    with pytest.raises(ConfigError, match=r"^group_key=knd: no sentence of grefcoco val carries it \(their keys: kind\)"):
+        evaluate(StubPredictor(GRES_VAL_ANSWERS), gres, progress=False, group_key="knd")
+    assert sorted(evaluate(StubPredictor(GRES_VAL_ANSWERS), gres, progress=False, group_key="auto").by_group) == ["A", "N"]
+
+
+def test_data_fingerprint_names_the_sentences_not_the_folder(data_root, tmp_path):
+    """The same files elsewhere give the same fingerprint; another split or one changed sentence another."""
+    import pickle
+    import shutil
+
+    from ssp_sam.engine.evaluator import data_sha256
+
+    copy = tmp_path / "copy"
+    shutil.copytree(data_root, copy)
+    here = data_sha256(load_dataset(_refer_cfg(data_root, "val")))
+    assert data_sha256(load_dataset(_refer_cfg(copy, "val"))) == here
+    assert data_sha256(load_dataset(_refer_cfg(data_root, "testA"))) != here
+    refs = fx.refer_refs("unc")
+    sentence = next(ref for ref in refs if ref["split"] == "val")["sentences"][0]
+    sentence["sent"] = sentence["raw"] = "another crowd"
+    with open(copy / "refcoco" / "refs(unc).p", "wb") as file:
+        pickle.dump(refs, file, protocol=2)
+    assert data_sha256(load_dataset(_refer_cfg(copy, "val"))) != here
+
+
+def _no_dataset_read(monkeypatch) -> list:
+    """Make reading a dataset a recorded event, so a test can tell that a refusal came before any work."""
+    import ssp_sam.data.registry
+
+    reads: list = []
+    original = ssp_sam.data.registry.load_dataset
+    monkeypatch.setattr(ssp_sam.data.registry, "load_dataset", lambda cfg: reads.append(cfg) or original(cfg))
+    return reads
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("+protocl=rela", "protocl: not an evaluation option (configs/eval.yaml lists them)"),
+        ("cache_dtype=fp64", "cache_dtype: unknown value 'fp64'; expected one of auto, fp32, fp16, bf16"),
+        ("cache_batch_size=0", "cache_batch_size=0: must be an integer >= 1"),
+        ("precision=fp64", "precision: unknown value 'fp64'; expected one of auto, fp32, bf16, fp16"),
+        ("max_batch=0", "max_batch=0: must be an integer >= 1"),
+        ("images_per_batch=0", "images_per_batch=0: must be an integer >= 1"),
+        ("workers=-1", "workers=-1: must be an integer >= 0"),
+        ("compile=maybe", "compile=maybe: Value 'maybe' is not a valid bool (type str)"),
+    ],
+)
+def test_eval_options_are_checked_before_any_work_used_or_not(data_root, tiny_checkpoint, tmp_path, monkeypatch, capsys, override, message):
+    """Every option is typed and range-checked against configs/eval.yaml's schema, also those this run would not
+    read (cache_dtype and cache_batch_size without cache_dir), and an unknown key added with + is refused by name:
+    before the dataset is read, and nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    reads = _no_dataset_read(monkeypatch)
+    out = tmp_path / "results.json"
+    status, stderr = _run_eval_in_process(
+        monkeypatch, capsys, f"dataset.root={data_root}", "dataset.split=val", f"checkpoint={tiny_checkpoint}", "device=cpu",
+        "progress=false", f"metrics_out={out}", override)
+    assert (status, stderr) == (2, f"error: {message}\n")
+    assert reads == [] and not out.exists()
+
+
+def test_eval_refuses_one_file_for_metrics_and_samples(data_root, tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """metrics_out and samples_out naming one file (also through another spelling or a link): refused before the
+    evaluation, where the sentences' lines used to overwrite the metrics with exit status 0."""
+    monkeypatch.chdir(tmp_path)
+    reads = _no_dataset_read(monkeypatch)
+    out = tmp_path / "out.json"
+    common = (f"dataset.root={data_root}", "dataset.split=val", f"checkpoint={tiny_checkpoint}", "device=cpu", "progress=false")
+    for samples in (out, tmp_path / "sub" / ".." / "out.json"):
+        status, stderr = _run_eval_in_process(monkeypatch, capsys, *common, f"metrics_out={out}", f"samples_out={samples}")
+        assert (status, stderr) == (2, f"error: samples_out={samples}: the same file as metrics_out={out}; give each output its own file\n")
+    (tmp_path / "sub").mkdir()
+    out.write_text("{}")
+    (tmp_path / "link.jsonl").symlink_to(out)
+    status, stderr = _run_eval_in_process(monkeypatch, capsys, *common, f"metrics_out={out}", f"samples_out={tmp_path / 'link.jsonl'}")
+    assert status == 2 and "the same file as metrics_out" in stderr
+    assert reads == [] and out.read_text() == "{}"
+
+
+def test_eval_refuses_a_misspelt_group_key_before_the_model_loads(data_root, tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    loads = []
+    monkeypatch.setattr(ssp_sam.checkpoint, "load_model", lambda *args, **kwargs: loads.append(args))
+    status, stderr = _run_eval_in_process(
+        monkeypatch, capsys, "dataset=grefcoco", f"dataset.root={data_root}", "dataset.split=val", f"checkpoint={tiny_checkpoint}",
+        "device=cpu", "progress=false", "group_key=knd")
+    assert (status, stderr) == (2, "error: group_key=knd: no sentence of grefcoco val carries it (their keys: kind); "
+                                   "give one of those, group_key=auto or group_key=null\n")
+    assert loads == []
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_results_name_the_weights_evaluated_when_a_training_replaces_the_checkpoint(data_root, tmp_path, monkeypatch, capsys):
+    """A checkpoint replaced after it was loaded (a training saving last/ during a long evaluation): the results
+    record the sha256 of the weights that were evaluated, not of the file found at the end."""
+    checkpoint = save_checkpoint(tiny_model(seed=1), tmp_path / "last")
+    evaluated = _sha256(checkpoint / WEIGHTS_FILE)
+    real_evaluate = ssp_sam.engine.evaluator.evaluate
+
+    def evaluate_while_training_saves(*args, **kwargs):
+        save_checkpoint(tiny_model(seed=2), checkpoint)  # the next epoch's weights, as the trainer saves them
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(ssp_sam.engine.evaluator, "evaluate", evaluate_while_training_saves)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "results.json"
+    status, stderr = _run_eval_in_process(
+        monkeypatch, capsys, f"dataset.root={data_root}", "dataset.split=val", f"checkpoint={checkpoint}", "device=cpu",
+        "progress=false", "workers=0", f"metrics_out={out}")
+    assert status == 0, stderr
+    assert _sha256(checkpoint / WEIGHTS_FILE) != evaluated  # the file did change
+    assert json.loads(out.read_text())["checkpoint_sha256"] == evaluated
+
+
+def test_a_checkpoint_replaced_while_it_loads_is_refused(data_root, tmp_path, monkeypatch, capsys):
+    """Replaced between reading its config and its weights, or between the load and the hash: which weights were
+    loaded is not known, so the run stops (one line naming the checkpoint) instead of recording a guess."""
+    checkpoint = save_checkpoint(tiny_model(seed=1), tmp_path / "last")
+    real_load = ssp_sam.checkpoint.load_model
+
+    def load_while_training_saves(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        save_checkpoint(tiny_model(seed=2), checkpoint)
+        return model
+
+    monkeypatch.setattr(ssp_sam.checkpoint, "load_model", load_while_training_saves)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "results.json"
+    status, stderr = _run_eval_in_process(
+        monkeypatch, capsys, f"dataset.root={data_root}", "dataset.split=val", f"checkpoint={checkpoint}", "device=cpu",
+        "progress=false", "workers=0", f"metrics_out={out}")
+    assert status == 2 and stderr.startswith(f"error: {checkpoint}: changed while it was being loaded (") and stderr.count("\n") == 1
+    assert not out.exists()
+
+
+def test_results_record_the_weight_files_and_settings_evaluated(data_root, tmp_path, monkeypatch, capsys):
+    """A model whose SAM comes from a weight file: the results hold that file's sha256 (the identity make_table
+    compares, whatever its path) and the settings given on the command line (model.no_target_pixels)."""
+    random_model = tiny_model(seed=3)
+    sam_file = tmp_path / "sam_tiny.pth"
+    torch.save({**{f"image_encoder.{k}": v for k, v in random_model.sam_image_encoder.state_dict().items()},
+                **{k.removeprefix("mask_head."): v for k, v in random_model.mask_head.state_dict(prefix="mask_head.").items()}},
+               sam_file)
+    checkpoint = save_checkpoint(tiny_model(sam_checkpoint=str(sam_file)), tmp_path / "ckpt")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "results.json"
+    status, stderr = _run_eval_in_process(
+        monkeypatch, capsys, "dataset=grefcoco", f"dataset.root={data_root}", "dataset.split=val", f"checkpoint={checkpoint}",
+        "device=cpu", "progress=false", "workers=0", "model.no_target_pixels=7", f"metrics_out={out}")
+    assert status == 0, stderr
+    record = json.loads(out.read_text())
+    assert record["weight_files"] == {"model.sam_checkpoint": {"path": str(sam_file), "sha256": _sha256(sam_file)}}
+    assert record["model_config"]["no_target_pixels"] == 7 and record["model_config"]["sam_checkpoint"] == str(sam_file)
+    assert record["checkpoint_sha256"] == _sha256(checkpoint / WEIGHTS_FILE)
+    assert record["group_key"] == "kind" and sorted(record["by_group"]) == ["A", "N"]
+    assert (record["data"]["split_by"], record["data"]["n_referents"], record["n_samples"]) == ("unc", 2, 3)
 
 
 # ---- precision ------------------------------------------------------------------------------------

@@ -208,3 +208,142 @@ def test_script_names_a_missing_path(tmp_path, monkeypatch, capsys):
     status, _, err = _run_in_process(monkeypatch, capsys, str(tmp_path / "nowhere.json"))
     assert status == 2
     assert err.strip() == f"error: {tmp_path / 'nowhere.json'}: no such file or directory"
+
+
+# ---- one column, one data; one row, one model evaluated one way ------------------------------------
+
+
+def _identified(dataset: str, split: str, label: str, **fields) -> dict:
+    """A result as eval.py writes them now: data identity and settings beside the metrics."""
+    record = {**_result(dataset, split, {"mIoU": 0.5}, label=label), "precision": "fp32", "n_images": 200, "n_samples": 1554,
+              "checkpoint": "runs/a/best", "checkpoint_sha256": "a" * 64,
+              "weight_files": {"model.sam_checkpoint": {"path": "/w/sam_vit_h.pth", "sha256": "5" * 64}},
+              "model_config": {"name": "ssp_sam_224", "sam_checkpoint": "/w/sam_vit_h.pth", "no_target_pixels": 100,
+                               "adapters": {"visual": True}},
+              "data": {"root": "data", "split_by": "unc", "n_referents": 700, "sha256": "d" * 64}}
+    for key, value in fields.items():
+        if isinstance(value, dict) and value and isinstance(record.get(key), dict):  # {}: replaces
+            record[key] = {**record[key], **value}
+        else:
+            record[key] = value
+    return record
+
+
+@pytest.mark.parametrize(
+    ("other", "field", "values"),
+    [
+        ({"n_images": 20}, "n_images", "(200 vs 20)"),
+        ({"n_samples": 150}, "n_samples", "(1554 vs 150)"),
+        ({"data": {"n_referents": 699}}, "data.n_referents", "(700 vs 699)"),
+        ({"data": {"sha256": "e" * 64}}, "data.sha256", "(dddddddddddd... vs eeeeeeeeeeee...)"),
+        ({"data": {"split_by": "berkeley"}}, "data.split_by", "(unc vs berkeley)"),
+    ],
+)
+def test_a_column_never_holds_results_on_different_data(other, field, values):
+    """Two runs' results in one column must be on the same data: same counts, same fingerprint of the sentences,
+    same refs file; the data's folder may differ (a copy elsewhere)."""
+    first = _identified("shapeworld", "test", "run A")
+    second = _identified("shapeworld", "test", "run B", **other)
+    with pytest.raises(ValueError) as error:
+        make_tables([first, second], sources=["a.json", "b.json"])
+    assert str(error.value) == (f"column shapeworld test: a.json and b.json differ in {field} {values}: "
+                                "results on different data cannot share a column")
+    moved = _identified("shapeworld", "test", "run B", data={"root": "/elsewhere/data"})
+    header, *rows = _markdown_rows(make_tables([first, moved])[0])
+    assert header == ["Model", *PAPER_HEADER[1:], "shapeworld test"] and [row[-1] for row in rows] == ["50.00", "50.00"]
+
+
+def test_referit_unc_and_berkeley_never_share_the_referit_column():
+    unc = _identified("refclef_unc", "test", "A")
+    berkeley = _identified("refclef_berkeley", "test", "B", data={"split_by": "berkeley"})
+    with pytest.raises(ValueError, match=r"^column ReferIt test: unc.json and berk.json differ in dataset \(refclef_unc vs refclef_berkeley\)"):
+        make_tables([unc, berkeley], sources=["unc.json", "berk.json"])
+
+
+def test_old_results_files_are_read_with_their_unknown_fields_not_compared():
+    """Files written before data identity and settings were recorded: what they lack is unknown, not a difference."""
+    old = {key: value for key, value in _identified("shapeworld", "test", "old").items()
+           if key not in ("data", "weight_files", "model_config", "precision")}
+    header, *rows = _markdown_rows(make_tables([old, _identified("shapeworld", "test", "new")])[0])
+    assert [row[0] for row in rows] == ["old", "new"]
+    with pytest.raises(ValueError, match="differ in n_images"):  # what old files do hold is compared
+        make_tables([{**old, "n_images": 199}, _identified("shapeworld", "test", "new")])
+
+
+@pytest.mark.parametrize(
+    ("other", "field"),
+    [
+        ({"weight_files": {"model.sam_checkpoint": {"path": "/w/sam_vit_h.pth", "sha256": "6" * 64}}},
+         "weight_files.model.sam_checkpoint.sha256 (555555555555... vs 666666666666...)"),
+        ({"weight_files": {}}, "model.sam_checkpoint (a weight file in one, none in the other)"),
+        ({"model_config": {"no_target_pixels": 5}}, "model_config.no_target_pixels (100 vs 5)"),
+        ({"model_config": {"adapters": {"visual": False}}}, "model_config.adapters.visual (True vs False)"),
+        ({"precision": "bf16"}, "precision (fp32 vs bf16)"),
+    ],
+)
+def test_a_row_never_mixes_weight_files_or_settings(other, field):
+    """One label for evaluations of one release file with another SAM file, another no-target threshold or
+    another precision would merge them into one row: refused, naming both files and the field."""
+    val = _identified("refcoco", "val", "ours")
+    test_a = _identified("refcoco", "testA", "ours", **other)
+    with pytest.raises(ValueError) as error:
+        make_tables([val, test_a], sources=["val.json", "testA.json"])
+    assert str(error.value) == (f"run 'ours': val.json and testA.json differ in {field}; one row is one model evaluated "
+                                "one way: give each evaluation its own label=")
+    # the same weights from files that moved: one row
+    moved = _identified("refcoco", "testA", "ours", weight_files={"model.sam_checkpoint": {"path": "/new/sam.pth", "sha256": "5" * 64}},
+                        model_config={"sam_checkpoint": "/new/sam.pth"})
+    _, row = _markdown_rows(make_tables([val, moved])[0])
+    assert row[:3] == ["ours", "50.00", "50.00"]
+
+
+def _write_results(folder, **records) -> list[str]:
+    paths = []
+    for name, record in records.items():
+        path = folder / f"{name}.json"
+        path.write_text(json.dumps(record))
+        paths.append(str(path))
+    return paths
+
+
+def test_script_names_both_files_of_a_mixed_column(tmp_path, monkeypatch, capsys):
+    a, b = _write_results(tmp_path, a=_identified("shapeworld", "test", "A"), b=_identified("shapeworld", "test", "B", n_images=20))
+    status, out, err = _run_in_process(monkeypatch, capsys, a, b)
+    assert (status, out) == (2, "")
+    assert err == f"error: column shapeworld test: {a} and {b} differ in n_images (200 vs 20): results on different data cannot share a column\n"
+
+
+def test_script_refuses_one_file_for_both_tables_and_a_table_over_its_input(tmp_path, monkeypatch, capsys):
+    (a,) = _write_results(tmp_path, a=_identified("refcoco", "val", "A"))
+    table = tmp_path / "table"
+    status, out, err = _run_in_process(monkeypatch, capsys, a, "--out-md", str(table), "--out-tex", str(table))
+    assert (status, out, err) == (2, "", f"error: --out-tex={table}: the same file as --out-md={table}; give each output its own file\n")
+    assert not table.exists()
+    status, out, err = _run_in_process(monkeypatch, capsys, str(tmp_path), "--out-md", a)
+    assert (status, out, err) == (2, "", f"error: --out-md={a}: is {a}, a results file this table reads; give another file\n")
+    assert json.loads((tmp_path / "a.json").read_text())["label"] == "A"
+
+
+def test_script_checks_the_metric_name_without_res_results(tmp_path, monkeypatch, capsys):
+    """GRES results alone: the RES metric is still checked, as the table's note names it."""
+    (gres,) = _write_results(tmp_path, g=_result("grefcoco", "val", {"gIoU": 0.5, "cIoU": 0.4, "N-acc": 0.3}, task="gres"))
+    status, out, err = _run_in_process(monkeypatch, capsys, gres, "--metric", "oIoUU")
+    assert (status, out) == (2, "")
+    assert err == "error: --metric oIoUU: not a metric of RES or PhraseCut results (those are mIoU, oIoU, Pr@0.5, Pr@0.6, Pr@0.7, Pr@0.8, Pr@0.9, REC-acc)\n"
+    completed = run_script("make_table.py", gres, "--metric", "oIoU")
+    assert completed.returncode == 0 and completed.stdout.startswith("Protocol: standard (metrics.md); RES and PhraseCut cells: oIoU")
+
+
+def test_script_says_ovss_results_are_not_tabulated(tmp_path, monkeypatch, capsys):
+    """An OVSS results file (as scripts/eval.py writes it for an OVSS checkpoint) is named as such, not as a
+    referring result of an unknown protocol."""
+    ovss = {"metrics": {"mIoU": 0.9, "fwIoU": 0.9, "pAcc": 0.9, "mACC": 0.9}, "per_class_iou": {"red": 0.9}, "n_images": 2,
+            "protocol": "whole_image", "precision": "fp32", "dataset": "semseg", "split": "train", "model": "tiny",
+            "variant": "sam_mi", "label": "tiny sam_mi", "ovss_model": {"name": "tiny"}, "checkpoint": "x", "command": "eval.py"}
+    (path,) = _write_results(tmp_path, ovss=ovss)
+    status, out, err = _run_in_process(monkeypatch, capsys, path)
+    assert (status, out) == (2, "")
+    assert err == (f"error: {path}: an OVSS evaluation's results (protocol whole_image); make_table.py lays out the paper's "
+                   "referring-segmentation table (RES, GRES, PhraseCut results) only: read OVSS scores from their JSON\n")
+    with pytest.raises(ValueError, match="an OVSS evaluation's results"):
+        make_tables([ovss])

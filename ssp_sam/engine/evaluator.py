@@ -25,33 +25,95 @@ is reported beside them, under its own keys.
 Under ``torch.distributed`` each rank evaluates every world-th image; the per-sample records are
 gathered and put back in dataset order on every rank, so every rank returns the result of a
 single-process run.
+
+The result also says what was evaluated: the data (referent count and :func:`data_sha256`, a fingerprint of
+the split's sentences that does not depend on where the files are) and the model's effective config
+(overrides such as ``no_target_pixels`` included), so that results files of other data or settings are
+never laid out as one (``reporting.py``). ``group_key`` (:func:`resolve_group_key`) is checked against the
+split's sentences before any image is read. :class:`EvalRunConfig` is scripts/eval.py's typed
+configuration (``configs/eval.yaml``), validated before any work as the training configs are.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import hashlib
+import json
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..data.embedding_cache import EmbeddingCache
 from ..data.records import ReferringDataset, ReferringSample
-from ..errors import ConfigError, DatasetError, SSPSAMError
+from ..errors import ConfigError, DatasetError, SSPSAMError, first_line
 from ..feature_cache import ImageTokenCache, TextFeatureCache
 from ..metrics import GRESMetrics, RESMetrics, SSPSAMReleaseMetrics
 from ..model import SSPSAM
 from ..predictor import ImagePreparer, Prediction, PreparedImage, Predictor
+from .config_fields import check_fields, choice, merge_config, number
 from .host_memory import shared_with_forked_workers
-from .precision import Precision
-from .protocols import Protocol, ReleaseProtocol, make_protocol
+from .precision import PRECISIONS, Precision
+from .protocols import Protocol, ReleaseProtocol, check_protocol, make_protocol
 
 _MetricState = Union[RESMetrics, GRESMetrics, SSPSAMReleaseMetrics]
+
+# group_key's default: the breakdown by ShapeWorld's expression kinds where the sentences carry "kind",
+# none elsewhere (RefCOCO); a key given by name must be carried by some sentence.
+GROUP_KEY_AUTO = "auto"
+DEFAULT_GROUP_KEY = "kind"
+CACHE_DTYPES = ("auto", "fp32", "fp16", "bf16")  # ssp_sam.data.embedding_cache.STORAGE_DTYPES and auto
+
+
+@dataclass
+class EvalRunConfig:
+    """scripts/eval.py's options (configs/eval.yaml says what each does); ``model`` and ``dataset`` are not
+    part of it (the checkpoint loader and the dataset registry check them)."""
+
+    checkpoint: Optional[str] = None
+    metrics_out: Optional[str] = None
+    samples_out: Optional[str] = None
+    label: Optional[str] = None
+    cache_dir: Optional[str] = None
+    cache_batch_size: int = number(4, 1)
+    cache_dtype: str = choice("auto", CACHE_DTYPES)
+    device: str = "auto"
+    max_batch: int = number(32, 1)
+    images_per_batch: int = number(4, 1)
+    workers: int = number(2, 0)
+    precision: str = choice("auto", PRECISIONS)
+    compile: bool = False
+    group_key: Optional[str] = GROUP_KEY_AUTO
+    protocol: str = "standard"  # checked by check_protocol (its message lists the protocols)
+    progress: bool = True
+
+
+def eval_run_config_from(cfg: Mapping | DictConfig) -> EvalRunConfig:
+    """Validate a composed evaluation config (configs/eval.yaml) into an :class:`EvalRunConfig`.
+
+    Every option is checked whether or not it is used by this run (``cache_dtype`` without a cache, ...),
+    so that a mistyped one never passes unnoticed.
+
+    Raises:
+        ConfigError: one line naming the first unusable key (unknown, e.g. ``+protocl=rela``; wrong type;
+            out of range; not one of its choices).
+    """
+    try:
+        raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{exc.full_key or 'config'}: cannot be resolved ({first_line(exc)})") from None
+    sections = {key: value for key, value in raw.items() if key not in ("model", "dataset")}
+    config = merge_config(EvalRunConfig, sections, raw, "an evaluation option (configs/eval.yaml lists them)")
+    check_fields("", config, raw)
+    check_protocol(config.protocol)
+    return config
 
 
 @dataclass
@@ -65,6 +127,10 @@ class EvaluationResult:
     n_images: distinct images evaluated. n_samples: sentences evaluated.
     per_sample: one dict per sentence in dataset order (sample_id, sentence, expression, image,
         group, I, U, IoU and the task's other per-sample values).
+    n_referents: referents (the dataset's samples) evaluated.
+    data_sha256: :func:`data_sha256` of the evaluated split.
+    model_config: the evaluated model's effective config (``ModelConfig.to_dict()``).
+    group_key: the sentence key ``by_group`` breaks the metrics down by (None: no breakdown).
     """
 
     task: str
@@ -75,6 +141,10 @@ class EvaluationResult:
     n_images: int
     n_samples: int
     per_sample: list[dict[str, Any]] = field(default_factory=list)
+    n_referents: Optional[int] = None
+    data_sha256: Optional[str] = None
+    model_config: Optional[dict[str, Any]] = None
+    group_key: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +166,56 @@ def _sentences_by_image(dataset: ReferringDataset) -> dict[Path, list[_Sentence]
     for position, (sample, index) in enumerate(dataset.per_sentence()):
         by_image.setdefault(sample.image_path, []).append(_Sentence(position, sample, index))
     return by_image
+
+
+def sentence_keys(dataset: ReferringDataset) -> list[str]:
+    """The per-sentence annotation keys the split's sentences carry (e.g. ShapeWorld's "kind"), in order of first appearance."""
+    keys: dict[str, None] = {}
+    for sample, index in dataset.per_sentence():
+        keys.update(dict.fromkeys(sample.sentence_meta(index)))
+    return list(keys)
+
+
+def resolve_group_key(dataset: ReferringDataset, group_key: str | None) -> str | None:
+    """The key to break ``dataset``'s metrics down by.
+
+    ``"auto"`` (:data:`GROUP_KEY_AUTO`): "kind" where some sentence carries it, else no breakdown; None: none;
+    any other key must be carried by some sentence: a misspelt one would silently give no breakdown.
+
+    Raises:
+        ConfigError: a named key that no sentence of the split carries, listing those they carry.
+    """
+    if group_key is None:
+        return None
+    keys = sentence_keys(dataset)
+    if group_key == GROUP_KEY_AUTO:
+        return DEFAULT_GROUP_KEY if DEFAULT_GROUP_KEY in keys else None
+    if group_key not in keys:
+        carried = f"their keys: {', '.join(keys)}" if keys else "they carry no per-sentence keys"
+        raise ConfigError(
+            f"group_key={group_key}: no sentence of {dataset.name} {dataset.split} carries it ({carried}); "
+            "give one of those, group_key=auto or group_key=null"
+        )
+    return group_key
+
+
+def data_sha256(dataset: ReferringDataset) -> str:
+    """A fingerprint of the split as evaluated: sha256 over every referent's id, image (id and file name),
+    size, boxes, no-target flag and sentences (ids and text), in dataset order.
+
+    It does not depend on where the files are (a copy of the data elsewhere has the same fingerprint), and
+    differs for other data of the same name and counts (another ShapeWorld seed, refclef's other splits).
+    """
+    digest = hashlib.sha256()
+    for sample in dataset:
+        item = [
+            sample.sample_id, str(sample.image_id), sample.image_path.name,
+            list(sample.size_hint) if sample.size_hint is not None else None,
+            [list(box) for box in sample.boxes_xyxy], bool(sample.no_target),
+            list(sample.sentence_ids), list(sample.expressions),
+        ]
+        digest.update(json.dumps(item, default=str).encode() + b"\n")
+    return digest.hexdigest()
 
 
 def _group_of(sentence: _Sentence, group_key: str | None) -> str | None:
@@ -251,7 +371,7 @@ def evaluate(
     device: str | torch.device | None = None,
     max_batch: int = 32,
     progress: bool = True,
-    group_key: str | None = "kind",
+    group_key: str | None = GROUP_KEY_AUTO,
     protocol: str = "standard",
     images_per_batch: int = 1,
     workers: int = 0,
@@ -271,7 +391,7 @@ def evaluate(
         max_batch: sentences decoded together (across the images of a batch).
         progress: show a tqdm bar over this rank's images (on every rank).
         group_key: per-sentence meta key whose value breaks the metrics down (``by_group``);
-            None for no breakdown.
+            None for no breakdown; "auto": "kind" where the sentences carry it (:func:`resolve_group_key`).
         protocol: where the masks are compared: "standard" (original resolution),
             "ssp_sam_release" or "rela" (``ssp_sam.engine.protocols``).
         images_per_batch: images per encoder call; their sentences are decoded together.
@@ -283,7 +403,7 @@ def evaluate(
         compile: ``torch.compile`` the decoder where it can (:class:`Predictor`).
 
     Raises:
-        ConfigError: an unknown protocol.
+        ConfigError: an unknown protocol, a ``group_key`` no sentence carries.
         DatasetError: unreadable annotations, or an annotated size that differs from the image.
         ImageError: a missing or unreadable image (named).
         CacheError: an image missing from ``cache`` (named).
@@ -292,6 +412,7 @@ def evaluate(
         raise DatasetError(f"dataset {dataset.name} split {dataset.split}: no samples to evaluate")
     if int(images_per_batch) < 1 or int(workers) < 0:
         raise ConfigError(f"images_per_batch must be >= 1 and workers >= 0, got {images_per_batch} and {workers}")
+    group_key = resolve_group_key(dataset, group_key)
     predictor = model if isinstance(model, Predictor) else Predictor(
         model, device=device, max_batch=max_batch, precision=precision,
         text_cache=text_cache if text_cache is not None else TextFeatureCache(weights_fixed=True), image_cache=image_cache, compile=compile,
@@ -337,4 +458,8 @@ def evaluate(
         n_images=len(by_image),
         n_samples=len(scorer),
         per_sample=per_sample,
+        n_referents=len(dataset),
+        data_sha256=data_sha256(dataset),
+        model_config=predictor.model.config.to_dict(),
+        group_key=group_key,
     )

@@ -2,11 +2,18 @@
 
 :func:`write_results` writes one JSON file per evaluation with everything metrics.md "Reporting"
 asks for (every applicable metric, the protocol, dataset, split, model, checkpoint hash, image
-count, the exact command), so that tables can be regenerated from files alone. :func:`make_tables`
-lays any number of such files of one protocol out as the SSP-SAM paper does: one row per run;
-columns RefCOCO val/testA/testB, RefCOCO+ val/testA/testB, RefCOCOg val(U)/test(U), ReferIt test,
-gRefCOCO val/testA/testB (gIoU, cIoU, N-acc each) and PhraseCut test, then any other dataset (e.g.
-ShapeWorld) with its splits. Results of different protocols are never put in one table.
+count, the exact command) and what identifies the evaluated data (referents, sentences, images, a
+fingerprint of the sentences, the data's paths and ``split_by``) and settings (precision, the model's
+effective config, the sha256 of its CLIP and SAM weight files), so that tables can be regenerated from
+files alone. The checkpoint's identity is taken when it is loaded (:class:`CheckpointWatch`), so that it is
+the identity of the weights evaluated even when a training replaces the checkpoint meanwhile.
+
+:func:`make_tables` lays any number of such files of one protocol out as the SSP-SAM paper does: one
+row per run; columns RefCOCO val/testA/testB, RefCOCO+ val/testA/testB, RefCOCOg val(U)/test(U),
+ReferIt test, gRefCOCO val/testA/testB (gIoU, cIoU, N-acc each) and PhraseCut test, then any other
+dataset (e.g. ShapeWorld) with its splits. Results of different protocols are never put in one table;
+one column never holds results on different data, one row never results of different weights or
+settings (a field a file lacks, written before it was recorded, is unknown and not compared).
 """
 
 from __future__ import annotations
@@ -16,14 +23,14 @@ import os
 import shlex
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..checkpoint import WEIGHTS_FILE
-from ..errors import CheckpointError
+from ..checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from ..errors import CheckpointError, ConfigError
 from ..fileio import atomic_path, file_sha256, write_json
 from ..metrics import (
     GRES_KEYS,
@@ -34,6 +41,7 @@ from ..metrics import (
     RES_KEYS,
     format_rows,
 )
+from ..weight_identity import remembered_sha256, weight_file_record
 from .evaluator import EvaluationResult
 from .protocols import PROTOCOLS
 
@@ -53,6 +61,11 @@ PAPER_LAYOUT: tuple[tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]], ..
 # Split order of the datasets appended after the paper's; unknown splits follow alphabetically.
 SPLIT_ORDER = ("train", "val", "testA", "testB", "testC", "test")
 REQUIRED_KEYS = {"metrics": Mapping, "dataset": str, "split": str, "protocol": str}
+OVSS_PROTOCOLS = ("sliding_window", "whole_image")  # what an OVSS results JSON names as its protocol
+# Keys of a dataset config that say where its data is (recorded with the results, for the reader).
+DATA_CONFIG_KEYS = ("format", "root", "folder", "image_root", "split_by", "path", "task")
+# Model settings that name weight files: their contents are compared (weight_files), not their paths.
+_WEIGHT_FILE_SETTINGS = ("clip_checkpoint", "sam_checkpoint")
 
 
 def command_line() -> str:
@@ -60,14 +73,109 @@ def command_line() -> str:
     return " ".join(shlex.quote(arg) for arg in (sys.executable, *sys.argv))
 
 
-def checkpoint_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a checkpoint's weights: ``model.safetensors`` of one of our directories, else the file itself."""
+def checkpoint_weights(path: str | os.PathLike) -> Path:
+    """The file holding a checkpoint's weights: ``model.safetensors`` of one of our directories, else the file itself."""
     path = Path(path)
-    weights = path / WEIGHTS_FILE if path.is_dir() else path
+    return path / WEIGHTS_FILE if path.is_dir() else path
+
+
+def checkpoint_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a checkpoint's weights (:func:`checkpoint_weights`), remembered per file identity
+    (``ssp_sam.weight_identity.remembered_sha256``: a release file is hashed once, a replaced one again)."""
+    weights = checkpoint_weights(path)
+
+    def hash_file(name: str) -> str:
+        try:
+            return file_sha256(name)
+        except OSError as error:
+            raise CheckpointError(f"{weights}: cannot read the checkpoint to hash it ({error.strerror or error})") from None
+
+    return remembered_sha256(weights, hash_file=hash_file)
+
+
+@dataclass(frozen=True)
+class CheckpointIdentity:
+    """What a results file records of the weights evaluated: the checkpoint's path and sha256, and
+    ``{config key: {"path", "sha256"}}`` of the weight files its frozen encoders came from."""
+
+    path: str
+    sha256: str
+    weight_files: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+def _file_state(path: Path, content: bool = True) -> tuple[int, ...] | None:
+    """What changes when a file is replaced (device, inode) or written in place (size, mtime, ctime); None if absent."""
     try:
-        return file_sha256(weights)
-    except OSError as error:
-        raise CheckpointError(f"{weights}: cannot read the checkpoint to hash it ({error.strerror or error})") from None
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (stat.st_dev, stat.st_ino, *((stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns) if content else ()))
+
+
+class CheckpointWatch:
+    """The identity of the checkpoint a model is loaded from, taken around the load.
+
+    Create it just before the checkpoint is first read; call :meth:`identity` once the model is loaded. The
+    checkpoint's files (its weights; of one of our directories also the directory, which a training's save
+    replaces as a whole, and its config.json) are looked at before and after: if any was replaced or
+    written meanwhile (a training saving ``last/`` while it is evaluated), the weights loaded may be those
+    of another epoch than the ones hashed, and :meth:`identity` refuses to name them. The hash is taken
+    after the load, of the file the load read.
+    """
+
+    def __init__(self, checkpoint: str | os.PathLike) -> None:
+        self.checkpoint = Path(checkpoint)
+        self._before = self._states()
+
+    def _states(self) -> dict[str, tuple[int, ...] | None]:
+        states = {str(checkpoint_weights(self.checkpoint)): _file_state(checkpoint_weights(self.checkpoint))}
+        if self.checkpoint.is_dir():
+            states[str(self.checkpoint)] = _file_state(self.checkpoint, content=False)
+            states[str(self.checkpoint / CONFIG_FILE)] = _file_state(self.checkpoint / CONFIG_FILE)
+        elif self.checkpoint.suffix == ".safetensors":  # our weights file named alone: its config.json beside it
+            states[str(self.checkpoint.parent / CONFIG_FILE)] = _file_state(self.checkpoint.parent / CONFIG_FILE)
+        return states
+
+    def identity(self, weight_files: Mapping[str, str | None] | None = None) -> CheckpointIdentity:
+        """The loaded checkpoint's :class:`CheckpointIdentity`; ``weight_files``: ``{config key: path}`` of the
+        weight files the loaded model's encoders came from (None: not a file).
+
+        Raises:
+            CheckpointError: the checkpoint changed between the watch's start and now (named).
+        """
+        digest = checkpoint_sha256(self.checkpoint)
+        files = weight_file_record(weight_files or {})
+        after = self._states()
+        changed = [name for name, state in after.items() if self._before.get(name) != state]
+        if changed:
+            raise CheckpointError(
+                f"{self.checkpoint}: changed while it was being loaded ({changed[0]} was replaced or written, e.g. by a "
+                "training saving it), so the weights loaded are not known; evaluate again, or evaluate a copy"
+            )
+        return CheckpointIdentity(str(self.checkpoint), digest, files)
+
+
+def check_distinct_outputs(outputs: Mapping[str, str | os.PathLike | None]) -> None:
+    """Two outputs of one command must be two files: one written over the other would be lost.
+
+    Args:
+        outputs: ``{option: path}`` (None: not asked for), e.g. ``{"metrics_out": ..., "samples_out": ...}``.
+
+    Raises:
+        ConfigError: naming the two options that name one file (also through a symbolic or hard link).
+    """
+    seen: list[tuple[str, Path]] = []
+    for key, path in outputs.items():
+        if path is None:
+            continue
+        path = Path(path)
+        for other_key, other in seen:
+            same = os.path.realpath(path) == os.path.realpath(other)
+            if not same and path.exists() and other.exists():
+                same = os.path.samefile(path, other)
+            if same:
+                raise ConfigError(f"{key}={path}: the same file as {other_key}={other}; give each output its own file")
+        seen.append((key, path))
 
 
 def write_results(
@@ -78,16 +186,30 @@ def write_results(
     checkpoint_path: str | os.PathLike,
     command: str,
     label: str | None = None,
+    identity: CheckpointIdentity | None = None,
+    cache_dtype: str | None = None,
 ) -> dict[str, Any]:
     """Write the results JSON of one evaluation atomically; returns what was written.
 
-    Keys: metrics, by_group, dataset and split (from ``dataset_cfg``), task, protocol, precision, model, label
-    (the run's row in tables; the model name by default), checkpoint, checkpoint_sha256, n_images,
-    n_samples, command, created (UTC, ISO 8601), ssp_sam_version.
+    Keys: metrics, by_group (and group_key, the sentence key it is by), dataset and split (from
+    ``dataset_cfg``), task, protocol, precision, model, label (the run's row in tables; the model name by
+    default), checkpoint, checkpoint_sha256, weight_files ({config key: {path, sha256}} of the CLIP and SAM
+    weight files), model_config (the model's effective config, overrides included), data (the dataset
+    config's paths and ``split_by``, n_referents and sha256, ``evaluator.data_sha256``), n_images, n_samples
+    (sentences), cache_dtype (of the SAM embeddings read from a cache; null: computed), command, created
+    (UTC, ISO 8601), ssp_sam_version.
+
+    ``identity``: the checkpoint's, taken when it was loaded (:class:`CheckpointWatch`); None: taken now
+    (a caller whose model's weights cannot have been replaced since, e.g. the trainer's test).
     """
+    if identity is None:
+        files = {f"model.{key}": (result.model_config or {}).get(key) for key in _WEIGHT_FILE_SETTINGS}
+        identity = CheckpointIdentity(str(checkpoint_path), checkpoint_sha256(checkpoint_path), weight_file_record(files))
+    data = {key: str(dataset_cfg[key]) for key in DATA_CONFIG_KEYS if dataset_cfg.get(key) is not None}
     record = {
         "metrics": dict(result.metrics),
         "by_group": {group: dict(values) for group, values in result.by_group.items()},
+        "group_key": result.group_key,
         "dataset": str(dataset_cfg["name"]),
         "split": str(dataset_cfg["split"]),
         "task": result.task,
@@ -96,9 +218,13 @@ def write_results(
         "model": model_name,
         "label": str(label) if label is not None else model_name,
         "checkpoint": str(checkpoint_path),
-        "checkpoint_sha256": checkpoint_sha256(checkpoint_path),
+        "checkpoint_sha256": identity.sha256,
+        "weight_files": identity.weight_files,
+        "model_config": result.model_config,
+        "data": {**data, "n_referents": result.n_referents, "sha256": result.data_sha256},
         "n_images": result.n_images,
         "n_samples": result.n_samples,
+        "cache_dtype": cache_dtype,
         "command": command,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "ssp_sam_version": __version__,
@@ -125,10 +251,22 @@ def _json_scalar(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
+def is_ovss_results(record: Any) -> bool:
+    """Whether ``record`` is the results JSON of an OVSS evaluation (scripts/eval.py on an OVSS checkpoint)."""
+    return isinstance(record, Mapping) and (
+        record.get("protocol") in OVSS_PROTOCOLS or "per_class_iou" in record or "ovss_model" in record
+    )
+
+
 def check_results(record: Any) -> None:
     """Raise ValueError unless ``record`` looks like a results file written by :func:`write_results`."""
     if not isinstance(record, Mapping):
         raise ValueError(f"expected a JSON object of results, got {type(record).__name__}")
+    if is_ovss_results(record):
+        raise ValueError(
+            "an OVSS evaluation's results (mIoU, fwIoU, per-class IoU): the paper's table holds referring "
+            "segmentation (RES, GRES, PhraseCut) results only"
+        )
     for key, kind in REQUIRED_KEYS.items():
         if not isinstance(record.get(key), kind):
             raise ValueError(f"key {key!r} missing or not a {'JSON object' if kind is Mapping else 'string'}"
@@ -247,11 +385,85 @@ def _cell_value(metrics: Mapping[str, Any], metric: str, protocol: str) -> Any:
     return metrics.get(metric)
 
 
-def _table_cells(results: Sequence[Mapping[str, Any]], metric: str) -> tuple[str, list[_Column], dict[str, list[str]]]:
+def _flat_settings(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, Mapping):
+            flat.update(_flat_settings(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+FieldPath = tuple[str, ...]  # keys into a results record, e.g. ("data", "sha256")
+
+
+def _known(record: Mapping[str, Any], path: FieldPath) -> tuple[bool, Any]:
+    """(whether ``record`` has the field at ``path``, its value): a results file written before a field
+    was recorded does not know it, nor does a null (a count or fingerprint not taken); inside the model's
+    config, null is a setting like any other."""
+    node: Any = record
+    for depth, part in enumerate(path):
+        if not isinstance(node, Mapping) or part not in node:
+            return False, None
+        node = node[part]
+        if node is None and not (path[0] == "model_config" and depth > 0):
+            return False, None
+    return True, node
+
+
+def _shown(value: Any) -> str:
+    text = str(value)
+    return f"{text[:12]}..." if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else text
+
+
+def _first_difference(a: Mapping[str, Any], b: Mapping[str, Any], paths: Sequence[FieldPath]) -> tuple[str, Any, Any] | None:
+    """The first of ``paths`` both records know and hold different values for: (its dotted name, a's, b's)."""
+    for path in paths:
+        (known_a, value_a), (known_b, value_b) = _known(a, path), _known(b, path)
+        if known_a and known_b and value_a != value_b:
+            return ".".join(path), value_a, value_b
+    return None
+
+
+# What one column's results must share: the same data (the split is the column's).
+_DATA_FIELDS: tuple[FieldPath, ...] = (
+    ("dataset",), ("data", "split_by"), ("n_images",), ("n_samples",), ("data", "n_referents"), ("data", "sha256"),
+)
+
+
+def _setting_fields(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[FieldPath]:
+    """What one row's results must share: the checkpoint's weights, those of its weight files and every
+    other model setting (paths of weight files aside: moved files are the same weights), and the precision."""
+    fields: list[FieldPath] = [("checkpoint_sha256",), ("precision",)]
+    files = {*(_known(a, ("weight_files",))[1] or {}), *(_known(b, ("weight_files",))[1] or {})}
+    fields += [("weight_files", key, "sha256") for key in sorted(files)]
+    config_a, config_b = _known(a, ("model_config",))[1] or {}, _known(b, ("model_config",))[1] or {}
+    settings = {**_flat_settings(config_a), **_flat_settings(config_b)}
+    fields += [("model_config", *key.split(".")) for key in settings if key not in _WEIGHT_FILE_SETTINGS]
+    return fields
+
+
+def _weight_files_differ(a: Mapping[str, Any], b: Mapping[str, Any]) -> str | None:
+    """A weight file one record's model was built from and the other's was not (both records knowing theirs)."""
+    files_a, files_b = _known(a, ("weight_files",)), _known(b, ("weight_files",))
+    if not (files_a[0] and files_b[0]):
+        return None
+    for key in sorted({*files_a[1], *files_b[1]}):
+        if (key in files_a[1]) != (key in files_b[1]):
+            return key
+    return None
+
+
+def _table_cells(
+    results: Sequence[Mapping[str, Any]], metric: str, sources: Sequence[str] | None = None
+) -> tuple[str, list[_Column], dict[str, list[str]]]:
     """The table's protocol, its columns and, per run label (in order of first appearance), one
-    formatted cell per column."""
+    formatted cell per column. ``sources`` name the results in messages (their files)."""
     for record in results:
         check_results(record)
+    if sources is None:
+        sources = [f"result {i + 1} ({_row_label(r)} {r['dataset']} {r['split']})" for i, r in enumerate(results)]
     protocol = _table_protocol(results)
     columns, group_of = _layout(results, metric)
     # GRES columns name their metric: under the release's arithmetic with the name that says so (metrics.md)
@@ -261,20 +473,37 @@ def _table_cells(results: Sequence[Mapping[str, Any]], metric: str) -> tuple[str
         for column in columns
     ]
     metrics_at: dict[str, dict[tuple[str, str], Mapping[str, Any]]] = {}
-    checkpoint_of: dict[str, Mapping[str, Any]] = {}  # label -> its first record that names a checkpoint
-    for record in results:
+    first_of_row: dict[str, int] = {}  # label -> index of its first result
+    first_of_column: dict[tuple[str, str], int] = {}  # (group, split) -> index of its first result
+    for index, record in enumerate(results):
         label, cell = _row_label(record), (group_of[record["dataset"]], record["split"])
-        if record.get("checkpoint_sha256"):
-            first = checkpoint_of.setdefault(label, record)
-            if first["checkpoint_sha256"] != record["checkpoint_sha256"]:
-                raise ValueError(
-                    f"run {label!r} names two checkpoints ({first.get('checkpoint')} for {first['dataset']} {first['split']}, "
-                    f"{record.get('checkpoint')} for {record['dataset']} {record['split']}): give each evaluation its own label="
-                )
+        first = results[first_of_row.setdefault(label, index)]
+        if first.get("checkpoint_sha256") and record.get("checkpoint_sha256") and first["checkpoint_sha256"] != record["checkpoint_sha256"]:
+            raise ValueError(
+                f"run {label!r} names two checkpoints ({first.get('checkpoint')} for {first['dataset']} {first['split']} in "
+                f"{sources[first_of_row[label]]}, {record.get('checkpoint')} for {record['dataset']} {record['split']} in "
+                f"{sources[index]}): give each evaluation its own label="
+            )
+        missing_file = _weight_files_differ(first, record)
+        difference = _first_difference(first, record, _setting_fields(first, record))
+        if missing_file or difference:
+            what = (f"{missing_file} (a weight file in one, none in the other)" if missing_file else
+                    f"{difference[0]} ({_shown(difference[1])} vs {_shown(difference[2])})")
+            raise ValueError(
+                f"run {label!r}: {sources[first_of_row[label]]} and {sources[index]} differ in {what}; one row is one "
+                "model evaluated one way: give each evaluation its own label="
+            )
         row = metrics_at.setdefault(label, {})
         if cell in row:
             raise ValueError(f"run {label!r} has two results for {cell[0]} {cell[1]}")
         row[cell] = record["metrics"]
+        column_first = results[first_of_column.setdefault(cell, index)]
+        difference = _first_difference(column_first, record, _DATA_FIELDS)
+        if difference:
+            raise ValueError(
+                f"column {cell[0]} {cell[1]}: {sources[first_of_column[cell]]} and {sources[index]} differ in {difference[0]} "
+                f"({_shown(difference[1])} vs {_shown(difference[2])}): results on different data cannot share a column"
+            )
     rows = {
         label: [
             _format_value(_cell_value(cells.get((column.group, column.split), {}), column.metric, protocol)) for column in columns
@@ -358,7 +587,9 @@ def _protocol_note(protocol: str, metric: str) -> str:
     return note
 
 
-def make_tables(results: Sequence[Mapping[str, Any]], metric: str = "mIoU", compact: bool = False) -> tuple[str, str]:
+def make_tables(
+    results: Sequence[Mapping[str, Any]], metric: str = "mIoU", compact: bool = False, sources: Sequence[str] | None = None
+) -> tuple[str, str]:
     """The paper's results table of ``results`` (records as written by :func:`write_results`), as (Markdown, LaTeX).
 
     One row per run (its "label", else its "model"), in order of first appearance. RES and
@@ -367,13 +598,15 @@ def make_tables(results: Sequence[Mapping[str, Any]], metric: str = "mIoU", comp
     quirky N-acc included), so that the table is the one its paper prints. Values are x100 with two
     decimals; a missing result or metric is "-". ``compact`` drops the paper's column groups for
     which no run has a result. Both tables start with a line naming the protocol
-    (a LaTeX comment there).
+    (a LaTeX comment there). ``sources`` name the records in messages (e.g. their files).
 
     Raises:
-        ValueError: a record lacks a required key, the records are of different protocols, one
-            run has two results for one cell, or one label names two different checkpoints.
+        ValueError: a record lacks a required key or is an OVSS result, the records are of different
+            protocols, one run has two results for one cell, one label names two different checkpoints
+            or results of other settings (precision, model settings, weight files), or one column would
+            hold results on different data (dataset, split_by, image / sentence / referent counts, fingerprint).
     """
-    protocol, columns, rows = _table_cells(results, metric)
+    protocol, columns, rows = _table_cells(results, metric, sources)
     if compact:
         filled_groups = {c.group for i, c in enumerate(columns) if any(cells[i] != MISSING for cells in rows.values())}
         keep = [i for i, c in enumerate(columns) if c.group in filled_groups]
