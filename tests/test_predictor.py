@@ -176,7 +176,14 @@ def test_outputs_at_original_resolution_and_box_in_image_pixels(predictor, encod
 
     predictions = predictor.predict(encoded, EXPRESSIONS[:2])
     raw = _decode(predictor, encoded, EXPRESSIONS[:2])
-    expected_logits = F.interpolate(raw.mask_logits[:, :, :20, :32], (HEIGHT, WIDTH), mode="bilinear", align_corners=False)
+    # Frame pixel i lies at resized coordinate 2i + 1. Columns: 64 resized = 2 x 32 frame columns, so the
+    # region's bilinear resize to WIDTH. Rows: 39 resized rows, the 20th frame row half padding, so original
+    # row k (centre k + 0.5) reads frame row ((k + 0.5) * 39 / HEIGHT - 1) / 2, clamped (np.interp clamps).
+    columns = F.interpolate(raw.mask_logits[:, :, :20, :32], (20, WIDTH), mode="bilinear", align_corners=False).numpy()
+    positions = ((np.arange(HEIGHT) + 0.5) * 39 / HEIGHT - 1) / 2
+    expected_logits = torch.from_numpy(
+        np.apply_along_axis(lambda column: np.interp(positions, np.arange(20), column), 2, columns)
+    )
     for index, prediction in enumerate(predictions):
         assert prediction.mask.shape == prediction.logits.shape == (HEIGHT, WIDTH)
         assert prediction.mask.dtype == bool
