@@ -10,13 +10,15 @@ and a moved dataset keeps them. Only missing and invalid entries are computed: r
 interruption resumes, and re-running on a complete cache just checks it. Under ``torchrun`` each
 process computes its share of the missing images and then waits for the others' files (no process
 group is needed; see ssp_sam/engine/caching.py). Prints one summary line per process; our errors
-print ``error: ...`` and exit with status 2.
+print ``error: ...`` and exit with status 2: also an empty ``splits=[]`` or splits without images (nothing
+to cache is not a success), and ``sam_variant=`` / ``sam_custom=`` given with ``checkpoint=``, whose own
+config says which SAM encoder it holds.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import hydra
@@ -35,8 +37,14 @@ from ssp_sam.errors import ConfigError
 from ssp_sam.predictor import resolve_device
 
 
-def check_weights_source(cfg: DictConfig) -> None:
-    """Fail before reading any data when no SAM encoder weights are named."""
+def given_keys(overrides: Sequence[str]) -> set[str]:
+    """The top-level keys the command line sets (``sam_variant=vit_b``, ``+x=1``, ``++x=1``; not ``~x``)."""
+    return {override.lstrip("+").split("=", 1)[0].split(".", 1)[0] for override in overrides if not override.startswith("~")}
+
+
+def check_weights_source(cfg: DictConfig, given: set[str] = frozenset()) -> None:
+    """Fail before reading any data when no SAM encoder weights are named, or when ``given`` (the keys the
+    command line sets) names a SAM variant or sizes beside ``checkpoint=``, whose config decides them."""
     if cfg.checkpoint is None and cfg.sam_checkpoint is None:
         raise ConfigError(
             "sam_checkpoint: required (SAM's weight file, e.g. sam_vit_h_4b8939.pth) "
@@ -47,14 +55,24 @@ def check_weights_source(cfg: DictConfig) -> None:
             f"checkpoint: {cfg.checkpoint} is not an SSP-SAM checkpoint directory "
             "(a released .pth has no SAM image encoder: give sam_checkpoint instead)"
         )
+    ignored = [key for key in ("sam_variant", "sam_custom") if key in given]
+    if cfg.checkpoint is not None and ignored:
+        raise ConfigError(
+            f"{' and '.join(ignored)}: the SAM image encoder comes from checkpoint={cfg.checkpoint}, whose config.json says "
+            f"its variant and sizes; leave {' and '.join(ignored)} out with checkpoint= (sam_checkpoint= may name its weight file)"
+        )
 
 
 def dataset_images(dataset_cfg: DictConfig, splits: str | ListConfig | None) -> tuple[list[str], list[Path]]:
     """The chosen splits (default all) and their distinct image files, in dataset order."""
-    available = read_splits(dataset_cfg)
     requested = [splits] if isinstance(splits, str) else (list(splits) if splits is not None else None)
+    if requested is not None and not requested:
+        raise ConfigError("splits: an empty list names no split to cache; give at least one, or splits=null for every split")
+    available = read_splits(dataset_cfg)
     chosen = select_splits(requested, list(available), f"dataset {dataset_cfg.name}")
     images = dict.fromkeys(path for split in chosen for path in available[split].image_paths())
+    if not images:
+        raise ConfigError(f"splits: dataset {dataset_cfg.name} has no images in {', '.join(chosen) or 'any split'}; nothing to cache")
     return chosen, list(images)
 
 
@@ -86,7 +104,9 @@ def ranks_from_environment() -> DistInfo:
 @hydra.main(config_path="../configs", config_name="cache_embeddings", version_base="1.3")
 @reports_errors
 def main(cfg: DictConfig) -> None:
-    check_weights_source(cfg)
+    from hydra.core.hydra_config import HydraConfig
+
+    check_weights_source(cfg, given_keys(HydraConfig.get().overrides.task))
     ranks = ranks_from_environment()
     splits, images = dataset_images(cfg.dataset, cfg.splits)
     encoder, variant, sam_checkpoint, image_size = encoder_source(cfg)

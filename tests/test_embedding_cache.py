@@ -34,6 +34,7 @@ from ssp_sam.data.embedding_cache import PREFIX, EmbeddingCache, EncoderIdentity
 from ssp_sam.engine import caching
 from ssp_sam.engine import precision as precision_module
 from ssp_sam.engine.caching import build_cache, dataset_image_roots, ensure_cache, remembered_fingerprint
+from ssp_sam.engine.distributed import DistInfo
 from ssp_sam.errors import CacheError, ConfigError, ImageError
 from ssp_sam.image_io import load_image
 
@@ -140,9 +141,12 @@ def test_half_precision_entries(tmp_path, encoder, dtype, storage):
     # "auto" uses entries of any dtype; an explicit other dtype recomputes them.
     counting = counting_copy(encoder)
     assert ensure(tmp_path / "cache", paths, counting).last_build.cached == 2 and counting.images_seen == 0
-    assert ensure(tmp_path / "cache", paths, counting, dtype="fp32").last_build.repaired == 2
-    assert counting.images_seen == 2
-    torch.testing.assert_close(cache.get(paths[0]), direct_embedding(encoder, paths[0]), rtol=0, atol=1e-5)  # fp32 now
+    fp32 = ensure(tmp_path / "cache", paths, counting, dtype="fp32")
+    assert fp32.last_build.repaired == 2 and counting.images_seen == 2
+    torch.testing.assert_close(fp32.get(paths[0]), direct_embedding(encoder, paths[0]), rtol=0, atol=1e-5)  # fp32 now
+    # ...which the reader opened for the half dtype no longer takes for its own (the fp32 fill came after its check)
+    with pytest.raises(CacheError, match=f"stored as float32, but this run reads {str(storage).split('.')[1]} entries only"):
+        cache.get(paths[0])
 
 
 def test_auto_dtype_on_a_native_bf16_cpu_computes_and_stores_bf16(tmp_path, encoder, monkeypatch):
@@ -457,9 +461,12 @@ def test_cli_caches_what_is_missing_and_its_hint_repairs_a_checksum_mismatch(tmp
         cache.get(paths[2])
     message = str(error.value)
     assert "checksum mismatch" in message and str(paths[2]) in message and "scripts/cache_embeddings.py" in message
-    assert "its defaults suffice" in message
+    # opened without the command that fills it: what the cache knows (its cache_dir, the SAM file its fingerprint
+    # memo names, the variant), the rest as placeholders
+    assert f"cache_dir={tmp_path / 'cache'} sam_checkpoint={weights_file} sam_variant=custom" in message
+    assert "dataset=<its dataset config>" in message and "'sam_custom=<its sizes>'" in message
 
-    repaired = cli(tmp_path, data, weights_file)  # the command the message names, with its defaults
+    repaired = cli(tmp_path, data, weights_file)
     assert repaired.returncode == 0, repaired.stderr
     assert "computed 1, already cached 3" in repaired.stdout
     torch.testing.assert_close(cache.get(paths[2]), direct_embedding(encoder, paths[2]), rtol=0, atol=1e-5)
@@ -503,3 +510,106 @@ def test_cli_without_sam_weights_is_a_one_line_error(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert result.stderr.startswith("error: sam_checkpoint: required")
+
+
+def test_the_command_a_damaged_entry_names_repairs_it(tmp_path, encoder, weights_file):
+    """Opened with what a trainer knows (dataset arguments, a custom SAM's sizes, an fp32 reader), the message about a
+    removed entry names a scripts/cache_embeddings.py command that, run as written, computes it again."""
+    import shlex
+
+    data = tmp_path / "data"
+    fx.write_refer(data)
+    paths = [data / fx.COCO_IMAGE_DIR / fx.coco_file_name(image_id) for image_id in (101, 102, 103, 104)]
+    cache = ensure_cache(tmp_path / "cache", paths, [data / fx.COCO_IMAGE_DIR], encoder, "custom", str(weights_file), 64, CPU,
+                         progress=False, dtype="fp32", sam_custom=TINY_SAM, dataset_arguments=f"dataset=refcoco dataset.root={data}")
+    entry = cache.slot(paths[1]).file
+    entry.write_bytes(entry.read_bytes()[:-3])
+    with pytest.raises(CacheError) as error:
+        cache.get(paths[1])
+    message = str(error.value)
+    assert message.startswith(f"{entry}: the cached SAM embedding of {paths[1]} is truncated") and "\n" not in message
+    command = shlex.split(message.split("as does: ", 1)[1])
+    assert command[:2] == ["python", "scripts/cache_embeddings.py"] and "dtype=fp32" in command and f"cache_dir={tmp_path / 'cache'}" in command
+    done = subprocess.run([sys.executable, str(REPO / command[1]), *command[2:]], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "computed 1, already cached 3" in done.stdout
+    torch.testing.assert_close(cache.get(paths[1]), direct_embedding(encoder, paths[1]), rtol=0, atol=1e-5)
+
+
+def test_an_fp32_reader_refuses_entries_another_writer_turned_bf16(tmp_path, encoder):
+    """The fp32 guarantee holds at every read, not only when the cache was filled: a concurrent
+    `cache_embeddings.py dtype=bf16` on the same cache must not feed bf16 embeddings to a run that reports fp32."""
+    paths = write_images(tmp_path / "images", 2)
+    fp32 = ensure(tmp_path / "cache", paths, encoder, dtype="fp32")
+    assert fp32.get(paths[0], dtype=None).dtype == torch.float32
+    ensure(tmp_path / "cache", paths[:1], encoder, dtype="bf16")  # the other writer, after the fp32 run's fill
+    with pytest.raises(CacheError) as error:
+        fp32.get(paths[0], dtype=None)
+    message = str(error.value)
+    assert message.startswith(f"{fp32.slot(paths[0]).file}: the cached SAM embedding of {paths[0]} is stored as bfloat16, "
+                              "but this run reads float32 entries only") and "\n" not in message
+    assert fp32.get(paths[1]).dtype == torch.float32  # the others still serve
+    assert ensure(tmp_path / "cache", paths[:1], encoder).get(paths[0], dtype=None).dtype == torch.bfloat16  # any dtype: fine
+
+
+def test_a_missing_image_stops_every_writer_before_any_work(tmp_path, encoder):
+    """Every rank stats every image: a file that is not there is named by each at once, nothing computed."""
+    paths = write_images(tmp_path / "images", 3)
+    gone = tmp_path / "images" / "gone.png"
+    counting = counting_copy(encoder)
+    for rank in (0, 1):
+        started = time.monotonic()
+        with pytest.raises(ImageError) as error:
+            ensure(tmp_path / "cache", [*paths, gone], counting, dist_info=DistInfo(rank, 2), stall_timeout=300)
+        assert str(error.value).startswith(f"{gone}: cannot read image") and "\n" not in str(error.value)
+        assert time.monotonic() - started < 60
+    assert counting.images_seen == 0 and not entry_files(open_cache(tmp_path / "cache", encoder))
+
+
+def test_an_undecodable_image_stops_the_waiting_writers_at_once(tmp_path, encoder):
+    """Rank 0 owns an image that exists but cannot be decoded: it caches its other images, marks that one and
+    fails; rank 1, waiting for it with a 300 s stall timeout, stops as soon as it polls, naming the file. A mark left
+    by an earlier command is not believed: the waiting rank then takes over after its stall timeout and fails by
+    itself (or caches the image, had it become readable)."""
+    paths = write_images(tmp_path / "images", 3)
+    broken = tmp_path / "images" / "broken.png"
+    broken.write_bytes(b"not a png")
+    images = [broken, *paths]  # images[0::2] are rank 0's: broken and paths[1]
+    with pytest.raises(ImageError, match=f"1 images could not be read .*{broken}"):
+        ensure(tmp_path / "cache", images, encoder, dist_info=DistInfo(0, 2))
+    started = time.monotonic()
+    with pytest.raises(ImageError) as error:
+        ensure(tmp_path / "cache", images, encoder, dist_info=DistInfo(1, 2), stall_timeout=300)
+    assert time.monotonic() - started < 30
+    message = str(error.value)
+    assert message.startswith(f"{broken}: ") and "found by another cache writer" in message and "\n" not in message
+    cache = open_cache(tmp_path / "cache", encoder)
+    assert cache.missing(images) == [broken]  # everything else cached by the two ranks
+
+    for mark in (cache.folder / "unreadable").glob("*.txt"):  # left by a command two hours ago
+        os.utime(mark, (time.time() - 7200, time.time() - 7200))
+    with pytest.raises(ImageError) as error:
+        ensure(tmp_path / "cache", images, encoder, dist_info=DistInfo(1, 2), stall_timeout=0.5)
+    assert "found by another cache writer" not in str(error.value) and str(broken) in str(error.value)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("'splits=[]'",), "error: splits: an empty list names no split to cache"),
+    (("checkpoint={run}", "sam_variant=vit_b"), "error: sam_variant: the SAM image encoder comes from checkpoint={run}"),
+    (("checkpoint={run}", "sam_custom={{image_size: 64}}"), "error: sam_custom: the SAM image encoder comes from checkpoint={run}"),
+    (("checkpoint={run}", "sam_variant=custom", "sam_custom={{image_size: 64}}"), "error: sam_variant and sam_custom: the SAM image encoder"),
+])
+def test_cli_refuses_arguments_it_would_ignore(tmp_path, extra, message):
+    """`splits=[]` cached nothing and exited 0; beside checkpoint=, whose config says which SAM encoder it holds,
+    sam_variant and sam_custom were silently ignored."""
+    fx.write_refer(tmp_path / "data")
+    save_checkpoint(tiny_model(), tmp_path / "run")
+    arguments = [argument.format(run=tmp_path / "run").strip("'") for argument in extra]
+    result = run_script("cache_embeddings.py", f"dataset.root={tmp_path / 'data'}", f"cache_dir={tmp_path / 'cache'}",
+                        "progress=false", *arguments, *([] if any(a.startswith("checkpoint=") for a in arguments) else ["sam_checkpoint=x.pth"]),
+                        cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith(message.format(run=tmp_path / "run")), result.stderr
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").glob("*/*/*.emb"))

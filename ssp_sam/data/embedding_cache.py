@@ -29,7 +29,15 @@ What an entry is valid for, and why nothing stale is ever read:
   Fooled only by a rewrite that keeps both the size and the old mtime.
 - Each entry's header repeats all of this (key, size, mtime, encoder, preprocessing) plus dtype,
   shape and the payload's crc32, and every read checks it, so a misplaced or damaged file is
-  never used: a damaged entry is removed when read, and any later fill recomputes it.
+  never used: a damaged entry is removed when read, and any later fill recomputes it. A cache
+  opened for one dtype (an fp32 run's) also refuses, at every read, an entry of another dtype that
+  a concurrent writer (``scripts/cache_embeddings.py dtype=bf16``) put there after the fill.
+- An image a writer cannot decode leaves ``unreadable/<entry name>.txt`` (its one-line error), so
+  that the other writers waiting for its entry stop at once naming it (``ssp_sam/engine/caching.py``).
+
+Every error about a missing or damaged entry names a ``scripts/cache_embeddings.py`` command that
+computes it (:func:`fill_command`: this ``cache_dir``, the SAM file and variant the cache was opened
+with or whose fingerprint it remembers, and the dtype it requires).
 
 Entry file: ``PREFIX`` (magic, header length, crc32 of the header), the header as JSON, then the
 raw (C, h, w) embedding in its storage dtype (native byte order).
@@ -47,6 +55,7 @@ import hashlib
 import json
 import os
 import secrets
+import shlex
 import struct
 import time
 import zlib
@@ -72,8 +81,8 @@ DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 RESIZE_RULE = "ResizeLongestSide (PIL bilinear on uint8), zero padding right and bottom"
 MODEL_INPUT_RESIZE_RULE = "to model_input_size squared, then to image_size squared (float bilinear, antialiased, both)"
 TEMPORARY_MAX_AGE = 3600.0  # seconds; older temporary files belong to dead writers
-FILL_HINT = "scripts/cache_embeddings.py for this dataset (its defaults suffice), or re-running this command, computes it"
 ABSENT = "absent"
+UNREADABLE_DIR = "unreadable"  # <folder>/unreadable/<entry name>.txt: an image a writer could not decode
 
 
 def module_fingerprint(module: nn.Module) -> str:
@@ -122,6 +131,72 @@ class EncoderIdentity:
         return f"{self.variant}-{self.image_size}-{digest[:16]}"
 
 
+def _remembered_weight_file(root: Path, fingerprint: str) -> str | None:
+    """The SAM weight file whose hash ``<root>/fingerprints/`` remembers as ``fingerprint``, if it still exists."""
+    try:
+        memos = sorted((root / "fingerprints").glob("*.json"))
+    except OSError:
+        return None
+    for memo in memos:
+        try:
+            record = json.loads(memo.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and record.get("sha256") == fingerprint and os.path.isfile(str(record.get("path"))):
+            return str(record["path"])
+    return None
+
+
+def _hydra_value(value: object) -> str:
+    """``value`` (a mapping of numbers, strings, lists) as a Hydra command-line value, e.g. ``{a: 1, b: [3]}``."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key}: {_hydra_value(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_hydra_value(item) for item in value) + "]"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def fill_command(
+    root: str | os.PathLike,
+    encoder: EncoderIdentity,
+    dtype: torch.dtype | None = None,
+    sam_checkpoint: str | os.PathLike | None = None,
+    sam_custom: dict | None = None,
+    dataset: str | None = None,
+) -> str | None:
+    """The ``scripts/cache_embeddings.py`` command that fills ``root`` with ``encoder``'s entries.
+
+    ``sam_checkpoint``: the SAM weight file (default: the one whose fingerprint ``<root>/fingerprints/``
+    remembers, if any; none for an encoder without a file, which only ``checkpoint=`` can name);
+    ``sam_custom``: the sizes of a custom variant; ``dataset``: its dataset arguments (e.g.
+    ``dataset=refcoco dataset.root=data``); ``dtype``: the dtype the reader requires (``dtype=fp32``).
+    What is not known stays a ``<placeholder>``. None for an OVSS model's entries (``model_input_size``),
+    which that script does not compute (the OVSS commands fill them themselves).
+    """
+    if encoder.model_input_size is not None:
+        return None
+    root = Path(root)
+    words = ["python", "scripts/cache_embeddings.py", *(shlex.split(dataset) if dataset else [])]
+    placeholders = [] if dataset else ["dataset=<its dataset config>"]
+    words.append(f"cache_dir={root}")
+    if sam_checkpoint is None:
+        sam_checkpoint = _remembered_weight_file(root, encoder.weights)
+    if sam_checkpoint is not None:
+        words += [f"sam_checkpoint={sam_checkpoint}", f"sam_variant={encoder.variant}"]
+        if encoder.variant == "custom":
+            if sam_custom:
+                words.append(f"sam_custom={_hydra_value(dict(sam_custom))}")
+            else:
+                placeholders.append("'sam_custom=<its sizes>'")
+    else:
+        placeholders.append("checkpoint=<the SSP-SAM checkpoint whose SAM image encoder this is>")
+    if dtype is not None:
+        words.append(f"dtype={next(name for name, kind in STORAGE_DTYPES.items() if kind == dtype)}")
+    return " ".join([*(shlex.quote(word) for word in words), *placeholders])
+
+
 class Slot(NamedTuple):
     """Where the embedding of one image, as the file is now, lives."""
 
@@ -149,10 +224,12 @@ class EmbeddingCache:
         encoder: the encoder's identity.
         image_roots: folders the datasets' image paths are relative to (keys are paths inside
             the deepest one that holds the image; absolute paths for images outside them all).
-        dtype: the dtype a fill wants every entry in (others are recomputed), or None to accept
-            any (new entries then take what precision=auto picks on the device: bf16 on CUDA and
-            native-bf16 CPUs, fp16 on GPUs without bf16, fp32 elsewhere). Reads accept any dtype.
+        dtype: the dtype every entry must have (a fill recomputes others, a read refuses them), or
+            None to accept any (new entries then take what precision=auto picks on the device: bf16
+            on CUDA and native-bf16 CPUs, fp16 on GPUs without bf16, fp32 elsewhere).
         read_only: never write or remove; default: whether ``root`` cannot be written.
+        fill_command: the command that fills this cache, named in errors (default: :func:`fill_command`
+            from what the cache knows).
 
     Pickling sends paths and settings only: each DataLoader worker reads files itself.
     """
@@ -164,6 +241,7 @@ class EmbeddingCache:
         image_roots: Iterable[str | os.PathLike] = (),
         dtype: torch.dtype | None = None,
         read_only: bool | None = None,
+        fill_command: str | None = None,
     ) -> None:
         self.root = Path(root)
         self.encoder = encoder
@@ -176,6 +254,7 @@ class EmbeddingCache:
         else:  # the OVSS models' own preprocessing
             self.transform = ModelInputTransform(encoder.model_input_size, encoder.image_size)
         self._expected = encoder.describe()
+        self.fill_command = fill_command
         self.last_build: BuildSummary | None = None  # set by ensure_cache
 
     def __repr__(self) -> str:
@@ -197,6 +276,11 @@ class EmbeddingCache:
         key, state = self.key(image), (stat.st_size, stat.st_mtime_ns)
         name = hashlib.sha1(f"{key}\n{state[0]}\n{state[1]}".encode()).hexdigest()
         return Slot(Path(image), key, state, self.folder / name[:2] / f"{name}.emb")
+
+    def fill_hint(self) -> str:
+        """How a missing entry is computed: the command that failed, run again, or :func:`fill_command`'s."""
+        command = self.fill_command or fill_command(self.root, self.encoder, self.dtype)
+        return "re-running this command computes it" + (f", as does: {command}" if command else "")
 
     # ------------------------------------------------------------------ reading and checking
 
@@ -279,25 +363,69 @@ class EmbeddingCache:
         except FileNotFoundError:
             raise CacheError(
                 f"{slot.image}: no SAM embedding in {self.folder} for this image as it is now (never cached, "
-                f"or the file changed since); {FILL_HINT}"
+                f"or the file changed since); {self.fill_hint()}"
             ) from None
         inspected = self._inspect(slot, data, status.st_size, full=True)
         if isinstance(inspected, str):
             raise CacheError(f"{slot.file}: the cached SAM embedding of {slot.image} is {inspected}; {self._discard(slot.file, status.st_ino)}")
         header, offset = inspected
+        if self.dtype is not None and header["dtype"] != DTYPE_NAMES[self.dtype]:
+            # Valid, but not what this reader was promised (an fp32 run): another writer replaced it after the
+            # fill checked it. Kept: it is that writer's entry, and removing it would only start a tug of war.
+            raise CacheError(
+                f"{slot.file}: the cached SAM embedding of {slot.image} is stored as {header['dtype']}, but this run reads "
+                f"{DTYPE_NAMES[self.dtype]} entries only (another writer, e.g. scripts/cache_embeddings.py with another "
+                "dtype, replaced it after the cache was checked); give concurrent runs of different precision each "
+                "their own cache_dir, then re-run this command"
+            )
         stored = torch.frombuffer(data, dtype=DTYPES_BY_NAME[header["dtype"]], offset=offset).view(header["shape"])
         return stored if dtype is None else stored.to(dtype)
 
     def _discard(self, file: Path, inode: int) -> str:
         """Remove a damaged entry (unless a writer has just replaced it); say how it is recomputed."""
         if self.read_only:
-            return f"this cache is read-only: delete the file where it is writable, then {FILL_HINT}"
+            return f"this cache is read-only: delete the file where it is writable; then {self.fill_hint()}"
         try:
             if os.stat(file).st_ino == inode:
                 file.unlink()
         except OSError:
             pass
-        return f"removed it; {FILL_HINT}"
+        return f"removed it; {self.fill_hint()}"
+
+    # ------------------------------------------------------------------ images a writer could not read
+
+    def _unreadable_mark(self, slot: Slot) -> Path:
+        return self.folder / UNREADABLE_DIR / f"{slot.file.stem}.txt"
+
+    def mark_unreadable(self, slot: Slot, message: str) -> None:
+        """Leave ``message`` (one line naming the image) for the other writers waiting for this entry."""
+        if self.read_only:
+            return
+        mark = self._unreadable_mark(slot)
+        temporary = mark.with_name(f"{mark.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            mark.parent.mkdir(parents=True, exist_ok=True)
+            temporary.write_text(message.splitlines()[0] + "\n")
+            os.replace(temporary, mark)
+        except OSError:
+            temporary.unlink(missing_ok=True)  # the others then find out by themselves, after their stall timeout
+
+    def unreadable(self, images: Iterable[str | os.PathLike], since: float) -> str | None:
+        """The message a writer left, at or after time ``since``, for one of ``images`` (as each is now), if any."""
+        try:
+            marks = {entry.name: entry for entry in os.scandir(self.folder / UNREADABLE_DIR) if entry.name.endswith(".txt")}
+        except OSError:
+            return None
+        if not marks:
+            return None
+        for image in images:
+            try:
+                entry = marks.get(self._unreadable_mark(self.slot(image)).name)
+                if entry is not None and entry.stat().st_mtime >= since:
+                    return Path(entry.path).read_text().strip()
+            except (ImageError, OSError):
+                continue
+        return None
 
     # ------------------------------------------------------------------ writing
 
@@ -328,6 +456,7 @@ class EmbeddingCache:
             os.replace(temporary, slot.file)
         finally:
             temporary.unlink(missing_ok=True)
+        self._unreadable_mark(slot).unlink(missing_ok=True)  # read after all (a transient failure)
 
     def remove_old_temporaries(self, max_age: float = TEMPORARY_MAX_AGE) -> int:
         """Delete temporary files of dead writers (older than ``max_age`` seconds); returns how many."""

@@ -23,6 +23,13 @@ none has appeared for ``stall_timeout`` seconds (at least three times its own sl
 writer has died or started late, and the rank computes the entries still missing itself, after a
 warning naming how many and the first one (two writers computing the same entry is harmless). So
 a killed writer never stops the others, and the same command run again completes what it left.
+
+An image that cannot be read stops every rank at once, naming it, instead of after the stall
+timeout: a missing file (or one that cannot be stat'ed) is found by every rank in its own first pass
+over the list, before any work; one that exists but cannot be decoded is found by the rank that owns
+it, which leaves a marker beside the entries (``EmbeddingCache.mark_unreadable``) that the waiting
+ranks look for at every poll (markers older than this call minus :data:`MARK_SKEW` are left by an
+earlier command and ignored: the owner tries that image again).
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..backbones.sam import sam_weights_fingerprint
-from ..data.embedding_cache import ABSENT, EmbeddingCache, EncoderIdentity, Slot, module_fingerprint, storage_dtype
+from ..data.embedding_cache import ABSENT, EmbeddingCache, EncoderIdentity, Slot, fill_command, module_fingerprint, storage_dtype
 from ..errors import CacheError, ConfigError, ImageError
 from .precision import Precision, resolve_precision
 from ..image_io import load_image
@@ -50,6 +57,7 @@ from ..weight_identity import remembered_sha256
 from .distributed import DistInfo
 
 STALL_TIMEOUT = 300.0  # seconds without a new entry from the other writers before taking over
+MARK_SKEW = 60.0  # seconds by which the writers of one command may start apart (for unreadable-image markers)
 VERIFY_MODES = ("quick", "full")
 
 
@@ -80,17 +88,25 @@ class BuildSummary:
 
 
 def _load(cache: EmbeddingCache, image: Path, recheck: bool) -> tuple[Slot, torch.Tensor] | ImageError | None:
-    """(slot, SAM input (3, S, S)) of one image; None if ``recheck`` finds its entry written meanwhile."""
+    """(slot, SAM input (3, S, S)) of one image; None if ``recheck`` finds its entry written meanwhile.
+    An image that cannot be decoded is marked for the other writers waiting for it."""
     try:
         slot = cache.slot(image)
         if recheck and cache.problem(slot) is None:
             return None  # another writer has done it
-        pixels = cache.transform(load_image(image))[0]
-        if cache.slot(image) != slot:
-            return ImageError(f"{image}: the file changed while it was being read")
-        return slot, pixels
     except ImageError as error:
         return error
+    try:
+        pixels = cache.transform(load_image(image))[0]
+    except ImageError as error:
+        cache.mark_unreadable(slot, str(error))
+        return error
+    try:
+        if cache.slot(image) != slot:
+            return ImageError(f"{image}: the file changed while it was being read")
+    except ImageError as error:
+        return error
+    return slot, pixels
 
 
 def _prefetched_batches(
@@ -258,6 +274,8 @@ def ensure_cache(
     threads: int = 4,
     stall_timeout: float = STALL_TIMEOUT,
     model_input_size: int | None = None,
+    sam_custom: Mapping | None = None,
+    dataset_arguments: str | None = None,
 ) -> EmbeddingCache:
     """Compute the embeddings the cache lacks, this rank's share first, and open the cache.
 
@@ -279,20 +297,31 @@ def ensure_cache(
         model_input_size: an OVSS model's input side: each entry is SAM's embedding of the image resized to it
             squared, exactly what the model computes itself (``ModelInputTransform``), in a folder of its own;
             None: SSP-SAM's input (the image's long side to SAM's, padded).
+        sam_custom, dataset_arguments: a custom SAM's sizes and the dataset's command-line arguments
+            (``dataset=refcoco dataset.root=...``), for the fill command that errors name (:func:`fill_command`).
 
     Returns:
         The cache; ``cache.last_build`` sums up this rank's work (``cached`` counts every image
         it did not compute).
+
+    Raises:
+        ImageError: an image that does not exist or cannot be stat'ed (every rank, before any work), or that
+            cannot be decoded (the rank that owns it after its other images; the waiting ranks as soon as it
+            has marked it).
     """
     if isinstance(stall_timeout, bool) or not isinstance(stall_timeout, (int, float)) or not stall_timeout > 0:
         raise ConfigError(f"stall_timeout: expected a positive number of seconds, got {stall_timeout!r}")
     if sam_checkpoint is None and not isinstance(image_encoder, nn.Module):
         image_encoder = image_encoder()  # its weights are the fingerprint
+    started = time.time()
     fingerprint = remembered_fingerprint(sam_checkpoint, root) if sam_checkpoint is not None else module_fingerprint(image_encoder)
     identity = EncoderIdentity(sam_variant, fingerprint, image_size, model_input_size)
-    cache = EmbeddingCache(root, identity, image_roots, storage_dtype(dtype))
+    wanted = storage_dtype(dtype)
+    command = fill_command(root, identity, wanted, sam_checkpoint, dict(sam_custom) if sam_custom else None, dataset_arguments)
+    cache = EmbeddingCache(root, identity, image_roots, wanted, fill_command=command)
     images = list(dict.fromkeys(Path(path) for path in image_paths))
     missing = cache.missing(images, full=verify == "full")
+    _refuse_absent_images(cache, missing)
     built: list[nn.Module] = []
 
     def compute(share: list[Path]) -> BuildSummary:
@@ -307,7 +336,7 @@ def ensure_cache(
     summary = compute([path for path in missing if path in mine])
     others = [path for path in missing if path not in mine]
     stall = max(stall_timeout, 3 * summary.slowest_batch_seconds)
-    for still_missing in _wait_for_entries(cache, others, stall, full=verify == "full"):
+    for still_missing in _wait_for_entries(cache, others, stall, full=verify == "full", since=started - MARK_SKEW):
         taken_over = compute(still_missing)
         summary.computed += taken_over.computed
         summary.repaired += taken_over.repaired
@@ -316,15 +345,36 @@ def ensure_cache(
     return cache
 
 
-def _wait_for_entries(cache: EmbeddingCache, pending: list[Path], stall: float, full: bool) -> Iterator[list[Path]]:
+def _refuse_absent_images(cache: EmbeddingCache, missing: list[Path]) -> None:
+    """Stop before any work if an image to compute cannot be stat'ed: every rank sees it, so every rank stops."""
+    absent = []
+    for image in missing:
+        try:
+            cache.slot(image)
+        except ImageError as error:
+            absent.append(str(error))
+    if absent:
+        more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
+        raise ImageError(f"{absent[0]}{more}; no SAM embedding was computed")
+
+
+def _wait_for_entries(
+    cache: EmbeddingCache, pending: list[Path], stall: float, full: bool, since: float = 0.0
+) -> Iterator[list[Path]]:
     """Poll until ``pending`` have valid entries; yield what is still missing after ``stall`` seconds without progress.
 
     Polls at growing intervals (0.1 s doubling up to 5 s): a small job ends soon after the last
     entry appears, and a large one checks its long list rarely.
+
+    Raises:
+        ImageError: another writer marked one of ``pending`` unreadable at or after time ``since``.
     """
     last_change, interval = time.monotonic(), 0.1
     while pending:
         still = cache.missing(pending, full)
+        unreadable = cache.unreadable(still, since) if still else None
+        if unreadable:
+            raise ImageError(f"{unreadable} (found by another cache writer; the entries of the other images are kept)")
         if len(still) < len(pending):
             last_change = time.monotonic()
         elif time.monotonic() - last_change > stall:
