@@ -25,7 +25,8 @@ from ssp_sam.outputs import check_output_dir, check_output_file
 
 from conftest import REPO, run_script, tiny_model
 
-GOOD_TRAIN = {"epochs": 2, "batch_size": 4, "workers": 0, "lr": 1e-4, "decoder_lr": 0.0, "grad_clip": 0.1, "max_steps_per_epoch": 3}
+GOOD_TRAIN = {"epochs": 2, "batch_size": 4, "workers": 0, "lr": 1e-4, "decoder_lr": 0.0, "grad_clip": 0.1, "max_steps_per_epoch": 3,
+              "warmup_epochs": 0}
 
 
 def _huge_png(path: Path) -> None:

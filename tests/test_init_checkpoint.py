@@ -9,6 +9,7 @@ encoder, it must be that encoder.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,114 @@ def test_a_release_file_as_init_checkpoint_is_named_and_refused(shapeworld_root,
     message = str(error.value)
     assert "\n" not in message and message.startswith(f"{release}: not a checkpoint of ours")
     assert "a training run cannot start from one" in message and "config.json: config file" not in message
+
+
+# ------------------------------------------------------- weight files and model settings of the init checkpoint
+
+
+@pytest.fixture(scope="module")
+def clip_files(tmp_path_factory) -> tuple[Path, Path]:
+    """Two CLIP files of the tiny model's shapes, other weights."""
+    folder = tmp_path_factory.mktemp("clip")
+    files = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        files.append(folder / f"clip{seed}.pt")
+        save_clip_checkpoint(build_clip_model("custom", None, tiny_config().clip_custom), files[-1])
+    return files[0], files[1]
+
+
+def test_init_checkpoint_of_another_clip_file_of_the_same_shape_is_refused(shapeworld_root, clip_files, tmp_path):
+    """A checkpoint that does not carry its encoders (train.save_encoders=false, the REC stage's) names the CLIP file
+    and its sha256: started with another CLIP of the same shape, the adapters would train on other features. Refused
+    as loading and resuming refuse it; a copy of the file it was trained with, elsewhere, passes."""
+    clip_1, clip_2 = clip_files
+    cache = tmp_path / "cache"
+    Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "a", cache, f"model.clip_checkpoint={clip_1}", "train.epochs=1"))).fit()
+    start = f"init_checkpoint={tmp_path / 'a' / 'last'}"
+    for stage in ("train.stage=res", "train.stage=rec"):
+        with pytest.raises(CheckpointError) as error:
+            Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "b", cache, f"model.clip_checkpoint={clip_2}", start, stage)))
+        message = str(error.value)
+        assert message.startswith(f"{start}: trained with model.clip_checkpoint={clip_1}") and f"model.clip_checkpoint={clip_2} holds other weights" in message
+    copy = tmp_path / "moved" / "clip.pt"
+    copy.parent.mkdir()
+    copy.write_bytes(clip_1.read_bytes())
+    Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "c", cache, f"model.clip_checkpoint={copy}", start)))
+
+
+@pytest.mark.parametrize("override, changed", [
+    ("model.append_period=false", "append_period: True -> False"),
+    ("model.prompt_generator.positions_in_values=true", "prompt_generator.positions_in_values: False -> True"),
+    ("model.surgery_blocks=0", "surgery_blocks: 1 -> 0"),
+    ("model.adapters.gaussian=false", "adapters.gaussian: True -> False"),
+])
+def test_init_checkpoint_of_other_model_settings_is_refused(shapeworld_root, tmp_path, override, changed):
+    """Settings that change no tensor shape: the checkpoint's weights would load and compute something else."""
+    cache = tmp_path / "cache"
+    Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "a", cache, "train.epochs=1"))).fit()
+    start = f"init_checkpoint={tmp_path / 'a' / 'last'}"
+    with pytest.raises(ConfigError) as error:
+        Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "b", cache, start, override)))
+    message = str(error.value)
+    assert message.startswith(f"{start}: model settings differ from those it was trained with ({changed})") and "\n" not in message
+
+
+def test_a_new_stage_may_change_its_mask_target_and_what_trains(shapeworld_root, clip_files, tmp_path):
+    """What a stage-2 run legitimately changes: the target its masks train toward (recorded in its own checkpoints;
+    docs/shapeworld_model.md's model.mask_target=area run) and the fine-tuned CLIP parts (from the file)."""
+    clip_1, _ = clip_files
+    cache = tmp_path / "cache"
+    Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "a", cache, f"model.clip_checkpoint={clip_1}", "train.epochs=1"))).fit()
+    start = f"init_checkpoint={tmp_path / 'a' / 'last'}"
+    changed = Trainer(compose_train(train_overrides(
+        shapeworld_root, tmp_path / "b", cache, f"model.clip_checkpoint={clip_1}", start,
+        "model.mask_target=nearest", "model.finetune_text_encoder=true", "model.finetune_image_blocks=1",
+    )))
+    assert changed.model.config.mask_target == "nearest" and changed.model.config.finetune_text_encoder
+
+
+def test_the_shipped_checkpoint_still_starts_the_shapeworld_recipe():
+    """init_checkpoint=checkpoints/shapeworld_default (encoders embedded, no weight files recorded) with
+    experiment=shapeworld_v2, as docs/shapeworld_model.md's fine-tuning runs start (one to mask_target=area)."""
+    from ssp_sam.checkpoint import read_checkpoint_config
+    from ssp_sam.engine.init_checkpoint import check_init_checkpoint
+    from ssp_sam.engine.train_config import train_run_config_from
+
+    shipped = REPO / "checkpoints" / "shapeworld_default"
+    for extra in ([], ["model.mask_target=area"]):
+        config = train_run_config_from(compose_train(["experiment=shapeworld_v2", f"init_checkpoint={shipped}", *extra]))
+        check_init_checkpoint(shipped, read_checkpoint_config(shipped), config.model)
+    config = train_run_config_from(compose_train(["experiment=shapeworld_v2", "model.append_period=false"]))
+    with pytest.raises(ConfigError, match="append_period: True -> False"):
+        check_init_checkpoint(shipped, read_checkpoint_config(shipped), config.model)
+
+
+def test_shapeworld_v2_stage_two_from_its_own_rec_stage(tmp_path):
+    """The recipe's two-stage use: `experiment=shapeworld_v2 train.stage=rec train.save_encoders=false`, then
+    `experiment=shapeworld_v2 init_checkpoint=<that run>/last` (both at the recipe's model, on weight files of its
+    shapes written here; few images and steps). Stage 2 starts: the REC stage's modules and fine-tuned text tower,
+    SAM's own mask decoder."""
+    from ssp_sam.data.shapeworld import generate_dataset
+
+    model = OmegaConf.load(REPO / "configs" / "model" / "shapeworld_v2.yaml")
+    clip_file, sam_file = tmp_path / "clip_v2.pt", tmp_path / "sam_v2.pth"
+    torch.manual_seed(0)
+    save_clip_checkpoint(build_clip_model("custom", None, OmegaConf.to_container(model.clip_custom)), clip_file)
+    write_sam_file(sam_file, OmegaConf.to_container(model.sam_custom), 3)
+    data = generate_dataset(tmp_path / "data", "gres", {"train": 4, "val": 1}, seed=5, progress=False)
+    small = [
+        f"dataset.root={data}", f"cache_dir={tmp_path / 'cache'}", f"model.clip_checkpoint={clip_file}",
+        f"model.sam_checkpoint={sam_file}", "train.epochs=3", "train.max_steps_per_epoch=1", "train.batch_size=2",
+        "train.workers=0", "val.every=3", "val.overlays=0",
+    ]
+    rec = Trainer(compose_train(["experiment=shapeworld_v2", "train.stage=rec", "train.save_encoders=false",
+                                 f"run_dir={tmp_path / 'rec'}", *small]))
+    rec.fit()
+    stage_two = Trainer(compose_train(["experiment=shapeworld_v2", f"init_checkpoint={tmp_path / 'rec' / 'last'}",
+                                       f"run_dir={tmp_path / 'res'}", *small]))
+    loaded, trained = stage_two.model.state_dict(), rec.model.state_dict()
+    assert all(torch.equal(loaded[k], trained[k]) for k in trained if k.startswith(("prompt_generator.", "word_proj.", "clip.clip.ln_final.")))
+    sam_decoder = torch.load(sam_file)
+    assert torch.equal(loaded["mask_head.mask_decoder.iou_token.weight"], sam_decoder["mask_decoder.iou_token.weight"])
+    assert all(math.isfinite(loss) for loss in stage_two.train_one_epoch(0))

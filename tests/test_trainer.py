@@ -28,7 +28,7 @@ from ssp_sam.engine.distributed import seed_rank_rngs
 from ssp_sam.engine.rec_validation import rec_accuracy
 from ssp_sam.config import ModelConfig
 from ssp_sam.engine.precision import resolve_precision
-from ssp_sam.engine.train_config import TrainRunConfig, train_run_config_from
+from ssp_sam.engine.train_config import TrainRunConfig, config_warnings, train_run_config_from
 from ssp_sam.engine.trainer import Trainer, TrainingDivergedError, epoch_would_overrun
 from ssp_sam.errors import ConfigError, DatasetError
 from ssp_sam.model import SSPOutput
@@ -44,6 +44,10 @@ def shapeworld_root(tmp_path_factory) -> Path:
 
 
 def train_overrides(root: Path, run_dir: Path, cache_dir: Path, *extra: str) -> list[str]:
+    """The tiny run's overrides, then ``extra``. A one-epoch run (``train.epochs=1`` in ``extra``) gets no warm-up and
+    no decoder freeze: either would last the whole run, which the config validation refuses (``extra`` may still
+    set them)."""
+    one_epoch = ["train.warmup_epochs=0", "train.decoder_freeze_epochs=0"] if "train.epochs=1" in extra else []
     return [
         "model=tiny",
         "dataset=shapeworld",
@@ -61,6 +65,7 @@ def train_overrides(root: Path, run_dir: Path, cache_dir: Path, *extra: str) -> 
         "val.split=null",
         "val.overlays=0",
         "train.precision=fp32",
+        *one_epoch,
         *extra,
     ]
 
@@ -836,3 +841,111 @@ def test_shapeworld_v2_recipe_caches_what_random_placement_cannot_change():
     for seed in range(5):
         placed, placed_box = letterbox_image(scene, CANVAS, "random", torch.Generator().manual_seed(seed))
         assert torch.equal(placed, centred) and placed_box == box
+
+
+# ------------------------------------------------------------------------ settings accepted with no effect
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # the decoder's default freeze (20 epochs) outlasting a short run: SAM's mask decoder would never train
+    (("train.epochs=10", "train.decoder_freeze_epochs=20"), "train.decoder_freeze_epochs=20 >= train.epochs=10: SAM's mask decoder would never unfreeze"),
+    (("train.epochs=3", "train.decoder_freeze_epochs=3"), "train.decoder_freeze_epochs=3 >= train.epochs=3"),
+    (("train.epochs=3", "train.warmup_epochs=3"), "train.warmup_epochs=3 >= train.epochs=3: the run would never leave its"),
+    (("train.min_lr=1e-2",), "train.min_lr=0.01 is above train.lr=0.002"),
+    (("train.min_lr=1.5e-3",), "train.min_lr=0.0015 is above train.decoder_lr=0.001"),  # the decoder trains from epoch 2
+    (("train.min_lr=1e-4", "model.finetune_text_encoder=true"), "train.min_lr=0.0001 is above train.text_encoder_lr=1e-05"),
+    (("train.augment=false", "train.clip_placements=4"), "train.clip_placements=4: the K placements are offsets of the random letterbox"),
+])
+def test_settings_that_would_do_nothing_are_refused(tmp_path, overrides, message):
+    """Each was accepted and silently ignored (or made the schedule run upwards); now one line naming the keys,
+    before the (absent) dataset is read."""
+    cfg = compose_train(train_overrides(tmp_path / "no_such_data", tmp_path / "run", tmp_path / "cache", *overrides))
+    with pytest.raises(ConfigError) as error:
+        Trainer(cfg)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value), str(error.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    ("train.epochs=3", "train.decoder_freeze_epochs=5", "train.decoder_lr=0"),  # the decoder frozen all run, on purpose
+    ("train.stage=rec", "train.epochs=3", "train.decoder_freeze_epochs=20"),  # REC: no decoder training at all
+    ("train.min_lr=1.5e-3", "train.decoder_freeze_epochs=3", "train.decoder_lr=0"),  # a decoder that never trains has no rate
+    ("train.min_lr=1e-4",),  # the text tower is frozen: text_encoder_lr (1e-5) trains nothing
+    ("train.epochs=2", "train.warmup_epochs=1", "train.decoder_freeze_epochs=1"),
+    ("train.augment=true", "train.clip_placements=4"),
+])
+def test_settings_that_take_effect_pass(tmp_path, overrides):
+    train_run_config_from(compose_train(train_overrides(tmp_path / "data", tmp_path / "run", tmp_path / "cache", *overrides)))
+
+
+def test_a_decoder_frozen_on_purpose_never_trains(shapeworld_root, tmp_path):
+    """train.decoder_lr=0 with the freeze outlasting the run: the decoder stays SAM's, the rest trains."""
+    trainer = Trainer(compose_train(train_overrides(
+        shapeworld_root, tmp_path / "run", tmp_path / "cache", "train.epochs=2", "train.decoder_freeze_epochs=2", "train.decoder_lr=0",
+    )))
+    before = {k: v.clone() for k, v in trainer.model.mask_head.mask_decoder.state_dict().items()}
+    trainer.fit()
+    after = trainer.model.mask_head.mask_decoder.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("overrides, warning", [
+    (("train.text_cache_gb=1", "model.finetune_text_encoder=true"), "train.text_cache_gb=1 has no effect with model.finetune_text_encoder=true"),
+    (("train.stage=rec", "val.protocol=standard", "val.overlays=4"), "val.protocol=standard has no effect in the REC stage"),
+    (("train.stage=rec", "val.protocol=standard", "val.overlays=1"), "val.protocol=standard, val.overlays=1 have no effect in the REC stage"),
+    (("train.stage=rec", "val.overlays=0"), "val.overlays=0 has no effect in the REC stage"),
+    (("val.split=train",), "val.split=train is the training split (train.split): best/ is chosen on training data"),
+    (("test.split=train",), "test.split=train is the training split: the test results are on data the model trained on"),
+])
+def test_settings_that_are_ignored_or_misleading_are_warned_about(tmp_path, overrides, warning):
+    config = train_run_config_from(compose_train(train_overrides(tmp_path / "data", tmp_path / "run", tmp_path / "cache", *overrides)))
+    assert [line for line in config_warnings(config) if line.startswith(warning)], config_warnings(config)
+    plain = train_run_config_from(compose_train(train_overrides(tmp_path / "data", tmp_path / "run", tmp_path / "cache")))
+    assert config_warnings(plain) == []
+
+
+def test_the_trainer_prints_its_warnings_once_at_the_start(shapeworld_root, tmp_path, capsys):
+    Trainer(compose_train(train_overrides(shapeworld_root, tmp_path / "run", tmp_path / "cache", "val.split=train")))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: val.split=train")]
+    assert len(lines) == 1
+
+
+def test_the_released_recipes_pass_the_new_checks():
+    """Every experiment (the paper's with init_checkpoint given, the ShapeWorld ones, the ablations) and the
+    recipe script's commands pass, warnings aside."""
+    experiments = sorted(path.stem for path in (REPO / "configs" / "experiment").glob("*.yaml") if not path.stem.startswith("ovss_"))
+    assert "shapeworld_v2" in experiments and "refcoco_224" in experiments
+    for name in experiments:
+        train_run_config_from(compose_train([f"experiment={name}", "init_checkpoint=null"]))
+    for name in ("shapeworld_v2", "shapeworld_default"):  # scripts/train_default_model.sh
+        train_run_config_from(compose_train([f"experiment={name}", "train.max_minutes=55", "resume=true"]))
+    rec = train_run_config_from(compose_train(["experiment=shapeworld_v2", "train.stage=rec", "train.save_encoders=false"]))
+    assert rec.train.stage == "rec"
+
+
+def test_the_final_test_of_a_bf16_run_reads_fp32_embeddings(shapeworld_root, tmp_path, monkeypatch):
+    """A bf16 training caches bf16 SAM embeddings (precision=auto's dtype, made bf16 here); its results JSON says
+    fp32, so the test split is scored on fp32 entries: the numbers of an fp32 evaluation of best/ (eval.py
+    precision=fp32), not those of bf16 embeddings."""
+    import ssp_sam.engine.caching as caching
+    from ssp_sam.checkpoint import load_model
+    from ssp_sam.engine.caching import ensure_cache
+    from ssp_sam.engine.evaluator import evaluate
+    from ssp_sam.engine.precision import Precision
+
+    monkeypatch.setattr(caching, "resolve_precision", lambda name, device: Precision("bf16", "native bf16 (test)"))
+    cache = tmp_path / "cache"
+    trainer = Trainer(compose_train(train_overrides(
+        shapeworld_root, tmp_path / "run", cache, "train.precision=bf16", "train.epochs=1", "test.split=val", "train.save_encoders=true",
+    )))
+    image = trainer.datasets["test"].image_paths()[0]
+    assert trainer.cache.get(image, dtype=None).dtype == torch.bfloat16  # what training and validation read
+    trainer.fit()
+    record = json.loads(trainer.test().read_text())
+    assert record["precision"] == "fp32" and record["cache_dtype"] == "fp32"
+    assert trainer._test_cache().get(image, dtype=None).dtype == torch.float32
+
+    model = load_model(tmp_path / "run" / "best")  # carries its SAM encoder: an fp32 cache of its own, elsewhere
+    fp32 = ensure_cache(tmp_path / "cache_fp32", trainer.datasets["test"].image_paths(), [shapeworld_root / "images"],
+                        model.sam_image_encoder, "custom", None, model.sam_image_size, torch.device("cpu"), dtype="fp32", progress=False)
+    reference = evaluate(model, trainer.datasets["test"], cache=fp32, progress=False, protocol=trainer.config.val.protocol)
+    assert record["metrics"] == pytest.approx(reference.metrics, abs=1e-6)

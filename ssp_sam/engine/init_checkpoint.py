@@ -15,6 +15,14 @@ they differ (the files were remade, or belong to another model), two things woul
 checkpoint's (the model being continued) and keys its SAM cache by the encoder's own weights, any
 other run is refused with an error naming the file and the two ways out. A resumed run likewise keeps
 the SAM image encoder its ``last/`` stored (:func:`describe_resumed`), the file's or not.
+
+A checkpoint that does not carry its encoders (``train.save_encoders=false``, the paper's REC stage)
+has only their files' sha256 to show what its modules were trained on: :func:`check_init_checkpoint`
+compares them with the files the run names, as loading and resuming do, and the stored model settings
+with the run's, so that neither another CLIP of the same shape nor a setting that changes no tensor
+shape (``append_period``, ``prompt_generator.positions_in_values``, ``surgery_blocks``, ...) silently
+gives the new stage other features than its modules learnt from. What a new stage may change:
+:data:`INIT_FREE_SETTINGS`.
 """
 
 from __future__ import annotations
@@ -25,8 +33,35 @@ from typing import Collection, Mapping, Sequence
 
 from torch import Tensor
 
+from ..checkpoint import OVERRIDABLE_SETTINGS, _changed_settings, weight_files_of
+from ..config import ModelConfig, model_config_from
 from ..errors import ConfigError
 from ..state_dicts import differs_under
+from ..weight_identity import check_weight_files
+
+# Model settings a run may change from its init_checkpoint's: where the frozen weights are (their contents are
+# compared by sha256), the no-target threshold (inference only), what trains (the fine-tuned CLIP parts start from
+# the file when the checkpoint lacks them), the target this run's masks are trained toward (its checkpoints record
+# it; docs/shapeworld_model.md fine-tunes the shipped model to model.mask_target=area), the model's name (a label),
+# and whether encoders without a file may be random (tests). Every other setting is the checkpoint's.
+INIT_FREE_SETTINGS = (*OVERRIDABLE_SETTINGS, "random_encoders", "mask_target", "name")
+
+
+def check_init_checkpoint(checkpoint: str | os.PathLike, stored: Mapping, model: ModelConfig) -> None:
+    """The run's model (``model``) must be the one the init checkpoint (config.json ``stored``) was trained as.
+
+    Raises:
+        CheckpointError: a weight file the run names holds other weights than the one the checkpoint recorded.
+        ConfigError: model settings other than :data:`INIT_FREE_SETTINGS` differ, all of them named.
+    """
+    check_weight_files(stored.get("weight_files"), weight_files_of(model), f"init_checkpoint={checkpoint}")
+    changed = _changed_settings(model_config_from(stored["model"]), model, INIT_FREE_SETTINGS)
+    if changed:
+        raise ConfigError(
+            f"init_checkpoint={checkpoint}: model settings differ from those it was trained with ({'; '.join(changed)}); "
+            f"its modules would run on other features than they learnt from: give the checkpoint's values (its config.json), "
+            f"a new stage may change only {', '.join(INIT_FREE_SETTINGS)}"
+        )
 
 
 @dataclass(frozen=True)

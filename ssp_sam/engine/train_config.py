@@ -162,7 +162,87 @@ def train_run_config_from(cfg: Mapping | DictConfig) -> TrainRunConfig:
         )
     if config.train.stage == "rec" and config.test.split:
         raise ConfigError("test.split: the REC stage (train.stage=rec) is validated by REC accuracy on val.split only; set test.split=null")
-    check_output_dir(config.run_dir, "run_dir")
     config.model = model_config_from(raw.get("model") or {})
+    _check_combinations(config)
+    check_output_dir(config.run_dir, "run_dir")
     config.dataset = dict(raw.get("dataset") or {})
     return config
+
+
+def decoder_trains(config: TrainRunConfig) -> bool:
+    """Whether SAM's mask decoder trains at some epoch: stage res, unfrozen before the last epoch."""
+    return config.train.stage == "res" and config.train.decoder_freeze_epochs < config.train.epochs
+
+
+def _check_combinations(config: TrainRunConfig) -> None:
+    """Settings each valid alone that together would be accepted with no effect (or a schedule that
+    contradicts itself): one :class:`ConfigError` naming the keys. Rules (README, "Training"):
+
+    - stage res, ``train.decoder_freeze_epochs >= train.epochs``: the mask decoder never unfreezes, so
+      ``train.decoder_lr`` does nothing; refused unless ``train.decoder_lr=0`` says the decoder is meant to
+      stay frozen for the whole run (a default freeze of 20 epochs must not silently outlast a short run);
+    - ``train.warmup_epochs >= train.epochs``: the run never leaves its warm-up (no cosine at all);
+    - ``train.min_lr`` above the learning rate of a group that trains (``train.lr``; ``train.decoder_lr``
+      when the decoder unfreezes; ``train.text_encoder_lr`` / ``train.image_encoder_lr`` when the model
+      fine-tunes CLIP's text tower / image blocks): the cosine would run upwards (per_epoch) or be clamped
+      to a constant rate (per_iteration);
+    - ``train.clip_placements > 0`` with ``train.augment=false``: placements choose among random letterbox
+      offsets, and without augmentation every input is centred.
+    """
+    train, model = config.train, config.model
+    if train.stage == "res" and train.decoder_freeze_epochs >= train.epochs and train.decoder_lr > 0:
+        raise ConfigError(
+            f"train.decoder_freeze_epochs={train.decoder_freeze_epochs} >= train.epochs={train.epochs}: SAM's mask decoder "
+            f"would never unfreeze, so train.decoder_lr={train.decoder_lr:g} would do nothing; lower "
+            "train.decoder_freeze_epochs below train.epochs, or set train.decoder_lr=0 to keep the decoder frozen for the whole run"
+        )
+    if train.warmup_epochs >= train.epochs:
+        raise ConfigError(
+            f"train.warmup_epochs={train.warmup_epochs} >= train.epochs={train.epochs}: the run would never leave its "
+            "linear warm-up (its cosine decay toward train.min_lr never starts); lower train.warmup_epochs"
+        )
+    groups = [("train.lr", train.lr, True), ("train.decoder_lr", train.decoder_lr, decoder_trains(config)),
+              ("train.text_encoder_lr", train.text_encoder_lr, model.finetune_text_encoder),
+              ("train.image_encoder_lr", train.image_encoder_lr, model.finetune_image_blocks > 0)]
+    for key, lr, trains in groups:
+        if trains and train.min_lr > lr:
+            raise ConfigError(
+                f"train.min_lr={train.min_lr:g} is above {key}={lr:g}: the cosine schedule ends at train.min_lr, so that "
+                "group's rate would rise over the run (per_epoch) or never decay (per_iteration); lower train.min_lr"
+            )
+    if train.clip_placements and not train.augment:
+        raise ConfigError(
+            f"train.clip_placements={train.clip_placements}: the K placements are offsets of the random letterbox "
+            "(train.augment=true); with train.augment=false every CLIP input is centred; set train.clip_placements=0 "
+            "or train.augment=true"
+        )
+
+
+def config_warnings(config: TrainRunConfig) -> list[str]:
+    """Settings that are accepted but do nothing, or that let training data stand in for held-out data; the
+    trainer prints each as one ``warning:`` line at its start. They are warnings, not errors, where a released
+    recipe sets them on purpose (shapeworld_v2's text cache; a REC stage of an experiment made for stage 2)."""
+    train, val, model = config.train, config.val, config.model
+    found = []
+    if train.text_cache_gb > 0 and model.finetune_text_encoder:
+        found.append(
+            f"train.text_cache_gb={train.text_cache_gb:g} has no effect with model.finetune_text_encoder=true: a text tower "
+            "that trains runs at every step, and each validation keeps a text cache of its own whatever this says"
+        )
+    if train.stage == "rec":
+        defaults = ValSection()
+        ignored = [f"val.{key}={getattr(val, key)}" for key in ("protocol", "overlays") if getattr(val, key) != getattr(defaults, key)]
+        if ignored:
+            found.append(
+                f"{', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect in the REC stage (train.stage=rec): "
+                "it is validated by REC accuracy on the boxes, with no masks to compare or draw"
+            )
+    if val.split and val.split == train.split:
+        found.append(
+            f"val.split={val.split} is the training split (train.split): best/ is chosen on training data"
+        )
+    if config.test.split and config.test.split in (train.split, "train"):
+        found.append(
+            f"test.split={config.test.split} is the training split: the test results are on data the model trained on"
+        )
+    return found

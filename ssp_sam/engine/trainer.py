@@ -7,8 +7,11 @@ modules, SAM mask decoder), the release's per-epoch cosine schedule with linear 
 expression per sample per visit, random letterbox placement.
 
 Configuration: ``configs/train.yaml``, validated once into typed sections before any work
-(``train_config.py``). Precision: ``train.precision`` (``precision.py``); the choice and its reason
-are printed once at the start.
+(``train_config.py``; settings accepted but without effect are printed as ``warning:`` lines at the
+start). Precision: ``train.precision`` (``precision.py``); the choice and its reason are printed once
+at the start. Training and validation read the SAM embeddings the cache holds in the training
+precision's storage dtype (bf16 under bf16 training); the final test reads fp32 entries (computed then
+if the cache holds others), so its results JSON is fp32 throughout, as ``eval.py precision=fp32``.
 
 The hot loop makes no host synchronisation per step: the loss terms stay on the device and are
 read back once every ``train.log_every`` steps (and at the end of an epoch), all steps of that
@@ -37,6 +40,8 @@ Run directory layout::
 from __future__ import annotations
 
 import math
+import shlex
+import sys
 import time
 from dataclasses import dataclass, replace
 from functools import partial
@@ -74,7 +79,7 @@ from ..visualize import padded_prediction_overlay
 from ..weight_files import read_weights
 from ..weight_identity import check_weight_files
 from .caching import cache_dtype_for, dataset_image_roots, ensure_cache
-from .init_checkpoint import FrozenEncoder, describe_replaced, describe_resumed, encoders_replaced
+from .init_checkpoint import FrozenEncoder, check_init_checkpoint, describe_replaced, describe_resumed, encoders_replaced
 from .distributed import barrier, logged_terms, mean_across_ranks, seed_rank_rngs, shutdown_distributed, start_training_process
 from .evaluator import evaluate
 from .host_memory import shared_with_forked_workers
@@ -82,7 +87,7 @@ from .optim import adamw, build_schedule, optimizer_step, parameter_groups
 from .rec_validation import REC_METRIC, rec_accuracy
 from .reporting import command_line, console_tables, write_results
 from .run_dir import append_log, open_run_dir, restore_trainer_state, trainer_state, truncate_log
-from .train_config import TrainRunConfig, train_run_config_from
+from .train_config import TrainRunConfig, config_warnings, train_run_config_from
 
 # The validation metric that picks the best checkpoint of stage "res", per task (stage "rec": REC_METRIC);
 # with val.protocol=ssp_sam_release its release-arithmetic version (key + RELEASE_SUFFIX), as the release selects.
@@ -136,6 +141,9 @@ class Trainer:
         self.config = cfg if isinstance(cfg, TrainRunConfig) else train_run_config_from(cfg)
         config, train = self.config, self.config.train
         self.device, self.precision, self.dist = start_training_process(config.device, train.precision, config.seed)
+        if self.dist.is_main:
+            for warning in config_warnings(config):
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
         self.run_dir = Path(config.run_dir)
 
         self.stage = train.stage
@@ -234,8 +242,12 @@ class Trainer:
         keeps the mask head of SAM's own weight file instead, as the release's stage 2 starts from
         SAM's decoder (its pretraining never changes it). A model that fine-tunes CLIP's text tower or
         last vision blocks may start from a frozen-CLIP run: they then start from the CLIP weight file.
+        The weight files and model settings it was trained with must be the run's
+        (:func:`~ssp_sam.engine.init_checkpoint.check_init_checkpoint`).
         """
-        run = read_checkpoint_config(path).get("run") or {}
+        stored_config = read_checkpoint_config(path)
+        check_init_checkpoint(path, stored_config, self.model_config)
+        run = stored_config.get("run") or {}
         from_rec_stage = (run.get("train") or {}).get("stage") == "rec"
         stored = self._check_init_encoders(path)
         sam_head = {k: v.clone() for k, v in self.model.mask_head.state_dict().items()} if from_rec_stage else None
@@ -274,18 +286,38 @@ class Trainer:
         splits = load_splits(self.dataset_cfg, list(wanted.values()))
         return {role: splits[split] for role, split in wanted.items()}
 
-    def _prepare_cache(self) -> EmbeddingCache:
-        """Make sure every train/val image has a cached SAM embedding (each rank computes its share)."""
+    def _prepare_cache(self, images: Optional[list[Path]] = None, dtype: Optional[str] = None) -> EmbeddingCache:
+        """Make sure every image (default: of every split) has a cached SAM embedding (each rank computes its share).
+
+        ``dtype``: the entries' dtype (default: the training precision's, ``cache_dtype_for``).
+        """
         config = self.model_config
         encoder = self.model.sam_image_encoder
         if encoder is None:  # built only if the cache lacks an image, freed afterwards
             encoder = partial(build_sam_image_encoder, config)
+        if images is None:
+            images = [p for d in self.datasets.values() for p in d.image_paths()]
+        dataset = [f"dataset={self.dataset_cfg.get('name')}"] + [
+            f"dataset.{key}={self.dataset_cfg[key]}" for key in ("root", "image_root") if self.dataset_cfg.get(key)
+        ]
         return ensure_cache(
-            self.config.cache_dir, [p for d in self.datasets.values() for p in d.image_paths()], dataset_image_roots(self.dataset_cfg),
+            self.config.cache_dir, images, dataset_image_roots(self.dataset_cfg),
             encoder, config.sam_variant, None if self._sam_encoder_from_checkpoint else config.sam_checkpoint,
             self.model.sam_image_size, self.device, self.dist,
-            batch_size=self.config.cache_batch_size, dtype=cache_dtype_for("auto", self.precision),
+            batch_size=self.config.cache_batch_size, dtype=dtype or cache_dtype_for("auto", self.precision),
+            sam_custom=config.sam_custom, dataset_arguments=" ".join(shlex.quote(word) for word in dataset),
         )
+
+    def _test_cache(self) -> Optional[EmbeddingCache]:
+        """The SAM embeddings the final test reads: fp32 entries, as ``eval.py precision=fp32`` reads them.
+
+        The training cache serves when it holds fp32 entries only (fp32 training); otherwise (bf16 or fp16
+        training: entries of any dtype, new ones in the half dtype) the test images' fp32 entries are computed
+        (or found) now, so that the results JSON's fp32 is true of the embeddings too.
+        """
+        if self.cache is None or self.cache.dtype == torch.float32:
+            return self.cache
+        return self._prepare_cache(self.datasets["test"].image_paths(), dtype="fp32")
 
     def _load_resumed_weights(self, last: Path) -> None:
         """The weights of the run's ``last/``, before the SAM embedding cache is opened.
@@ -544,8 +576,8 @@ class Trainer:
         """Evaluate the best checkpoint on ``test.split`` and write the results JSON into the run directory.
 
         Masks are compared as validation compares them (``val.protocol``: the release's evaluator by
-        default, as the tables the recipe reproduces), in fp32. Returns the JSON's path (None without a
-        test split, and on ranks other than 0).
+        default, as the tables the recipe reproduces), in fp32, on fp32 SAM embeddings (:meth:`_test_cache`).
+        Returns the JSON's path (None without a test split, and on ranks other than 0).
         """
         if "test" not in self.datasets:
             return None
@@ -553,7 +585,7 @@ class Trainer:
         self.model.eval()
         dataset = self.datasets["test"]
         result = evaluate(
-            self.model, dataset, cache=self.cache, device=self.device, max_batch=self.config.val.max_batch,
+            self.model, dataset, cache=self._test_cache(), device=self.device, max_batch=self.config.val.max_batch,
             progress=self.dist.is_main, protocol=self.config.val.protocol,
         )
         if not self.dist.is_main:
@@ -561,7 +593,7 @@ class Trainer:
         path = self.run_dir / f"results_{dataset.name}_{dataset.split}.json"
         write_results(
             path, result, {**self.dataset_cfg, "split": dataset.split}, self.model_config.name, self.run_dir / "best", command_line(),
-            label=self.config.name,
+            label=self.config.name, cache_dtype="fp32",  # _test_cache: fp32 entries only
         )
         tqdm.write(f"{dataset.name} {dataset.split}:\n{console_tables(result)}\nwrote {path}")
         return path
