@@ -40,7 +40,7 @@ step "training: 2 steps, $procs process(es), device=$device"
     model=tiny dataset=shapeworld dataset.root="$out/data" \
     run_dir="$out/run" cache_dir="$out/cache" device="$device" \
     train.epochs=1 train.max_steps_per_epoch=2 train.batch_size=4 train.workers=2 \
-    train.warmup_epochs=1 train.decoder_freeze_epochs=0 train.save_encoders=true val.split=val val.overlays=1
+    train.warmup_epochs=0 train.decoder_freeze_epochs=0 train.save_encoders=true val.split=val val.overlays=1
 
 step "evaluation of the trained checkpoint on $device"
 "$python" scripts/eval.py checkpoint="$out/run/best" dataset=shapeworld dataset.root="$out/data" \
