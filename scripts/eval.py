@@ -42,7 +42,8 @@ from ssp_sam.config import model_overrides_added
 from ssp_sam.data.registry import load_dataset
 from ssp_sam.engine.caching import cache_dtype_for, dataset_image_roots, ensure_cache
 from ssp_sam.engine.distributed import DistInfo, init_distributed, prepare_cpu_process, shutdown_distributed
-from ssp_sam.engine.evaluator import eval_run_config_from, evaluate, resolve_group_key
+from ssp_sam.engine.eval_config import eval_run_config_from
+from ssp_sam.engine.evaluator import evaluate, resolve_group_key
 from ssp_sam.engine.precision import resolve_precision
 from ssp_sam.engine.reporting import CheckpointWatch, check_distinct_outputs, command_line, console_tables, write_results, write_samples
 from ssp_sam.errors import ConfigError, first_line

@@ -30,15 +30,14 @@ The result also says what was evaluated: the data (referent count and :func:`dat
 the split's sentences that does not depend on where the files are) and the model's effective config
 (overrides such as ``no_target_pixels`` included), so that results files of other data or settings are
 never laid out as one (``reporting.py``). ``group_key`` (:func:`resolve_group_key`) is checked against the
-split's sentences before any image is read. :class:`EvalRunConfig` is scripts/eval.py's typed
-configuration (``configs/eval.yaml``), validated before any work as the training configs are.
+split's sentences before any image is read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -46,22 +45,19 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..data.embedding_cache import EmbeddingCache
 from ..data.records import ReferringDataset, ReferringSample
-from ..errors import ConfigError, DatasetError, SSPSAMError, first_line
+from ..errors import ConfigError, DatasetError, SSPSAMError
 from ..feature_cache import ImageTokenCache, TextFeatureCache
 from ..metrics import GRESMetrics, RESMetrics, SSPSAMReleaseMetrics
 from ..model import SSPSAM
 from ..predictor import ImagePreparer, Prediction, PreparedImage, Predictor
-from .config_fields import check_fields, choice, merge_config, number
 from .host_memory import shared_with_forked_workers
-from .precision import PRECISIONS, Precision
-from .protocols import Protocol, ReleaseProtocol, check_protocol, make_protocol
+from .precision import Precision
+from .protocols import Protocol, ReleaseProtocol, make_protocol
 
 _MetricState = Union[RESMetrics, GRESMetrics, SSPSAMReleaseMetrics]
 
@@ -69,53 +65,6 @@ _MetricState = Union[RESMetrics, GRESMetrics, SSPSAMReleaseMetrics]
 # none elsewhere (RefCOCO); a key given by name must be carried by some sentence.
 GROUP_KEY_AUTO = "auto"
 DEFAULT_GROUP_KEY = "kind"
-CACHE_DTYPES = ("auto", "fp32", "fp16", "bf16")  # ssp_sam.data.embedding_cache.STORAGE_DTYPES and auto
-
-
-@dataclass
-class EvalRunConfig:
-    """scripts/eval.py's options (configs/eval.yaml says what each does); ``model`` and ``dataset`` are not
-    part of it (the checkpoint loader and the dataset registry check them)."""
-
-    checkpoint: Optional[str] = None
-    metrics_out: Optional[str] = None
-    samples_out: Optional[str] = None
-    label: Optional[str] = None
-    cache_dir: Optional[str] = None
-    cache_batch_size: int = number(4, 1)
-    cache_dtype: str = choice("auto", CACHE_DTYPES)
-    device: str = "auto"
-    max_batch: int = number(32, 1)
-    images_per_batch: int = number(4, 1)
-    workers: int = number(2, 0)
-    precision: str = choice("auto", PRECISIONS)
-    compile: bool = False
-    group_key: Optional[str] = GROUP_KEY_AUTO
-    protocol: str = "standard"  # checked by check_protocol (its message lists the protocols)
-    progress: bool = True
-
-
-def eval_run_config_from(cfg: Mapping | DictConfig) -> EvalRunConfig:
-    """Validate a composed evaluation config (configs/eval.yaml) into an :class:`EvalRunConfig`.
-
-    Every option is checked whether or not it is used by this run (``cache_dtype`` without a cache, ...),
-    so that a mistyped one never passes unnoticed.
-
-    Raises:
-        ConfigError: one line naming the first unusable key (unknown, e.g. ``+protocl=rela``; wrong type;
-            out of range; not one of its choices).
-    """
-    try:
-        raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"{exc.full_key or 'config'}: cannot be resolved ({first_line(exc)})") from None
-    sections = {key: value for key, value in raw.items() if key not in ("model", "dataset")}
-    config = merge_config(EvalRunConfig, sections, raw, "an evaluation option (configs/eval.yaml lists them)")
-    check_fields("", config, raw)
-    check_protocol(config.protocol)
-    return config
-
-
 @dataclass
 class EvaluationResult:
     """Scores of one evaluation.
