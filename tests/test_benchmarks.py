@@ -33,3 +33,18 @@ def test_loader_memory_verdict_needs_a_margin_beyond_the_run_to_run_spread():
     assert rows[4]["within_bound"] is True and rows[2]["within_bound"] is None  # 2: the reference, not judged
     assert bench_loader_memory.summarize(runs, 30 * mib)[2]["within_bound"] is False
     assert bench_loader_memory.summarize(runs, 48 * mib)[2]["within_bound"] is None
+
+
+def test_loader_memory_judges_each_workers_own_peak_against_an_idle_worker_and_its_batches():
+    """Largest workers' peak private memory, three runs per count: 2 workers 60 / 62 / 61 MiB (median 61, spread 2), 4 workers
+    70 / 90 / 72 (median 72, spread 20). A bound of 65 MiB: 2 within it beyond the spread, 4 above it by 7 MiB, less
+    than its spread (not established); a bound of 100 settles both; 0 workers is not judged."""
+    mib = 2**20
+    peaks = {0: [[], [], []], 2: [[60, 41], [62, 40], [61, 39]], 4: [[70, 50, 50, 49], [90, 51, 50, 50], [72, 50, 49, 49]]}
+    runs = {workers: [{"worker_peak_private_bytes": [p * mib for p in run]} for run in values] for workers, values in peaks.items()}
+    rows = {row["workers"]: row for row in bench_loader_memory.summarize_workers(runs, 65 * mib)}
+    assert set(rows) == {2, 4}
+    assert rows[2]["median_bytes"] == 61 * mib and rows[2]["spread_bytes"] == 2 * mib and rows[2]["within_bound"] is True
+    assert rows[4]["median_bytes"] == 72 * mib and rows[4]["spread_bytes"] == 20 * mib and rows[4]["within_bound"] is None
+    assert all(row["within_bound"] is True for row in bench_loader_memory.summarize_workers(runs, 100 * mib))
+    assert bench_loader_memory.summarize_workers(runs, 30 * mib)[0]["within_bound"] is False
