@@ -577,19 +577,20 @@ def refuse_rec_stage_checkpoint(stored: Mapping[str, Any], path: str | os.PathLi
 OVERRIDABLE_SETTINGS = ("clip_checkpoint", "sam_checkpoint", "no_target_pixels", "finetune_text_encoder", "finetune_image_blocks")
 
 
-def _flat(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat_settings(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings -> ``{"adapters.visual": True, ...}``: dotted keys, the values that are not mappings."""
     flat: dict[str, Any] = {}
     for key, value in settings.items():
         if isinstance(value, Mapping):
-            flat.update(_flat(value, f"{prefix}{key}."))
+            flat.update(flat_settings(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
 
 
-def _changed_settings(before: ModelConfig, after: ModelConfig, free: tuple[str, ...]) -> list[str]:
+def changed_settings(before: ModelConfig, after: ModelConfig, free: tuple[str, ...]) -> list[str]:
     """``"key: old -> new"`` for every setting that differs, but for those under the top-level keys ``free``."""
-    old, new = _flat(before.to_dict()), _flat(after.to_dict())
+    old, new = flat_settings(before.to_dict()), flat_settings(after.to_dict())
     return [
         f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
         for key in sorted(set(old) | set(new))
@@ -601,7 +602,7 @@ def _refuse_changed_settings(stored: ModelConfig, given: ModelConfig, path: Path
     """A checkpoint of ours defines its model: other settings given for it (``model=<preset>`` on the
     command line brings a whole preset) would change what it computes without any shape error
     (``append_period``, ``prompt_generator.positions_in_values``, the adapters' switches), so they are refused."""
-    changed = _changed_settings(stored, given, OVERRIDABLE_SETTINGS + ("random_encoders",))
+    changed = changed_settings(stored, given, OVERRIDABLE_SETTINGS + ("random_encoders",))
     if changed:
         raise ConfigError(
             f"{path}: model settings differ from the checkpoint's own config.json ({'; '.join(changed)}); a checkpoint "
@@ -623,7 +624,7 @@ def _refuse_settings_of_another_model(given: ModelConfig, preset: str, path: Pat
     for key, settings in _STAND_IN_SETTINGS.items():
         if getattr(given, key) == "custom":
             free += (*settings, "name")
-    changed = _changed_settings(model_config_from(RELEASE_PRESETS[preset]), given, free)
+    changed = changed_settings(model_config_from(RELEASE_PRESETS[preset]), given, free)
     if changed:
         raise ConfigError(
             f"{path}: model settings differ from those of the {preset} release ({'; '.join(changed)}); a released "

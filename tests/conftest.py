@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import runpy
 import subprocess
 import sys
 import tempfile
@@ -52,6 +53,17 @@ def run_script(script: str, *args: str, cwd: Path | None = None) -> subprocess.C
         env=env,
         timeout=600,
     )
+
+
+def run_eval_in_process(monkeypatch, capsys, *overrides: str) -> tuple[int, str]:
+    """scripts/eval.py run as __main__ in this process (no interpreter start-up): (exit status, stderr)."""
+    script = REPO / "scripts" / "eval.py"
+    monkeypatch.setattr(sys, "argv", [str(script), *overrides])
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as exited:
+        return exited.code, capsys.readouterr().err
+    return 0, capsys.readouterr().err
 
 
 def write_sam_file(path: Path, custom, seed: int) -> Path:

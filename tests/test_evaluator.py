@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import runpy
 import shlex
 import socket
 import sys
@@ -29,7 +28,7 @@ import ssp_sam
 import ssp_sam.checkpoint
 import ssp_sam.engine.evaluator
 import ssp_sam.model
-from conftest import REPO, run_script, tiny_model
+from conftest import REPO, run_eval_in_process, run_script, tiny_model
 from ssp_sam.checkpoint import WEIGHTS_FILE, load_model, save_checkpoint
 from ssp_sam.data.embedding_cache import EmbeddingCache, EncoderIdentity, module_fingerprint
 from ssp_sam.data.registry import load_dataset
@@ -518,17 +517,6 @@ def test_eval_script_writes_results_json(data_root, tiny_checkpoint, tmp_path):
     assert record["metrics"] == pytest.approx(in_process.metrics, abs=1e-9)
 
 
-def _run_eval_in_process(monkeypatch, capsys, *overrides: str) -> tuple[int, str]:
-    """scripts/eval.py run as __main__ in this process (no interpreter start-up): (exit status, stderr)."""
-    script = REPO / "scripts" / "eval.py"
-    monkeypatch.setattr(sys, "argv", [str(script), *overrides])
-    try:
-        runpy.run_path(str(script), run_name="__main__")
-    except SystemExit as exited:
-        return exited.code, capsys.readouterr().err
-    return 0, capsys.readouterr().err
-
-
 def test_eval_from_a_complete_cache_never_builds_sam_image_encoder(data_root, tmp_path, monkeypatch, capsys):
     # SAM's weights in a file of Meta's layout, as for the real models (ViT-H: 2.5 GB to load).
     random_model = tiny_model(seed=3)
@@ -545,7 +533,7 @@ def test_eval_from_a_complete_cache_never_builds_sam_image_encoder(data_root, tm
     for run in ("fills the cache", "reads the complete cache"):
         built_parts.clear()
         out = tmp_path / f"{run}.json"
-        status, stderr = _run_eval_in_process(
+        status, stderr = run_eval_in_process(
             monkeypatch, capsys, f"dataset.root={data_root}", "dataset.split=val", f"checkpoint={checkpoint}",
             f"cache_dir={tmp_path / 'cache'}", f"metrics_out={out}", "device=cpu", "progress=false")
         assert status == 0, stderr
@@ -573,7 +561,7 @@ def test_an_fp32_evaluation_does_not_read_bf16_cached_embeddings(data_root, tmp_
         out = tmp_path / f"{run}.json"
         args = (*common, f"metrics_out={out}", *extra) if run != "no cache" else (
             *(a for a in common if not a.startswith("cache_dir")), f"metrics_out={out}", "precision=fp32")
-        status, stderr = _run_eval_in_process(monkeypatch, capsys, *args)
+        status, stderr = run_eval_in_process(monkeypatch, capsys, *args)
         assert status == 0, stderr
         results[run] = json.loads(out.read_text())["metrics"]
     assert results["fp32 run"] == pytest.approx(results["no cache"], abs=1e-12)
@@ -581,7 +569,7 @@ def test_an_fp32_evaluation_does_not_read_bf16_cached_embeddings(data_root, tmp_
 
 def test_eval_script_unknown_split_lists_the_available_ones(data_root, tiny_checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    status, stderr = _run_eval_in_process(
+    status, stderr = run_eval_in_process(
         monkeypatch, capsys, f"dataset.root={data_root}", "dataset.split=testC", f"checkpoint={tiny_checkpoint}")
     assert status == 2
     message = stderr.strip()
@@ -594,7 +582,7 @@ def test_eval_script_missing_image_is_named(tmp_path, tiny_checkpoint, monkeypat
     missing = tmp_path / fx.COCO_IMAGE_DIR / fx.coco_file_name(102)
     missing.unlink()
     monkeypatch.chdir(tmp_path)
-    status, stderr = _run_eval_in_process(
+    status, stderr = run_eval_in_process(
         monkeypatch, capsys, f"dataset.root={tmp_path}", "dataset.split=val", f"checkpoint={tiny_checkpoint}", "device=cpu",
         "progress=false")
     assert status == 2
@@ -609,7 +597,7 @@ def test_eval_script_release_protocol_writes_the_release_counts(data_root, tiny_
         [StubPredictor._prediction_for(text, GRES_RELEASE_ANSWERS[text]) for text in texts] for texts in expressions])
     monkeypatch.chdir(tmp_path)
     out, samples = tmp_path / "grefcoco_val.json", tmp_path / "grefcoco_val.jsonl"
-    status, stderr = _run_eval_in_process(
+    status, stderr = run_eval_in_process(
         monkeypatch, capsys, "dataset=grefcoco", f"dataset.root={data_root}", "dataset.split=val", f"checkpoint={tiny_checkpoint}",
         "protocol=ssp_sam_release", f"metrics_out={out}", f"samples_out={samples}", "device=cpu", "progress=false")
     assert status == 0, stderr
@@ -630,7 +618,7 @@ def test_eval_script_release_protocol_writes_the_release_counts(data_root, tiny_
 
 def test_eval_script_unknown_protocol_is_one_line(data_root, tiny_checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    status, stderr = _run_eval_in_process(
+    status, stderr = run_eval_in_process(
         monkeypatch, capsys, f"dataset.root={data_root}", f"checkpoint={tiny_checkpoint}", "protocol=release")
     assert status == 2
     assert stderr.strip() == "error: protocol: unknown protocol 'release'; expected one of standard, ssp_sam_release, rela"
@@ -703,7 +691,7 @@ def test_eval_options_are_checked_before_any_work_used_or_not(data_root, tiny_ch
     monkeypatch.chdir(tmp_path)
     reads = _no_dataset_read(monkeypatch)
     out = tmp_path / "results.json"
-    status, stderr = _run_eval_in_process(
+    status, stderr = run_eval_in_process(
         monkeypatch, capsys, f"dataset.root={data_root}", "dataset.split=val", f"checkpoint={tiny_checkpoint}", "device=cpu",
         "progress=false", f"metrics_out={out}", override)
     assert (status, stderr) == (2, f"error: {message}\n")
@@ -718,12 +706,12 @@ def test_eval_refuses_one_file_for_metrics_and_samples(data_root, tiny_checkpoin
     out = tmp_path / "out.json"
     common = (f"dataset.root={data_root}", "dataset.split=val", f"checkpoint={tiny_checkpoint}", "device=cpu", "progress=false")
     for samples in (out, tmp_path / "sub" / ".." / "out.json"):
-        status, stderr = _run_eval_in_process(monkeypatch, capsys, *common, f"metrics_out={out}", f"samples_out={samples}")
+        status, stderr = run_eval_in_process(monkeypatch, capsys, *common, f"metrics_out={out}", f"samples_out={samples}")
         assert (status, stderr) == (2, f"error: samples_out={samples}: the same file as metrics_out={out}; give each output its own file\n")
     (tmp_path / "sub").mkdir()
     out.write_text("{}")
     (tmp_path / "link.jsonl").symlink_to(out)
-    status, stderr = _run_eval_in_process(monkeypatch, capsys, *common, f"metrics_out={out}", f"samples_out={tmp_path / 'link.jsonl'}")
+    status, stderr = run_eval_in_process(monkeypatch, capsys, *common, f"metrics_out={out}", f"samples_out={tmp_path / 'link.jsonl'}")
     assert status == 2 and "the same file as metrics_out" in stderr
     assert reads == [] and out.read_text() == "{}"
 
@@ -732,7 +720,7 @@ def test_eval_refuses_a_misspelt_group_key_before_the_model_loads(data_root, tin
     monkeypatch.chdir(tmp_path)
     loads = []
     monkeypatch.setattr(ssp_sam.checkpoint, "load_model", lambda *args, **kwargs: loads.append(args))
-    status, stderr = _run_eval_in_process(
+    status, stderr = run_eval_in_process(
         monkeypatch, capsys, "dataset=grefcoco", f"dataset.root={data_root}", "dataset.split=val", f"checkpoint={tiny_checkpoint}",
         "device=cpu", "progress=false", "group_key=knd")
     assert (status, stderr) == (2, "error: group_key=knd: no sentence of grefcoco val carries it (their keys: kind); "
@@ -758,7 +746,7 @@ def test_results_name_the_weights_evaluated_when_a_training_replaces_the_checkpo
     monkeypatch.setattr(ssp_sam.engine.evaluator, "evaluate", evaluate_while_training_saves)
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "results.json"
-    status, stderr = _run_eval_in_process(
+    status, stderr = run_eval_in_process(
         monkeypatch, capsys, f"dataset.root={data_root}", "dataset.split=val", f"checkpoint={checkpoint}", "device=cpu",
         "progress=false", "workers=0", f"metrics_out={out}")
     assert status == 0, stderr
@@ -780,7 +768,7 @@ def test_a_checkpoint_replaced_while_it_loads_is_refused(data_root, tmp_path, mo
     monkeypatch.setattr(ssp_sam.checkpoint, "load_model", load_while_training_saves)
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "results.json"
-    status, stderr = _run_eval_in_process(
+    status, stderr = run_eval_in_process(
         monkeypatch, capsys, f"dataset.root={data_root}", "dataset.split=val", f"checkpoint={checkpoint}", "device=cpu",
         "progress=false", "workers=0", f"metrics_out={out}")
     assert status == 2 and stderr.startswith(f"error: {checkpoint}: changed while it was being loaded (") and stderr.count("\n") == 1
@@ -798,7 +786,7 @@ def test_results_record_the_weight_files_and_settings_evaluated(data_root, tmp_p
     checkpoint = save_checkpoint(tiny_model(sam_checkpoint=str(sam_file)), tmp_path / "ckpt")
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "results.json"
-    status, stderr = _run_eval_in_process(
+    status, stderr = run_eval_in_process(
         monkeypatch, capsys, "dataset=grefcoco", f"dataset.root={data_root}", "dataset.split=val", f"checkpoint={checkpoint}",
         "device=cpu", "progress=false", "workers=0", "model.no_target_pixels=7", f"metrics_out={out}")
     assert status == 0, stderr

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import runpy
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 import ssp_sam.ovss.engine.cli as ovss_cli
-from conftest import REPO
+from conftest import REPO, run_eval_in_process
 from ssp_sam.checkpoint import WEIGHTS_FILE
 from ssp_sam.ovss.build import build_ovss_model
 from ssp_sam.ovss.engine.checkpoint import save_ovss_checkpoint
@@ -66,17 +64,6 @@ def _dataset_args(root: Path) -> list[str]:
             "eval.sliding_window=false", "workers=0", "precision=fp32", "threads=1", "progress=false", "device=cpu"]
 
 
-def _run_eval_in_process(monkeypatch, capsys, *overrides: str) -> tuple[int, str]:
-    """scripts/eval.py run as __main__ in this process: (exit status, stderr)."""
-    script = REPO / "scripts" / "eval.py"
-    monkeypatch.setattr(sys, "argv", [str(script), *overrides])
-    try:
-        runpy.run_path(str(script), run_name="__main__")
-    except SystemExit as exited:
-        return exited.code, capsys.readouterr().err
-    return 0, capsys.readouterr().err
-
-
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -92,7 +79,7 @@ def test_ovss_eval_options_are_checked_before_any_work(tmp_path, monkeypatch, ca
     """Refused by name before the checkpoint or the data is read (neither exists here), used by this run or not
     (cache_batch_size without cache_dir); an unknown key given with + is not silently ignored."""
     monkeypatch.chdir(tmp_path)
-    status, stderr = _run_eval_in_process(
+    status, stderr = run_eval_in_process(
         monkeypatch, capsys, f"checkpoint={tmp_path / 'absent'}", *_dataset_args(tmp_path / "nowhere"), override)
     assert (status, stderr) == (2, f"error: {message}\n")
 
@@ -114,7 +101,7 @@ def test_ovss_results_name_the_weights_evaluated_when_the_checkpoint_is_replaced
     monkeypatch.setattr(ovss_cli, "evaluate_ovss", evaluate_while_training_saves)
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "results.json"
-    status, stderr = _run_eval_in_process(monkeypatch, capsys, f"checkpoint={checkpoint}", *_dataset_args(bands), f"metrics_out={out}")
+    status, stderr = run_eval_in_process(monkeypatch, capsys, f"checkpoint={checkpoint}", *_dataset_args(bands), f"metrics_out={out}")
     assert status == 0, stderr
     record = json.loads(out.read_text())
     assert _sha256(checkpoint / WEIGHTS_FILE) != evaluated
@@ -134,6 +121,6 @@ def test_an_ovss_checkpoint_replaced_while_it_loads_is_refused(bands, tmp_path, 
     monkeypatch.setattr(ovss_cli, "load_ovss_model", load_while_training_saves)
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "results.json"
-    status, stderr = _run_eval_in_process(monkeypatch, capsys, f"checkpoint={checkpoint}", *_dataset_args(bands), f"metrics_out={out}")
+    status, stderr = run_eval_in_process(monkeypatch, capsys, f"checkpoint={checkpoint}", *_dataset_args(bands), f"metrics_out={out}")
     assert status == 2 and stderr.startswith(f"error: {checkpoint}: changed while it was being loaded (") and stderr.count("\n") == 1
     assert not out.exists()

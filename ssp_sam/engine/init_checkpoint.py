@@ -33,7 +33,7 @@ from typing import Collection, Mapping, Sequence
 
 from torch import Tensor
 
-from ..checkpoint import OVERRIDABLE_SETTINGS, _changed_settings, weight_files_of
+from ..checkpoint import OVERRIDABLE_SETTINGS, changed_settings, weight_files_of
 from ..config import ModelConfig, model_config_from
 from ..errors import ConfigError
 from ..state_dicts import differs_under
@@ -55,7 +55,7 @@ def check_init_checkpoint(checkpoint: str | os.PathLike, stored: Mapping, model:
         ConfigError: model settings other than :data:`INIT_FREE_SETTINGS` differ, all of them named.
     """
     check_weight_files(stored.get("weight_files"), weight_files_of(model), f"init_checkpoint={checkpoint}")
-    changed = _changed_settings(model_config_from(stored["model"]), model, INIT_FREE_SETTINGS)
+    changed = changed_settings(model_config_from(stored["model"]), model, INIT_FREE_SETTINGS)
     if changed:
         raise ConfigError(
             f"init_checkpoint={checkpoint}: model settings differ from those it was trained with ({'; '.join(changed)}); "

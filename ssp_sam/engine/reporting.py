@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from ..checkpoint import CONFIG_FILE, WEIGHTS_FILE, flat_settings
 from ..errors import CheckpointError, ConfigError
 from ..fileio import atomic_path, file_sha256, write_json
 from ..metrics import (
@@ -385,16 +385,6 @@ def _cell_value(metrics: Mapping[str, Any], metric: str, protocol: str) -> Any:
     return metrics.get(metric)
 
 
-def _flat_settings(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in settings.items():
-        if isinstance(value, Mapping):
-            flat.update(_flat_settings(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 FieldPath = tuple[str, ...]  # keys into a results record, e.g. ("data", "sha256")
 
 
@@ -439,7 +429,7 @@ def _setting_fields(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[FieldPat
     files = {*(_known(a, ("weight_files",))[1] or {}), *(_known(b, ("weight_files",))[1] or {})}
     fields += [("weight_files", key, "sha256") for key in sorted(files)]
     config_a, config_b = _known(a, ("model_config",))[1] or {}, _known(b, ("model_config",))[1] or {}
-    settings = {**_flat_settings(config_a), **_flat_settings(config_b)}
+    settings = {**flat_settings(config_a), **flat_settings(config_b)}
     fields += [("model_config", *key.split(".")) for key in settings if key not in _WEIGHT_FILE_SETTINGS]
     return fields
 
