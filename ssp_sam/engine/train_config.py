@@ -220,8 +220,9 @@ def _check_combinations(config: TrainRunConfig) -> None:
 
 def config_warnings(config: TrainRunConfig) -> list[str]:
     """Settings that are accepted but do nothing, or that let training data stand in for held-out data; the
-    trainer prints each as one ``warning:`` line at its start. They are warnings, not errors, where a released
-    recipe sets them on purpose (shapeworld_v2's text cache; a REC stage of an experiment made for stage 2)."""
+    trainer prints each as one ``warning:`` line at its start. They are warnings, not errors, where a recipe may
+    set them on purpose (a text cache in an experiment whose text tower may be frozen again by an override; a
+    REC stage run from an experiment made for stage 2)."""
     train, val, model = config.train, config.val, config.model
     found = []
     if train.text_cache_gb > 0 and model.finetune_text_encoder:
