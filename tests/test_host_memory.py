@@ -117,3 +117,41 @@ def test_nested_uses_keep_the_outer_workers_objects_frozen():
             assert gc.get_freeze_count() >= outer
         assert gc.get_freeze_count() >= outer > 0  # the training workers still share these pages
     assert gc.get_freeze_count() == 0
+
+
+# A forked child of a process that keeps freed memory (a data-loader worker of the trainer) decodes 32 x 4 MiB,
+# frees it, and prints its private memory (MiB) grown since the fork, with or without default_host_memory_in_worker.
+WORKER_PROBE = textwrap.dedent(
+    """
+    import json, os, sys, torch
+    from ssp_sam.engine.host_memory import default_host_memory_in_worker, keep_freed_host_memory
+    keep_freed_host_memory()
+    torch.set_num_threads(1)
+    def private_mib():
+        with open("/proc/self/smaps_rollup") as rollup:
+            return sum(int(line.split()[1]) for line in rollup if line.startswith(("Private_Clean:", "Private_Dirty:"))) / 1024
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        if sys.argv[1] == "worker_init":
+            default_host_memory_in_worker(0)
+        before = private_mib()
+        items = [torch.ones(1 << 20) for _ in range(32)]  # what a worker reads for its batches
+        del items
+        os.write(write, json.dumps(private_mib() - before).encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    print(os.read(read, 100).decode())
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning")
+def test_workers_do_not_keep_what_they_freed():
+    def grown(mode: str) -> float:
+        completed = subprocess.run([sys.executable, "-c", WORKER_PROBE, mode], capture_output=True, text=True, check=True)
+        return json.loads(completed.stdout)
+
+    inherited, restored = grown("inherited"), grown("worker_init")
+    # With the trainer's settings the child keeps its 128 MiB high-water mark; with glibc's own it gives it back.
+    assert inherited > 0.75 * 128 and restored < 16, (inherited, restored)

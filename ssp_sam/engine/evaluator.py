@@ -55,7 +55,7 @@ from ..feature_cache import ImageTokenCache, TextFeatureCache
 from ..metrics import GRESMetrics, RESMetrics, SSPSAMReleaseMetrics
 from ..model import SSPSAM
 from ..predictor import ImagePreparer, Prediction, PreparedImage, Predictor
-from .host_memory import shared_with_forked_workers
+from .host_memory import default_host_memory_in_worker, shared_with_forked_workers
 from .precision import Precision
 from .protocols import Protocol, ReleaseProtocol, make_protocol
 
@@ -304,7 +304,7 @@ def _prepared_batches(
     """Batches of ``images_per_batch`` prepared images in order, made ahead by ``workers`` processes (0: here)."""
     loader = DataLoader(
         _PreparedImages(paths, preparer, cache), batch_size=images_per_batch, num_workers=workers, collate_fn=list,
-        prefetch_factor=2 if workers > 0 else None,
+        prefetch_factor=2 if workers > 0 else None, worker_init_fn=default_host_memory_in_worker,
     )
     for batch in loader:
         for _, item in batch:

@@ -32,6 +32,8 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 # Free memory at the top of the heap is returned to the kernel only above this (mallopt takes an int).
 _TRIM_THRESHOLD_BYTES = 2**31 - 1
+_DEFAULT_MMAP_MAX = 65536  # glibc's defaults (malloc.c: DEFAULT_MMAP_MAX, DEFAULT_TRIM_THRESHOLD)
+_DEFAULT_TRIM_THRESHOLD_BYTES = 128 * 1024
 
 
 def _glibc_function(name: str, argtypes: list) -> Callable[..., int] | None:
@@ -57,6 +59,23 @@ def keep_freed_host_memory() -> bool:
     if mallopt is None:
         return False
     return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES) == 1
+
+
+def default_host_memory_in_worker(worker_id: int = 0) -> None:
+    """A data-loader worker's ``worker_init_fn``: glibc's own malloc settings again, and the free heap returned.
+
+    A worker inherits :func:`keep_freed_host_memory` from the trainer it is forked from, and so would keep
+    the high-water mark of every image, embedding and batch it ever decoded as private memory for the whole
+    run (heap only, never trimmed). It gains nothing from that: it makes no large activations, only reads and
+    collates. So large blocks are mapped and unmapped again (``M_MMAP_MAX`` 65536, glibc's default), and free
+    heap above 128 KiB (glibc's default trim threshold) goes back to the kernel.
+    """
+    mallopt = _glibc_function("mallopt", [ctypes.c_int, ctypes.c_int])
+    if mallopt is None:
+        return
+    mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+    mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD_BYTES)
+    release_freed_host_memory()
 
 
 def release_freed_host_memory() -> bool:

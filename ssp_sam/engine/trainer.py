@@ -82,7 +82,7 @@ from .caching import cache_dtype_for, dataset_image_roots, ensure_cache
 from .init_checkpoint import FrozenEncoder, check_init_checkpoint, describe_replaced, describe_resumed, encoders_replaced
 from .distributed import barrier, logged_terms, mean_across_ranks, seed_rank_rngs, shutdown_distributed, start_training_process
 from .evaluator import evaluate
-from .host_memory import shared_with_forked_workers
+from .host_memory import default_host_memory_in_worker, shared_with_forked_workers
 from .optim import adamw, build_schedule, optimizer_step, parameter_groups
 from .rec_validation import REC_METRIC, rec_accuracy
 from .reporting import command_line, console_tables, write_results
@@ -210,6 +210,7 @@ class Trainer:
             num_workers=train.workers,
             persistent_workers=train.workers > 0,  # forked once (see fit); batches carry their epoch
             pin_memory=self.device.type == "cuda",
+            worker_init_fn=default_host_memory_in_worker,  # the trainer's kept heap is not for readers
         )
         self.steps_per_epoch = len(self.sampler)
         if train.max_steps_per_epoch is not None:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from ...data.embedding_cache import EmbeddingCache
 from ...engine.distributed import DistInfo
-from ...engine.host_memory import shared_with_forked_workers
+from ...engine.host_memory import default_host_memory_in_worker, shared_with_forked_workers
 from ...engine.precision import Precision
 from ..data.dataset import SemSegDataset
 from ..model import OVSSModel
@@ -123,7 +123,8 @@ def evaluate_ovss(
     indices = list(range(count))[dist_info.rank :: dist_info.world_size]
     batch_size = 1 if options.sliding_window else options.batch_size
     loader = torch.utils.data.DataLoader(
-        EvaluationImages(dataset, indices, cache), batch_size=batch_size, collate_fn=as_list, num_workers=workers
+        EvaluationImages(dataset, indices, cache), batch_size=batch_size, collate_fn=as_list, num_workers=workers,
+        worker_init_fn=default_host_memory_in_worker,
     )
     with precision.autocast(device):
         text = model.encode_classes(dataset.class_names)

@@ -44,7 +44,7 @@ from ...data.training import collate
 from ...engine.caching import cache_dtype_for, ensure_cache
 from ...engine.init_checkpoint import FrozenEncoder, describe_replaced, describe_resumed, encoders_replaced
 from ...engine.distributed import barrier, logged_terms, mean_across_ranks, seed_rank_rngs, shutdown_distributed, start_training_process
-from ...engine.host_memory import shared_with_forked_workers
+from ...engine.host_memory import default_host_memory_in_worker, shared_with_forked_workers
 from ...engine.optim import adamw, cosine_schedule, optimizer_step
 from ...engine.run_dir import append_log, open_run_dir, restore_trainer_state, trainer_state, truncate_log
 from ...engine.trainer import TrainingDivergedError
@@ -218,6 +218,7 @@ class OVSSTrainer:
         self.loader = DataLoader(
             crops, batch_sampler=self.sampler, collate_fn=collate, num_workers=train.workers,
             persistent_workers=train.workers > 0, pin_memory=self.device.type == "cuda",
+            worker_init_fn=default_host_memory_in_worker,  # the trainer's kept heap is not for readers
         )
         loss_of_batch = _LossOfBatch(self.model, self.class_names)
         # Every trainable parameter gets a gradient at every step (see parameters_never_used).
