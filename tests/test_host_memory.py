@@ -36,9 +36,14 @@ PROBE = textwrap.dedent(
 STEP_PAGES = 3 * 64 * 2**20 // 4096  # three 64 MiB tensors per step
 
 
-def _faults_per_step(mode: str) -> dict:
-    completed = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
+def _run_probe(script: str, mode: str):
+    """``script`` run in a fresh interpreter with ``mode`` as its argument: the JSON it prints."""
+    completed = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True)
     return json.loads(completed.stdout)
+
+
+def _faults_per_step(mode: str) -> dict:
+    return _run_probe(PROBE, mode)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning")
@@ -87,11 +92,7 @@ FORK_PROBE = textwrap.dedent(
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning")
 def test_released_heap_is_not_copied_into_forked_workers():
-    def children_pss(mode: str) -> float:
-        completed = subprocess.run([sys.executable, "-c", FORK_PROBE, mode], capture_output=True, text=True, check=True)
-        return json.loads(completed.stdout)
-
-    kept, released = children_pss("keep"), children_pss("release")
+    kept, released = _run_probe(FORK_PROBE, "keep"), _run_probe(FORK_PROBE, "release")
     # Kept, the children hold the old copy of every heap page the parent rewrote: about 128 MiB more.
     assert kept - released > 0.75 * 128, (kept, released)
 
@@ -148,10 +149,6 @@ WORKER_PROBE = textwrap.dedent(
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning")
 def test_workers_do_not_keep_what_they_freed():
-    def grown(mode: str) -> float:
-        completed = subprocess.run([sys.executable, "-c", WORKER_PROBE, mode], capture_output=True, text=True, check=True)
-        return json.loads(completed.stdout)
-
-    inherited, restored = grown("inherited"), grown("worker_init")
+    inherited, restored = _run_probe(WORKER_PROBE, "inherited"), _run_probe(WORKER_PROBE, "worker_init")
     # With the trainer's settings the child keeps its 128 MiB high-water mark; with glibc's own it gives it back.
     assert inherited > 0.75 * 128 and restored < 16, (inherited, restored)
