@@ -23,6 +23,7 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
@@ -104,8 +105,6 @@ def ranks_from_environment() -> DistInfo:
 @hydra.main(config_path="../configs", config_name="cache_embeddings", version_base="1.3")
 @reports_errors
 def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
     check_weights_source(cfg, given_keys(HydraConfig.get().overrides.task))
     ranks = ranks_from_environment()
     splits, images = dataset_images(cfg.dataset, cfg.splits)
