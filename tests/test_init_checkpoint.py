@@ -284,6 +284,6 @@ def test_shapeworld_v2_stage_two_from_its_own_rec_stage(tmp_path):
                                        f"run_dir={tmp_path / 'res'}", *small]))
     loaded, trained = stage_two.model.state_dict(), rec.model.state_dict()
     assert all(torch.equal(loaded[k], trained[k]) for k in trained if k.startswith(("prompt_generator.", "word_proj.", "clip.clip.ln_final.")))
-    sam_decoder = torch.load(sam_file)
+    sam_decoder = torch.load(sam_file, weights_only=True)
     assert torch.equal(loaded["mask_head.mask_decoder.iou_token.weight"], sam_decoder["mask_decoder.iou_token.weight"])
     assert all(math.isfinite(loss) for loss in stage_two.train_one_epoch(0))
