@@ -10,7 +10,7 @@ naming the file.
 
 Hashing a 2.5 GB file takes seconds, so each hash is remembered per (absolute path, size, mtime, inode,
 change time) in a memo directory (:func:`remembered_sha256`): ``$SSP_SAM_CACHE_HOME``, else ``$XDG_CACHE_HOME/ssp_sam``,
-else ``~/.cache/ssp_sam``, under ``fingerprints/``; the SAM embedding cache keeps its own memo. The default hashing
+else ``~/.cache/ssp_sam``, under ``fingerprints/`` (the SAM embedding cache also remembers its file's sha256, read from this memo). The default hashing
 reads a file once for both digests anything here compares (sha256, and md5, which Meta publishes SAM's files by), so
 each version of a file is read once whichever is asked for first.
 

@@ -31,6 +31,7 @@ from ssp_sam.backbones.sam import build_sam
 from ssp_sam.backbones.sam_frames import SAMImageTransform
 from ssp_sam.checkpoint import save_checkpoint
 from ssp_sam.data.embedding_cache import PREFIX, EmbeddingCache, EncoderIdentity, module_fingerprint
+from ssp_sam import weight_identity
 from ssp_sam.engine import caching
 from ssp_sam.engine import precision as precision_module
 from ssp_sam.engine.caching import build_cache, dataset_image_roots, ensure_cache, remembered_fingerprint
@@ -242,19 +243,26 @@ def test_embeddings_of_other_sam_weights_are_not_used(tmp_path, encoder):
 
 
 def test_weights_fingerprint_is_hashed_once_and_remembered(tmp_path, monkeypatch):
+    """One pass over the file serves the cache's key and the digests the weight checks ask for (one memo)."""
+    monkeypatch.setenv("SSP_SAM_CACHE_HOME", str(tmp_path / "memo"))
     weights = tmp_path / "sam.pth"
     weights.write_bytes(os.urandom(3000))
-    hashed = []
-    monkeypatch.setattr(caching, "sam_weights_fingerprint", lambda path: hashed.append(path) or _sha256(path))
+    passes = []
+    hash_file = weight_identity.hash_weights_file_digests
+    monkeypatch.setattr(weight_identity, "hash_weights_file_digests", lambda path: passes.append(path) or hash_file(path))
 
     first = remembered_fingerprint(weights, tmp_path / "cache")
     assert first == hashlib.sha256(weights.read_bytes()).hexdigest()
-    assert remembered_fingerprint(weights, tmp_path / "cache") == first and len(hashed) == 1  # remembered
+    assert remembered_fingerprint(weights, tmp_path / "cache") == first and len(passes) == 1  # remembered
+    assert (tmp_path / "cache" / "fingerprints").is_dir()  # the cache says which file built it
+    assert weight_identity.remembered_sha256(weights) == first  # the checkpoint record's digest: no new pass
+    assert weight_identity.remembered_digest(weights, "md5") == hashlib.md5(weights.read_bytes()).hexdigest()
+    assert len(passes) == 1
 
     weights.write_bytes(os.urandom(3000))  # new weights, same size, new mtime
     os.utime(weights, ns=(time.time_ns(), time.time_ns() + 10**9))
     assert remembered_fingerprint(weights, tmp_path / "cache") == hashlib.sha256(weights.read_bytes()).hexdigest()
-    assert len(hashed) == 2
+    assert len(passes) == 2
 
 
 def _sha256(path) -> str:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from segment_anything import SamPredictor, sam_model_registry
 from segment_anything.modeling.image_encoder import PatchEmbed
 
-from ssp_sam.backbones.sam import SAM_VARIANTS, ContiguousPatchEmbed, build_sam, sam_weights_fingerprint
+from ssp_sam.backbones.sam import SAM_VARIANTS, ContiguousPatchEmbed, build_sam
 from ssp_sam.backbones.sam_decoder import SAMMaskHead, hypernetwork_masks
 from ssp_sam.backbones.sam_frames import (
     SAMImageTransform,
@@ -275,15 +275,6 @@ def test_config_errors():
         build_sam("custom", custom=TINY, parts=("decoder",))
     with pytest.raises(ConfigError, match="only for variant 'custom'"):
         build_sam("vit_b", custom=TINY)
-
-
-def test_fingerprint(tmp_path):
-    data = np.random.default_rng(0).bytes(5000)
-    path = tmp_path / "weights.bin"
-    path.write_bytes(data)
-    assert sam_weights_fingerprint(path, chunk_bytes=64) == hashlib.sha256(data).hexdigest()
-    with pytest.raises(CheckpointError, match="absent.bin"):
-        sam_weights_fingerprint(tmp_path / "absent.bin")
 
 
 # ---------------------------------------------------------------- against SamPredictor

@@ -22,10 +22,20 @@ from ssp_sam.model import build_model
 from ssp_sam.ovss.build import build_ovss_model
 from ssp_sam.ovss.engine.checkpoint import load_ovss_model, save_ovss_checkpoint
 from ssp_sam.ovss.model_config import ovss_config_from
-from ssp_sam.weight_identity import remembered_sha256
+from ssp_sam.weight_identity import hash_weights_file_digests, remembered_sha256
 
 from conftest import REPO, tiny_config, write_sam_file
 from test_trainer import compose_train, shapeworld_root, train_overrides  # noqa: F401 (fixture)
+
+
+def test_weight_files_are_hashed_in_chunks_for_every_digest_in_one_pass(tmp_path):
+    data = os.urandom(5000)  # not a multiple of the chunk
+    path = tmp_path / "weights.bin"
+    path.write_bytes(data)
+    digests = hash_weights_file_digests(path, chunk_bytes=64)
+    assert digests == {"sha256": hashlib.sha256(data).hexdigest(), "md5": hashlib.md5(data).hexdigest()}
+    with pytest.raises(CheckpointError, match="absent.bin: cannot read SAM weights"):
+        hash_weights_file_digests(tmp_path / "absent.bin", "SAM weights")
 
 
 def test_a_checkpoint_refuses_a_sam_file_whose_weights_changed(tmp_path):

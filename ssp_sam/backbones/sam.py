@@ -3,8 +3,8 @@
 SSP-SAM feeds learned prompt tokens to stock ``segment_anything`` modules (spec "SAM mask decoder"),
 so this module builds those modules rather than re-implementing them (as segment_anything's
 ``build_sam.py`` does): :func:`build_sam` builds only the parts a caller needs, loads them safely
-(``weights_only=True``) and validates the file key by key; :func:`sam_weights_fingerprint` keys the
-embedding cache to the encoder weights. The image transform and the frames a mask lives in are in
+(``weights_only=True``) and validates the file key by key (the embedding cache is keyed to a weight
+file by its sha256, :func:`ssp_sam.engine.caching.remembered_fingerprint`). The image transform and the frames a mask lives in are in
 :mod:`ssp_sam.backbones.sam_frames`; the batched mask decoding in :mod:`ssp_sam.backbones.sam_decoder`.
 
 Parts not requested from :func:`build_sam` are ``None`` on the returned ``Sam``; ``Sam.preprocess``
@@ -32,7 +32,6 @@ from ..attention import fuse_image_encoder_attention, fuse_two_way_attention
 from ..errors import CheckpointError, ConfigError
 from ..state_dicts import mismatch_report
 from ..weight_files import describe_weights, read_weights, require_finite
-from ..weight_identity import hash_weights_file
 from .sam_frames import PIXEL_MEAN, PIXEL_STD
 
 SAM_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
@@ -301,8 +300,3 @@ def build_sam(
         pixel_std=list(PIXEL_STD),
     )
     return sam.eval()
-
-
-def sam_weights_fingerprint(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a weights file, read in chunks; keys the embedding cache to the encoder weights."""
-    return hash_weights_file(path, "SAM weights", chunk_bytes)

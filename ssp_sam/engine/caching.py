@@ -2,7 +2,8 @@
 
 :func:`build_cache` computes the entries one process lacks, in batches, while threads decode the
 next images. :func:`remembered_fingerprint` hashes a SAM weight file once and remembers the hash in
-the cache (keyed by path, size and mtime), so no rank rehashes 2.5 GB at every start.
+the cache and in the machine-wide weight-file memo (keyed by path, size, mtime, inode and change time),
+so no rank rehashes 2.5 GB at every start.
 :func:`ensure_cache` is what training, ``scripts/eval.py`` and ``scripts/cache_embeddings.py`` call.
 
 How N ranks (``torchrun`` processes, or the trainer's DDP ranks) share the work: each rank checks
@@ -48,7 +49,6 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
 
-from ..backbones.sam import sam_weights_fingerprint
 from ..data.embedding_cache import ABSENT, EmbeddingCache, EncoderIdentity, Slot, fill_command, module_fingerprint, storage_dtype
 from ..errors import CacheError, ConfigError, ImageError
 from .precision import Precision, resolve_precision
@@ -62,10 +62,12 @@ VERIFY_MODES = ("quick", "full")
 
 
 def remembered_fingerprint(weights: str | os.PathLike, cache_root: str | os.PathLike) -> str:
-    """sha256 of a SAM weight file, hashed once and remembered in ``<cache_root>/fingerprints/``
-    (:func:`ssp_sam.weight_identity.remembered_sha256`): ranks and later runs read 64 hex digits
-    instead of hashing 2.5 GB again."""
-    return remembered_sha256(weights, Path(cache_root) / "fingerprints", hash_file=sam_weights_fingerprint)
+    """sha256 of a SAM weight file, remembered in ``<cache_root>/fingerprints/`` (which also tells a fill
+    command which file built the cache) on top of the machine-wide memo of
+    :func:`ssp_sam.weight_identity.remembered_sha256`: ranks and later runs read 64 hex digits instead of
+    hashing 2.5 GB again, and the one pass that hashes the file also remembers the md5 that the release
+    check and the checkpoint record ask for, so the file is read once for all of them."""
+    return remembered_sha256(weights, Path(cache_root) / "fingerprints", hash_file=lambda file: remembered_sha256(file))
 
 
 def cache_dtype_for(cache_dtype: str, precision: Precision) -> str:
