@@ -830,9 +830,10 @@ def test_shapeworld_v2_recipe_caches_what_random_placement_cannot_change():
     assert cfg.model.name == "shapeworld_v2" and cfg.name == "shapeworld_default_v2"
     assert not cfg.train.augment and cfg.train.image_cache_gb > 0 and cfg.train.text_cache_gb == 0  # the text tower trains
     assert cfg.train.precision == "fp32" and cfg.dataset.root == "data/shapeworld_train"  # the rest: shapeworld_default's
-    # the kind weights of the 20-epoch pilot (docs/shapeworld_model.md) pass the trainer's validation
+    # 30 epochs (shipped 2026-12-01) and the kind weights of the 20-epoch pilot (docs/shapeworld_model.md)
+    # pass the trainer's validation
     train = train_run_config_from(cfg).train
-    assert train.epochs == 20 and train.referent_weights == {"L": 4.0, "R": 2.0} and train.expression_weights == {"L": 3.0, "R": 2.0}
+    assert train.epochs == 30 and train.referent_weights == {"L": 4.0, "R": 2.0} and train.expression_weights == {"L": 3.0, "R": 2.0}
     # CLIP's text tower trains (docs/shapeworld_model.md, "What moved L"), at its own learning rate
     assert cfg.model.finetune_text_encoder and train.text_encoder_lr == 5.0e-4
     assert cfg.model.clip_custom.image_size == CANVAS
