@@ -11,6 +11,7 @@ import os
 import pickle
 import shutil
 import subprocess
+import sys
 from collections import OrderedDict
 from pathlib import Path
 
@@ -30,7 +31,6 @@ from ssp_sam.data.registry import load_dataset, read_splits
 from ssp_sam.errors import ConfigError, DatasetError
 
 REPO = Path(__file__).resolve().parents[1]
-PYTHON = REPO / ".venv" / "bin" / "python"
 # pycocotools' decode trips numpy 2's __array__(copy=...) deprecation; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -496,7 +496,7 @@ def test_registry_config_errors_name_the_key(coco_root):
 
 def _check_data(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(PYTHON), str(REPO / "scripts" / "check_data.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=120
+        [sys.executable, str(REPO / "scripts" / "check_data.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=120
     )
 
 
