@@ -10,8 +10,6 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 from collections import OrderedDict
 from pathlib import Path
 
@@ -29,6 +27,8 @@ from ssp_sam.data.rec_json import read_rec_json
 from ssp_sam.data.refer import read_refer
 from ssp_sam.data.registry import load_dataset, read_splits
 from ssp_sam.errors import ConfigError, DatasetError
+
+from conftest import run_script
 
 REPO = Path(__file__).resolve().parents[1]
 # pycocotools' decode trips numpy 2's __array__(copy=...) deprecation; not ours to fix.
@@ -494,12 +494,6 @@ def test_registry_config_errors_name_the_key(coco_root):
 # ---- scripts/check_data.py -----------------------------------------------------------------------
 
 
-def _check_data(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "check_data.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=120
-    )
-
-
 def test_check_data_exit_codes(tmp_path):
     good, broken, work = tmp_path / "good", tmp_path / "broken", tmp_path / "work"
     fx.write_refer(good)
@@ -510,17 +504,17 @@ def test_check_data_exit_codes(tmp_path):
     instances["annotations"][3]["segmentation"] = {"size": [5, 5], "counts": "00"}  # ann 2002, val
     (broken / "refcoco" / "instances.json").write_text(json.dumps(instances))
 
-    result = _check_data(work, "dataset=refcoco", f"dataset.root={good}")
+    result = run_script("check_data.py", "dataset=refcoco", f"dataset.root={good}", cwd=work)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "split testA: 1 referents, 1 sentences" in result.stdout and "result: OK" in result.stdout
 
-    result = _check_data(work, "dataset=refcoco", f"dataset.root={broken}")
+    result = run_script("check_data.py", "dataset=refcoco", f"dataset.root={broken}", cwd=work)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "1 of 1 image files missing" in result.stdout and "COCO_train2014_000000000102.jpg" in result.stdout
     assert "1 segmentations cannot be decoded" in result.stdout and "annotation 2002" in result.stdout
 
     for usage_error in (["dataset=no_such_dataset"], ["dataset=refcoco", f"dataset.root={good}", "dataset.split=testC"]):
-        result = _check_data(work, *usage_error)
+        result = run_script("check_data.py", *usage_error, cwd=work)
         assert result.returncode == 2, result.stdout + result.stderr
         assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
     assert "available splits: train, val, testA, testB" in result.stderr
