@@ -59,6 +59,12 @@ def test_fp32_runs_without_autocast():
 
 def test_cpuinfo_flags_detect_native_bf16(monkeypatch, tmp_path):
     """Without torch's probes, the kernel's flags decide (x86 AMX / AVX512-BF16, Arm BF16)."""
+    # PyTorch's kernels as on a CPU whose flags are in question, whatever the host's: on an AVX2-only host
+    # they are AVX2's, which rules native bf16 out before the flags are read (the test below)
+    monkeypatch.setattr(precision_module.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     monkeypatch.setattr(precision_module, "_cpuinfo_flags", lambda: {"avx2", "fma"})
