@@ -12,7 +12,6 @@ configuration fails here instead of silently making the recipe pretrain again (o
 from __future__ import annotations
 
 import subprocess
-from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from omegaconf import OmegaConf
 
 from ssp_sam.pretrain.clip import CLIPPretrainSettings, finished_clip_stage
 from ssp_sam.pretrain.sam import SAMPretrainSettings, finished_sam_stage, sam_stage_identity
+from ssp_sam.pretrain.script import settings_from
 from ssp_sam.pretrain.stage import StageControl, read_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,11 +41,6 @@ def recipe_config(name: str):
         return compose(name)
 
 
-def settings_of(cfg, settings_type):
-    """The settings as the scripts build them (``ssp_sam.pretrain.script.start_stage``)."""
-    return settings_type(**{field.name: cfg[field.name] for field in fields(settings_type)})
-
-
 def test_the_recipe_finds_its_encoders_committed():
     """At least one of the v2 encoders is committed, finished or as a stage state (else this file checks nothing)."""
     paths = ("checkpoints/pretrained/tiny_clip_v2.pt", "checkpoints/pretrained/tiny_sam_v2.pth",
@@ -59,7 +54,7 @@ def test_committed_clip_is_the_finished_stage_of_the_recipe():
     if not committed(out):
         pytest.skip(f"{out} is not committed")
     assert committed(f"{out}.json"), f"{out} is committed without its report {out}.json"
-    settings = settings_of(cfg, CLIPPretrainSettings)
+    settings = settings_from(cfg, CLIPPretrainSettings)
     custom = OmegaConf.to_container(cfg.model.clip_custom, resolve=True)
     report = finished_clip_stage(REPO / out, custom, cfg.model.surgery_blocks, settings, cfg.model.append_period)
     assert report is not None, f"{out}: its report does not vouch for it under configs/pretrain_clip_v2.yaml"
@@ -73,7 +68,7 @@ def test_committed_clip_is_the_finished_stage_of_the_recipe():
 def test_committed_sam_is_finished_or_a_resumable_state_of_the_recipe():
     cfg = recipe_config("pretrain_sam_v2")
     out = cfg.out
-    settings = settings_of(cfg, SAMPretrainSettings)
+    settings = settings_from(cfg, SAMPretrainSettings)
     custom = OmegaConf.to_container(cfg.model.sam_custom, resolve=True)
     if committed(out):
         assert committed(f"{out}.json"), f"{out} is committed without its report {out}.json"

@@ -30,6 +30,15 @@ class StageResult(Protocol):
     state_saved: bool
 
 
+def settings_from(cfg: Any, settings_type: type[Settings]) -> Settings:
+    """The stage's settings from ``cfg``'s keys named as ``settings_type``'s fields (typed and ranged there).
+
+    Raises:
+        ConfigError: a bad setting (one line naming the key).
+    """
+    return settings_type(**{field.name: cfg[field.name] for field in fields(settings_type)})
+
+
 def start_stage(cfg: Any, settings_type: type[Settings]) -> tuple[torch.device, Settings, StageControl]:
     """Checks ``cfg.threads``, chooses ``cfg.device`` (preparing a CPU process) and sets the thread count,
     then builds the settings from ``cfg``'s keys named as ``settings_type``'s fields (typed and ranged
@@ -44,7 +53,7 @@ def start_stage(cfg: Any, settings_type: type[Settings]) -> tuple[torch.device, 
     if device.type == "cpu":
         prepare_cpu_process()
     torch.set_num_threads(cfg.threads)
-    settings = settings_type(**{field.name: cfg[field.name] for field in fields(settings_type)})
+    settings = settings_from(cfg, settings_type)
     control = StageControl.beside(
         cfg.out, resume=cfg.resume, save_every=cfg.save_every, stop_after_steps=cfg.stop_after_steps,
         max_minutes=cfg.max_minutes,
