@@ -9,7 +9,7 @@
 #      (v2: 2 and 3 side by side, one thread each)
 #   4. train SSP-SAM (configs/experiment/shapeworld_v2.yaml: SAM frozen, CLIP's text tower trained with it;
 #      v1: shapeworld_default.yaml, both encoders frozen)
-#   5. copy the best checkpoint (encoders embedded) to checkpoints/shapeworld_default
+#   5. ship the best checkpoint, its encoders embedded (scripts/embed_encoders.py), as checkpoints/shapeworld_default
 # Times on this 2-core machine: docs/shapeworld_model.md, "How it was made".
 # Every stage can be stopped and continued: rerun the script and finished stages are skipped (a
 # pretraining is finished when its weights and their report "{out}.json" exist for the same config, the
@@ -95,12 +95,8 @@ stage_pids=("$!")
 wait "$!"  # under set -e a failed or stopped (3) training ends the script with its status
 trap - INT TERM
 
-# Ship: the new directory is put in place by renames, so a kill leaves the old or the new model.
-rm -rf checkpoints/.shapeworld_default.new checkpoints/.shapeworld_default.old
-cp -r "runs/$run_name/best" checkpoints/.shapeworld_default.new
-if [ -d checkpoints/shapeworld_default ]; then
-  mv checkpoints/shapeworld_default checkpoints/.shapeworld_default.old
-fi
-mv checkpoints/.shapeworld_default.new checkpoints/shapeworld_default
-rm -rf checkpoints/.shapeworld_default.old
+# Ship: the best epoch with its encoders stored in it (v2 runs name the committed encoder files and store
+# only what trains, so their run directory is small enough to commit between sessions); the directory is
+# replaced atomically, so a kill leaves the old or the new model.
+"$python" scripts/embed_encoders.py checkpoint="runs/$run_name/best" out=checkpoints/shapeworld_default
 echo "shipped: checkpoints/shapeworld_default"

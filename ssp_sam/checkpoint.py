@@ -323,6 +323,25 @@ def save_checkpoint(
     return directory
 
 
+def embed_encoders(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write our ``checkpoint`` again at ``out`` with its frozen encoders stored in it (self-contained).
+
+    A run trained with ``train.save_encoders=false`` names the CLIP and SAM files its frozen encoders
+    come from and stores only what it trains: its run directory stays small (our ShapeWorld runs are
+    committed between sessions). What is shipped must not depend on those files: this reads the
+    checkpoint with them (their fingerprints checked, as any load does) and writes weights and config as
+    :func:`save_checkpoint` with ``embed_encoders=True`` would have, the stored run config, epoch and
+    metrics kept. ``out`` is replaced atomically; the trainer state (resuming) is not copied.
+
+    Raises:
+        CheckpointError: as :func:`load_model` (a missing or changed weight file, a checkpoint that does not fit).
+    """
+    stored = read_checkpoint_config(checkpoint)
+    model = load_model(checkpoint, with_sam_image_encoder=True)
+    extra = {key: value for key, value in stored.items() if key not in ("model", "weight_files")}
+    return save_checkpoint(model, out, extra=extra, embed_encoders=True)
+
+
 def read_trainer_state(directory: str | os.PathLike) -> dict[str, Any]:
     """The resumable trainer state saved beside a checkpoint's weights (tensors and plain containers only)."""
     return read_weights(Path(directory) / TRAINER_STATE_FILE, "trainer state")

@@ -25,6 +25,7 @@ case "$*" in
   *pretrain_sam.py*) echo "sam stage ran $*" >> "$FAKE_CALLS"; printf 'progress\rheld-out mIoU 0.9\n'; exit "${FAKE_SAM_STATUS:-0}" ;;
   *pretrain_clip.py*) echo "clip stage ran $*" >> "$FAKE_CALLS"; exit "${FAKE_CLIP_STATUS:-0}" ;;
   *train.py*) echo "training ran $*" >> "$FAKE_CALLS"; exit 0 ;;
+  *embed_encoders.py*) echo "shipping ran $*" >> "$FAKE_CALLS"; exit 0 ;;
   *make_shapeworld.py*) echo "data stage ran $*" >> "$FAKE_CALLS"; exit "${FAKE_DATA_STATUS:-0}" ;;
   *) echo "unexpected: $*" >> "$FAKE_CALLS"; exit 99 ;;
 esac
@@ -86,13 +87,14 @@ def test_v2_pretraining_failure_wins_over_a_stop_and_names_the_sam_log(tmp_path)
 
 @pytest.mark.parametrize("recipe", ["v2", None])  # v2 is the default: the shipped model's recipe
 def test_v2_finished_pretrainings_go_on_to_training_and_shipping(tmp_path, recipe):
-    result, calls, checkout = run_recipe(tmp_path, recipe, 0, 0)
+    result, calls, _ = run_recipe(tmp_path, recipe, 0, 0)
     assert result.returncode == 0, result.stderr
-    assert [call.split()[0] for call in calls][-1] == "training"
-    assert "experiment=shapeworld_v2" in calls[-1] and "name=shapeworld_default_v2" in calls[-1]
+    assert [call.split()[0] for call in calls][-2:] == ["training", "shipping"]
+    assert "experiment=shapeworld_v2" in calls[-2] and "name=shapeworld_default_v2" in calls[-2]
+    # the run's best epoch goes out with its encoders embedded (the run names their files)
+    assert calls[-1].split()[-2:] == ["checkpoint=runs/shapeworld_default_v2/best", "out=checkpoints/shapeworld_default"]
     configs = sorted(call.split("--config-name ")[1].split()[0] for call in calls if "--config-name" in call)
     assert configs == ["pretrain_clip_v2", "pretrain_sam_v2"]
-    assert (checkout / "checkpoints" / "shapeworld_default").is_dir()
     # the SAM ran in the background with its output in the log the script names
     assert "sam stage ran" in (tmp_path / "calls.txt").read_text()
     assert (checkout / "runs" / "logs" / "pretrain_sam_v2.log").exists()

@@ -115,6 +115,19 @@ def save_ovss_checkpoint(
     return Path(directory)
 
 
+def embed_ovss_encoders(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write the OVSS ``checkpoint`` again at ``out`` with its frozen CLIP and SAM stored in it.
+
+    The OVSS counterpart of :func:`ssp_sam.checkpoint.embed_encoders` (a run trained with
+    ``train.save_encoders=false``, made self-contained for shipping): read with its weight files, written
+    with ``embed_encoders=True``, the class names, run config and metrics kept, ``out`` replaced
+    atomically, no trainer state.
+    """
+    loaded = load_ovss_model(checkpoint)
+    extra = {key: value for key, value in loaded.info.items() if key != "weight_files"}
+    return save_ovss_checkpoint(loaded.model, out, loaded.class_names, extra=extra, embed_encoders=True)
+
+
 def is_ovss_checkpoint(path: str | os.PathLike) -> bool:
     """True for a directory (or its model.safetensors) whose config.json says it holds an OVSS model."""
     path = Path(path)
