@@ -5,6 +5,8 @@
   dict, a timm cosine scheduler's state dict and the run's ``argparse.Namespace``.
 - :func:`save_openai_torchscript`: a genuine TorchScript archive of a CLIP with OpenAI's module and
   parameter names (traced and saved by torch.jit, fp16 as OpenAI's files), like ``ViT-B-16.pt``.
+- :func:`with_ovss_encoder_files`: an OVSS model config whose CLIP and SAM come from random weight files
+  written in their publishers' layouts (open_clip state dict, Meta's flat .pth).
 - :func:`write_file_creating_pickle`, :func:`write_file_creating_torchscript`: files whose
   unpickling by an unrestricted reader creates a file on disk.
 """
@@ -20,6 +22,9 @@ from pathlib import Path
 import torch
 from timm.scheduler.cosine_lr import CosineLRScheduler
 from torch import nn
+
+from ssp_sam.backbones.clip import build_clip_model
+from ssp_sam.backbones.sam import build_sam
 
 # The release's checkpoint names of its three optimizer groups (train.py): SAM's mask decoder at
 # lr_backbone, the VL transformer and the remaining trainable modules at lr.
@@ -151,3 +156,15 @@ def write_file_creating_torchscript(genuine: Path, path: Path, target: Path) -> 
     crafted = pickle.dumps(_CreatesFile(target), protocol=2)
     copy_with_record(genuine, path, "/data.pkl", crafted)
     return crafted
+
+
+def with_ovss_encoder_files(cfg, folder: Path, seed: int):
+    """``cfg`` (an OVSSModelConfig) with its CLIP and SAM read from random weight files written into
+    ``folder`` (clip.pt: an open_clip state dict; sam.pth: Meta's flat layout), as a run names them."""
+    from dataclasses import replace
+
+    torch.manual_seed(seed)
+    torch.save(build_clip_model(cfg.clip.arch, None, cfg.clip.custom).state_dict(), folder / "clip.pt")
+    torch.save(build_sam(cfg.sam.variant, None, cfg.sam.custom).state_dict(), folder / "sam.pth")
+    return replace(cfg, random_encoders=False, clip=replace(cfg.clip, checkpoint=str(folder / "clip.pt")),
+                   sam=replace(cfg.sam, checkpoint=str(folder / "sam.pth")))

@@ -8,8 +8,6 @@ record, and refuse what would give another model (a changed weight file) or lose
 from __future__ import annotations
 
 import json
-from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +15,8 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from conftest import REPO, run_script, tiny_config, write_sam_file
+from fixtures_weights import with_ovss_encoder_files
 from ssp_sam.backbones.clip import build_clip_model
-from ssp_sam.backbones.sam import build_sam
 from ssp_sam.checkpoint import load_model, save_checkpoint
 from ssp_sam.model import build_model
 from ssp_sam.ovss.build import build_ovss_model
@@ -85,13 +83,7 @@ def test_a_changed_weight_file_or_the_checkpoint_itself_as_out_is_refused(ssp_sa
 def test_ovss_copy_loads_without_the_files_and_keeps_its_class_names(tmp_path):
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         run = compose("train_ovss", ["experiment=ovss_tiny", f"ovss_dataset.root={tmp_path}", f"run_dir={tmp_path / 'run'}"])
-    cfg = ovss_train_config_from(run).ovss_model
-    torch.manual_seed(2)
-    torch.save(build_clip_model(cfg.clip.arch, None, cfg.clip.custom).state_dict(), tmp_path / "clip.pt")
-    torch.save(build_sam(cfg.sam.variant, None, cfg.sam.custom).state_dict(), tmp_path / "sam.pth")
-    with_files = replace(cfg, random_encoders=False, clip=replace(cfg.clip, checkpoint=str(tmp_path / "clip.pt")),
-                         sam=replace(cfg.sam, checkpoint=str(tmp_path / "sam.pth")))
-    model = build_ovss_model(with_files)
+    model = build_ovss_model(with_ovss_encoder_files(ovss_train_config_from(run).ovss_model, tmp_path, seed=2))
     _perturb_trainable(model)
     save_ovss_checkpoint(model, tmp_path / "ckpt", ["red", "blue", "green"], extra={"iteration": 40})
 

@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -634,17 +633,11 @@ def test_eval_script_takes_stored_model_overrides_as_written(bands, tiny_checkpo
 def test_checkpoints_leave_out_encoders_their_weight_files_hold(tmp_path):
     """CLIP (open_clip state dict) and SAM (Meta's flat .pth) written to disk: the checkpoint stores only what trains
     (and CLIP's trained q/v), and loading fills the rest from the files; a moved file is named."""
-    from ssp_sam.backbones.clip import build_clip_model
-    from ssp_sam.backbones.sam import build_sam
+    from fixtures_weights import with_ovss_encoder_files
     from ssp_sam.ovss.build import build_ovss_model
 
     cfg = ovss_train_config_from(tiny_run(Path("/unused"), tmp_path / "run")).ovss_model
-    torch.manual_seed(2)
-    torch.save(build_clip_model(cfg.clip.arch, None, cfg.clip.custom).state_dict(), tmp_path / "clip.pt")
-    torch.save(build_sam(cfg.sam.variant, None, cfg.sam.custom).state_dict(), tmp_path / "sam.pth")
-    with_files = replace(cfg, random_encoders=False, clip=replace(cfg.clip, checkpoint=str(tmp_path / "clip.pt")),
-                         sam=replace(cfg.sam, checkpoint=str(tmp_path / "sam.pth")))
-    model = build_ovss_model(with_files)
+    model = build_ovss_model(with_ovss_encoder_files(cfg, tmp_path, seed=2))
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.requires_grad:
