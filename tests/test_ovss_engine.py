@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -657,6 +658,22 @@ def test_checkpoints_leave_out_encoders_their_weight_files_hold(tmp_path):
     (tmp_path / "sam.pth").rename(tmp_path / "moved.pth")
     with pytest.raises(CheckpointError, match=r"sam.pth: SAM checkpoint not found"):
         load_ovss_model(tmp_path / "ckpt")
+
+
+def test_a_catseg_checkpoint_neither_needs_nor_records_the_sam_file_its_config_names(tmp_path):
+    """CAT-Seg builds no SAM: a SAM file named by the shared config (here absent, as before the SAM's pretraining
+    finished) is not fingerprinted, so saving and loading work and the record holds the CLIP file alone."""
+    from fixtures_weights import with_ovss_encoder_files
+    from ssp_sam.ovss.build import build_ovss_model
+
+    cfg = with_ovss_encoder_files(ovss_train_config_from(tiny_run(Path("/unused"), tmp_path / "run")).ovss_model, tmp_path, seed=4)
+    (tmp_path / "sam.pth").unlink()
+    model = build_ovss_model(replace(cfg, variant="catseg"))
+    save_ovss_checkpoint(model, tmp_path / "ckpt", ["red", "blue"])
+    record = json.loads((tmp_path / "ckpt" / "config.json").read_text())["weight_files"]
+    assert set(record) == {"ovss_model.clip.checkpoint"}
+    loaded = load_ovss_model(tmp_path / "ckpt").model
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in loaded.state_dict().items())
 
 
 def test_sam_mi_started_from_a_catseg_checkpoint_predicts_as_that_catseg(bands, tmp_path):

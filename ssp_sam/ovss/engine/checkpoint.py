@@ -62,8 +62,16 @@ class LoadedOVSSModel:
 
 
 def weight_files_of(config: OVSSModelConfig) -> dict[str, str | None]:
-    """``{config key: path}`` of the weight files the frozen CLIP and SAM come from (None: none)."""
-    return {"ovss_model.clip.checkpoint": config.clip.checkpoint, "ovss_model.sam.checkpoint": config.sam.checkpoint}
+    """``{config key: path}`` of the weight files the frozen CLIP and SAM come from (None: none).
+
+    CAT-Seg alone builds no SAM: the SAM file its config may still name (the SAM-MI configs it shares)
+    is not part of its model, so it is neither fingerprinted nor required (a CAT-Seg run once died at its
+    first checkpoint because that unused file did not exist yet).
+    """
+    files = {"ovss_model.clip.checkpoint": config.clip.checkpoint}
+    if config.uses_sam:
+        files["ovss_model.sam.checkpoint"] = config.sam.checkpoint
+    return files
 
 
 def frozen_from_files(model: OVSSModel, config: OVSSModelConfig) -> set[str]:
