@@ -87,7 +87,7 @@ def test_v2_pretraining_failure_wins_over_a_stop_and_names_the_sam_log(tmp_path)
 
 @pytest.mark.parametrize("recipe", ["v2", None])  # v2 is the default: the shipped model's recipe
 def test_v2_finished_pretrainings_go_on_to_training_and_shipping(tmp_path, recipe):
-    result, calls, _ = run_recipe(tmp_path, recipe, 0, 0)
+    result, calls, checkout = run_recipe(tmp_path, recipe, 0, 0)
     assert result.returncode == 0, result.stderr
     assert [call.split()[0] for call in calls][-2:] == ["training", "shipping"]
     assert "experiment=shapeworld_v2" in calls[-2] and "name=shapeworld_default_v2" in calls[-2]
