@@ -17,6 +17,7 @@ import argparse
 import pickle
 import warnings
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -161,8 +162,6 @@ def write_file_creating_torchscript(genuine: Path, path: Path, target: Path) -> 
 def with_ovss_encoder_files(cfg, folder: Path, seed: int):
     """``cfg`` (an OVSSModelConfig) with its CLIP and SAM read from random weight files written into
     ``folder`` (clip.pt: an open_clip state dict; sam.pth: Meta's flat layout), as a run names them."""
-    from dataclasses import replace
-
     torch.manual_seed(seed)
     torch.save(build_clip_model(cfg.clip.arch, None, cfg.clip.custom).state_dict(), folder / "clip.pt")
     torch.save(build_sam(cfg.sam.variant, None, cfg.sam.custom).state_dict(), folder / "sam.pth")
